@@ -1,0 +1,67 @@
+"""Serve any WSGI callable: ``python -m django_comet.evloop MODULE:CALLABLE [HOST:]PORT``.
+
+The current directory is importable, as with gunicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from .config import ServerConfig
+from .server import Server
+
+
+def parse_addrport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = ""
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid port or address:port")
+    return host, int(port)
+
+
+def load_app(spec: str) -> object:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"error: {spec!r} is not MODULE:CALLABLE")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    app = module
+    for part in attr.split("."):
+        app = getattr(app, part)
+    if not callable(app):
+        raise SystemExit(f"error: {spec} is not callable")
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m django_comet.evloop", description=__doc__)
+    parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
+    parser.add_argument("addrport", nargs="?", default="8000", type=parse_addrport,
+                        help="[HOST:]PORT to listen on (default 127.0.0.1:8000)")
+    parser.add_argument("--threads", type=int, default=ServerConfig.threads,
+                        help="worker threads for the application (0: run it in the loop thread)")
+    parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    app = load_app(args.app)
+    host, port = args.addrport
+    config = ServerConfig(host=host, port=port, threads=args.threads,
+                          access_log=not args.no_access_log)
+    try:
+        server = Server(app, config)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    print(f"Serving {args.app} on http://{host}:{server.address[1]}/ "
+          f"({config.threads or 'no'} threads)", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Every server tunable in one place, each with the reason for its default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default: exposing a dev server is a choice
+    port: int = 8000
+    # Threads that run views off the loop thread; 0 runs them in the loop thread (the 2007
+    # behaviour: fastest for quick views, but one slow view stalls every connection).
+    threads: int = 8
+    # Seconds a connection may take to send a request, or sit idle between keep-alive
+    # requests, or take to accept written data (libevent's one evhttp timeout).  Held
+    # connections (deferrals, streams) have no read timeout while they are held.
+    timeout: float = 30.0
+    # Request line plus headers, in bytes (libevent counts them together); over it: 431.
+    max_header_size: int = 16 * 1024
+    # Request body, in bytes, after de-chunking; over it: 413.  libevent buffers a body
+    # whole before the application sees it, so this also bounds memory per request.
+    max_body_size: int = 32 * 1024 * 1024
+    # A response body larger than this (or produced lazily past it) is streamed chunk by
+    # chunk instead of being sent at once with a Content-Length.
+    stream_threshold: int = 256 * 1024
+    # A streaming response's producer thread waits while this many bytes are unsent.
+    write_high_water: int = 1024 * 1024
+    # Seconds to let in-flight responses finish on SIGTERM/Ctrl-C before cutting them.
+    grace: float = 10.0
+    backlog: int = 1024
+    script_name: str = ""
+    url_scheme: str = "http"
+    access_log: bool = True

@@ -1,0 +1,277 @@
+"""ctypes binding to libevent 2.1: library loading, prototypes and callback types only.
+
+No logic lives here.  Every function the project calls is declared with its C prototype
+in a comment, its ``argtypes`` and its ``restype``; opaque C structs are ``c_void_p``
+aliases.  Callers keep every ``CFUNCTYPE`` object referenced for as long as C may call it.
+
+The library is found, in order, through the ``COMET_LIBEVENT`` environment variable (a
+file name or path), ``ctypes.util.find_library`` and the well-known sonames.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_char_p,
+    c_int,
+    c_long,
+    c_short,
+    c_size_t,
+    c_ssize_t,
+    c_uint16,
+    c_void_p,
+)
+
+__all__ = ["LibeventMissing", "load", "lib", "EV_TIMEOUT", "EV_READ", "EV_WRITE", "EV_PERSIST"]
+
+# Opaque handles.
+event_base_p = c_void_p
+event_p = c_void_p
+evhttp_p = c_void_p
+evhttp_request_p = c_void_p
+evhttp_connection_p = c_void_p
+evhttp_bound_socket_p = c_void_p
+evbuffer_p = c_void_p
+evkeyvalq_p = c_void_p
+bufferevent_p = c_void_p
+evutil_socket_t = c_int
+
+# event.h
+EV_TIMEOUT = 0x01
+EV_READ = 0x02
+EV_WRITE = 0x04
+EV_PERSIST = 0x10
+EVLOOP_ONCE = 0x01
+EVLOOP_NONBLOCK = 0x02
+EVLOOP_NO_EXIT_ON_EMPTY = 0x04
+
+# http.h: enum evhttp_cmd_type
+EVHTTP_METHODS = {
+    1 << 0: "GET",
+    1 << 1: "POST",
+    1 << 2: "HEAD",
+    1 << 3: "PUT",
+    1 << 4: "DELETE",
+    1 << 5: "OPTIONS",
+    1 << 6: "TRACE",
+    1 << 7: "CONNECT",
+    1 << 8: "PATCH",
+}
+EVHTTP_ALL_METHODS = 0x1FF
+EVHTTP_SERVER_LINGERING_CLOSE = 0x0001
+
+
+class timeval(Structure):
+    _fields_ = [("tv_sec", c_long), ("tv_usec", c_long)]
+
+
+class evkeyval(Structure):
+    """struct evkeyval { TAILQ_ENTRY(evkeyval) next; char *key; char *value; }"""
+
+
+evkeyval._fields_ = [
+    ("tqe_next", POINTER(evkeyval)),
+    ("tqe_prev", c_void_p),
+    ("key", c_char_p),
+    ("value", c_char_p),
+]
+
+
+class evkeyvalq(Structure):
+    """TAILQ_HEAD(evkeyvalq, evkeyval) { struct evkeyval *tqh_first; ... **tqh_last; }"""
+
+    _fields_ = [("tqh_first", POINTER(evkeyval)), ("tqh_last", c_void_p)]
+
+
+# typedef void (*event_callback_fn)(evutil_socket_t, short, void *);
+event_callback_fn = CFUNCTYPE(None, evutil_socket_t, c_short, c_void_p)
+# void (*cb)(struct evhttp_request *, void *)
+evhttp_request_cb = CFUNCTYPE(None, evhttp_request_p, c_void_p)
+# void (*cb)(struct evhttp_connection *, void *)
+evhttp_connection_cb = CFUNCTYPE(None, evhttp_connection_p, c_void_p)
+
+# name: (restype, argtypes); the C prototype is the comment above each entry.
+_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    # struct event_base *event_base_new(void);
+    "event_base_new": (event_base_p, []),
+    # void event_base_free(struct event_base *);
+    "event_base_free": (None, [event_base_p]),
+    # int event_base_loop(struct event_base *, int flags);
+    "event_base_loop": (c_int, [event_base_p, c_int]),
+    # int event_base_loopbreak(struct event_base *);
+    "event_base_loopbreak": (c_int, [event_base_p]),
+    # int event_reinit(struct event_base *base);
+    "event_reinit": (c_int, [event_base_p]),
+    # const char *event_base_get_method(const struct event_base *);
+    "event_base_get_method": (c_char_p, [event_base_p]),
+    # const char *event_get_version(void);
+    "event_get_version": (c_char_p, []),
+    # struct event *event_new(struct event_base *, evutil_socket_t, short,
+    #                         event_callback_fn, void *);
+    "event_new": (event_p, [event_base_p, evutil_socket_t, c_short, event_callback_fn, c_void_p]),
+    # void event_free(struct event *);
+    "event_free": (None, [event_p]),
+    # int event_add(struct event *ev, const struct timeval *timeout);
+    "event_add": (c_int, [event_p, POINTER(timeval)]),
+    # int event_del(struct event *);
+    "event_del": (c_int, [event_p]),
+    # struct evhttp *evhttp_new(struct event_base *base);
+    "evhttp_new": (evhttp_p, [event_base_p]),
+    # void evhttp_free(struct evhttp* http);
+    "evhttp_free": (None, [evhttp_p]),
+    # struct evhttp_bound_socket *evhttp_accept_socket_with_handle(struct evhttp *, evutil_socket_t);
+    "evhttp_accept_socket_with_handle": (evhttp_bound_socket_p, [evhttp_p, evutil_socket_t]),
+    # void evhttp_del_accept_socket(struct evhttp *, struct evhttp_bound_socket *);
+    "evhttp_del_accept_socket": (None, [evhttp_p, evhttp_bound_socket_p]),
+    # void evhttp_set_gencb(struct evhttp *, void (*)(struct evhttp_request *, void *), void *);
+    "evhttp_set_gencb": (None, [evhttp_p, evhttp_request_cb, c_void_p]),
+    # void evhttp_set_timeout_tv(struct evhttp *http, const struct timeval* tv);
+    "evhttp_set_timeout_tv": (None, [evhttp_p, POINTER(timeval)]),
+    # void evhttp_set_timeout(struct evhttp *http, int timeout_in_secs);
+    "evhttp_set_timeout": (None, [evhttp_p, c_int]),
+    # void evhttp_set_max_headers_size(struct evhttp* http, ev_ssize_t max_headers_size);
+    "evhttp_set_max_headers_size": (None, [evhttp_p, c_ssize_t]),
+    # void evhttp_set_max_body_size(struct evhttp* http, ev_ssize_t max_body_size);
+    "evhttp_set_max_body_size": (None, [evhttp_p, c_ssize_t]),
+    # void evhttp_set_allowed_methods(struct evhttp* http, ev_uint16_t methods);
+    "evhttp_set_allowed_methods": (None, [evhttp_p, c_uint16]),
+    # void evhttp_set_default_content_type(struct evhttp *http, const char *content_type);
+    "evhttp_set_default_content_type": (None, [evhttp_p, c_char_p]),
+    # int evhttp_set_flags(struct evhttp *http, int flags);
+    "evhttp_set_flags": (c_int, [evhttp_p, c_int]),
+    # const char *evhttp_request_get_uri(const struct evhttp_request *req);
+    "evhttp_request_get_uri": (c_char_p, [evhttp_request_p]),
+    # enum evhttp_cmd_type evhttp_request_get_command(const struct evhttp_request *req);
+    "evhttp_request_get_command": (c_int, [evhttp_request_p]),
+    # struct evkeyvalq *evhttp_request_get_input_headers(struct evhttp_request *req);
+    "evhttp_request_get_input_headers": (POINTER(evkeyvalq), [evhttp_request_p]),
+    # struct evkeyvalq *evhttp_request_get_output_headers(struct evhttp_request *req);
+    "evhttp_request_get_output_headers": (evkeyvalq_p, [evhttp_request_p]),
+    # struct evbuffer *evhttp_request_get_input_buffer(struct evhttp_request *req);
+    "evhttp_request_get_input_buffer": (evbuffer_p, [evhttp_request_p]),
+    # struct evhttp_connection *evhttp_request_get_connection(struct evhttp_request *req);
+    "evhttp_request_get_connection": (evhttp_connection_p, [evhttp_request_p]),
+    # void evhttp_request_set_on_complete_cb(struct evhttp_request *,
+    #     void (*cb)(struct evhttp_request *, void *), void *cb_arg);
+    "evhttp_request_set_on_complete_cb": (None, [evhttp_request_p, evhttp_request_cb, c_void_p]),
+    # void evhttp_connection_get_peer(struct evhttp_connection *, char **address, ev_uint16_t *port);
+    "evhttp_connection_get_peer": (None, [evhttp_connection_p, POINTER(c_char_p), POINTER(c_uint16)]),
+    # void evhttp_connection_set_closecb(struct evhttp_connection *,
+    #     void (*)(struct evhttp_connection *, void *), void *);
+    "evhttp_connection_set_closecb": (None, [evhttp_connection_p, evhttp_connection_cb, c_void_p]),
+    # struct bufferevent* evhttp_connection_get_bufferevent(struct evhttp_connection *evcon);
+    "evhttp_connection_get_bufferevent": (bufferevent_p, [evhttp_connection_p]),
+    # void evhttp_connection_free(struct evhttp_connection *evcon);
+    "evhttp_connection_free": (None, [evhttp_connection_p]),
+    # evutil_socket_t bufferevent_getfd(struct bufferevent *bufev);
+    "bufferevent_getfd": (evutil_socket_t, [bufferevent_p]),
+    # int bufferevent_set_timeouts(struct bufferevent *bufev,
+    #     const struct timeval *timeout_read, const struct timeval *timeout_write);
+    "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),
+    # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
+    "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
+    # int evhttp_add_header(struct evkeyvalq *headers, const char *key, const char *value);
+    "evhttp_add_header": (c_int, [evkeyvalq_p, c_char_p, c_char_p]),
+    # int evhttp_remove_header(struct evkeyvalq *headers, const char *key);
+    "evhttp_remove_header": (c_int, [evkeyvalq_p, c_char_p]),
+    # void evhttp_send_error(struct evhttp_request *req, int error, const char *reason);
+    "evhttp_send_error": (None, [evhttp_request_p, c_int, c_char_p]),
+    # void evhttp_send_reply(struct evhttp_request *req, int code, const char *reason,
+    #                        struct evbuffer *databuf);
+    "evhttp_send_reply": (None, [evhttp_request_p, c_int, c_char_p, evbuffer_p]),
+    # void evhttp_send_reply_start(struct evhttp_request *req, int code, const char *reason);
+    "evhttp_send_reply_start": (None, [evhttp_request_p, c_int, c_char_p]),
+    # void evhttp_send_reply_chunk(struct evhttp_request *req, struct evbuffer *databuf);
+    "evhttp_send_reply_chunk": (None, [evhttp_request_p, evbuffer_p]),
+    # void evhttp_send_reply_chunk_with_cb(struct evhttp_request *, struct evbuffer *,
+    #     void (*cb)(struct evhttp_connection *, void *), void *arg);
+    "evhttp_send_reply_chunk_with_cb": (
+        None, [evhttp_request_p, evbuffer_p, evhttp_connection_cb, c_void_p]
+    ),
+    # void evhttp_send_reply_end(struct evhttp_request *req);
+    "evhttp_send_reply_end": (None, [evhttp_request_p]),
+    # struct evbuffer *evbuffer_new(void);
+    "evbuffer_new": (evbuffer_p, []),
+    # void evbuffer_free(struct evbuffer *buf);
+    "evbuffer_free": (None, [evbuffer_p]),
+    # size_t evbuffer_get_length(const struct evbuffer *buf);
+    "evbuffer_get_length": (c_size_t, [evbuffer_p]),
+    # int evbuffer_add(struct evbuffer *buf, const void *data, size_t datlen);
+    "evbuffer_add": (c_int, [evbuffer_p, c_char_p, c_size_t]),
+    # unsigned char *evbuffer_pullup(struct evbuffer *buf, ev_ssize_t size);
+    "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
+    # int evbuffer_drain(struct evbuffer *buf, size_t len);
+    "evbuffer_drain": (c_int, [evbuffer_p, c_size_t]),
+}
+
+
+class LibeventMissing(ImportError):
+    """libevent 2.1 could not be loaded; the message says what was tried and how to fix it."""
+
+
+_SONAMES = {
+    "darwin": ["libevent-2.1.7.dylib", "libevent.dylib", "/opt/homebrew/lib/libevent.dylib",
+               "/usr/local/lib/libevent.dylib"],
+}.get(sys.platform, ["libevent-2.1.so.7", "libevent.so"])
+
+_INSTALL_HINT = (
+    "Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7; "
+    "Fedora: dnf install libevent; macOS: brew install libevent) or set COMET_LIBEVENT "
+    "to the path of libevent's shared library."
+)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+def _candidates() -> list[str]:
+    explicit = os.environ.get("COMET_LIBEVENT")
+    if explicit:
+        return [explicit]  # an explicit choice is never silently replaced by another
+    found = [ctypes.util.find_library(name) for name in ("event", "event-2.1")]
+    return [name for name in found if name] + _SONAMES
+
+
+def declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
+    """Give every function we use its argtypes and restype; fail if one is missing."""
+    for name, (restype, argtypes) in _PROTOTYPES.items():
+        func = getattr(cdll, name)
+        func.restype = restype
+        func.argtypes = argtypes
+    return cdll
+
+
+def load() -> ctypes.CDLL:
+    """Load libevent once and return the declared CDLL; raise LibeventMissing otherwise."""
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        tried = []
+        for candidate in _candidates():
+            try:
+                cdll = ctypes.CDLL(candidate)
+            except OSError as exc:
+                tried.append(f"{candidate} ({exc})")
+                continue
+            try:
+                _lib = declare(cdll)
+            except AttributeError as exc:
+                tried.append(f"{candidate} (not libevent 2.1 with evhttp: {exc})")
+                continue
+            return _lib
+        raise LibeventMissing(
+            "libevent 2.1 could not be loaded; tried: " + "; ".join(tried) + ". " + _INSTALL_HINT
+        )
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library (loading it on first use)."""
+    return _lib if _lib is not None else load()

@@ -1,0 +1,196 @@
+"""A small event loop over a libevent ``event_base``: timers, fd watchers, a thread-safe
+wake-up and signal delivery while the loop sleeps inside C.
+
+Threading: every method runs on the loop thread except ``call_soon_threadsafe`` (any
+thread).  libevent is built without threads support here (``libevent_pthreads`` is not
+everywhere), so other threads never call into it: they queue a callable and write a byte
+into the wake-up pipe, whose read end the loop watches.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import itertools
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import libevent_ctypes as ev
+
+logger = logging.getLogger("django_comet.server")
+
+
+class Handle:
+    """A registered libevent event (a timer or an fd watcher); ``cancel()`` releases it."""
+
+    __slots__ = ("_loop", "_event", "_key", "callback")
+
+    def __init__(self, loop: Loop, event: int, key: int, callback: Callable[..., Any]):
+        self._loop = loop
+        self._event = event
+        self._key = key
+        self.callback = callback
+
+    @property
+    def active(self) -> bool:
+        return self._event is not None
+
+    def cancel(self) -> None:
+        """Stop and free the event.  Safe to call twice, and from inside its callback."""
+        if self._event is not None:
+            self._loop._release(self)
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._lib = ev.load()
+        base = self._lib.event_base_new()
+        if not base:
+            raise OSError("event_base_new() failed")
+        self._base: int = base
+        self._handles: dict[int, Handle] = {}
+        self._keys = itertools.count(1)
+        self._trampoline = ev.event_callback_fn(self._dispatch)  # referenced while C may call
+        self._ready: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._woken = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_handle = self.add_reader(self._wake_r, self._on_wake)
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self.thread_id: int | None = None
+
+    # -- registration (loop thread) -----------------------------------------------------
+
+    def _register(self, fd: int, what: int, callback: Callable[..., Any]) -> Handle:
+        key = next(self._keys)
+        event = self._lib.event_new(self._base, fd, what, self._trampoline, key)
+        if not event:
+            raise OSError("event_new() failed")
+        handle = Handle(self, event, key, callback)
+        self._handles[key] = handle
+        return handle
+
+    def _release(self, handle: Handle) -> None:
+        self._lib.event_free(handle._event)  # event_free also deletes a pending event
+        handle._event = None
+        del self._handles[handle._key]
+
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
+        """Run ``callback()`` once after ``delay`` seconds."""
+        handle = self._register(-1, ev.EV_TIMEOUT, callback)
+        sec = int(delay)
+        tv = ev.timeval(sec, int((delay - sec) * 1_000_000))
+        self._lib.event_add(handle._event, ctypes.byref(tv))
+        return handle
+
+    def add_reader(self, fd: int, callback: Callable[[], Any]) -> Handle:
+        """Run ``callback()`` each time ``fd`` is readable, until cancelled."""
+        handle = self._register(fd, ev.EV_READ | ev.EV_PERSIST, callback)
+        self._lib.event_add(handle._event, None)
+        return handle
+
+    def _dispatch(self, fd: int, what: int, key: int) -> None:
+        """The one C-to-Python trampoline for every timer and watcher."""
+        handle = self._handles.get(key)
+        if handle is None:
+            return
+        if what & ev.EV_TIMEOUT:
+            self._release(handle)  # one-shot timer: free before running, cancel() is a no-op
+        self._run(handle.callback, ())
+
+    def _run(self, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        # An exception raised into C would be printed and lost: log it and keep serving,
+        # but let KeyboardInterrupt/SystemExit stop the loop and re-raise from run().
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("Unhandled error in event loop callback %r", callback)
+        except BaseException as exc:
+            self._fatal = exc
+            self._lib.event_base_loopbreak(self._base)
+
+    # -- cross-thread wake-up ----------------------------------------------------------
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Any thread: run ``callback(*args)`` on the loop thread soon, in call order."""
+        self._ready.append((callback, args))
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is going to wake anyway
+
+    call_soon = call_soon_threadsafe
+
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        # Clear the flag before draining: a callable queued from now on writes a new byte.
+        self._woken = False
+        ready = self._ready
+        while ready:
+            callback, args = ready.popleft()
+            self._run(callback, args)
+
+    # -- running -----------------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the loop thread when ``signum`` arrives, even while libevent
+        sleeps in epoll: the C-level handler writes into the wake-up pipe, and the Python
+        handler runs as soon as the loop is back in Python."""
+        signal.signal(signum, lambda *_: self.call_soon(callback))
+
+    def run(self) -> None:
+        """Run until ``stop()``; re-raise a KeyboardInterrupt/SystemExit from a callback."""
+        self.thread_id = threading.get_ident()
+        in_main = self.thread_id == threading.main_thread().ident
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w) if in_main else None
+        try:
+            while not self._stopping:
+                self._lib.event_base_loop(self._base, ev.EVLOOP_NO_EXIT_ON_EMPTY)
+                if self._fatal is not None:
+                    fatal, self._fatal = self._fatal, None
+                    raise fatal
+        finally:
+            self._stopping = False
+            if in_main:
+                signal.set_wakeup_fd(previous_wakeup if previous_wakeup is not None else -1)
+
+    def stop(self) -> None:
+        """Loop thread: return from ``run()`` after the current callback."""
+        self._stopping = True
+        self._lib.event_base_loopbreak(self._base)
+
+    def reinit_after_fork(self) -> None:
+        """In a forked child, before running: re-create libevent's kernel state."""
+        self._lib.event_reinit(self._base)
+
+    def close(self) -> None:
+        """Free every event, then the base (events before their base)."""
+        for handle in list(self._handles.values()):
+            handle.cancel()
+        self._lib.event_base_free(self._base)
+        self._base = 0
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    @property
+    def base(self) -> int:
+        return self._base
+
+    @property
+    def pending_handles(self) -> int:
+        """Timers and watchers registered right now (the wake-up pipe counts as one)."""
+        return len(self._handles)

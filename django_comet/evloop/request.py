@@ -1,0 +1,82 @@
+"""Reading one parsed request out of libevent's ``struct evhttp_request``.
+
+The struct is public in ``event2/http_struct.h`` and stable across libevent 2.1, so its
+fields are read directly: one ctypes structure view instead of a dozen calls per request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, Structure, c_byte, c_char_p, c_int, c_int64, c_size_t, c_uint, c_uint16, c_void_p
+
+from . import libevent_ctypes as ev
+from .wsgi import BadRequest, check_request
+
+
+class RequestStruct(Structure):
+    """struct evhttp_request, up to the fields we read (event2/http_struct.h)."""
+
+    _fields_ = [
+        ("tqe_next", c_void_p),
+        ("tqe_prev", c_void_p),
+        ("evcon", c_void_p),  # NULL once the connection is gone
+        ("flags", c_int),
+        ("input_headers", POINTER(ev.evkeyvalq)),
+        ("output_headers", c_void_p),
+        ("remote_host", c_char_p),
+        ("remote_port", c_uint16),
+        ("host_cache", c_char_p),
+        ("kind", c_int),
+        ("type", c_int),
+        ("headers_size", c_size_t),
+        ("body_size", c_size_t),
+        ("uri", c_char_p),
+        ("uri_elems", c_void_p),
+        ("major", c_byte),
+        ("minor", c_byte),
+        ("response_code", c_int),
+        ("response_code_line", c_char_p),
+        ("input_buffer", c_void_p),
+        ("ntoread", c_int64),
+        ("bits", c_uint),  # chunked:1, userdone:1
+    ]
+
+
+def read_headers(queue: ev.evkeyvalq) -> list[tuple[bytes, bytes]]:
+    headers = []
+    node = queue.tqh_first
+    while node:
+        entry = node.contents
+        headers.append((entry.key, entry.value))
+        node = entry.tqe_next
+    return headers
+
+
+def read_request(
+    r: RequestStruct, lib: ctypes.CDLL
+) -> tuple[str, str, str, list[tuple[bytes, bytes]], bytes, tuple[str, int]]:
+    """(method, target, protocol, headers, body, (remote host, port)), or BadRequest.
+
+    evhttp calls the request callback with ``uri`` NULL when it failed to read the
+    request (bad syntax, or over a size limit); the sizes it recorded say which.
+    """
+    uri = r.uri
+    if uri is None:
+        raise _read_failure(r)
+    method = ev.EVHTTP_METHODS.get(r.type)
+    if method is None:
+        raise BadRequest("Unknown method", 501)
+    headers = read_headers(r.input_headers.contents)
+    check_request(method, uri, (r.major, r.minor), headers)
+    buf = r.input_buffer
+    length = lib.evbuffer_get_length(buf)
+    body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length) if length else b""
+    protocol = f"HTTP/{r.major}.{r.minor}"
+    remote = ((r.remote_host or b"").decode("ascii", "replace"), r.remote_port)
+    return method, uri.decode("latin-1"), protocol, headers, body, remote
+
+
+def _read_failure(r: RequestStruct) -> BadRequest:
+    if r.body_size and r.ntoread > 0:
+        return BadRequest("Request Entity Too Large", 413)
+    return BadRequest("Bad Request", 400)

@@ -1,0 +1,564 @@
+"""A WSGI server on libevent's evhttp.
+
+evhttp (C) parses requests, keeps connections alive and frames responses.  Python runs
+once per request (building the environ), once per response and once per chunk.  Views run
+on a bounded thread pool; results come back to the loop thread through
+``Loop.call_soon_threadsafe``.  Only the loop thread calls libevent.
+
+An ``Exchange`` is one request and its response.  Its life:
+``app`` (running the application) -> ``held`` (waiting on a deferral, headers sent) or
+``streaming`` (a worker produces chunks) -> ``done``.  A client that disconnects marks it
+``dead``: its timer is cancelled at once and its request freed; a worker that comes back
+with output for a dead exchange drops it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import libevent_ctypes as ev
+from .config import ServerConfig
+from .deferral import Deferral, claim
+from .loop import Handle, Loop
+from .request import RequestStruct, read_request
+from .wsgi import HOP_BY_HOP, AppError, BadRequest, StartResponse
+from .workers import ThreadPool
+
+logger = logging.getLogger("django_comet.server")
+access_logger = logging.getLogger("django_comet.access")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
+
+
+class Exchange:
+    __slots__ = (
+        "key", "req", "environ", "method", "path", "started", "code", "sent",
+        "state", "dead", "timer", "bev", "pending", "drained", "deferred",
+    )
+
+    def __init__(self, key: int, req: int, environ: dict[str, Any]):
+        self.key = key
+        self.req: int | None = req  # None once libevent freed it or we handed it back
+        self.environ = environ
+        self.method: str = environ["REQUEST_METHOD"]
+        self.path: str = environ["RAW_URI"]
+        self.started = time.monotonic()
+        self.code = 0
+        self.sent = 0
+        self.state = "app"
+        self.dead = False
+        self.timer: Handle | None = None
+        self.bev: int | None = None  # set while held: its read timeout is lifted
+        self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
+        self.drained: threading.Event | None = None
+        self.deferred = False  # counted in Server.held until done
+
+
+class Server:
+    """Serve ``app`` on ``config.host:config.port`` (or on an already listening ``sock``)."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        config: ServerConfig | None = None,
+        *,
+        loop: Loop | None = None,
+        sock: socket.socket | None = None,
+    ):
+        self.app = app
+        self.config = config or ServerConfig()
+        self.loop = loop or Loop()
+        self._lib = ev.lib()
+        self.sock = sock or bind_socket(self.config.host, self.config.port, self.config.backlog)
+        self.address = self.sock.getsockname()[:2]
+        self._exchanges: dict[int, Exchange] = {}
+        self._next_key = 1
+        self.requests = 0  # exchanges finished since start
+        self.held = 0  # exchanges held open right now by deferrals
+        self._draining = False
+        self._buf = self._lib.evbuffer_new()
+        threads = self.config.threads
+        self._pool = ThreadPool(threads) if threads > 0 else None
+        # From a worker, hand a result to the loop thread; inline, just call it.
+        self._to_loop: Callable[..., None] = (
+            self.loop.call_soon_threadsafe if self._pool else _call_now
+        )
+        self._environ_base = {
+            "wsgi.multithread": threads > 0,
+            "evloop.server": self,
+        }
+        # C callbacks, referenced for as long as the evhttp object lives.
+        self._request_cb = ev.evhttp_request_cb(self._on_request)
+        self._close_cb = ev.evhttp_connection_cb(self._on_close)
+        self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
+        self._http = self._make_evhttp()
+
+    def _make_evhttp(self) -> int:
+        lib, cfg = self._lib, self.config
+        http = lib.evhttp_new(self.loop.base)
+        if not http:
+            raise OSError("evhttp_new() failed")
+        lib.evhttp_set_gencb(http, self._request_cb, None)
+        lib.evhttp_set_allowed_methods(http, ev.EVHTTP_ALL_METHODS)
+        lib.evhttp_set_default_content_type(http, None)
+        lib.evhttp_set_max_headers_size(http, cfg.max_header_size)
+        lib.evhttp_set_max_body_size(http, cfg.max_body_size)
+        lib.evhttp_set_timeout_tv(http, ctypes.byref(_timeval(cfg.timeout)))
+        lib.evhttp_set_flags(http, ev.EVHTTP_SERVER_LINGERING_CLOSE)
+        self.sock.setblocking(False)
+        self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
+        if not self._bound:
+            raise OSError("evhttp_accept_socket_with_handle() failed")
+        return http
+
+    # -- running -----------------------------------------------------------------------
+
+    def serve_forever(self, *, handle_signals: bool = True) -> None:
+        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain."""
+        if handle_signals:
+            import signal
+
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.loop.add_signal_handler(signum, self.shutdown)
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def shutdown(self) -> None:
+        """Loop thread: stop accepting, end held responses, let in-flight ones finish
+        within ``config.grace`` seconds, then stop the loop."""
+        if self._draining:
+            logger.warning("Second stop request: closing now.")
+            self.loop.stop()
+            return
+        self._draining = True
+        self._lib.evhttp_del_accept_socket(self._http, self._bound)
+        self.sock.close()
+        for ex in list(self._exchanges.values()):
+            if ex.state == "held":
+                self._end(ex)
+        deadline = time.monotonic() + self.config.grace
+
+        def check() -> None:
+            if not self._exchanges or time.monotonic() >= deadline:
+                if self._exchanges:
+                    logger.warning("Grace period over: cutting %d responses.", len(self._exchanges))
+                self.loop.stop()
+            else:
+                self.loop.call_later(0.05, check)
+
+        check()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(timeout=1)
+        for ex in list(self._exchanges.values()):
+            self._forget(ex)
+        if self._http:
+            self._lib.evhttp_free(self._http)  # closes idle keep-alive connections
+            self._http = 0
+        self._lib.evbuffer_free(self._buf)
+        if not self.sock._closed:  # type: ignore[attr-defined]
+            self.sock.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "held": self.held,
+            "requests": self.requests,
+            "in_flight": len(self._exchanges),
+            "timers": self.loop.pending_handles - 1,  # less the wake-up pipe's watcher
+            "threads": self._pool.size if self._pool else 0,
+        }
+
+    # -- request intake (loop thread) --------------------------------------------------
+
+    def _on_request(self, req: int, _arg: Any) -> None:
+        r = RequestStruct.from_address(req)
+        try:
+            method, target, protocol, headers, body, remote = read_request(r, self._lib)
+            environ = self._build_environ(method, target, protocol, headers, body, remote)
+        except BadRequest as exc:
+            self._lib.evhttp_send_error(req, exc.status, str(exc).encode("latin-1"))
+            return
+        key = self._next_key
+        self._next_key += 1
+        ex = Exchange(key, req, environ)
+        self._exchanges[key] = ex
+        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, key)
+        if self._pool is not None:
+            self._lift_read_timeout(ex, r.evcon)  # a slow view must not look like an idle client
+            self._pool.submit(self._run_app, ex)
+        else:
+            self._run_app(ex)
+
+    def _build_environ(self, method: str, target: str, protocol: str,
+                       headers: list[tuple[bytes, bytes]], body: bytes,
+                       remote: tuple[str, int]) -> dict[str, Any]:
+        from .wsgi import build_environ
+
+        cfg = self.config
+        return build_environ(
+            method, target, protocol, headers, body,
+            remote=remote, server=(cfg.host, self.address[1]),
+            script_name=cfg.script_name, url_scheme=cfg.url_scheme,
+            multithread=self._pool is not None, base=self._environ_base,
+        )
+
+    # -- running the application (worker thread, or loop thread with threads=0) --------
+
+    def _run_app(self, ex: Exchange) -> None:
+        start = StartResponse()
+        try:
+            result = self.app(ex.environ, start)
+        except Exception:
+            logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
+            self._to_loop(self._reply_error, ex)
+            return
+        self._produce(ex, start, result, first=True)
+
+    def _produce(self, ex: Exchange, start: StartResponse, result: Iterable[bytes],
+                 first: bool) -> None:
+        """Iterate one stage's output and hand it to the loop; always close the result."""
+        deferral = claim(result)
+        streaming = False
+        try:
+            chunks: list[bytes] = start.written
+            size = sum(map(len, chunks))
+            iterator = iter(result)
+            for data in iterator:
+                if not isinstance(data, bytes):
+                    raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+                if data:
+                    chunks.append(data)
+                    size += len(data)
+                if deferral is None and size > self.config.stream_threshold and first:
+                    streaming = True
+                    break
+            if first and start.status is None:
+                raise AppError("the application returned without calling start_response()")
+            if streaming:
+                start.headers_sent = True
+                self._to_loop(self._start_stream, ex, start, chunks)
+                self._stream_rest(ex, iterator)
+            elif not first:
+                self._to_loop(self._stage_done, ex, chunks, deferral)
+            elif deferral is not None:
+                start.headers_sent = True
+                self._to_loop(self._start_deferred, ex, start, chunks, deferral)
+            else:
+                self._to_loop(self._reply_whole, ex, start, chunks)
+        except Exception:
+            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
+            if start.headers_sent or not first:
+                self._to_loop(self._abort, ex)
+            else:
+                self._to_loop(self._reply_error, ex)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
+
+    def _stream_rest(self, ex: Exchange, iterator: Iterable[bytes]) -> None:
+        """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while
+        more than ``write_high_water`` bytes are unsent (a slow client must not make the
+        server buffer the whole body)."""
+        high = self.config.write_high_water
+        backpressure = self._pool is not None
+        if backpressure:
+            ex.drained = threading.Event()
+        for data in iterator:
+            if ex.dead:
+                return
+            if not data:
+                continue
+            if not isinstance(data, bytes):
+                raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+            ex.pending += len(data)
+            if backpressure and ex.pending > high:
+                assert ex.drained is not None
+                ex.drained.clear()
+                self._to_loop(self._send_chunk, ex, data)
+                while not ex.drained.wait(1.0) and not ex.dead:
+                    pass
+            else:
+                self._to_loop(self._send_chunk, ex, data)
+        self._to_loop(self._end, ex)
+
+    def _run_stage(self, ex: Exchange, deferral: Deferral) -> None:
+        try:
+            result = deferral.resume()
+        except Exception:
+            logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
+            self._to_loop(self._abort, ex)
+            return
+        self._produce(ex, StartResponse(), result, first=False)
+
+    # -- writing responses (loop thread) -----------------------------------------------
+
+    def _add_headers(self, ex: Exchange, start: StartResponse, *, keep_length: bool) -> bool:
+        """Copy the app's headers to evhttp; return whether a Content-Length was given."""
+        assert ex.req is not None
+        out = RequestStruct.from_address(ex.req).output_headers
+        add = self._lib.evhttp_add_header
+        has_length = False
+        for name, value in start.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == "connection" and value.lower() == "close":
+                    add(out, b"Connection", b"close")
+                continue
+            if lname == "content-length":
+                if not keep_length:
+                    continue
+                has_length = True
+            add(out, name.encode("latin-1"), value.encode("latin-1"))
+        return has_length
+
+    def _reply_whole(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        assert ex.req is not None
+        body = b"".join(chunks)
+        declared = _content_length(start.headers)
+        if declared is not None and declared != len(body):
+            logger.error(
+                "%s %s: Content-Length %d but the body has %d bytes; closing the connection",
+                ex.method, ex.path, declared, len(body),
+            )
+            body = body[:declared]
+            start.headers.append(("Connection", "close"))
+        self._add_headers(ex, start, keep_length=True)
+        if declared is None and start.code not in _NO_BODY_STATUSES and start.code >= 200:
+            out = RequestStruct.from_address(ex.req).output_headers
+            self._lib.evhttp_add_header(out, b"Content-Length", str(len(body)).encode())
+        if body and ex.method != "HEAD":
+            self._lib.evbuffer_add(self._buf, body, len(body))
+        ex.code, ex.sent = start.code, len(body)
+        self._restore_read_timeout(ex)
+        self._lib.evhttp_send_reply(ex.req, start.code, start.reason.encode("latin-1"), self._buf)
+        ex.req = None
+        self._finish(ex)
+
+    def _reply_error(self, ex: Exchange) -> None:
+        start = StartResponse()
+        start("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+        self._reply_whole(ex, start, [_ERROR_BODY])
+
+    def _begin_chunked(self, ex: Exchange, start: StartResponse, chunks: list[bytes],
+                       *, keep_length: bool) -> None:
+        assert ex.req is not None
+        r = RequestStruct.from_address(ex.req)
+        self._add_headers(ex, start, keep_length=keep_length)
+        if (r.major, r.minor) < (1, 1):
+            # HTTP/1.0 has no chunked coding: the end of the body is the end of the
+            # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
+            # wrong "Content-Length: 0".)
+            self._lib.evhttp_remove_header(r.input_headers, b"Connection")
+            self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
+        ex.code = start.code
+        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason.encode("latin-1"))
+        if chunks:
+            self._send_chunk(ex, b"".join(chunks))
+
+    def _start_stream(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        ex.state = "streaming"
+        self._begin_chunked(ex, start, chunks, keep_length=True)
+
+    def _start_deferred(self, ex: Exchange, start: StartResponse, chunks: list[bytes],
+                        deferral: Deferral) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        # Later stages add content, so the first stage's length is not the body's.
+        self._begin_chunked(ex, start, chunks, keep_length=False)
+        ex.deferred = True
+        self.held += 1
+        self._hold(ex, deferral)
+
+    def _hold(self, ex: Exchange, deferral: Deferral) -> None:
+        ex.state = "held"
+        ex.timer = self.loop.call_later(deferral.delay, functools.partial(self._resume, ex, deferral))
+
+    def _resume(self, ex: Exchange, deferral: Deferral) -> None:
+        ex.timer = None
+        ex.state = "app"
+        if self._pool is not None:
+            self._pool.submit(self._run_stage, ex, deferral)
+        else:
+            self._run_stage(ex, deferral)
+
+    def _stage_done(self, ex: Exchange, chunks: list[bytes], deferral: Deferral | None) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        if chunks:
+            self._send_chunk(ex, b"".join(chunks))
+        if deferral is not None and not self._draining:
+            self._hold(ex, deferral)
+        else:
+            self._end(ex)
+
+    def _send_chunk(self, ex: Exchange, data: bytes) -> None:
+        if ex.dead or ex.req is None:
+            return
+        self._lib.evbuffer_add(self._buf, data, len(data))
+        ex.sent += len(data)
+        if ex.drained is not None:
+            self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+        else:
+            self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
+
+    def _on_drained(self, _evcon: int, key: int) -> None:
+        ex = self._exchanges.get(key)
+        if ex is not None and ex.drained is not None:
+            ex.pending = 0
+            ex.drained.set()
+
+    def _end(self, ex: Exchange) -> None:
+        """The last chunk: a clean end of the response."""
+        if ex.dead:
+            return self._drop(ex)
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        self._restore_read_timeout(ex)
+        assert ex.req is not None
+        self._lib.evhttp_send_reply_end(ex.req)
+        ex.req = None
+        self._finish(ex)
+
+    def _abort(self, ex: Exchange) -> None:
+        """Cut the connection so the client sees an error, never a clean end.  libevent
+        notices the shut-down socket and the close callback releases the exchange."""
+        if ex.dead or ex.req is None:
+            return self._drop(ex)
+        ex.code = ex.code or 500
+        evcon = RequestStruct.from_address(ex.req).evcon
+        fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
+        try:
+            _shutdown(fd)
+        except OSError:
+            pass
+
+    # -- connection loss ---------------------------------------------------------------
+
+    def _on_close(self, _evcon: int, key: int) -> None:
+        """libevent: the connection of exchange ``key`` is gone (client left, timeout,
+        or an aborted response)."""
+        ex = self._exchanges.get(key)
+        if ex is None:
+            return  # a keep-alive connection closing after its exchanges finished
+        ex.dead = True
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        if ex.drained is not None:
+            ex.drained.set()
+        if ex.state != "app":  # no worker owns it: release it now
+            self._drop(ex)
+
+    def _drop(self, ex: Exchange) -> None:
+        """Release a dead exchange: free its request (libevent left it to us)."""
+        if ex.req is not None:
+            r = RequestStruct.from_address(ex.req)
+            if not r.evcon:
+                self._lib.evhttp_send_reply_end(ex.req)  # with no connection: just frees
+            ex.req = None
+        if self._exchanges.pop(ex.key, None) is not None:
+            self._done(ex, aborted=True)
+
+    def _forget(self, ex: Exchange) -> None:
+        """Shutdown: libevent frees everything with evhttp_free; just stop tracking."""
+        if ex.timer is not None:
+            ex.timer.cancel()
+        ex.dead = True
+        ex.req = None
+        self._exchanges.pop(ex.key, None)
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _lift_read_timeout(self, ex: Exchange, evcon: int) -> None:
+        bev = self._lib.evhttp_connection_get_bufferevent(evcon)
+        self._lib.bufferevent_set_timeouts(bev, None, ctypes.byref(_timeval(self.config.timeout)))
+        ex.bev = bev
+
+    def _restore_read_timeout(self, ex: Exchange) -> None:
+        if ex.bev is not None:
+            tv = ctypes.byref(_timeval(self.config.timeout))
+            self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
+            ex.bev = None
+
+    def _finish(self, ex: Exchange) -> None:
+        del self._exchanges[ex.key]
+        self._done(ex, aborted=False)
+
+    def _done(self, ex: Exchange, aborted: bool) -> None:
+        ex.state = "done"
+        ex.environ = {}  # drop the request's references now, not when the GC gets to it
+        self.requests += 1
+        if ex.deferred:
+            self.held -= 1
+        if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
+            duration = (time.monotonic() - ex.started) * 1000
+            access_logger.info(
+                '"%s %s" %s %d %.1fms%s', ex.method, ex.path, ex.code or "-", ex.sent,
+                duration, " (client gone)" if aborted else "",
+            )
+
+
+def _call_now(fn: Callable[..., Any], *args: Any) -> None:
+    fn(*args)
+
+
+def _timeval(seconds: float) -> ev.timeval:
+    whole = int(seconds)
+    return ev.timeval(whole, int((seconds - whole) * 1_000_000))
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == "content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise AppError(f"invalid Content-Length from the application: {value!r}")
+    return None
+
+
+def _shutdown(fd: int) -> None:
+    dup = socket.socket(fileno=os.dup(fd))
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    finally:
+        dup.close()
+
+
+def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket; IPv6 when ``host`` is an IPv6 literal."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

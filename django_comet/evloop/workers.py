@@ -1,0 +1,52 @@
+"""A bounded pool of threads that run blocking application code off the loop thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_STOP = object()
+
+
+class ThreadPool:
+    """``submit(fn, *args)`` runs ``fn`` on one of ``size`` threads, in FIFO order.
+
+    Deliberately smaller than concurrent.futures: no Future per call (results go back to
+    the loop through ``Loop.call_soon_threadsafe``), so a request costs one queue put.
+    """
+
+    def __init__(self, size: int, name: str = "comet-worker"):
+        if size < 1:
+            raise ValueError("a thread pool needs at least one thread")
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def size(self) -> int:
+        return len(self._threads)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            fn, args = item
+            fn(*args)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout)
