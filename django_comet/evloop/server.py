@@ -44,7 +44,7 @@ _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
 class Exchange:
     __slots__ = (
-        "key", "req", "environ", "method", "path", "started", "code", "sent",
+        "key", "req", "environ", "method", "path", "protocol", "started", "code", "sent",
         "state", "dead", "timer", "bev", "pending", "drained", "deferred",
     )
 
@@ -54,6 +54,7 @@ class Exchange:
         self.environ = environ
         self.method: str = environ["REQUEST_METHOD"]
         self.path: str = environ["RAW_URI"]
+        self.protocol: str = environ["SERVER_PROTOCOL"]
         self.started = time.monotonic()
         self.code = 0
         self.sent = 0
@@ -349,7 +350,7 @@ class Server:
             self._lib.evhttp_add_header(out, b"Content-Length", str(len(body)).encode())
         if body and ex.method != "HEAD":
             self._lib.evbuffer_add(self._buf, body, len(body))
-        ex.code, ex.sent = start.code, len(body)
+        ex.code, ex.sent = start.code, (len(body) if ex.method != "HEAD" else 0)
         self._restore_read_timeout(ex)
         self._lib.evhttp_send_reply(ex.req, start.code, start.reason.encode("latin-1"), self._buf)
         ex.req = None
@@ -517,7 +518,7 @@ class Server:
         if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
             duration = (time.monotonic() - ex.started) * 1000
             access_logger.info(
-                '"%s %s" %s %d %.1fms%s', ex.method, ex.path, ex.code or "-", ex.sent,
+                '"%s %s %s" %s %d %.1fms%s', ex.method, ex.path, ex.protocol, ex.code or "-", ex.sent,
                 duration, " (client gone)" if aborted else "",
             )
 

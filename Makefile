@@ -1,0 +1,49 @@
+# django-comet: `make demo` serves the demo on http://127.0.0.1:8000/, `make test` runs
+# the whole suite (installing what it needs), `make lint` checks style and types.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+APT_PACKAGES := libevent-2.1-7 chromium chromium-driver
+SHELL := /bin/bash
+
+.PHONY: demo test lint check deps system-deps bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,lint]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+# Debian packages the tests use, installed only when missing (needs root, as in CI).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+demo: deps
+	$(PY) demo_site/manage.py migrate --noinput -v0
+	$(PY) demo_site/manage.py runcomet 127.0.0.1:8000
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: deps system-deps lint
+	$(VENV)/bin/pytest -p no:cacheprovider
+
+check: test
+
+bench: deps
+	$(PY) bench/hello/run.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+from django.core import checks
+
+
+class CometConfig(AppConfig):
+    name = "django_comet"
+    verbose_name = "Comet"
+
+    def ready(self) -> None:
+        from . import checks as comet_checks
+        from . import deferred  # noqa: F401  (connects the request_started receiver)
+
+        checks.register(comet_checks.check_libevent)
+        checks.register(comet_checks.check_settings)

@@ -1,0 +1,68 @@
+"""COMET_* settings, read lazily so that ``override_settings`` just works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from .evloop.config import ServerConfig
+
+_DEFAULTS: dict[str, Any] = {
+    # Worker threads for views; None means ServerConfig's measured default.
+    "COMET_THREADS": None,
+    "COMET_TIMEOUT": ServerConfig.timeout,
+    "COMET_MAX_HEADER_SIZE": ServerConfig.max_header_size,
+    "COMET_MAX_BODY_SIZE": ServerConfig.max_body_size,
+    "COMET_GRACE_PERIOD": ServerConfig.grace,
+    # Who may see /comet/status/: staff, or anyone when DEBUG; True opens it to all.
+    "COMET_STATUS_PUBLIC": False,
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "COMET_THREADS": (int, type(None)),
+    "COMET_TIMEOUT": (int, float),
+    "COMET_MAX_HEADER_SIZE": (int,),
+    "COMET_MAX_BODY_SIZE": (int,),
+    "COMET_GRACE_PERIOD": (int, float),
+    "COMET_STATUS_PUBLIC": (bool,),
+}
+
+
+class Settings:
+    """``comet_settings.THREADS`` reads ``settings.COMET_THREADS`` or its default."""
+
+    def __getattr__(self, name: str) -> Any:
+        key = "COMET_" + name
+        if key not in _DEFAULTS:
+            raise AttributeError(name)
+        return getattr(settings, key, _DEFAULTS[key])
+
+    def errors(self) -> list[str]:
+        """Settings whose value has the wrong type, for the system check."""
+        bad = []
+        for key, types in _TYPES.items():
+            value = getattr(settings, key, _DEFAULTS[key])
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                bad.append(f"{key} must be {names}, not {value!r}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                bad.append(f"{key} cannot be negative ({value!r})")
+        return bad
+
+    def server_config(self, **overrides: Any) -> ServerConfig:
+        config = ServerConfig(
+            timeout=float(self.TIMEOUT),
+            max_header_size=self.MAX_HEADER_SIZE,
+            max_body_size=self.MAX_BODY_SIZE,
+            grace=float(self.GRACE_PERIOD),
+        )
+        if self.THREADS is not None:
+            config.threads = self.THREADS
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(config, name, value)
+        return config
+
+
+comet_settings = Settings()

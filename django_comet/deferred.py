@@ -1,0 +1,170 @@
+"""The 2007 staged-response API: ``defer_in_time`` and ``@deferred_view()``.
+
+A view returns ``defer_in_time(response, seconds, target)``.  Under runcomet the
+response's status, headers and content go out at once as the first chunk; ``seconds``
+later the server runs ``target`` as a full Django GET request (URL resolution, middleware,
+the first request's headers and cookies) and its view, decorated with
+``@deferred_view()``, receives the previous stage's response as ``response_prev``.  Its
+content is the next chunk; a stage that returns a plain response ends the stream.
+
+Under any other WSGI server (runserver, gunicorn, Django's test client) the same views
+still work: iterating the response sleeps and runs the stages itself, a blocking stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from django.core.handlers.wsgi import WSGIHandler
+from django.core.signals import request_started
+from django.http import HttpRequest, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.urls import reverse
+
+from .evloop.deferral import Deferral
+
+__all__ = ["StageError", "defer_in_time", "deferred_view"]
+
+RESPONSE_PREV_KEY = "django_comet.response_prev"
+
+# The environ of the request each thread is handling, so that defer_in_time(), which is
+# not given the request, can build the next stage from the first request's headers.
+_current = threading.local()
+
+
+def _remember_environ(sender: Any, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    _current.environ = environ
+
+
+request_started.connect(_remember_environ, dispatch_uid="django_comet.deferred")
+
+
+class StageError(RuntimeError):
+    """A deferred stage did not answer 2xx; the stream is cut rather than ended cleanly."""
+
+
+def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> DeferredResponse:
+    """Send ``response`` now and, ``seconds`` later, run ``target`` for the next chunk.
+
+    ``target`` is a path ("/stage/"), a URL name ("django_comet:stage") or a view.
+    """
+    environ = getattr(_current, "environ", None)
+    if environ is None:
+        raise RuntimeError("defer_in_time() can only be used while a view handles a request")
+    if seconds < 0:
+        raise ValueError(f"defer_in_time(): seconds must be >= 0, not {seconds!r}")
+    return DeferredResponse(response, seconds, _target_path(target), environ)
+
+
+def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a stage view: it receives ``response_prev`` (None outside a deferral)."""
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            kwargs["response_prev"] = request.META.get(RESPONSE_PREV_KEY)
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def _target_path(target: Any) -> str:
+    """Resolve now, in the view, so that a bad target fails loudly where it was written."""
+    if callable(target):
+        return reverse(target)
+    if not isinstance(target, str) or not target:
+        raise TypeError(f"defer_in_time(): target must be a path, URL name or view, not {target!r}")
+    return target if target.startswith("/") else reverse(target)
+
+
+class DeferredResponse(StreamingHttpResponse):
+    """The first stage's status, headers and cookies, streaming its content, carrying
+    the deferral that says when and how the next stage comes."""
+
+    def __init__(self, response: HttpResponseBase, seconds: float, path: str,
+                 environ: dict[str, Any]):
+        super().__init__(status=response.status_code, reason=response.reason_phrase)
+        for name, value in response.items():
+            if name.lower() != "content-length":  # later stages add to the body
+                self[name] = value
+        self.cookies = response.cookies
+        self.response_prev = response
+        self._environ = environ
+        self._path = path
+        self.comet_deferral = Deferral(self._next_stage, delay=seconds)
+        self.streaming_content = self._stages()
+
+    def _stages(self) -> Iterator[bytes]:
+        yield from _content(self.response_prev)
+        if self.comet_deferral.claimed:
+            return  # a comet server runs the next stage when the delay is over
+        # Any other server: block through the stages (the degraded, threaded way).
+        time.sleep(self.comet_deferral.delay)
+        result = self._next_stage()
+        try:
+            yield from result
+        finally:
+            result.close()
+
+    def _next_stage(self) -> HttpResponseBase:
+        """Run the next stage as a Django GET request; runs on a worker thread."""
+        environ = stage_environ(self._environ, self._path)
+        environ[RESPONSE_PREV_KEY] = self.response_prev
+        response: HttpResponseBase = _handler()(environ, _ignore_start_response)
+        if not 200 <= response.status_code < 300:
+            response.close()
+            raise StageError(
+                f"deferred stage {self._path} answered {response.status_code}; cutting the stream"
+            )
+        return response
+
+
+def _content(response: HttpResponseBase) -> Iterator[bytes]:
+    if response.streaming:
+        yield from response.streaming_content  # type: ignore[attr-defined]
+    else:
+        yield response.content  # type: ignore[attr-defined]
+
+
+def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:
+    """The environ of a GET for ``path`` that keeps the first request's headers."""
+    script_name = environ.get("SCRIPT_NAME", "")
+    raw_path, _, query = path.partition("?")
+    path_info = unquote_to_bytes(raw_path).decode("latin-1")
+    if script_name and path_info.startswith(script_name + "/"):
+        path_info = path_info[len(script_name):]
+    stage = {k: v for k, v in environ.items() if k not in ("CONTENT_TYPE", "HTTP_TRANSFER_ENCODING")}
+    stage.update(
+        {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": path_info,
+            "QUERY_STRING": query,
+            "RAW_URI": path,
+            "REQUEST_URI": path,
+            "CONTENT_LENGTH": "0",
+            "wsgi.input": io.BytesIO(b""),
+        }
+    )
+    return stage
+
+
+_handler_instance: WSGIHandler | None = None
+
+
+def _handler() -> WSGIHandler:
+    global _handler_instance
+    if _handler_instance is None:
+        _handler_instance = WSGIHandler()
+    return _handler_instance
+
+
+def _ignore_start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], None]:
+    return lambda data: None

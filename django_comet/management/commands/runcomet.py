@@ -1,0 +1,131 @@
+"""``manage.py runcomet [addrport]``: runserver's interface, served by the comet server.
+
+Argument forms, autoreload, --ipv6, and (with staticfiles) --nostatic/--insecure are
+runserver's own; this command swaps the server for django_comet's libevent server.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+from datetime import datetime
+from typing import Any
+
+from django.apps import apps
+from django.conf import settings
+from django.core.management.base import CommandError, CommandParser
+from django.db import connections
+from django.utils import autoreload
+
+from ...conf import comet_settings
+from ...evloop import Server, libevent_ctypes
+
+if apps.is_installed("django.contrib.staticfiles"):
+    from django.contrib.staticfiles.management.commands.runserver import (
+        Command as RunserverCommand,
+    )
+else:  # pragma: no cover - demo_site and tests have staticfiles
+    from django.core.management.commands.runserver import Command as RunserverCommand
+
+_ERRORS = {
+    errno.EACCES: "You don't have permission to access that port.",
+    errno.EADDRINUSE: "That port is already in use.",
+    errno.EADDRNOTAVAIL: "That IP address can't be assigned to.",
+}
+
+
+class Command(RunserverCommand):
+    help = "Starts the django-comet server (libevent) for this Django project."
+    server_cls = Server
+    default_threads: int | None = None  # COMET_THREADS, then the server's default
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        super().add_arguments(parser)
+        parser.add_argument(
+            "--threads", type=int, default=None,
+            help="Threads running views (default: COMET_THREADS or 8). "
+                 "0 runs views in the event loop thread, as the 2007 original did.",
+        )
+        parser.add_argument(
+            "--no-access-log", action="store_true", dest="no_access_log",
+            help="Do not log one line per request.",
+        )
+
+    def server_config(self, **options: Any) -> Any:
+        threads = options.get("threads")
+        if threads is None and not options.get("use_threading", True):
+            threads = 0  # runserver's --nothreading
+        if threads is not None and threads < 0:
+            raise CommandError("--threads must be 0 or more.")
+        return comet_settings.server_config(
+            host=self.addr, port=int(self.port), threads=threads,
+            access_log=not options.get("no_access_log", False),
+        )
+
+    def inner_run(self, *args: Any, **options: Any) -> None:
+        autoreload.raise_last_exception()
+        config = self.server_config(**options)
+        if not options["skip_checks"]:
+            self.stdout.write("Performing system checks...\n\n")
+            self.check(display_num_errors=True)
+        self.check_migrations()
+        for conn in connections.all(initialized_only=True):
+            conn.close()
+        _configure_logging(config.access_log)
+        try:
+            server = self.server_cls(self.get_handler(*args, **options), config)
+        except libevent_ctypes.LibeventMissing as exc:
+            self._fail(str(exc))
+        except OSError as exc:
+            self._fail(_ERRORS.get(exc.errno or 0, str(exc)))
+        self.on_bind(server.address[1], server)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
+        # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully.
+        server.serve_forever(handle_signals=in_main_thread)
+        self.stdout.write("Stopped.")
+        if not in_main_thread:
+            os._exit(0)
+
+    def _fail(self, message: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            raise CommandError(message)
+        self.stderr.write(f"Error: {message}")
+        os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
+
+    def on_bind(self, server_port: int, server: Any = None) -> None:  # type: ignore[override]
+        quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
+        addr = f"[{self.addr}]" if self._raw_ipv6 else ("0.0.0.0" if self.addr == "0" else self.addr)
+        lib = libevent_ctypes.lib()
+        libevent = lib.event_get_version().decode()
+        backend = lib.event_base_get_method(server.loop.base).decode() if server else "?"
+        threads = server.config.threads if server else "?"
+        self.stdout.write(
+            f"{datetime.now().strftime('%B %d, %Y - %X')}\n"
+            f"Django version {self.get_version()}, using settings {settings.SETTINGS_MODULE!r}\n"
+            f"Starting comet server (libevent {libevent}, {backend}, {threads} threads) "
+            f"at {self.protocol}://{addr}:{server_port}/\n"
+            f"Quit the server with {quit_command}."
+        )
+        self.stdout.write(
+            self.style.WARNING(
+                "WARNING: django-comet's server has not been reviewed for production use; "
+                "see its README before exposing it."
+            )
+        )
+        self.stdout.flush()
+
+
+def _configure_logging(access_log: bool) -> None:
+    """Send django_comet's logs to stderr like runserver's, unless LOGGING configured them."""
+    logger = logging.getLogger("django_comet")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%d/%b/%Y %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if access_log else logging.WARNING)
+    logger.propagate = False
