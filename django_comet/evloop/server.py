@@ -146,8 +146,9 @@ class Server:
             self.loop.stop()
             return
         self._draining = True
-        self._lib.evhttp_del_accept_socket(self._http, self._bound)
-        self.sock.close()
+        self._lib.evhttp_del_accept_socket(self._http, self._bound)  # closes the fd too
+        self._bound = None
+        self.sock.detach()
         for ex in list(self._exchanges.values()):
             if ex.state == "held":
                 self._end(ex)
@@ -169,11 +170,11 @@ class Server:
         for ex in list(self._exchanges.values()):
             self._forget(ex)
         if self._http:
-            self._lib.evhttp_free(self._http)  # closes idle keep-alive connections
+            self._lib.evhttp_free(self._http)  # closes the listener and idle connections
             self._http = 0
+            if self._bound is not None:
+                self.sock.detach()  # libevent owned and closed the fd
         self._lib.evbuffer_free(self._buf)
-        if not self.sock._closed:  # type: ignore[attr-defined]
-            self.sock.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -450,6 +451,7 @@ class Server:
         if ex.dead or ex.req is None:
             return self._drop(ex)
         ex.code = ex.code or 500
+        ex.state = "aborting"  # no worker owns it now: the close callback releases it
         evcon = RequestStruct.from_address(ex.req).evcon
         fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
         try:

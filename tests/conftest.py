@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+from .processes import ROOT, evloop, runcomet
+
+
+@pytest.fixture(scope="session")
+def demo_db(tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("db") / "demo.sqlite3")
+    subprocess.run(
+        [sys.executable, str(ROOT / "demo_site" / "manage.py"), "migrate", "--noinput", "-v0"],
+        check=True, env={"DEMO_DB": db, "DJANGO_SETTINGS_MODULE": "tests.settings",
+                         "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    return db
+
+
+@pytest.fixture(scope="session")
+def comet(demo_db):
+    """runcomet with the default thread pool, shared by the tests that leave it clean."""
+    server = runcomet(db=demo_db)
+    yield server
+    assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.fixture(scope="session")
+def comet_inline(demo_db):
+    """runcomet --threads 0: views in the loop thread, as the 2007 original."""
+    server = runcomet("--threads", "0", db=demo_db)
+    yield server
+    assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.fixture(scope="session")
+def wsgi_server():
+    """`python -m django_comet.evloop` serving tests/fixtureapps/apps.py:app."""
+    server = evloop("tests.fixtureapps.apps:app")
+    yield server
+    server.stop()

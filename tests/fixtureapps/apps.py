@@ -1,0 +1,85 @@
+"""Tiny WSGI apps served by `python -m django_comet.evloop` in the server tests."""
+
+import json
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "13")])
+    return [b"Hello, world!"]
+
+
+closed = []
+
+
+class _Body:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def close(self):
+        closed.append(True)
+
+
+def app(environ, start_response):
+    """Routes on PATH_INFO to exercise the WSGI contract."""
+    path = environ["PATH_INFO"]
+    if path == "/hello":
+        return hello(environ, start_response)
+    if path == "/environ":
+        body = json.dumps({k: v for k, v in environ.items() if isinstance(v, str)}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+    if path == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written;")
+        return [b"returned"]
+    if path == "/generator":
+        def gen():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"a"
+            yield b""
+            yield b"b"
+        return gen()
+    if path == "/closed":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Body([str(len(closed)).encode()])
+    if path == "/close-counter":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Body([b"counted"])
+    if path == "/raise-before":
+        raise RuntimeError("before start_response")
+    if path == "/raise-after":
+        def gen():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"x" * 300_000  # past the streaming threshold: headers go out
+            raise RuntimeError("after the headers")
+        return gen()
+    if path == "/bad-header":
+        start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: pwned=1")])
+        return [b"never"]
+    if path == "/bad-status":
+        start_response("OK", [])
+        return [b"never"]
+    if path == "/no-start":
+        return [b"never"]
+    if path == "/short-length":
+        start_response("200 OK", [("Content-Length", "10")])
+        return [b"12345"]
+    if path == "/exc-info":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise ValueError("late error")
+        except ValueError:
+            import sys
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"replaced"]
+    if path == "/stream":
+        def gen():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            for i in range(3):
+                yield b"%d" % i * 200_000
+        return gen()
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not found: " + path.encode("latin-1")]

@@ -1,0 +1,126 @@
+"""Start real servers for the tests: runcomet (demo_site) or `python -m django_comet.evloop`.
+
+Each server listens on port 0 (the kernel picks a free port) and the helper reads the
+port from the startup banner, so tests never race for ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BANNER = re.compile(r"(?:Starting comet server .* at|Serving .* on) http://([^/]+):(\d+)/")
+
+
+class ServerProcess:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT,
+                 startup_timeout: float = 30):
+        self.argv = argv
+        self.output: list[str] = []
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        self._ready = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(startup_timeout) or not self.port:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.output))
+        self.host = "127.0.0.1"
+        self.url = f"http://{self.host}:{self.port}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            match = BANNER.search(line)
+            if match and not self.port:
+                self.port = int(match.group(2))
+                self._ready.set()
+        self._ready.set()  # EOF: the process ended
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/comet/status/", timeout=10) as response:
+            return json.load(response)
+
+    def wait_for_status(self, predicate, timeout: float = 10.0) -> dict:
+        """Poll /comet/status/ until ``predicate(status)`` holds (an awaited condition,
+        with a deadline), and return that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status never satisfied the condition: {status}")
+            time.sleep(0.02)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=10)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def runcomet(*args: str, settings: str = "tests.settings", db: str | None = None) -> ServerProcess:
+    env = {"DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    if db:
+        env["DEMO_DB"] = db
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload",
+            *args]
+    if not any(re.match(r"^[\[\d]|^\d+$", a) for a in args):
+        argv.append("127.0.0.1:0")
+    return ServerProcess(argv, env=env)
+
+
+def evloop(app: str, *args: str, cwd: Path = ROOT) -> ServerProcess:
+    env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return ServerProcess([sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args],
+                         env=env, cwd=cwd)
+
+
+def read_chunked(sock: socket.socket) -> tuple[bytes, list[bytes]]:
+    """Read one chunked response: (head, [chunk, ...]) with the framing checked."""
+    f = sock.makefile("rb")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = f.readline()
+        if not line:
+            raise AssertionError("connection closed inside the head: %r" % head)
+        head += line
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size_line = f.readline()
+        assert size_line.endswith(b"\r\n"), size_line
+        size = int(size_line, 16)
+        data = f.read(size)
+        assert f.read(2) == b"\r\n"
+        if size == 0:
+            return head, chunks
+        chunks.append(data)

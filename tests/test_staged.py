@@ -1,0 +1,135 @@
+"""The 2007 staged response through a real runcomet, over sockets."""
+
+import socket
+import threading
+
+import pytest
+import requests
+
+from .processes import read_chunked
+
+
+def get_staged(server, path="/", headers=b""):
+    with server.connect() as sock:
+        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+        return read_chunked(sock)
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_demo_five_chunks_in_order(request, server_name):
+    server = request.getfixturevalue(server_name)
+    head, chunks = get_staged(server)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length" not in head.lower()
+    assert chunks == [
+        b"First content<br /> ",
+        b"stage1<br /> ",
+        b"stage2<br /> ",
+        b"stage3<br /> ",
+        b"last_stage4<br /> ",
+    ]
+
+
+def test_only_first_headers_sent_and_cookies_reach_every_stage(comet):
+    head, chunks = get_staged(comet, "/t/quick-stages/", b"Cookie: flavour=mint\r\n")
+    assert b"X-First: yes" in head
+    assert b"X-Ignored" not in head
+    assert chunks == [b"s0;", b"s1:mint;", b"s2:mint;", b"s3:mint;", b"s4:mint;"]
+
+
+def test_stage_error_cuts_the_stream(comet):
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/stage-404/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with pytest.raises((AssertionError, ValueError)):
+            read_chunked(sock)  # the stream never ends with a clean last chunk
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def test_200_staged_responses_overlap(comet):
+    socks = []
+    try:
+        for _ in range(200):
+            sock = comet.connect()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(sock)
+        for sock in socks:  # every first chunk arrives before the first stage is due
+            data = b""
+            while b"First content" not in data:
+                data += sock.recv(4096)
+        held = comet.status()["held"]
+        assert held == 200, held  # all held at once, not queued behind one another
+        for sock in socks:
+            _, rest = read_chunked_tail(sock)
+            assert rest.endswith(b"last_stage4<br /> \r\n0\r\n\r\n")
+    finally:
+        for sock in socks:
+            sock.close()
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def read_chunked_tail(sock):
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        more = sock.recv(4096)
+        if not more:
+            break
+        data += more
+    return None, data
+
+
+def test_disconnect_mid_stage_cancels_it(comet):
+    before = requests.get(comet.url + "/t/count/").json()["stages"]
+    sock = comet.connect()
+    sock.sendall(b"GET /t/counted/?delay=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"first;" not in data:
+        data += sock.recv(4096)
+    status = comet.status()
+    assert status["held"] == 1 and status["timers"] == 1
+    sock.close()
+    status = comet.wait_for_status(lambda s: s["held"] == 0)
+    assert status["timers"] == 0  # the stage's timer is gone: no view will run
+    assert requests.get(comet.url + "/t/count/").json()["stages"] == before
+
+
+def test_reset_mid_stage_cancels_it(comet):
+    sock = comet.connect()
+    sock.sendall(b"GET /t/counted/?delay=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"first;" not in data:
+        data += sock.recv(4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()  # RST instead of FIN
+    status = comet.wait_for_status(lambda s: s["held"] == 0)
+    assert status["timers"] == 0
+
+
+def test_slow_view_does_not_delay_staged_response(comet):
+    slow_done = threading.Event()
+
+    def slow():
+        requests.get(comet.url + "/t/sleep/?s=5")
+        slow_done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    comet.wait_for_status(lambda s: s["in_flight"] >= 2)  # the slow view is running
+    head, chunks = get_staged(comet, "/t/quick-stages/")
+    assert len(chunks) == 5
+    assert not slow_done.is_set()
+    thread.join()
+
+
+def test_http10_staged_response_is_close_delimited(comet):
+    with comet.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        while True:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert b"Content-Length" not in head and b"chunked" not in head.lower()
+    assert body == b"First content<br /> stage1<br /> stage2<br /> stage3<br /> last_stage4<br /> "

@@ -1,0 +1,17 @@
+from django.urls import include, path
+
+from . import views
+
+urlpatterns = [
+    path("t/echo/", views.echo, name="echo"),
+    path("t/sleep/", views.sleep, name="sleep"),
+    path("t/boom/", views.boom, name="boom"),
+    path("t/quick-stages/", views.quick_stages, name="quick_stages"),
+    path("t/quick-stage/", views.quick_stage, name="quick_stage"),
+    path("t/counted/", views.counted_first, name="counted_first"),
+    path("t/counted-stage/", views.counted_stage, name="counted_stage"),
+    path("t/count/", views.count, name="count"),
+    path("t/stage-404/", views.stage_to_missing, name="stage_to_missing"),
+    path("t/big/", views.big, name="big"),
+    path("", include("django_comet.urls")),
+]

@@ -1,0 +1,89 @@
+"""Views the tests call through a real runcomet."""
+
+import json
+import threading
+import time
+
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from django_comet import defer_in_time, deferred_view
+
+
+@csrf_exempt
+def echo(request):
+    """What Django parsed: method, GET, POST, files, body length, a few META keys."""
+    files = {name: [f.name, f.size, f.read().decode("latin-1")] for name, f in request.FILES.items()}
+    return JsonResponse(
+        {
+            "method": request.method,
+            "path": request.path,
+            "GET": request.GET.dict(),
+            "POST": request.POST.dict(),
+            "FILES": files,
+            "body_length": len(request.body) if not request.FILES else None,
+            "content_length": request.META.get("CONTENT_LENGTH"),
+            "cookies": request.COOKIES,
+            "remote_addr": request.META.get("REMOTE_ADDR"),
+            "server_protocol": request.META.get("SERVER_PROTOCOL"),
+        }
+    )
+
+
+def sleep(request):
+    time.sleep(float(request.GET.get("s", "1")))
+    return HttpResponse("slept")
+
+
+def boom(request):
+    raise RuntimeError("boom (a test of the 500 path)")
+
+
+def quick_stages(request):
+    """Five stages 20 ms apart; a cookie of the first request travels to every stage."""
+    response = HttpResponse(b"s0;")
+    response.stage = 0
+    response["X-First"] = "yes"
+    return defer_in_time(response, float(request.GET.get("delay", "0.02")), "quick_stage")
+
+
+@deferred_view()
+def quick_stage(request, response_prev=None):
+    stage = response_prev.stage + 1
+    response = HttpResponse(f"s{stage}:{request.COOKIES.get('flavour', '-')};".encode())
+    response.stage = stage
+    response["X-Ignored"] = "later stages' headers are not sent"
+    if stage >= 4:
+        return response
+    return defer_in_time(response, 0.02, quick_stage)
+
+
+_counter = {"stages": 0}
+_counter_lock = threading.Lock()
+
+
+def counted_first(request):
+    return defer_in_time(HttpResponse(b"first;"), float(request.GET.get("delay", "0.5")),
+                         "/t/counted-stage/")
+
+
+@deferred_view()
+def counted_stage(request, response_prev=None):
+    with _counter_lock:
+        _counter["stages"] += 1
+    return HttpResponse(b"stage;")
+
+
+def count(request):
+    return JsonResponse(_counter)
+
+
+def stage_to_missing(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/no-such-stage/")
+
+
+def big(request):
+    """A lazily produced 4 MiB body (streamed, no Content-Length)."""
+    size = int(request.GET.get("mb", "4"))
+    chunk = b"x" * (1024 * 1024)
+    return StreamingHttpResponse(chunk for _ in range(size))
