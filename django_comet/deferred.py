@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import request_started
+from django.core.signals import request_finished, request_started
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.urls import reverse
@@ -42,7 +42,12 @@ def _remember_environ(sender: Any, environ: dict[str, Any] | None = None, **kwar
     _current.environ = environ
 
 
+def _forget_environ(sender: Any, **kwargs: Any) -> None:
+    _current.environ = None
+
+
 request_started.connect(_remember_environ, dispatch_uid="django_comet.deferred")
+request_finished.connect(_forget_environ, dispatch_uid="django_comet.deferred")
 
 
 class StageError(RuntimeError):

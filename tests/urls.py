@@ -1,8 +1,10 @@
+from django.contrib import admin
 from django.urls import include, path
 
 from . import views
 
 urlpatterns = [
+    path("admin/", admin.site.urls),
     path("t/echo/", views.echo, name="echo"),
     path("t/sleep/", views.sleep, name="sleep"),
     path("t/boom/", views.boom, name="boom"),

@@ -27,7 +27,7 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/hello":
         return hello(environ, start_response)
-    if path == "/environ":
+    if path.startswith("/environ"):
         body = json.dumps({k: v for k, v in environ.items() if isinstance(v, str)}).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]

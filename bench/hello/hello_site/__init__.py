@@ -1,0 +1,1 @@
+"""The smallest Django project that answers "Hello, world!": no database, one view."""

@@ -1,0 +1,114 @@
+"""The demo's staged response, rendered progressively by a real (headless) Chromium.
+
+The server sends ``First content<br /> `` at once and then one more chunk a second
+until ``last_stage4<br /> ``, all on one chunked response.  A browser must show each
+chunk as it arrives, not only the finished page.  The assertions are about the order
+of what the page shows (polled from ``document.body.innerText``), never about timings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from .processes import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOT = ROOT / "docs" / "staged-demo.png"
+PIECES = ["First content", "stage1", "stage2", "stage3", "last_stage4"]
+
+# What one poll sees: which document, how far it has loaded and the text it shows.
+SNAPSHOT_JS = """
+return {
+    href: location.href,
+    readyState: document.readyState,
+    text: document.body ? document.body.innerText : ""
+};
+"""
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A headless Chromium through chromedriver, always quit afterwards."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        pytest.skip(f"headless Chromium tests need {' and '.join(missing)} "
+                    "(Debian packages chromium and chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    options.page_load_strategy = "none"  # driver.get returns before the response ends
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=640,360",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    service = Service(CHROMEDRIVER, log_output=subprocess.DEVNULL)
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def poll_until(driver, url, predicate, seen, timeout=20.0):
+    """Poll the page until ``predicate(snapshot)`` holds (with a deadline) and return
+    that snapshot; every distinct text of ``url``'s document goes into ``seen``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = driver.execute_script(SNAPSHOT_JS)
+        if snap["href"] == url:  # not the about:blank that precedes the navigation
+            if snap["text"] and (not seen or seen[-1] != snap["text"]):
+                seen.append(snap["text"])
+            if predicate(snap):
+                return snap
+        if time.monotonic() > deadline:
+            raise AssertionError(f"page never satisfied the condition: {snap!r}; seen {seen!r}")
+        time.sleep(0.02)
+
+
+def assert_in_order(text, pieces):
+    position = -1
+    for piece in pieces:
+        found = text.find(piece, position + 1)
+        assert found > position, f"{piece!r} missing or out of order in {text!r}"
+        position = found
+
+
+def test_demo_renders_progressively(comet, chromium):
+    url = comet.url + "/"
+    seen: list[str] = []
+    chromium.get(url)
+
+    first = poll_until(chromium, url, lambda s: "First content" in s["text"], seen)
+    # The first chunk is on screen while the response is still going on.
+    assert "last_stage4" not in first["text"], first
+    assert first["readyState"] != "complete", first
+
+    final = poll_until(chromium, url, lambda s: "last_stage4" in s["text"], seen)
+    assert_in_order(final["text"], PIECES)
+    # The page reached 'complete' only once the last chunk was there.
+    poll_until(chromium, url, lambda s: s["readyState"] == "complete", seen)
+
+    # Each state grew out of the previous one, and several came before the final one.
+    for before, after in itertools.pairwise(seen):
+        assert after.startswith(before.rstrip()), (before, after)
+    intermediate = [text for text in seen if "last_stage4" not in text]
+    assert len(set(intermediate)) >= 3, seen
+    assert intermediate[0].strip() == "First content", seen
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    assert chromium.save_screenshot(str(SCREENSHOT))

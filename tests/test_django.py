@@ -1,0 +1,77 @@
+"""Django requests through a real runcomet: bodies, methods, errors, status."""
+
+import io
+
+import requests
+
+
+def test_urlencoded_post(comet):
+    data = requests.post(comet.url + "/t/echo/?g=1", data={"a": "1", "b": "x y"}).json()
+    assert data["method"] == "POST"
+    assert data["GET"] == {"g": "1"}
+    assert data["POST"] == {"a": "1", "b": "x y"}
+
+
+def test_multipart_post(comet):
+    files = {"upload": ("hello.txt", io.BytesIO(b"file body"), "text/plain")}
+    data = requests.post(comet.url + "/t/echo/", data={"field": "v"}, files=files).json()
+    assert data["POST"] == {"field": "v"}
+    assert data["FILES"] == {"upload": ["hello.txt", 9, "file body"]}
+
+
+def test_chunked_post_reaches_django(comet):
+    def body():
+        yield b"a=1&"
+        yield b"b=2"
+
+    data = requests.post(comet.url + "/t/echo/", data=body(),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}).json()
+    assert data["POST"] == {"a": "1", "b": "2"}
+    assert data["content_length"] == "7"
+
+
+def test_other_methods(comet):
+    for method in ("PUT", "PATCH", "DELETE", "OPTIONS"):
+        data = requests.request(method, comet.url + "/t/echo/", data=b"xyz").json()
+        assert data["method"] == method
+        assert data["body_length"] == 3
+
+
+def test_head_404_500(comet):
+    head = requests.head(comet.url + "/t/echo/")
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["Content-Length"]) > 0
+    assert requests.get(comet.url + "/no/such/page/").status_code == 404
+    assert requests.get(comet.url + "/t/boom/").status_code == 500
+    assert requests.get(comet.url + "/t/echo/").status_code == 200  # still serving
+
+
+def test_cookies_and_remote_addr(comet):
+    data = requests.get(comet.url + "/t/echo/", cookies={"k": "v"}).json()
+    assert data["cookies"] == {"k": "v"}
+    assert data["remote_addr"] == "127.0.0.1"
+
+
+def test_static_files_served_when_debug(comet):
+    response = requests.get(comet.url + "/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert "text/css" in response.headers["Content-Type"]
+
+
+def test_admin_login_page(comet):
+    response = requests.get(comet.url + "/admin/login/")
+    assert response.status_code == 200
+    assert "csrfmiddlewaretoken" in response.text
+
+
+def test_large_streaming_response(comet):
+    response = requests.get(comet.url + "/t/big/?mb=8", stream=True)
+    total = sum(len(chunk) for chunk in response.iter_content(65536))
+    assert total == 8 * 1024 * 1024
+
+
+def test_status_counts_requests(comet):
+    first = comet.status()
+    second = comet.status()
+    assert second["requests"] > first["requests"]
+    assert second["held"] == 0

@@ -1,0 +1,144 @@
+"""Environ building and start_response, in memory (no socket)."""
+
+import pytest
+
+from django_comet.evloop.wsgi import (
+    AppError,
+    BadRequest,
+    StartResponse,
+    build_environ,
+    check_request,
+    split_target,
+)
+
+
+def environ(target="/", headers=(), body=b"", method="GET", **kw):
+    return build_environ(method, target, "HTTP/1.1", list(headers), body,
+                         remote=("10.0.0.1", 5555), server=("127.0.0.1", 8000), **kw)
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("/a/b?x=1", ("/a/b", "x=1")),
+        ("/a?x=1#frag", ("/a", "x=1")),
+        ("/a#frag", ("/a", "")),
+        ("http://example.com/p?q", ("/p", "q")),
+        ("http://example.com", ("/", "")),
+        ("http://example.com?q=1", ("/", "q=1")),
+        ("*", ("*", "")),
+    ],
+)
+def test_split_target(target, expected):
+    assert split_target(target) == expected
+
+
+def test_split_target_refuses_nonsense():
+    with pytest.raises(BadRequest):
+        split_target("relative/path")
+
+
+def test_pep3333_basics():
+    env = environ("/caf%C3%A9%2Fx?a=%20", [(b"Host", b"h"), (b"X-Thing", b"  v  ")])
+    assert env["PATH_INFO"] == "/caf\u00c3\u00a9/x"  # bytes decoded as latin-1
+    assert env["QUERY_STRING"] == "a=%20"
+    assert env["SCRIPT_NAME"] == ""
+    assert env["HTTP_HOST"] == "h"
+    assert env["HTTP_X_THING"] == "v"
+    assert env["REMOTE_ADDR"] == "10.0.0.1" and env["REMOTE_PORT"] == "5555"
+    assert env["SERVER_NAME"] == "127.0.0.1" and env["SERVER_PORT"] == "8000"
+    assert env["wsgi.version"] == (1, 0)
+    assert env["wsgi.input"].read() == b""
+    assert "CONTENT_LENGTH" not in env
+
+
+def test_raw_latin1_target_bytes_survive():
+    assert environ("/\u00c3\u00a0 k")["PATH_INFO"] == "/\u00c3\u00a0 k"
+
+
+def test_repeated_headers_and_cookies():
+    env = environ(headers=[(b"Accept", b"a"), (b"accept", b"b"), (b"Cookie", b"x=1"),
+                           (b"Cookie", b"y=2")])
+    assert env["HTTP_ACCEPT"] == "a, b"
+    assert env["HTTP_COOKIE"] == "x=1; y=2"
+
+
+def test_underscore_headers_are_dropped():
+    env = environ(headers=[(b"X-Forwarded_For", b"evil"), (b"X-Forwarded-For", b"good")])
+    assert env["HTTP_X_FORWARDED_FOR"] == "good"
+
+
+def test_content_length_is_the_body_length_even_when_chunked():
+    env = environ(method="POST", headers=[(b"Transfer-Encoding", b"chunked"),
+                                          (b"Content-Type", b"text/plain")], body=b"hello")
+    assert env["CONTENT_LENGTH"] == "5"
+    assert env["CONTENT_TYPE"] == "text/plain"
+    assert env["wsgi.input"].read() == b"hello"
+
+
+def test_script_name_is_split_off():
+    env = environ("/app/x", script_name="/app")
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/app", "/x")
+
+
+@pytest.mark.parametrize(
+    "version, headers, status",
+    [
+        ((1, 1), [], 400),  # no Host
+        ((1, 1), [(b"Host", b"a"), (b"Host", b"b")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Content-Length", b"-0")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"), (b"Content-Length", b"2")], 400),
+        ((1, 0), [(b"Transfer-Encoding", b"chunked")], 400),
+        ((2, 0), [(b"Host", b"a")], 505),
+        ((1, 1), [(b"Host", b"a"), (b"Bad Name", b"x")], 400),
+    ],
+)
+def test_check_request_refuses(version, headers, status):
+    with pytest.raises(BadRequest) as info:
+        check_request("GET", b"/", version, headers)
+    assert info.value.status == status
+
+
+def test_check_request_accepts():
+    check_request("GET", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"),
+                                        (b"content-length", b"3")])
+    check_request("GET", b"/", (1, 0), [])
+    check_request("OPTIONS", b"*", (1, 1), [(b"Host", b"a")])
+    with pytest.raises(BadRequest):
+        check_request("GET", b"*", (1, 1), [(b"Host", b"a")])
+
+
+def test_start_response_validates():
+    start = StartResponse()
+    write = start("200 OK", [("Content-Type", "text/plain")])
+    assert (start.code, start.reason) == (200, "OK")
+    write(b"x")
+    assert start.written == [b"x"]
+    with pytest.raises(AppError):
+        start("200 OK", [])  # twice without exc_info
+    for status, headers in [
+        ("OK", []),
+        ("2000 OK", []),
+        ("200 OK\r\nX: y", []),
+        ("200 OK", [("X-A", "a\r\nb")]),
+        ("200 OK", [("Bad Name", "a")]),
+        ("200 OK", [("Content-Length", "ten")]),
+        ("200 OK", [("X-U", "\u20ac")]),
+    ]:
+        with pytest.raises(AppError):
+            StartResponse()(status, headers)
+
+
+def test_start_response_exc_info():
+    start = StartResponse()
+    start("200 OK", [])
+    try:
+        raise ValueError("x")
+    except ValueError:
+        import sys
+
+        start("500 Internal Server Error", [], sys.exc_info())  # headers not sent: replaces
+        assert start.code == 500
+        start.headers_sent = True
+        with pytest.raises(ValueError):
+            start("500 Internal Server Error", [], sys.exc_info())

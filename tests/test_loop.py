@@ -1,0 +1,104 @@
+"""The event loop: timers, cancellation, thread-safe wake-up, signals while in C."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from django_comet.evloop.loop import Loop
+
+
+@pytest.fixture
+def loop():
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+def test_timers_fire_in_order_and_cancel(loop):
+    fired = []
+    loop.call_later(0.02, lambda: fired.append("b"))
+    cancelled = loop.call_later(0.01, lambda: fired.append("never"))
+    loop.call_later(0.0, lambda: fired.append("a"))
+    cancelled.cancel()
+    cancelled.cancel()  # twice is harmless
+    loop.call_later(0.05, loop.stop)
+    loop.run()
+    assert fired == ["a", "b"]
+    assert loop.pending_handles == 1  # only the wake-up watcher is left
+
+
+def test_call_soon_threadsafe_from_many_threads(loop):
+    got = []
+
+    def producer(n):
+        for i in range(100):
+            loop.call_soon_threadsafe(got.append, (n, i))
+
+    threads = [threading.Thread(target=producer, args=(n,)) for n in range(4)]
+    loop.call_soon(lambda: [t.start() for t in threads])
+
+    def check():
+        if len(got) == 400:
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    loop.call_later(0.01, check)
+    loop.run()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted((n, i) for n in range(4) for i in range(100))
+    for n in range(4):  # per-thread order is kept
+        assert [i for m, i in got if m == n] == list(range(100))
+
+
+def test_callback_errors_are_logged_and_the_loop_goes_on(loop, caplog):
+    def bad():
+        raise RuntimeError("callback failure")
+
+    loop.call_soon(bad)
+    loop.call_later(0.01, loop.stop)
+    loop.run()
+    assert "callback failure" in caplog.text
+
+
+def test_keyboard_interrupt_in_a_callback_leaves_run(loop):
+    def interrupt():
+        raise KeyboardInterrupt
+
+    loop.call_soon(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+
+
+def test_signal_wakes_the_loop_sleeping_in_c(loop):
+    got = []
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: (got.append("usr1"), loop.stop()))
+        # Sent from another thread while the loop thread sleeps in epoll_wait with no timer.
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        loop.run()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == ["usr1"]
+
+
+def test_reader_watcher(loop):
+    r, w = os.pipe()
+    got = []
+
+    def on_read():
+        got.append(os.read(r, 10))
+        watcher.cancel()
+        loop.stop()
+
+    watcher = loop.add_reader(r, on_read)
+    os.write(w, b"hi")
+    loop.run()
+    os.close(r)
+    os.close(w)
+    assert got == [b"hi"]
+    assert not watcher.active
