@@ -33,9 +33,9 @@ demo: deps
 	$(PY) demo_site/manage.py runcomet 127.0.0.1:8000
 
 lint: deps
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check django_comet tests demo_site bench
+	$(VENV)/bin/ruff format --check django_comet tests demo_site bench
+	PYTHONPATH=demo_site $(VENV)/bin/mypy
 
 test: deps system-deps lint
 	$(VENV)/bin/pytest -p no:cacheprovider

@@ -27,6 +27,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     from .conf import comet_settings
 
     return [
-        Error(message, hint="See the settings table in django-comet's README.", id="django_comet.E002")
+        Error(
+            message, hint="See the settings table in django-comet's README.", id="django_comet.E002"
+        )
         for message in comet_settings.errors()
     ]

@@ -94,8 +94,9 @@ class DeferredResponse(StreamingHttpResponse):
     """The first stage's status, headers and cookies, streaming its content, carrying
     the deferral that says when and how the next stage comes."""
 
-    def __init__(self, response: HttpResponseBase, seconds: float, path: str,
-                 environ: dict[str, Any]):
+    def __init__(
+        self, response: HttpResponseBase, seconds: float, path: str, environ: dict[str, Any]
+    ):
         super().__init__(status=response.status_code, reason=response.reason_phrase)
         for name, value in response.items():
             if name.lower() != "content-length":  # later stages add to the body
@@ -145,8 +146,10 @@ def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:
     raw_path, _, query = path.partition("?")
     path_info = unquote_to_bytes(raw_path).decode("latin-1")
     if script_name and path_info.startswith(script_name + "/"):
-        path_info = path_info[len(script_name):]
-    stage = {k: v for k, v in environ.items() if k not in ("CONTENT_TYPE", "HTTP_TRANSFER_ENCODING")}
+        path_info = path_info[len(script_name) :]
+    stage = {
+        k: v for k, v in environ.items() if k not in ("CONTENT_TYPE", "HTTP_TRANSFER_ENCODING")
+    }
     stage.update(
         {
             "REQUEST_METHOD": "GET",
@@ -171,5 +174,7 @@ def _handler() -> WSGIHandler:
     return _handler_instance
 
 
-def _ignore_start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], None]:
+def _ignore_start_response(
+    status: str, headers: Any, exc_info: Any = None
+) -> Callable[[bytes], None]:
     return lambda data: None

@@ -19,7 +19,9 @@ def comet_main(request: HttpRequest) -> HttpResponseBase:
 
 
 @deferred_view()
-def comet_stage(request: HttpRequest, response_prev: HttpResponse | None = None) -> HttpResponseBase:
+def comet_stage(
+    request: HttpRequest, response_prev: HttpResponse | None = None
+) -> HttpResponseBase:
     stage = (response_prev.stage if response_prev is not None else 0) + 1  # type: ignore[attr-defined]
     response = HttpResponse("stage%i<br /> " % stage)
     response.stage = stage  # type: ignore[attr-defined]
@@ -28,7 +30,9 @@ def comet_stage(request: HttpRequest, response_prev: HttpResponse | None = None)
 
 
 @deferred_view()
-def comet_stage_last(request: HttpRequest, response_prev: HttpResponse | None = None) -> HttpResponse:
+def comet_stage_last(
+    request: HttpRequest, response_prev: HttpResponse | None = None
+) -> HttpResponse:
     stage = (response_prev.stage if response_prev is not None else 0) + 1  # type: ignore[attr-defined]
     return HttpResponse("last_stage%i<br /> " % stage)
 

@@ -11,8 +11,13 @@ def demo_db(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("db") / "demo.sqlite3")
     subprocess.run(
         [sys.executable, str(ROOT / "demo_site" / "manage.py"), "migrate", "--noinput", "-v0"],
-        check=True, env={"DEMO_DB": db, "DJANGO_SETTINGS_MODULE": "tests.settings",
-                         "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=True,
+        env={
+            "DEMO_DB": db,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+        },
     )
     return db
 

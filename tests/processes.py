@@ -23,13 +23,23 @@ BANNER = re.compile(r"(?:Starting comet server .* at|Serving .* on) http://([^/]
 
 
 class ServerProcess:
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT,
-                 startup_timeout: float = 30):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        startup_timeout: float = 90,
+    ):
         self.argv = argv
         self.output: list[str] = []
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1,
+            argv,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         self._ready = threading.Event()
         self.port = 0
@@ -91,8 +101,7 @@ def runcomet(*args: str, settings: str = "tests.settings", db: str | None = None
     env = {"DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     if db:
         env["DEMO_DB"] = db
-    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload",
-            *args]
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload", *args]
     if not any(re.match(r"^[\[\d]|^\d+$", a) for a in args):
         argv.append("127.0.0.1:0")
     return ServerProcess(argv, env=env)
@@ -100,8 +109,9 @@ def runcomet(*args: str, settings: str = "tests.settings", db: str | None = None
 
 def evloop(app: str, *args: str, cwd: Path = ROOT) -> ServerProcess:
     env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return ServerProcess([sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args],
-                         env=env, cwd=cwd)
+    return ServerProcess(
+        [sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args], env=env, cwd=cwd
+    )
 
 
 def read_chunked(sock: socket.socket) -> tuple[bytes, list[bytes]]:

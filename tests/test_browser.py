@@ -40,8 +40,10 @@ def chromium(tmp_path):
     """A headless Chromium through chromedriver, always quit afterwards."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.skip(f"headless Chromium tests need {' and '.join(missing)} "
-                    "(Debian packages chromium and chromium-driver)")
+        pytest.skip(
+            f"headless Chromium tests need {' and '.join(missing)} "
+            "(Debian packages chromium and chromium-driver)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
@@ -49,9 +51,16 @@ def chromium(tmp_path):
     options.binary_location = CHROMIUM
     options.page_load_strategy = "none"  # driver.get returns before the response ends
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--window-size=640,360",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=640,360",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(flag)

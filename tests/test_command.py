@@ -47,9 +47,14 @@ def test_threads_option():
 def run_manage(*args, timeout=60):
     return subprocess.run(
         [sys.executable, str(ROOT / "demo_site" / "manage.py"), *args],
-        capture_output=True, text=True, timeout=timeout,
-        env={"DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT),
-             "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+        },
     )
 
 
@@ -75,9 +80,15 @@ def test_port_in_use_is_one_line():
 def test_missing_libevent_is_a_system_check_error():
     result = subprocess.run(
         [sys.executable, str(ROOT / "demo_site" / "manage.py"), "check"],
-        capture_output=True, text=True, timeout=60,
-        env={"DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT),
-             "PATH": "/usr/bin:/bin", "COMET_LIBEVENT": "/nonexistent/libevent.so"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            "COMET_LIBEVENT": "/nonexistent/libevent.so",
+        },
     )
     assert result.returncode == 1
     assert "django_comet.E001" in result.stderr

@@ -26,9 +26,19 @@ def echo_server():
 @pytest.mark.parametrize("mode", [[], ["--django"]], ids=["default", "django"])
 def test_peer_conformance_score(echo_server, mode):
     result = subprocess.run(
-        [sys.executable, str(PEER / "conformance.py"), "--host", "127.0.0.1",
-         "--port", str(echo_server.port), *mode],
-        capture_output=True, text=True, timeout=600, cwd=Path(PEER),
+        [
+            sys.executable,
+            str(PEER / "conformance.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(echo_server.port),
+            *mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(PEER),
     )
     match = re.search(r"conformance: (\d+) passed, (\d+) failed", result.stdout)
     assert match, result.stdout + result.stderr

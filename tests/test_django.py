@@ -24,8 +24,11 @@ def test_chunked_post_reaches_django(comet):
         yield b"a=1&"
         yield b"b=2"
 
-    data = requests.post(comet.url + "/t/echo/", data=body(),
-                         headers={"Content-Type": "application/x-www-form-urlencoded"}).json()
+    data = requests.post(
+        comet.url + "/t/echo/",
+        data=body(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ).json()
     assert data["POST"] == {"a": "1", "b": "2"}
     assert data["content_length"] == "7"
 

@@ -13,8 +13,16 @@ from django_comet.evloop.wsgi import (
 
 
 def environ(target="/", headers=(), body=b"", method="GET", **kw):
-    return build_environ(method, target, "HTTP/1.1", list(headers), body,
-                         remote=("10.0.0.1", 5555), server=("127.0.0.1", 8000), **kw)
+    return build_environ(
+        method,
+        target,
+        "HTTP/1.1",
+        list(headers),
+        body,
+        remote=("10.0.0.1", 5555),
+        server=("127.0.0.1", 8000),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,8 +65,9 @@ def test_raw_latin1_target_bytes_survive():
 
 
 def test_repeated_headers_and_cookies():
-    env = environ(headers=[(b"Accept", b"a"), (b"accept", b"b"), (b"Cookie", b"x=1"),
-                           (b"Cookie", b"y=2")])
+    env = environ(
+        headers=[(b"Accept", b"a"), (b"accept", b"b"), (b"Cookie", b"x=1"), (b"Cookie", b"y=2")]
+    )
     assert env["HTTP_ACCEPT"] == "a, b"
     assert env["HTTP_COOKIE"] == "x=1; y=2"
 
@@ -69,8 +78,11 @@ def test_underscore_headers_are_dropped():
 
 
 def test_content_length_is_the_body_length_even_when_chunked():
-    env = environ(method="POST", headers=[(b"Transfer-Encoding", b"chunked"),
-                                          (b"Content-Type", b"text/plain")], body=b"hello")
+    env = environ(
+        method="POST",
+        headers=[(b"Transfer-Encoding", b"chunked"), (b"Content-Type", b"text/plain")],
+        body=b"hello",
+    )
     assert env["CONTENT_LENGTH"] == "5"
     assert env["CONTENT_TYPE"] == "text/plain"
     assert env["wsgi.input"].read() == b"hello"
@@ -100,8 +112,9 @@ def test_check_request_refuses(version, headers, status):
 
 
 def test_check_request_accepts():
-    check_request("GET", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"),
-                                        (b"content-length", b"3")])
+    check_request(
+        "GET", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"), (b"content-length", b"3")]
+    )
     check_request("GET", b"/", (1, 0), [])
     check_request("OPTIONS", b"*", (1, 1), [(b"Host", b"a")])
     with pytest.raises(BadRequest):

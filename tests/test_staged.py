@@ -11,7 +11,9 @@ from .processes import read_chunked
 
 def get_staged(server, path="/", headers=b""):
     with server.connect() as sock:
-        sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+        sock.sendall(
+            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n"
+        )
         return read_chunked(sock)
 
 
@@ -114,7 +116,7 @@ def test_slow_view_does_not_delay_staged_response(comet):
     thread = threading.Thread(target=slow)
     thread.start()
     comet.wait_for_status(lambda s: s["in_flight"] >= 2)  # the slow view is running
-    head, chunks = get_staged(comet, "/t/quick-stages/")
+    _, chunks = get_staged(comet, "/t/quick-stages/")
     assert len(chunks) == 5
     assert not slow_done.is_set()
     thread.join()

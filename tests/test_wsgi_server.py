@@ -25,7 +25,9 @@ def test_hello_and_environ(wsgi_server):
     response = requests.get(wsgi_server.url + "/hello")
     assert response.status_code == 200
     assert response.text == "Hello, world!"
-    env = requests.get(wsgi_server.url + "/environ/caf%C3%A9?q=1&r=%20", headers={"X-A": "1"}).json()
+    env = requests.get(
+        wsgi_server.url + "/environ/caf%C3%A9?q=1&r=%20", headers={"X-A": "1"}
+    ).json()
     assert env["PATH_INFO"] == "/environ/caf\u00c3\u00a9"  # UTF-8 bytes as latin-1 (PEP 3333)
     assert env["QUERY_STRING"] == "q=1&r=%20"
     assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
@@ -36,8 +38,10 @@ def test_hello_and_environ(wsgi_server):
 
 
 def test_repeated_headers_are_joined(wsgi_server):
-    out = raw(wsgi_server, b"GET /environ HTTP/1.1\r\nHost: x\r\nX-R: a\r\nX-R: b\r\n"
-                           b"Connection: close\r\n\r\n")
+    out = raw(
+        wsgi_server,
+        b"GET /environ HTTP/1.1\r\nHost: x\r\nX-R: a\r\nX-R: b\r\nConnection: close\r\n\r\n",
+    )
     env = json.loads(out.partition(b"\r\n\r\n")[2])
     assert env["HTTP_X_R"] == "a, b"
 
@@ -57,8 +61,11 @@ def test_keep_alive_reuses_the_connection(wsgi_server):
 
 
 def test_pipelined_requests_answered_in_order(wsgi_server):
-    out = raw(wsgi_server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
-                           b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = raw(
+        wsgi_server,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     assert out.index(b"200 OK") < out.index(b"404 Not Found")
 
 
@@ -102,7 +109,9 @@ def test_exception_after_headers_cuts_the_stream(wsgi_server):
 
 def test_app_contract_violations_become_500(wsgi_server):
     for path in ("/bad-header", "/bad-status", "/no-start"):
-        out = raw(wsgi_server, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        out = raw(
+            wsgi_server, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
         assert out.startswith(b"HTTP/1.1 500 "), (path, out)
         assert b"pwned" not in out
 
@@ -123,7 +132,7 @@ def test_short_content_length_closes_the_connection(wsgi_server):
 def test_large_lazy_body_is_streamed_chunked(wsgi_server):
     with wsgi_server.connect() as sock:
         sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
-        head, chunks = read_chunked(sock)
+        _, chunks = read_chunked(sock)
     assert b"".join(chunks) == b"0" * 200_000 + b"1" * 200_000 + b"2" * 200_000
 
 

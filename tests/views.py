@@ -1,6 +1,5 @@
 """Views the tests call through a real runcomet."""
 
-import json
 import threading
 import time
 
@@ -13,7 +12,9 @@ from django_comet import defer_in_time, deferred_view
 @csrf_exempt
 def echo(request):
     """What Django parsed: method, GET, POST, files, body length, a few META keys."""
-    files = {name: [f.name, f.size, f.read().decode("latin-1")] for name, f in request.FILES.items()}
+    files = {
+        name: [f.name, f.size, f.read().decode("latin-1")] for name, f in request.FILES.items()
+    }
     return JsonResponse(
         {
             "method": request.method,
@@ -63,8 +64,9 @@ _counter_lock = threading.Lock()
 
 
 def counted_first(request):
-    return defer_in_time(HttpResponse(b"first;"), float(request.GET.get("delay", "0.5")),
-                         "/t/counted-stage/")
+    return defer_in_time(
+        HttpResponse(b"first;"), float(request.GET.get("delay", "0.5")), "/t/counted-stage/"
+    )
 
 
 @deferred_view()

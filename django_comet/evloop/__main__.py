@@ -43,23 +43,36 @@ def load_app(spec: str) -> object:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m django_comet.evloop", description=__doc__)
     parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
-    parser.add_argument("addrport", nargs="?", default="8000", type=parse_addrport,
-                        help="[HOST:]PORT to listen on (default 127.0.0.1:8000)")
-    parser.add_argument("--threads", type=int, default=ServerConfig.threads,
-                        help="worker threads for the application (0: run it in the loop thread)")
+    parser.add_argument(
+        "addrport",
+        nargs="?",
+        default="8000",
+        type=parse_addrport,
+        help="[HOST:]PORT to listen on (default 127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=ServerConfig.threads,
+        help="worker threads for the application (0: run it in the loop thread)",
+    )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     app = load_app(args.app)
     host, port = args.addrport
-    config = ServerConfig(host=host, port=port, threads=args.threads,
-                          access_log=not args.no_access_log)
+    config = ServerConfig(
+        host=host, port=port, threads=args.threads, access_log=not args.no_access_log
+    )
     try:
         server = Server(app, config)  # type: ignore[arg-type]
     except OSError as exc:
-        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}")
-    print(f"Serving {args.app} on http://{host}:{server.address[1]}/ "
-          f"({config.threads or 'no'} threads)", flush=True)
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    print(
+        f"Serving {args.app} on http://{host}:{server.address[1]}/ "
+        f"({config.threads or 'no'} threads)",
+        flush=True,
+    )
     server.serve_forever()
 
 

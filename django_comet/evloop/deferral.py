@@ -20,7 +20,7 @@ ATTRIBUTE = "comet_deferral"
 
 
 class Deferral:
-    __slots__ = ("delay", "resume", "claimed")
+    __slots__ = ("claimed", "delay", "resume")
 
     def __init__(self, resume: Callable[[], Iterable[bytes]], *, delay: float):
         if delay < 0:

@@ -29,7 +29,7 @@ from ctypes import (
     c_void_p,
 )
 
-__all__ = ["LibeventMissing", "load", "lib", "EV_TIMEOUT", "EV_READ", "EV_WRITE", "EV_PERSIST"]
+__all__ = ["EV_PERSIST", "EV_READ", "EV_TIMEOUT", "EV_WRITE", "LibeventMissing", "lib", "load"]
 
 # Opaque handles.
 event_base_p = c_void_p
@@ -126,7 +126,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_new": (evhttp_p, [event_base_p]),
     # void evhttp_free(struct evhttp* http);
     "evhttp_free": (None, [evhttp_p]),
-    # struct evhttp_bound_socket *evhttp_accept_socket_with_handle(struct evhttp *, evutil_socket_t);
+    # struct evhttp_bound_socket *evhttp_accept_socket_with_handle(struct evhttp *,
+    #                                                              evutil_socket_t);
     "evhttp_accept_socket_with_handle": (evhttp_bound_socket_p, [evhttp_p, evutil_socket_t]),
     # void evhttp_del_accept_socket(struct evhttp *, struct evhttp_bound_socket *);
     "evhttp_del_accept_socket": (None, [evhttp_p, evhttp_bound_socket_p]),
@@ -134,8 +135,6 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_set_gencb": (None, [evhttp_p, evhttp_request_cb, c_void_p]),
     # void evhttp_set_timeout_tv(struct evhttp *http, const struct timeval* tv);
     "evhttp_set_timeout_tv": (None, [evhttp_p, POINTER(timeval)]),
-    # void evhttp_set_timeout(struct evhttp *http, int timeout_in_secs);
-    "evhttp_set_timeout": (None, [evhttp_p, c_int]),
     # void evhttp_set_max_headers_size(struct evhttp* http, ev_ssize_t max_headers_size);
     "evhttp_set_max_headers_size": (None, [evhttp_p, c_ssize_t]),
     # void evhttp_set_max_body_size(struct evhttp* http, ev_ssize_t max_body_size);
@@ -158,25 +157,16 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_request_get_input_buffer": (evbuffer_p, [evhttp_request_p]),
     # struct evhttp_connection *evhttp_request_get_connection(struct evhttp_request *req);
     "evhttp_request_get_connection": (evhttp_connection_p, [evhttp_request_p]),
-    # void evhttp_request_set_on_complete_cb(struct evhttp_request *,
-    #     void (*cb)(struct evhttp_request *, void *), void *cb_arg);
-    "evhttp_request_set_on_complete_cb": (None, [evhttp_request_p, evhttp_request_cb, c_void_p]),
-    # void evhttp_connection_get_peer(struct evhttp_connection *, char **address, ev_uint16_t *port);
-    "evhttp_connection_get_peer": (None, [evhttp_connection_p, POINTER(c_char_p), POINTER(c_uint16)]),
     # void evhttp_connection_set_closecb(struct evhttp_connection *,
     #     void (*)(struct evhttp_connection *, void *), void *);
     "evhttp_connection_set_closecb": (None, [evhttp_connection_p, evhttp_connection_cb, c_void_p]),
     # struct bufferevent* evhttp_connection_get_bufferevent(struct evhttp_connection *evcon);
     "evhttp_connection_get_bufferevent": (bufferevent_p, [evhttp_connection_p]),
-    # void evhttp_connection_free(struct evhttp_connection *evcon);
-    "evhttp_connection_free": (None, [evhttp_connection_p]),
     # evutil_socket_t bufferevent_getfd(struct bufferevent *bufev);
     "bufferevent_getfd": (evutil_socket_t, [bufferevent_p]),
     # int bufferevent_set_timeouts(struct bufferevent *bufev,
     #     const struct timeval *timeout_read, const struct timeval *timeout_write);
     "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),
-    # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
-    "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
     # int evhttp_add_header(struct evkeyvalq *headers, const char *key, const char *value);
     "evhttp_add_header": (c_int, [evkeyvalq_p, c_char_p, c_char_p]),
     # int evhttp_remove_header(struct evkeyvalq *headers, const char *key);
@@ -193,7 +183,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     # void evhttp_send_reply_chunk_with_cb(struct evhttp_request *, struct evbuffer *,
     #     void (*cb)(struct evhttp_connection *, void *), void *arg);
     "evhttp_send_reply_chunk_with_cb": (
-        None, [evhttp_request_p, evbuffer_p, evhttp_connection_cb, c_void_p]
+        None,
+        [evhttp_request_p, evbuffer_p, evhttp_connection_cb, c_void_p],
     ),
     # void evhttp_send_reply_end(struct evhttp_request *req);
     "evhttp_send_reply_end": (None, [evhttp_request_p]),
@@ -207,8 +198,6 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_add": (c_int, [evbuffer_p, c_char_p, c_size_t]),
     # unsigned char *evbuffer_pullup(struct evbuffer *buf, ev_ssize_t size);
     "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
-    # int evbuffer_drain(struct evbuffer *buf, size_t len);
-    "evbuffer_drain": (c_int, [evbuffer_p, c_size_t]),
 }
 
 
@@ -217,8 +206,12 @@ class LibeventMissing(ImportError):
 
 
 _SONAMES = {
-    "darwin": ["libevent-2.1.7.dylib", "libevent.dylib", "/opt/homebrew/lib/libevent.dylib",
-               "/usr/local/lib/libevent.dylib"],
+    "darwin": [
+        "libevent-2.1.7.dylib",
+        "libevent.dylib",
+        "/opt/homebrew/lib/libevent.dylib",
+        "/usr/local/lib/libevent.dylib",
+    ],
 }.get(sys.platform, ["libevent-2.1.so.7", "libevent.so"])
 
 _INSTALL_HINT = (

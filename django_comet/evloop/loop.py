@@ -27,11 +27,11 @@ logger = logging.getLogger("django_comet.server")
 class Handle:
     """A registered libevent event (a timer or an fd watcher); ``cancel()`` releases it."""
 
-    __slots__ = ("_loop", "_event", "_key", "callback")
+    __slots__ = ("_event", "_key", "_loop", "callback")
 
     def __init__(self, loop: Loop, event: int, key: int, callback: Callable[..., Any]):
         self._loop = loop
-        self._event = event
+        self._event: int | None = event
         self._key = key
         self.callback = callback
 

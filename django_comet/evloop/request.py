@@ -7,7 +7,18 @@ fields are read directly: one ctypes structure view instead of a dozen calls per
 from __future__ import annotations
 
 import ctypes
-from ctypes import POINTER, Structure, c_byte, c_char_p, c_int, c_int64, c_size_t, c_uint, c_uint16, c_void_p
+from ctypes import (
+    POINTER,
+    Structure,
+    c_byte,
+    c_char_p,
+    c_int,
+    c_int64,
+    c_size_t,
+    c_uint,
+    c_uint16,
+    c_void_p,
+)
 
 from . import libevent_ctypes as ev
 from .wsgi import BadRequest, check_request

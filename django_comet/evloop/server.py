@@ -30,8 +30,8 @@ from .config import ServerConfig
 from .deferral import Deferral, claim
 from .loop import Handle, Loop
 from .request import RequestStruct, read_request
-from .wsgi import HOP_BY_HOP, AppError, BadRequest, StartResponse
 from .workers import ThreadPool
+from .wsgi import HOP_BY_HOP, AppError, BadRequest, StartResponse
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -44,8 +44,22 @@ _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
 class Exchange:
     __slots__ = (
-        "key", "req", "environ", "method", "path", "protocol", "started", "code", "sent",
-        "state", "dead", "timer", "bev", "pending", "drained", "deferred",
+        "bev",
+        "code",
+        "dead",
+        "deferred",
+        "drained",
+        "environ",
+        "key",
+        "method",
+        "path",
+        "pending",
+        "protocol",
+        "req",
+        "sent",
+        "started",
+        "state",
+        "timer",
     )
 
     def __init__(self, key: int, req: int, environ: dict[str, Any]):
@@ -122,7 +136,7 @@ class Server:
         self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
         if not self._bound:
             raise OSError("evhttp_accept_socket_with_handle() failed")
-        return http
+        return int(http)
 
     # -- running -----------------------------------------------------------------------
 
@@ -206,17 +220,30 @@ class Server:
         else:
             self._run_app(ex)
 
-    def _build_environ(self, method: str, target: str, protocol: str,
-                       headers: list[tuple[bytes, bytes]], body: bytes,
-                       remote: tuple[str, int]) -> dict[str, Any]:
+    def _build_environ(
+        self,
+        method: str,
+        target: str,
+        protocol: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        remote: tuple[str, int],
+    ) -> dict[str, Any]:
         from .wsgi import build_environ
 
         cfg = self.config
         return build_environ(
-            method, target, protocol, headers, body,
-            remote=remote, server=(cfg.host, self.address[1]),
-            script_name=cfg.script_name, url_scheme=cfg.url_scheme,
-            multithread=self._pool is not None, base=self._environ_base,
+            method,
+            target,
+            protocol,
+            headers,
+            body,
+            remote=remote,
+            server=(cfg.host, self.address[1]),
+            script_name=cfg.script_name,
+            url_scheme=cfg.url_scheme,
+            multithread=self._pool is not None,
+            base=self._environ_base,
         )
 
     # -- running the application (worker thread, or loop thread with threads=0) --------
@@ -231,8 +258,9 @@ class Server:
             return
         self._produce(ex, start, result, first=True)
 
-    def _produce(self, ex: Exchange, start: StartResponse, result: Iterable[bytes],
-                 first: bool) -> None:
+    def _produce(
+        self, ex: Exchange, start: StartResponse, result: Iterable[bytes], first: bool
+    ) -> None:
         """Iterate one stage's output and hand it to the loop; always close the result."""
         deferral = claim(result)
         streaming = False
@@ -341,7 +369,10 @@ class Server:
         if declared is not None and declared != len(body):
             logger.error(
                 "%s %s: Content-Length %d but the body has %d bytes; closing the connection",
-                ex.method, ex.path, declared, len(body),
+                ex.method,
+                ex.path,
+                declared,
+                len(body),
             )
             body = body[:declared]
             start.headers.append(("Connection", "close"))
@@ -362,8 +393,9 @@ class Server:
         start("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
         self._reply_whole(ex, start, [_ERROR_BODY])
 
-    def _begin_chunked(self, ex: Exchange, start: StartResponse, chunks: list[bytes],
-                       *, keep_length: bool) -> None:
+    def _begin_chunked(
+        self, ex: Exchange, start: StartResponse, chunks: list[bytes], *, keep_length: bool
+    ) -> None:
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
         self._add_headers(ex, start, keep_length=keep_length)
@@ -384,8 +416,9 @@ class Server:
         ex.state = "streaming"
         self._begin_chunked(ex, start, chunks, keep_length=True)
 
-    def _start_deferred(self, ex: Exchange, start: StartResponse, chunks: list[bytes],
-                        deferral: Deferral) -> None:
+    def _start_deferred(
+        self, ex: Exchange, start: StartResponse, chunks: list[bytes], deferral: Deferral
+    ) -> None:
         if ex.dead:
             return self._drop(ex)
         # Later stages add content, so the first stage's length is not the body's.
@@ -396,7 +429,9 @@ class Server:
 
     def _hold(self, ex: Exchange, deferral: Deferral) -> None:
         ex.state = "held"
-        ex.timer = self.loop.call_later(deferral.delay, functools.partial(self._resume, ex, deferral))
+        ex.timer = self.loop.call_later(
+            deferral.delay, functools.partial(self._resume, ex, deferral)
+        )
 
     def _resume(self, ex: Exchange, deferral: Deferral) -> None:
         ex.timer = None
@@ -520,8 +555,14 @@ class Server:
         if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
             duration = (time.monotonic() - ex.started) * 1000
             access_logger.info(
-                '"%s %s %s" %s %d %.1fms%s', ex.method, ex.path, ex.protocol, ex.code or "-", ex.sent,
-                duration, " (client gone)" if aborted else "",
+                '"%s %s %s" %s %d %.1fms%s',
+                ex.method,
+                ex.path,
+                ex.protocol,
+                ex.code or "-",
+                ex.sent,
+                duration,
+                " (client gone)" if aborted else "",
             )
 
 
@@ -540,7 +581,7 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
             try:
                 return int(value)
             except ValueError:
-                raise AppError(f"invalid Content-Length from the application: {value!r}")
+                raise AppError(f"invalid Content-Length: {value!r}") from None
     return None
 
 

@@ -23,8 +23,17 @@ _STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\0]*\Z")
 
 # Hop-by-hop headers belong to the server's framing (PEP 3333 "Other HTTP Features").
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-     "trailer", "trailers", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 
 
@@ -87,9 +96,8 @@ def build_environ(
     """
     raw_path, query = split_target(target)
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
-    if script_name:
-        if path == script_name or path.startswith(script_name + "/"):
-            path = path[len(script_name):]
+    if script_name and (path == script_name or path.startswith(script_name + "/")):
+        path = path[len(script_name) :]
     environ: dict[str, Any] = dict(base) if base else {}
     environ.update(
         {
@@ -139,7 +147,7 @@ class StartResponse:
     the app returned or yielded its first chunk, as PEP 3333 allows.
     """
 
-    __slots__ = ("status", "code", "reason", "headers", "headers_sent", "written")
+    __slots__ = ("code", "headers", "headers_sent", "reason", "status", "written")
 
     def __init__(self) -> None:
         self.status: str | None = None
@@ -149,7 +157,9 @@ class StartResponse:
         self.headers_sent = False
         self.written: list[bytes] = []
 
-    def __call__(self, status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], None]:
+    def __call__(
+        self, status: str, headers: Headers, exc_info: Any = None
+    ) -> Callable[[bytes], None]:
         if exc_info:
             try:
                 if self.headers_sent:
@@ -173,7 +183,9 @@ class StartResponse:
             try:
                 value.encode("latin-1")
             except UnicodeEncodeError:
-                raise AppError(f"header value is not latin-1 (PEP 3333): {name}: {value!r}")
+                raise AppError(
+                    f"header value is not latin-1 (PEP 3333): {name}: {value!r}"
+                ) from None
         self.status = status
         self.code = int(status[:3])
         self.reason = status[4:]

@@ -36,11 +36,13 @@ def app(environ, start_response):
         write(b"written;")
         return [b"returned"]
     if path == "/generator":
+
         def gen():
             start_response("200 OK", [("Content-Type", "text/plain")])
             yield b"a"
             yield b""
             yield b"b"
+
         return gen()
     if path == "/closed":
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -51,10 +53,12 @@ def app(environ, start_response):
     if path == "/raise-before":
         raise RuntimeError("before start_response")
     if path == "/raise-after":
+
         def gen():
             start_response("200 OK", [("Content-Type", "text/plain")])
             yield b"x" * 300_000  # past the streaming threshold: headers go out
             raise RuntimeError("after the headers")
+
         return gen()
     if path == "/bad-header":
         start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: pwned=1")])
@@ -73,13 +77,18 @@ def app(environ, start_response):
             raise ValueError("late error")
         except ValueError:
             import sys
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info())
+
+            start_response(
+                "503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info()
+            )
         return [b"replaced"]
     if path == "/stream":
+
         def gen():
             start_response("200 OK", [("Content-Type", "text/plain")])
             for i in range(3):
                 yield b"%d" % i * 200_000
+
         return gen()
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found: " + path.encode("latin-1")]

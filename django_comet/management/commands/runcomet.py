@@ -28,7 +28,9 @@ if apps.is_installed("django.contrib.staticfiles"):
         Command as RunserverCommand,
     )
 else:  # pragma: no cover - demo_site and tests have staticfiles
-    from django.core.management.commands.runserver import Command as RunserverCommand
+    from django.core.management.commands.runserver import (  # type: ignore[assignment]
+        Command as RunserverCommand,
+    )
 
 _ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
@@ -39,18 +41,25 @@ _ERRORS = {
 
 class Command(RunserverCommand):
     help = "Starts the django-comet server (libevent) for this Django project."
-    server_cls = Server
-    default_threads: int | None = None  # COMET_THREADS, then the server's default
+    comet_server_cls = Server
+    # Set by runserver's handle() from the addrport argument.
+    addr: str
+    port: str
+    _raw_ipv6: bool
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
         parser.add_argument(
-            "--threads", type=int, default=None,
+            "--threads",
+            type=int,
+            default=None,
             help="Threads running views (default: COMET_THREADS or 8). "
-                 "0 runs views in the event loop thread, as the 2007 original did.",
+            "0 runs views in the event loop thread, as the 2007 original did.",
         )
         parser.add_argument(
-            "--no-access-log", action="store_true", dest="no_access_log",
+            "--no-access-log",
+            action="store_true",
+            dest="no_access_log",
             help="Do not log one line per request.",
         )
 
@@ -61,7 +70,9 @@ class Command(RunserverCommand):
         if threads is not None and threads < 0:
             raise CommandError("--threads must be 0 or more.")
         return comet_settings.server_config(
-            host=self.addr, port=int(self.port), threads=threads,
+            host=self.addr,
+            port=int(self.port),
+            threads=threads,
             access_log=not options.get("no_access_log", False),
         )
 
@@ -76,7 +87,7 @@ class Command(RunserverCommand):
             conn.close()
         _configure_logging(config.access_log)
         try:
-            server = self.server_cls(self.get_handler(*args, **options), config)
+            server = self.comet_server_cls(self.get_handler(*args, **options), config)
         except libevent_ctypes.LibeventMissing as exc:
             self._fail(str(exc))
         except OSError as exc:
@@ -98,7 +109,9 @@ class Command(RunserverCommand):
 
     def on_bind(self, server_port: int, server: Any = None) -> None:  # type: ignore[override]
         quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
-        addr = f"[{self.addr}]" if self._raw_ipv6 else ("0.0.0.0" if self.addr == "0" else self.addr)
+        addr = (
+            f"[{self.addr}]" if self._raw_ipv6 else ("0.0.0.0" if self.addr == "0" else self.addr)
+        )
         lib = libevent_ctypes.lib()
         libevent = lib.event_get_version().decode()
         backend = lib.event_base_get_method(server.loop.base).decode() if server else "?"
