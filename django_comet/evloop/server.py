@@ -131,7 +131,6 @@ class Server:
         lib.evhttp_set_max_headers_size(http, cfg.max_header_size)
         lib.evhttp_set_max_body_size(http, cfg.max_body_size)
         lib.evhttp_set_timeout_tv(http, ctypes.byref(_timeval(cfg.timeout)))
-        lib.evhttp_set_flags(http, ev.EVHTTP_SERVER_LINGERING_CLOSE)
         self.sock.setblocking(False)
         self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
         if not self._bound:
