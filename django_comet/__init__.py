@@ -7,15 +7,34 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["defer_in_time", "deferred_view"]
+__all__ = [
+    "EventStreamResponse",
+    "defer_in_time",
+    "defer_until",
+    "deferred_view",
+    "event_stream",
+    "history",
+    "may_listen",
+    "publish",
+]
+_HOMES = {
+    "defer_in_time": "deferred",
+    "defer_until": "deferred",
+    "deferred_view": "deferred",
+    "EventStreamResponse": "sse",
+    "event_stream": "sse",
+    "history": "events",
+    "may_listen": "events",
+    "publish": "events",
+}
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `python -m django_comet.evloop` (no Django settings) imports nothing
     # of Django's.
-    if name in ("defer_in_time", "deferred_view"):
-        from . import deferred
+    if name in _HOMES:
+        import importlib
 
-        return getattr(deferred, name)
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'django_comet' has no attribute {name!r}")

@@ -11,6 +11,10 @@ class CometConfig(AppConfig):
     def ready(self) -> None:
         from . import checks as comet_checks
         from . import deferred  # noqa: F401  (connects the request_started receiver)
+        from .conf import comet_settings
+        from .evloop.hub import hub
+
+        hub.size = comet_settings.HISTORY_SIZE
 
         checks.register(comet_checks.check_libevent)
         checks.register(comet_checks.check_settings)

@@ -15,8 +15,19 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_MAX_HEADER_SIZE": ServerConfig.max_header_size,
     "COMET_MAX_BODY_SIZE": ServerConfig.max_body_size,
     "COMET_GRACE_PERIOD": ServerConfig.grace,
-    # Who may see /comet/status/: staff, or anyone when DEBUG; True opens it to all.
+    # Who may see /comet/status/ and /comet/metrics: staff, or anyone when DEBUG; True
+    # opens them to all.
     "COMET_STATUS_PUBLIC": False,
+    # Where events travel between processes: memory:// keeps them in this process.
+    "COMET_BROKER": "memory://",
+    # Events kept per channel for Last-Event-ID replay and long-poll cursors.
+    "COMET_HISTORY_SIZE": 100,
+    # Seconds between SSE heartbeat comments (proxies close idle streams otherwise).
+    "COMET_SSE_HEARTBEAT": ServerConfig.heartbeat,
+    # Unsent bytes a stream may pile up before it is cut as a slow reader.
+    "COMET_MAX_PENDING_OUTPUT": ServerConfig.max_pending_output,
+    # None, or a callable (or its dotted path) (request, channel) -> bool.
+    "COMET_AUTHORIZE": None,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -26,6 +37,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_MAX_BODY_SIZE": (int,),
     "COMET_GRACE_PERIOD": (int, float),
     "COMET_STATUS_PUBLIC": (bool,),
+    "COMET_BROKER": (str,),
+    "COMET_HISTORY_SIZE": (int,),
+    "COMET_SSE_HEARTBEAT": (int, float),
+    "COMET_MAX_PENDING_OUTPUT": (int,),
 }
 
 
@@ -48,6 +63,9 @@ class Settings:
                 bad.append(f"{key} must be {names}, not {value!r}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 bad.append(f"{key} cannot be negative ({value!r})")
+        authorize = getattr(settings, "COMET_AUTHORIZE", None)
+        if authorize is not None and not (callable(authorize) or isinstance(authorize, str)):
+            bad.append(f"COMET_AUTHORIZE must be a callable or a dotted path, not {authorize!r}")
         return bad
 
     def server_config(self, **overrides: Any) -> ServerConfig:
@@ -56,6 +74,8 @@ class Settings:
             max_header_size=self.MAX_HEADER_SIZE,
             max_body_size=self.MAX_BODY_SIZE,
             grace=float(self.GRACE_PERIOD),
+            heartbeat=float(self.SSE_HEARTBEAT),
+            max_pending_output=self.MAX_PENDING_OUTPUT,
         )
         if self.THREADS is not None:
             config.threads = self.THREADS

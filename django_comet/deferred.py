@@ -25,13 +25,15 @@ from django.core.handlers.wsgi import WSGIHandler
 from django.core.signals import request_finished, request_started
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
-from django.urls import reverse
+from django.urls import NoReverseMatch, URLPattern, URLResolver, get_resolver, reverse
 
-from .evloop.deferral import Deferral
+from .evloop.deferral import ChannelWait, Deferral
+from .evloop.hub import hub
 
-__all__ = ["StageError", "defer_in_time", "deferred_view"]
+__all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
 
 RESPONSE_PREV_KEY = "django_comet.response_prev"
+EVENT_KEY = "django_comet.event"
 
 # The environ of the request each thread is handling, so that defer_in_time(), which is
 # not given the request, can build the next stage from the first request's headers.
@@ -54,17 +56,52 @@ class StageError(RuntimeError):
     """A deferred stage did not answer 2xx; the stream is cut rather than ended cleanly."""
 
 
+def _request_environ(caller: str) -> dict[str, Any]:
+    environ = getattr(_current, "environ", None)
+    if environ is None:
+        raise RuntimeError(f"{caller}() can only be used while a view handles a request")
+    return environ  # type: ignore[no-any-return]
+
+
 def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> DeferredResponse:
     """Send ``response`` now and, ``seconds`` later, run ``target`` for the next chunk.
 
     ``target`` is a path ("/stage/"), a URL name ("django_comet:stage") or a view.
     """
-    environ = getattr(_current, "environ", None)
-    if environ is None:
-        raise RuntimeError("defer_in_time() can only be used while a view handles a request")
+    environ = _request_environ("defer_in_time")
     if seconds < 0:
         raise ValueError(f"defer_in_time(): seconds must be >= 0, not {seconds!r}")
-    return DeferredResponse(response, seconds, _target_path(target), environ)
+    deferred = DeferredResponse(response, _target_path(target), environ)
+    deferred.comet_deferral = Deferral(deferred._next_stage, delay=seconds)
+    return deferred
+
+
+def defer_until(
+    response: HttpResponseBase,
+    channel: str | list[str],
+    target: Any,
+    *,
+    timeout: float = 25.0,
+    since: int | None = None,
+) -> DeferredResponse:
+    """Long-poll: send ``response`` now, then run ``target`` when an event arrives on
+    ``channel`` (a name or a list of names) or after ``timeout`` seconds.
+
+    The ``@deferred_view()`` stage receives ``response_prev`` and ``event`` (a dict with
+    channel, id, event and data; None on timeout).  With ``since`` (an event id), an event
+    already newer than it answers at once from the channel's history, so that nothing is
+    lost between two polls; without it, only events published from now on count.
+    """
+    from .events import check_channel
+
+    environ = _request_environ("defer_until")
+    channels = [check_channel(c) for c in ([channel] if isinstance(channel, str) else channel)]
+    after = hub.newest_id(channels) if since is None else int(since)
+    deferred = DeferredResponse(response, _target_path(target), environ)
+    deferred.comet_deferral = ChannelWait(
+        deferred._next_stage, channels=channels, after=after, timeout=timeout
+    )
+    return deferred
 
 
 def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -74,6 +111,8 @@ def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
             kwargs["response_prev"] = request.META.get(RESPONSE_PREV_KEY)
+            if EVENT_KEY in request.META:  # a stage of defer_until
+                kwargs["event"] = request.META[EVENT_KEY]
             return view(request, *args, **kwargs)
 
         return wrapper
@@ -84,19 +123,43 @@ def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _target_path(target: Any) -> str:
     """Resolve now, in the view, so that a bad target fails loudly where it was written."""
     if callable(target):
-        return reverse(target)
+        return _reverse_view(target)
     if not isinstance(target, str) or not target:
         raise TypeError(f"defer_in_time(): target must be a path, URL name or view, not {target!r}")
     return target if target.startswith("/") else reverse(target)
+
+
+def _reverse_view(view: Callable[..., Any]) -> str:
+    """reverse() a view, also where it is only reachable inside a namespaced include
+    (plain reverse(view) only sees the root URLconf's un-namespaced patterns)."""
+    try:
+        return reverse(view)
+    except NoReverseMatch:
+        pass
+    for name in _names_of(view, get_resolver(), ""):
+        try:
+            return reverse(name)
+        except NoReverseMatch:
+            continue
+    raise NoReverseMatch(f"no URL pattern without arguments points to the view {view!r}")
+
+
+def _names_of(view: Callable[..., Any], resolver: URLResolver, prefix: str) -> Iterator[str]:
+    for pattern in resolver.url_patterns:
+        if isinstance(pattern, URLResolver):
+            namespace = f"{prefix}{pattern.namespace}:" if pattern.namespace else prefix
+            yield from _names_of(view, pattern, namespace)
+        elif isinstance(pattern, URLPattern) and pattern.callback is view and pattern.name:
+            yield prefix + pattern.name
 
 
 class DeferredResponse(StreamingHttpResponse):
     """The first stage's status, headers and cookies, streaming its content, carrying
     the deferral that says when and how the next stage comes."""
 
-    def __init__(
-        self, response: HttpResponseBase, seconds: float, path: str, environ: dict[str, Any]
-    ):
+    comet_deferral: Deferral | ChannelWait
+
+    def __init__(self, response: HttpResponseBase, path: str, environ: dict[str, Any]):
         super().__init__(status=response.status_code, reason=response.reason_phrase)
         for name, value in response.items():
             if name.lower() != "content-length":  # later stages add to the body
@@ -105,7 +168,6 @@ class DeferredResponse(StreamingHttpResponse):
         self.response_prev = response
         self._environ = environ
         self._path = path
-        self.comet_deferral = Deferral(self._next_stage, delay=seconds)
         self.streaming_content = self._stages()
 
     def _stages(self) -> Iterator[bytes]:
@@ -113,17 +175,27 @@ class DeferredResponse(StreamingHttpResponse):
         if self.comet_deferral.claimed:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).
-        time.sleep(self.comet_deferral.delay)
-        result = self._next_stage()
+        deferral = self.comet_deferral
+        if isinstance(deferral, Deferral):
+            time.sleep(deferral.delay)
+            result = self._next_stage()
+        else:
+            events = hub.wait(deferral.channels, deferral.after, deferral.timeout)
+            result = self._next_stage(events[0] if events else None)
         try:
             yield from result
         finally:
             result.close()
 
-    def _next_stage(self) -> HttpResponseBase:
-        """Run the next stage as a Django GET request; runs on a worker thread."""
+    def _next_stage(self, *event: Any) -> HttpResponseBase:
+        """Run the next stage as a Django GET request; runs on a worker thread.  A
+        channel wait passes the event that ended it (or None)."""
         environ = stage_environ(self._environ, self._path)
         environ[RESPONSE_PREV_KEY] = self.response_prev
+        if event:
+            from .events import as_dict
+
+            environ[EVENT_KEY] = as_dict(event[0]) if event[0] is not None else None
         response: HttpResponseBase = _handler()(environ, _ignore_start_response)
         if not 200 <= response.status_code < 300:
             response.close()

@@ -9,4 +9,5 @@ urlpatterns = [
     path("stage/", views.comet_stage, name="stage"),
     path("stage_last/", views.comet_stage_last, name="stage_last"),
     path("comet/status/", views.status, name="status"),
+    path("comet/metrics", views.metrics, name="metrics"),
 ]

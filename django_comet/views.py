@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 
 from .conf import comet_settings
 from .deferred import defer_in_time, deferred_view
+from .evloop.hub import hub
 
 LAST_STAGE = 3
 
@@ -37,12 +40,49 @@ def comet_stage_last(
     return HttpResponse("last_stage%i<br /> " % stage)
 
 
+def _may_see_figures(request: HttpRequest) -> bool:
+    user = getattr(request, "user", None)
+    return bool(settings.DEBUG or comet_settings.STATUS_PUBLIC or getattr(user, "is_staff", False))
+
+
+def _figures(request: HttpRequest) -> dict[str, Any]:
+    server = request.META.get("evloop.server")
+    if server is None:  # not under runcomet
+        return {"server": None, "held": 0, "requests": None, "events_published": hub.published}
+    return {"server": "runcomet", **server.stats()}
+
+
 def status(request: HttpRequest) -> JsonResponse:
     """What the server holds right now; JSON, for DEBUG, staff or COMET_STATUS_PUBLIC."""
-    user = getattr(request, "user", None)
-    if not (settings.DEBUG or comet_settings.STATUS_PUBLIC or getattr(user, "is_staff", False)):
+    if not _may_see_figures(request):
         return JsonResponse({"error": "forbidden"}, status=403)
-    server = request.META.get("evloop.server")
-    if server is None:
-        return JsonResponse({"server": None, "held": 0, "requests": None})
-    return JsonResponse({"server": "runcomet", **server.stats()})
+    return JsonResponse(_figures(request))
+
+
+_METRICS = [
+    # (name, type, help, key in the status figures)
+    ("comet_held_connections", "gauge", "Responses held open (deferrals, polls, streams).", "held"),
+    ("comet_sse_streams", "gauge", "Server-Sent Events streams open.", "streams"),
+    ("comet_requests_total", "counter", "Requests answered since start.", "requests"),
+    ("comet_events_published_total", "counter", "Events this process received.",
+     "events_published"),
+    ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.",
+     "dropped_slow"),
+]
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """The status figures in Prometheus' text exposition format (0.0.4)."""
+    if not _may_see_figures(request):
+        return HttpResponse("forbidden\n", status=403, content_type="text/plain")
+    figures = _figures(request)
+    lines = []
+    for name, kind, help_text, key in _METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                  f"{name} {figures.get(key) or 0}"]
+    lines += ["# HELP comet_channel_subscribers Connections subscribed to a channel.",
+              "# TYPE comet_channel_subscribers gauge"]
+    for channel, count in figures.get("channels", {}).items():
+        lines.append(f'comet_channel_subscribers{{channel="{channel}"}} {count}')
+    return HttpResponse("\n".join(lines) + "\n",
+                        content_type="text/plain; version=0.0.4; charset=utf-8")

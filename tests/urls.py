@@ -1,10 +1,8 @@
-from django.contrib import admin
 from django.urls import include, path
 
 from . import views
 
 urlpatterns = [
-    path("admin/", admin.site.urls),
     path("t/echo/", views.echo, name="echo"),
     path("t/sleep/", views.sleep, name="sleep"),
     path("t/boom/", views.boom, name="boom"),
@@ -15,5 +13,5 @@ urlpatterns = [
     path("t/count/", views.count, name="count"),
     path("t/stage-404/", views.stage_to_missing, name="stage_to_missing"),
     path("t/big/", views.big, name="big"),
-    path("", include("django_comet.urls")),
+    path("", include("demo_site.urls")),
 ]

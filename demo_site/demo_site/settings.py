@@ -20,6 +20,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_comet",
+    "chat",
 ]
 
 MIDDLEWARE = [
@@ -64,3 +65,5 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+COMET_BROKER = os.environ.get("COMET_BROKER", "memory://")

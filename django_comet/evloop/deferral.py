@@ -1,14 +1,23 @@
 """The deferral protocol: how a response iterable says "more later".
 
-A WSGI application's result may carry a ``comet_deferral`` attribute.  A server that
-understands it (this one) sets ``claimed`` before iterating, so the iterable yields only
-the content of the current stage; the server sends that as a chunk, keeps the
-connection, waits (``delay`` seconds), then calls ``resume()`` on a worker thread.  The
-iterable ``resume()`` returns is the next stage: its content is the next chunk and it may
-carry a deferral of its own.  A server that knows nothing of this just iterates, and the
-iterable is expected to block through its stages by itself.
+A WSGI application's result may carry a ``comet_deferral`` attribute holding one of:
 
-This module defines the protocol only; ``django_comet.deferred`` implements it for Django.
+- ``Deferral``: after ``delay`` seconds, call ``resume()`` (on a worker thread) for the
+  next stage (the 2007 staged response);
+- ``ChannelWait``: when an event newer than ``after`` exists on one of ``channels`` (at
+  once if the hub's history has one), or after ``timeout`` seconds, call
+  ``resume(event_or_None)`` for the next stage (long-poll);
+- ``Stream``: stay open and write the SSE frame of every event on ``channels`` newer
+  than ``cursor`` as a chunk, until the client leaves or the server stops.
+
+A server that understands it (this one) sets ``claimed`` before iterating, so the
+iterable yields only the content of the current stage; the server sends that as a chunk
+and keeps the connection.  The iterable ``resume()`` returns is the next stage: its
+content is the next chunk and it may carry a deferral of its own.  A server that knows
+nothing of this just iterates, and the iterable blocks through its stages by itself.
+
+This module defines the protocol only; ``django_comet.deferred`` and ``django_comet.sse``
+implement it for Django.
 """
 
 from __future__ import annotations
@@ -30,10 +39,36 @@ class Deferral:
         self.claimed = False
 
 
-def claim(result: Any) -> Deferral | None:
+class ChannelWait:
+    __slots__ = ("after", "channels", "claimed", "resume", "timeout")
+
+    def __init__(self, resume: Callable[[Any], Iterable[bytes]], *, channels: list[str],
+                 after: int, timeout: float):
+        if timeout <= 0:
+            raise ValueError("a channel wait needs a positive timeout")
+        self.resume = resume
+        self.channels = channels
+        self.after = after
+        self.timeout = timeout
+        self.claimed = False
+
+
+class Stream:
+    __slots__ = ("channels", "claimed", "cursor")
+
+    def __init__(self, channels: list[str], cursor: int):
+        self.channels = channels
+        self.cursor = cursor  # the newest event id already in the response's first content
+        self.claimed = False
+
+
+AnyDeferral = Deferral | ChannelWait | Stream
+
+
+def claim(result: Any) -> AnyDeferral | None:
     """Server side: take the deferral a response iterable carries, if any."""
     deferral = getattr(result, ATTRIBUTE, None)
-    if isinstance(deferral, Deferral):
+    if isinstance(deferral, (Deferral, ChannelWait, Stream)):
         deferral.claimed = True
         return deferral
     return None

@@ -164,6 +164,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_connection_get_bufferevent": (bufferevent_p, [evhttp_connection_p]),
     # evutil_socket_t bufferevent_getfd(struct bufferevent *bufev);
     "bufferevent_getfd": (evutil_socket_t, [bufferevent_p]),
+    # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
+    "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
     # int bufferevent_set_timeouts(struct bufferevent *bufev,
     #     const struct timeval *timeout_read, const struct timeval *timeout_write);
     "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),

@@ -27,7 +27,8 @@ from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
-from .deferral import Deferral, claim
+from .deferral import AnyDeferral, claim
+from .holding import Holder
 from .loop import Handle, Loop
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
@@ -46,12 +47,15 @@ class Exchange:
     __slots__ = (
         "bev",
         "code",
+        "cursor",
         "dead",
         "deferred",
         "drained",
         "environ",
+        "hold",
         "key",
         "method",
+        "outbuf",
         "path",
         "pending",
         "protocol",
@@ -79,6 +83,9 @@ class Exchange:
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
         self.drained: threading.Event | None = None
         self.deferred = False  # counted in Server.held until done
+        self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
+        self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
+        self.outbuf: int | None = None  # streams: the connection's output evbuffer
 
 
 class Server:
@@ -119,6 +126,7 @@ class Server:
         self._close_cb = ev.evhttp_connection_cb(self._on_close)
         self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
         self._http = self._make_evhttp()
+        self.holder = Holder(self)
 
     def _make_evhttp(self) -> int:
         lib, cfg = self._lib, self.config
@@ -162,9 +170,7 @@ class Server:
         self._lib.evhttp_del_accept_socket(self._http, self._bound)  # closes the fd too
         self._bound = None
         self.sock.detach()
-        for ex in list(self._exchanges.values()):
-            if ex.state == "held":
-                self._end(ex)
+        self.holder.end_all()
         deadline = time.monotonic() + self.config.grace
 
         def check() -> None:
@@ -178,6 +184,7 @@ class Server:
         check()
 
     def close(self) -> None:
+        self.holder.close()
         if self._pool is not None:
             self._pool.shutdown(timeout=1)
         for ex in list(self._exchanges.values()):
@@ -196,6 +203,7 @@ class Server:
             "in_flight": len(self._exchanges),
             "timers": self.loop.pending_handles - 1,  # less the wake-up pipe's watcher
             "threads": self._pool.size if self._pool else 0,
+            **self.holder.stats(),
         }
 
     # -- request intake (loop thread) --------------------------------------------------
@@ -214,7 +222,7 @@ class Server:
         self._exchanges[key] = ex
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, key)
         if self._pool is not None:
-            self._lift_read_timeout(ex, r.evcon)  # a slow view must not look like an idle client
+            self._lift_read_timeout(ex)  # a slow view must not look like an idle client
             self._pool.submit(self._run_app, ex)
         else:
             self._run_app(ex)
@@ -329,9 +337,11 @@ class Server:
                 self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
 
-    def _run_stage(self, ex: Exchange, deferral: Deferral) -> None:
+    def _run_stage(
+        self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
+    ) -> None:
         try:
-            result = deferral.resume()
+            result = resume(*args)
         except Exception:
             logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
             self._to_loop(self._abort, ex)
@@ -416,7 +426,7 @@ class Server:
         self._begin_chunked(ex, start, chunks, keep_length=True)
 
     def _start_deferred(
-        self, ex: Exchange, start: StartResponse, chunks: list[bytes], deferral: Deferral
+        self, ex: Exchange, start: StartResponse, chunks: list[bytes], deferral: AnyDeferral
     ) -> None:
         if ex.dead:
             return self._drop(ex)
@@ -424,29 +434,24 @@ class Server:
         self._begin_chunked(ex, start, chunks, keep_length=False)
         ex.deferred = True
         self.held += 1
-        self._hold(ex, deferral)
+        self.holder.hold(ex, deferral)
 
-    def _hold(self, ex: Exchange, deferral: Deferral) -> None:
-        ex.state = "held"
-        ex.timer = self.loop.call_later(
-            deferral.delay, functools.partial(self._resume, ex, deferral)
-        )
-
-    def _resume(self, ex: Exchange, deferral: Deferral) -> None:
+    def _resume(self, ex: Exchange, resume: Callable[..., Iterable[bytes]], *args: Any) -> None:
+        """A held exchange's wait is over: run its next stage."""
         ex.timer = None
         ex.state = "app"
         if self._pool is not None:
-            self._pool.submit(self._run_stage, ex, deferral)
+            self._pool.submit(self._run_stage, ex, resume, args)
         else:
-            self._run_stage(ex, deferral)
+            self._run_stage(ex, resume, args)
 
-    def _stage_done(self, ex: Exchange, chunks: list[bytes], deferral: Deferral | None) -> None:
+    def _stage_done(self, ex: Exchange, chunks: list[bytes], deferral: AnyDeferral | None) -> None:
         if ex.dead:
             return self._drop(ex)
         if chunks:
             self._send_chunk(ex, b"".join(chunks))
         if deferral is not None and not self._draining:
-            self._hold(ex, deferral)
+            self.holder.hold(ex, deferral)
         else:
             self._end(ex)
 
@@ -470,9 +475,7 @@ class Server:
         """The last chunk: a clean end of the response."""
         if ex.dead:
             return self._drop(ex)
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        self.holder.release(ex)
         self._restore_read_timeout(ex)
         assert ex.req is not None
         self._lib.evhttp_send_reply_end(ex.req)
@@ -486,6 +489,7 @@ class Server:
             return self._drop(ex)
         ex.code = ex.code or 500
         ex.state = "aborting"  # no worker owns it now: the close callback releases it
+        self.holder.release(ex)
         evcon = RequestStruct.from_address(ex.req).evcon
         fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
         try:
@@ -502,9 +506,7 @@ class Server:
         if ex is None:
             return  # a keep-alive connection closing after its exchanges finished
         ex.dead = True
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        self.holder.release(ex)
         if ex.drained is not None:
             ex.drained.set()
         if ex.state != "app":  # no worker owns it: release it now
@@ -522,15 +524,16 @@ class Server:
 
     def _forget(self, ex: Exchange) -> None:
         """Shutdown: libevent frees everything with evhttp_free; just stop tracking."""
-        if ex.timer is not None:
-            ex.timer.cancel()
+        self.holder.release(ex)
         ex.dead = True
         ex.req = None
         self._exchanges.pop(ex.key, None)
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    def _lift_read_timeout(self, ex: Exchange, evcon: int) -> None:
+    def _lift_read_timeout(self, ex: Exchange) -> None:
+        assert ex.req is not None
+        evcon = RequestStruct.from_address(ex.req).evcon
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         self._lib.bufferevent_set_timeouts(bev, None, ctypes.byref(_timeval(self.config.timeout)))
         ex.bev = bev

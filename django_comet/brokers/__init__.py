@@ -1,0 +1,54 @@
+"""Brokers carry published events to every process's hub and give them their ids.
+
+``COMET_BROKER`` is a URL: ``memory://`` (the default: one process).  PostgreSQL and Redis
+brokers plug in behind the same ``Broker`` interface.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.core.signals import setting_changed
+from django.core.exceptions import ImproperlyConfigured
+
+from .base import Broker
+from .memory import MemoryBroker
+
+__all__ = ["Broker", "MemoryBroker", "get_broker"]
+
+_lock = threading.Lock()
+_broker: Broker | None = None
+
+
+def broker_from_url(url: str) -> Broker:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return MemoryBroker()
+    raise ImproperlyConfigured(
+        f"COMET_BROKER {url!r}: unknown scheme {scheme!r} (this version knows memory://)"
+    )
+
+
+def get_broker() -> Broker:
+    """The process's broker, made from COMET_BROKER on first use."""
+    global _broker
+    with _lock:
+        if _broker is None:
+            from ..conf import comet_settings
+
+            _broker = broker_from_url(comet_settings.BROKER)
+        return _broker
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    global _broker
+    if setting == "COMET_BROKER":
+        with _lock:
+            if _broker is not None:
+                _broker.close()
+            _broker = None
+
+
+setting_changed.connect(_reset, dispatch_uid="django_comet.brokers")

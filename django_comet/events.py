@@ -1,0 +1,60 @@
+"""Publishing events and reading a channel's recent history."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpRequest
+from django.utils.module_loading import import_string
+
+from .brokers import get_broker
+from .conf import comet_settings
+from .evloop.hub import Event, hub
+
+__all__ = ["history", "may_listen", "publish"]
+
+_CHANNEL = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
+
+
+def check_channel(channel: str) -> str:
+    if not isinstance(channel, str) or not _CHANNEL.match(channel):
+        raise ValueError(
+            f"invalid channel name {channel!r}: use 1-200 letters, digits and _ . : -"
+        )
+    return channel
+
+
+def publish(channel: str, data: Any, *, event: str | None = None) -> int:
+    """Publish ``data`` (anything JSON can encode, with Django's encoder) on ``channel``
+    from any view, thread or shell; return the event's id.  Subscribers receive the JSON
+    text as SSE ``data``; ``event`` becomes the SSE ``event:`` name."""
+    check_channel(channel)
+    if event is not None and (not isinstance(event, str) or not re.fullmatch(r"[\w.:-]+", event)):
+        raise ValueError(f"invalid event name {event!r}")
+    text = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"))
+    return get_broker().publish(channel, text, event)
+
+
+def as_dict(event: Event) -> dict[str, Any]:
+    return {"channel": event.channel, "id": event.id, "event": event.name,
+            "data": json.loads(event.data)}
+
+
+def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
+    """This process's recent events of ``channel`` newer than ``after``, oldest first
+    (at most COMET_HISTORY_SIZE of them)."""
+    events, _ = hub.since([check_channel(channel)], after)
+    return [as_dict(e) for e in events]
+
+
+def may_listen(request: HttpRequest, channel: str) -> bool:
+    """COMET_AUTHORIZE(request, channel), or True when the setting is None."""
+    check = comet_settings.AUTHORIZE
+    if check is None:
+        return True
+    if isinstance(check, str):
+        check = import_string(check)
+    return bool(check(request, channel))

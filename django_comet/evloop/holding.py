@@ -1,0 +1,175 @@
+"""Held responses: staged timers, long-poll channel waits, SSE streams and their fan-out.
+
+Loop thread only.  A held exchange has sent its headers and first content and waits:
+- on a timer (``Deferral``), then its next stage runs on a worker;
+- on a channel (``ChannelWait``) until an event newer than its cursor arrives or the
+  timeout passes, then its next stage runs with the event (or None);
+- as a stream (``Stream``): every event of its channels is written to it as it comes.
+
+Fan-out is one pass over a channel's subscribers with the event's frame encoded once;
+per subscriber it is a cursor check and three C calls.  A subscriber whose unsent output
+is over ``max_pending_output`` is cut (and counted), never buffered without bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import TYPE_CHECKING, Any
+
+from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
+from .hub import Event, hub
+
+if TYPE_CHECKING:
+    from .loop import Handle
+    from .server import Exchange, Server
+
+HEARTBEAT = b": heartbeat\n\n"
+
+
+class Holder:
+    def __init__(self, server: Server):
+        self.server = server
+        self.loop = server.loop
+        self._lib = server._lib
+        self._buf = server._buf
+        self.max_pending = server.config.max_pending_output
+        self.heartbeat_interval = server.config.heartbeat
+        self._subscribers: dict[str, dict[Exchange, None]] = {}  # ordered sets
+        self._streams: dict[Exchange, None] = {}
+        self._heartbeat: Handle | None = None
+        self.dropped_slow = 0
+        self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
+        hub.add_sink(self._sink)
+
+    def close(self) -> None:
+        hub.remove_sink(self._sink)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    # -- holding and releasing ---------------------------------------------------------
+
+    def hold(self, ex: Exchange, deferral: AnyDeferral) -> None:
+        server = self.server
+        ex.state = "held"
+        ex.environ = {}  # the response object keeps what the next stage needs
+        if ex.bev is None:
+            server._lift_read_timeout(ex)
+        if isinstance(deferral, Deferral):
+            ex.timer = self.loop.call_later(
+                deferral.delay, functools.partial(server._resume, ex, deferral.resume)
+            )
+            return
+        if isinstance(deferral, ChannelWait):
+            events, _ = hub.since(deferral.channels, deferral.after)
+            if events:  # something newer already happened: answer at once
+                server._resume(ex, deferral.resume, events[0])
+                return
+            ex.hold = deferral
+            ex.cursor = deferral.after
+            self._subscribe(ex, deferral.channels)
+            ex.timer = self.loop.call_later(
+                deferral.timeout, functools.partial(self._wait_timed_out, ex, deferral)
+            )
+            return
+        ex.hold = deferral
+        ex.cursor = deferral.cursor
+        ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
+        self._subscribe(ex, deferral.channels)
+        self._streams[ex] = None
+        if self._heartbeat is None and self.heartbeat_interval > 0:
+            self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
+        # Events published between the view's replay and now are in the hub already.
+        events, _ = hub.since(deferral.channels, deferral.cursor)
+        for event in events:
+            self._write(ex, event.frame)
+            ex.cursor = event.id
+
+    def release(self, ex: Exchange) -> None:
+        """Stop holding ``ex``: cancel its timer, drop its subscriptions."""
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        hold = ex.hold
+        if hold is not None:
+            ex.hold = None
+            for channel in hold.channels:
+                subscribers = self._subscribers.get(channel)
+                if subscribers is not None:
+                    subscribers.pop(ex, None)
+                    if not subscribers:
+                        del self._subscribers[channel]
+            self._streams.pop(ex, None)
+
+    def _subscribe(self, ex: Exchange, channels: list[str]) -> None:
+        for channel in channels:
+            self._subscribers.setdefault(channel, {})[ex] = None
+
+    def _wait_timed_out(self, ex: Exchange, wait: ChannelWait) -> None:
+        ex.timer = None
+        self.release(ex)
+        self.server._resume(ex, wait.resume, None)
+
+    # -- events ------------------------------------------------------------------------
+
+    def _fan_out(self, event: Event) -> None:
+        subscribers = self._subscribers.get(event.channel)
+        if not subscribers:
+            return
+        frame, size, event_id = event.frame, len(event.frame), event.id
+        lib, buf, limit = self._lib, self._buf, self.max_pending
+        pending, add, send = lib.evbuffer_get_length, lib.evbuffer_add, lib.evhttp_send_reply_chunk
+        for ex in list(subscribers):
+            if ex.cursor >= event_id:
+                continue  # already sent (replayed or caught up)
+            ex.cursor = event_id
+            hold = ex.hold
+            if type(hold) is Stream:
+                if pending(ex.outbuf) > limit:
+                    self._drop_slow(ex)
+                    continue
+                add(buf, frame, size)
+                send(ex.req, buf)
+                ex.sent += size
+            elif type(hold) is ChannelWait:
+                self.release(ex)
+                self.server._resume(ex, hold.resume, event)
+
+    def _write(self, ex: Exchange, data: bytes) -> None:
+        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
+            self._drop_slow(ex)
+            return
+        self.server._send_chunk(ex, data)
+
+    def _drop_slow(self, ex: Exchange) -> None:
+        self.dropped_slow += 1
+        self.server._abort(ex)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        for ex in list(self._streams):
+            self._write(ex, HEARTBEAT)
+        if self._streams:
+            self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
+
+    # -- shutdown and figures ----------------------------------------------------------
+
+    def end_all(self) -> None:
+        """Server stopping: end every held response with a proper last chunk; SSE clients
+        first get a ``retry:`` with jitter so that they do not all reconnect at once."""
+        for ex in list(self.server._exchanges.values()):
+            if ex.state != "held":
+                continue
+            if type(ex.hold) is Stream:
+                retry = random.randint(1000, 5000)
+                self.server._send_chunk(ex, b"retry: %d\n\n" % retry)
+            self.server._end(ex)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "streams": len(self._streams),
+            "channels": {name: len(subs) for name, subs in sorted(self._subscribers.items())},
+            "events_published": hub.published,
+            "dropped_slow": self.dropped_slow,
+        }
