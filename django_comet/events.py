@@ -21,9 +21,7 @@ _CHANNEL = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
 
 def check_channel(channel: str) -> str:
     if not isinstance(channel, str) or not _CHANNEL.match(channel):
-        raise ValueError(
-            f"invalid channel name {channel!r}: use 1-200 letters, digits and _ . : -"
-        )
+        raise ValueError(f"invalid channel name {channel!r}: use 1-200 letters, digits and _ . : -")
     return channel
 
 
@@ -39,8 +37,12 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
 
 
 def as_dict(event: Event) -> dict[str, Any]:
-    return {"channel": event.channel, "id": event.id, "event": event.name,
-            "data": json.loads(event.data)}
+    return {
+        "channel": event.channel,
+        "id": event.id,
+        "event": event.name,
+        "data": json.loads(event.data),
+    }
 
 
 def history(channel: str, after: int = 0) -> list[dict[str, Any]]:

@@ -92,7 +92,9 @@ def _parse_event_id(value: int | str | None) -> int | None:
     return event_id if event_id >= 0 else None
 
 
-def event_stream(request: HttpRequest, *channels: str, retry: int | None = None) -> HttpResponseBase:
+def event_stream(
+    request: HttpRequest, *channels: str, retry: int | None = None
+) -> HttpResponseBase:
     """A view's whole job for an SSE endpoint: check COMET_AUTHORIZE for every channel
     (403 if any is refused), read Last-Event-ID (header, or ``?lastEventId=`` for
     clients that cannot set it) and return the stream."""

@@ -64,10 +64,13 @@ _METRICS = [
     ("comet_held_connections", "gauge", "Responses held open (deferrals, polls, streams).", "held"),
     ("comet_sse_streams", "gauge", "Server-Sent Events streams open.", "streams"),
     ("comet_requests_total", "counter", "Requests answered since start.", "requests"),
-    ("comet_events_published_total", "counter", "Events this process received.",
-     "events_published"),
-    ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.",
-     "dropped_slow"),
+    (
+        "comet_events_published_total",
+        "counter",
+        "Events this process received.",
+        "events_published",
+    ),
+    ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.", "dropped_slow"),
 ]
 
 
@@ -78,11 +81,17 @@ def metrics(request: HttpRequest) -> HttpResponse:
     figures = _figures(request)
     lines = []
     for name, kind, help_text, key in _METRICS:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                  f"{name} {figures.get(key) or 0}"]
-    lines += ["# HELP comet_channel_subscribers Connections subscribed to a channel.",
-              "# TYPE comet_channel_subscribers gauge"]
+        lines += [
+            f"# HELP {name} {help_text}",
+            f"# TYPE {name} {kind}",
+            f"{name} {figures.get(key) or 0}",
+        ]
+    lines += [
+        "# HELP comet_channel_subscribers Connections subscribed to a channel.",
+        "# TYPE comet_channel_subscribers gauge",
+    ]
     for channel, count in figures.get("channels", {}).items():
         lines.append(f'comet_channel_subscribers{{channel="{channel}"}} {count}')
-    return HttpResponse("\n".join(lines) + "\n",
-                        content_type="text/plain; version=0.0.4; charset=utf-8")
+    return HttpResponse(
+        "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"
+    )

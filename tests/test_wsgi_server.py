@@ -168,10 +168,14 @@ def test_client_vanishing_before_the_answer_costs_nothing(wsgi_server):
 
 
 def test_body_over_the_limit_is_413(wsgi_server):
-    out = raw(wsgi_server, b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\nabc")
+    out = raw(
+        wsgi_server, b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\nabc"
+    )
     assert out.startswith(b"HTTP/1.1 413 ")
 
 
 def test_headers_over_the_limit_are_refused(wsgi_server):
-    out = raw(wsgi_server, b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    out = raw(
+        wsgi_server, b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    )
     assert out.startswith(b"HTTP/1.1 400 ")

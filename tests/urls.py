@@ -13,5 +13,9 @@ urlpatterns = [
     path("t/count/", views.count, name="count"),
     path("t/stage-404/", views.stage_to_missing, name="stage_to_missing"),
     path("t/big/", views.big, name="big"),
+    path("t/publish/", views.publish_view, name="publish"),
+    path("t/stream/", views.stream_view, name="stream"),
+    path("t/poll/", views.poll_view, name="poll"),
+    path("t/poll/answer/", views.poll_answer, name="poll_answer"),
     path("", include("demo_site.urls")),
 ]

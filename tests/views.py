@@ -1,12 +1,20 @@
 """Views the tests call through a real runcomet."""
 
+import json
 import threading
 import time
 
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from django_comet import defer_in_time, deferred_view
+from django_comet import (
+    defer_in_time,
+    defer_until,
+    deferred_view,
+    event_stream,
+    may_listen,
+    publish,
+)
 
 
 @csrf_exempt
@@ -89,3 +97,43 @@ def big(request):
     size = int(request.GET.get("mb", "4"))
     chunk = b"x" * (1024 * 1024)
     return StreamingHttpResponse(chunk for _ in range(size))
+
+
+def authorize(request, channel):
+    """COMET_AUTHORIZE of the tests: "secret" channels are refused."""
+    return not channel.startswith("secret")
+
+
+@csrf_exempt
+def publish_view(request):
+    """POST channel, data (JSON text), event: publish and answer the id."""
+    data = json.loads(request.POST["data"])
+    event_id = publish(request.POST["channel"], data, event=request.POST.get("event") or None)
+    return JsonResponse({"id": event_id})
+
+
+def stream_view(request):
+    channels = request.GET["channels"].split(",")
+    return event_stream(request, *channels)
+
+
+def poll_view(request):
+    """Long-poll on ?channel= after ?since= (optional) for ?timeout= seconds."""
+    channel = request.GET["channel"]
+    if not may_listen(request, channel):
+        return HttpResponse(status=403)
+    since = request.GET.get("since")
+    response = HttpResponse(content_type="application/json")
+    response.channel = channel
+    return defer_until(
+        response,
+        channel,
+        poll_answer,
+        timeout=float(request.GET.get("timeout", "5")),
+        since=int(since) if since is not None else None,
+    )
+
+
+@deferred_view()
+def poll_answer(request, response_prev=None, event=None):
+    return JsonResponse({"event": event})

@@ -54,7 +54,9 @@ def poll(request: HttpRequest) -> HttpResponseBase:
 
 
 @deferred_view()
-def poll_deliver(request: HttpRequest, response_prev: HttpResponse, event: dict | None = None) -> JsonResponse:
+def poll_deliver(
+    request: HttpRequest, response_prev: HttpResponse, event: dict | None = None
+) -> JsonResponse:
     since = response_prev.since  # type: ignore[attr-defined]
     found = [{"id": e["id"], "data": e["data"]} for e in history(CHANNEL, after=since)]
     return JsonResponse({"events": found, "last_id": found[-1]["id"] if found else since})

@@ -10,8 +10,8 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.core.signals import setting_changed
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 
 from .base import Broker
 from .memory import MemoryBroker

@@ -42,8 +42,14 @@ class Deferral:
 class ChannelWait:
     __slots__ = ("after", "channels", "claimed", "resume", "timeout")
 
-    def __init__(self, resume: Callable[[Any], Iterable[bytes]], *, channels: list[str],
-                 after: int, timeout: float):
+    def __init__(
+        self,
+        resume: Callable[[Any], Iterable[bytes]],
+        *,
+        channels: list[str],
+        after: int,
+        timeout: float,
+    ):
         if timeout <= 0:
             raise ValueError("a channel wait needs a positive timeout")
         self.resume = resume

@@ -101,6 +101,9 @@ class Holder:
                     if not subscribers:
                         del self._subscribers[channel]
             self._streams.pop(ex, None)
+            if not self._streams and self._heartbeat is not None:
+                self._heartbeat.cancel()  # no stream left: no timer left either
+                self._heartbeat = None
 
     def _subscribe(self, ex: Exchange, channels: list[str]) -> None:
         for channel in channels:

@@ -84,9 +84,8 @@ class Hub:
         gap = False
         for channel in channels:
             history = self._history.get(channel)
-            if history:
-                if history[-1].id > after:
-                    events.extend(e for e in history if e.id > after)
+            if history and history[-1].id > after:
+                events.extend(e for e in history if e.id > after)
             gap = gap or after < self._lost.get(channel, 0)
         events.sort(key=lambda e: e.id)
         return events, gap

@@ -15,7 +15,6 @@ with output for a dead exchange drops it.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import socket

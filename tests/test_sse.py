@@ -1,0 +1,202 @@
+"""Server push over real sockets: SSE, replay, history gaps, heartbeats, long-poll,
+fan-out to 1,000 clients, authorization, slow readers, disconnects."""
+
+import json
+import socket
+
+import pytest
+import requests
+
+from django_comet.evloop.hub import sse_frame
+
+from .processes import runcomet
+from .sse_client import SSEClient
+
+
+def publish(server, channel, data, event=""):
+    response = requests.post(
+        server.url + "/t/publish/",
+        data={"channel": channel, "data": json.dumps(data), "event": event},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def subscribed(server, channel, count):
+    return server.wait_for_status(lambda s: s["channels"].get(channel, 0) == count)
+
+
+@pytest.fixture(scope="module")
+def tight(demo_db):
+    """A server with a 5-event history, a 0.2 s heartbeat and a 64 KiB output bound."""
+    import os
+
+    os.environ.update(
+        TEST_HISTORY_SIZE="5", TEST_SSE_HEARTBEAT="0.2", TEST_MAX_PENDING_OUTPUT=str(64 * 1024)
+    )
+    try:
+        server = runcomet(db=demo_db)
+    finally:
+        for name in ("TEST_HISTORY_SIZE", "TEST_SSE_HEARTBEAT", "TEST_MAX_PENDING_OUTPUT"):
+            del os.environ[name]
+    yield server
+    assert server.stop() == 0
+
+
+def test_sse_frame_encoding():
+    assert (
+        sse_frame(7, "note", "a\nb\r\nc\rd")
+        == b"id: 7\nevent: note\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+    )
+    assert sse_frame(1, "bad\nname", "") == b"id: 1\nevent: badname\ndata: \n\n"
+
+
+def test_stream_headers_framing_and_multiline_data(comet):
+    with SSEClient(comet, "/t/stream/?channels=news") as client:
+        assert client.status == 200
+        assert client.headers[b"content-type"].startswith(b"text/event-stream")
+        assert client.headers[b"cache-control"] == b"no-cache"
+        assert client.headers[b"x-accel-buffering"] == b"no"
+        assert client.headers[b"transfer-encoding"] == b"chunked"
+        subscribed(comet, "news", 1)
+        first = publish(comet, "news", {"text": "line one\nline two"}, event="headline")
+        second = publish(comet, "news", "plain")
+        event = client.next_event()
+        assert event == {
+            "id": str(first),
+            "event": "headline",
+            "data": '{"text":"line one\\nline two"}',
+        }
+        assert client.next_event() == {"id": str(second), "data": '"plain"'}
+        assert second > first
+    comet.wait_for_status(lambda s: "news" not in s["channels"] and s["held"] == 0)
+
+
+def test_replay_after_last_event_id_header_and_query(comet):
+    ids = [publish(comet, "replay", i) for i in range(4)]
+    with SSEClient(
+        comet, "/t/stream/?channels=replay", headers=b"Last-Event-ID: %d\r\n" % ids[1]
+    ) as client:
+        assert [client.next_event()["data"] for _ in range(2)] == ["2", "3"]
+    with SSEClient(comet, f"/t/stream/?channels=replay&lastEventId={ids[2]}") as client:
+        assert client.next_event() == {"id": str(ids[3]), "data": "3"}
+        subscribed(comet, "replay", 1)
+        live = publish(comet, "replay", "live")
+        assert client.next_event() == {"id": str(live), "data": '"live"'}
+
+
+def test_history_exhaustion_is_announced(tight):
+    ids = [publish(tight, "gap", i) for i in range(8)]  # history keeps the last 5
+    with SSEClient(
+        tight, "/t/stream/?channels=gap", headers=b"Last-Event-ID: %d\r\n" % ids[0]
+    ) as client:
+        gap = client.next_event()
+        assert gap["event"] == "comet-history-gap"
+        assert "id" not in gap
+        assert json.loads(gap["data"]) == {"last_event_id": ids[0], "channels": ["gap"]}
+        assert [client.next_event()["data"] for _ in range(5)] == ["3", "4", "5", "6", "7"]
+
+
+def test_heartbeat_comments(tight):
+    with SSEClient(tight, "/t/stream/?channels=quiet") as client:
+        frames = client.frames()
+        assert next(frames) == b": stream opened"
+        assert next(frames) == b": heartbeat"
+        assert next(frames) == b": heartbeat"
+
+
+def test_long_poll_waits_then_answers_with_the_event(comet):
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/poll/?channel=lp&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        subscribed(comet, "lp", 1)
+        event_id = publish(comet, "lp", {"n": 1})
+        body = read_body(sock)
+    assert json.loads(body)["event"] == {
+        "channel": "lp",
+        "id": event_id,
+        "event": None,
+        "data": {"n": 1},
+    }
+    comet.wait_for_status(lambda s: "lp" not in s["channels"] and s["held"] == 0)
+
+
+def test_long_poll_timeout_gives_none(comet):
+    response = requests.get(comet.url + "/t/poll/?channel=lp-timeout&timeout=0.2")
+    assert response.json() == {"event": None}
+    assert comet.status()["timers"] == 0
+
+
+def test_long_poll_cursor_answers_at_once_from_history(comet):
+    first = publish(comet, "cursor", "a")
+    second = publish(comet, "cursor", "b")
+    answer = requests.get(comet.url + f"/t/poll/?channel=cursor&since={first}&timeout=30").json()
+    assert answer["event"]["id"] == second  # nothing lost between two polls
+
+
+def test_chat_poll_protocol(comet):
+    since = requests.get(comet.url + "/chat/poll/?since=0&x=1", timeout=30)
+    assert since.status_code == 200
+    last = since.json()["last_id"] if since.json()["events"] else 0
+    event_id = publish(comet, "chat", {"name": "t", "text": "hello"})
+    body = requests.get(comet.url + f"/chat/poll/?since={last}").json()
+    assert body["events"][-1] == {"id": event_id, "data": {"name": "t", "text": "hello"}}
+    assert body["last_id"] == event_id
+
+
+def test_authorization_refusal(comet):
+    assert requests.get(comet.url + "/t/stream/?channels=secret-room").status_code == 403
+    assert requests.get(comet.url + "/t/poll/?channel=secret-room").status_code == 403
+    assert comet.status()["held"] == 0
+
+
+def test_thousand_clients_receive_one_publish(comet):
+    clients = []
+    try:
+        for _ in range(1000):
+            clients.append(SSEClient(comet, "/t/stream/?channels=crowd"))
+        subscribed(comet, "crowd", 1000)
+        event_id = publish(comet, "crowd", {"to": "everyone"})
+        for client in clients:
+            assert client.next_event() == {"id": str(event_id), "data": '{"to":"everyone"}'}
+    finally:
+        for client in clients:
+            client.close()
+    comet.wait_for_status(lambda s: "crowd" not in s["channels"] and s["held"] == 0)
+
+
+def test_slow_reader_is_dropped(tight):
+    before = tight.status()["dropped_slow"]
+    sock = socket.create_connection((tight.host, tight.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /t/stream/?channels=firehose HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    subscribed(tight, "firehose", 1)
+    big = "x" * 32 * 1024
+    try:
+        for _ in range(200):  # never read: kernel buffers fill, then the 64 KiB bound
+            publish(tight, "firehose", big)
+            if tight.status()["dropped_slow"] > before:
+                break
+        status = tight.wait_for_status(lambda s: "firehose" not in s["channels"] and s["held"] == 0)
+        assert status["dropped_slow"] == before + 1
+    finally:
+        sock.close()
+
+
+def test_disconnects_release_subscriptions(comet):
+    clients = [SSEClient(comet, "/t/stream/?channels=leaving,other") for _ in range(5)]
+    subscribed(comet, "leaving", 5)
+    for client in clients[:3]:
+        client.close()
+    status = subscribed(comet, "leaving", 2)
+    assert status["channels"]["other"] == 2
+    for client in clients[3:]:
+        client.close()
+    status = comet.wait_for_status(lambda s: not {"leaving", "other"} & set(s["channels"]))
+    assert status["held"] == 0 and status["streams"] == 0
+
+
+def read_body(sock):
+    from .processes import read_chunked
+
+    _, chunks = read_chunked(sock)
+    return b"".join(chunks)
