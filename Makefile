@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := libevent-2.1-7 chromium chromium-driver
+APT_PACKAGES := libevent-2.1-7 chromium chromium-driver redis-server postgresql-15
 SHELL := /bin/bash
 
 .PHONY: demo test lint check deps system-deps bench clean
@@ -12,7 +12,7 @@ SHELL := /bin/bash
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,lint]'
+	$(PIP) install -q -e '.[test,lint,postgres,redis]'
 	touch $@
 
 deps: $(VENV)/.installed

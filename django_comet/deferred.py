@@ -92,14 +92,23 @@ def defer_until(
     already newer than it answers at once from the channel's history, so that nothing is
     lost between two polls; without it, only events published from now on count.
     """
+    from .brokers import get_broker
     from .events import check_channel
 
     environ = _request_environ("defer_until")
     channels = [check_channel(c) for c in ([channel] if isinstance(channel, str) else channel)]
-    after = hub.newest_id(channels) if since is None else int(since)
+    broker = get_broker()
+    broker.start_listening()
+    ready = None
+    if since is None:
+        after = hub.newest_id(channels)
+    else:  # the shared history answers for events this process has not seen
+        after = int(since)
+        events, _ = broker.since(channels, after)
+        ready = events[0] if events else None
     deferred = DeferredResponse(response, _target_path(target), environ)
     deferred.comet_deferral = ChannelWait(
-        deferred._next_stage, channels=channels, after=after, timeout=timeout
+        deferred._next_stage, channels=channels, after=after, timeout=timeout, ready=ready
     )
     return deferred
 

@@ -12,7 +12,7 @@ from django.utils.module_loading import import_string
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .evloop.hub import Event, hub
+from .evloop.hub import Event
 
 __all__ = ["history", "may_listen", "publish"]
 
@@ -46,9 +46,9 @@ def as_dict(event: Event) -> dict[str, Any]:
 
 
 def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
-    """This process's recent events of ``channel`` newer than ``after``, oldest first
-    (at most COMET_HISTORY_SIZE of them)."""
-    events, _ = hub.since([check_channel(channel)], after)
+    """Recent events of ``channel`` newer than ``after``, oldest first (at most
+    COMET_HISTORY_SIZE of them), from the broker's shared history."""
+    events, _ = get_broker().since([check_channel(channel)], after)
     return [as_dict(e) for e in events]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponseForbidden, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
+from .brokers import get_broker
 from .conf import comet_settings
 from .events import check_channel, may_listen
 from .evloop.deferral import Stream
@@ -51,13 +52,15 @@ class EventStreamResponse(StreamingHttpResponse):
         self.channels = [check_channel(c) for c in channels]
         if not self.channels:
             raise ValueError("EventStreamResponse needs at least one channel")
+        broker = get_broker()
+        broker.start_listening()
         after = _parse_event_id(last_event_id)
         # A first comment makes proxies and browsers see the stream open at once.
         first = [b"retry: %d\n\n" % retry if retry is not None else b": stream opened\n\n"]
         if after is None:
             self._cursor = hub.newest_id(self.channels)
         else:
-            events, gap = hub.since(self.channels, after)
+            events, gap = broker.since(self.channels, after)
             if gap:
                 gap_data = json.dumps({"last_event_id": after, "channels": self.channels})
                 first.append(sse_frame(None, GAP_EVENT, gap_data))

@@ -1,7 +1,8 @@
 """Brokers carry published events to every process's hub and give them their ids.
 
-``COMET_BROKER`` is a URL: ``memory://`` (the default: one process).  PostgreSQL and Redis
-brokers plug in behind the same ``Broker`` interface.
+``COMET_BROKER`` is a URL: ``memory://`` (the default: one process), ``postgres://...``
+(LISTEN/NOTIFY; ``postgres://`` alone uses Django's default database) or
+``redis://host:port/db`` (pub/sub).
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ _lock = threading.Lock()
 _broker: Broker | None = None
 
 
-def broker_from_url(url: str) -> Broker:
+def broker_from_url(url: str, history_size: int = 100) -> Broker:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker()
+    if scheme in ("postgres", "postgresql"):
+        from .postgres import PostgresBroker, conninfo_from_url
+
+        return PostgresBroker(conninfo_from_url(url), history_size)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisBroker
+
+        return RedisBroker(url, history_size)
     raise ImproperlyConfigured(
-        f"COMET_BROKER {url!r}: unknown scheme {scheme!r} (this version knows memory://)"
+        f"COMET_BROKER {url!r}: unknown scheme {scheme!r}; use memory://, postgres:// or redis://"
     )
 
 
@@ -38,7 +47,7 @@ def get_broker() -> Broker:
         if _broker is None:
             from ..conf import comet_settings
 
-            _broker = broker_from_url(comet_settings.BROKER)
+            _broker = broker_from_url(comet_settings.BROKER, comet_settings.HISTORY_SIZE)
         return _broker
 
 

@@ -1,14 +1,85 @@
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from ..evloop.hub import Event, hub
+
+logger = logging.getLogger("django_comet.broker")
+
 
 class Broker:
-    """Publishes events with ids that grow, and feeds every event, from any process that
-    shares the broker, into this process's hub (``django_comet.evloop.hub.hub``) in id
+    """Publishes events with ids that grow, keeps a history every process can read, and
+    feeds every event, from any process sharing the broker, into this process's hub in id
     order."""
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         """Publish ``data`` (text) on ``channel``; return the event's id."""
         raise NotImplementedError
 
+    def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+        """The shared history: events of ``channels`` newer than ``after``, oldest first,
+        and whether some of them are gone."""
+        return hub.since(channels, after)
+
+    def start_listening(self) -> None:
+        """Begin receiving other processes' events into the hub (idempotent)."""
+
     def close(self) -> None:
         """Release connections and threads."""
+
+
+class ListeningBroker(Broker):
+    """A broker whose events arrive on a connection that one thread waits on.
+
+    The thread blocks on the broker's socket (no busy polling) and hands each event to
+    the hub, whose sink wakes the event loop through its thread-safe wake-up; only the
+    loop thread touches libevent.  After a lost connection it reconnects with backoff
+    and first catches up on what it missed, so delivery resumes without a gap.
+    """
+
+    backoff_max = 5.0
+
+    def __init__(self) -> None:
+        self._listener: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = threading.Event()
+        self.connected = threading.Event()
+
+    def start_listening(self) -> None:
+        with self._start_lock:
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen_forever, name=f"comet-{type(self).__name__}", daemon=True
+                )
+                self._listener.start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _listen_forever(self) -> None:
+        backoff = 0.1
+        while not self._closed.is_set():
+            try:
+                self._listen(self._deliver)
+            except Exception as exc:  # the broker went away: retry
+                self.connected.clear()
+                if self._closed.is_set():
+                    return
+                logger.warning(
+                    "%s connection lost (%s); retrying in %.1fs", type(self).__name__, exc, backoff
+                )
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+            else:
+                backoff = 0.1
+
+    def _listen(self, deliver: Callable[[Event], None]) -> None:
+        """Connect, subscribe, call ``deliver`` for missed then live events; return only
+        when closed, raise when the connection breaks."""
+        raise NotImplementedError
+
+    def _deliver(self, event: Event) -> None:
+        if event.id > hub.last_id:  # catch-up and live notifications may overlap
+            hub.add(event)

@@ -40,7 +40,7 @@ class Deferral:
 
 
 class ChannelWait:
-    __slots__ = ("after", "channels", "claimed", "resume", "timeout")
+    __slots__ = ("after", "channels", "claimed", "ready", "resume", "timeout")
 
     def __init__(
         self,
@@ -49,6 +49,7 @@ class ChannelWait:
         channels: list[str],
         after: int,
         timeout: float,
+        ready: Any = None,
     ):
         if timeout <= 0:
             raise ValueError("a channel wait needs a positive timeout")
@@ -56,6 +57,7 @@ class ChannelWait:
         self.channels = channels
         self.after = after
         self.timeout = timeout
+        self.ready = ready  # an event already known to be newer: answer at once
         self.claimed = False
 
 

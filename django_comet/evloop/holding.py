@@ -62,9 +62,12 @@ class Holder:
             )
             return
         if isinstance(deferral, ChannelWait):
-            events, _ = hub.since(deferral.channels, deferral.after)
-            if events:  # something newer already happened: answer at once
-                server._resume(ex, deferral.resume, events[0])
+            ready = deferral.ready
+            if ready is None:
+                events, _ = hub.since(deferral.channels, deferral.after)
+                ready = events[0] if events else None
+            if ready is not None:  # something newer already happened: answer at once
+                server._resume(ex, deferral.resume, ready)
                 return
             ex.hold = deferral
             ex.cursor = deferral.after

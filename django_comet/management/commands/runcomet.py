@@ -20,8 +20,11 @@ from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 from django.utils import autoreload
 
+from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
+from ...evloop.prefork import Supervisor
+from ...evloop.server import bind_socket
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -57,6 +60,13 @@ class Command(RunserverCommand):
             "0 runs views in the event loop thread, as the 2007 original did.",
         )
         parser.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="Pre-fork this many worker processes sharing the port (needs --noreload "
+            "and a shared COMET_BROKER such as postgres:// or redis://).",
+        )
+        parser.add_argument(
             "--no-access-log",
             action="store_true",
             dest="no_access_log",
@@ -76,6 +86,21 @@ class Command(RunserverCommand):
             access_log=not options.get("no_access_log", False),
         )
 
+    def handle(self, *args: Any, **options: Any) -> None:
+        workers = options.get("workers", 1)
+        if workers < 1:
+            raise CommandError("--workers must be 1 or more.")
+        if workers > 1:
+            if options["use_reloader"]:
+                raise CommandError("--workers needs --noreload (the autoreloader cannot fork).")
+            if comet_settings.BROKER.startswith("memory:"):
+                raise CommandError(
+                    "--workers above 1 needs a shared broker: with COMET_BROKER = 'memory://' "
+                    "events published in one worker would never reach the others. Set "
+                    "COMET_BROKER to postgres://... or redis://..."
+                )
+        super().handle(*args, **options)
+
     def inner_run(self, *args: Any, **options: Any) -> None:
         autoreload.raise_last_exception()
         config = self.server_config(**options)
@@ -86,12 +111,20 @@ class Command(RunserverCommand):
         for conn in connections.all(initialized_only=True):
             conn.close()
         _configure_logging(config.access_log)
+        handler = self.get_handler(*args, **options)
         try:
-            server = self.comet_server_cls(self.get_handler(*args, **options), config)
+            libevent_ctypes.load()
+            sock = bind_socket(config.host, config.port, config.backlog)
         except libevent_ctypes.LibeventMissing as exc:
             self._fail(str(exc))
         except OSError as exc:
             self._fail(_ERRORS.get(exc.errno or 0, str(exc)))
+        workers = options.get("workers", 1)
+        if workers > 1:
+            self._run_workers(workers, sock, handler, config)
+            return
+        server = self.comet_server_cls(handler, config, sock=sock)
+        get_broker().start_listening()
         self.on_bind(server.address[1], server)
         in_main_thread = threading.current_thread() is threading.main_thread()
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
@@ -101,25 +134,41 @@ class Command(RunserverCommand):
         if not in_main_thread:
             os._exit(0)
 
+    def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
+        port = sock.getsockname()[1]
+
+        def child(number: int) -> None:
+            server = self.comet_server_cls(handler, config, sock=sock)
+            get_broker().start_listening()
+            server.serve_forever(handle_signals=True)
+
+        self.on_bind(port, None, workers=workers, threads=config.threads)
+        Supervisor(workers, child, config.grace).run()
+        self.stdout.write("Stopped.")
+
     def _fail(self, message: str) -> None:
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
         os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
 
-    def on_bind(self, server_port: int, server: Any = None) -> None:  # type: ignore[override]
+    def on_bind(  # type: ignore[override]
+        self, server_port: int, server: Any = None, workers: int = 1, threads: int = 0
+    ) -> None:
         quit_command = "CTRL-BREAK" if sys.platform == "win32" else "CONTROL-C"
         addr = (
             f"[{self.addr}]" if self._raw_ipv6 else ("0.0.0.0" if self.addr == "0" else self.addr)
         )
-        lib = libevent_ctypes.lib()
-        libevent = lib.event_get_version().decode()
-        backend = lib.event_base_get_method(server.loop.base).decode() if server else "?"
-        threads = server.config.threads if server else "?"
+        libevent = libevent_ctypes.lib().event_get_version().decode()
+        if server is not None:
+            backend = libevent_ctypes.lib().event_base_get_method(server.loop.base).decode()
+            shape = f"{backend}, {server.config.threads} threads"
+        else:
+            shape = f"{workers} workers of {threads} threads"
         self.stdout.write(
             f"{datetime.now().strftime('%B %d, %Y - %X')}\n"
             f"Django version {self.get_version()}, using settings {settings.SETTINGS_MODULE!r}\n"
-            f"Starting comet server (libevent {libevent}, {backend}, {threads} threads) "
+            f"Starting comet server (libevent {libevent}, {shape}) "
             f"at {self.protocol}://{addr}:{server_port}/\n"
             f"Quit the server with {quit_command}."
         )

@@ -1,0 +1,116 @@
+"""Redis broker: ids from INCR, history in bounded lists, pub/sub, one Lua script.
+
+``COMET_BROKER = "redis://host:port/db"``.  Needs ``django-comet[redis]`` (redis-py).
+
+Publishing runs one script, atomic in Redis: take the next id, append the event to its
+channel's history and to a global log (both trimmed), remember the newest id pushed out
+of the channel's history, PUBLISH.  Scripts run one at a time, so events are published
+in id order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..evloop.hub import Event
+from .base import ListeningBroker
+
+PREFIX = "comet:"
+PUBSUB_CHANNEL = PREFIX + "events"
+
+_PUBLISH = """
+local id = redis.call('INCR', KEYS[1])
+local payload = cjson.encode({id, ARGV[1], ARGV[2], ARGV[3]})
+local key = KEYS[2] .. ARGV[1]
+if redis.call('RPUSH', key, payload) > tonumber(ARGV[4]) then
+    local dropped = cjson.decode(redis.call('LPOP', key))
+    redis.call('SET', KEYS[3] .. ARGV[1], dropped[1])
+end
+redis.call('RPUSH', KEYS[4], payload)
+redis.call('LTRIM', KEYS[4], -tonumber(ARGV[5]), -1)
+redis.call('PUBLISH', ARGV[6], payload)
+return id
+"""
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:
+        raise ImportError(
+            "COMET_BROKER redis:// needs redis-py: pip install 'django-comet[redis]'"
+        ) from exc
+    return redis
+
+
+class RedisBroker(ListeningBroker):
+    def __init__(self, url: str, history_size: int = 100):
+        super().__init__()
+        self.redis = _redis()
+        self.url = url
+        self.history_size = history_size
+        self.client = self.redis.Redis.from_url(
+            url, socket_connect_timeout=5, retry_on_timeout=True
+        )
+        self._script = self.client.register_script(_PUBLISH)
+
+    def publish(self, channel: str, data: str, name: str | None = None) -> int:
+        keys = [PREFIX + "id", PREFIX + "history:", PREFIX + "lost:", PREFIX + "log"]
+        args = [
+            channel,
+            name or "",
+            data,
+            self.history_size,
+            self.history_size * 10,
+            PUBSUB_CHANNEL,
+        ]
+        try:
+            return int(self._script(keys=keys, args=args))
+        except self.redis.ConnectionError:
+            return int(self._script(keys=keys, args=args))  # one retry after a restart
+
+    @staticmethod
+    def _decode(payload: bytes | str) -> Event:
+        event_id, channel, name, data = json.loads(payload)
+        return Event(channel, int(event_id), data, name or None)
+
+    def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+        channels = list(channels)
+        pipe = self.client.pipeline()
+        for channel in channels:
+            pipe.lrange(PREFIX + "history:" + channel, 0, -1)
+            pipe.get(PREFIX + "lost:" + channel)
+        results = pipe.execute()
+        events: list[Event] = []
+        gap = False
+        for payloads, lost in zip(results[::2], results[1::2], strict=True):
+            events.extend(e for e in map(self._decode, payloads) if e.id > after)
+            gap = gap or (lost is not None and after < int(lost))
+        events.sort(key=lambda e: e.id)
+        return events, gap
+
+    def _listen(self, deliver: Callable[[Event], None]) -> None:
+        from ..evloop.hub import hub
+
+        client = self.redis.Redis.from_url(self.url, socket_connect_timeout=5)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(PUBSUB_CHANNEL)
+            self.connected.set()
+            for payload in client.lrange(PREFIX + "log", 0, -1):  # missed while away
+                event = self._decode(payload)
+                if event.id > hub.last_id:
+                    deliver(event)
+            while not self._closed.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    deliver(self._decode(message["data"]))
+        finally:
+            pubsub.close()
+            client.close()
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()

@@ -1,0 +1,100 @@
+"""Pre-forked workers sharing one listening socket.
+
+The parent binds, forks ``count`` children and supervises them: a child that dies is
+replaced (with a growing pause if children keep dying at once); SIGTERM or SIGINT is
+forwarded to every child, which drains gracefully, and the parent exits 0 when they are
+gone (killing stragglers after the grace period).  Nothing of libevent exists in the
+parent, so every child builds its own event base after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger("django_comet.server")
+
+
+class Supervisor:
+    def __init__(self, count: int, child_main: Callable[[int], None], grace: float):
+        self.count = count
+        self.child_main = child_main
+        self.grace = grace
+        self.children: dict[int, int] = {}  # pid -> worker number
+        self._stopping = False
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+        for number in range(self.count):
+            self._spawn(number)
+        pause = 0.0
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid not in self.children:
+                continue
+            number = self.children.pop(pid)
+            if self._stopping:
+                continue
+            logger.warning(
+                "Worker %d (pid %d) died (%s); starting another.", number, pid, _describe(status)
+            )
+            pause = min(max(pause * 2, 0.1), 5.0)
+            time.sleep(pause)  # a worker that dies on start must not spin the CPU
+            if not self._stopping:
+                self._spawn(number)
+                pause = pause if pause >= 5.0 else 0.0
+        return 0
+
+    def _spawn(self, number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)
+                self.child_main(number)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                logger.exception("Worker %d failed", number)
+                code = 1
+            finally:
+                os._exit(code)
+        self.children[pid] = number
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        if self._stopping:  # second signal: no more patience
+            for pid in list(self.children):
+                _kill(pid, signal.SIGKILL)
+            return
+        self._stopping = True
+        for pid in list(self.children):
+            _kill(pid, signal.SIGTERM)
+        signal.signal(signal.SIGALRM, self._kill_stragglers)
+        signal.setitimer(signal.ITIMER_REAL, self.grace + 5)
+
+    def _kill_stragglers(self, signum: int, frame: object) -> None:
+        for pid in list(self.children):
+            _kill(pid, signal.SIGKILL)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

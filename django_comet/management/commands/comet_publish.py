@@ -1,0 +1,33 @@
+"""``manage.py comet_publish CHANNEL JSON [--event NAME]``: publish from a shell or cron.
+
+With a shared broker (PostgreSQL, Redis) the event reaches every runcomet process.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ...events import publish
+
+
+class Command(BaseCommand):
+    help = "Publish an event (JSON data) on a channel through COMET_BROKER."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("channel")
+        parser.add_argument("data", help='JSON text, e.g. \'{"text": "hi"}\'')
+        parser.add_argument("--event", default=None, help="SSE event name")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            data = json.loads(options["data"])
+        except ValueError as exc:
+            raise CommandError(f"data is not JSON: {exc}") from None
+        try:
+            event_id = publish(options["channel"], data, event=options["event"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(str(event_id))
