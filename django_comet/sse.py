@@ -61,6 +61,11 @@ class EventStreamResponse(StreamingHttpResponse):
             self._cursor = hub.newest_id(self.channels)
         else:
             events, gap = broker.since(self.channels, after)
+            # An id newer than any we know comes from another epoch (a memory broker that
+            # restarted, a reset database): say so, and replay what we have.
+            if not events and after > hub.newest_id(self.channels) and after > hub.last_id:
+                gap = True
+                events, _ = broker.since(self.channels, 0)
             if gap:
                 gap_data = json.dumps({"last_event_id": after, "channels": self.channels})
                 first.append(sse_frame(None, GAP_EVENT, gap_data))

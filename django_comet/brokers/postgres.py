@@ -139,15 +139,20 @@ class PostgresBroker(ListeningBroker):
                 deliver(Event(channel, int(i), data, name))
             while not self._closed.is_set():
                 for notify in conn.notifies(timeout=1.0):
-                    deliver(self._event(conn, notify.payload))
+                    deliver(self._event(notify.payload))
 
-    def _event(self, conn: Any, payload: str) -> Event:
+    def _event(self, payload: str) -> Event:
         if payload.startswith("["):
             event_id, channel, name, data = json.loads(payload)
             return Event(channel, event_id, data, name)
-        i, channel, name, data = conn.execute(
-            "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (int(payload),)
-        ).fetchone()
+        # Too large for NOTIFY: read it on another connection (this one is busy listening).
+        i, channel, name, data = (
+            self._conn()
+            .execute(
+                "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (int(payload),)
+            )
+            .fetchone()
+        )
         return Event(channel, int(i), data, name)
 
 

@@ -11,6 +11,7 @@ in id order.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +22,9 @@ PREFIX = "comet:"
 PUBSUB_CHANNEL = PREFIX + "events"
 
 _PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SET', KEYS[1], ARGV[7])
+end
 local id = redis.call('INCR', KEYS[1])
 local payload = cjson.encode({id, ARGV[1], ARGV[2], ARGV[3]})
 local key = KEYS[2] .. ARGV[1]
@@ -65,6 +69,9 @@ class RedisBroker(ListeningBroker):
             self.history_size,
             self.history_size * 10,
             PUBSUB_CHANNEL,
+            # A Redis that lost its data (no persistence) restarts the counter from the
+            # clock, in milliseconds, so that ids still grow past those handed out before.
+            time.time_ns() // 1_000_000,
         ]
         try:
             return int(self._script(keys=keys, args=args))

@@ -42,13 +42,15 @@
     function startSSE() {
       var failures = 0;
       var opened = false;
-      var url = options.sse + (lastId ? sep(options.sse) + 'lastEventId=' + lastId : '');
+      // lastEventId=0 asks for the history too, so that SSE and long-poll start alike.
+      var url = options.sse + sep(options.sse) + 'lastEventId=' + lastId;
       source = new global.EventSource(url);
       source.onopen = function () { opened = true; failures = 0; onState('live (sse)'); };
       names.forEach(function (name) {
         source.addEventListener(name, function (e) { deliver(e.lastEventId, parse(e.data), name); });
       });
       source.addEventListener(GAP_EVENT, function (e) {
+        lastId = 0;  // the replay that follows may restart the ids (a restarted server)
         if (options.onGap) { options.onGap(parse(e.data)); }
       });
       source.onerror = function () {
@@ -69,7 +71,6 @@
 
     function startPoll() {
       var delay = 0;
-      onState('live (long-poll)');
       function next() {
         if (closed) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
@@ -77,6 +78,10 @@
         xhr.onload = function () {
           if (xhr.status === 200) {
             var body = JSON.parse(xhr.responseText);
+            if (body.last_id < lastId) {  // the ids restarted: take what the server has
+              lastId = 0;
+              if (options.onGap) { options.onGap(body); }
+            }
             body.events.forEach(function (e) { deliver(e.id, e.data, 'message'); });
             if (body.last_id > lastId) { lastId = body.last_id; }
             delay = 0;
