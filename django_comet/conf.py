@@ -28,6 +28,13 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_MAX_PENDING_OUTPUT": ServerConfig.max_pending_output,
     # None, or a callable (or its dotted path) (request, channel) -> bool.
     "COMET_AUTHORIZE": None,
+    # Seconds a response may stay held (an SSE stream, a chain of stages); 0: no limit.
+    "COMET_MAX_HOLD": ServerConfig.max_hold,
+    # Addresses of reverse proxies whose X-Forwarded-For / -Proto are believed.
+    "COMET_TRUSTED_PROXIES": [],
+    # Limits of request heads: target (414), header bytes and header count (431).
+    "COMET_MAX_REQUEST_LINE": ServerConfig.max_request_line,
+    "COMET_MAX_HEADER_COUNT": ServerConfig.max_header_count,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -41,6 +48,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_HISTORY_SIZE": (int,),
     "COMET_SSE_HEARTBEAT": (int, float),
     "COMET_MAX_PENDING_OUTPUT": (int,),
+    "COMET_MAX_HOLD": (int, float),
+    "COMET_TRUSTED_PROXIES": (list, tuple),
+    "COMET_MAX_REQUEST_LINE": (int,),
+    "COMET_MAX_HEADER_COUNT": (int,),
 }
 
 
@@ -76,6 +87,10 @@ class Settings:
             grace=float(self.GRACE_PERIOD),
             heartbeat=float(self.SSE_HEARTBEAT),
             max_pending_output=self.MAX_PENDING_OUTPUT,
+            max_hold=float(self.MAX_HOLD),
+            trusted_proxies=frozenset(self.TRUSTED_PROXIES),
+            max_request_line=self.MAX_REQUEST_LINE,
+            max_header_count=self.MAX_HEADER_COUNT,
         )
         if self.THREADS is not None:
             config.threads = self.THREADS

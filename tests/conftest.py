@@ -41,6 +41,6 @@ def comet_inline(demo_db):
 @pytest.fixture(scope="session")
 def wsgi_server():
     """`python -m django_comet.evloop` serving tests/fixtureapps/apps.py:app."""
-    server = evloop("tests.fixtureapps.apps:app")
+    server = evloop("tests.fixtureapps.apps:dispatch")
     yield server
     server.stop()

@@ -97,20 +97,42 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def runcomet(*args: str, settings: str = "tests.settings", db: str | None = None) -> ServerProcess:
-    env = {"DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def runcomet(
+    *args: str,
+    settings: str = "tests.settings",
+    db: str | None = None,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> ServerProcess:
+    """``manage.py runcomet --noreload`` with ``env`` added (and ``prefix`` before the
+    interpreter, e.g. prlimit)."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": settings,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     if db:
         env["DEMO_DB"] = db
-    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload", *args]
+    argv = [
+        *prefix,
+        sys.executable,
+        str(ROOT / "demo_site" / "manage.py"),
+        "runcomet",
+        "--noreload",
+        *args,
+    ]
     if not any(re.match(r"^[\[\d]|^\d+$", a) for a in args):
         argv.append("127.0.0.1:0")
     return ServerProcess(argv, env=env)
 
 
-def evloop(app: str, *args: str, cwd: Path = ROOT) -> ServerProcess:
+def evloop(app: str, *args: str, cwd: Path = ROOT, prefix: tuple[str, ...] = ()) -> ServerProcess:
     env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return ServerProcess(
-        [sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args], env=env, cwd=cwd
+        [*prefix, sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args],
+        env=env,
+        cwd=cwd,
     )
 
 

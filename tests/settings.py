@@ -11,3 +11,5 @@ COMET_HISTORY_SIZE = int(os.environ.get("TEST_HISTORY_SIZE", "100"))
 COMET_SSE_HEARTBEAT = float(os.environ.get("TEST_SSE_HEARTBEAT", "15"))
 COMET_MAX_PENDING_OUTPUT = int(os.environ.get("TEST_MAX_PENDING_OUTPUT", str(1024 * 1024)))
 COMET_AUTHORIZE = "tests.views.authorize"
+COMET_MAX_HOLD = float(os.environ.get("TEST_MAX_HOLD", "3600"))
+COMET_TRUSTED_PROXIES = [p for p in os.environ.get("TEST_TRUSTED_PROXIES", "").split(",") if p]

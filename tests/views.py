@@ -35,6 +35,7 @@ def echo(request):
             "cookies": request.COOKIES,
             "remote_addr": request.META.get("REMOTE_ADDR"),
             "server_protocol": request.META.get("SERVER_PROTOCOL"),
+            "scheme": request.scheme,
         }
     )
 

@@ -16,8 +16,12 @@ class ServerConfig:
     # requests, or take to accept written data (libevent's one evhttp timeout).  Held
     # connections (deferrals, streams) have no read timeout while they are held.
     timeout: float = 30.0
-    # Request line plus headers, in bytes (libevent counts them together); over it: 431.
+    # Header lines together, in bytes (431 beyond), the request-target (414 beyond) and
+    # the number of header lines (431 beyond).  libevent's own buffer for the request
+    # line and headers is twice their sum; beyond that it answers 400 itself.
     max_header_size: int = 16 * 1024
+    max_request_line: int = 8190
+    max_header_count: int = 100
     # Request body, in bytes, after de-chunking; over it: 413.  libevent buffers a body
     # whole before the application sees it, so this also bounds memory per request.
     max_body_size: int = 32 * 1024 * 1024
@@ -30,6 +34,11 @@ class ServerConfig:
     heartbeat: float = 15.0
     # Unsent bytes a held stream may have before it is cut as a slow reader.
     max_pending_output: int = 1024 * 1024
+    # Seconds a response may stay held (stream, chain of stages); then it is ended
+    # cleanly (SSE clients reconnect with Last-Event-ID).  0: no limit.
+    max_hold: float = 3600.0
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (a reverse proxy).
+    trusted_proxies: frozenset[str] = frozenset()
     # Seconds to let in-flight responses finish on SIGTERM/Ctrl-C before cutting them.
     grace: float = 10.0
     backlog: int = 1024

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
@@ -34,7 +35,11 @@ class Holder:
         self._lib = server._lib
         self._buf = server._buf
         self.max_pending = server.config.max_pending_output
-        self.heartbeat_interval = server.config.heartbeat
+        # One timer for all streams: heartbeat comments, and the end of streams held
+        # longer than max_hold (swept every minute when heartbeats are off).
+        self.heartbeat_interval = server.config.heartbeat or 60.0
+        self.send_heartbeat = server.config.heartbeat > 0
+        self.max_hold = server.config.max_hold
         self._subscribers: dict[str, dict[Exchange, None]] = {}  # ordered sets
         self._streams: dict[Exchange, None] = {}
         self._heartbeat: Handle | None = None
@@ -52,6 +57,9 @@ class Holder:
 
     def hold(self, ex: Exchange, deferral: AnyDeferral) -> None:
         server = self.server
+        if self.max_hold and time.monotonic() - ex.started > self.max_hold:
+            server._end(ex)  # a chain of stages that outlived its welcome
+            return
         ex.state = "held"
         ex.environ = {}  # the response object keeps what the next stage needs
         if ex.bev is None:
@@ -81,7 +89,7 @@ class Holder:
         ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
-        if self._heartbeat is None and self.heartbeat_interval > 0:
+        if self._heartbeat is None:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
         # Events published between the view's replay and now are in the hub already.
         events, _ = hub.since(deferral.channels, deferral.cursor)
@@ -154,8 +162,12 @@ class Holder:
 
     def _beat(self) -> None:
         self._heartbeat = None
+        too_old = time.monotonic() - self.max_hold if self.max_hold else None
         for ex in list(self._streams):
-            self._write(ex, HEARTBEAT)
+            if too_old is not None and ex.started < too_old:
+                self._end_stream(ex)
+            elif self.send_heartbeat:
+                self._write(ex, HEARTBEAT)
         if self._streams:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
 
@@ -168,9 +180,14 @@ class Holder:
             if ex.state != "held":
                 continue
             if type(ex.hold) is Stream:
-                retry = random.randint(1000, 5000)
-                self.server._send_chunk(ex, b"retry: %d\n\n" % retry)
-            self.server._end(ex)
+                self._end_stream(ex)
+            else:
+                self.server._end(ex)
+
+    def _end_stream(self, ex: Exchange) -> None:
+        retry = random.randint(1000, 5000)
+        self.server._send_chunk(ex, b"retry: %d\n\n" % retry)
+        self.server._end(ex)
 
     def stats(self) -> dict[str, Any]:
         return {

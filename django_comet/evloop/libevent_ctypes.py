@@ -32,6 +32,7 @@ from ctypes import (
 __all__ = ["EV_PERSIST", "EV_READ", "EV_TIMEOUT", "EV_WRITE", "LibeventMissing", "lib", "load"]
 
 # Opaque handles.
+evconnlistener_p = c_void_p
 event_base_p = c_void_p
 event_p = c_void_p
 evhttp_p = c_void_p
@@ -96,6 +97,8 @@ event_callback_fn = CFUNCTYPE(None, evutil_socket_t, c_short, c_void_p)
 evhttp_request_cb = CFUNCTYPE(None, evhttp_request_p, c_void_p)
 # void (*cb)(struct evhttp_connection *, void *)
 evhttp_connection_cb = CFUNCTYPE(None, evhttp_connection_p, c_void_p)
+# typedef void (*evconnlistener_errorcb)(struct evconnlistener *, void *);
+evconnlistener_errorcb = CFUNCTYPE(None, evconnlistener_p, c_void_p)
 
 # name: (restype, argtypes); the C prototype is the comment above each entry.
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
@@ -131,6 +134,15 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_accept_socket_with_handle": (evhttp_bound_socket_p, [evhttp_p, evutil_socket_t]),
     # void evhttp_del_accept_socket(struct evhttp *, struct evhttp_bound_socket *);
     "evhttp_del_accept_socket": (None, [evhttp_p, evhttp_bound_socket_p]),
+    # struct evconnlistener *evhttp_bound_socket_get_listener(struct evhttp_bound_socket *);
+    "evhttp_bound_socket_get_listener": (evconnlistener_p, [evhttp_bound_socket_p]),
+    # void evconnlistener_set_error_cb(struct evconnlistener *lev,
+    #                                  evconnlistener_errorcb errorcb);
+    "evconnlistener_set_error_cb": (None, [evconnlistener_p, evconnlistener_errorcb]),
+    # int evconnlistener_disable(struct evconnlistener *lev);
+    "evconnlistener_disable": (c_int, [evconnlistener_p]),
+    # int evconnlistener_enable(struct evconnlistener *lev);
+    "evconnlistener_enable": (c_int, [evconnlistener_p]),
     # void evhttp_set_gencb(struct evhttp *, void (*)(struct evhttp_request *, void *), void *);
     "evhttp_set_gencb": (None, [evhttp_p, evhttp_request_cb, c_void_p]),
     # void evhttp_set_timeout_tv(struct evhttp *http, const struct timeval* tv);
@@ -252,7 +264,7 @@ def load() -> ctypes.CDLL:
         tried = []
         for candidate in _candidates():
             try:
-                cdll = ctypes.CDLL(candidate)
+                cdll = ctypes.CDLL(candidate, use_errno=True)
             except OSError as exc:
                 tried.append(f"{candidate} ({exc})")
                 continue

@@ -21,7 +21,7 @@ from ctypes import (
 )
 
 from . import libevent_ctypes as ev
-from .wsgi import BadRequest, check_request
+from .wsgi import BadRequest, Limits, check_request
 
 
 class RequestStruct(Structure):
@@ -64,7 +64,7 @@ def read_headers(queue: ev.evkeyvalq) -> list[tuple[bytes, bytes]]:
 
 
 def read_request(
-    r: RequestStruct, lib: ctypes.CDLL
+    r: RequestStruct, lib: ctypes.CDLL, limits: Limits
 ) -> tuple[str, str, str, list[tuple[bytes, bytes]], bytes, tuple[str, int]]:
     """(method, target, protocol, headers, body, (remote host, port)), or BadRequest.
 
@@ -78,7 +78,7 @@ def read_request(
     if method is None:
         raise BadRequest("Unknown method", 501)
     headers = read_headers(r.input_headers.contents)
-    check_request(method, uri, (r.major, r.minor), headers)
+    check_request(method, uri, (r.major, r.minor), headers, limits)
     buf = r.input_buffer
     length = lib.evbuffer_get_length(buf)
     body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length) if length else b""

@@ -31,7 +31,7 @@ from .holding import Holder
 from .loop import Handle, Loop
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
-from .wsgi import HOP_BY_HOP, AppError, BadRequest, StartResponse
+from .wsgi import HOP_BY_HOP, AppError, BadRequest, Limits, StartResponse, apply_forwarded
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -124,6 +124,9 @@ class Server:
         self._request_cb = ev.evhttp_request_cb(self._on_request)
         self._close_cb = ev.evhttp_connection_cb(self._on_close)
         self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
+        self._limits = Limits(
+            self.config.max_request_line, self.config.max_header_size, self.config.max_header_count
+        )
         self._http = self._make_evhttp()
         self.holder = Holder(self)
 
@@ -135,13 +138,17 @@ class Server:
         lib.evhttp_set_gencb(http, self._request_cb, None)
         lib.evhttp_set_allowed_methods(http, ev.EVHTTP_ALL_METHODS)
         lib.evhttp_set_default_content_type(http, None)
-        lib.evhttp_set_max_headers_size(http, cfg.max_header_size)
+        lib.evhttp_set_max_headers_size(http, 2 * (cfg.max_header_size + cfg.max_request_line))
         lib.evhttp_set_max_body_size(http, cfg.max_body_size)
         lib.evhttp_set_timeout_tv(http, ctypes.byref(_timeval(cfg.timeout)))
         self.sock.setblocking(False)
         self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
         if not self._bound:
             raise OSError("evhttp_accept_socket_with_handle() failed")
+        self._listener = lib.evhttp_bound_socket_get_listener(self._bound)
+        self._accept_error_cb = ev.evconnlistener_errorcb(self._on_accept_error)
+        lib.evconnlistener_set_error_cb(self._listener, self._accept_error_cb)
+        self.accept_pauses = 0
         return int(http)
 
     # -- running -----------------------------------------------------------------------
@@ -205,12 +212,29 @@ class Server:
             **self.holder.stats(),
         }
 
+    def _on_accept_error(self, listener: int, _arg: Any) -> None:
+        """accept() failed (EMFILE: out of file descriptors, ENFILE, ENOBUFS): pause
+        accepting for a moment instead of spinning on a listening socket that stays
+        readable; connections already open go on being served."""
+        err = ctypes.get_errno() or "?"
+        self.accept_pauses += 1
+        logger.warning("accept() failed (errno %s); pausing new connections for 0.5 s", err)
+        self._lib.evconnlistener_disable(listener)
+
+        def resume() -> None:
+            if not self._draining and self._bound is not None:
+                self._lib.evconnlistener_enable(listener)
+
+        self.loop.call_later(0.5, resume)
+
     # -- request intake (loop thread) --------------------------------------------------
 
     def _on_request(self, req: int, _arg: Any) -> None:
         r = RequestStruct.from_address(req)
         try:
-            method, target, protocol, headers, body, remote = read_request(r, self._lib)
+            method, target, protocol, headers, body, remote = read_request(
+                r, self._lib, self._limits
+            )
             environ = self._build_environ(method, target, protocol, headers, body, remote)
         except BadRequest as exc:
             self._lib.evhttp_send_error(req, exc.status, str(exc).encode("latin-1"))
@@ -238,7 +262,7 @@ class Server:
         from .wsgi import build_environ
 
         cfg = self.config
-        return build_environ(
+        environ = build_environ(
             method,
             target,
             protocol,
@@ -251,6 +275,9 @@ class Server:
             multithread=self._pool is not None,
             base=self._environ_base,
         )
+        if cfg.trusted_proxies and remote[0] in cfg.trusted_proxies:
+            apply_forwarded(environ, cfg.trusted_proxies)
+        return environ
 
     # -- running the application (worker thread, or loop thread with threads=0) --------
 

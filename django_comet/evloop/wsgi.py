@@ -9,7 +9,7 @@ import io
 import re
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 Headers = list[tuple[str, str]]
@@ -140,6 +140,21 @@ def build_environ(
     return environ
 
 
+def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
+    """The peer is a trusted proxy: take the client's address from X-Forwarded-For (the
+    rightmost hop that is not itself a trusted proxy) and the scheme from
+    X-Forwarded-Proto.  Never called for untrusted peers, whose headers are left as sent."""
+    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if hop not in trusted:
+            environ["REMOTE_ADDR"] = hop
+            environ["REMOTE_PORT"] = ""
+            break
+    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        environ["wsgi.url_scheme"] = proto
+
+
 class StartResponse:
     """The ``start_response`` callable of one request, and what the app told it.
 
@@ -201,12 +216,34 @@ class StartResponse:
         self.written.append(data)
 
 
+class Limits(NamedTuple):
+    """Sizes checked in Python, so that each gets its own status (evhttp answers 400 to
+    anything over its single, larger, buffer limit)."""
+
+    target: int = 8190  # bytes in the request-target -> 414 (Apache's line limit)
+    header_bytes: int = 16 * 1024  # all header lines together -> 431
+    header_count: int = 100  # header lines -> 431
+
+
+DEFAULT_LIMITS = Limits()
+
+
 def check_request(
-    method: str, target: bytes, version: tuple[int, int], headers: list[tuple[bytes, bytes]]
+    method: str,
+    target: bytes,
+    version: tuple[int, int],
+    headers: list[tuple[bytes, bytes]],
+    limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Refuse what RFC 9112 says to refuse and evhttp lets through (BadRequest)."""
     if version not in ((1, 1), (1, 0)):
         raise BadRequest("HTTP Version Not Supported", 505)
+    if len(target) > limits.target:
+        raise BadRequest("URI Too Long", 414)
+    if len(headers) > limits.header_count:
+        raise BadRequest("Request Header Fields Too Large (too many)", 431)
+    if sum(len(name) + len(value) + 4 for name, value in headers) > limits.header_bytes:
+        raise BadRequest("Request Header Fields Too Large", 431)
     if target == b"*" and method != "OPTIONS":
         raise BadRequest("Asterisk target is only for OPTIONS")
     hosts = 0

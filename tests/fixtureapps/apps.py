@@ -92,3 +92,20 @@ def app(environ, start_response):
         return gen()
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found: " + path.encode("latin-1")]
+
+
+class _RaisingClose(_Body):
+    def close(self):
+        raise RuntimeError("close() failed (a test)")
+
+
+def raising_close(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return _RaisingClose([b"body before a failing close"])
+
+
+def dispatch(environ, start_response):
+    """app plus a few more routes for the hardening tests."""
+    if environ["PATH_INFO"] == "/close-raises":
+        return raising_close(environ, start_response)
+    return app(environ, start_response)

@@ -1,0 +1,245 @@
+"""Hostile clients, faults, limits and storms, over real sockets."""
+
+import os
+import random
+import signal
+import socket
+import threading
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .processes import evloop, runcomet
+from .sse_client import SSEClient
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def wait_until(predicate, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def exchange(server, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data``, half-close, read until the server closes (a hang fails)."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may refuse mid-send
+        out = b""
+        while True:
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:
+                return out
+            if not more:
+                return out
+            out += more
+
+
+SEEDS = [
+    b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET /environ?a=%ff%00 HTTP/1.0\r\nX: y\r\n\r\n",
+    b"HEAD /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+]
+
+HOSTILE = [
+    b"\x00\x01\x02garbage\xff\xfe\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n",  # truncated head
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort",  # truncated body
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n",
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
+    b"POST /environ HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    b"GET /\xc3\x28\xff HTTP/1.1\r\nHost: x\r\n\r\n",  # invalid UTF-8 in the path
+    b"GET /%c3%28%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\n\r\n\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n",
+]
+
+
+@pytest.fixture(scope="module")
+def target():
+    server = evloop("tests.fixtureapps.apps:dispatch", "--no-access-log")
+    yield server
+    server.stop()
+
+
+def settled(server, fds, rss):
+    """The server is alive, back to its fds, and near its memory, after a beating."""
+    assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+    wait_until(lambda: fd_count(server.proc.pid) <= fds)
+    assert rss_kib(server.proc.pid) < rss + 16 * 1024  # KiB
+
+
+def test_hostile_inputs(target):
+    fds, rss = fd_count(target.proc.pid), rss_kib(target.proc.pid)
+    for data in HOSTILE:
+        out = exchange(target, data)
+        assert not out.startswith(b"HTTP/1.1 2") or data.startswith(b"GET /%c3"), (data, out)
+        for size in (1, 7):  # the same bytes dribbled in small pieces
+            with socket.create_connection((target.host, target.port), timeout=10) as sock:
+                for i in range(0, min(len(data), 300), size):
+                    sock.sendall(data[i : i + size])
+    settled(target, fds, rss)
+
+
+@st.composite
+def mutated(draw):
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "dup"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[pos:pos] = draw(
+                st.sampled_from([b"\r\n", b"\x00", b":", b" ", b"\xff", b"0", b"\n"])
+            )
+        elif op == "delete" and data:
+            del data[pos]
+        elif op == "truncate":
+            del data[pos:]
+        elif op == "dup":
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 40))]
+    return bytes(data)
+
+
+def test_thousands_of_mutated_requests(target):
+    fds, rss = fd_count(target.proc.pid), rss_kib(target.proc.pid)
+
+    @settings(
+        max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(mutated())
+    def one(data):
+        exchange(target, data)  # must end: the server answers or closes, never hangs
+
+    one()
+    settled(target, fds, rss)
+
+
+def test_exception_in_close_is_logged_and_the_response_stands(target):
+    response = requests.get(target.url + "/close-raises")
+    assert response.status_code == 200
+    assert response.content == b"body before a failing close"
+    wait_until(lambda: any("close() failed" in line for line in target.output))
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
+    server = evloop(
+        "tests.fixtureapps.apps:dispatch", "--no-access-log", prefix=("prlimit", "--nofile=64:64")
+    )
+    try:
+        socks = []
+        for _ in range(90):  # more than the server has descriptors for
+            socks.append(socket.create_connection((server.host, server.port), timeout=10))
+        wait_until(lambda: any("accept() failed" in line for line in server.output))
+        for sock in socks:
+            sock.close()
+        session = requests.Session()
+        assert session.get(server.url + "/hello", timeout=10).status_code == 200
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
+def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    assert (
+        requests.get(comet.url + "/t/echo/", headers=headers).json()["remote_addr"] == "127.0.0.1"
+    )
+    trusting = runcomet(db=demo_db, env={"TEST_TRUSTED_PROXIES": "127.0.0.1"})
+    try:
+        data = requests.get(trusting.url + "/t/echo/", headers=headers).json()
+        assert data["remote_addr"] == "203.0.113.7"
+        assert data["scheme"] == "https"
+    finally:
+        assert trusting.stop() == 0
+
+
+def test_held_connections_end_after_max_hold(demo_db):
+    server = runcomet(db=demo_db, env={"TEST_MAX_HOLD": "0.3", "TEST_SSE_HEARTBEAT": "0.1"})
+    try:
+        with SSEClient(server, "/t/stream/?channels=aging") as client:
+            frames = list(client.frames())  # ends: the server closes the stream cleanly
+            assert client.ended
+            assert frames[-1].startswith(b"retry: ")
+        server.wait_for_status(lambda s: s["held"] == 0)
+    finally:
+        assert server.stop() == 0
+
+
+def test_storm_of_vanishing_stream_clients(comet):
+    pid = comet.proc.pid
+    fds, rss = fd_count(pid), rss_kib(pid)
+    clients = [SSEClient(comet, "/t/stream/?channels=storm") for _ in range(2000)]
+    comet.wait_for_status(lambda s: s["channels"].get("storm") == 2000)
+    for client in clients:  # all reset at once
+        client.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        client.close()
+    status = comet.wait_for_status(lambda s: "storm" not in s["channels"] and s["held"] == 0)
+    assert status["timers"] == 0
+    wait_until(lambda: fd_count(pid) <= fds)
+    assert rss_kib(pid) < rss + 16 * 1024
+
+
+def test_graceful_drain_under_load(demo_db):
+    server = runcomet(db=demo_db)
+    streams = []
+    try:
+        for _ in range(500):
+            streams.append(SSEClient(server, "/t/stream/?channels=drain"))
+        server.wait_for_status(lambda s: s["channels"].get("drain") == 500)
+        results = []
+
+        def slow():
+            results.append(requests.get(server.url + "/t/sleep/?s=1", timeout=30))
+
+        threads = [threading.Thread(target=slow) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        server.wait_for_status(lambda s: s["in_flight"] >= 5)
+        server.signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join()
+        assert [r.status_code for r in results] == [200] * 4
+        retries = set()
+        for client in random.sample(streams, 50) + streams[:5]:
+            frames = list(client.frames())
+            assert client.ended  # a proper last chunk
+            assert frames[-1].startswith(b"retry: ")
+            retries.add(frames[-1])
+        assert len(retries) > 1  # jittered, so reconnects spread out
+        assert server.proc.wait(30) == 0
+    finally:
+        for client in streams:
+            client.close()
+        server.stop()
