@@ -133,11 +133,11 @@ def mutated(draw):
 def test_thousands_of_mutated_requests(target):
     fds, rss = fd_count(target.proc.pid), rss_kib(target.proc.pid)
 
+    sent = []
+
     @settings(
         max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
-    sent = []
-
     @given(mutated())
     def one(data):
         exchange(target, data)  # must end: the server answers or closes, never hangs
