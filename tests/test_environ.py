@@ -124,7 +124,8 @@ def test_check_request_accepts():
 def test_start_response_validates():
     start = StartResponse()
     write = start("200 OK", [("Content-Type", "text/plain")])
-    assert (start.code, start.reason) == (200, "OK")
+    assert (start.code, start.reason) == (200, b"OK")
+    assert start.encoded == [(b"Content-Type", b"text/plain")]
     write(b"x")
     assert start.written == [b"x"]
     with pytest.raises(AppError):
@@ -155,3 +156,31 @@ def test_start_response_exc_info():
         start.headers_sent = True
         with pytest.raises(ValueError):
             start("500 Internal Server Error", [], sys.exc_info())
+
+
+def test_start_response_keeps_framing_to_itself():
+    start = StartResponse()
+    start(
+        "200 OK",
+        [
+            ("Content-Length", "5"),
+            ("Connection", "close"),
+            ("Keep-Alive", "x"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Mine", "v"),
+        ],
+    )
+    assert start.encoded == [(b"X-Mine", b"v")]
+    assert start.length == 5
+    assert start.close is True
+
+
+def test_forwarded_headers_from_a_trusted_proxy():
+    from django_comet.evloop.wsgi import apply_forwarded
+
+    env = environ(
+        headers=[(b"X-Forwarded-For", b"198.51.100.1, 10.0.0.2"), (b"X-Forwarded-Proto", b"HTTPS")]
+    )
+    apply_forwarded(env, frozenset({"10.0.0.1", "10.0.0.2"}))
+    assert env["REMOTE_ADDR"] == "198.51.100.1"
+    assert env["wsgi.url_scheme"] == "https"

@@ -31,7 +31,7 @@ from .holding import Holder
 from .loop import Handle, Loop
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
-from .wsgi import HOP_BY_HOP, AppError, BadRequest, Limits, StartResponse, apply_forwarded
+from .wsgi import AppError, BadRequest, EnvironBuilder, Limits, StartResponse, apply_forwarded
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -116,10 +116,13 @@ class Server:
         self._to_loop: Callable[..., None] = (
             self.loop.call_soon_threadsafe if self._pool else _call_now
         )
-        self._environ_base = {
-            "wsgi.multithread": threads > 0,
-            "evloop.server": self,
-        }
+        self._environ = EnvironBuilder(
+            server=(self.config.host, self.address[1]),
+            script_name=self.config.script_name,
+            url_scheme=self.config.url_scheme,
+            multithread=threads > 0,
+            extra={"evloop.server": self},
+        )
         # C callbacks, referenced for as long as the evhttp object lives.
         self._request_cb = ev.evhttp_request_cb(self._on_request)
         self._close_cb = ev.evhttp_connection_cb(self._on_close)
@@ -243,7 +246,6 @@ class Server:
         self._next_key += 1
         ex = Exchange(key, req, environ)
         self._exchanges[key] = ex
-        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, key)
         if self._pool is not None:
             self._lift_read_timeout(ex)  # a slow view must not look like an idle client
             self._pool.submit(self._run_app, ex)
@@ -259,24 +261,10 @@ class Server:
         body: bytes,
         remote: tuple[str, int],
     ) -> dict[str, Any]:
-        from .wsgi import build_environ
-
-        cfg = self.config
-        environ = build_environ(
-            method,
-            target,
-            protocol,
-            headers,
-            body,
-            remote=remote,
-            server=(cfg.host, self.address[1]),
-            script_name=cfg.script_name,
-            url_scheme=cfg.url_scheme,
-            multithread=self._pool is not None,
-            base=self._environ_base,
-        )
-        if cfg.trusted_proxies and remote[0] in cfg.trusted_proxies:
-            apply_forwarded(environ, cfg.trusted_proxies)
+        environ = self._environ.build(method, target, protocol, headers, body, remote)
+        trusted = self.config.trusted_proxies
+        if trusted and remote[0] in trusted:
+            apply_forwarded(environ, trusted)
         return environ
 
     # -- running the application (worker thread, or loop thread with threads=0) --------
@@ -376,50 +364,43 @@ class Server:
 
     # -- writing responses (loop thread) -----------------------------------------------
 
-    def _add_headers(self, ex: Exchange, start: StartResponse, *, keep_length: bool) -> bool:
-        """Copy the app's headers to evhttp; return whether a Content-Length was given."""
-        assert ex.req is not None
-        out = RequestStruct.from_address(ex.req).output_headers
+    def _add_headers(self, out: int, start: StartResponse, length: int | None) -> None:
+        """Copy the app's (already encoded) headers to evhttp's output headers."""
         add = self._lib.evhttp_add_header
-        has_length = False
-        for name, value in start.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == "connection" and value.lower() == "close":
-                    add(out, b"Connection", b"close")
-                continue
-            if lname == "content-length":
-                if not keep_length:
-                    continue
-                has_length = True
-            add(out, name.encode("latin-1"), value.encode("latin-1"))
-        return has_length
+        for name, value in start.encoded:
+            add(out, name, value)
+        if length is not None:
+            add(out, b"Content-Length", b"%d" % length)
+        if start.close:
+            add(out, b"Connection", b"close")
 
     def _reply_whole(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
         if ex.dead:
             return self._drop(ex)
         assert ex.req is not None
-        body = b"".join(chunks)
-        declared = _content_length(start.headers)
-        if declared is not None and declared != len(body):
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        length = start.length
+        if length is None:
+            if start.code >= 200 and start.code not in _NO_BODY_STATUSES:
+                length = len(body)
+        elif length != len(body):
             logger.error(
                 "%s %s: Content-Length %d but the body has %d bytes; closing the connection",
                 ex.method,
                 ex.path,
-                declared,
+                length,
                 len(body),
             )
-            body = body[:declared]
-            start.headers.append(("Connection", "close"))
-        self._add_headers(ex, start, keep_length=True)
-        if declared is None and start.code not in _NO_BODY_STATUSES and start.code >= 200:
-            out = RequestStruct.from_address(ex.req).output_headers
-            self._lib.evhttp_add_header(out, b"Content-Length", str(len(body)).encode())
-        if body and ex.method != "HEAD":
+            body = body[:length]
+            start.close = True
+        self._add_headers(RequestStruct.from_address(ex.req).output_headers, start, length)
+        head = ex.method == "HEAD"
+        if body and not head:
             self._lib.evbuffer_add(self._buf, body, len(body))
-        ex.code, ex.sent = start.code, (len(body) if ex.method != "HEAD" else 0)
-        self._restore_read_timeout(ex)
-        self._lib.evhttp_send_reply(ex.req, start.code, start.reason.encode("latin-1"), self._buf)
+        ex.code, ex.sent = start.code, (0 if head else len(body))
+        if ex.bev is not None:
+            self._restore_read_timeout(ex)
+        self._lib.evhttp_send_reply(ex.req, start.code, start.reason, self._buf)
         ex.req = None
         self._finish(ex)
 
@@ -430,10 +411,16 @@ class Server:
 
     def _begin_chunked(
         self, ex: Exchange, start: StartResponse, chunks: list[bytes], *, keep_length: bool
-    ) -> None:
+    ) -> bool:
+        """Send the head and first chunk; False (and released) if the client is gone."""
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
-        self._add_headers(ex, start, keep_length=keep_length)
+        if not r.evcon:
+            ex.dead = True
+            self._drop(ex)
+            return False
+        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
+        self._add_headers(r.output_headers, start, start.length if keep_length else None)
         if (r.major, r.minor) < (1, 1):
             # HTTP/1.0 has no chunked coding: the end of the body is the end of the
             # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
@@ -441,9 +428,10 @@ class Server:
             self._lib.evhttp_remove_header(r.input_headers, b"Connection")
             self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
         ex.code = start.code
-        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason.encode("latin-1"))
+        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
         if chunks:
             self._send_chunk(ex, b"".join(chunks))
+        return True
 
     def _start_stream(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
         if ex.dead:
@@ -457,7 +445,8 @@ class Server:
         if ex.dead:
             return self._drop(ex)
         # Later stages add content, so the first stage's length is not the body's.
-        self._begin_chunked(ex, start, chunks, keep_length=False)
+        if not self._begin_chunked(ex, start, chunks, keep_length=False):
+            return
         ex.deferred = True
         self.held += 1
         self.holder.hold(ex, deferral)
@@ -566,8 +555,11 @@ class Server:
 
     def _restore_read_timeout(self, ex: Exchange) -> None:
         if ex.bev is not None:
-            tv = ctypes.byref(_timeval(self.config.timeout))
-            self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
+            # A detached request (evcon NULL) means the connection, and so its
+            # bufferevent, is gone: nothing to restore.
+            if ex.req is not None and RequestStruct.from_address(ex.req).evcon:
+                tv = ctypes.byref(_timeval(self.config.timeout))
+                self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
             ex.bev = None
 
     def _finish(self, ex: Exchange) -> None:
@@ -601,16 +593,6 @@ def _call_now(fn: Callable[..., Any], *args: Any) -> None:
 def _timeval(seconds: float) -> ev.timeval:
     whole = int(seconds)
     return ev.timeval(whole, int((seconds - whole) * 1_000_000))
-
-
-def _content_length(headers: list[tuple[str, str]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == "content-length":
-            try:
-                return int(value)
-            except ValueError:
-                raise AppError(f"invalid Content-Length: {value!r}") from None
-    return None
 
 
 def _shutdown(fd: int) -> None:

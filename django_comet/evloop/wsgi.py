@@ -17,8 +17,6 @@ Headers = list[tuple[str, str]]
 # RFC 9110 5.6.2 token characters; a field name must be a token.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-# A field value may not contain CR, LF or NUL (RFC 9110 5.5); HTAB and obs-text are fine.
-_BAD_VALUE_CHARS = re.compile(r"[\r\n\0]")
 _STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\0]*\Z")
 
 # Hop-by-hop headers belong to the server's framing (PEP 3333 "Other HTTP Features").
@@ -72,6 +70,96 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
+class EnvironBuilder:
+    """Builds the PEP 3333 environ of each request of one server.
+
+    What is the same for every request is computed once; header names are mapped to
+    environ keys through a small cache, since clients send the same few names again and
+    again.  Repeated headers are joined with ", " (Cookie with "; "); names containing
+    "_" are dropped so that "X-Forwarded_For" cannot pose as "X-Forwarded-For" (as
+    Django's runserver does).  CONTENT_LENGTH is the length of the de-chunked body,
+    because Django reads exactly CONTENT_LENGTH bytes and ignores wsgi.input_terminated.
+    """
+
+    def __init__(
+        self,
+        *,
+        server: tuple[str, int],
+        script_name: str = "",
+        url_scheme: str = "http",
+        multithread: bool = True,
+        extra: dict[str, Any] | None = None,
+    ):
+        self.script_name = script_name
+        self.base: dict[str, Any] = {
+            "SCRIPT_NAME": script_name,
+            "SERVER_NAME": server[0],
+            "SERVER_PORT": str(server[1]),
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": url_scheme,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": multithread,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            **(extra or {}),
+        }
+        self._keys: dict[bytes, str | None] = {}
+
+    def _key(self, raw_name: bytes) -> str | None:
+        key = self._keys.get(raw_name, "")
+        if key == "":
+            if b"_" in raw_name:
+                key = None
+            else:
+                name = raw_name.decode("latin-1").upper().replace("-", "_")
+                key = name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name
+            if len(self._keys) > 1000:
+                self._keys.clear()  # a client inventing names must not grow it forever
+            self._keys[raw_name] = key
+        return key
+
+    def build(
+        self,
+        method: str,
+        target: str,
+        protocol: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        remote: tuple[str, int],
+    ) -> dict[str, Any]:
+        raw_path, query = split_target(target)
+        if "%" in raw_path:
+            path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
+        else:
+            path = raw_path
+        script_name = self.script_name
+        if script_name and (path == script_name or path.startswith(script_name + "/")):
+            path = path[len(script_name) :]
+        environ = self.base.copy()
+        environ["REQUEST_METHOD"] = method
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = environ["REQUEST_URI"] = target
+        environ["SERVER_PROTOCOL"] = protocol
+        environ["REMOTE_ADDR"] = remote[0]
+        environ["REMOTE_PORT"] = str(remote[1])
+        environ["wsgi.input"] = io.BytesIO(body)
+        key_for = self._key
+        for raw_name, raw_value in headers:
+            key = key_for(raw_name)
+            if key is None:
+                continue
+            value = raw_value.decode("latin-1").strip(" \t")
+            if key in environ:
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ", ") + value
+            else:
+                environ[key] = value
+        if body or "CONTENT_LENGTH" in environ or "HTTP_TRANSFER_ENCODING" in environ:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        return environ
+
+
 def build_environ(
     method: str,
     target: str,
@@ -83,61 +171,10 @@ def build_environ(
     server: tuple[str, int],
     script_name: str = "",
     url_scheme: str = "http",
-    multithread: bool = True,
-    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the PEP 3333 environ for one parsed request.
-
-    ``target`` and header bytes are latin-1 native strings per PEP 3333.  Repeated
-    headers are joined with ", " (Cookie with "; "); names containing "_" are dropped so
-    that "X-Forwarded_For" cannot pose as "X-Forwarded-For" (as Django's runserver does).
-    CONTENT_LENGTH is the length of the de-chunked body, because Django reads exactly
-    CONTENT_LENGTH bytes and ignores wsgi.input_terminated.
-    """
-    raw_path, query = split_target(target)
-    path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
-    if script_name and (path == script_name or path.startswith(script_name + "/")):
-        path = path[len(script_name) :]
-    environ: dict[str, Any] = dict(base) if base else {}
-    environ.update(
-        {
-            "REQUEST_METHOD": method,
-            "SCRIPT_NAME": script_name,
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "RAW_URI": target,
-            "REQUEST_URI": target,
-            "SERVER_PROTOCOL": protocol,
-            "SERVER_NAME": server[0],
-            "SERVER_PORT": str(server[1]),
-            "REMOTE_ADDR": remote[0],
-            "REMOTE_PORT": str(remote[1]),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": url_scheme,
-            "wsgi.input": io.BytesIO(body),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": multithread,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-        }
-    )
-    for raw_name, raw_value in headers:
-        if b"_" in raw_name:
-            continue
-        name = raw_name.decode("latin-1").upper().replace("-", "_")
-        value = raw_value.decode("latin-1").strip(" \t")
-        if name == "CONTENT_TYPE" or name == "CONTENT_LENGTH":
-            key = name
-        else:
-            key = "HTTP_" + name
-        if key in environ:
-            environ[key] += ("; " if key == "HTTP_COOKIE" else ", ") + value
-        else:
-            environ[key] = value
-    if body or "CONTENT_LENGTH" in environ or "HTTP_TRANSFER_ENCODING" in environ:
-        environ["CONTENT_LENGTH"] = str(len(body))
-    return environ
+    """The environ of one request (a one-off EnvironBuilder)."""
+    builder = EnvironBuilder(server=server, script_name=script_name, url_scheme=url_scheme)
+    return builder.build(method, target, protocol, headers, body, remote)
 
 
 def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
@@ -155,20 +192,38 @@ def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
         environ["wsgi.url_scheme"] = proto
 
 
+_GOOD_NAMES: dict[str, bytes] = {}  # header names already validated -> latin-1 bytes
+_STATUSES: dict[str, tuple[int, bytes]] = {}  # status lines already validated
+
+
 class StartResponse:
     """The ``start_response`` callable of one request, and what the app told it.
 
-    It may be called on a worker thread; the server reads ``status``/``headers`` after
-    the app returned or yielded its first chunk, as PEP 3333 allows.
+    It may be called on a worker thread; the server reads what it recorded after the app
+    returned or yielded its first chunk, as PEP 3333 allows.  Headers are validated and
+    encoded here, once: ``encoded`` holds them ready for libevent, without
+    Content-Length (kept in ``length``) and without hop-by-hop headers (framing is the
+    server's; an app's "Connection: close" is kept in ``close``).
     """
 
-    __slots__ = ("code", "headers", "headers_sent", "reason", "status", "written")
+    __slots__ = (
+        "close",
+        "code",
+        "encoded",
+        "headers_sent",
+        "length",
+        "reason",
+        "status",
+        "written",
+    )
 
     def __init__(self) -> None:
         self.status: str | None = None
         self.code = 0
-        self.reason = ""
-        self.headers: Headers = []
+        self.reason = b""
+        self.encoded: list[tuple[bytes, bytes]] = []
+        self.length: int | None = None
+        self.close = False
         self.headers_sent = False
         self.written: list[bytes] = []
 
@@ -183,28 +238,43 @@ class StartResponse:
                 exc_info = None  # break the traceback cycle (PEP 3333)
         elif self.status is not None:
             raise AppError("start_response() called twice without exc_info")
-        if not isinstance(status, str) or not _STATUS.match(status):
-            raise AppError(f"invalid status line from the application: {status!r}")
+        parsed = _STATUSES.get(status) if isinstance(status, str) else None
+        if parsed is None:
+            if not isinstance(status, str) or not _STATUS.match(status):
+                raise AppError(f"invalid status line from the application: {status!r}")
+            parsed = (int(status[:3]), _latin1(status[4:], "status"))
+            if len(_STATUSES) < 200:
+                _STATUSES[status] = parsed
+        encoded = []
+        length = None
+        close = False
         for header in headers:
             if not (isinstance(header, tuple) and len(header) == 2):
                 raise AppError(f"invalid header from the application: {header!r}")
             name, value = header
-            if not (isinstance(name, str) and _TOKEN_STR.match(name)):
-                raise AppError(f"invalid header name from the application: {name!r}")
-            if not isinstance(value, str) or _BAD_VALUE_CHARS.search(value):
+            bname = _GOOD_NAMES.get(name)
+            if bname is None:
+                if not (isinstance(name, str) and _TOKEN_STR.match(name)):
+                    raise AppError(f"invalid header name from the application: {name!r}")
+                bname = name.encode("latin-1")
+                if len(_GOOD_NAMES) < 500:
+                    _GOOD_NAMES[name] = bname
+            if not isinstance(value, str) or "\r" in value or "\n" in value or "\0" in value:
                 raise AppError(f"invalid header value from the application: {name}: {value!r}")
-            if name.lower() == "content-length" and not value.strip().isdigit():
-                raise AppError(f"invalid Content-Length from the application: {value!r}")
-            try:
-                value.encode("latin-1")
-            except UnicodeEncodeError:
-                raise AppError(
-                    f"header value is not latin-1 (PEP 3333): {name}: {value!r}"
-                ) from None
+            lname = name.lower()
+            if lname == "content-length":
+                if not value.strip().isdigit():
+                    raise AppError(f"invalid Content-Length from the application: {value!r}")
+                length = int(value)
+            elif lname in HOP_BY_HOP:
+                close = close or (lname == "connection" and value.strip().lower() == "close")
+            else:
+                encoded.append((bname, _latin1(value, name)))
         self.status = status
-        self.code = int(status[:3])
-        self.reason = status[4:]
-        self.headers = list(headers)
+        self.code, self.reason = parsed
+        self.encoded = encoded
+        self.length = length
+        self.close = close
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -214,6 +284,13 @@ class StartResponse:
         if not isinstance(data, bytes):
             raise AppError(f"write() needs bytes, got {type(data).__name__}")
         self.written.append(data)
+
+
+def _latin1(value: str, what: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise AppError(f"{what} is not latin-1 (PEP 3333): {value!r}") from None
 
 
 class Limits(NamedTuple):
