@@ -1,11 +1,13 @@
 """Requests/second of "Hello, world!" on django-comet and on its peers, in one run.
 
-    .venv/bin/python bench/hello/run.py [--quick] [--duration S] [--connections N] [--only TEXT]
+    .venv/bin/python bench/hello/run.py [--quick] [--duration S] [--rounds N] [--only TEXT]
 
 Every server serves the same Django view (and, separately, a bare WSGI callable); each is
 pinned to CPU 0 and wrk to CPU 1, over 127.0.0.1.  A server must answer one request with
-200 "Hello, world!" before it is measured.  Each measurement is a warm-up, then one wrk
-run.  Results are printed as Markdown and written to bench/results/hello.md.
+200 "Hello, world!" before it is measured.  A measurement is a warm-up, then one wrk run;
+rounds go through every server in turn, so a burst of noise from other processes hits one
+run rather than one server, and the median of the rounds is reported.  Results are printed
+as Markdown and written to bench/results/hello.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import ctypes.util
 import datetime
 import http.client
 import importlib.metadata
@@ -24,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -35,16 +37,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results" / "hello.md"
+SNAPSHOT = CACHE / "src"  # django_comet as it was when the run started
 PY = sys.executable
 SERVER_CPU, WRK_CPU = "0", "1"
 BODY = b"Hello, world!"
 DJANGO_WSGI = "hello_site.wsgi:application"
 BARE_WSGI = "bare_wsgi:app"
-
-sys.path.insert(0, str(ROOT))
-from django_comet.evloop.config import ServerConfig  # noqa: E402
-
-DEFAULT_THREADS = ServerConfig.threads
+ERROR_KINDS = ("status", "connect", "read", "write", "timeout")  # wrk's error counters
 
 
 class BenchError(Exception):
@@ -60,54 +59,63 @@ class Server:
 
 @dataclass
 class Result:
+    """One server's wrk runs, one per round."""
+
     server: Server
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: dict[str, int] = field(default_factory=dict)
+    runs: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def all_rps(self) -> list[float]:
+        return [r["requests"] / (r["duration_us"] / 1e6) for r in self.runs]
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(self.all_rps)
+
+    def latency_ms(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs) / 1000
+
+    @property
+    def errors(self) -> dict[str, int]:
+        totals = {kind: sum(r[kind] for r in self.runs) for kind in ERROR_KINDS}
+        return {kind: n for kind, n in totals.items() if n}
 
 
 # -- the servers --------------------------------------------------------------------------
 
 
-def runcomet(app: str, threads: int | None = None) -> Server:
-    shown = DEFAULT_THREADS if threads is None else threads
-    name = f"runcomet --threads {shown}" + (" (default)" if threads is None else "")
-    extra = [] if threads is None else ["--threads", str(threads)]
+def runcomet(app: str, threads: int, default: int) -> Server:
+    """The evloop CLI serving ``app``; ``--threads`` is left out when it is the default."""
+    is_default = threads == default
+    name = f"runcomet --threads {threads}" + (" (default)" if is_default else "")
+    extra = [] if is_default else ["--threads", str(threads)]
+    cmd = [PY, "-m", "django_comet.evloop", app]
     return Server(
-        name,
-        lambda port: [PY, "-m", "django_comet.evloop", app, f"127.0.0.1:{port}",
-                      "--no-access-log", *extra],
-        threads=shown,
+        name, lambda port: [*cmd, f"127.0.0.1:{port}", "--no-access-log", *extra], threads
     )
 
 
-def django_servers(skipped: list[str]) -> list[Server]:
-    servers = [runcomet(DJANGO_WSGI)]
-    servers += [runcomet(DJANGO_WSGI, n) for n in sorted({0, 1, 4, 16} - {DEFAULT_THREADS})]
-    servers.append(Server(
-        "gunicorn -w 1 -k sync",
-        lambda port: [PY, "-m", "gunicorn", "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{port}",
-                      "--log-level", "warning", DJANGO_WSGI],
-    ))
-    servers.append(Server(
-        f"uvicorn, ASGI ({uvicorn_flavour()})",
-        lambda port: [PY, "-m", "uvicorn", "hello_site.asgi:application", "--host", "127.0.0.1",
-                      "--port", str(port), "--workers", "1", "--no-access-log",
-                      "--log-level", "warning", "--lifespan", "off"],
-    ))
+def django_servers(default: int, skipped: list[str]) -> list[Server]:
+    sweep = dict.fromkeys([default, *sorted({0, 1, 4, 16})])
+    servers = [runcomet(DJANGO_WSGI, n, default) for n in sweep]
+    gunicorn = f"{PY} -m gunicorn -w 1 -k sync --log-level warning {DJANGO_WSGI} -b".split()
+    servers.append(Server("gunicorn -w 1 -k sync", lambda port: [*gunicorn, f"127.0.0.1:{port}"]))
+    uvicorn = (
+        f"{PY} -m uvicorn hello_site.asgi:application --workers 1 --no-access-log"
+        " --log-level warning --lifespan off --host 127.0.0.1 --port"
+    ).split()
+    servers.append(Server(f"uvicorn, ASGI ({uvicorn_flavour()})", lambda p: [*uvicorn, str(p)]))
     why = ensure_bjoern()
     if why:
         skipped.append(f"bjoern skipped: {why}")
     else:
-        servers.append(Server(
-            "bjoern", lambda port: [PY, "serve_bjoern.py", DJANGO_WSGI, str(port)]
-        ))
+        bjoern = [PY, "serve_bjoern.py", DJANGO_WSGI]
+        servers.append(Server("bjoern", lambda port: [*bjoern, str(port)]))
     return servers
 
 
-def bare_servers(skipped: list[str]) -> list[Server]:
-    servers = [runcomet(BARE_WSGI, 0), runcomet(BARE_WSGI)]
+def bare_servers(default: int, skipped: list[str]) -> list[Server]:
+    servers = [runcomet(BARE_WSGI, n, default) for n in dict.fromkeys([0, default])]
     binary, why = build_evhttp_hello()
     if why:
         skipped.append(f"C evhttp_hello skipped: {why}")
@@ -126,15 +134,19 @@ def ensure_bjoern() -> str:
     """Install bjoern if it is missing; return why it is unavailable ("" if it is)."""
     if importlib.util.find_spec("bjoern"):
         return ""
-    print("Installing bjoern (needs libev headers: apt-get install libev-dev) ...", flush=True)
+    print("Installing bjoern (it needs libev headers: apt-get install libev-dev)", flush=True)
     try:
-        out = subprocess.run([PY, "-m", "pip", "install", "-q", "bjoern"], capture_output=True,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [PY, "-m", "pip", "install", "-q", "bjoern"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         return "pip install bjoern timed out"
     if out.returncode != 0:
-        lines = (out.stdout + out.stderr).strip().splitlines()
-        hint = next((ln for ln in lines if "ev.h" in ln), lines[-1] if lines else "")
+        lines = (out.stdout + out.stderr).strip().splitlines() or [""]
+        hint = next((ln for ln in lines if "ev.h" in ln), lines[-1])
         return f"pip install bjoern failed: {hint.strip()}"
     importlib.invalidate_caches()
     return ""
@@ -146,15 +158,27 @@ def build_evhttp_hello() -> tuple[str, str]:
         return "", "gcc not found"
     CACHE.mkdir(parents=True, exist_ok=True)
     binary = CACHE / "evhttp_hello"
-    base = ["gcc", "-O2", "-Wall", "-o", str(binary), str(HERE / "evhttp_hello.c")]
+    gcc = ["gcc", "-O2", "-Wall", "-o", str(binary), str(HERE / "evhttp_hello.c")]
     for lib in ("-levent", "-l:libevent-2.1.so.7"):
-        out = subprocess.run([*base, lib], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([*gcc, lib], capture_output=True, text=True, timeout=60)
         if out.returncode == 0:
             return str(binary), ""
-    return "", f"gcc failed: {out.stderr.strip().splitlines()[-1:]}"
+    return "", "gcc failed: " + " / ".join(out.stderr.strip().splitlines()[-2:])
 
 
 # -- running and measuring ----------------------------------------------------------------
+
+
+def snapshot_source() -> int:
+    """Copy django_comet aside, so that every server of the run serves the same code even
+    if the working tree is edited meanwhile; return its default thread count."""
+    shutil.rmtree(SNAPSHOT, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "django_comet", SNAPSHOT / "django_comet", ignore=ignore)
+    sys.path.insert(0, str(SNAPSHOT))
+    from django_comet.evloop.config import ServerConfig
+
+    return ServerConfig.threads
 
 
 def free_port() -> int:
@@ -175,14 +199,18 @@ def fetch(port: int) -> tuple[int, bytes]:
 
 @contextlib.contextmanager
 def running(server: Server, port: int) -> Iterator[None]:
-    """Start ``server`` on CPU 0, wait until it answers correctly, always stop it."""
+    """Start ``server`` on CPU 0, check that it answers correctly, always stop it."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    log_path = CACHE / (re.sub(r"[^\w]+", "-", server.name).strip("-") + ".log")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    log_path = CACHE / (re.sub(r"\W+", "-", server.name).strip("-") + ".log")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SNAPSHOT)])}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *server.command(port)], cwd=HERE, env=env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            ["taskset", "-c", SERVER_CPU, *server.command(port)],
+            cwd=HERE,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: gunicorn's worker goes with it
         )
         try:
@@ -202,22 +230,21 @@ def check_answer(server: Server, port: int, proc: subprocess.Popen[bytes], log: 
             break
         except OSError:
             if time.monotonic() > deadline:
-                raise BenchError(f"{server.name} did not answer within 30 s:\n{tail(log)}")
+                msg = f"{server.name} did not answer within 30 s:\n{tail(log)}"
+                raise BenchError(msg) from None
             time.sleep(0.1)
     if status != 200 or body != BODY:
-        raise BenchError(f"{server.name} answered {status} {body[:200]!r}, "
-                         f"not 200 {BODY!r}:\n{tail(log)}")
+        msg = f"{server.name} answered {status} {body[:200]!r}, not 200 {BODY!r}"
+        raise BenchError(f"{msg}:\n{tail(log)}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
             break
-        except subprocess.TimeoutExpired:
-            continue
     with contextlib.suppress(ProcessLookupError):  # anything left in its group
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -227,8 +254,9 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def wrk(port: int, seconds: int, connections: int) -> dict[str, int]:
-    argv = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-            "-s", str(HERE / "report.lua"), f"http://127.0.0.1:{port}/"]
+    load = f"wrk -t1 -c{connections} -d{seconds}s".split()
+    script, url = str(HERE / "report.lua"), f"http://127.0.0.1:{port}/"
+    argv = ["taskset", "-c", WRK_CPU, *load, "-s", script, url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     match = re.search(r"^WRK_RESULT (.*)$", out.stdout, re.MULTILINE)
     if out.returncode != 0 or not match:
@@ -236,16 +264,18 @@ def wrk(port: int, seconds: int, connections: int) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
 
 
-def measure(server: Server, args: argparse.Namespace) -> Result:
+def measure(result: Result, args: argparse.Namespace) -> None:
     port = free_port()
-    with running(server, port):
+    with running(result.server, port):
         wrk(port, args.warmup, args.connections)
-        w = wrk(port, args.duration, args.connections)
-    errors = {k: w[k] for k in ("status", "connect", "read", "write", "timeout") if w[k]}
-    result = Result(server, w["requests"] / (w["duration_us"] / 1e6),
-                    w["p50_us"] / 1000, w["p99_us"] / 1000, errors)
-    print(f"  {server.name:<42} {result.rps:>9,.0f} req/s  {fmt_errors(errors)}", flush=True)
-    return result
+        run = wrk(port, args.duration, args.connections)
+    result.runs.append(run)
+    errors = {kind: run[kind] for kind in ERROR_KINDS if run[kind]}
+    print(
+        f"  {result.server.name:<36} {result.all_rps[-1]:>9,.0f} req/s"
+        f"  errors: {fmt_errors(errors)}",
+        flush=True,
+    )
 
 
 # -- reporting ----------------------------------------------------------------------------
@@ -253,79 +283,100 @@ def measure(server: Server, args: argparse.Namespace) -> Result:
 
 def fmt_errors(errors: dict[str, int]) -> str:
     names = {"status": "non-2xx/3xx"}
-    return ", ".join(f"{names.get(k, k)} {v}" for k, v in errors.items()) or "0"
+    return ", ".join(f"{names.get(k, k)} {n}" for k, n in errors.items()) or "0"
 
 
 def ratio(value: float, base: Result | None) -> str:
     return f"{value / base.rps:.2f}" if base else "n/a"
 
 
+def spread(r: Result) -> str:
+    rps = r.all_rps
+    return f"{min(rps):,.0f}-{max(rps):,.0f}" if len(rps) > 1 else "-"
+
+
 def table(results: list[Result], base: Result | None, base_label: str) -> list[str]:
-    rows = [f"| server | req/s | vs {base_label} | p50 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---|"]
+    rows = [
+        f"| server | req/s | vs {base_label} | min-max | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
-        rows.append(f"| {r.server.name} | {r.rps:,.0f} | {ratio(r.rps, base)} "
-                    f"| {r.p50_ms:.2f} | {r.p99_ms:.2f} | {fmt_errors(r.errors)} |")
+        rows.append(
+            f"| {r.server.name} | {r.rps:,.0f} | {ratio(r.rps, base)} | {spread(r)} "
+            f"| {r.latency_ms('p50_us'):.2f} | {r.latency_ms('p99_us'):.2f} "
+            f"| {fmt_errors(r.errors)} |"
+        )
     return rows
 
 
 def sweep_table(results: list[Result]) -> list[str]:
-    comet = sorted((r for r in results if r.server.threads is not None),
-                   key=lambda r: r.server.threads or 0)
+    comet = sorted(
+        (r for r in results if r.server.threads is not None), key=lambda r: r.server.threads or 0
+    )
     if not comet:
         return []
     zero = next((r for r in comet if r.server.threads == 0), None)
     best = max(comet, key=lambda r: r.rps)
     rows = ["| --threads | req/s | vs --threads 0 | p99 ms |", "|---:|---:|---:|---:|"]
     for r in comet:
-        mark = " (default)" if r.server.threads == DEFAULT_THREADS else ""
-        star = " **best**" if r is best else ""
-        rows.append(f"| {r.server.threads}{mark}{star} | {r.rps:,.0f} | {ratio(r.rps, zero)} "
-                    f"| {r.p99_ms:.2f} |")
+        label = str(r.server.threads)
+        label += " (default)" if "(default)" in r.server.name else ""
+        label += " **best**" if r is best else ""
+        rows.append(
+            f"| {label} | {r.rps:,.0f} | {ratio(r.rps, zero)} | {r.latency_ms('p99_us'):.2f} |"
+        )
     return rows
 
 
 def environment(args: argparse.Namespace) -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), "unknown CPU")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
     versions = [f"Python {platform.python_version()}"]
     for dist in ("django", "gunicorn", "uvicorn", "bjoern"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
     versions.append(f"libevent {libevent_version()}")
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()
-    versions.append(" ".join(wrk_version[:2]))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    versions.append(" ".join(command_output(["wrk", "-v"]).split()[:2]))
+    commit = command_output(["git", "rev-parse", "--short", "HEAD"]) or "?"
+    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "django_comet"], cwd=ROOT)
+    commit += " with uncommitted changes to django_comet" if diff.returncode else ""
     return [
         f"{datetime.datetime.now():%Y-%m-%d %H:%M} · {cpu} · nproc {os.cpu_count()} · "
-        f"Linux {platform.release()} · commit {commit} (working tree may differ)",
+        f"Linux {platform.release()} · commit {commit}",
         "",
         " · ".join(versions),
         "",
         f"Server pinned to CPU {SERVER_CPU}, wrk to CPU {WRK_CPU}, over 127.0.0.1: "
         f"`wrk -t1 -c{args.connections}`, {args.warmup} s warm-up then {args.duration} s "
-        "measured, one run per server.",
+        f"measured; {args.rounds} round(s), req/s and latencies are medians over rounds, "
+        "errors are totals.",
     ]
 
 
+def command_output(argv: list[str]) -> str:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def libevent_version() -> str:
-    for name in ("libevent-2.1.so.7", ctypes.util.find_library("event")):
-        with contextlib.suppress(OSError, TypeError):
-            fn = ctypes.CDLL(name).event_get_version
-            fn.restype = ctypes.c_char_p
-            return str(fn().decode())
-    return "unknown"
+    try:
+        fn = ctypes.CDLL("libevent-2.1.so.7").event_get_version
+    except OSError:
+        return "?"
+    fn.restype = ctypes.c_char_p
+    return str(fn().decode())
 
 
-def report(args: argparse.Namespace, django: list[Result], bare: list[Result],
-           skipped: list[str]) -> str:
+def report(header: list[str], django: list[Result], bare: list[Result], skipped: list[str]) -> str:
     gunicorn = next((r for r in django if r.server.name.startswith("gunicorn")), None)
     c_prog = next((r for r in bare if r.server.name.startswith("C ")), None)
-    lines = ["# Hello, world: requests/second", "", *environment(args), ""]
+    lines = ["# Hello, world: requests/second", "", *header, ""]
     if django:
-        lines += ["## Django view (`HttpResponse(\"Hello, world!\")`, DEBUG=False)", "",
-                  *table(django, gunicorn, "gunicorn sync"), ""]
+        lines += [
+            '## Django view (`HttpResponse("Hello, world!")`, DEBUG=False)',
+            "",
+            *table(django, gunicorn, "gunicorn sync"),
+            "",
+        ]
         if sweep := sweep_table(django):
             lines += ["### runcomet thread sweep (Django view)", "", *sweep, ""]
     if bare:
@@ -337,43 +388,55 @@ def report(args: argparse.Namespace, django: list[Result], bare: list[Result],
 # -- main ---------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-ups")
-    parser.add_argument("--duration", type=int, help="seconds measured per server (default 10)")
-    parser.add_argument("--warmup", type=int, help="seconds of warm-up per server (default 2)")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="one round of 3 s runs")
+    parser.add_argument("--duration", type=int, help="seconds measured per run (default 10)")
+    parser.add_argument("--warmup", type=int, help="seconds of warm-up per run (default 2)")
+    parser.add_argument("--rounds", type=int, help="runs per server (default 3)")
     parser.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
     parser.add_argument("--only", default="", help="run only servers whose name contains this")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args()
     args.duration = args.duration or (3 if args.quick else 10)
     args.warmup = args.warmup or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    return args
 
-    for tool in ("wrk", "taskset"):
+
+def main() -> int:
+    args = parse_args()
+    for tool, package in (("wrk", "wrk"), ("taskset", "util-linux"), ("git", "git")):
         if not shutil.which(tool):
-            print(f"error: `{tool}` not found; install it (apt-get install "
-                  f"{'wrk' if tool == 'wrk' else 'util-linux'})", file=sys.stderr)
+            print(f"error: `{tool}` not found (apt-get install {package})", file=sys.stderr)
             return 1
     if (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs, server and wrk will share one", file=sys.stderr)
-    # SIGTERM ends the run like Ctrl-C, so the finally clauses stop the servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        print("warning: fewer than 2 CPUs: server and wrk share one", file=sys.stderr)
+    # Ctrl-C and SIGTERM end the run through the `finally` that stops the current server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
+    default = snapshot_source()
+    header = environment(args)
     skipped: list[str] = []
-    groups = {"Django view": django_servers(skipped), "bare WSGI": bare_servers(skipped)}
-    results: dict[str, list[Result]] = {}
+    groups = {"django": django_servers(default, skipped), "bare": bare_servers(default, skipped)}
+    results = {
+        g: [Result(s) for s in servers if args.only in s.name] for g, servers in groups.items()
+    }
     try:
-        for group, servers in groups.items():
-            print(f"{group}:", flush=True)
-            results[group] = [measure(s, args) for s in servers if args.only in s.name]
+        for n in range(1, args.rounds + 1):
+            print(f"Round {n}/{args.rounds}:", flush=True)
+            for result in results["django"] + results["bare"]:
+                measure(result, args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
-    text = report(args, results["Django view"], results["bare WSGI"], skipped)
+    text = report(header, results["django"], results["bare"], skipped)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

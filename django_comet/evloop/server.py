@@ -503,9 +503,12 @@ class Server:
         if ex.dead or ex.req is None:
             return self._drop(ex)
         ex.code = ex.code or 500
+        evcon = RequestStruct.from_address(ex.req).evcon
+        if not evcon:  # the client left already
+            ex.dead = True
+            return self._drop(ex)
         ex.state = "aborting"  # no worker owns it now: the close callback releases it
         self.holder.release(ex)
-        evcon = RequestStruct.from_address(ex.req).evcon
         fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
         try:
             _shutdown(fd)
