@@ -26,12 +26,13 @@ from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
-from .deferral import AnyDeferral, claim
+from .deferral import AnyDeferral
 from .holding import Holder
 from .loop import Handle, Loop
+from .producer import Producer
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
-from .wsgi import AppError, BadRequest, EnvironBuilder, Limits, StartResponse, apply_forwarded
+from .wsgi import BadRequest, EnvironBuilder, Limits, StartResponse, apply_forwarded
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -87,7 +88,7 @@ class Exchange:
         self.outbuf: int | None = None  # streams: the connection's output evbuffer
 
 
-class Server:
+class Server(Producer):
     """Serve ``app`` on ``config.host:config.port`` (or on an already listening ``sock``)."""
 
     def __init__(
@@ -266,101 +267,6 @@ class Server:
         if trusted and remote[0] in trusted:
             apply_forwarded(environ, trusted)
         return environ
-
-    # -- running the application (worker thread, or loop thread with threads=0) --------
-
-    def _run_app(self, ex: Exchange) -> None:
-        start = StartResponse()
-        try:
-            result = self.app(ex.environ, start)
-        except Exception:
-            logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
-            self._to_loop(self._reply_error, ex)
-            return
-        self._produce(ex, start, result, first=True)
-
-    def _produce(
-        self, ex: Exchange, start: StartResponse, result: Iterable[bytes], first: bool
-    ) -> None:
-        """Iterate one stage's output and hand it to the loop; always close the result."""
-        deferral = claim(result)
-        streaming = False
-        try:
-            chunks: list[bytes] = start.written
-            size = sum(map(len, chunks))
-            iterator = iter(result)
-            for data in iterator:
-                if not isinstance(data, bytes):
-                    raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
-                if data:
-                    chunks.append(data)
-                    size += len(data)
-                if deferral is None and size > self.config.stream_threshold and first:
-                    streaming = True
-                    break
-            if first and start.status is None:
-                raise AppError("the application returned without calling start_response()")
-            if streaming:
-                start.headers_sent = True
-                self._to_loop(self._start_stream, ex, start, chunks)
-                self._stream_rest(ex, iterator)
-            elif not first:
-                self._to_loop(self._stage_done, ex, chunks, deferral)
-            elif deferral is not None:
-                start.headers_sent = True
-                self._to_loop(self._start_deferred, ex, start, chunks, deferral)
-            else:
-                self._to_loop(self._reply_whole, ex, start, chunks)
-        except Exception:
-            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
-            if start.headers_sent or not first:
-                self._to_loop(self._abort, ex)
-            else:
-                self._to_loop(self._reply_error, ex)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
-
-    def _stream_rest(self, ex: Exchange, iterator: Iterable[bytes]) -> None:
-        """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while
-        more than ``write_high_water`` bytes are unsent (a slow client must not make the
-        server buffer the whole body)."""
-        high = self.config.write_high_water
-        backpressure = self._pool is not None
-        if backpressure:
-            ex.drained = threading.Event()
-        for data in iterator:
-            if ex.dead:
-                return
-            if not data:
-                continue
-            if not isinstance(data, bytes):
-                raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
-            ex.pending += len(data)
-            if backpressure and ex.pending > high:
-                assert ex.drained is not None
-                ex.drained.clear()
-                self._to_loop(self._send_chunk, ex, data)
-                while not ex.drained.wait(1.0) and not ex.dead:
-                    pass
-            else:
-                self._to_loop(self._send_chunk, ex, data)
-        self._to_loop(self._end, ex)
-
-    def _run_stage(
-        self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
-    ) -> None:
-        try:
-            result = resume(*args)
-        except Exception:
-            logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
-            self._to_loop(self._abort, ex)
-            return
-        self._produce(ex, StartResponse(), result, first=False)
 
     # -- writing responses (loop thread) -----------------------------------------------
 
