@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         help="worker threads for the application (0: run it in the loop thread)",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     app = load_app(args.app)
     host, port = args.addrport

@@ -243,6 +243,10 @@ class Server(Producer):
         except BadRequest as exc:
             self._lib.evhttp_send_error(req, exc.status, str(exc).encode("latin-1"))
             return
+        except Exception:  # a bug of ours: the client still gets an answer
+            logger.exception("Error reading a request")
+            self._lib.evhttp_send_error(req, 500, None)
+            return
         key = self._next_key
         self._next_key += 1
         ex = Exchange(key, req, environ)
