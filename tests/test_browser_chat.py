@@ -15,9 +15,11 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +28,13 @@ import requests
 from .processes import ROOT
 from .test_browser import CHROMEDRIVER, CHROMIUM
 
-SCREENSHOT = ROOT / "docs" / "chat-demo.png"
+# Written to docs/ (the picture in the README) only when asked, so that a test run leaves
+# the work tree clean: SAVE_SCREENSHOTS=1 pytest tests/test_browser_chat.py
+SCREENSHOT = (
+    ROOT / "docs" / "chat-demo.png"
+    if os.environ.get("SAVE_SCREENSHOTS")
+    else Path(tempfile.gettempdir()) / "chat-demo.png"
+)
 NO_EVENTSOURCE = "delete window.EventSource;"
 
 # What one poll sees of the chat page: the connection state and every log entry.
