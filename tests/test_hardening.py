@@ -250,3 +250,11 @@ def test_graceful_drain_under_load(demo_db):
         for client in streams:
             client.close()
         server.stop()
+
+
+def test_a_failing_publish_is_a_500_and_the_server_goes_on(comet):
+    bad = requests.post(comet.url + "/t/publish/", data={"channel": "no spaces!", "data": "1"})
+    assert bad.status_code == 500
+    good = requests.post(comet.url + "/t/publish/", data={"channel": "fine", "data": "1"})
+    assert good.status_code == 200
+    assert comet.status()["held"] == 0
