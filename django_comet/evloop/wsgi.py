@@ -305,6 +305,9 @@ class Limits(NamedTuple):
 DEFAULT_LIMITS = Limits()
 
 
+_LOWER_NAMES: dict[bytes, bytes] = {}  # request header names seen valid -> lower case
+
+
 def check_request(
     method: str,
     target: bytes,
@@ -319,17 +322,21 @@ def check_request(
         raise BadRequest("URI Too Long", 414)
     if len(headers) > limits.header_count:
         raise BadRequest("Request Header Fields Too Large (too many)", 431)
-    if sum(len(name) + len(value) + 4 for name, value in headers) > limits.header_bytes:
-        raise BadRequest("Request Header Fields Too Large", 431)
     if target == b"*" and method != "OPTIONS":
         raise BadRequest("Asterisk target is only for OPTIONS")
     hosts = 0
+    size = 0
     length: bytes | None = None
     chunked = False
     for name, value in headers:
-        if not _TOKEN.match(name):
-            raise BadRequest("Invalid header name")
-        lname = name.lower()
+        size += len(name) + len(value) + 4
+        lname = _LOWER_NAMES.get(name)
+        if lname is None:
+            if not _TOKEN.match(name):
+                raise BadRequest("Invalid header name")
+            lname = name.lower()
+            if len(_LOWER_NAMES) < 1000:
+                _LOWER_NAMES[name] = lname
         if lname == b"host":
             hosts += 1
         elif lname == b"content-length":
@@ -339,6 +346,8 @@ def check_request(
             length = value
         elif lname == b"transfer-encoding":
             chunked = True
+    if size > limits.header_bytes:
+        raise BadRequest("Request Header Fields Too Large", 431)
     if hosts > 1 or (hosts == 0 and version == (1, 1)):
         raise BadRequest("Missing or repeated Host header (RFC 9112 3.2)")
     if chunked and version == (1, 0):
