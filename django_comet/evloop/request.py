@@ -53,6 +53,9 @@ class RequestStruct(Structure):
     ]
 
 
+_PROTOCOLS = {(1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0"}
+
+
 def read_headers(queue: ev.evkeyvalq) -> list[tuple[bytes, bytes]]:
     headers = []
     node = queue.tqh_first
@@ -78,11 +81,14 @@ def read_request(
     if method is None:
         raise BadRequest("Unknown method", 501)
     headers = read_headers(r.input_headers.contents)
-    check_request(method, uri, (r.major, r.minor), headers, limits)
-    buf = r.input_buffer
-    length = lib.evbuffer_get_length(buf)
-    body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length) if length else b""
-    protocol = f"HTTP/{r.major}.{r.minor}"
+    version = (r.major, r.minor)
+    check_request(method, uri, version, headers, limits)
+    body = b""
+    if r.body_size:  # evhttp counts body bytes as it reads them: most requests skip C here
+        buf = r.input_buffer
+        length = lib.evbuffer_get_length(buf)
+        body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length)
+    protocol = _PROTOCOLS.get(version) or f"HTTP/{version[0]}.{version[1]}"
     remote = ((r.remote_host or b"").decode("ascii", "replace"), r.remote_port)
     return method, uri.decode("latin-1"), protocol, headers, body, remote
 
