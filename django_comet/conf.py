@@ -35,6 +35,10 @@ _DEFAULTS: dict[str, Any] = {
     # Limits of request heads: target (414), header bytes and header count (431).
     "COMET_MAX_REQUEST_LINE": ServerConfig.max_request_line,
     "COMET_MAX_HEADER_COUNT": ServerConfig.max_header_count,
+    # Seconds a new connection has to send its first request head (0: no deadline).
+    "COMET_HEADER_TIMEOUT": ServerConfig.header_timeout,
+    # Open connections beyond which accepting pauses (0: only the fd limit).
+    "COMET_MAX_CONNECTIONS": ServerConfig.max_connections,
 }
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -52,6 +56,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_TRUSTED_PROXIES": (list, tuple),
     "COMET_MAX_REQUEST_LINE": (int,),
     "COMET_MAX_HEADER_COUNT": (int,),
+    "COMET_HEADER_TIMEOUT": (int, float),
+    "COMET_MAX_CONNECTIONS": (int,),
 }
 
 
@@ -91,6 +97,8 @@ class Settings:
             trusted_proxies=frozenset(self.TRUSTED_PROXIES),
             max_request_line=self.MAX_REQUEST_LINE,
             max_header_count=self.MAX_HEADER_COUNT,
+            header_timeout=float(self.HEADER_TIMEOUT),
+            max_connections=self.MAX_CONNECTIONS,
         )
         if self.THREADS is not None:
             config.threads = self.THREADS

@@ -239,7 +239,7 @@ def test_graceful_drain_under_load(demo_db):
             thread.join()
         assert [r.status_code for r in results] == [200] * 4
         retries = set()
-        for client in random.sample(streams, 50) + streams[:5]:
+        for client in streams[:5] + random.sample(streams[5:], 50):
             frames = list(client.frames())
             assert client.ended  # a proper last chunk
             assert frames[-1].startswith(b"retry: ")
@@ -258,3 +258,36 @@ def test_a_failing_publish_is_a_500_and_the_server_goes_on(comet):
     good = requests.post(comet.url + "/t/publish/", data={"channel": "fine", "data": "1"})
     assert good.status_code == 200
     assert comet.status()["held"] == 0
+
+
+def test_slow_request_head_is_cut_at_the_header_deadline(demo_db):
+    server = runcomet(db=demo_db, env={"TEST_HEADER_TIMEOUT": "0.5"})
+    try:
+        with socket.create_connection((server.host, server.port), timeout=20) as slow:
+            slow.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            assert requests.get(server.url + "/t/echo/").status_code == 200  # others go on
+            assert slow.recv(100) == b""  # closed by the server, no answer
+        assert server.status()["header_timeouts"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_connection_limit_pauses_accepting_then_recovers(demo_db):
+    server = runcomet(db=demo_db, env={"TEST_MAX_CONNECTIONS": "20"})
+    idle = []
+    try:
+        for _ in range(20):
+            idle.append(socket.create_connection((server.host, server.port), timeout=20))
+        wait_until(lambda: any("not accepting more" in line for line in server.output))
+        waiting = socket.create_connection((server.host, server.port), timeout=20)
+        waiting.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        for sock in idle:
+            sock.close()
+        answer = waiting.recv(100)  # served once connections drop below the limit
+        waiting.close()
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert server.status()["connections"] <= 2
+    finally:
+        for sock in idle:
+            sock.close()
+        assert server.stop() == 0

@@ -34,6 +34,12 @@ class ServerConfig:
     heartbeat: float = 15.0
     # Unsent bytes a held stream may have before it is cut as a slow reader.
     max_pending_output: int = 1024 * 1024
+    # Seconds a new connection has to deliver its first complete request head; a slower
+    # sender is disconnected (slowloris).  0: no deadline.
+    header_timeout: float = 20.0
+    # Open connections beyond which accepting pauses (new clients wait in the kernel's
+    # listen backlog).  0: no limit but the file-descriptor limit.
+    max_connections: int = 20000
     # Seconds a response may stay held (stream, chain of stages); then it is ended
     # cleanly (SSE clients reconnect with Last-Event-ID).  0: no limit.
     max_hold: float = 3600.0

@@ -67,6 +67,7 @@ EVHTTP_METHODS = {
 }
 EVHTTP_ALL_METHODS = 0x1FF
 EVHTTP_SERVER_LINGERING_CLOSE = 0x0001
+BEV_OPT_CLOSE_ON_FREE = 0x01
 
 
 class timeval(Structure):
@@ -97,6 +98,10 @@ event_callback_fn = CFUNCTYPE(None, evutil_socket_t, c_short, c_void_p)
 evhttp_request_cb = CFUNCTYPE(None, evhttp_request_p, c_void_p)
 # void (*cb)(struct evhttp_connection *, void *)
 evhttp_connection_cb = CFUNCTYPE(None, evhttp_connection_p, c_void_p)
+# struct bufferevent *(*cb)(struct event_base *, void *)  (evhttp_set_bevcb)
+evhttp_bevcb = CFUNCTYPE(c_void_p, event_base_p, c_void_p)
+# typedef void (*bufferevent_data_cb)(struct bufferevent *bev, void *ctx);
+bufferevent_data_cb = CFUNCTYPE(None, bufferevent_p, c_void_p)
 # typedef void (*evconnlistener_errorcb)(struct evconnlistener *, void *);
 evconnlistener_errorcb = CFUNCTYPE(None, evconnlistener_p, c_void_p)
 
@@ -176,6 +181,21 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_connection_get_bufferevent": (bufferevent_p, [evhttp_connection_p]),
     # evutil_socket_t bufferevent_getfd(struct bufferevent *bufev);
     "bufferevent_getfd": (evutil_socket_t, [bufferevent_p]),
+    # void evhttp_set_bevcb(struct evhttp *http,
+    #     struct bufferevent *(*cb)(struct event_base *, void *), void *arg);
+    "evhttp_set_bevcb": (None, [evhttp_p, evhttp_bevcb, c_void_p]),
+    # struct bufferevent *bufferevent_socket_new(struct event_base *base,
+    #                                            evutil_socket_t fd, int options);
+    "bufferevent_socket_new": (bufferevent_p, [event_base_p, evutil_socket_t, c_int]),
+    # void bufferevent_setcb(struct bufferevent *bufev, bufferevent_data_cb readcb,
+    #     bufferevent_data_cb writecb, bufferevent_event_cb eventcb, void *cbarg);
+    "bufferevent_setcb": (None, [bufferevent_p, bufferevent_data_cb, c_void_p, c_void_p, c_void_p]),
+    # void bufferevent_free(struct bufferevent *bufev);
+    "bufferevent_free": (None, [bufferevent_p]),
+    # void bufferevent_incref(struct bufferevent *bufev);
+    "bufferevent_incref": (None, [bufferevent_p]),
+    # int bufferevent_decref(struct bufferevent *bufev);
+    "bufferevent_decref": (c_int, [bufferevent_p]),
     # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
     "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
     # int bufferevent_set_timeouts(struct bufferevent *bufev,

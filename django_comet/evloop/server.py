@@ -26,6 +26,7 @@ from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
+from .connections import ConnectionGuard
 from .deferral import AnyDeferral
 from .holding import Holder
 from .loop import Handle, Loop
@@ -153,6 +154,8 @@ class Server(Producer):
         self._accept_error_cb = ev.evconnlistener_errorcb(self._on_accept_error)
         lib.evconnlistener_set_error_cb(self._listener, self._accept_error_cb)
         self.accept_pauses = 0
+        self._pauses: set[str] = set()
+        self.guard = ConnectionGuard(self, http)
         return int(http)
 
     # -- running -----------------------------------------------------------------------
@@ -199,11 +202,13 @@ class Server(Producer):
             self._pool.shutdown(timeout=1)
         for ex in list(self._exchanges.values()):
             self._forget(ex)
+        self.guard.close()
         if self._http:
             self._lib.evhttp_free(self._http)  # closes the listener and idle connections
             self._http = 0
             if self._bound is not None:
                 self.sock.detach()  # libevent owned and closed the fd
+        self.guard.release_all()
         self._lib.evbuffer_free(self._buf)
 
     def stats(self) -> dict[str, Any]:
@@ -211,8 +216,12 @@ class Server(Producer):
             "held": self.held,
             "requests": self.requests,
             "in_flight": len(self._exchanges),
-            "timers": self.loop.pending_handles - 1,  # less the wake-up pipe's watcher
+            # Timers and watchers of requests: less the wake-up pipe and the sweeper.
+            "timers": self.loop.pending_handles - 1 - self.guard.handles,
             "threads": self._pool.size if self._pool else 0,
+            "connections": self.guard.open,
+            "header_timeouts": self.guard.timed_out,
+            "accept_pauses": self.accept_pauses,
             **self.holder.stats(),
         }
 
@@ -223,13 +232,21 @@ class Server(Producer):
         err = ctypes.get_errno() or "?"
         self.accept_pauses += 1
         logger.warning("accept() failed (errno %s); pausing new connections for 0.5 s", err)
-        self._lib.evconnlistener_disable(listener)
+        self._accepting(False, "accept-error")
+        self.loop.call_later(0.5, lambda: self._accepting(True, "accept-error"))
 
-        def resume() -> None:
-            if not self._draining and self._bound is not None:
-                self._lib.evconnlistener_enable(listener)
-
-        self.loop.call_later(0.5, resume)
+    def _accepting(self, on: bool, reason: str = "connections") -> None:
+        """Pause or resume accepting; accepting resumes when no reason to pause is left."""
+        if on:
+            self._pauses.discard(reason)
+        else:
+            self._pauses.add(reason)
+        if self._draining or self._bound is None:
+            return
+        if self._pauses:
+            self._lib.evconnlistener_disable(self._listener)
+        else:
+            self._lib.evconnlistener_enable(self._listener)
 
     # -- request intake (loop thread) --------------------------------------------------
 
@@ -247,6 +264,8 @@ class Server(Producer):
             logger.exception("Error reading a request")
             self._lib.evhttp_send_error(req, 500, None)
             return
+        if self.guard.tracking:
+            self.guard.request_arrived(r.evcon)
         key = self._next_key
         self._next_key += 1
         ex = Exchange(key, req, environ)
