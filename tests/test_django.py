@@ -78,3 +78,15 @@ def test_status_counts_requests(comet):
     second = comet.status()
     assert second["requests"] > first["requests"]
     assert second["held"] == 0
+
+
+def test_a_client_gone_before_its_answer_leaves_the_next_answers_intact(comet):
+    import socket
+
+    for _ in range(3):
+        sock = socket.create_connection((comet.host, comet.port))
+        sock.sendall(b"GET /t/sleep/?s=0.2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.close()
+    comet.wait_for_status(lambda s: s["in_flight"] == 1)  # only this status request
+    for _ in range(3):
+        assert requests.get(comet.url + "/t/echo/").json()["method"] == "GET"

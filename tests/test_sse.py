@@ -200,3 +200,24 @@ def read_body(sock):
 
     _, chunks = read_chunked(sock)
     return b"".join(chunks)
+
+
+def test_head_of_a_stream_ends_at_once(comet):
+    with comet.connect() as sock:
+        for _ in range(2):  # and the keep-alive connection serves the next request
+            sock.sendall(b"HEAD /t/stream/?channels=heads HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"text/event-stream" in head
+    comet.wait_for_status(lambda s: s["held"] == 0 and "heads" not in s["channels"])
+
+
+def test_streams_and_polls_with_views_in_the_loop_thread(comet_inline):
+    with SSEClient(comet_inline, "/t/stream/?channels=inline") as client:
+        subscribed(comet_inline, "inline", 1)
+        event_id = publish(comet_inline, "inline", "x")
+        assert client.next_event() == {"id": str(event_id), "data": '"x"'}
+    answer = requests.get(comet_inline.url + f"/t/poll/?channel=inline&since={event_id - 1}")
+    assert answer.json()["event"]["id"] == event_id

@@ -322,7 +322,11 @@ class Server(Producer):
             )
             body = body[:length]
             start.close = True
-        self._add_headers(RequestStruct.from_address(ex.req).output_headers, start, length)
+        r = RequestStruct.from_address(ex.req)
+        if not r.evcon:  # the client left while the app ran: free the request, send nothing
+            ex.dead = True
+            return self._drop(ex)
+        self._add_headers(r.output_headers, start, length)
         head = ex.method == "HEAD"
         if body and not head:
             self._lib.evbuffer_add(self._buf, body, len(body))
@@ -376,6 +380,8 @@ class Server(Producer):
         # Later stages add content, so the first stage's length is not the body's.
         if not self._begin_chunked(ex, start, chunks, keep_length=False):
             return
+        if ex.method == "HEAD":  # the head is all a HEAD gets: no stages, no stream
+            return self._end(ex)
         ex.deferred = True
         self.held += 1
         self.holder.hold(ex, deferral)
@@ -400,7 +406,9 @@ class Server(Producer):
             self._end(ex)
 
     def _send_chunk(self, ex: Exchange, data: bytes) -> None:
-        if ex.dead or ex.req is None:
+        # evhttp leaves the buffer untouched for a HEAD or a gone client, and the buffer
+        # is shared: never hand it data that would not go.
+        if ex.dead or ex.req is None or ex.method == "HEAD":
             return
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
