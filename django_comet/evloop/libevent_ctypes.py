@@ -256,6 +256,7 @@ _INSTALL_HINT = (
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_blocking: ctypes.CDLL | None = None
 
 
 def _candidates() -> list[str]:
@@ -277,7 +278,7 @@ def declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
 
 def load() -> ctypes.CDLL:
     """Load libevent once and return the declared CDLL; raise LibeventMissing otherwise."""
-    global _lib
+    global _lib, _blocking
     with _lock:
         if _lib is not None:
             return _lib
@@ -289,7 +290,11 @@ def load() -> ctypes.CDLL:
                 tried.append(f"{candidate} ({exc})")
                 continue
             try:
-                _lib = declare(cdll)
+                _blocking = declare(cdll)
+                # Every call but the loop's sleep is short: keep the GIL across it, so
+                # that the loop thread never queues behind busy view threads to get the
+                # GIL back after each of its many calls (CDLL releases it every time).
+                _lib = declare(ctypes.PyDLL(candidate, handle=cdll._handle, use_errno=True))
             except AttributeError as exc:
                 tried.append(f"{candidate} (not libevent 2.1 with evhttp: {exc})")
                 continue
@@ -300,5 +305,13 @@ def load() -> ctypes.CDLL:
 
 
 def lib() -> ctypes.CDLL:
-    """The loaded library (loading it on first use)."""
+    """The loaded library (loading it on first use); its calls keep the GIL."""
     return _lib if _lib is not None else load()
+
+
+def blocking_lib() -> ctypes.CDLL:
+    """The same library through CDLL, whose calls release the GIL: for
+    ``event_base_loop``, which sleeps in epoll while view threads run."""
+    load()
+    assert _blocking is not None
+    return _blocking

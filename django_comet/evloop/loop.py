@@ -48,6 +48,7 @@ class Handle:
 class Loop:
     def __init__(self) -> None:
         self._lib = ev.load()
+        self._blocking = ev.blocking_lib()
         base = self._lib.event_base_new()
         if not base:
             raise OSError("event_base_new() failed")
@@ -138,9 +139,11 @@ class Loop:
         except BlockingIOError:
             pass
         # Clear the flag before draining: a callable queued from now on writes a new byte.
+        # Run only what was queued by now, so that busy producers cannot keep the loop
+        # from its sockets; later arrivals have woken it again.
         self._woken = False
         ready = self._ready
-        while ready:
+        for _ in range(len(ready)):
             callback, args = ready.popleft()
             self._run(callback, args)
 
@@ -159,7 +162,7 @@ class Loop:
         previous_wakeup = signal.set_wakeup_fd(self._wake_w) if in_main else None
         try:
             while not self._stopping:
-                self._lib.event_base_loop(self._base, ev.EVLOOP_NO_EXIT_ON_EMPTY)
+                self._blocking.event_base_loop(self._base, ev.EVLOOP_NO_EXIT_ON_EMPTY)
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal
