@@ -15,6 +15,7 @@ __all__ = [
     "event_stream",
     "history",
     "may_listen",
+    "poll_response",
     "publish",
 ]
 _HOMES = {
@@ -25,6 +26,7 @@ _HOMES = {
     "event_stream": "sse",
     "history": "events",
     "may_listen": "events",
+    "poll_response": "longpoll",
     "publish": "events",
 }
 __version__ = "0.1.0"

@@ -104,8 +104,7 @@ def defer_until(
         after = hub.newest_id(channels)
     else:  # the shared history answers for events this process has not seen
         after = int(since)
-        events, _ = broker.since(channels, after)
-        ready = events[0] if events else None
+        ready, _ = broker.since(channels, after)
     deferred = DeferredResponse(response, _target_path(target), environ)
     deferred.comet_deferral = ChannelWait(
         deferred._next_stage, channels=channels, after=after, timeout=timeout, ready=ready

@@ -221,3 +221,40 @@ def test_streams_and_polls_with_views_in_the_loop_thread(comet_inline):
         assert client.next_event() == {"id": str(event_id), "data": '"x"'}
     answer = requests.get(comet_inline.url + f"/t/poll/?channel=inline&since={event_id - 1}")
     assert answer.json()["event"]["id"] == event_id
+
+
+def test_poll_response_waits_then_answers_without_a_view(comet):
+    with comet.connect() as sock:
+        sock.sendall(
+            b"GET /t/fastpoll/?channel=fast&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        subscribed(comet, "fast", 1)
+        first = publish(comet, "fast", {"n": 1}, event="named")
+        body = json.loads(read_body(sock))
+    assert body == {"events": [{"id": first, "data": {"n": 1}, "event": "named"}], "last_id": first}
+    second = publish(comet, "fast", [2])
+    at_once = requests.get(comet.url + f"/t/fastpoll/?channel=fast&since={first - 1}").json()
+    assert [e["id"] for e in at_once["events"]] == [first, second]
+    assert at_once["last_id"] == second
+    empty = requests.get(comet.url + f"/t/fastpoll/?channel=fast&since={second}&timeout=0.2").json()
+    assert empty == {"events": [], "last_id": second}
+    comet.wait_for_status(lambda s: s["held"] == 0 and "fast" not in s["channels"])
+
+
+def test_many_long_polls_woken_by_one_publish(comet):
+    socks = []
+    try:
+        for _ in range(300):
+            sock = comet.connect()
+            sock.sendall(
+                b"GET /t/fastpoll/?channel=crowdpoll&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            socks.append(sock)
+        subscribed(comet, "crowdpoll", 300)
+        event_id = publish(comet, "crowdpoll", "all")
+        for sock in socks:
+            assert json.loads(read_body(sock))["last_id"] == event_id
+    finally:
+        for sock in socks:
+            sock.close()
+    comet.wait_for_status(lambda s: s["held"] == 0)

@@ -17,5 +17,6 @@ urlpatterns = [
     path("t/stream/", views.stream_view, name="stream"),
     path("t/poll/", views.poll_view, name="poll"),
     path("t/poll/answer/", views.poll_answer, name="poll_answer"),
+    path("t/fastpoll/", views.fast_poll_view, name="fast_poll"),
     path("", include("demo_site.urls")),
 ]

@@ -13,6 +13,7 @@ from django_comet import (
     deferred_view,
     event_stream,
     may_listen,
+    poll_response,
     publish,
 )
 
@@ -138,3 +139,14 @@ def poll_view(request):
 @deferred_view()
 def poll_answer(request, response_prev=None, event=None):
     return JsonResponse({"event": event})
+
+
+def fast_poll_view(request):
+    """poll_response on ?channel= after ?since= (optional) for ?timeout= seconds."""
+    since = request.GET.get("since")
+    return poll_response(
+        request,
+        request.GET["channel"],
+        since=int(since) if since else None,
+        timeout=float(request.GET.get("timeout", "5")),
+    )

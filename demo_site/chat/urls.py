@@ -9,5 +9,4 @@ urlpatterns = [
     path("send/", views.send, name="send"),
     path("events/", views.events, name="events"),
     path("poll/", views.poll, name="poll"),
-    path("poll/deliver/", views.poll_deliver, name="poll_deliver"),
 ]

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_POST
 
-from django_comet import defer_until, deferred_view, event_stream, history, may_listen, publish
+from django_comet import event_stream, poll_response, publish
 
 CHANNEL = "chat"
-
-
-def latest_id() -> int:
-    events = history(CHANNEL)
-    return events[-1]["id"] if events else 0
-
-
 MAX_NAME = 40
 MAX_TEXT = 2000
 
@@ -52,24 +45,4 @@ def poll(request: HttpRequest) -> HttpResponseBase:
         since = int(request.GET.get("since", "0"))
     except ValueError:
         return HttpResponseBadRequest("since must be an event id.")
-    if not may_listen(request, CHANNEL):
-        return HttpResponse("Not allowed to listen.", status=403)
-    response = HttpResponse(content_type="application/json")
-    response["Cache-Control"] = "no-cache"
-    response.since = since  # type: ignore[attr-defined]
-    return defer_until(response, CHANNEL, poll_deliver, timeout=25, since=since)
-
-
-@deferred_view()
-def poll_deliver(
-    request: HttpRequest, response_prev: HttpResponse, event: dict | None = None
-) -> JsonResponse:
-    if response_prev is None:  # only reachable as the stage of poll()
-        raise Http404
-    since = response_prev.since  # type: ignore[attr-defined]
-    found = [{"id": e["id"], "data": e["data"]} for e in history(CHANNEL, after=since)]
-    if not found and since > latest_id():
-        # A cursor from another epoch (the memory broker restarted): send the history
-        # and a last_id the client can follow from.
-        found = [{"id": e["id"], "data": e["data"]} for e in history(CHANNEL)]
-    return JsonResponse({"events": found, "last_id": found[-1]["id"] if found else since})
+    return poll_response(request, CHANNEL, since=since, timeout=25)

@@ -40,24 +40,32 @@ class Deferral:
 
 
 class ChannelWait:
-    __slots__ = ("after", "channels", "claimed", "ready", "resume", "timeout")
+    """With ``render`` instead of ``resume``, no stage runs: the server answers in the
+    loop thread with ``render(events, after)`` (bytes, the rest of the body) and ends the
+    response; waiters with the same cursor share one rendering per event."""
+
+    __slots__ = ("after", "channels", "claimed", "ready", "render", "resume", "timeout")
 
     def __init__(
         self,
-        resume: Callable[[Any], Iterable[bytes]],
+        resume: Callable[[Any], Iterable[bytes]] | None,
         *,
         channels: list[str],
         after: int,
         timeout: float,
-        ready: Any = None,
+        ready: list[Any] | None = None,
+        render: Callable[[list[Any], int], bytes] | None = None,
     ):
         if timeout <= 0:
             raise ValueError("a channel wait needs a positive timeout")
+        if (resume is None) == (render is None):
+            raise ValueError("a channel wait needs either resume or render")
+        self.render = render
         self.resume = resume
         self.channels = channels
         self.after = after
         self.timeout = timeout
-        self.ready = ready  # an event already known to be newer: answer at once
+        self.ready = ready  # events already known to be newer: answer at once
         self.claimed = False
 
 

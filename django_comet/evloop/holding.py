@@ -70,12 +70,9 @@ class Holder:
             )
             return
         if isinstance(deferral, ChannelWait):
-            ready = deferral.ready
-            if ready is None:
-                events, _ = hub.since(deferral.channels, deferral.after)
-                ready = events[0] if events else None
-            if ready is not None:  # something newer already happened: answer at once
-                server._resume(ex, deferral.resume, ready)
+            ready = deferral.ready or hub.since(deferral.channels, deferral.after)[0]
+            if ready:  # something newer already happened: answer at once
+                self._wake(ex, deferral, ready, deferral.after, {})
                 return
             ex.hold = deferral
             ex.cursor = deferral.after
@@ -123,7 +120,33 @@ class Holder:
     def _wait_timed_out(self, ex: Exchange, wait: ChannelWait) -> None:
         ex.timer = None
         self.release(ex)
-        self.server._resume(ex, wait.resume, None)
+        self._wake(ex, wait, [], wait.after, {})
+
+    def _wake(
+        self,
+        ex: Exchange,
+        wait: ChannelWait,
+        events: list[Event] | None,
+        after: int,
+        rendered: dict[int, bytes],
+    ) -> None:
+        """A long-poll's wait is over (``events`` newer than ``after``; empty on timeout;
+        None: look them up).  Run its stage with the first event, or answer with its
+        rendering, shared through ``rendered`` by the waiters of one pass with the same
+        cursor."""
+        if wait.resume is not None:
+            if events is None:
+                events = hub.since(wait.channels, after)[0]
+            self.server._resume(ex, wait.resume, events[0] if events else None)
+            return
+        assert wait.render is not None
+        body = rendered.get(after)
+        if body is None:
+            if events is None:
+                events = hub.since(wait.channels, after)[0]
+            body = rendered[after] = wait.render(events, after)
+        self.server._send_chunk(ex, body)
+        self.server._end(ex)
 
     # -- events ------------------------------------------------------------------------
 
@@ -134,11 +157,16 @@ class Holder:
         frame, size, event_id = event.frame, len(event.frame), event.id
         lib, buf, limit = self._lib, self._buf, self.max_pending
         pending, add, send = lib.evbuffer_get_length, lib.evbuffer_add, lib.evhttp_send_reply_chunk
+        rendered: dict[int, bytes] = {}
         for ex in list(subscribers):
             if ex.cursor >= event_id:
                 continue  # already sent (replayed or caught up)
-            ex.cursor = event_id
             hold = ex.hold
+            if type(hold) is ChannelWait:
+                self.release(ex)
+                self._wake(ex, hold, None if hold.render else [event], ex.cursor, rendered)
+                continue
+            ex.cursor = event_id
             if type(hold) is Stream:
                 if pending(ex.outbuf) > limit:
                     self._drop_slow(ex)
@@ -146,9 +174,6 @@ class Holder:
                 add(buf, frame, size)
                 send(ex.req, buf)
                 ex.sent += size
-            elif type(hold) is ChannelWait:
-                self.release(ex)
-                self.server._resume(ex, hold.resume, event)
 
     def _write(self, ex: Exchange, data: bytes) -> None:
         if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
