@@ -103,6 +103,7 @@ def runcomet(
     db: str | None = None,
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
+    addrport: str = "127.0.0.1:0",
 ) -> ServerProcess:
     """``manage.py runcomet --noreload`` with ``env`` added (and ``prefix`` before the
     interpreter, e.g. prlimit)."""
@@ -122,8 +123,7 @@ def runcomet(
         "--noreload",
         *args,
     ]
-    if not any(re.match(r"^[\[\d]|^\d+$", a) for a in args):
-        argv.append("127.0.0.1:0")
+    argv.append(addrport)
     return ServerProcess(argv, env=env)
 
 

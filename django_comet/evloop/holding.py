@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
 from .hub import Event, hub
+from .request import RequestStruct
 
 if TYPE_CHECKING:
     from .loop import Handle
     from .server import Exchange, Server
 
 HEARTBEAT = b": heartbeat\n\n"
+NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: nothing
 
 
 class Holder:
@@ -61,7 +63,7 @@ class Holder:
             server._end(ex)  # a chain of stages that outlived its welcome
             return
         ex.state = "held"
-        ex.environ = {}  # the response object keeps what the next stage needs
+        ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)
         if isinstance(deferral, Deferral):
@@ -84,6 +86,11 @@ class Holder:
         ex.hold = deferral
         ex.cursor = deferral.cursor
         ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
+        # A stream may be held for hours: let libevent drop the request's header
+        # strings, which nothing reads again (a request without "Connection: keep-alive"
+        # headers ends like any HTTP/1.1 one: the connection may be reused).
+        assert ex.req is not None
+        self._lib.evhttp_clear_headers(RequestStruct.from_address(ex.req).input_headers)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
         if self._heartbeat is None:

@@ -203,6 +203,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),
     # int evhttp_add_header(struct evkeyvalq *headers, const char *key, const char *value);
     "evhttp_add_header": (c_int, [evkeyvalq_p, c_char_p, c_char_p]),
+    # void evhttp_clear_headers(struct evkeyvalq *headers);
+    "evhttp_clear_headers": (None, [evkeyvalq_p]),
     # int evhttp_remove_header(struct evkeyvalq *headers, const char *key);
     "evhttp_remove_header": (c_int, [evkeyvalq_p, c_char_p]),
     # void evhttp_send_error(struct evhttp_request *req, int error, const char *reason);

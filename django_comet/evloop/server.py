@@ -28,7 +28,7 @@ from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard
 from .deferral import AnyDeferral
-from .holding import Holder
+from .holding import NO_ENVIRON, Holder
 from .loop import Handle, Loop
 from .producer import Producer
 from .request import RequestStruct, read_request
@@ -508,7 +508,7 @@ class Server(Producer):
 
     def _done(self, ex: Exchange, aborted: bool) -> None:
         ex.state = "done"
-        ex.environ = {}  # drop the request's references now, not when the GC gets to it
+        ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
         if ex.deferred:
             self.held -= 1
