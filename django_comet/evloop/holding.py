@@ -78,6 +78,7 @@ class Holder:
                 return
             ex.hold = deferral
             ex.cursor = deferral.after
+            self._shed_headers(ex)
             self._subscribe(ex, deferral.channels)
             ex.timer = self.loop.call_later(
                 deferral.timeout, functools.partial(self._wait_timed_out, ex, deferral)
@@ -86,11 +87,7 @@ class Holder:
         ex.hold = deferral
         ex.cursor = deferral.cursor
         ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
-        # A stream may be held for hours: let libevent drop the request's header
-        # strings, which nothing reads again (a request without "Connection: keep-alive"
-        # headers ends like any HTTP/1.1 one: the connection may be reused).
-        assert ex.req is not None
-        self._lib.evhttp_clear_headers(RequestStruct.from_address(ex.req).input_headers)
+        self._shed_headers(ex)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
         if self._heartbeat is None:
@@ -100,6 +97,16 @@ class Holder:
         for event in events:
             self._write(ex, event.frame)
             ex.cursor = event.id
+
+    def _shed_headers(self, ex: Exchange) -> None:
+        """A stream or poll may be held for long: let libevent free the request's and the
+        response's header lists, which are on the wire already and read by nothing but
+        the keep-alive decision at the end (an HTTP/1.1 connection is then reused unless
+        the client closes it; HTTP/1.0 streams end with the connection regardless)."""
+        assert ex.req is not None
+        r = RequestStruct.from_address(ex.req)
+        self._lib.evhttp_clear_headers(r.input_headers)
+        self._lib.evhttp_clear_headers(r.output_headers)
 
     def release(self, ex: Exchange) -> None:
         """Stop holding ``ex``: cancel its timer, drop its subscriptions."""
