@@ -205,8 +205,8 @@ def test_held_connections_end_after_max_hold(demo_db):
 def test_storm_of_vanishing_stream_clients(comet):
     pid = comet.proc.pid
     fds, rss = fd_count(pid), rss_kib(pid)
-    clients = [SSEClient(comet, "/t/stream/?channels=storm") for _ in range(2000)]
-    comet.wait_for_status(lambda s: s["channels"].get("storm") == 2000)
+    clients = [SSEClient(comet, "/t/stream/?channels=storm") for _ in range(5000)]
+    comet.wait_for_status(lambda s: s["channels"].get("storm") == 5000)
     for client in clients:  # all reset at once
         client.sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -222,9 +222,9 @@ def test_graceful_drain_under_load(demo_db):
     server = runcomet(db=demo_db)
     streams = []
     try:
-        for _ in range(500):
+        for _ in range(1000):
             streams.append(SSEClient(server, "/t/stream/?channels=drain"))
-        server.wait_for_status(lambda s: s["channels"].get("drain") == 500)
+        server.wait_for_status(lambda s: s["channels"].get("drain") == 1000)
         results = []
 
         def slow():
