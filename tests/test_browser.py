@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from .browser import CHROMEDRIVER, CHROMIUM, add_flags
 from .processes import ROOT
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 # Written to docs/ (the picture in the README) only when asked, so that a test run leaves
 # the work tree clean: SAVE_SCREENSHOTS=1 pytest tests/test_browser.py
 SCREENSHOT = (
@@ -58,20 +57,7 @@ def chromium(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     options.page_load_strategy = "none"  # driver.get returns before the response ends
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=640,360",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
+    add_flags(options, tmp_path / "chromium-profile", "640,360")
     service = Service(CHROMEDRIVER, log_output=subprocess.DEVNULL)
     driver = webdriver.Chrome(service=service, options=options)
     try:

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import requests
 
+from .browser import CHROMEDRIVER, CHROMIUM, add_flags
 from .processes import ROOT
-from .test_browser import CHROMEDRIVER, CHROMIUM
 
 # Written to docs/ (the picture in the README) only when asked, so that a test run leaves
 # the work tree clean: SAVE_SCREENSHOTS=1 pytest tests/test_browser_chat.py
@@ -83,20 +83,7 @@ def new_browser(tmp_path) -> Iterator[NewBrowser]:
         profile = tmp_path / f"profile-{name}"
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for flag in (
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            f"--window-size={window}",
-            f"--user-data-dir={profile}",
-        ):
-            options.add_argument(flag)
+        add_flags(options, profile, window)
         service = Service(CHROMEDRIVER, log_output=subprocess.DEVNULL)
         driver = webdriver.Chrome(service=service, options=options)
         drivers.append(driver)

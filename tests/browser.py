@@ -1,0 +1,29 @@
+"""What both browser tests need to start headless Chromium (Debian's chromium and
+chromium-driver, which `make test` installs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+# As root, in a machine with no network but loopback: no sandbox, nothing that phones home.
+FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+
+
+def add_flags(options: Any, profile: Path, window: str) -> None:
+    """Headless flags, a fresh profile directory and a window size on ChromeOptions."""
+    for flag in (*FLAGS, f"--window-size={window}", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
