@@ -127,6 +127,25 @@ def runcomet(
     return ServerProcess(argv, env=env)
 
 
+def manage(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``demo_site/manage.py`` with the tests' settings (and ``env`` added)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "demo_site" / "manage.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            **(env or {}),
+        },
+    )
+
+
 def evloop(app: str, *args: str, cwd: Path = ROOT, prefix: tuple[str, ...] = ()) -> ServerProcess:
     env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return ServerProcess(

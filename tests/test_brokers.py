@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import psutil
 import pytest
 import requests
 
 from .brokers import PostgresServer, RedisServer
-from .processes import ROOT, runcomet
+from .processes import manage, runcomet
 from .sse_client import SSEClient
 
 
@@ -51,24 +49,8 @@ def subscribed(server, channel, count=1):
 
 
 def manage_publish(broker, channel, data):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "demo_site" / "manage.py"),
-            "comet_publish",
-            channel,
-            json.dumps(data),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": str(ROOT),
-            "COMET_BROKER": broker.url,
-        },
+    result = manage(
+        "comet_publish", channel, json.dumps(data), check=True, env={"COMET_BROKER": broker.url}
     )
     return int(result.stdout.strip())
 
@@ -127,25 +109,8 @@ def test_large_payload_goes_through(pair):
 
 
 def test_workers_refused_with_the_memory_broker(demo_db):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "demo_site" / "manage.py"),
-            "runcomet",
-            "--noreload",
-            "--workers",
-            "2",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": str(ROOT),
-            "PATH": "/usr/bin:/bin",
-            "DEMO_DB": demo_db,
-        },
+    result = manage(
+        "runcomet", "--noreload", "--workers", "2", "127.0.0.1:0", env={"DEMO_DB": demo_db}
     )
     assert result.returncode == 1
     assert "needs a shared broker" in result.stderr

@@ -2,8 +2,6 @@
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from io import StringIO
 
@@ -13,7 +11,7 @@ from django.core.management import call_command
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import ROOT, runcomet
+from .processes import manage, runcomet
 
 
 def parsed(*args):
@@ -44,22 +42,8 @@ def test_threads_option():
     assert cmd.server_config(threads=None, use_threading=False).threads == 0
 
 
-def run_manage(*args, timeout=60):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "demo_site" / "manage.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": str(ROOT),
-            "PATH": "/usr/bin:/bin",
-        },
-    )
-
-
 def test_bad_address_is_one_line():
-    result = run_manage("runcomet", "--noreload", "not an address")
+    result = manage("runcomet", "--noreload", "not an address")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         'CommandError: "not an address" is not a valid port number or address:port pair.'
@@ -71,25 +55,14 @@ def test_port_in_use_is_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_manage("runcomet", "--noreload", "--skip-checks", f"127.0.0.1:{port}")
+        result = manage("runcomet", "--noreload", "--skip-checks", f"127.0.0.1:{port}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "CommandError: That port is already in use."
     assert "Traceback" not in result.stderr
 
 
 def test_missing_libevent_is_a_system_check_error():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "demo_site" / "manage.py"), "check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": str(ROOT),
-            "PATH": "/usr/bin:/bin",
-            "COMET_LIBEVENT": "/nonexistent/libevent.so",
-        },
-    )
+    result = manage("check", env={"COMET_LIBEVENT": "/nonexistent/libevent.so"})
     assert result.returncode == 1
     assert "django_comet.E001" in result.stderr
     assert "/nonexistent/libevent.so" in result.stderr
