@@ -233,7 +233,8 @@ def test_graceful_drain_under_load(demo_db):
         threads = [threading.Thread(target=slow) for _ in range(4)]
         for thread in threads:
             thread.start()
-        server.wait_for_status(lambda s: s["in_flight"] >= 5)
+        # in flight and not held: the four slow requests and this status request
+        server.wait_for_status(lambda s: s["in_flight"] - s["held"] >= 5)
         server.signal(signal.SIGTERM)
         for thread in threads:
             thread.join()

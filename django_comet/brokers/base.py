@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..evloop.hub import Event, hub
 
@@ -23,8 +24,9 @@ class Broker:
         and whether some of them are gone."""
         return hub.since(channels, after)
 
-    def start_listening(self) -> None:
-        """Begin receiving other processes' events into the hub (idempotent)."""
+    def start_listening(self, loop: Any = None) -> None:
+        """Begin receiving other processes' events into the hub (idempotent).  A running
+        server passes its event loop, which a broker may use to watch its socket."""
 
     def close(self) -> None:
         """Release connections and threads."""
@@ -47,7 +49,7 @@ class ListeningBroker(Broker):
         self._closed = threading.Event()
         self.connected = threading.Event()
 
-    def start_listening(self) -> None:
+    def start_listening(self, loop: Any = None) -> None:
         with self._start_lock:
             if self._listener is None:
                 self._listener = threading.Thread(

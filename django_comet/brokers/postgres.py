@@ -11,13 +11,17 @@ table.  Old rows beyond the history size of their channel are pruned as events c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..evloop.hub import Event
 from .base import ListeningBroker
+
+logger = logging.getLogger("django_comet.broker")
 
 NOTIFY_CHANNEL = "comet_events"
 LOCK_KEY = 0x636F6D6574  # "comet"
@@ -57,6 +61,8 @@ class PostgresBroker(ListeningBroker):
         self.conninfo = conninfo
         self.history_size = history_size
         self._local = threading.local()  # one publishing connection per thread
+        self._loop: Any = None
+        self._watcher: Any = None  # the loop's watcher of the LISTEN connection
         self._count = 0
         with self._connect() as conn:
             conn.execute(SCHEMA)
@@ -125,21 +131,77 @@ class PostgresBroker(ListeningBroker):
         events = [Event(channel, int(i), data, name) for i, channel, name, data in rows]
         return events[-self.history_size * len(channels) :], after < lost
 
-    def _listen(self, deliver: Callable[[Event], None]) -> None:
-        from ..evloop.hub import hub
+    # -- with an event loop (runcomet): the loop watches the LISTEN connection's socket --
 
-        with self._connect() as conn:
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            self.connected.set()
-            # Whatever was published while we were not listening (start, reconnect).
-            for i, channel, name, data in conn.execute(
-                "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
-                (hub.last_id,),
-            ).fetchall():
-                deliver(Event(channel, int(i), data, name))
+    def start_listening(self, loop: Any = None) -> None:
+        if loop is None:
+            return super().start_listening()  # no loop here: a thread waits instead
+        with self._start_lock:
+            if self._listener is not None or self._loop is not None:
+                return
+            self._loop = loop
+        self._connect_for_loop()
+
+    def _connect_for_loop(self) -> None:
+        """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
+        connection to the loop thread, which watches its socket from then on."""
+
+        def connect() -> None:
+            backoff = 0.1
+            while not self._closed.is_set():
+                try:
+                    conn = self._listening_connection(self._deliver)
+                except self.psycopg.OperationalError as exc:
+                    logger.warning("PostgreSQL unreachable (%s); retrying in %.1fs", exc, backoff)
+                    self._closed.wait(backoff)
+                    backoff = min(backoff * 2, self.backoff_max)
+                else:
+                    self._loop.call_soon_threadsafe(self._watch, conn)
+                    return
+
+        threading.Thread(target=connect, name="comet-postgres-connect", daemon=True).start()
+
+    def _watch(self, conn: Any) -> None:
+        """Loop thread: read notifications whenever the socket is readable."""
+        self.connected.set()
+        self._watcher = self._loop.add_reader(conn.fileno(), lambda: self._readable(conn))
+        self._readable(conn)  # some may have arrived during the catch-up
+
+    def _readable(self, conn: Any) -> None:
+        try:
+            for notify in conn.notifies(timeout=0):  # what has arrived; never waits
+                self._deliver(self._event(notify.payload))
+        except Exception as exc:  # the server went away: watch a new connection
+            self.connected.clear()
+            self._watcher.cancel()
+            with contextlib.suppress(Exception):
+                conn.close()
+            if not self._closed.is_set():
+                logger.warning("PostgreSQL connection lost (%s); reconnecting", exc)
+                self._connect_for_loop()
+
+    # -- without a loop (runserver, gunicorn, a shell): one thread waits ------------------
+
+    def _listen(self, deliver: Callable[[Event], None]) -> None:
+        with self._listening_connection(deliver) as conn:
             while not self._closed.is_set():
                 for notify in conn.notifies(timeout=1.0):
                     deliver(self._event(notify.payload))
+
+    def _listening_connection(self, deliver: Callable[[Event], None]) -> Any:
+        """A connection that LISTENs, after delivering what was published while we were
+        not listening (at start, after a reconnect)."""
+        from ..evloop.hub import hub
+
+        conn = self._connect()
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        self.connected.set()
+        for i, channel, name, data in conn.execute(
+            "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
+            (hub.last_id,),
+        ).fetchall():
+            deliver(Event(channel, int(i), data, name))
+        return conn
 
     def _event(self, payload: str) -> Event:
         if payload.startswith("["):

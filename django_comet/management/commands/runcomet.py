@@ -124,7 +124,7 @@ class Command(RunserverCommand):
             self._run_workers(workers, sock, handler, config)
             return
         server = self.comet_server_cls(handler, config, sock=sock)
-        get_broker().start_listening()
+        get_broker().start_listening(server.loop)
         self.on_bind(server.address[1], server)
         in_main_thread = threading.current_thread() is threading.main_thread()
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
@@ -139,7 +139,7 @@ class Command(RunserverCommand):
 
         def child(number: int) -> None:
             server = self.comet_server_cls(handler, config, sock=sock)
-            get_broker().start_listening()
+            get_broker().start_listening(server.loop)
             server.serve_forever(handle_signals=True)
 
         self.on_bind(port, None, workers=workers, threads=config.threads)
