@@ -106,7 +106,7 @@ class ConnectionGuard:
             elif deadline and now > deadline:
                 self._conns[bev] = 0.0
                 self.timed_out += 1
-                _shutdown(self._lib.bufferevent_getfd(bev))  # evhttp sees EOF and frees it
+                shutdown_socket(self._lib.bufferevent_getfd(bev))  # evhttp sees EOF and frees it
         if self.paused and len(self._conns) < self.max_connections:
             self.paused = False
             self.server._accepting(True)
@@ -129,7 +129,9 @@ class ConnectionGuard:
         self._conns.clear()
 
 
-def _shutdown(fd: int) -> None:
+def shutdown_socket(fd: int) -> None:
+    """Shut a socket libevent owns down (libevent then sees EOF and cleans up); the
+    descriptor itself stays libevent's to close."""
     if fd < 0:
         return
     dup = socket.socket(fileno=os.dup(fd))

@@ -18,11 +18,9 @@ _NEWLINES = re.compile(r"\r\n|\r|\n")
 _FIELD_JUNK = re.compile(r"[\r\n\0]")
 
 
-def sse_frame(event_id: int | None, name: str | None, data: str, retry: int | None = None) -> bytes:
+def sse_frame(event_id: int | None, name: str | None, data: str) -> bytes:
     """One Server-Sent Events frame: ``id:``, ``event:``, one ``data:`` line per line."""
     lines = []
-    if retry is not None:
-        lines.append(f"retry: {int(retry)}")
     if event_id is not None:
         lines.append(f"id: {event_id}")
     if name:
@@ -109,10 +107,6 @@ class Hub:
         with self._lock:
             if sink in self._sinks:
                 self._sinks.remove(sink)
-
-    def channels(self) -> list[str]:
-        with self._lock:
-            return list(self._history)
 
 
 hub = Hub()  # the process's hub: brokers feed it, the running server drains it

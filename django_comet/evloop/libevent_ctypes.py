@@ -115,8 +115,6 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "event_base_loop": (c_int, [event_base_p, c_int]),
     # int event_base_loopbreak(struct event_base *);
     "event_base_loopbreak": (c_int, [event_base_p]),
-    # int event_reinit(struct event_base *base);
-    "event_reinit": (c_int, [event_base_p]),
     # const char *event_base_get_method(const struct event_base *);
     "event_base_get_method": (c_char_p, [event_base_p]),
     # const char *event_get_version(void);

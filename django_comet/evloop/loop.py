@@ -24,6 +24,11 @@ from . import libevent_ctypes as ev
 logger = logging.getLogger("django_comet.server")
 
 
+def timeval_of(seconds: float) -> ev.timeval:
+    whole = int(seconds)
+    return ev.timeval(whole, int((seconds - whole) * 1_000_000))
+
+
 class Handle:
     """A registered libevent event (a timer or an fd watcher); ``cancel()`` releases it."""
 
@@ -87,9 +92,7 @@ class Loop:
     def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
         """Run ``callback()`` once after ``delay`` seconds."""
         handle = self._register(-1, ev.EV_TIMEOUT, callback)
-        sec = int(delay)
-        tv = ev.timeval(sec, int((delay - sec) * 1_000_000))
-        self._lib.event_add(handle._event, ctypes.byref(tv))
+        self._lib.event_add(handle._event, ctypes.byref(timeval_of(delay)))
         return handle
 
     def add_reader(self, fd: int, callback: Callable[[], Any]) -> Handle:
@@ -175,10 +178,6 @@ class Loop:
         """Loop thread: return from ``run()`` after the current callback."""
         self._stopping = True
         self._lib.event_base_loopbreak(self._base)
-
-    def reinit_after_fork(self) -> None:
-        """In a forked child, before running: re-create libevent's kernel state."""
-        self._lib.event_reinit(self._base)
 
     def close(self) -> None:
         """Free every event, then the base (events before their base)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import socket
 import sys
 import threading
@@ -26,10 +25,10 @@ from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
-from .connections import ConnectionGuard
+from .connections import ConnectionGuard, shutdown_socket
 from .deferral import AnyDeferral
 from .holding import NO_ENVIRON, Holder
-from .loop import Handle, Loop
+from .loop import Handle, Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
@@ -145,7 +144,7 @@ class Server(Producer):
         lib.evhttp_set_default_content_type(http, None)
         lib.evhttp_set_max_headers_size(http, 2 * (cfg.max_header_size + cfg.max_request_line))
         lib.evhttp_set_max_body_size(http, cfg.max_body_size)
-        lib.evhttp_set_timeout_tv(http, ctypes.byref(_timeval(cfg.timeout)))
+        lib.evhttp_set_timeout_tv(http, ctypes.byref(timeval_of(cfg.timeout)))
         self.sock.setblocking(False)
         self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
         if not self._bound:
@@ -447,10 +446,7 @@ class Server(Producer):
         ex.state = "aborting"  # no worker owns it now: the close callback releases it
         self.holder.release(ex)
         fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
-        try:
-            _shutdown(fd)
-        except OSError:
-            pass
+        shutdown_socket(fd)
 
     # -- connection loss ---------------------------------------------------------------
 
@@ -490,7 +486,7 @@ class Server(Producer):
         assert ex.req is not None
         evcon = RequestStruct.from_address(ex.req).evcon
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
-        self._lib.bufferevent_set_timeouts(bev, None, ctypes.byref(_timeval(self.config.timeout)))
+        self._lib.bufferevent_set_timeouts(bev, None, ctypes.byref(timeval_of(self.config.timeout)))
         ex.bev = bev
 
     def _restore_read_timeout(self, ex: Exchange) -> None:
@@ -498,7 +494,7 @@ class Server(Producer):
             # A detached request (evcon NULL) means the connection, and so its
             # bufferevent, is gone: nothing to restore.
             if ex.req is not None and RequestStruct.from_address(ex.req).evcon:
-                tv = ctypes.byref(_timeval(self.config.timeout))
+                tv = ctypes.byref(timeval_of(self.config.timeout))
                 self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
             ex.bev = None
 
@@ -528,19 +524,6 @@ class Server(Producer):
 
 def _call_now(fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
-
-
-def _timeval(seconds: float) -> ev.timeval:
-    whole = int(seconds)
-    return ev.timeval(whole, int((seconds - whole) * 1_000_000))
-
-
-def _shutdown(fd: int) -> None:
-    dup = socket.socket(fileno=os.dup(fd))
-    try:
-        dup.shutdown(socket.SHUT_RDWR)
-    finally:
-        dup.close()
 
 
 def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
