@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -197,6 +198,8 @@ class Staged:
     cpu_percent: float
     cpu_ms_per_stage: float
     wall_s: float
+    step_s: float  # the delay between later stages
+    floor_ms_per_stage: float = float("nan")  # the Django requests alone (stage_floor.py)
 
 
 async def staged(
@@ -227,8 +230,20 @@ async def staged(
         later += [(t[k] - t[k - 1] - step) * 1000 for k in range(2, len(t))]
     requests = n * len(markers)
     return Staged(
-        name, n, group.finished, first, later, 100 * cpu / wall, 1000 * cpu / requests, wall
+        name, n, group.finished, first, later, 100 * cpu / wall, 1000 * cpu / requests, wall, step
     )
+
+
+def stage_floor_ms(env: dict[str, str], path: str, stages: int) -> float:
+    """CPU ms per stage of ``path``'s staged response run in-process, with no server."""
+    paths = [env["PYTHONPATH"], str(HERE.parent.parent / "demo_site")]
+    env = {**env, "PYTHONPATH": os.pathsep.join(paths)}
+    argv = ["taskset", "-c", "0", PY, "stage_floor.py", path, str(stages)]
+    out = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(f"  stage_floor.py failed:\n{out.stdout}{out.stderr}", flush=True)
+        return float("nan")
+    return float(out.stdout.split()[-1])
 
 
 def staged_runs() -> list[tuple[str, str, list[bytes], tuple[float, float]]]:
@@ -268,8 +283,9 @@ def fanout_table(results: list[Fanout]) -> list[str]:
 def staged_table(results: list[Staged]) -> list[str]:
     rows = [
         "| run | clients | complete | 1st stage lateness min / p50 / p99 / max ms "
-        "| later stages p99 ms | server CPU% | CPU ms per stage | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| later stages p99 ms | server CPU% | CPU ms per stage "
+        "| Django alone, ms per stage | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in results:
         f = s.first_ms
@@ -278,7 +294,7 @@ def staged_table(results: list[Staged]) -> list[str]:
             f"| {min(f, default=float('nan')):.1f} / {percentile(f, 50):.1f} "
             f"/ {percentile(f, 99):.1f} / {percentile(f, 100):.1f} "
             f"| {percentile(s.later_ms, 99):.1f} | {s.cpu_percent:.1f} "
-            f"| {s.cpu_ms_per_stage:.2f} | {s.wall_s:.1f} |"
+            f"| {s.cpu_ms_per_stage:.2f} | {s.floor_ms_per_stage:.2f} | {s.wall_s:.1f} |"
         )
     return rows
 
@@ -304,6 +320,15 @@ def goals(results: list[Fanout], stages: list[Staged]) -> list[str]:
         lines.append(
             f"- {s.name}: lateness p99 {p99:.1f} ms (< 20), CPU {s.cpu_percent:.1f}% (< 5): {ok}"
         )
+        if s.floor_ms_per_stage == s.floor_ms_per_stage:  # measured
+            rate = s.n / s.step_s
+            lines.append(
+                f"  - its stage requests cost {s.floor_ms_per_stage:.2f} ms of CPU each in "
+                f"Django alone, with no server: {s.n:,} every {s.step_s:g} s need "
+                f"{rate * s.floor_ms_per_stage / 10:,.0f}% of a CPU before the server does "
+                f"anything, and a burst of {s.n:,} keeps the last one waiting "
+                f"{s.n * s.floor_ms_per_stage:,.0f} ms"
+            )
     return lines
 
 
@@ -402,6 +427,7 @@ async def run(args: argparse.Namespace, snapshot: Path, db: Path) -> tuple[list,
             with server(comet.argv(port), comet.env, port, comet.ready, log) as proc:
                 await staged(port, proc.pid, "warm-up", path, markers, delays, 20)
                 s = await staged(port, proc.pid, name, path, markers, delays, args.staged)
+            s.floor_ms_per_stage = stage_floor_ms(comet.env, path, len(markers))
             stages.append(s)
             print(
                 f"  {name}: {s.complete}/{s.n} complete, lateness p99 "
@@ -417,7 +443,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="N=500 only, 200 staged clients")
     parser.add_argument("--sizes", help="comma-separated N (default 1000,5000,10000)")
-    parser.add_argument("--modes", default="sse,poll", help="sse,poll (default both)")
+    parser.add_argument("--modes", default="sse,poll", help='sse,poll (default both; "": none)')
     parser.add_argument("--staged", type=int, help="staged clients (default 1000; 0: skip)")
     parser.add_argument("--only", default="", help="only servers whose name contains this")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for bench/hello")
@@ -426,7 +452,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     default = "500" if args.quick else "1000,5000,10000"
     args.sizes = [int(n) for n in (args.sizes or default).split(",")]
-    args.modes = args.modes.split(",")
+    args.modes = [m for m in args.modes.split(",") if m]  # --modes "": staged runs only
     if args.staged is None:
         args.staged = 200 if args.quick else 1000
     return args

@@ -6,7 +6,9 @@ Every server serves the same Django view (and, separately, a bare WSGI callable)
 pinned to CPU 0 and wrk to CPU 1, over 127.0.0.1.  A server must answer one request with
 200 "Hello, world!" before it is measured.  A measurement is a warm-up, then one wrk run;
 rounds go through every server in turn, so a burst of noise from other processes hits one
-run rather than one server, and the median of the rounds is reported.  Results are printed
+run rather than one server, and the median of the rounds is reported.  Each round also
+times the application alone, called in-process (floor.py): subtracting it from a server's
+time per request shows what the server itself costs.  Results are printed
 as Markdown and written to bench/results/hello.md.
 """
 
@@ -253,6 +255,16 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def app_floor_us(app: str) -> float:
+    """CPU microseconds per request of ``app`` called in-process (floor.py), on CPU 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SNAPSHOT)])}
+    argv = ["taskset", "-c", SERVER_CPU, PY, "floor.py", app]
+    out = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise BenchError(f"floor.py {app} failed:\n{out.stdout}{out.stderr}")
+    return float(out.stdout.split()[-1])
+
+
 def wrk(port: int, seconds: int, connections: int) -> dict[str, int]:
     load = f"wrk -t1 -c{connections} -d{seconds}s".split()
     script, url = str(HERE / "report.lua"), f"http://127.0.0.1:{port}/"
@@ -295,18 +307,57 @@ def spread(r: Result) -> str:
     return f"{min(rps):,.0f}-{max(rps):,.0f}" if len(rps) > 1 else "-"
 
 
-def table(results: list[Result], base: Result | None, base_label: str) -> list[str]:
+def table(
+    results: list[Result], base: Result | None, base_label: str, floor: float | None
+) -> list[str]:
+    """One row per server; with the app's in-process floor (µs), what each server adds
+    per request on top of the app (the server is saturated on its one CPU, so 1/rps is
+    its CPU time per request)."""
     rows = [
-        f"| server | req/s | vs {base_label} | min-max | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| server | req/s | vs {base_label} | µs/request | server µs over the app "
+        "| min-max | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        per_request = 1e6 / r.rps
+        app = 0.0 if r.server.name.startswith("C ") else floor  # the C program has no app
+        over = f"{per_request - app:.1f}" if app is not None else "n/a"
         rows.append(
-            f"| {r.server.name} | {r.rps:,.0f} | {ratio(r.rps, base)} | {spread(r)} "
-            f"| {r.latency_ms('p50_us'):.2f} | {r.latency_ms('p99_us'):.2f} "
-            f"| {fmt_errors(r.errors)} |"
+            f"| {r.server.name} | {r.rps:,.0f} | {ratio(r.rps, base)} | {per_request:.1f} "
+            f"| {over} | {spread(r)} | {r.latency_ms('p50_us'):.2f} "
+            f"| {r.latency_ms('p99_us'):.2f} | {fmt_errors(r.errors)} |"
+        )
+    if floor is not None:
+        rows.append(
+            f"| the app alone, in-process (no server, no HTTP) | {1e6 / floor:,.0f} "
+            f"| {ratio(1e6 / floor, base)} | {floor:.1f} | 0 | | | | |"
         )
     return rows
+
+
+def bar_arithmetic(django: list[Result], bare: list[Result], floors: dict[str, float]) -> list[str]:
+    """What the issue's two missed bars would take, from this run's own figures."""
+    bjoern = next((r for r in django if r.server.name == "bjoern"), None)
+    zero = next((r for r in django if r.server.threads == 0), None)
+    c_prog = next((r for r in bare if r.server.name.startswith("C ")), None)
+    bare_zero = next((r for r in bare if r.server.threads == 0), None)
+    if not (bjoern and zero and c_prog and bare_zero and "django" in floors):
+        return []
+    bjoern_over = 1e6 / bjoern.rps - floors["django"]
+    evhttp = 1e6 / c_prog.rps
+    ours_over = 1e6 / zero.rps - floors["django"]
+    budget = 1e6 / (0.8 * c_prog.rps) - evhttp
+    python_bare = 1e6 / bare_zero.rps - evhttp - floors.get("bare", 0)
+    return [
+        f"- Django hello, `--threads 0` at least as fast as bjoern: runcomet may add at most "
+        f"what bjoern adds to the app, {bjoern_over:.1f} µs per request.  evhttp alone "
+        f"(the C program, socket work included) takes {evhttp:.1f} µs per request before any "
+        f"Python runs; runcomet adds {ours_over:.1f} µs.",
+        f"- Bare WSGI at 0.8x the C program: {1e6 / (0.8 * c_prog.rps):.1f} µs per request "
+        f"in all, which leaves {budget:.1f} µs for every Python step of a request (the ctypes "
+        f"callback, the environ, start_response, the reply); runcomet's take "
+        f"{python_bare:.1f} µs.",
+    ]
 
 
 def sweep_table(results: list[Result]) -> list[str]:
@@ -366,7 +417,13 @@ def libevent_version() -> str:
     return str(fn().decode())
 
 
-def report(header: list[str], django: list[Result], bare: list[Result], skipped: list[str]) -> str:
+def report(
+    header: list[str],
+    django: list[Result],
+    bare: list[Result],
+    floors: dict[str, float],
+    skipped: list[str],
+) -> str:
     gunicorn = next((r for r in django if r.server.name.startswith("gunicorn")), None)
     c_prog = next((r for r in bare if r.server.name.startswith("C ")), None)
     lines = ["# Hello, world: requests/second", "", *header, ""]
@@ -374,13 +431,16 @@ def report(header: list[str], django: list[Result], bare: list[Result], skipped:
         lines += [
             '## Django view (`HttpResponse("Hello, world!")`, DEBUG=False)',
             "",
-            *table(django, gunicorn, "gunicorn sync"),
+            *table(django, gunicorn, "gunicorn sync", floors.get("django")),
             "",
         ]
         if sweep := sweep_table(django):
             lines += ["### runcomet thread sweep (Django view)", "", *sweep, ""]
     if bare:
-        lines += ["## Bare WSGI callable (no Django)", "", *table(bare, c_prog, "C evhttp"), ""]
+        lines += ["## Bare WSGI callable (no Django)", ""]
+        lines += [*table(bare, c_prog, "C evhttp", floors.get("bare")), ""]
+    if arithmetic := bar_arithmetic(django, bare, floors):
+        lines += ["## What the missed bars need", "", *arithmetic, ""]
     lines += [f"- {s}" for s in skipped]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -425,9 +485,14 @@ def main() -> int:
     results = {
         g: [Result(s) for s in servers if args.only in s.name] for g, servers in groups.items()
     }
+    apps = {"django": DJANGO_WSGI, "bare": BARE_WSGI}
+    floor_runs: dict[str, list[float]] = {g: [] for g in apps if results[g]}
     try:
         for n in range(1, args.rounds + 1):
             print(f"Round {n}/{args.rounds}:", flush=True)
+            for group, runs in floor_runs.items():
+                runs.append(app_floor_us(apps[group]))
+                print(f"  {group} app alone, in-process: {runs[-1]:.1f} µs/request", flush=True)
             for result in results["django"] + results["bare"]:
                 measure(result, args)
     except BenchError as exc:
@@ -436,7 +501,8 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
-    text = report(header, results["django"], results["bare"], skipped)
+    floors = {g: min(runs) for g, runs in floor_runs.items()}  # a floor: the best run
+    text = report(header, results["django"], results["bare"], floors, skipped)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -15,6 +15,7 @@ with output for a dead exchange drops it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import socket
 import sys
@@ -166,6 +167,11 @@ class Server(Producer):
 
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(signum, self.shutdown)
+        # What exists now (the app, its framework, the server) lives as long as the
+        # process: freeze it, so that the collections request garbage triggers do not
+        # scan it again and again.
+        gc.collect()
+        gc.freeze()
         try:
             self.loop.run()
         finally:

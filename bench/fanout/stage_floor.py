@@ -1,0 +1,81 @@
+"""The floor under bench/fanout's "CPU ms per stage": the demo's staged response run
+in-process, with no server, no sockets and no delays; only Django's requests for each
+stage (the first request, then one GET per stage, as runcomet makes them).
+
+    DJANGO_SETTINGS_MODULE=... python stage_floor.py PATH STAGES [RESPONSES]
+
+Prints the CPU milliseconds per stage request.
+"""
+
+import gc
+import io
+import sys
+import time
+
+import django
+from django.core.wsgi import get_wsgi_application
+
+from django_comet.evloop.deferral import claim
+
+
+def environ(target: str) -> dict:
+    path, _, query = target.partition("?")
+    return {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "127.0.0.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "40000",
+        "CONTENT_LENGTH": "0",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+
+
+def start_response(status, headers, exc_info=None):
+    return lambda data: None
+
+
+def staged_response(app, path: str) -> int:
+    """Run every stage of one staged response at once; return how many requests it took."""
+    result = app(environ(path), start_response)
+    requests = 1
+    while True:
+        deferral = claim(result)  # as runcomet does: this stage's content only
+        b"".join(result)
+        result.close()
+        if deferral is None:
+            return requests
+        result = deferral.resume()
+        requests += 1
+
+
+def main() -> None:
+    path, stages = sys.argv[1], int(sys.argv[2])
+    responses = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
+    django.setup(set_prefix=False)
+    app = get_wsgi_application()
+    for _ in range(50):  # warm up: URLconf, translations, caches
+        staged_response(app, path)
+    gc.collect()
+    gc.freeze()  # as the server does before serving
+    started = time.process_time()
+    requests = sum(staged_response(app, path) for _ in range(responses))
+    cpu = time.process_time() - started
+    if requests != responses * stages:
+        sys.exit(f"expected {stages} requests per response, made {requests / responses:.1f}")
+    print(f"{1000 * cpu / requests:.3f}")
+
+
+if __name__ == "__main__":
+    main()
