@@ -100,12 +100,17 @@ class Group:
         if self.finished == self.size and not self.complete.done():
             self.complete.set_result(None)
 
-    async def open(self, port: int, parallel: int = 256) -> None:
-        """Open ``size`` connections, at most ``parallel`` handshakes at a time."""
+    async def open(self, port: int, parallel: int = 256, spread: float = 0.0) -> None:
+        """Open ``size`` connections, at most ``parallel`` handshakes at a time; with
+        ``spread``, the i-th starts i * spread / size seconds after the first (arrivals
+        at a steady rate instead of one burst)."""
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(parallel)
+        first = loop.time()
 
-        async def one() -> None:
+        async def one(i: int) -> None:
+            if spread:
+                await asyncio.sleep(max(0.0, first + i * spread / self.size - loop.time()))
             async with gate:
                 watcher = Watcher(self.request, self.markers, self._one_done)
                 try:
@@ -115,7 +120,7 @@ class Group:
                     return
                 self.watchers.append(watcher)
 
-        await asyncio.gather(*(one() for _ in range(self.size)))
+        await asyncio.gather(*(one(i) for i in range(self.size)))
 
     async def wait(self, timeout: float) -> None:
         try:

@@ -199,6 +199,7 @@ class Staged:
     cpu_ms_per_stage: float
     wall_s: float
     step_s: float  # the delay between later stages
+    spread_s: float  # arrivals spread over this many seconds (0: all at once)
     floor_ms_per_stage: float = float("nan")  # the Django requests alone (stage_floor.py)
 
 
@@ -210,13 +211,15 @@ async def staged(
     markers: list[bytes],
     delays: tuple[float, float],
     n: int,
+    spread: float = 0.0,
 ) -> Staged:
-    """``n`` concurrent staged responses: how late is each stage after the one before?"""
+    """``n`` concurrent staged responses: how late is each stage after the one before?
+    All start at once, or, with ``spread``, at a steady rate over that many seconds."""
     first_delay, step = delays
     group = client.Group(client.get(path), markers, n)
     cpu_before, started = cpu_seconds(pgid), time.perf_counter()
     try:
-        await group.open(port, parallel=n)
+        await group.open(port, parallel=n, spread=spread)
         await group.wait(30 + first_delay + step * len(markers))
     finally:
         group.close()
@@ -230,7 +233,16 @@ async def staged(
         later += [(t[k] - t[k - 1] - step) * 1000 for k in range(2, len(t))]
     requests = n * len(markers)
     return Staged(
-        name, n, group.finished, first, later, 100 * cpu / wall, 1000 * cpu / requests, wall, step
+        name,
+        n,
+        group.finished,
+        first,
+        later,
+        100 * cpu / wall,
+        1000 * cpu / requests,
+        wall,
+        step,
+        spread,
     )
 
 
@@ -246,12 +258,20 @@ def stage_floor_ms(env: dict[str, str], path: str, stages: int) -> float:
     return float(out.stdout.split()[-1])
 
 
-def staged_runs() -> list[tuple[str, str, list[bytes], tuple[float, float]]]:
+def staged_runs() -> list[tuple[str, str, list[bytes], tuple[float, float], float]]:
+    """(name, path, markers, (first delay, later delays), arrivals spread over s)."""
     quick = [b"s0;", b"s1:", b"s2:", b"s3:", b"s4:"]
     demo = [b"First content", b"stage1", b"stage2", b"stage3", b"last_stage4"]
     return [
-        ("quick-stages, delay 0.5 s then 0.02 s", "/t/quick-stages/?delay=0.5", quick, (0.5, 0.02)),
-        ("demo `/`, 1 s stages", "/", demo, (1.0, 1.0)),
+        (
+            "quick-stages, delay 0.5 s then 0.02 s",
+            "/t/quick-stages/?delay=0.5",
+            quick,
+            (0.5, 0.02),
+            0.0,
+        ),
+        ("demo `/`, 1 s stages, all at once", "/", demo, (1.0, 1.0), 0.0),
+        ("demo `/`, 1 s stages, arrivals spread over 1 s", "/", demo, (1.0, 1.0), 1.0),
     ]
 
 
@@ -315,19 +335,25 @@ def goals(results: list[Fanout], stages: list[Staged]) -> list[str]:
         ok = "met" if r.missed == 0 and r.subscribed >= 10000 else "missed"
         lines.append(f"- 10,000 SSE clients: {r.subscribed:,} subscribed, {r.missed} missed ({ok})")
     for s in stages:
-        p99 = percentile(s.first_ms, 99)
+        p99 = percentile(s.first_ms + s.later_ms, 99)  # every stage counts
         ok = "met" if p99 < 20 and s.cpu_percent < 5 else "missed"
         lines.append(
-            f"- {s.name}: lateness p99 {p99:.1f} ms (< 20), CPU {s.cpu_percent:.1f}% (< 5): {ok}"
+            f"- {s.name}: lateness p99 {p99:.1f} ms over all stages (< 20), "
+            f"CPU {s.cpu_percent:.1f}% (< 5): {ok}"
         )
         if s.floor_ms_per_stage == s.floor_ms_per_stage:  # measured
             rate = s.n / s.step_s
+            burst = (
+                f", and a burst of {s.n:,} keeps the last one waiting "
+                f"{s.n * s.floor_ms_per_stage:,.0f} ms"
+                if not s.spread_s
+                else ""
+            )
             lines.append(
                 f"  - its stage requests cost {s.floor_ms_per_stage:.2f} ms of CPU each in "
                 f"Django alone, with no server: {s.n:,} every {s.step_s:g} s need "
                 f"{rate * s.floor_ms_per_stage / 10:,.0f}% of a CPU before the server does "
-                f"anything, and a burst of {s.n:,} keeps the last one waiting "
-                f"{s.n * s.floor_ms_per_stage:,.0f} ms"
+                f"anything{burst}"
             )
     return lines
 
@@ -421,12 +447,12 @@ async def run(args: argparse.Namespace, snapshot: Path, db: Path) -> tuple[list,
                 )
     comet = next((p for p in selected if p.name == "runcomet"), None)
     if args.staged and comet is not None:
-        for name, path, markers, delays in staged_runs():
+        for name, path, markers, delays, spread in staged_runs():
             port = free_port()
             log = LOGS / f"runcomet-staged-{delays[0]}.log"
             with server(comet.argv(port), comet.env, port, comet.ready, log) as proc:
                 await staged(port, proc.pid, "warm-up", path, markers, delays, 20)
-                s = await staged(port, proc.pid, name, path, markers, delays, args.staged)
+                s = await staged(port, proc.pid, name, path, markers, delays, args.staged, spread)
             s.floor_ms_per_stage = stage_floor_ms(comet.env, path, len(markers))
             stages.append(s)
             print(
