@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -27,6 +28,25 @@ def test_timers_fire_in_order_and_cancel(loop):
     loop.run()
     assert fired == ["a", "b"]
     assert loop.pending_handles == 1  # only the wake-up watcher is left
+
+
+def test_a_timer_counts_from_when_it_is_armed_not_from_when_the_loop_woke(loop):
+    """libevent caches the time when the loop wakes; a timer armed at the end of a long
+    callback must still count from its own arming, or timers armed in one busy pass
+    fall due together (and staged responses would clump at every stage)."""
+    fired = []
+
+    def long_callback():
+        loop.call_later(0.3, lambda: fired.append("armed first, 0.3 s"))
+        time.sleep(0.2)  # a long callback (a view run in the loop thread)
+        loop.call_later(0.15, lambda: fired.append("armed 0.2 s later, 0.15 s"))
+        loop.call_later(0.6, loop.stop)
+
+    loop.call_soon(long_callback)
+    loop.run()
+    # From the wake-up time the second would be due first (0.15 < 0.3); from its own
+    # arming it is due 0.05 s after the first.
+    assert fired == ["armed first, 0.3 s", "armed 0.2 s later, 0.15 s"]
 
 
 def test_call_soon_threadsafe_from_many_threads(loop):

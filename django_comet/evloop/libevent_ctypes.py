@@ -115,6 +115,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "event_base_loop": (c_int, [event_base_p, c_int]),
     # int event_base_loopbreak(struct event_base *);
     "event_base_loopbreak": (c_int, [event_base_p]),
+    # int event_base_update_cache_time(struct event_base *base);
+    "event_base_update_cache_time": (c_int, [event_base_p]),
     # const char *event_base_get_method(const struct event_base *);
     "event_base_get_method": (c_char_p, [event_base_p]),
     # const char *event_get_version(void);

@@ -90,8 +90,13 @@ class Loop:
         del self._handles[handle._key]
 
     def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
-        """Run ``callback()`` once after ``delay`` seconds."""
+        """Run ``callback()`` once after ``delay`` seconds from now."""
         handle = self._register(-1, ev.EV_TIMEOUT, callback)
+        # libevent counts a timeout from the time it read when the loop woke up.  After a
+        # long run of callbacks that is stale: every timer armed during the run would be
+        # due at once (1,000 staged responses served one after another would all want
+        # their next stage at the same instant, and again at every stage).
+        self._lib.event_base_update_cache_time(self._base)
         self._lib.event_add(handle._event, ctypes.byref(timeval_of(delay)))
         return handle
 
