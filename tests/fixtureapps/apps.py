@@ -1,5 +1,6 @@
 """Tiny WSGI apps served by `python -m django_comet.evloop` in the server tests."""
 
+import gc
 import json
 
 
@@ -31,6 +32,10 @@ def app(environ, start_response):
         body = json.dumps({k: v for k, v in environ.items() if isinstance(v, str)}).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]
+    if path == "/gc":
+        body = json.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()})
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body.encode()]
     if path == "/write":
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"written;")
