@@ -167,7 +167,10 @@ class Server(Producer):
 
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(signum, self.shutdown)
-        tune_gc()
+        # What exists now (the app, its framework, the server) lives as long as the
+        # process: freeze it, so that no collection scans it again.
+        gc.collect()
+        gc.freeze()
         try:
             self.loop.run()
         finally:
@@ -522,26 +525,6 @@ class Server(Producer):
                 duration,
                 " (client gone)" if aborted else "",
             )
-
-
-# Python collects its youngest generation every 700 net allocations, and a full
-# collection once enough survivors were promoted.  A server holding thousands of
-# responses promotes whatever a request leaves alive for a moment, and a full collection
-# over every held connection stops the loop for tens of milliseconds (with 1,000 staged
-# responses: 20-35 ms, every few seconds).  Collecting the young less often lets most
-# request garbage die young, uncollected, and makes those stops rare.
-YOUNG_GC_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Before serving: freeze what exists now (the app, its framework, the server: it
-    lives as long as the process, so no collection should scan it again), and collect
-    the youngest generation less often."""
-    gc.collect()
-    gc.freeze()
-    young, older, oldest = gc.get_threshold()
-    if young:  # 0: the app turned automatic collection off; leave it so
-        gc.set_threshold(max(YOUNG_GC_THRESHOLD, young), older, oldest)
 
 
 def _call_now(fn: Callable[..., Any], *args: Any) -> None:

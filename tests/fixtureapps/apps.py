@@ -33,7 +33,7 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]
     if path == "/gc":
-        body = json.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()})
+        body = json.dumps({"frozen": gc.get_freeze_count()})
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body.encode()]
     if path == "/write":
