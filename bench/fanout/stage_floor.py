@@ -8,42 +8,17 @@ Prints the CPU milliseconds per stage request.
 """
 
 import gc
-import io
 import sys
 import time
+from pathlib import Path
 
 import django
 from django.core.wsgi import get_wsgi_application
 
 from django_comet.evloop.deferral import claim
 
-
-def environ(target: str) -> dict:
-    path, _, query = target.partition("?")
-    return {
-        "REQUEST_METHOD": "GET",
-        "SCRIPT_NAME": "",
-        "PATH_INFO": path,
-        "QUERY_STRING": query,
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "8000",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "HTTP_HOST": "127.0.0.1",
-        "REMOTE_ADDR": "127.0.0.1",
-        "REMOTE_PORT": "40000",
-        "CONTENT_LENGTH": "0",
-        "wsgi.input": io.BytesIO(b""),
-        "wsgi.errors": sys.stderr,
-        "wsgi.url_scheme": "http",
-        "wsgi.version": (1, 0),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-
-
-def start_response(status, headers, exc_info=None):
-    return lambda data: None
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "hello"))
+from floor import environ, start_response  # bench/hello/floor.py
 
 
 def staged_response(app, path: str) -> int:

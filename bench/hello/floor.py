@@ -12,12 +12,14 @@ import time
 BATCHES, CALLS = 7, 2000
 
 
-def environ() -> dict:
+def environ(target: str = "/") -> dict:
+    """A GET for ``target`` as a server would pass it (also used by bench/fanout)."""
+    path, _, query = target.partition("?")
     return {
         "REQUEST_METHOD": "GET",
         "SCRIPT_NAME": "",
-        "PATH_INFO": "/",
-        "QUERY_STRING": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
         "SERVER_NAME": "127.0.0.1",
         "SERVER_PORT": "8000",
         "SERVER_PROTOCOL": "HTTP/1.1",
