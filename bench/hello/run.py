@@ -501,7 +501,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
-    floors = {g: min(runs) for g, runs in floor_runs.items()}  # a floor: the best run
+    floors = {g: statistics.median(runs) for g, runs in floor_runs.items()}
     text = report(header, results["django"], results["bare"], floors, skipped)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
