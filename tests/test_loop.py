@@ -49,6 +49,24 @@ def test_a_timer_counts_from_when_it_is_armed_not_from_when_the_loop_woke(loop):
     assert fired == ["armed first, 0.3 s", "armed 0.2 s later, 0.15 s"]
 
 
+def test_timers_are_finer_than_the_kernel_tick(loop):
+    """libevent's default clock for timeouts is the coarse one, which moves once per
+    kernel tick (4 ms at HZ=250), so a chain of 1 ms timers would take 4 ms a link; the
+    loop asks for the precise clock.  Twenty 1 ms links must all run before one 50 ms
+    timer (a tick-bound chain needs 80 ms)."""
+    order = []
+
+    def link(n):
+        order.append(n)
+        if n < 20:
+            loop.call_later(0.001, lambda: link(n + 1))
+
+    loop.call_later(0.001, lambda: link(1))
+    loop.call_later(0.05, lambda: (order.append("50 ms"), loop.stop()))
+    loop.run()
+    assert order == [*range(1, 21), "50 ms"]
+
+
 def test_call_soon_threadsafe_from_many_threads(loop):
     got = []
 

@@ -34,6 +34,7 @@ __all__ = ["EV_PERSIST", "EV_READ", "EV_TIMEOUT", "EV_WRITE", "LibeventMissing",
 # Opaque handles.
 evconnlistener_p = c_void_p
 event_base_p = c_void_p
+event_config_p = c_void_p
 event_p = c_void_p
 evhttp_p = c_void_p
 evhttp_request_p = c_void_p
@@ -52,6 +53,8 @@ EV_PERSIST = 0x10
 EVLOOP_ONCE = 0x01
 EVLOOP_NONBLOCK = 0x02
 EVLOOP_NO_EXIT_ON_EMPTY = 0x04
+# enum event_base_config_flag
+EVENT_BASE_FLAG_PRECISE_TIMER = 0x20
 
 # http.h: enum evhttp_cmd_type
 EVHTTP_METHODS = {
@@ -107,8 +110,14 @@ evconnlistener_errorcb = CFUNCTYPE(None, evconnlistener_p, c_void_p)
 
 # name: (restype, argtypes); the C prototype is the comment above each entry.
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
-    # struct event_base *event_base_new(void);
-    "event_base_new": (event_base_p, []),
+    # struct event_config *event_config_new(void);
+    "event_config_new": (event_config_p, []),
+    # int event_config_set_flag(struct event_config *cfg, int flag);
+    "event_config_set_flag": (c_int, [event_config_p, c_int]),
+    # void event_config_free(struct event_config *cfg);
+    "event_config_free": (None, [event_config_p]),
+    # struct event_base *event_base_new_with_config(const struct event_config *);
+    "event_base_new_with_config": (event_base_p, [event_config_p]),
     # void event_base_free(struct event_base *);
     "event_base_free": (None, [event_base_p]),
     # int event_base_loop(struct event_base *, int flags);

@@ -54,10 +54,7 @@ class Loop:
     def __init__(self) -> None:
         self._lib = ev.load()
         self._blocking = ev.blocking_lib()
-        base = self._lib.event_base_new()
-        if not base:
-            raise OSError("event_base_new() failed")
-        self._base: int = base
+        self._base: int = self._new_base()
         self._handles: dict[int, Handle] = {}
         self._keys = itertools.count(1)
         self._trampoline = ev.event_callback_fn(self._dispatch)  # referenced while C may call
@@ -72,6 +69,21 @@ class Loop:
         self._stopping = False
         self._fatal: BaseException | None = None
         self.thread_id: int | None = None
+
+    def _new_base(self) -> int:
+        # By default libevent times timeouts with the kernel's coarse clock, which moves
+        # once per tick (every 4 ms at HZ=250): every timer would be up to a tick late.
+        config = self._lib.event_config_new()
+        if not config:
+            raise OSError("event_config_new() failed")
+        try:
+            self._lib.event_config_set_flag(config, ev.EVENT_BASE_FLAG_PRECISE_TIMER)
+            base = self._lib.event_base_new_with_config(config)
+        finally:
+            self._lib.event_config_free(config)
+        if not base:
+            raise OSError("event_base_new_with_config() failed")
+        return int(base)
 
     # -- registration (loop thread) -----------------------------------------------------
 
