@@ -54,6 +54,7 @@ EVLOOP_ONCE = 0x01
 EVLOOP_NONBLOCK = 0x02
 EVLOOP_NO_EXIT_ON_EMPTY = 0x04
 # enum event_base_config_flag
+EVENT_BASE_FLAG_NO_CACHE_TIME = 0x08
 EVENT_BASE_FLAG_PRECISE_TIMER = 0x20
 
 # http.h: enum evhttp_cmd_type
@@ -124,8 +125,6 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "event_base_loop": (c_int, [event_base_p, c_int]),
     # int event_base_loopbreak(struct event_base *);
     "event_base_loopbreak": (c_int, [event_base_p]),
-    # int event_base_update_cache_time(struct event_base *base);
-    "event_base_update_cache_time": (c_int, [event_base_p]),
     # const char *event_base_get_method(const struct event_base *);
     "event_base_get_method": (c_char_p, [event_base_p]),
     # const char *event_get_version(void);

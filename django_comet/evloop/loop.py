@@ -73,11 +73,16 @@ class Loop:
     def _new_base(self) -> int:
         # By default libevent times timeouts with the kernel's coarse clock, which moves
         # once per tick (every 4 ms at HZ=250): every timer would be up to a tick late.
+        # And it counts a timeout from the time it read when the loop woke: after a long
+        # run of callbacks that is stale, and every timer armed during the run would be
+        # due at once (1,000 staged responses served one after another would all want
+        # their next stage at the same instant, and again at every stage).
+        flags = ev.EVENT_BASE_FLAG_PRECISE_TIMER | ev.EVENT_BASE_FLAG_NO_CACHE_TIME
         config = self._lib.event_config_new()
         if not config:
             raise OSError("event_config_new() failed")
         try:
-            self._lib.event_config_set_flag(config, ev.EVENT_BASE_FLAG_PRECISE_TIMER)
+            self._lib.event_config_set_flag(config, flags)
             base = self._lib.event_base_new_with_config(config)
         finally:
             self._lib.event_config_free(config)
@@ -104,11 +109,6 @@ class Loop:
     def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
         """Run ``callback()`` once after ``delay`` seconds from now."""
         handle = self._register(-1, ev.EV_TIMEOUT, callback)
-        # libevent counts a timeout from the time it read when the loop woke up.  After a
-        # long run of callbacks that is stale: every timer armed during the run would be
-        # due at once (1,000 staged responses served one after another would all want
-        # their next stage at the same instant, and again at every stage).
-        self._lib.event_base_update_cache_time(self._base)
         self._lib.event_add(handle._event, ctypes.byref(timeval_of(delay)))
         return handle
 
