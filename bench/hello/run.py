@@ -26,7 +26,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fanout"))
+
+from harness import free_port, stop, tail  # the benches' shared process helpers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -183,12 +186,6 @@ def snapshot_source() -> int:
     return ServerConfig.threads
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fetch(port: int) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -238,21 +235,6 @@ def check_answer(server: Server, port: int, proc: subprocess.Popen[bytes], log: 
     if status != 200 or body != BODY:
         msg = f"{server.name} answered {status} {body[:200]!r}, not 200 {BODY!r}"
         raise BenchError(f"{msg}:\n{tail(log)}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-            break
-    with contextlib.suppress(ProcessLookupError):  # anything left in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def app_floor_us(app: str) -> float:
