@@ -18,7 +18,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from django.core.handlers.wsgi import WSGIHandler
@@ -71,9 +71,8 @@ def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> De
     environ = _request_environ("defer_in_time")
     if seconds < 0:
         raise ValueError(f"defer_in_time(): seconds must be >= 0, not {seconds!r}")
-    deferred = DeferredResponse(response, _target_path(target), environ)
-    deferred.comet_deferral = Deferral(deferred._next_stage, delay=seconds)
-    return deferred
+    next_stage = NextStage(response, _target_path(target), environ)
+    return DeferredResponse(response, Deferral(next_stage, delay=seconds))
 
 
 def defer_until(
@@ -105,11 +104,9 @@ def defer_until(
     else:  # the shared history answers for events this process has not seen
         after = int(since)
         ready, _ = broker.since(channels, after)
-    deferred = DeferredResponse(response, _target_path(target), environ)
-    deferred.comet_deferral = ChannelWait(
-        deferred._next_stage, channels=channels, after=after, timeout=timeout, ready=ready
-    )
-    return deferred
+    next_stage = NextStage(response, _target_path(target), environ)
+    wait = ChannelWait(next_stage, channels=channels, after=after, timeout=timeout, ready=ready)
+    return DeferredResponse(response, wait)
 
 
 def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -165,40 +162,52 @@ class DeferredResponse(StreamingHttpResponse):
     """The first stage's status, headers and cookies, streaming its content, carrying
     the deferral that says when and how the next stage comes."""
 
-    comet_deferral: Deferral | ChannelWait
-
-    def __init__(self, response: HttpResponseBase, path: str, environ: dict[str, Any]):
+    def __init__(self, response: HttpResponseBase, deferral: Deferral | ChannelWait):
         super().__init__(status=response.status_code, reason=response.reason_phrase)
         for name, value in response.items():
             if name.lower() != "content-length":  # later stages add to the body
                 self[name] = value
         self.cookies = response.cookies
         self.response_prev = response
-        self._environ = environ
-        self._path = path
+        self.comet_deferral = deferral
         self.streaming_content = self._stages()
 
     def _stages(self) -> Iterator[bytes]:
         yield from _content(self.response_prev)
-        if self.comet_deferral.claimed:
+        deferral = self.comet_deferral
+        if deferral.claimed:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).
-        deferral = self.comet_deferral
+        next_stage = cast(NextStage, deferral.resume)
         if isinstance(deferral, Deferral):
             time.sleep(deferral.delay)
-            result = self._next_stage()
+            result = next_stage()
         else:
             events = hub.wait(deferral.channels, deferral.after, deferral.timeout)
-            result = self._next_stage(events[0] if events else None)
+            result = next_stage(events[0] if events else None)
         try:
             yield from result
         finally:
             result.close()
 
-    def _next_stage(self, *event: Any) -> HttpResponseBase:
-        """Run the next stage as a Django GET request; runs on a worker thread.  A
-        channel wait passes the event that ended it (or None)."""
-        environ = stage_environ(self._environ, self._path)
+
+class NextStage:
+    """A deferral's resume(): the next stage as a Django GET request, run on a worker
+    thread.  It holds what that request needs and nothing of the response that is being
+    sent (no reference back to it: a held response must not sit in a reference cycle,
+    which outlives it into the oldest GC generation, whose full collections stop the
+    loop for every held response at once)."""
+
+    __slots__ = ("environ", "path", "response_prev")
+
+    def __init__(self, response_prev: HttpResponseBase, path: str, environ: dict[str, Any]):
+        self.response_prev = response_prev
+        self.path = path
+        self.environ = environ
+
+    def __call__(self, *event: Any) -> HttpResponseBase:
+        """A channel wait passes the event that ended it (or None)."""
+        environ = stage_environ(self.environ, self.path)
         environ[RESPONSE_PREV_KEY] = self.response_prev
         if event:
             from .events import as_dict
@@ -208,7 +217,7 @@ class DeferredResponse(StreamingHttpResponse):
         if not 200 <= response.status_code < 300:
             response.close()
             raise StageError(
-                f"deferred stage {self._path} answered {response.status_code}; cutting the stream"
+                f"deferred stage {self.path} answered {response.status_code}; cutting the stream"
             )
         return response
 

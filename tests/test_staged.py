@@ -135,3 +135,39 @@ def test_http10_staged_response_is_close_delimited(comet):
     assert b"Connection: close" in head
     assert b"Content-Length" not in head and b"chunked" not in head.lower()
     assert body == b"First content<br /> stage1<br /> stage2<br /> stage3<br /> last_stage4<br /> "
+
+
+def test_a_finished_stage_is_freed_without_the_cycle_collector():
+    """A staged response held for a second reaches the oldest GC generation; a reference
+    cycle would leave it to a full collection, which stops the loop (bench/fanout)."""
+    import gc
+    import io
+    import weakref
+
+    from django.core.handlers.wsgi import WSGIHandler
+
+    from django_comet.evloop.deferral import claim
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/t/quick-stages/",
+        "QUERY_STRING": "delay=0",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "HTTP_HOST": "127.0.0.1",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.url_scheme": "http",
+    }
+    gc.disable()
+    try:
+        result = WSGIHandler()(environ, lambda status, headers, exc_info=None: None)
+        deferral = claim(result)  # what runcomet does with a response
+        assert b"".join(result) == b"s0;"
+        result.close()
+        sent, kept = weakref.ref(result), weakref.ref(deferral.resume.response_prev)
+        del result
+        assert sent() is None  # nothing holds the response that went out
+        del deferral  # as the server does once the next stage has run
+        assert kept() is None  # nor what the next stage needed
+    finally:
+        gc.enable()
