@@ -201,6 +201,12 @@ class Staged:
     step_s: float  # the delay between later stages
     spread_s: float  # arrivals spread over this many seconds (0: all at once)
     floor_ms_per_stage: float = float("nan")  # the Django requests alone (stage_floor.py)
+    round_p99s: list[float] = field(default_factory=list)  # every round's, when repeated
+
+    @property
+    def p99(self) -> float:
+        """Lateness p99 over every stage, the first and the later ones."""
+        return percentile(self.first_ms + self.later_ms, 99)
 
 
 async def staged(
@@ -304,8 +310,8 @@ def staged_table(results: list[Staged]) -> list[str]:
     rows = [
         "| run | clients | complete | 1st stage lateness min / p50 / p99 / max ms "
         "| later stages p99 ms | server CPU% | CPU ms per stage "
-        "| Django alone, ms per stage | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Django alone, ms per stage | wall s | all stages p99 ms, each round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in results:
         f = s.first_ms
@@ -314,7 +320,8 @@ def staged_table(results: list[Staged]) -> list[str]:
             f"| {min(f, default=float('nan')):.1f} / {percentile(f, 50):.1f} "
             f"/ {percentile(f, 99):.1f} / {percentile(f, 100):.1f} "
             f"| {percentile(s.later_ms, 99):.1f} | {s.cpu_percent:.1f} "
-            f"| {s.cpu_ms_per_stage:.2f} | {s.floor_ms_per_stage:.2f} | {s.wall_s:.1f} |"
+            f"| {s.cpu_ms_per_stage:.2f} | {s.floor_ms_per_stage:.2f} | {s.wall_s:.1f} "
+            f"| {' / '.join(f'{p:.0f}' for p in s.round_p99s)} |"
         )
     return rows
 
@@ -335,10 +342,9 @@ def goals(results: list[Fanout], stages: list[Staged]) -> list[str]:
         ok = "met" if r.missed == 0 and r.subscribed >= 10000 else "missed"
         lines.append(f"- 10,000 SSE clients: {r.subscribed:,} subscribed, {r.missed} missed ({ok})")
     for s in stages:
-        p99 = percentile(s.first_ms + s.later_ms, 99)  # every stage counts
-        ok = "met" if p99 < 20 and s.cpu_percent < 5 else "missed"
+        ok = "met" if s.p99 < 20 and s.cpu_percent < 5 else "missed"
         lines.append(
-            f"- {s.name}: lateness p99 {p99:.1f} ms over all stages (< 20), "
+            f"- {s.name}: lateness p99 {s.p99:.1f} ms over all stages (< 20), "
             f"CPU {s.cpu_percent:.1f}% (< 5): {ok}"
         )
         if s.floor_ms_per_stage == s.floor_ms_per_stage:  # measured
@@ -415,7 +421,8 @@ def report(header: list[str], results: list[Fanout], stages: list[Staged]) -> st
             "the stage delay); negative: the previous chunk reached the client after the "
             "server had armed the stage's timer. CPU%: server utime+stime over the run's "
             "wall time, from the first connect to the last chunk (every stage is a full "
-            "Django request).",
+            "Django request). Each run is repeated on a fresh server; the table shows the "
+            "round with the median p99 over all stages, and the last column every round's.",
             "",
             *staged_table(stages),
             "",
@@ -448,16 +455,26 @@ async def run(args: argparse.Namespace, snapshot: Path, db: Path) -> tuple[list,
     comet = next((p for p in selected if p.name == "runcomet"), None)
     if args.staged and comet is not None:
         for name, path, markers, delays, spread in staged_runs():
-            port = free_port()
-            log = LOGS / f"runcomet-staged-{delays[0]}.log"
-            with server(comet.argv(port), comet.env, port, comet.ready, log) as proc:
-                await staged(port, proc.pid, "warm-up", path, markers, delays, 20)
-                s = await staged(port, proc.pid, name, path, markers, delays, args.staged, spread)
+            rounds = []
+            for _ in range(args.staged_rounds):  # a fresh server each round
+                port = free_port()
+                log = LOGS / f"runcomet-staged-{delays[0]}.log"
+                with server(comet.argv(port), comet.env, port, comet.ready, log) as proc:
+                    await staged(port, proc.pid, "warm-up", path, markers, delays, 20)
+                    rounds.append(
+                        await staged(
+                            port, proc.pid, name, path, markers, delays, args.staged, spread
+                        )
+                    )
+            # The VM's speed wanders: report the round with the median p99, and every p99.
+            s = sorted(rounds, key=lambda r: r.p99)[len(rounds) // 2]
+            s.round_p99s = [r.p99 for r in rounds]
             s.floor_ms_per_stage = stage_floor_ms(comet.env, path, len(markers))
             stages.append(s)
             print(
-                f"  {name}: {s.complete}/{s.n} complete, lateness p99 "
-                f"{percentile(s.first_ms, 99):.1f} ms, CPU {s.cpu_percent:.1f}%",
+                f"  {name}: {s.complete}/{s.n} complete, lateness p99 over all stages "
+                f"{s.p99:.1f} ms (rounds: {', '.join(f'{p:.0f}' for p in s.round_p99s)}), "
+                f"CPU {s.cpu_percent:.1f}%",
                 flush=True,
             )
     return results, stages
@@ -471,6 +488,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", help="comma-separated N (default 1000,5000,10000)")
     parser.add_argument("--modes", default="sse,poll", help='sse,poll (default both; "": none)')
     parser.add_argument("--staged", type=int, help="staged clients (default 1000; 0: skip)")
+    parser.add_argument(
+        "--staged-rounds", type=int, default=3, help="rounds of each staged run (default 3)"
+    )
     parser.add_argument("--only", default="", help="only servers whose name contains this")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for bench/hello")
     parser.add_argument("--out", type=Path, default=RESULTS / "fanout.md")
