@@ -120,6 +120,23 @@ def test_long_poll_waits_then_answers_with_the_event(comet):
     comet.wait_for_status(lambda s: "lp" not in s["channels"] and s["held"] == 0)
 
 
+def test_a_held_poll_still_closes_the_connection_when_the_client_asked(comet):
+    """A held poll's header lists are freed while it waits; the client's
+    "Connection: close" must survive that (RFC 9112 9.6)."""
+    with comet.connect() as sock:
+        sock.sendall(
+            b"GET /t/poll/?channel=lp-close&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        subscribed(comet, "lp-close", 1)
+        publish(comet, "lp-close", {"n": 1})
+        data = b""
+        while more := sock.recv(4096):  # only the server closing ends this (else: timeout)
+            data += more
+    assert b"Connection: close" in data.partition(b"\r\n\r\n")[0]
+    assert data.endswith(b"\r\n0\r\n\r\n") and b'"n": 1' in data
+
+
 def test_long_poll_timeout_gives_none(comet):
     response = requests.get(comet.url + "/t/poll/?channel=lp-timeout&timeout=0.2")
     assert response.json() == {"event": None}

@@ -100,11 +100,16 @@ class Holder:
 
     def _shed_headers(self, ex: Exchange) -> None:
         """A stream or poll may be held for long: let libevent free the request's and the
-        response's header lists, which are on the wire already and read by nothing but
-        the keep-alive decision at the end (an HTTP/1.1 connection is then reused unless
-        the client closes it; HTTP/1.0 streams end with the connection regardless)."""
+        response's header lists, which are on the wire already.  The one thing evhttp
+        still reads in them is whether to close the connection when the response ends,
+        so that is noted on the exchange (an HTTP/1.0 request closes regardless)."""
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
+        find = self._lib.evhttp_find_header
+        ex.close_at_end = any(
+            b"close" in _tokens(find(headers, b"Connection"))
+            for headers in (r.input_headers, r.output_headers)
+        )
         self._lib.evhttp_clear_headers(r.input_headers)
         self._lib.evhttp_clear_headers(r.output_headers)
 
@@ -235,3 +240,8 @@ class Holder:
             "events_published": hub.published,
             "dropped_slow": self.dropped_slow,
         }
+
+
+def _tokens(value: bytes | None) -> set[bytes]:
+    """The lower-cased options of a Connection header (RFC 9110 7.6.1: a list)."""
+    return {t.strip().lower() for t in value.split(b",")} if value else set()

@@ -213,6 +213,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_add_header": (c_int, [evkeyvalq_p, c_char_p, c_char_p]),
     # void evhttp_clear_headers(struct evkeyvalq *headers);
     "evhttp_clear_headers": (None, [evkeyvalq_p]),
+    # const char *evhttp_find_header(const struct evkeyvalq *headers, const char *key);
+    "evhttp_find_header": (c_char_p, [evkeyvalq_p, c_char_p]),
     # int evhttp_remove_header(struct evkeyvalq *headers, const char *key);
     "evhttp_remove_header": (c_int, [evkeyvalq_p, c_char_p]),
     # void evhttp_send_error(struct evhttp_request *req, int error, const char *reason);

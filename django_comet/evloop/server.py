@@ -47,6 +47,7 @@ _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 class Exchange:
     __slots__ = (
         "bev",
+        "close_at_end",
         "code",
         "cursor",
         "dead",
@@ -87,6 +88,7 @@ class Exchange:
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
         self.outbuf: int | None = None  # streams: the connection's output evbuffer
+        self.close_at_end = False  # its headers were shed and had asked to close
 
 
 class Server(Producer):
@@ -434,6 +436,9 @@ class Server(Producer):
         self.holder.release(ex)
         self._restore_read_timeout(ex)
         assert ex.req is not None
+        if ex.close_at_end:  # evhttp decides from the headers, which a hold freed
+            out = RequestStruct.from_address(ex.req).output_headers
+            self._lib.evhttp_add_header(out, b"Connection", b"close")
         self._lib.evhttp_send_reply_end(ex.req)
         ex.req = None
         self._finish(ex)
