@@ -141,6 +141,20 @@ def poll_answer(request, response_prev=None, event=None):
     return JsonResponse({"event": event})
 
 
+def poll_twice(request):
+    """Two long-poll waits in one response: the stage view waits again."""
+    response = HttpResponse(b"[", content_type="application/json")
+    return defer_until(response, request.GET["channel"], poll_again, timeout=30)
+
+
+@deferred_view()
+def poll_again(request, response_prev=None, event=None):
+    response = HttpResponse(json.dumps(event).encode() + b",")
+    if response_prev.content == b"[":  # the first wait is over: wait once more
+        return defer_until(response, event["channel"], poll_again, timeout=30)
+    return HttpResponse(json.dumps(event).encode() + b"]")
+
+
 def fast_poll_view(request):
     """poll_response on ?channel= after ?since= (optional) for ?timeout= seconds."""
     since = request.GET.get("since")

@@ -106,10 +106,11 @@ class Holder:
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
         find = self._lib.evhttp_find_header
-        ex.close_at_end = any(
+        if any(
             b"close" in _tokens(find(headers, b"Connection"))
             for headers in (r.input_headers, r.output_headers)
-        )
+        ):
+            ex.close_at_end = True  # (a second hold of the same response finds nothing)
         self._lib.evhttp_clear_headers(r.input_headers)
         self._lib.evhttp_clear_headers(r.output_headers)
 
