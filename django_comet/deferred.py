@@ -34,6 +34,8 @@ __all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
 
 RESPONSE_PREV_KEY = "django_comet.response_prev"
 EVENT_KEY = "django_comet.event"
+# What a stage's request gets from the stage before it, never from further back.
+_STAGE_KEYS = (RESPONSE_PREV_KEY, EVENT_KEY)
 
 # The environ of the request each thread is handling, so that defer_in_time(), which is
 # not given the request, can build the next stage from the first request's headers.
@@ -203,6 +205,11 @@ class NextStage:
     def __init__(self, response_prev: HttpResponseBase, path: str, environ: dict[str, Any]):
         self.response_prev = response_prev
         self.path = path
+        if RESPONSE_PREV_KEY in environ:
+            # Deferred from a stage: its response_prev and event are not the next
+            # stage's (a view without an event parameter must not get one), and the
+            # response from two stages back need not be kept.
+            environ = {k: v for k, v in environ.items() if k not in _STAGE_KEYS}
         self.environ = environ
 
     def __call__(self, *event: Any) -> HttpResponseBase:

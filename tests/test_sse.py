@@ -139,11 +139,25 @@ def test_a_held_poll_still_closes_the_connection_when_the_client_asked(comet, wa
             subscribed(comet, channel, 1)
             publish(comet, channel, {"n": n})
             while b'"n": %d' % n not in data:  # this wait's answer (the next wait is on)
-                data += sock.recv(4096)
+                more = sock.recv(4096)
+                assert more, data
+                data += more
         while more := sock.recv(4096):  # only the server closing ends this (else: timeout)
             data += more
-    assert b"Connection: close" in data.partition(b"\r\n\r\n")[0]
-    assert data.endswith(b"\r\n0\r\n\r\n")
+    assert data.endswith(b"\r\n0\r\n\r\n")  # and it closed after a clean end
+
+
+def test_a_timed_stage_after_a_wait_gets_no_event(comet):
+    """A stage deferred from a defer_until stage is a fresh request: the event was
+    that stage's, and a view without an ``event`` parameter must not be given one."""
+    with comet.connect() as sock:
+        sock.sendall(
+            b"GET /t/poll-then-stage/?channel=then-stage HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        subscribed(comet, "then-stage", 1)
+        event_id = publish(comet, "then-stage", {})
+        body = read_body(sock)
+    assert body == b"waiting;event %d;done after event %d;" % (event_id, event_id)
 
 
 def test_long_poll_timeout_gives_none(comet):

@@ -138,8 +138,9 @@ def test_http10_staged_response_is_close_delimited(comet):
 
 
 def test_a_finished_stage_is_freed_without_the_cycle_collector():
-    """A staged response held for a second reaches the oldest GC generation; a reference
-    cycle would leave it to a full collection, which stops the loop (bench/fanout)."""
+    """Held responses outlive young collections into the oldest GC generation; one in a
+    reference cycle would be freed only by a full collection, which stops the loop for
+    everything held (bench/fanout).  Here: what a defer_in_time stage leaves behind."""
     import gc
     import io
     import weakref

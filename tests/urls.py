@@ -20,5 +20,8 @@ urlpatterns = [
     path("t/fastpoll/", views.fast_poll_view, name="fast_poll"),
     path("t/poll-twice/", views.poll_twice, name="poll_twice"),
     path("t/poll-again/", views.poll_again, name="poll_again"),
+    path("t/poll-then-stage/", views.poll_then_stage, name="poll_then_stage"),
+    path("t/after-event/", views.after_event, name="after_event"),
+    path("t/timed-stage/", views.timed_stage, name="timed_stage"),
     path("", include("demo_site.urls")),
 ]

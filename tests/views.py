@@ -149,10 +149,29 @@ def poll_twice(request):
 
 @deferred_view()
 def poll_again(request, response_prev=None, event=None):
+    if event is None:  # timed out
+        return HttpResponse(b"null]")
     response = HttpResponse(json.dumps(event).encode() + b",")
     if response_prev.content == b"[":  # the first wait is over: wait once more
         return defer_until(response, event["channel"], poll_again, timeout=30)
     return HttpResponse(json.dumps(event).encode() + b"]")
+
+
+def poll_then_stage(request):
+    """A long-poll wait, then a timed stage whose view takes no ``event``."""
+    response = HttpResponse(b"waiting;")
+    return defer_until(response, request.GET["channel"], after_event, timeout=30)
+
+
+@deferred_view()
+def after_event(request, response_prev=None, event=None):
+    response = HttpResponse(f"event {event['id']};".encode() if event else b"timeout;")
+    return defer_in_time(response, 0, timed_stage)
+
+
+@deferred_view()
+def timed_stage(request, response_prev=None):
+    return HttpResponse(b"done after " + response_prev.content)
 
 
 def fast_poll_view(request):

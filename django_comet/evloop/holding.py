@@ -244,5 +244,6 @@ class Holder:
 
 
 def _tokens(value: bytes | None) -> set[bytes]:
-    """The lower-cased options of a Connection header (RFC 9110 7.6.1: a list)."""
+    """The lower-cased options of a Connection header, a list (RFC 9110 7.6.1); evhttp
+    itself only honours a header that is exactly "close", so this closes more often."""
     return {t.strip().lower() for t in value.split(b",")} if value else set()
