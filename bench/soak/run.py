@@ -8,7 +8,8 @@ ordinary requests, clients that send half a request; a fifth of streams and a te
 the others leave with a reset (RST) rather than a close.  A publisher posts an event every
 0.1 s to one of five channels.  Every second the server's RSS, open fds and held count
 (/comet/status/) are sampled; after the load, the clients leave and the figures are read
-once more after 5 s.
+once more after 5 s.  Errors count a non-2xx answer, and a poll, staged or plain request
+(all sent with "Connection: close") whose connection the server did not close in time.
 
 Writes bench/results/soak.md and docs/soak.png.
 """
@@ -86,6 +87,10 @@ class Soak:
         deadline = time.monotonic() + stay
         while not watcher.closed and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if not reset and not watcher.closed and kind not in ("sse", "half-request"):
+            # Connection: close was asked, and the response has an end: the server
+            # should have closed within the stay (a poll's timeout + 10 s; 10 s else).
+            self.errors[f"{kind}: left open by the server"] += 1
         if reset:
             watcher.reset()
         elif watcher.transport is not None:
