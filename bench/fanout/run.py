@@ -202,6 +202,7 @@ class Staged:
     spread_s: float  # arrivals spread over this many seconds (0: all at once)
     floor_ms_per_stage: float = float("nan")  # the Django requests alone (stage_floor.py)
     round_p99s: list[float] = field(default_factory=list)  # every round's, when repeated
+    rss_per_held_kb: float = float("nan")  # (RSS once all have started - RSS before) / held
 
     @property
     def p99(self) -> float:
@@ -223,9 +224,11 @@ async def staged(
     All start at once, or, with ``spread``, at a steady rate over that many seconds."""
     first_delay, step = delays
     group = client.Group(client.get(path), markers, n)
+    rss_before = rss_kib(pgid)
     cpu_before, started = cpu_seconds(pgid), time.perf_counter()
     try:
         await group.open(port, parallel=n, spread=spread)
+        rss_per_held = await rss_per_held_response(group, port, pgid, rss_before)
         await group.wait(30 + first_delay + step * len(markers))
     finally:
         group.close()
@@ -249,7 +252,20 @@ async def staged(
         wall,
         step,
         spread,
+        rss_per_held_kb=rss_per_held,
     )
+
+
+async def rss_per_held_response(
+    group: client.Group, port: int, pgid: int, rss_before: int
+) -> float:
+    """KiB of server RSS per held response, once every client has its first chunk."""
+    deadline = time.monotonic() + 60
+    while any(not w.times for w in group.watchers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    rss = rss_kib(pgid)
+    held = int((await client.get_json(port, "/comet/status/"))["held"])
+    return (rss - rss_before) / held if held else float("nan")
 
 
 def stage_floor_ms(env: dict[str, str], path: str, stages: int) -> float:
@@ -310,8 +326,9 @@ def staged_table(results: list[Staged]) -> list[str]:
     rows = [
         "| run | clients | complete | 1st stage lateness min / p50 / p99 / max ms "
         "| later stages p99 ms | server CPU% | CPU ms per stage "
-        "| Django alone, ms per stage | wall s | all stages p99 ms, each round |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Django alone, ms per stage | RSS per held response KiB | wall s "
+        "| all stages p99 ms, each round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in results:
         f = s.first_ms
@@ -320,7 +337,8 @@ def staged_table(results: list[Staged]) -> list[str]:
             f"| {min(f, default=float('nan')):.1f} / {percentile(f, 50):.1f} "
             f"/ {percentile(f, 99):.1f} / {percentile(f, 100):.1f} "
             f"| {percentile(s.later_ms, 99):.1f} | {s.cpu_percent:.1f} "
-            f"| {s.cpu_ms_per_stage:.2f} | {s.floor_ms_per_stage:.2f} | {s.wall_s:.1f} "
+            f"| {s.cpu_ms_per_stage:.2f} | {s.floor_ms_per_stage:.2f} "
+            f"| {s.rss_per_held_kb:.1f} | {s.wall_s:.1f} "
             f"| {' / '.join(f'{p:.0f}' for p in s.round_p99s)} |"
         )
     return rows
@@ -421,7 +439,9 @@ def report(header: list[str], results: list[Fanout], stages: list[Staged]) -> st
             "the stage delay); negative: the previous chunk reached the client after the "
             "server had armed the stage's timer. CPU%: server utime+stime over the run's "
             "wall time, from the first connect to the last chunk (every stage is a full "
-            "Django request). Each run is repeated on a fresh server; the table shows the "
+            "Django request). RSS per held response: (server RSS once every client has its "
+            "first chunk - RSS before the run) / `held` from /comet/status/ at that moment. "
+            "Each run is repeated on a fresh server; the table shows the "
             "round with the median p99 over all stages, and the last column every round's.",
             "",
             *staged_table(stages),
