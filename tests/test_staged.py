@@ -172,3 +172,16 @@ def test_a_finished_stage_is_freed_without_the_cycle_collector():
         assert kept() is None  # nor what the next stage needed
     finally:
         gc.enable()
+
+
+def test_a_staged_response_closes_the_connection_when_the_client_asked(comet):
+    """Held stages free their header lists too; "Connection: close" must outlive that."""
+    with comet.connect() as sock:
+        sock.sendall(
+            b"GET /t/quick-stages/?delay=0.02 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        data = b""
+        while more := sock.recv(4096):  # only the server closing ends this (else: timeout)
+            data += more
+    assert b"s4:" in data and data.endswith(b"\r\n0\r\n\r\n")

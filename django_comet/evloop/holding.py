@@ -67,6 +67,7 @@ class Holder:
         if ex.bev is None:
             server._lift_read_timeout(ex)
         if isinstance(deferral, Deferral):
+            self._shed_headers(ex)
             ex.timer = self.loop.call_later(
                 deferral.delay, functools.partial(server._resume, ex, deferral.resume)
             )
@@ -99,8 +100,8 @@ class Holder:
             ex.cursor = event.id
 
     def _shed_headers(self, ex: Exchange) -> None:
-        """A stream or poll may be held for long: let libevent free the request's and the
-        response's header lists, which are on the wire already.  The one thing evhttp
+        """While a response is held, let libevent free the request's and the response's
+        header lists, which are on the wire already (about 1 KiB per held response).  The one thing evhttp
         still reads in them is whether to close the connection when the response ends,
         so that is noted on the exchange (an HTTP/1.0 request closes regardless)."""
         assert ex.req is not None
