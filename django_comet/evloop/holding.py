@@ -101,9 +101,9 @@ class Holder:
 
     def _shed_headers(self, ex: Exchange) -> None:
         """While a response is held, let libevent free the request's and the response's
-        header lists, which are on the wire already (about 1 KiB per held response).  The one thing evhttp
-        still reads in them is whether to close the connection when the response ends,
-        so that is noted on the exchange (an HTTP/1.0 request closes regardless)."""
+        header lists, which are on the wire already (about 1 KiB per held response).  The
+        one thing evhttp still reads in them is whether to close the connection when the
+        response ends, so that is noted on the exchange (HTTP/1.0 closes regardless)."""
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
         find = self._lib.evhttp_find_header
