@@ -18,7 +18,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from django.core.handlers.wsgi import WSGIHandler
@@ -180,7 +180,8 @@ class DeferredResponse(StreamingHttpResponse):
         if deferral.claimed:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).
-        next_stage = cast(NextStage, deferral.resume)
+        next_stage = deferral.resume
+        assert isinstance(next_stage, NextStage)  # what defer_in_time/defer_until set
         if isinstance(deferral, Deferral):
             time.sleep(deferral.delay)
             result = next_stage()
