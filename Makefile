@@ -17,6 +17,15 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
+# The oldest Django supported (4.2 LTS), in a venv of its own: `make test` runs the suite
+# under it too.
+VENV_OLDEST := .venv-django42
+$(VENV_OLDEST)/.installed: pyproject.toml
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_OLDEST)/bin/python -m pip install -q -e '.[test,postgres,redis]' 'Django>=4.2,<4.3'
+	touch $@
+
 # Debian packages the tests use, installed only when missing (needs root, as in CI).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -37,8 +46,9 @@ lint: deps
 	$(VENV)/bin/ruff format --check django_comet tests demo_site bench
 	PYTHONPATH=demo_site $(VENV)/bin/mypy
 
-test: deps system-deps lint
+test: deps system-deps lint $(VENV_OLDEST)/.installed
 	$(VENV)/bin/pytest -p no:cacheprovider
+	$(VENV_OLDEST)/bin/pytest -p no:cacheprovider
 
 check: test
 
@@ -46,4 +56,4 @@ bench: deps
 	$(PY) bench/hello/run.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info .pytest_cache .mypy_cache .ruff_cache
