@@ -17,11 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
-# The oldest Django supported (4.2 LTS), in a venv of its own: `make test` runs the suite
-# under it too.
-VENV_OLDEST := .venv-django42
+# The oldest supported Django (4.2 LTS) on the oldest supported Python (3.10, when the
+# machine has one), in a venv of its own: `make test` runs the suite there too.
+# (A pyenv shim can exist without working, so each candidate is tried.)
+PYTHON_OLDEST ?= $(shell for p in python3.10 $$HOME/.pyenv/versions/3.10.*/bin/python3.10 \
+  $(PYTHON); do "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
+VENV_OLDEST := .venv-oldest
 $(VENV_OLDEST)/.installed: pyproject.toml
-	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON_OLDEST) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/python -m pip install -q --upgrade pip
 	$(VENV_OLDEST)/bin/python -m pip install -q -e '.[test,postgres,redis]' 'Django>=4.2,<4.3'
 	touch $@
