@@ -66,8 +66,8 @@ class Holder:
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)
+        self._shed_headers(ex)
         if isinstance(deferral, Deferral):
-            self._shed_headers(ex)
             ex.timer = self.loop.call_later(
                 deferral.delay, functools.partial(server._resume, ex, deferral.resume)
             )
@@ -79,7 +79,6 @@ class Holder:
                 return
             ex.hold = deferral
             ex.cursor = deferral.after
-            self._shed_headers(ex)
             self._subscribe(ex, deferral.channels)
             ex.timer = self.loop.call_later(
                 deferral.timeout, functools.partial(self._wait_timed_out, ex, deferral)
@@ -88,7 +87,6 @@ class Holder:
         ex.hold = deferral
         ex.cursor = deferral.cursor
         ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
-        self._shed_headers(ex)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
         if self._heartbeat is None:
