@@ -3,6 +3,7 @@
 import json
 import socket
 
+import pytest
 import requests
 
 from .processes import read_chunked
@@ -79,6 +80,25 @@ def test_head_has_length_but_no_body(wsgi_server):
     head, _, body = out.partition(b"\r\n\r\n")
     assert b"Content-Length: 13" in head
     assert body == b""
+
+
+@pytest.mark.parametrize("query", [b"", b"length"])
+def test_head_of_a_large_stream_ends_and_the_connection_goes_on(wsgi_server, query):
+    """None of a HEAD's body goes out, so nothing may wait for it to drain: the response
+    ends, the body's close() is called, and the connection serves the next request."""
+    closed = int(requests.get(wsgi_server.url + "/closed").content)
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        f = sock.makefile("rb")
+        sock.sendall(b"HEAD /large?%s HTTP/1.1\r\nHost: x\r\n\r\n" % query)
+        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+        head = []
+        while (line := f.readline()) != b"\r\n":
+            head.append(line)
+        assert (b"Content-Length: 4194304\r\n" in head) == (query == b"length")
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+    assert int(requests.get(wsgi_server.url + "/closed").content) == closed + 2
 
 
 def test_write_callable_and_generator(wsgi_server):

@@ -99,6 +99,9 @@ class Producer:
         """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while
         more than ``write_high_water`` bytes are unsent (a slow client must not make the
         server buffer the whole body)."""
+        if ex.method == "HEAD":  # none of it would go out (nor drain): leave it unread
+            self._to_loop(self._end, ex)
+            return
         high = self.config.write_high_water
         backpressure = self._pool is not None
         if backpressure:
