@@ -1,10 +1,13 @@
 """Views the tests call through a real runcomet."""
 
+import io
 import json
+import os
+import tempfile
 import threading
 import time
 
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from django_comet import (
@@ -99,6 +102,32 @@ def big(request):
     size = int(request.GET.get("mb", "4"))
     chunk = b"x" * (1024 * 1024)
     return StreamingHttpResponse(chunk for _ in range(size))
+
+
+def pattern(size):
+    """The bytes of the test files: a period of 251 shows a misplaced or repeated block."""
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+def pattern_file(size):
+    path = os.path.join(tempfile.gettempdir(), f"django-comet-test-pattern-{size}")
+    if not os.path.exists(path):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as tmp:
+            tmp.write(pattern(size))
+        os.replace(tmp.name, path)
+    return path
+
+
+def file_view(request):
+    """A FileResponse of the ``size``-byte pattern file from byte ``skip`` on; with
+    ``memory=1``, of the same bytes in a BytesIO (no descriptor to send)."""
+    size, skip = int(request.GET["size"]), int(request.GET.get("skip", "0"))
+    if request.GET.get("memory"):
+        f = io.BytesIO(pattern(size))
+    else:
+        f = open(pattern_file(size), "rb")  # noqa: SIM115 (FileResponse closes it)
+    f.seek(skip)
+    return FileResponse(f, content_type="application/octet-stream")
 
 
 def authorize(request, channel):

@@ -21,6 +21,7 @@ from ctypes import (
     Structure,
     c_char_p,
     c_int,
+    c_int64,
     c_long,
     c_short,
     c_size_t,
@@ -44,6 +45,10 @@ evbuffer_p = c_void_p
 evkeyvalq_p = c_void_p
 bufferevent_p = c_void_p
 evutil_socket_t = c_int
+evbuffer_file_segment_p = c_void_p
+# ev_off_t is 64 bits wide wherever libevent is built with a 64-bit off_t, as on every
+# 64-bit platform; elsewhere it is left undeclared and files are sent by reading them.
+ev_off_t = c_int64 if ctypes.sizeof(c_void_p) == 8 else None
 
 # event.h
 EV_TIMEOUT = 0x01
@@ -72,6 +77,10 @@ EVHTTP_METHODS = {
 EVHTTP_ALL_METHODS = 0x1FF
 EVHTTP_SERVER_LINGERING_CLOSE = 0x0001
 BEV_OPT_CLOSE_ON_FREE = 0x01
+# buffer.h
+EVBUFFER_FLAG_DRAINS_TO_FD = 1
+EVBUF_FS_CLOSE_ON_FREE = 0x01
+EVBUF_FS_DISABLE_LOCKING = 0x08
 
 
 class timeval(Structure):
@@ -244,7 +253,28 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_add": (c_int, [evbuffer_p, c_char_p, c_size_t]),
     # unsigned char *evbuffer_pullup(struct evbuffer *buf, ev_ssize_t size);
     "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
+    # int evbuffer_set_flags(struct evbuffer *buf, ev_uint64_t flags);
+    "evbuffer_set_flags": (c_int, [evbuffer_p, ctypes.c_uint64]),
 }
+if ev_off_t is not None:
+    _PROTOTYPES.update(
+        {
+            # struct evbuffer_file_segment *evbuffer_file_segment_new(
+            #     int fd, ev_off_t offset, ev_off_t length, unsigned flags);
+            "evbuffer_file_segment_new": (
+                evbuffer_file_segment_p,
+                [c_int, ev_off_t, ev_off_t, ctypes.c_uint],
+            ),
+            # void evbuffer_file_segment_free(struct evbuffer_file_segment *seg);
+            "evbuffer_file_segment_free": (None, [evbuffer_file_segment_p]),
+            # int evbuffer_add_file_segment(struct evbuffer *buf,
+            #     struct evbuffer_file_segment *seg, ev_off_t offset, ev_off_t length);
+            "evbuffer_add_file_segment": (
+                c_int,
+                [evbuffer_p, evbuffer_file_segment_p, ev_off_t, ev_off_t],
+            ),
+        }
+    )
 
 
 class LibeventMissing(ImportError):

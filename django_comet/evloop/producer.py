@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .deferral import claim
+from .files import FileWrapper
 from .wsgi import AppError, StartResponse
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class Producer:
     # Loop-thread methods of Server that results are handed to.
     _reply_whole: Callable[..., None]
     _reply_error: Callable[..., None]
+    _reply_file: Callable[..., None]
+    _sends_files: bool
     _start_stream: Callable[..., None]
     _start_deferred: Callable[..., None]
     _stage_done: Callable[..., None]
@@ -56,6 +59,12 @@ class Producer:
         deferral = claim(result)
         streaming = False
         try:
+            if type(result) is FileWrapper and first and self._sends_files:
+                file_range = self._file_range(start, result)
+                if file_range is not None:
+                    start.headers_sent = True
+                    self._to_loop(self._reply_file, ex, start, *file_range)
+                    return  # closing the result closes the app's file: the range has its own
             chunks: list[bytes] = start.written
             size = sum(map(len, chunks))
             iterator = iter(result)
@@ -94,6 +103,13 @@ class Producer:
                     close()
                 except Exception:
                     logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
+
+    @staticmethod
+    def _file_range(start: StartResponse, wrapper: FileWrapper) -> tuple[int, int, int] | None:
+        """The file to send by descriptor, when the response is nothing but a regular file."""
+        if start.status is None or start.written:
+            return None
+        return wrapper.file_range(start.length)
 
     def _stream_rest(self, ex: Exchange, iterator: Iterable[bytes]) -> None:
         """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while

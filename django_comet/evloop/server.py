@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import socket
 import sys
 import threading
@@ -28,6 +29,7 @@ from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, shutdown_socket
 from .deferral import AnyDeferral
+from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
 from .loop import Handle, Loop, timeval_of
 from .producer import Producer
@@ -114,6 +116,11 @@ class Server(Producer):
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
         self._buf = self._lib.evbuffer_new()
+        # Files go out by sendfile where libevent can: the shared buffer only ever hands
+        # its contents on whole (evbuffer_add_buffer), which is what the flag promises.
+        self._sends_files = ev.ev_off_t is not None
+        if self._sends_files:
+            self._lib.evbuffer_set_flags(self._buf, ev.EVBUFFER_FLAG_DRAINS_TO_FD)
         threads = self.config.threads
         self._pool = ThreadPool(threads) if threads > 0 else None
         # From a worker, hand a result to the loop thread; inline, just call it.
@@ -125,12 +132,13 @@ class Server(Producer):
             script_name=self.config.script_name,
             url_scheme=self.config.url_scheme,
             multithread=threads > 0,
-            extra={"evloop.server": self},
+            extra={"evloop.server": self, "wsgi.file_wrapper": FileWrapper},
         )
         # C callbacks, referenced for as long as the evhttp object lives.
         self._request_cb = ev.evhttp_request_cb(self._on_request)
         self._close_cb = ev.evhttp_connection_cb(self._on_close)
         self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
+        self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
         self._limits = Limits(
             self.config.max_request_line, self.config.max_header_size, self.config.max_header_count
         )
@@ -347,6 +355,54 @@ class Server(Producer):
         start = StartResponse()
         start("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
         self._reply_whole(ex, start, [_ERROR_BODY])
+
+    def _reply_file(
+        self, ex: Exchange, start: StartResponse, fd: int, offset: int, count: int
+    ) -> None:
+        """Send ``count`` bytes of file ``fd`` (ours to close) from ``offset``: libevent
+        queues the range and the kernel copies it to the socket as the client reads.  The
+        exchange lives until the last byte left, so a vanished client, the access log
+        and a graceful stop see it as they see a stream."""
+        if ex.dead or ex.req is None:
+            os.close(fd)
+            return self._drop(ex)
+        r = RequestStruct.from_address(ex.req)
+        if not r.evcon:
+            os.close(fd)
+            ex.dead = True
+            return self._drop(ex)
+        with_body = ex.method != "HEAD" and start.code not in _NO_BODY_STATUSES
+        segment = None
+        if with_body:
+            flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
+            segment = self._lib.evbuffer_file_segment_new(fd, offset, count, flags)
+            if not segment:
+                os.close(fd)
+                logger.error("%s %s: libevent could not map the file", ex.method, ex.path)
+                return self._reply_error(ex)
+        else:
+            os.close(fd)
+        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
+        self._add_headers(
+            r.output_headers, start, None if start.code in _NO_BODY_STATUSES else count
+        )
+        ex.code = start.code
+        ex.state = "streaming"
+        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
+        if segment is None:
+            return self._end(ex)
+        added = self._lib.evbuffer_add_file_segment(self._buf, segment, 0, count)
+        self._lib.evbuffer_file_segment_free(segment)  # the buffer holds it (and the fd) now
+        if added != 0:
+            logger.error("%s %s: libevent could not queue the file", ex.method, ex.path)
+            return self._abort(ex)
+        ex.sent = count
+        self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._file_sent_cb, ex.key)
+
+    def _on_file_sent(self, _evcon: int, key: int) -> None:
+        ex = self._exchanges.get(key)
+        if ex is not None and not ex.dead and ex.req is not None:
+            self._end(ex)
 
     def _begin_chunked(
         self, ex: Exchange, start: StartResponse, chunks: list[bytes], *, keep_length: bool

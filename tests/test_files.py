@@ -1,0 +1,135 @@
+"""Files through wsgi.file_wrapper: sent by descriptor (sendfile), over real sockets."""
+
+import io
+import os
+import socket
+import struct
+
+import pytest
+import requests
+
+from django_comet.evloop.files import FileWrapper
+
+from .processes import runcomet
+from .test_hardening import fd_count, wait_until
+from .views import pattern
+
+MIB = 1024 * 1024
+
+
+def read_response(sock: socket.socket, *, head_only: bool = False) -> tuple[bytes, bytes]:
+    """(head, body) of one response framed by Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        assert more, f"connection closed after {data!r}"
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":", 1)[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+    )
+    if head_only:
+        return head, body
+    while len(body) < length:
+        more = sock.recv(MIB)
+        assert more, f"connection closed after {len(body)} of {length} body bytes"
+        body += more
+    return head, body
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_a_file_response_is_sent_from_the_files_position(request, server_name):
+    server = request.getfixturevalue(server_name)
+    size, skip = 5 * MIB + 7, 1000
+    response = requests.get(server.url + f"/t/file/?size={size}&skip={skip}", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(size - skip)
+    assert "Transfer-Encoding" not in response.headers
+    assert response.content == pattern(size)[skip:]
+
+
+def test_file_responses_keep_the_connection_alive_and_head_sends_no_body(comet):
+    size = 3 * MIB
+    with comet.connect() as sock:
+        sock.settimeout(30)
+        target = f"/t/file/?size={size}".encode()
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        _, body = read_response(sock)
+        assert body == pattern(size)
+        sock.sendall(b"HEAD " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, rest = read_response(sock, head_only=True)
+        assert b"Content-Length: %d" % size in head and rest == b""
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        _, body = read_response(sock)  # the HEAD left no body bytes in the way
+        assert body == pattern(size)
+
+
+def test_a_file_in_memory_is_read_in_blocks(comet):
+    size = 300_000
+    response = requests.get(comet.url + f"/t/file/?size={size}&skip=10&memory=1", timeout=30)
+    assert response.status_code == 200
+    assert response.content == pattern(size)[10:]
+
+
+def test_slow_downloads_do_not_hold_the_worker_threads(demo_db):
+    """Two clients that stop reading big files must not take the one worker thread: the
+    kernel sends the files, and the next view runs at once."""
+    server = runcomet("--threads", "1", db=demo_db)
+    try:
+        server.status()  # serving: all its own descriptors are open
+        fds = fd_count(server.proc.pid)
+        stalled = []
+        for _ in range(2):
+            sock = server.connect()
+            sock.sendall(b"GET /t/file/?size=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (64 * MIB))
+            read_response(sock, head_only=True)  # then read no more
+            stalled.append(sock)
+        response = requests.get(server.url + "/t/count/", timeout=10)
+        assert response.status_code == 200
+        assert server.status()["in_flight"] == 3  # both files still on their way, and this
+        for sock in stalled:  # the clients vanish mid-file: nothing is left behind
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        server.wait_for_status(lambda s: s["in_flight"] == 1)
+        wait_until(lambda: fd_count(server.proc.pid) <= fds)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+# -- the wrapper itself, in memory --------------------------------------------------------
+
+
+def test_the_wrapper_iterates_in_blocks_and_closes_the_file():
+    f = io.BytesIO(b"abcdefg")
+    wrapper = FileWrapper(f, 3)
+    assert list(wrapper) == [b"abc", b"def", b"g"]
+    assert wrapper.file_range(None) is None  # no descriptor: read it
+    wrapper.close()
+    assert f.closed
+
+
+def test_the_range_of_a_regular_file_starts_at_its_position(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    with open(path, "rb") as f:
+        f.read(3)  # buffered: the descriptor is further on than the file's position
+        fd, offset, count = FileWrapper(f).file_range(None)
+        try:
+            assert (offset, count) == (3, 7)
+            assert os.pread(fd, count, offset) == b"3456789"
+        finally:
+            os.close(fd)  # a descriptor of its own, left to the caller
+        fd, offset, count = FileWrapper(f).file_range(5)  # its Content-Length
+        os.close(fd)
+        assert (offset, count) == (3, 5)
+        assert FileWrapper(f).file_range(8) is None  # shorter than its Content-Length
+
+
+def test_a_pipe_has_no_range():
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as r, open(write_end, "wb"):
+        assert FileWrapper(r).file_range(None) is None
