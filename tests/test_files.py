@@ -1,9 +1,11 @@
 """Files through wsgi.file_wrapper: sent by descriptor (sendfile), over real sockets."""
 
+import glob
 import io
 import os
 import socket
 import struct
+import tempfile
 
 import pytest
 import requests
@@ -15,6 +17,13 @@ from .test_hardening import fd_count, wait_until
 from .views import pattern
 
 MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_the_test_files():
+    yield
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "django-comet-test-pattern-*")):
+        os.unlink(path)
 
 
 def read_response(sock: socket.socket, *, head_only: bool = False) -> tuple[bytes, bytes]:

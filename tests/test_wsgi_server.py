@@ -82,16 +82,25 @@ def test_head_has_length_but_no_body(wsgi_server):
     assert body == b""
 
 
-@pytest.mark.parametrize("query", [b"", b"length"])
-def test_head_of_a_large_stream_ends_and_the_connection_goes_on(wsgi_server, query):
-    """None of a HEAD's body goes out, so nothing may wait for it to drain: the response
-    ends, the body's close() is called, and the connection serves the next request."""
+@pytest.mark.parametrize(
+    ("method", "query", "status"),
+    [
+        (b"HEAD", b"", b"200 OK"),
+        (b"HEAD", b"length", b"200 OK"),
+        (b"GET", b"304", b"304 Not Modified"),
+    ],
+)
+def test_a_large_body_that_is_not_sent_ends_and_the_connection_goes_on(
+    wsgi_server, method, query, status
+):
+    """None of a HEAD's or a 304's body goes out, so nothing may wait for it to drain: the
+    response ends, the body's close() is called, and the connection serves the next request."""
     closed = int(requests.get(wsgi_server.url + "/closed").content)
     with wsgi_server.connect() as sock:
         sock.settimeout(10)
         f = sock.makefile("rb")
-        sock.sendall(b"HEAD /large?%s HTTP/1.1\r\nHost: x\r\n\r\n" % query)
-        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+        sock.sendall(b"%s /large?%s HTTP/1.1\r\nHost: x\r\n\r\n" % (method, query))
+        assert f.readline() == b"HTTP/1.1 " + status + b"\r\n"
         head = []
         while (line := f.readline()) != b"\r\n":
             head.append(line)

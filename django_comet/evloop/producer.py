@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .deferral import claim
 from .files import FileWrapper
-from .wsgi import AppError, StartResponse
+from .wsgi import NO_BODY_STATUSES, AppError, StartResponse
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -82,7 +82,7 @@ class Producer:
             if streaming:
                 start.headers_sent = True
                 self._to_loop(self._start_stream, ex, start, chunks)
-                self._stream_rest(ex, iterator)
+                self._stream_rest(ex, start, iterator)
             elif not first:
                 self._to_loop(self._stage_done, ex, chunks, deferral)
             elif deferral is not None:
@@ -111,11 +111,12 @@ class Producer:
             return None
         return wrapper.file_range(start.length)
 
-    def _stream_rest(self, ex: Exchange, iterator: Iterable[bytes]) -> None:
+    def _stream_rest(self, ex: Exchange, start: StartResponse, iterator: Iterable[bytes]) -> None:
         """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while
         more than ``write_high_water`` bytes are unsent (a slow client must not make the
         server buffer the whole body)."""
-        if ex.method == "HEAD":  # none of it would go out (nor drain): leave it unread
+        if ex.method == "HEAD" or start.code in NO_BODY_STATUSES:
+            # None of it would go out, so it would never drain: leave it unread.
             self._to_loop(self._end, ex)
             return
         high = self.config.write_high_water

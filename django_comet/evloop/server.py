@@ -35,14 +35,20 @@ from .loop import Handle, Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
-from .wsgi import BadRequest, EnvironBuilder, Limits, StartResponse, apply_forwarded
+from .wsgi import (
+    NO_BODY_STATUSES,
+    BadRequest,
+    EnvironBuilder,
+    Limits,
+    StartResponse,
+    apply_forwarded,
+)
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-_NO_BODY_STATUSES = frozenset({204, 304})
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
 
@@ -324,7 +330,7 @@ class Server(Producer):
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         length = start.length
         if length is None:
-            if start.code >= 200 and start.code not in _NO_BODY_STATUSES:
+            if start.code >= 200 and start.code not in NO_BODY_STATUSES:
                 length = len(body)
         elif length != len(body):
             logger.error(
@@ -371,7 +377,7 @@ class Server(Producer):
             os.close(fd)
             ex.dead = True
             return self._drop(ex)
-        with_body = ex.method != "HEAD" and start.code not in _NO_BODY_STATUSES
+        with_body = ex.method != "HEAD" and start.code not in NO_BODY_STATUSES
         segment = None
         if with_body:
             flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
@@ -384,7 +390,7 @@ class Server(Producer):
             os.close(fd)
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
         self._add_headers(
-            r.output_headers, start, None if start.code in _NO_BODY_STATUSES else count
+            r.output_headers, start, None if start.code in NO_BODY_STATUSES else count
         )
         ex.code = start.code
         ex.state = "streaming"

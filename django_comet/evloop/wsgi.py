@@ -35,6 +35,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Responses that never carry a body (RFC 9110 6.4.1), whatever the app iterates.
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
 class BadRequest(Exception):
     """The request is malformed; ``status`` is the answer it deserves."""
 

@@ -95,11 +95,12 @@ def app(environ, start_response):
                 yield b"%d" % i * 200_000
 
         return gen()
-    if path == "/large":  # 4 MiB in 64 KiB pieces; with ?length, a Content-Length too
+    if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304
         headers = [("Content-Type", "application/octet-stream")]
         if environ["QUERY_STRING"] == "length":
             headers.append(("Content-Length", str(64 * 65536)))
-        start_response("200 OK", headers)
+        status = "304 Not Modified" if environ["QUERY_STRING"] == "304" else "200 OK"
+        start_response(status, headers)
         return _Body([b"L" * 65536] * 64)
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found: " + path.encode("latin-1")]
