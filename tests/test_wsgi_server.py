@@ -110,6 +110,22 @@ def test_a_large_body_that_is_not_sent_ends_and_the_connection_goes_on(
     assert int(requests.get(wsgi_server.url + "/closed").content) == closed + 2
 
 
+@pytest.mark.parametrize(
+    "request_line", [b"GET /slow-end HTTP/1.1\r\nConnection: close", b"GET /slow-end HTTP/1.0"]
+)
+def test_a_stream_that_ends_after_its_bytes_left_closes_cleanly(wsgi_server, request_line):
+    """The end of a stream that is not chunked, with its bytes already sent and the
+    connection to close: libevent frees the request and the connection at once, inside
+    the call that ends the response, and the server must not release them again."""
+    before = len(wsgi_server.output)
+    for _ in range(3):
+        out = raw(wsgi_server, request_line + b"\r\nHost: x\r\n\r\n")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")) and body == b"e" * 300_000
+    assert requests.get(wsgi_server.url + "/hello").status_code == 200
+    assert not [line for line in wsgi_server.output[before:] if "Traceback" in line]
+
+
 def test_write_callable_and_generator(wsgi_server):
     assert requests.get(wsgi_server.url + "/write").content == b"written;returned"
     assert requests.get(wsgi_server.url + "/generator").content == b"ab"

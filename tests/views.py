@@ -112,8 +112,13 @@ def pattern(size):
 def pattern_file(size):
     path = os.path.join(tempfile.gettempdir(), f"django-comet-test-pattern-{size}")
     if not os.path.exists(path):
+        # Written in blocks: one large transient allocation would raise glibc's mmap
+        # threshold for the rest of the server's life and blur the RSS checks of others.
+        block = pattern(251 * 256)
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as tmp:
-            tmp.write(pattern(size))
+            for _ in range(size // len(block)):
+                tmp.write(block)
+            tmp.write(block[: size % len(block)])
         os.replace(tmp.name, path)
     return path
 

@@ -4,12 +4,14 @@
 
 For ``--seconds``, actors loop against one runcomet (CPU 0) from this process (CPU 1):
 SSE streams that stay 1-30 s, long-polls with 1-10 s timeouts, staged responses,
-ordinary requests, clients that send half a request; a fifth of streams and a tenth of
-the others leave with a reset (RST) rather than a close.  A publisher posts an event every
+ordinary requests, 4 MiB file downloads (a FileResponse, sent by descriptor), clients that
+send half a request; a fifth of streams, a third of downloads and a tenth of the others
+leave with a reset (RST) rather than a close.  A publisher posts an event every
 0.1 s to one of five channels.  Every second the server's RSS, open fds and held count
 (/comet/status/) are sampled; after the load, the clients leave and the figures are read
-once more after 5 s.  Errors count a non-2xx answer, and a poll, staged or plain request
-(all sent with "Connection: close") whose connection the server did not close in time.
+once more after 5 s.  Errors count a non-2xx answer, and a poll, staged, plain or download
+request (all sent with "Connection: close") whose connection the server did not close in
+time.
 
 Writes bench/results/soak.md and docs/soak.png.
 """
@@ -52,7 +54,7 @@ LOG = Path(tempfile.gettempdir()) / "comet-bench-soak" / "runcomet.log"
 CHANNELS = [f"soak-{i}" for i in range(5)]
 # kind: (actors, chance of leaving with a reset)
 ACTORS = {"sse": (200, 0.2), "poll": (100, 0.1), "staged": (20, 0.1), "plain": (10, 0.0)}
-ACTORS["half-request"] = (5, 1.0)
+ACTORS |= {"download": (5, 0.3), "half-request": (5, 1.0)}
 
 
 @dataclass
@@ -116,6 +118,8 @@ class Soak:
                 stay = random.uniform(0, timeout) if reset else timeout + 10
             elif kind == "staged":
                 path, stay = "/t/quick-stages/?delay=0.2", random.uniform(0, 0.3) if reset else 10
+            elif kind == "download":
+                path, stay = f"/t/file/?size={4 << 20}", random.uniform(0, 0.05) if reset else 10
             else:
                 path, stay = f"/t/echo/?n={random.randrange(1000)}", 10
             watcher = await self.visit(kind, client.get(path), stay, reset)
@@ -192,8 +196,9 @@ def report(header: list[str], soak: Soak, settled: Sample, seconds: float) -> st
             f"One runcomet (CPU 0, memory broker, heartbeat 60 s); client on CPU 1. Actors "
             f"({actors}) loop for {seconds:.0f} s: SSE streams stay 1-30 s (a fifth leave "
             "with an RST), long-polls with 1-10 s timeouts, quick staged responses "
-            "(delay 0.2 s), ordinary GET /t/echo/, and half-sent requests reset after "
-            "0-0.5 s; a tenth of polls and staged responses are reset early. One publish "
+            "(delay 0.2 s), ordinary GET /t/echo/, 4 MiB FileResponse downloads (a third "
+            "reset within 50 ms), and half-sent requests reset after 0-0.5 s; a tenth of "
+            "polls and staged responses are reset early. One publish "
             "every 0.1 s to one of 5 channels. Sampled every second: VmRSS, entries in "
             "/proc/PID/fd, `held` and `in_flight` (minus the status request itself) "
             "from /comet/status/.",

@@ -353,9 +353,9 @@ class Server(Producer):
         ex.code, ex.sent = start.code, (0 if head else len(body))
         if ex.bev is not None:
             self._restore_read_timeout(ex)
-        self._lib.evhttp_send_reply(ex.req, start.code, start.reason, self._buf)
-        ex.req = None
-        self._finish(ex)
+        req, ex.req = ex.req, None
+        self._finish(ex)  # first, as in _end
+        self._lib.evhttp_send_reply(req, start.code, start.reason, self._buf)
 
     def _reply_error(self, ex: Exchange) -> None:
         start = StartResponse()
@@ -497,13 +497,17 @@ class Server(Producer):
             return self._drop(ex)
         self.holder.release(ex)
         self._restore_read_timeout(ex)
-        assert ex.req is not None
+        req = ex.req
+        assert req is not None
         if ex.close_at_end:  # evhttp decides from the headers, which a hold freed
-            out = RequestStruct.from_address(ex.req).output_headers
+            out = RequestStruct.from_address(req).output_headers
             self._lib.evhttp_add_header(out, b"Connection", b"close")
-        self._lib.evhttp_send_reply_end(ex.req)
+        # Finished first: when the output is already flushed, evhttp frees the request,
+        # and the connection if it is to close, inside this call; the close callback
+        # must then find nothing of ours left to release.
         ex.req = None
         self._finish(ex)
+        self._lib.evhttp_send_reply_end(req)
 
     def _abort(self, ex: Exchange) -> None:
         """Cut the connection so the client sees an error, never a clean end.  libevent

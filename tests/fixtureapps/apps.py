@@ -2,6 +2,7 @@
 
 import gc
 import json
+import time
 
 
 def hello(environ, start_response):
@@ -93,6 +94,14 @@ def app(environ, start_response):
             start_response("200 OK", [("Content-Type", "text/plain")])
             for i in range(3):
                 yield b"%d" % i * 200_000
+
+        return gen()
+    if path == "/slow-end":  # a streamed body with a length, whose end comes late
+
+        def gen():
+            start_response("200 OK", [("Content-Length", str(300_000))])
+            yield b"e" * 300_000  # past the streaming threshold: sent at once
+            time.sleep(0.3)  # the app's own work after its last chunk
 
         return gen()
     if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304
