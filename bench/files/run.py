@@ -67,9 +67,9 @@ class Result:
 
 
 def servers(threads: int) -> list[Server]:
-    app = "files_site.wsgi:application"
+    app = "hello_site.wsgi:application"
     gunicorn = [PY, "-m", "gunicorn", "-w", "1", "--log-level", "warning", "-b"]
-    uvicorn = [PY, "-m", "uvicorn", "files_site.asgi:application", "--workers", "1"]
+    uvicorn = [PY, "-m", "uvicorn", "hello_site.asgi:application", "--workers", "1"]
     uvicorn += ["--no-access-log", "--log-level", "warning", "--lifespan", "off"]
     return [
         Server(
@@ -142,7 +142,7 @@ def hello_ms(port: int) -> float | None:
     started = time.perf_counter()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=HELLO_TIMEOUT) as sock:
-            sock.sendall(b"GET /hello/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            sock.sendall(b"GET /json/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             read_head(sock)
     except OSError:
         return None
@@ -153,7 +153,7 @@ def measure(result: Result, env: dict[str, str], args: argparse.Namespace) -> No
     log = CACHE / (result.server.name.split(",")[0].replace(" ", "_") + ".log")
     size, port = args.mib * MIB, free_port()
     argv = result.server.command(f"127.0.0.1:{port}")
-    with server(argv, env, port, "/hello/", log) as proc:
+    with server(argv, env, port, "/json/", log) as proc:
         download(port, size)  # warm: the page cache, the view, the connection path
         cpu = cpu_seconds(proc.pid)
         for _ in range(args.downloads):
@@ -237,7 +237,7 @@ def main() -> int:
 
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(snapshot), str(HERE)]),
+        "PYTHONPATH": os.pathsep.join([str(snapshot), str(HERE.parent / "hello")]),
         "BENCH_FILE": str(path),
     }
     header = environment()  # before anything runs: it notes uncommitted changes
