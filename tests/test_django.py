@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import requests
 
 
@@ -31,6 +32,14 @@ def test_chunked_post_reaches_django(comet):
     ).json()
     assert data["POST"] == {"a": "1", "b": "2"}
     assert data["content_length"] == "7"
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_async_views_run(request, server_name):
+    server = request.getfixturevalue(server_name)
+    response = requests.get(server.url + "/t/async/", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"async": True, "path": "/t/async/"}
 
 
 def test_other_methods(comet):

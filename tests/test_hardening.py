@@ -11,7 +11,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .processes import evloop, runcomet
+from .processes import evloop, read_chunked, runcomet
 from .sse_client import SSEClient
 
 
@@ -292,3 +292,24 @@ def test_connection_limit_pauses_accepting_then_recovers(demo_db):
         for sock in idle:
             sock.close()
         assert server.stop() == 0
+
+
+def test_a_stalled_stream_from_the_loop_thread_is_produced_only_as_it_drains(comet_inline):
+    """--threads 0: the loop thread iterates a streamed body as its client reads, so a
+    client that stops reading costs no memory for the rest of the body; the body still
+    arrives whole, and a client that vanishes mid-body releases it."""
+    pid = comet_inline.proc.pid
+    comet_inline.status()
+    rss = rss_kib(pid)
+    with comet_inline.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(b"GET /t/big/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        comet_inline.status()  # answered after the loop thread has paused the body
+        assert rss_kib(pid) < rss + 16 * 1024  # KiB: far less than its 64 MiB
+        _, chunks = read_chunked(sock)
+        assert sum(map(len, chunks)) == 64 * 1024 * 1024
+    with comet_inline.connect() as sock:
+        sock.sendall(b"GET /t/big/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    comet_inline.wait_for_status(lambda s: s["in_flight"] == 1)  # only this status request

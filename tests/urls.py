@@ -14,6 +14,7 @@ urlpatterns = [
     path("t/stage-404/", views.stage_to_missing, name="stage_to_missing"),
     path("t/big/", views.big, name="big"),
     path("t/file/", views.file_view, name="file"),
+    path("t/async/", views.async_view, name="async"),
     path("t/publish/", views.publish_view, name="publish"),
     path("t/stream/", views.stream_view, name="stream"),
     path("t/poll/", views.poll_view, name="poll"),

@@ -1,5 +1,6 @@
 """Views the tests call through a real runcomet."""
 
+import asyncio
 import io
 import json
 import os
@@ -133,6 +134,12 @@ def file_view(request):
         f = open(pattern_file(size), "rb")  # noqa: SIM115 (FileResponse closes it)
     f.seek(skip)
     return FileResponse(f, content_type="application/octet-stream")
+
+
+async def async_view(request):
+    """An async view: Django runs it through asgiref's async_to_sync under WSGI."""
+    await asyncio.sleep(0)
+    return JsonResponse({"async": True, "path": request.path})
 
 
 def authorize(request, channel):

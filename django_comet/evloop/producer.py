@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .deferral import claim
@@ -58,6 +58,7 @@ class Producer:
         """Iterate one stage's output and hand it to the loop; always close the result."""
         deferral = claim(result)
         streaming = False
+        closed_later = False  # the loop thread goes on iterating it (--threads 0)
         try:
             if type(result) is FileWrapper and first and self._sends_files:
                 file_range = self._file_range(start, result)
@@ -82,7 +83,7 @@ class Producer:
             if streaming:
                 start.headers_sent = True
                 self._to_loop(self._start_stream, ex, start, chunks)
-                self._stream_rest(ex, start, iterator)
+                closed_later = self._stream_rest(ex, start, result, iterator)
             elif not first:
                 self._to_loop(self._stage_done, ex, chunks, deferral)
             elif deferral is not None:
@@ -97,12 +98,8 @@ class Producer:
             else:
                 self._to_loop(self._reply_error, ex)
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
+            if not closed_later:
+                _close(ex, result)
 
     @staticmethod
     def _file_range(start: StartResponse, wrapper: FileWrapper) -> tuple[int, int, int] | None:
@@ -111,35 +108,76 @@ class Producer:
             return None
         return wrapper.file_range(start.length)
 
-    def _stream_rest(self, ex: Exchange, start: StartResponse, iterator: Iterable[bytes]) -> None:
-        """Worker: pass the rest of a large or lazy body chunk by chunk, waiting while
-        more than ``write_high_water`` bytes are unsent (a slow client must not make the
-        server buffer the whole body)."""
+    def _stream_rest(
+        self,
+        ex: Exchange,
+        start: StartResponse,
+        result: Iterable[bytes],
+        iterator: Iterator[bytes],
+    ) -> bool:
+        """Pass the rest of a large or lazy body chunk by chunk, pausing while more than
+        ``write_high_water`` bytes are unsent, so that a slow client never makes the
+        server buffer the whole body.  A worker thread waits; with ``--threads 0`` the
+        loop thread pumps (``_pump``) and returns True: the result is closed later."""
         if ex.method == "HEAD" or start.code in NO_BODY_STATUSES:
             # None of it would go out, so it would never drain: leave it unread.
             self._to_loop(self._end, ex)
-            return
+            return False
+        if self._pool is None:
+            ex.pump = (iterator, result)
+            self._pump(ex)
+            return True
         high = self.config.write_high_water
-        backpressure = self._pool is not None
-        if backpressure:
-            ex.drained = threading.Event()
+        ex.drained = drained = threading.Event()
         for data in iterator:
             if ex.dead:
-                return
+                return False
             if not data:
                 continue
             if not isinstance(data, bytes):
                 raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
             ex.pending += len(data)
-            if backpressure and ex.pending > high:
-                assert ex.drained is not None
-                ex.drained.clear()
+            if ex.pending > high:
+                drained.clear()
                 self._to_loop(self._send_chunk, ex, data)
-                while not ex.drained.wait(1.0) and not ex.dead:
+                while not drained.wait(1.0) and not ex.dead:
                     pass
             else:
                 self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
+        return False
+
+    def _pump(self, ex: Exchange) -> None:
+        """Loop thread (``--threads 0``): iterate a streamed body until more than
+        ``write_high_water`` bytes are unsent; ``Server._on_drained`` calls again once
+        they have left.  The body is closed when it ends, fails or its client leaves."""
+        assert ex.pump is not None
+        iterator = ex.pump[0]
+        high = self.config.write_high_water
+        try:
+            for data in iterator:
+                if ex.dead:
+                    break
+                if not data:
+                    continue
+                if not isinstance(data, bytes):
+                    raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+                ex.pending += len(data)
+                self._send_chunk(ex, data)
+                if ex.pending > high:
+                    return  # paused: the rest waits in the iterator, not in memory
+            else:
+                self._end(ex)
+        except Exception:
+            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
+            self._abort(ex)
+        self._stop_pump(ex)
+
+    def _stop_pump(self, ex: Exchange) -> None:
+        if ex.pump is not None:
+            result = ex.pump[1]
+            ex.pump = None
+            _close(ex, result)
 
     def _run_stage(
         self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
@@ -151,3 +189,13 @@ class Producer:
             self._to_loop(self._abort, ex)
             return
         self._produce(ex, StartResponse(), result, first=False)
+
+
+def _close(ex: Exchange, result: Iterable[bytes]) -> None:
+    """Call the response's close(), as PEP 3333 requires whatever happened."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)

@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import libevent_ctypes as ev
@@ -69,6 +69,7 @@ class Exchange:
         "path",
         "pending",
         "protocol",
+        "pump",
         "req",
         "sent",
         "started",
@@ -92,6 +93,7 @@ class Exchange:
         self.bev: int | None = None  # set while held: its read timeout is lifted
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
         self.drained: threading.Event | None = None
+        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None  # --threads 0 streams
         self.deferred = False  # counted in Server.held until done
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
@@ -480,16 +482,20 @@ class Server(Producer):
             return
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
-        if ex.drained is not None:
+        if ex.drained is not None or ex.pump is not None:
             self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
         else:
             self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
 
     def _on_drained(self, _evcon: int, key: int) -> None:
         ex = self._exchanges.get(key)
-        if ex is not None and ex.drained is not None:
-            ex.pending = 0
+        if ex is None:
+            return
+        ex.pending = 0
+        if ex.drained is not None:
             ex.drained.set()
+        elif ex.pump is not None:
+            self._pump(ex)
 
     def _end(self, ex: Exchange) -> None:
         """The last chunk: a clean end of the response."""
@@ -540,7 +546,9 @@ class Server(Producer):
             self._drop(ex)
 
     def _drop(self, ex: Exchange) -> None:
-        """Release a dead exchange: free its request (libevent left it to us)."""
+        """Release a dead exchange: free its request (libevent left it to us), close a
+        body the loop thread was pumping."""
+        self._stop_pump(ex)
         if ex.req is not None:
             r = RequestStruct.from_address(ex.req)
             if not r.evcon:
@@ -552,6 +560,7 @@ class Server(Producer):
     def _forget(self, ex: Exchange) -> None:
         """Shutdown: libevent frees everything with evhttp_free; just stop tracking."""
         self.holder.release(ex)
+        self._stop_pump(ex)
         ex.dead = True
         ex.req = None
         self._exchanges.pop(ex.key, None)
