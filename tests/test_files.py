@@ -1,6 +1,7 @@
 """Files through wsgi.file_wrapper: sent by descriptor (sendfile), over real sockets."""
 
 import glob
+import gzip
 import io
 import os
 import socket
@@ -9,6 +10,7 @@ import tempfile
 
 import pytest
 import requests
+from django.core.files import File
 
 from django_comet.evloop.files import FileWrapper
 
@@ -136,6 +138,35 @@ def test_the_range_of_a_regular_file_starts_at_its_position(tmp_path):
         os.close(fd)
         assert (offset, count) == (3, 5)
         assert FileWrapper(f).file_range(8) is None  # shorter than its Content-Length
+
+
+def test_a_compressed_file_is_read_not_sent_by_descriptor(tmp_path):
+    """A gzip file has a descriptor and a position, of its compressed bytes."""
+    path = tmp_path / "f.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"x" * 10_000)
+    with gzip.open(path, "rb") as f:
+        wrapper = FileWrapper(f)
+        assert wrapper.file_range(None) is None
+        assert b"".join(wrapper) == b"x" * 10_000
+
+
+def test_proxies_of_a_plain_file_are_looked_through(tmp_path):
+    """Django's File (what FieldFile.open() gives) and tempfile's wrapper read their
+    ``file`` as is, so the range is that file's."""
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    with File(open(path, "rb")) as django_file:
+        django_file.read(2)
+        fd, offset, count = FileWrapper(django_file).file_range(None)
+        os.close(fd)
+        assert (offset, count) == (2, 8)
+    with tempfile.NamedTemporaryFile() as temporary:
+        temporary.write(b"abc")
+        temporary.seek(1)
+        fd, offset, count = FileWrapper(temporary).file_range(None)
+        os.close(fd)
+        assert (offset, count) == (1, 2)
 
 
 def test_a_pipe_has_no_range():

@@ -273,6 +273,25 @@ def test_slow_request_head_is_cut_at_the_header_deadline(demo_db):
         assert server.stop() == 0
 
 
+def test_connections_in_the_middle_of_a_response_still_count(demo_db):
+    """evhttp sets a connection's read callback aside while it writes a response: the
+    guard must go on counting streams (and downloads) until evhttp frees them."""
+    server = runcomet(db=demo_db, env={"TEST_HEADER_TIMEOUT": "0.5"})
+    streams = []
+    try:
+        streams = [SSEClient(server, "/t/stream/?channels=counted") for _ in range(3)]
+        server.wait_for_status(lambda s: s["channels"].get("counted") == 3)
+        with socket.create_connection((server.host, server.port), timeout=20) as slow:
+            slow.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            # Cut by a sweep, so at least one sweep has run since the streams began:
+            status = server.wait_for_status(lambda s: s["header_timeouts"] == 1)
+        assert status["connections"] >= 4  # the three streams and this status request
+    finally:
+        for client in streams:
+            client.close()
+        assert server.stop() == 0
+
+
 def test_connection_limit_pauses_accepting_then_recovers(demo_db):
     server = runcomet(db=demo_db, env={"TEST_MAX_CONNECTIONS": "20"})
     idle = []
@@ -304,7 +323,7 @@ def test_a_stalled_stream_from_the_loop_thread_is_produced_only_as_it_drains(com
     with comet_inline.connect() as sock:
         sock.settimeout(30)
         sock.sendall(b"GET /t/big/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        comet_inline.status()  # answered after the loop thread has paused the body
+        comet_inline.wait_for_status(lambda s: s["in_flight"] == 2)  # taken up, and paused
         assert rss_kib(pid) < rss + 16 * 1024  # KiB: far less than its 64 MiB
         _, chunks = read_chunked(sock)
         assert sum(map(len, chunks)) == 64 * 1024 * 1024

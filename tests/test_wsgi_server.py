@@ -105,9 +105,33 @@ def test_a_large_body_that_is_not_sent_ends_and_the_connection_goes_on(
         while (line := f.readline()) != b"\r\n":
             head.append(line)
         assert (b"Content-Length: 4194304\r\n" in head) == (query == b"length")
+        assert_clean_hellos(sock, f)
+    assert int(requests.get(wsgi_server.url + "/closed").content) == closed + 2
+
+
+def assert_clean_hellos(sock, f):
+    """Two hellos on ``sock``: each exactly itself, no stray byte of an earlier body."""
+    for _ in range(2):
         sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         assert f.readline() == b"HTTP/1.1 200 OK\r\n"
-    assert int(requests.get(wsgi_server.url + "/closed").content) == closed + 2
+        while f.readline() != b"\r\n":
+            pass
+        assert f.read(13) == b"Hello, world!"
+
+
+def test_a_1xx_final_status_is_a_500_and_nothing_of_its_body_goes_out(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        f = sock.makefile("rb")
+        sock.sendall(b"GET /large?199 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 500 ")
+        length = 0
+        while (line := f.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        f.read(length)
+        assert_clean_hellos(sock, f)
+    assert any("1xx is not a final status" in line for line in wsgi_server.output)
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,12 @@ it, accepting pauses and new clients wait in the kernel's backlog).
 evhttp tells Python nothing about a connection until its first request is complete, so
 the guard creates each connection's bufferevent itself (``evhttp_set_bevcb``) and holds
 one reference on it.  A sweep once a second finds the connections evhttp has let go
-(``bufferevent_free`` clears the read callback; our reference keeps the memory valid to
-look at), drops our reference (which closes the socket), and cuts the connections past
-their deadline.  The read callback's offset in ``struct bufferevent`` is found at start
-by setting a known callback on a scratch bufferevent, not compiled in.
+(``bufferevent_free`` clears the event callback; our reference keeps the memory valid
+to look at), drops our reference (which closes the socket), and cuts the connections
+past their deadline.  The event callback, not the read callback: evhttp clears the read
+callback itself whenever it writes a response, for as long as a download or a stream
+lasts.  Its offset in ``struct bufferevent`` is found at start by setting a known
+callback on a scratch bufferevent, not compiled in.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ logger = logging.getLogger("django_comet.server")
 SWEEP_SECONDS = 1.0
 
 
-def find_readcb_offset(lib: ctypes.CDLL, base: int) -> int | None:
-    """Where ``readcb`` sits in ``struct bufferevent``, or None if it cannot be found."""
-    marker = ev.bufferevent_data_cb(lambda bev, ctx: None)
+def find_eventcb_offset(lib: ctypes.CDLL, base: int) -> int | None:
+    """Where ``errorcb`` (the event callback) sits in ``struct bufferevent``, or None if
+    it cannot be found."""
+    marker = ev.bufferevent_data_cb(lambda bev, ctx: None)  # never called: an address
     address = ctypes.cast(marker, ctypes.c_void_p).value
     bev = lib.bufferevent_socket_new(base, -1, 0)
     try:
-        lib.bufferevent_setcb(bev, marker, None, None, None)
+        lib.bufferevent_setcb(bev, ev.bufferevent_data_cb(), None, address, None)
         words = (ctypes.c_void_p * 64).from_address(bev)
         found = [i for i, word in enumerate(words) if word == address]
         return found[0] * ctypes.sizeof(ctypes.c_void_p) if len(found) == 1 else None
@@ -54,7 +57,7 @@ class ConnectionGuard:
         self.timed_out = 0
         self.paused = False
         self._conns: dict[int, float] = {}  # bufferevent -> first-request deadline, 0 once met
-        self._offset = find_readcb_offset(self._lib, server.loop.base)
+        self._offset = find_eventcb_offset(self._lib, server.loop.base)
         self._sweeper: Handle | None = None
         if self._offset is None:
             logger.warning(
@@ -93,6 +96,14 @@ class ConnectionGuard:
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         if self._conns.get(bev):
             self._conns[bev] = 0.0
+
+    def closing(self, evcon: int) -> None:
+        """evhttp is freeing this connection (its close callback runs first): drop our
+        reference now rather than at the next sweep, so that its memory is reused while
+        it is still near the top of the heap (after a storm of resets, most of it)."""
+        bev = self._lib.evhttp_connection_get_bufferevent(evcon)
+        if self._conns.pop(bev, None) is not None:
+            self._lib.bufferevent_decref(bev)
 
     def _sweep(self) -> None:
         self._sweeper = self.server.loop.call_later(SWEEP_SECONDS, self._sweep)

@@ -4,14 +4,16 @@ An app (Django's ``FileResponse`` among them) that returns a file through the wr
 lets the server send a regular file's bytes by descriptor: libevent hands them to the
 kernel (sendfile), no Python runs per block, and the worker thread is free at once
 instead of waiting on a slow reader for the whole download.  Anything else (a pipe, a
-socket, a ``BytesIO``, a file shorter than its Content-Length) is iterated in blocks, as
-any WSGI server would.
+socket, a ``BytesIO``, a compressed file, a file shorter than its Content-Length) is
+iterated in blocks, as any WSGI server would.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,9 +44,12 @@ class FileWrapper:
         The range starts at the file's current position (PEP 3333) and runs for
         ``length`` bytes (the response's Content-Length), or to the end of the file.
         """
+        real = _plain_file(self.filelike)
+        if real is None:
+            return None
         try:
-            fd = self.filelike.fileno()
-            offset = self.filelike.tell()  # the buffered position, not the descriptor's
+            fd = real.fileno()
+            offset = real.tell()  # the buffered position, not the descriptor's
             info = os.fstat(fd)
         except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
             return None
@@ -58,3 +63,22 @@ class FileWrapper:
             return os.dup(fd), offset, count
         except OSError:  # out of descriptors: reading it still works
             return None
+
+
+def _plain_file(filelike: Any) -> io.FileIO | io.BufferedReader | io.BufferedRandom | None:
+    """The open file whose bytes reading ``filelike`` gives, or None.  Only a plain file
+    qualifies: a gzip, bz2 or lzma file also has a descriptor and a position, but of its
+    compressed bytes.  Proxies that read their ``file`` as is are looked through:
+    Django's ``File`` (what ``FieldFile.open()`` gives) and tempfile's wrappers."""
+    for _ in range(3):
+        if isinstance(filelike, io.FileIO):
+            return filelike
+        if isinstance(filelike, (io.BufferedReader, io.BufferedRandom)):
+            return filelike if isinstance(filelike.raw, io.FileIO) else None
+        is_proxy = hasattr(filelike, "multiple_chunks") or isinstance(
+            filelike, tempfile._TemporaryFileWrapper
+        )
+        if not is_proxy:
+            return None
+        filelike = getattr(filelike, "file", None)
+    return None

@@ -253,6 +253,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_add": (c_int, [evbuffer_p, c_char_p, c_size_t]),
     # unsigned char *evbuffer_pullup(struct evbuffer *buf, ev_ssize_t size);
     "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
+    # int evbuffer_drain(struct evbuffer *buf, size_t len);
+    "evbuffer_drain": (c_int, [evbuffer_p, c_size_t]),
     # int evbuffer_set_flags(struct evbuffer *buf, ev_uint64_t flags);
     "evbuffer_set_flags": (c_int, [evbuffer_p, ctypes.c_uint64]),
 }

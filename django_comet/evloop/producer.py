@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .deferral import claim
 from .files import FileWrapper
-from .wsgi import NO_BODY_STATUSES, AppError, StartResponse
+from .wsgi import AppError, StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -58,7 +58,7 @@ class Producer:
         """Iterate one stage's output and hand it to the loop; always close the result."""
         deferral = claim(result)
         streaming = False
-        closed_later = False  # the loop thread goes on iterating it (--threads 0)
+        pumped = False  # --threads 0: the loop thread goes on iterating it, then closes it
         try:
             if type(result) is FileWrapper and first and self._sends_files:
                 file_range = self._file_range(start, result)
@@ -83,7 +83,7 @@ class Producer:
             if streaming:
                 start.headers_sent = True
                 self._to_loop(self._start_stream, ex, start, chunks)
-                closed_later = self._stream_rest(ex, start, result, iterator)
+                pumped = self._stream_rest(ex, start, result, iterator)
             elif not first:
                 self._to_loop(self._stage_done, ex, chunks, deferral)
             elif deferral is not None:
@@ -98,8 +98,10 @@ class Producer:
             else:
                 self._to_loop(self._reply_error, ex)
         finally:
-            if not closed_later:
+            if not pumped:
                 _close(ex, result)
+        if pumped:
+            self._pump(ex)
 
     @staticmethod
     def _file_range(start: StartResponse, wrapper: FileWrapper) -> tuple[int, int, int] | None:
@@ -117,15 +119,14 @@ class Producer:
     ) -> bool:
         """Pass the rest of a large or lazy body chunk by chunk, pausing while more than
         ``write_high_water`` bytes are unsent, so that a slow client never makes the
-        server buffer the whole body.  A worker thread waits; with ``--threads 0`` the
-        loop thread pumps (``_pump``) and returns True: the result is closed later."""
-        if ex.method == "HEAD" or start.code in NO_BODY_STATUSES:
+        server buffer the whole body.  A worker thread waits; with ``--threads 0`` it
+        returns True, and the loop thread pumps the body (``_pump``) and closes it."""
+        if not carries_body(ex.method, start.code):
             # None of it would go out, so it would never drain: leave it unread.
             self._to_loop(self._end, ex)
             return False
         if self._pool is None:
             ex.pump = (iterator, result)
-            self._pump(ex)
             return True
         high = self.config.write_high_water
         ex.drained = drained = threading.Event()
@@ -168,9 +169,12 @@ class Producer:
                     return  # paused: the rest waits in the iterator, not in memory
             else:
                 self._end(ex)
-        except Exception:
+        except BaseException as exc:  # even SystemExit: the client must not wait forever
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             self._abort(ex)
+            self._stop_pump(ex)
+            if not isinstance(exc, Exception):
+                raise
         self._stop_pump(ex)
 
     def _stop_pump(self, ex: Exchange) -> None:

@@ -36,12 +36,12 @@ from .producer import Producer
 from .request import RequestStruct, read_request
 from .workers import ThreadPool
 from .wsgi import (
-    NO_BODY_STATUSES,
     BadRequest,
     EnvironBuilder,
     Limits,
     StartResponse,
     apply_forwarded,
+    carries_body,
 )
 
 logger = logging.getLogger("django_comet.server")
@@ -331,10 +331,11 @@ class Server(Producer):
         assert ex.req is not None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         length = start.length
+        with_body = carries_body(ex.method, start.code)
         if length is None:
-            if start.code >= 200 and start.code not in NO_BODY_STATUSES:
+            if carries_body("GET", start.code):  # a HEAD's is the length a GET would get
                 length = len(body)
-        elif length != len(body):
+        elif with_body and length != len(body):
             logger.error(
                 "%s %s: Content-Length %d but the body has %d bytes; closing the connection",
                 ex.method,
@@ -349,10 +350,11 @@ class Server(Producer):
             ex.dead = True
             return self._drop(ex)
         self._add_headers(r.output_headers, start, length)
-        head = ex.method == "HEAD"
-        if body and not head:
+        if not with_body:
+            body = b""
+        if body:
             self._lib.evbuffer_add(self._buf, body, len(body))
-        ex.code, ex.sent = start.code, (0 if head else len(body))
+        ex.code, ex.sent = start.code, len(body)
         if ex.bev is not None:
             self._restore_read_timeout(ex)
         req, ex.req = ex.req, None
@@ -379,7 +381,7 @@ class Server(Producer):
             os.close(fd)
             ex.dead = True
             return self._drop(ex)
-        with_body = ex.method != "HEAD" and start.code not in NO_BODY_STATUSES
+        with_body = carries_body(ex.method, start.code)
         segment = None
         if with_body:
             flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
@@ -392,7 +394,7 @@ class Server(Producer):
             os.close(fd)
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
         self._add_headers(
-            r.output_headers, start, None if start.code in NO_BODY_STATUSES else count
+            r.output_headers, start, count if carries_body("GET", start.code) else None
         )
         ex.code = start.code
         ex.state = "streaming"
@@ -406,6 +408,7 @@ class Server(Producer):
             return self._abort(ex)
         ex.sent = count
         self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._file_sent_cb, ex.key)
+        self._check_handed_over(ex)
 
     def _on_file_sent(self, _evcon: int, key: int) -> None:
         ex = self._exchanges.get(key)
@@ -476,9 +479,9 @@ class Server(Producer):
             self._end(ex)
 
     def _send_chunk(self, ex: Exchange, data: bytes) -> None:
-        # evhttp leaves the buffer untouched for a HEAD or a gone client, and the buffer
-        # is shared: never hand it data that would not go.
-        if ex.dead or ex.req is None or ex.method == "HEAD":
+        # The buffer is shared by every response, and evhttp leaves in it what it would
+        # not send (a HEAD's or a 304's body, a gone client's): never hand such bytes over.
+        if ex.dead or ex.req is None or not carries_body(ex.method, ex.code):
             return
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
@@ -486,6 +489,15 @@ class Server(Producer):
             self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
         else:
             self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
+        self._check_handed_over(ex)
+
+    def _check_handed_over(self, ex: Exchange) -> None:
+        """The shared buffer must be empty after each hand-over: bytes evhttp refused
+        would otherwise go out in the next response, to whichever client that is."""
+        left = self._lib.evbuffer_get_length(self._buf)
+        if left:
+            self._lib.evbuffer_drain(self._buf, left)
+            logger.error("%s %s: evhttp refused %d bytes; dropped", ex.method, ex.path, left)
 
     def _on_drained(self, _evcon: int, key: int) -> None:
         ex = self._exchanges.get(key)
@@ -532,9 +544,11 @@ class Server(Producer):
 
     # -- connection loss ---------------------------------------------------------------
 
-    def _on_close(self, _evcon: int, key: int) -> None:
+    def _on_close(self, evcon: int, key: int) -> None:
         """libevent: the connection of exchange ``key`` is gone (client left, timeout,
         or an aborted response)."""
+        if self.guard.tracking:
+            self.guard.closing(evcon)
         ex = self._exchanges.get(key)
         if ex is None:
             return  # a keep-alive connection closing after its exchanges finished

@@ -39,6 +39,14 @@ HOP_BY_HOP = frozenset(
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
+def carries_body(method: str, code: int) -> bool:
+    """Whether the response's body goes on the wire: never for HEAD, 204 or 304 (nor 1xx,
+    which start_response refuses as a final status).  evhttp applies the same rule
+    (``evhttp_response_needs_body``) and leaves whatever it would not send in the
+    buffer it was handed, so the server must not hand such bytes over at all."""
+    return method != "HEAD" and code >= 200 and code not in NO_BODY_STATUSES
+
+
 class BadRequest(Exception):
     """The request is malformed; ``status`` is the answer it deserves."""
 
@@ -246,6 +254,10 @@ class StartResponse:
         if parsed is None:
             if not isinstance(status, str) or not _STATUS.match(status):
                 raise AppError(f"invalid status line from the application: {status!r}")
+            if status[0] == "1":
+                raise AppError(
+                    f"1xx is not a final status (PEP 3333 leaves 1xx to servers): {status!r}"
+                )
             parsed = (int(status[:3]), _latin1(status[4:], "status"))
             if len(_STATUSES) < 200:
                 _STATUSES[status] = parsed

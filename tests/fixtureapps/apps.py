@@ -104,11 +104,12 @@ def app(environ, start_response):
             time.sleep(0.3)  # the app's own work after its last chunk
 
         return gen()
-    if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304
+    if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304, ?199
         headers = [("Content-Type", "application/octet-stream")]
         if environ["QUERY_STRING"] == "length":
             headers.append(("Content-Length", str(64 * 65536)))
-        status = "304 Not Modified" if environ["QUERY_STRING"] == "304" else "200 OK"
+        statuses = {"304": "304 Not Modified", "199": "199 Not Final"}
+        status = statuses.get(environ["QUERY_STRING"], "200 OK")
         start_response(status, headers)
         return _Body([b"L" * 65536] * 64)
     start_response("404 Not Found", [("Content-Type", "text/plain")])
