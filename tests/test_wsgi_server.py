@@ -150,6 +150,32 @@ def test_a_stream_that_ends_after_its_bytes_left_closes_cleanly(wsgi_server, req
     assert not [line for line in wsgi_server.output[before:] if "Traceback" in line]
 
 
+def test_a_stream_longer_than_its_length_is_cut_there_and_closed(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        sock.sendall(
+            b"GET /overlong HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        out = b""
+        while more := sock.recv(65536):
+            out += more
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"Content-Length: 10" in head
+    assert body == b"o" * 10  # and then the connection closed: no stray bytes, no hello
+    assert any("runs past its Content-Length" in line for line in wsgi_server.output)
+
+
+def test_a_stream_shorter_than_its_length_is_cut_not_ended(wsgi_server):
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /short-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = b""
+        while more := sock.recv(65536):  # the server closes: the client never waits on
+            out += more
+    assert len(out.partition(b"\r\n\r\n")[2]) == 300_000
+    assert any("short of its Content-Length" in line for line in wsgi_server.output)
+
+
 def test_write_callable_and_generator(wsgi_server):
     assert requests.get(wsgi_server.url + "/write").content == b"written;returned"
     assert requests.get(wsgi_server.url + "/generator").content == b"ab"

@@ -64,6 +64,7 @@ class Exchange:
         "environ",
         "hold",
         "key",
+        "limit",
         "method",
         "outbuf",
         "path",
@@ -99,6 +100,7 @@ class Exchange:
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
         self.outbuf: int | None = None  # streams: the connection's output evbuffer
         self.close_at_end = False  # its headers were shed and had asked to close
+        self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
 
 
 class Server(Producer):
@@ -434,6 +436,8 @@ class Server(Producer):
             self._lib.evhttp_remove_header(r.input_headers, b"Connection")
             self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
         ex.code = start.code
+        if keep_length and carries_body(ex.method, start.code):
+            ex.limit = start.length
         self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
         if chunks:
             self._send_chunk(ex, b"".join(chunks))
@@ -483,6 +487,19 @@ class Server(Producer):
         # not send (a HEAD's or a 304's body, a gone client's): never hand such bytes over.
         if ex.dead or ex.req is None or not carries_body(ex.method, ex.code):
             return
+        if ex.limit is not None and ex.sent + len(data) > ex.limit:
+            # Bytes past the Content-Length would be read as the next response.
+            if not ex.close_at_end:
+                logger.error(
+                    "%s %s: the body runs past its Content-Length %d; cut there, closing",
+                    ex.method,
+                    ex.path,
+                    ex.limit,
+                )
+                ex.close_at_end = True
+            data = data[: ex.limit - ex.sent]
+            if not data:
+                return
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
         if ex.drained is not None or ex.pump is not None:
@@ -513,6 +530,17 @@ class Server(Producer):
         """The last chunk: a clean end of the response."""
         if ex.dead:
             return self._drop(ex)
+        if ex.limit is not None and ex.sent < ex.limit:
+            # Kept open, the client would wait for the missing bytes (or read the next
+            # response as them): close once what was sent has left, so that it sees a
+            # body cut short.
+            logger.error(
+                "%s %s: the body ended %d bytes short of its Content-Length; closing",
+                ex.method,
+                ex.path,
+                ex.limit - ex.sent,
+            )
+            ex.close_at_end = True
         self.holder.release(ex)
         self._restore_read_timeout(ex)
         req = ex.req

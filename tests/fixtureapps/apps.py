@@ -96,6 +96,10 @@ def app(environ, start_response):
                 yield b"%d" % i * 200_000
 
         return gen()
+    if path in ("/overlong", "/short-stream"):  # a streamed body off its Content-Length
+        length = 10 if path == "/overlong" else 400_000
+        start_response("200 OK", [("Content-Length", str(length))])
+        return _Body([b"o" * 300_000])  # past the streaming threshold
     if path == "/slow-end":  # a streamed body with a length, whose end comes late
 
         def gen():
