@@ -1,0 +1,305 @@
+"""The loop-thread side of the server: write what the app produced to evhttp.
+
+Whole replies, files by descriptor, streamed and held responses chunk by chunk, their
+clean end or their cut.  Mixed into ``Server``, as ``Producer`` (the worker side) is.
+Every response's bytes pass through one shared evbuffer, which evhttp empties at each
+hand-over; what it would not send (a HEAD's, a 304's) must never be put there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import libevent_ctypes as ev
+from .connections import shutdown_socket
+from .deferral import AnyDeferral
+from .request import RequestStruct
+from .wsgi import StartResponse, carries_body
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+    from .holding import Holder
+    from .server import Exchange
+    from .workers import ThreadPool
+
+logger = logging.getLogger("django_comet.server")
+
+_ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
+
+
+class Responder:
+    """Mixed into ``Server``; every method here runs on the loop thread."""
+
+    config: ServerConfig
+    holder: Holder
+    held: int
+    _lib: Any
+    _buf: int
+    _exchanges: dict[int, Exchange]
+    _draining: bool
+    _pool: ThreadPool | None
+    _close_cb: Any
+    _drained_cb: Any
+    _file_sent_cb: Any
+    # Methods of Server and Producer.
+    _drop: Callable[[Exchange], None]
+    _finish: Callable[[Exchange], None]
+    _restore_read_timeout: Callable[[Exchange], None]
+    _run_stage: Callable[..., None]
+    _pump: Callable[[Exchange], None]
+
+    def _add_headers(self, out: int, start: StartResponse, length: int | None) -> None:
+        """Copy the app's (already encoded) headers to evhttp's output headers."""
+        add = self._lib.evhttp_add_header
+        for name, value in start.encoded:
+            add(out, name, value)
+        if length is not None:
+            add(out, b"Content-Length", b"%d" % length)
+        if start.close:
+            add(out, b"Connection", b"close")
+
+    def _reply_whole(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        assert ex.req is not None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        length = start.length
+        with_body = carries_body(ex.method, start.code)
+        if length is None:
+            if carries_body("GET", start.code):  # a HEAD's is the length a GET would get
+                length = len(body)
+        elif with_body and length != len(body):
+            logger.error(
+                "%s %s: Content-Length %d but the body has %d bytes; closing the connection",
+                ex.method,
+                ex.path,
+                length,
+                len(body),
+            )
+            body = body[:length]
+            start.close = True
+        r = RequestStruct.from_address(ex.req)
+        if not r.evcon:  # the client left while the app ran: free the request, send nothing
+            ex.dead = True
+            return self._drop(ex)
+        self._add_headers(r.output_headers, start, length)
+        if not with_body:
+            body = b""
+        if body:
+            self._lib.evbuffer_add(self._buf, body, len(body))
+        ex.code, ex.sent = start.code, len(body)
+        if ex.bev is not None:
+            self._restore_read_timeout(ex)
+        req, ex.req = ex.req, None
+        self._finish(ex)  # first, as in _end
+        self._lib.evhttp_send_reply(req, start.code, start.reason, self._buf)
+
+    def _reply_error(self, ex: Exchange) -> None:
+        start = StartResponse()
+        start("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+        self._reply_whole(ex, start, [_ERROR_BODY])
+
+    def _reply_file(
+        self, ex: Exchange, start: StartResponse, fd: int, offset: int, count: int
+    ) -> None:
+        """Send ``count`` bytes of file ``fd`` (ours to close) from ``offset``: libevent
+        queues the range and the kernel copies it to the socket as the client reads.  The
+        exchange lives until the last byte left, so a vanished client, the access log
+        and a graceful stop see it as they see a stream."""
+        if ex.dead or ex.req is None:
+            os.close(fd)
+            return self._drop(ex)
+        r = RequestStruct.from_address(ex.req)
+        if not r.evcon:
+            os.close(fd)
+            ex.dead = True
+            return self._drop(ex)
+        with_body = carries_body(ex.method, start.code)
+        segment = None
+        if with_body:
+            flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
+            segment = self._lib.evbuffer_file_segment_new(fd, offset, count, flags)
+            if not segment:
+                os.close(fd)
+                logger.error("%s %s: libevent could not map the file", ex.method, ex.path)
+                return self._reply_error(ex)
+        else:
+            os.close(fd)
+        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
+        self._add_headers(
+            r.output_headers, start, count if carries_body("GET", start.code) else None
+        )
+        ex.code = start.code
+        ex.state = "streaming"
+        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
+        if segment is None:
+            return self._end(ex)
+        added = self._lib.evbuffer_add_file_segment(self._buf, segment, 0, count)
+        self._lib.evbuffer_file_segment_free(segment)  # the buffer holds it (and the fd) now
+        if added != 0:
+            logger.error("%s %s: libevent could not queue the file", ex.method, ex.path)
+            return self._abort(ex)
+        ex.sent = count
+        self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._file_sent_cb, ex.key)
+        self._check_handed_over(ex)
+
+    def _on_file_sent(self, _evcon: int, key: int) -> None:
+        ex = self._exchanges.get(key)
+        if ex is not None and not ex.dead and ex.req is not None:
+            self._end(ex)
+
+    def _begin_chunked(
+        self, ex: Exchange, start: StartResponse, chunks: list[bytes], *, keep_length: bool
+    ) -> bool:
+        """Send the head and first chunk; False (and released) if the client is gone."""
+        assert ex.req is not None
+        r = RequestStruct.from_address(ex.req)
+        if not r.evcon:
+            ex.dead = True
+            self._drop(ex)
+            return False
+        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
+        self._add_headers(r.output_headers, start, start.length if keep_length else None)
+        if (r.major, r.minor) < (1, 1):
+            # HTTP/1.0 has no chunked coding: the end of the body is the end of the
+            # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
+            # wrong "Content-Length: 0".)
+            self._lib.evhttp_remove_header(r.input_headers, b"Connection")
+            self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
+        ex.code = start.code
+        if keep_length and carries_body(ex.method, start.code):
+            ex.limit = start.length
+        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
+        if chunks:
+            self._send_chunk(ex, b"".join(chunks))
+        return True
+
+    def _start_stream(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        ex.state = "streaming"
+        self._begin_chunked(ex, start, chunks, keep_length=True)
+
+    def _start_deferred(
+        self, ex: Exchange, start: StartResponse, chunks: list[bytes], deferral: AnyDeferral
+    ) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        # Later stages add content, so the first stage's length is not the body's.
+        if not self._begin_chunked(ex, start, chunks, keep_length=False):
+            return
+        if ex.method == "HEAD":  # the head is all a HEAD gets: no stages, no stream
+            return self._end(ex)
+        ex.deferred = True
+        self.held += 1
+        self.holder.hold(ex, deferral)
+
+    def _resume(self, ex: Exchange, resume: Callable[..., Iterable[bytes]], *args: Any) -> None:
+        """A held exchange's wait is over: run its next stage."""
+        ex.timer = None
+        ex.state = "app"
+        if self._pool is not None:
+            self._pool.submit(self._run_stage, ex, resume, args)
+        else:
+            self._run_stage(ex, resume, args)
+
+    def _stage_done(self, ex: Exchange, chunks: list[bytes], deferral: AnyDeferral | None) -> None:
+        if ex.dead:
+            return self._drop(ex)
+        if chunks:
+            self._send_chunk(ex, b"".join(chunks))
+        if deferral is not None and not self._draining:
+            self.holder.hold(ex, deferral)
+        else:
+            self._end(ex)
+
+    def _send_chunk(self, ex: Exchange, data: bytes) -> None:
+        # The buffer is shared by every response, and evhttp leaves in it what it would
+        # not send (a HEAD's or a 304's body, a gone client's): never hand such bytes over.
+        if ex.dead or ex.req is None or not carries_body(ex.method, ex.code):
+            return
+        if ex.limit is not None and ex.sent + len(data) > ex.limit:
+            # Bytes past the Content-Length would be read as the next response.
+            if not ex.close_at_end:
+                logger.error(
+                    "%s %s: the body runs past its Content-Length %d; cut there, closing",
+                    ex.method,
+                    ex.path,
+                    ex.limit,
+                )
+                ex.close_at_end = True
+            data = data[: ex.limit - ex.sent]
+            if not data:
+                return
+        self._lib.evbuffer_add(self._buf, data, len(data))
+        ex.sent += len(data)
+        if ex.drained is not None or ex.pump is not None:
+            self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+        else:
+            self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
+        self._check_handed_over(ex)
+
+    def _check_handed_over(self, ex: Exchange) -> None:
+        """The shared buffer must be empty after each hand-over: bytes evhttp refused
+        would otherwise go out in the next response, to whichever client that is."""
+        left = self._lib.evbuffer_get_length(self._buf)
+        if left:
+            self._lib.evbuffer_drain(self._buf, left)
+            logger.error("%s %s: evhttp refused %d bytes; dropped", ex.method, ex.path, left)
+
+    def _on_drained(self, _evcon: int, key: int) -> None:
+        ex = self._exchanges.get(key)
+        if ex is None:
+            return
+        ex.pending = 0
+        if ex.drained is not None:
+            ex.drained.set()
+        elif ex.pump is not None:
+            self._pump(ex)
+
+    def _end(self, ex: Exchange) -> None:
+        """The last chunk: a clean end of the response."""
+        if ex.dead:
+            return self._drop(ex)
+        if ex.limit is not None and ex.sent < ex.limit:
+            # Kept open, the client would wait for the missing bytes (or read the next
+            # response as them): close once what was sent has left, so that it sees a
+            # body cut short.
+            logger.error(
+                "%s %s: the body ended %d bytes short of its Content-Length; closing",
+                ex.method,
+                ex.path,
+                ex.limit - ex.sent,
+            )
+            ex.close_at_end = True
+        self.holder.release(ex)
+        self._restore_read_timeout(ex)
+        req = ex.req
+        assert req is not None
+        if ex.close_at_end:  # evhttp decides from the headers, which a hold freed
+            out = RequestStruct.from_address(req).output_headers
+            self._lib.evhttp_add_header(out, b"Connection", b"close")
+        # Finished first: when the output is already flushed, evhttp frees the request,
+        # and the connection if it is to close, inside this call; the close callback
+        # must then find nothing of ours left to release.
+        ex.req = None
+        self._finish(ex)
+        self._lib.evhttp_send_reply_end(req)
+
+    def _abort(self, ex: Exchange) -> None:
+        """Cut the connection so the client sees an error, never a clean end.  libevent
+        notices the shut-down socket and the close callback releases the exchange."""
+        if ex.dead or ex.req is None:
+            return self._drop(ex)
+        ex.code = ex.code or 500
+        evcon = RequestStruct.from_address(ex.req).evcon
+        if not evcon:  # the client left already
+            ex.dead = True
+            return self._drop(ex)
+        ex.state = "aborting"  # no worker owns it now: the close callback releases it
+        self.holder.release(ex)
+        fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
+        shutdown_socket(fd)
