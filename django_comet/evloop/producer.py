@@ -155,6 +155,7 @@ class Producer:
         assert ex.pump is not None
         iterator = ex.pump[0]
         high = self.config.write_high_water
+        paused = False
         try:
             for data in iterator:
                 if ex.dead:
@@ -166,16 +167,19 @@ class Producer:
                 ex.pending += len(data)
                 self._send_chunk(ex, data)
                 if ex.pending > high:
-                    return  # paused: the rest waits in the iterator, not in memory
+                    paused = True  # the rest waits in the iterator, not in memory
+                    return
             else:
                 self._end(ex)
-        except BaseException as exc:  # even SystemExit: the client must not wait forever
+        except Exception:
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             self._abort(ex)
-            self._stop_pump(ex)
-            if not isinstance(exc, Exception):
-                raise
-        self._stop_pump(ex)
+        except BaseException:  # even SystemExit: the client must not wait forever
+            self._abort(ex)
+            raise
+        finally:
+            if not paused:
+                self._stop_pump(ex)
 
     def _stop_pump(self, ex: Exchange) -> None:
         if ex.pump is not None:
