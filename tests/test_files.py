@@ -79,6 +79,20 @@ def test_file_responses_keep_the_connection_alive_and_head_sends_no_body(comet):
         assert body == pattern(size)
 
 
+def test_a_file_keeps_an_http10_connection_alive(comet):
+    """With its Content-Length, an HTTP/1.0 keep-alive client keeps its connection."""
+    size = 2 * MIB
+    with comet.connect() as sock:
+        sock.settimeout(30)
+        for _ in range(2):
+            sock.sendall(
+                b"GET /t/file/?size=%d HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                b"Connection: keep-alive\r\n\r\n" % size
+            )
+            head, body = read_response(sock)
+            assert head.startswith(b"HTTP/1.0 200") and body == pattern(size)
+
+
 def test_a_file_in_memory_is_read_in_blocks(comet):
     size = 100_000  # under glibc's mmap threshold, as pattern_file explains
     response = requests.get(comet.url + f"/t/file/?size={size}&skip=10&memory=1", timeout=30)

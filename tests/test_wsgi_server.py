@@ -150,6 +150,19 @@ def test_a_stream_that_ends_after_its_bytes_left_closes_cleanly(wsgi_server, req
     assert not [line for line in wsgi_server.output[before:] if "Traceback" in line]
 
 
+def test_a_stream_of_known_length_keeps_an_http10_connection_alive(wsgi_server):
+    """Only a body of unknown length must end with an HTTP/1.0 connection."""
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        f = sock.makefile("rb")
+        for _ in range(2):
+            sock.sendall(b"GET /large?length HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            assert f.readline() == b"HTTP/1.0 200 OK\r\n"
+            while f.readline() != b"\r\n":
+                pass
+            assert f.read(64 * 65536) == b"L" * 64 * 65536
+
+
 def test_a_stream_longer_than_its_length_is_cut_there_and_closed(wsgi_server):
     with wsgi_server.connect() as sock:
         sock.settimeout(10)

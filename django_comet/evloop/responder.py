@@ -109,17 +109,11 @@ class Responder:
         queues the range and the kernel copies it to the socket as the client reads.  The
         exchange lives until the last byte left, so a vanished client, the access log
         and a graceful stop see it as they see a stream."""
-        if ex.dead or ex.req is None:
+        if ex.dead:
             os.close(fd)
             return self._drop(ex)
-        r = RequestStruct.from_address(ex.req)
-        if not r.evcon:
-            os.close(fd)
-            ex.dead = True
-            return self._drop(ex)
-        with_body = carries_body(ex.method, start.code)
         segment = None
-        if with_body:
+        if carries_body(ex.method, start.code):
             flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
             segment = self._lib.evbuffer_file_segment_new(fd, offset, count, flags)
             if not segment:
@@ -128,13 +122,13 @@ class Responder:
                 return self._reply_error(ex)
         else:
             os.close(fd)
-        self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
-        self._add_headers(
-            r.output_headers, start, count if carries_body("GET", start.code) else None
-        )
-        ex.code = start.code
+        if carries_body("GET", start.code):
+            start.length = count  # the file's (file_range checked it against the app's)
         ex.state = "streaming"
-        self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
+        if not self._begin_chunked(ex, start, [], keep_length=True):
+            if segment is not None:
+                self._lib.evbuffer_file_segment_free(segment)  # closes the fd
+            return
         if segment is None:
             return self._end(ex)
         added = self._lib.evbuffer_add_file_segment(self._buf, segment, 0, count)
@@ -163,8 +157,8 @@ class Responder:
             return False
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
         self._add_headers(r.output_headers, start, start.length if keep_length else None)
-        if (r.major, r.minor) < (1, 1):
-            # HTTP/1.0 has no chunked coding: the end of the body is the end of the
+        if (r.major, r.minor) < (1, 1) and not (keep_length and start.length is not None):
+            # HTTP/1.0 has no chunked coding: a body of unknown length ends with the
             # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
             # wrong "Content-Length: 0".)
             self._lib.evhttp_remove_header(r.input_headers, b"Connection")

@@ -36,12 +36,7 @@ from .producer import Producer
 from .request import RequestStruct, read_request
 from .responder import Responder
 from .workers import ThreadPool
-from .wsgi import (
-    BadRequest,
-    EnvironBuilder,
-    Limits,
-    apply_forwarded,
-)
+from .wsgi import BadRequest, EnvironBuilder, Limits, apply_forwarded
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
