@@ -19,7 +19,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BANNER = re.compile(r"(?:Starting comet server .* at|Serving .* on) http://([^/]+):(\d+)/")
+BANNER = re.compile(
+    r"(?:Starting comet server .* at|Serving .* on) (?:http://([^/]+):(\d+)/|unix:(\S+))"
+)
 
 
 class ServerProcess:
@@ -43,9 +45,10 @@ class ServerProcess:
         )
         self._ready = threading.Event()
         self.port = 0
+        self.unix = ""  # the socket's path when it listens on unix:PATH
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(startup_timeout) or not self.port:
+        if not self._ready.wait(startup_timeout) or not (self.port or self.unix):
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.output))
         self.host = "127.0.0.1"
@@ -56,12 +59,24 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.output.append(line)
             match = BANNER.search(line)
-            if match and not self.port:
-                self.port = int(match.group(2))
+            if match and not self._ready.is_set():
+                if match.group(3):
+                    self.unix = match.group(3)
+                else:
+                    self.port = int(match.group(2))
                 self._ready.set()
         self._ready.set()  # EOF: the process ended
 
     def status(self) -> dict:
+        if self.unix:
+            with self.connect() as sock:
+                sock.sendall(
+                    b"GET /comet/status/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+                response = b"".join(iter(lambda: sock.recv(65536), b""))
+            head, _, body = response.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            return json.loads(body)
         with urllib.request.urlopen(self.url + "/comet/status/", timeout=10) as response:
             return json.load(response)
 
@@ -78,6 +93,11 @@ class ServerProcess:
             time.sleep(0.02)
 
     def connect(self) -> socket.socket:
+        if self.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(self.unix)
+            return sock
         return socket.create_connection((self.host, self.port), timeout=10)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
@@ -146,10 +166,16 @@ def manage(
     )
 
 
-def evloop(app: str, *args: str, cwd: Path = ROOT, prefix: tuple[str, ...] = ()) -> ServerProcess:
+def evloop(
+    app: str,
+    *args: str,
+    cwd: Path = ROOT,
+    prefix: tuple[str, ...] = (),
+    addrport: str = "127.0.0.1:0",
+) -> ServerProcess:
     env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     return ServerProcess(
-        [*prefix, sys.executable, "-m", "django_comet.evloop", app, "127.0.0.1:0", *args],
+        [*prefix, sys.executable, "-m", "django_comet.evloop", app, addrport, *args],
         env=env,
         cwd=cwd,
     )

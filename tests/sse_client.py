@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 
 class SSEClient:
     def __init__(self, server, path: str, headers: bytes = b"", timeout: float = 15):
-        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        self.sock = server.connect()  # TCP, or the server's Unix socket
+        self.sock.settimeout(timeout)
         self.sock.sendall(
             b"GET "
             + path.encode()

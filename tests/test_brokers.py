@@ -20,10 +20,10 @@ def broker(request):
     server.destroy()
 
 
-def start(broker, demo_db, *args):
+def start(broker, demo_db, *args, **kwargs):
     os.environ["COMET_BROKER"] = broker.url
     try:
-        return runcomet(*args, db=demo_db)
+        return runcomet(*args, db=demo_db, **kwargs)
     finally:
         del os.environ["COMET_BROKER"]
 
@@ -114,6 +114,18 @@ def test_workers_refused_with_the_memory_broker(demo_db):
     )
     assert result.returncode == 1
     assert "needs a shared broker" in result.stderr
+
+
+def test_workers_share_a_unix_socket_and_remove_it_when_stopped(broker, demo_db, tmp_path):
+    path = str(tmp_path / "comet.sock")
+    server = start(broker, demo_db, "--workers", "2", addrport=f"unix:{path}")
+    try:
+        with SSEClient(server, "/t/stream/?channels=over-unix") as client:
+            event_id = manage_publish(broker, "over-unix", "hello")
+            assert client.next_event() == {"id": str(event_id), "data": '"hello"'}
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+    assert not os.path.exists(path)
 
 
 def test_killed_worker_clients_reconnect_and_lose_nothing(broker, demo_db):

@@ -1,4 +1,5 @@
-"""Serve any WSGI callable: ``python -m django_comet.evloop MODULE:CALLABLE [HOST:]PORT``.
+"""Serve any WSGI callable:
+``python -m django_comet.evloop MODULE:CALLABLE [HOST:]PORT`` (or ``unix:PATH``).
 
 The current directory is importable, as with gunicorn.
 """
@@ -12,10 +13,17 @@ import os
 import sys
 
 from .config import ServerConfig
+from .listen import unix_path
 from .server import Server
 
 
-def parse_addrport(value: str) -> tuple[str, int]:
+def parse_addrport(value: str) -> tuple[str, int] | str:
+    """(host, port), or the path of a ``unix:PATH`` address."""
+    path = unix_path(value)
+    if path is not None:
+        if not path:
+            raise argparse.ArgumentTypeError("unix: needs a path, as in unix:/run/comet.sock")
+        return path
     host, sep, port = value.rpartition(":")
     if not sep:
         host = ""
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         default="8000",
         type=parse_addrport,
-        help="[HOST:]PORT to listen on (default 127.0.0.1:8000)",
+        help="[HOST:]PORT or unix:PATH to listen on (default 127.0.0.1:8000)",
     )
     parser.add_argument(
         "--threads",
@@ -60,19 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     app = load_app(args.app)
-    host, port = args.addrport
-    config = ServerConfig(
-        host=host, port=port, threads=args.threads, access_log=not args.no_access_log
-    )
+    config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
+    if isinstance(args.addrport, str):
+        config.unix_socket = args.addrport
+        where = f"unix:{config.unix_socket}"
+    else:
+        config.host, config.port = args.addrport
+        where = f"{config.host}:{config.port}"
     try:
         server = Server(app, config)  # type: ignore[arg-type]
     except OSError as exc:
-        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    print(
-        f"Serving {args.app} on http://{host}:{server.address[1]}/ "
-        f"({config.threads or 'no'} threads)",
-        flush=True,
-    )
+        raise SystemExit(f"error: cannot listen on {where}: {exc.strerror or exc}") from None
+    if not server.unix:
+        where = f"http://{config.host}:{server.address[1]}/"
+    print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
 
 

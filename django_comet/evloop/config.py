@@ -9,6 +9,8 @@ import dataclasses
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing a dev server is a choice
     port: int = 8000
+    # A Unix socket's path to listen on instead of host and port (behind a local proxy).
+    unix_socket: str = ""
     # Threads that run views off the loop thread; 0 runs them in the loop thread (the 2007
     # behaviour: fastest for quick views, but one slow view stalls every connection).
     threads: int = 8

@@ -20,7 +20,6 @@ import ctypes
 import gc
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ from .config import ServerConfig
 from .connections import ConnectionGuard
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
+from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket
 from .loop import Handle, Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, read_request
@@ -96,7 +96,8 @@ class Exchange:
 
 
 class Server(Producer, Responder):
-    """Serve ``app`` on ``config.host:config.port`` (or on an already listening ``sock``)."""
+    """Serve ``app`` on ``config.host:config.port``, or ``config.unix_socket``, or an
+    already listening ``sock`` (TCP or Unix)."""
 
     def __init__(
         self,
@@ -110,8 +111,11 @@ class Server(Producer, Responder):
         self.config = config or ServerConfig()
         self.loop = loop or Loop()
         self._lib = ev.lib()
-        self.sock = sock or bind_socket(self.config.host, self.config.port, self.config.backlog)
-        self.address = self.sock.getsockname()[:2]
+        # A Unix socket this server bound itself is also its to remove when it stops.
+        self._own_path = "" if sock else self.config.unix_socket
+        self.sock = sock or listen_socket(self.config)
+        self.unix = self.sock.family == getattr(socket, "AF_UNIX", None)
+        self.address = (self.sock.getsockname(), 0) if self.unix else self.sock.getsockname()[:2]
         self._exchanges: dict[int, Exchange] = {}
         self._next_key = 1
         self.requests = 0  # exchanges finished since start
@@ -130,7 +134,7 @@ class Server(Producer, Responder):
             self.loop.call_soon_threadsafe if self._pool else _call_now
         )
         self._environ = EnvironBuilder(
-            server=(self.config.host, self.address[1]),
+            server=UNIX_SERVER if self.unix else (self.config.host, self.address[1]),
             script_name=self.config.script_name,
             url_scheme=self.config.url_scheme,
             multithread=threads > 0,
@@ -199,6 +203,8 @@ class Server(Producer, Responder):
         self._lib.evhttp_del_accept_socket(self._http, self._bound)  # closes the fd too
         self._bound = None
         self.sock.detach()
+        if self._own_path:
+            remove_unix_socket(self._own_path)
         self.holder.end_all()
         deadline = time.monotonic() + self.config.grace
 
@@ -224,6 +230,8 @@ class Server(Producer, Responder):
             self._http = 0
             if self._bound is not None:
                 self.sock.detach()  # libevent owned and closed the fd
+        if self._own_path:
+            remove_unix_socket(self._own_path)
         self.guard.release_all()
         self._lib.evbuffer_free(self._buf)
 
@@ -301,6 +309,8 @@ class Server(Producer, Responder):
         body: bytes,
         remote: tuple[str, int],
     ) -> dict[str, Any]:
+        if self.unix:
+            remote = UNIX_PEER  # evhttp's name for it is glibc's "localhost"
         environ = self._environ.build(method, target, protocol, headers, body, remote)
         trusted = self.config.trusted_proxies
         if trusted and remote[0] in trusted:
@@ -388,18 +398,3 @@ class Server(Producer, Responder):
 
 def _call_now(fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
-
-
-def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket; IPv6 when ``host`` is an IPv6 literal."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if sys.platform != "win32":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock

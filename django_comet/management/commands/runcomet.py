@@ -23,8 +23,8 @@ from django.utils import autoreload
 from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
+from ...evloop.listen import listen_socket, remove_unix_socket, unix_path
 from ...evloop.prefork import Supervisor
-from ...evloop.server import bind_socket
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -49,6 +49,7 @@ class Command(RunserverCommand):
     addr: str
     port: str
     _raw_ipv6: bool
+    unix_socket: str | None = None  # from a unix:PATH addrport, instead of addr and port
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
@@ -84,6 +85,7 @@ class Command(RunserverCommand):
             port=int(self.port),
             threads=threads,
             access_log=not options.get("no_access_log", False),
+            unix_socket=self.unix_socket,
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -99,6 +101,13 @@ class Command(RunserverCommand):
                     "events published in one worker would never reach the others. Set "
                     "COMET_BROKER to postgres://... or redis://..."
                 )
+        self.unix_socket = unix_path(options.get("addrport") or "")
+        if self.unix_socket is not None:
+            if not self.unix_socket:
+                raise CommandError("unix: needs a path, as in unix:/run/comet.sock")
+            if options.get("use_ipv6"):
+                raise CommandError("--ipv6 does not apply to a Unix socket.")
+            options["addrport"] = None  # runserver's parser knows only addresses and ports
         super().handle(*args, **options)
 
     def inner_run(self, *args: Any, **options: Any) -> None:
@@ -114,10 +123,12 @@ class Command(RunserverCommand):
         handler = self.get_handler(*args, **options)
         try:
             libevent_ctypes.load()
-            sock = bind_socket(config.host, config.port, config.backlog)
+            sock = listen_socket(config)
         except libevent_ctypes.LibeventMissing as exc:
             self._fail(str(exc))
         except OSError as exc:
+            if config.unix_socket:
+                self._fail(f"Cannot listen on unix:{config.unix_socket}: {exc.strerror or exc}")
             self._fail(_ERRORS.get(exc.errno or 0, str(exc)))
         workers = options.get("workers", 1)
         if workers > 1:
@@ -130,12 +141,14 @@ class Command(RunserverCommand):
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully.
         server.serve_forever(handle_signals=in_main_thread)
+        if config.unix_socket:
+            remove_unix_socket(config.unix_socket)
         self.stdout.write("Stopped.")
         if not in_main_thread:
             os._exit(0)
 
     def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
-        port = sock.getsockname()[1]
+        port = 0 if config.unix_socket else sock.getsockname()[1]
 
         def child(number: int) -> None:
             server = self.comet_server_cls(handler, config, sock=sock)
@@ -144,6 +157,8 @@ class Command(RunserverCommand):
 
         self.on_bind(port, None, workers=workers, threads=config.threads)
         Supervisor(workers, child, config.grace).run()
+        if config.unix_socket:
+            remove_unix_socket(config.unix_socket)
         self.stdout.write("Stopped.")
 
     def _fail(self, message: str) -> None:
@@ -159,6 +174,11 @@ class Command(RunserverCommand):
         addr = (
             f"[{self.addr}]" if self._raw_ipv6 else ("0.0.0.0" if self.addr == "0" else self.addr)
         )
+        where = (
+            f"unix:{self.unix_socket}"
+            if self.unix_socket
+            else f"{self.protocol}://{addr}:{server_port}/"
+        )
         libevent = libevent_ctypes.lib().event_get_version().decode()
         if server is not None:
             backend = libevent_ctypes.lib().event_base_get_method(server.loop.base).decode()
@@ -169,7 +189,7 @@ class Command(RunserverCommand):
             f"{datetime.now().strftime('%B %d, %Y - %X')}\n"
             f"Django version {self.get_version()}, using settings {settings.SETTINGS_MODULE!r}\n"
             f"Starting comet server (libevent {libevent}, {shape}) "
-            f"at {self.protocol}://{addr}:{server_port}/\n"
+            f"at {where}\n"
             f"Quit the server with {quit_command}."
         )
         self.stdout.write(
