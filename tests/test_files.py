@@ -142,14 +142,16 @@ def test_the_range_of_a_regular_file_starts_at_its_position(tmp_path):
     path.write_bytes(b"0123456789")
     with open(path, "rb") as f:
         f.read(3)  # buffered: the descriptor is further on than the file's position
-        fd, offset, count = FileWrapper(f).file_range(None)
-        try:
-            assert (offset, count) == (3, 7)
-            assert os.pread(fd, count, offset) == b"3456789"
-        finally:
-            os.close(fd)  # a descriptor of its own, left to the caller
-        fd, offset, count = FileWrapper(f).file_range(5)  # its Content-Length
-        os.close(fd)
+        file, offset, count = FileWrapper(f).file_range(None)
+        assert file.fd != f.fileno()  # a descriptor of its own
+        assert (offset, count) == (3, 7)
+        assert os.pread(file.fd, count, offset) == b"3456789"
+        fd = file.fd
+        del file  # dropped before it was handed on: closed
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        file, offset, count = FileWrapper(f).file_range(5)  # its Content-Length
+        file.close()
         assert (offset, count) == (3, 5)
         assert FileWrapper(f).file_range(8) is None  # shorter than its Content-Length
 
@@ -172,14 +174,14 @@ def test_proxies_of_a_plain_file_are_looked_through(tmp_path):
     path.write_bytes(b"0123456789")
     with File(open(path, "rb")) as django_file:
         django_file.read(2)
-        fd, offset, count = FileWrapper(django_file).file_range(None)
-        os.close(fd)
+        file, offset, count = FileWrapper(django_file).file_range(None)
+        file.close()
         assert (offset, count) == (2, 8)
     with tempfile.NamedTemporaryFile() as temporary:
         temporary.write(b"abc")
         temporary.seek(1)
-        fd, offset, count = FileWrapper(temporary).file_range(None)
-        os.close(fd)
+        file, offset, count = FileWrapper(temporary).file_range(None)
+        file.close()
         assert (offset, count) == (1, 2)
 
 

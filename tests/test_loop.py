@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from django_comet.evloop.files import Descriptor
 from django_comet.evloop.loop import Loop
 
 
@@ -140,3 +141,12 @@ def test_reader_watcher(loop):
     os.close(w)
     assert got == [b"hi"]
     assert not watcher.active
+
+
+def test_closing_the_loop_drops_queued_calls_and_closes_the_files_they_carry(tmp_path):
+    loop = Loop()
+    fd = os.open(tmp_path / "queued", os.O_CREAT | os.O_RDONLY)
+    loop.call_soon_threadsafe(lambda file: file.release(), Descriptor(fd))
+    loop.close()  # before the loop ever ran the call
+    with pytest.raises(OSError):
+        os.fstat(fd)

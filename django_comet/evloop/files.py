@@ -37,9 +37,9 @@ class FileWrapper:
         if close is not None:
             close()
 
-    def file_range(self, length: int | None) -> tuple[int, int, int] | None:
+    def file_range(self, length: int | None) -> tuple[Descriptor, int, int] | None:
         """(a new descriptor of the file, offset, byte count) for the server to send, or
-        None when the bytes must be read instead.  The caller owns the descriptor.
+        None when the bytes must be read instead.
 
         The range starts at the file's current position (PEP 3333) and runs for
         ``length`` bytes (the response's Content-Length), or to the end of the file.
@@ -60,9 +60,30 @@ class FileWrapper:
         if count <= 0 or count > available:
             return None  # nothing to send, or short of its Content-Length: let iteration tell
         try:
-            return os.dup(fd), offset, count
+            return Descriptor(os.dup(fd)), offset, count
         except OSError:  # out of descriptors: reading it still works
             return None
+
+
+class Descriptor:
+    """A file descriptor on its way to libevent, closed if it is dropped before it gets
+    there (a reply still queued for the loop thread when the loop is closed)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> int:
+        """Hand the descriptor over: closing it is no longer ours to do."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.release())
+
+    __del__ = close
 
 
 def _plain_file(filelike: Any) -> io.FileIO | io.BufferedReader | io.BufferedRandom | None:

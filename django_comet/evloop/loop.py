@@ -197,7 +197,10 @@ class Loop:
         self._lib.event_base_loopbreak(self._base)
 
     def close(self) -> None:
-        """Free every event, then the base (events before their base)."""
+        """Free every event, then the base (events before their base).  Callables still
+        queued never run: dropping them releases what they hold (a file on its way out
+        closes its descriptor)."""
+        self._ready.clear()
         for handle in list(self._handles.values()):
             handle.cancel()
         self._lib.event_base_free(self._base)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .deferral import claim
-from .files import FileWrapper
+from .files import Descriptor, FileWrapper
 from .wsgi import AppError, StartResponse, carries_body
 
 if TYPE_CHECKING:
@@ -104,7 +104,9 @@ class Producer:
             self._pump(ex)
 
     @staticmethod
-    def _file_range(start: StartResponse, wrapper: FileWrapper) -> tuple[int, int, int] | None:
+    def _file_range(
+        start: StartResponse, wrapper: FileWrapper
+    ) -> tuple[Descriptor, int, int] | None:
         """The file to send by descriptor, when the response is nothing but a regular file."""
         if start.status is None or start.written:
             return None

@@ -9,7 +9,6 @@ hand-over; what it would not send (a HEAD's, a 304's) must never be put there.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from .wsgi import StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig
+    from .files import Descriptor
     from .holding import Holder
     from .server import Exchange
     from .workers import ThreadPool
@@ -103,25 +103,26 @@ class Responder:
         self._reply_whole(ex, start, [_ERROR_BODY])
 
     def _reply_file(
-        self, ex: Exchange, start: StartResponse, fd: int, offset: int, count: int
+        self, ex: Exchange, start: StartResponse, file: Descriptor, offset: int, count: int
     ) -> None:
-        """Send ``count`` bytes of file ``fd`` (ours to close) from ``offset``: libevent
-        queues the range and the kernel copies it to the socket as the client reads.  The
-        exchange lives until the last byte left, so a vanished client, the access log
-        and a graceful stop see it as they see a stream."""
+        """Send ``count`` bytes of ``file`` from ``offset``: libevent queues the range
+        and the kernel copies it to the socket as the client reads.  The exchange lives
+        until the last byte left, so a vanished client, the access log and a graceful
+        stop see it as they see a stream."""
         if ex.dead:
-            os.close(fd)
+            file.close()
             return self._drop(ex)
         segment = None
         if carries_body(ex.method, start.code):
             flags = ev.EVBUF_FS_CLOSE_ON_FREE | ev.EVBUF_FS_DISABLE_LOCKING
-            segment = self._lib.evbuffer_file_segment_new(fd, offset, count, flags)
+            segment = self._lib.evbuffer_file_segment_new(file.fd, offset, count, flags)
             if not segment:
-                os.close(fd)
+                file.close()
                 logger.error("%s %s: libevent could not map the file", ex.method, ex.path)
                 return self._reply_error(ex)
+            file.release()  # the segment closes it when freed
         else:
-            os.close(fd)
+            file.close()
         if carries_body("GET", start.code):
             start.length = count  # the file's (file_range checked it against the app's)
         ex.state = "streaming"
