@@ -227,6 +227,13 @@ class NextStage:
             raise StageError(
                 f"deferred stage {self.path} answered {response.status_code}; cutting the stream"
             )
+        if response.has_header("Content-Encoding"):
+            response.close()
+            raise StageError(
+                f"deferred stage {self.path} answered with Content-Encoding: "
+                f"{response['Content-Encoding']}; a stage adds to a body already started "
+                f"and cannot encode its part on its own"
+            )
         return response
 
 
@@ -237,6 +244,12 @@ def _content(response: HttpResponseBase) -> Iterator[bytes]:
         yield response.content  # type: ignore[attr-defined]
 
 
+# A stage is a GET without a body, and its content joins a body already started, so a
+# compressing middleware must not encode it on its own (the server sends held responses
+# unencoded): it is not told that the client accepts gzip.
+_NOT_STAGE_HEADERS = frozenset({"CONTENT_TYPE", "HTTP_TRANSFER_ENCODING", "HTTP_ACCEPT_ENCODING"})
+
+
 def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:
     """The environ of a GET for ``path`` that keeps the first request's headers."""
     script_name = environ.get("SCRIPT_NAME", "")
@@ -244,9 +257,7 @@ def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:
     path_info = unquote_to_bytes(raw_path).decode("latin-1")
     if script_name and path_info.startswith(script_name + "/"):
         path_info = path_info[len(script_name) :]
-    stage = {
-        k: v for k, v in environ.items() if k not in ("CONTENT_TYPE", "HTTP_TRANSFER_ENCODING")
-    }
+    stage = {k: v for k, v in environ.items() if k not in _NOT_STAGE_HEADERS}
     stage.update(
         {
             "REQUEST_METHOD": "GET",

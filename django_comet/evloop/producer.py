@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .content_coding import without_content_coding
 from .deferral import claim
 from .files import Descriptor, FileWrapper
 from .wsgi import AppError, StartResponse, carries_body
@@ -87,6 +88,7 @@ class Producer:
             elif not first:
                 self._to_loop(self._stage_done, ex, chunks, deferral)
             elif deferral is not None:
+                chunks = without_content_coding(start, chunks)
                 start.headers_sent = True
                 self._to_loop(self._start_deferred, ex, start, chunks, deferral)
             else:
