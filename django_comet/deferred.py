@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import io
-import threading
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -35,19 +35,21 @@ __all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
 RESPONSE_PREV_KEY = "django_comet.response_prev"
 EVENT_KEY = "django_comet.event"
 # What a stage's request gets from the stage before it, never from further back.
-_STAGE_KEYS = (RESPONSE_PREV_KEY, EVENT_KEY)
+_STAGE_KEYS = frozenset({RESPONSE_PREV_KEY, EVENT_KEY, "wsgi.input"})
 
-# The environ of the request each thread is handling, so that defer_in_time(), which is
-# not given the request, can build the next stage from the first request's headers.
-_current = threading.local()
+# The environ of the request being handled, so that defer_in_time(), which is not given
+# the request, can build the next stage from the first request's headers.  A context
+# variable, not a thread-local: an async view runs in another thread (async_to_sync),
+# which gets a copy of the context but not the handler thread's locals.
+_current: ContextVar[dict[str, Any] | None] = ContextVar("django_comet_environ", default=None)
 
 
 def _remember_environ(sender: Any, environ: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    _current.environ = environ
+    _current.set(environ)
 
 
 def _forget_environ(sender: Any, **kwargs: Any) -> None:
-    _current.environ = None
+    _current.set(None)
 
 
 request_started.connect(_remember_environ, dispatch_uid="django_comet.deferred")
@@ -59,7 +61,7 @@ class StageError(RuntimeError):
 
 
 def _request_environ(caller: str) -> dict[str, Any]:
-    environ = getattr(_current, "environ", None)
+    environ = _current.get()
     if environ is None:
         raise RuntimeError(f"{caller}() can only be used while a view handles a request")
     return environ  # type: ignore[no-any-return]
@@ -97,7 +99,8 @@ def defer_until(
     from .events import check_channel
 
     environ = _request_environ("defer_until")
-    channels = [check_channel(c) for c in ([channel] if isinstance(channel, str) else channel)]
+    names = [channel] if isinstance(channel, str) else channel
+    channels = list(dict.fromkeys(check_channel(c) for c in names))
     broker = get_broker()
     broker.start_listening()
     ready = None
@@ -185,8 +188,8 @@ class DeferredResponse(StreamingHttpResponse):
         if isinstance(deferral, Deferral):
             time.sleep(deferral.delay)
             result = next_stage()
-        else:
-            events = hub.wait(deferral.channels, deferral.after, deferral.timeout)
+        else:  # what the shared history already had, or the next event in this process
+            events = deferral.ready or hub.wait(deferral.channels, deferral.after, deferral.timeout)
             result = next_stage(events[0] if events else None)
         try:
             yield from result
@@ -206,12 +209,10 @@ class NextStage:
     def __init__(self, response_prev: HttpResponseBase, path: str, environ: dict[str, Any]):
         self.response_prev = response_prev
         self.path = path
-        if RESPONSE_PREV_KEY in environ:
-            # Deferred from a stage: its response_prev and event are not the next
-            # stage's (a view without an event parameter must not get one), and the
-            # response from two stages back need not be kept.
-            environ = {k: v for k, v in environ.items() if k not in _STAGE_KEYS}
-        self.environ = environ
+        # Not kept for the next stage: the first request's body (a stage is a GET), and,
+        # deferred from a stage, its response_prev and event (a view without an event
+        # parameter must not get one; the response from two stages back need not be kept).
+        self.environ = {k: v for k, v in environ.items() if k not in _STAGE_KEYS}
 
     def __call__(self, *event: Any) -> HttpResponseBase:
         """A channel wait passes the event that ended it (or None)."""

@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponseBadRequest, HttpResponseForbidden
+from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from .brokers import get_broker
@@ -50,6 +51,24 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     COMET_HISTORY_SIZE of them), from the broker's shared history."""
     events, _ = get_broker().since([check_channel(channel)], after)
     return [as_dict(e) for e in events]
+
+
+def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase | None:
+    """The answer for a request to listen to ``channels`` when it may not: 400 for a
+    malformed name (channel names may come from the query string), 403 when
+    COMET_AUTHORIZE refuses one.  None when it may.  Plain text: nothing the client sent
+    is reflected but a validated channel name."""
+    for channel in channels:
+        if not isinstance(channel, str) or not _CHANNEL.match(channel):
+            return HttpResponseBadRequest(
+                "Invalid channel name: use 1-200 letters, digits and _ . : -",
+                content_type="text/plain; charset=utf-8",
+            )
+        if not may_listen(request, channel):
+            return HttpResponseForbidden(
+                f"Not allowed to listen to {channel}.", content_type="text/plain; charset=utf-8"
+            )
+    return None
 
 
 def may_listen(request: HttpRequest, channel: str) -> bool:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from django.http import HttpRequest, HttpResponseForbidden, StreamingHttpResponse
+from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
-from .events import check_channel, may_listen
+from .events import refusal
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
 
@@ -74,10 +74,9 @@ def poll_response(
     request: HttpRequest, *channels: str, since: int | None = None, timeout: float = 25.0
 ) -> HttpResponseBase:
     """A view's whole job for a long-poll endpoint: check COMET_AUTHORIZE for every
-    channel (403 if refused) and wait for events newer than ``since`` (an event id; None:
-    from now on)."""
-    for channel in channels:
-        check_channel(channel)
-        if not may_listen(request, channel):
-            return HttpResponseForbidden(f"Not allowed to listen to {channel}.")
-    return PollResponse(list(channels), since, timeout)
+    channel (403 if refused; 400 for a malformed name) and wait for events newer than
+    ``since`` (an event id; None: from now on)."""
+    refused = refusal(request, channels)
+    if refused is not None:
+        return refused
+    return PollResponse(list(dict.fromkeys(channels)), since, timeout)

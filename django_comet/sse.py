@@ -12,12 +12,12 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseForbidden, StreamingHttpResponse
+from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .events import check_channel, may_listen
+from .events import check_channel, refusal
 from .evloop.deferral import Stream
 from .evloop.holding import HEARTBEAT
 from .evloop.hub import hub, sse_frame
@@ -49,7 +49,7 @@ class EventStreamResponse(StreamingHttpResponse):
         super().__init__(content_type="text/event-stream")
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-        self.channels = [check_channel(c) for c in channels]
+        self.channels = list(dict.fromkeys(check_channel(c) for c in channels))
         if not self.channels:
             raise ValueError("EventStreamResponse needs at least one channel")
         broker = get_broker()
@@ -104,10 +104,10 @@ def event_stream(
     request: HttpRequest, *channels: str, retry: int | None = None
 ) -> HttpResponseBase:
     """A view's whole job for an SSE endpoint: check COMET_AUTHORIZE for every channel
-    (403 if any is refused), read Last-Event-ID (header, or ``?lastEventId=`` for
-    clients that cannot set it) and return the stream."""
-    for channel in channels:
-        if not may_listen(request, channel):
-            return HttpResponseForbidden(f"Not allowed to listen to {channel}.")
+    (403 if any is refused; 400 for a malformed name), read Last-Event-ID (header, or
+    ``?lastEventId=`` for clients that cannot set it) and return the stream."""
+    refused = refusal(request, channels)
+    if refused is not None:
+        return refused
     last_event_id: Any = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId")
     return EventStreamResponse(channels, last_event_id=last_event_id, retry=retry)

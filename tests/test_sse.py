@@ -298,3 +298,54 @@ def test_many_long_polls_woken_by_one_publish(comet):
         for sock in socks:
             sock.close()
     comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def test_a_poll_gets_only_events_of_its_own_channels(comet_inline):
+    """Polls woken in one pass share a rendering only if they listen to the same
+    channels: one publish request, two events, views in the loop thread (so both events
+    are in the hub before the first is fanned out)."""
+    socks = {}
+    try:
+        for name, channels in (("both", "own-a,own-b"), ("one", "own-a")):
+            socks[name] = comet_inline.connect()
+            request = f"GET /t/fastpoll/?channel={channels}&timeout=30 HTTP/1.1\r\n"
+            socks[name].sendall(request.encode() + b"Host: 127.0.0.1\r\n\r\n")
+        subscribed(comet_inline, "own-a", 2)
+        last = publish(comet_inline, "own-a,own-b", "x")
+        both = json.loads(read_body(socks["both"]))
+        one = json.loads(read_body(socks["one"]))
+    finally:
+        for sock in socks.values():
+            sock.close()
+    assert [e["id"] for e in both["events"]] == [last - 1, last]
+    assert [e["id"] for e in one["events"]] == [last - 1]  # never own-b's
+
+
+@pytest.mark.parametrize("path", ["/t/stream/?channels=", "/t/fastpoll/?channel="])
+def test_a_malformed_channel_is_a_400_that_reflects_nothing(comet, path):
+    response = requests.get(comet.url + path + "x<script>alert(1)</script>", timeout=10)
+    assert response.status_code == 400
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert "<script>" not in response.text
+    refused = requests.get(comet.url + path + "secret-room", timeout=10)
+    assert refused.status_code == 403
+    assert refused.headers["Content-Type"].startswith("text/plain")
+
+
+def test_a_timeout_that_is_not_finite_is_refused_and_leaves_no_timer(comet):
+    for timeout in ("nan", "inf"):
+        response = requests.get(comet.url + f"/t/fastpoll/?channel=x&timeout={timeout}")
+        assert response.status_code == 500
+    assert comet.wait_for_status(lambda s: s["held"] == 0)["timers"] == 0
+
+
+def test_a_channel_named_twice_replays_each_event_once(comet):
+    first = publish(comet, "twice", 1)
+    second = publish(comet, "twice", 2)
+    path = f"/t/stream/?channels=twice,twice&lastEventId={first - 1}"
+    with SSEClient(comet, path) as client:
+        assert [client.next_event()["id"] for _ in range(2)] == [str(first), str(second)]
+        third = publish(comet, "twice", 3)
+        assert client.next_event()["id"] == str(third)  # not second again
+    polled = requests.get(comet.url + f"/t/fastpoll/?channel=twice,twice&since={first - 1}")
+    assert [e["id"] for e in polled.json()["events"]] == [first, second, third]

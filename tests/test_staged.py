@@ -189,3 +189,18 @@ def test_a_staged_response_closes_the_connection_when_the_client_asked(comet):
         while more := sock.recv(4096):  # only the server closing ends this (else: timeout)
             data += more
     assert b"s4:" in data and data.endswith(b"\r\n0\r\n\r\n")
+
+
+def test_an_async_view_can_defer(comet):
+    head, chunks = get_staged(comet, "/t/async-staged/", b"Cookie: flavour=lime\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    assert chunks == [b"s0;", b"s1:lime;", b"s2:lime;", b"s3:lime;", b"s4:lime;"]
+
+
+def test_a_held_stage_keeps_no_request_body():
+    from django_comet.deferred import NextStage
+
+    environ = {"PATH_INFO": "/", "wsgi.input": object(), "HTTP_COOKIE": "a=b"}
+    stage = NextStage(object(), "/next/", environ)
+    assert "wsgi.input" not in stage.environ
+    assert stage.environ["HTTP_COOKIE"] == "a=b"

@@ -15,6 +15,7 @@ urlpatterns = [
     path("t/big/", views.big, name="big"),
     path("t/file/", views.file_view, name="file"),
     path("t/async/", views.async_view, name="async"),
+    path("t/async-staged/", views.async_staged, name="async_staged"),
     path("t/publish/", views.publish_view, name="publish"),
     path("t/stream/", views.stream_view, name="stream"),
     path("t/poll/", views.poll_view, name="poll"),

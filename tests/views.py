@@ -142,6 +142,14 @@ async def async_view(request):
     return JsonResponse({"async": True, "path": request.path})
 
 
+async def async_staged(request):
+    """defer_in_time from an async view (run in another thread by async_to_sync)."""
+    await asyncio.sleep(0)
+    response = HttpResponse(b"s0;")
+    response.stage = 0
+    return defer_in_time(response, 0.01, "quick_stage")
+
+
 def authorize(request, channel):
     """COMET_AUTHORIZE of the tests: "secret" channels are refused."""
     return not channel.startswith("secret")
@@ -149,9 +157,11 @@ def authorize(request, channel):
 
 @csrf_exempt
 def publish_view(request):
-    """POST channel, data (JSON text), event: publish and answer the id."""
+    """POST channel (or several, comma-separated: one event each, in order), data (JSON
+    text), event: publish and answer the (last) id."""
     data = json.loads(request.POST["data"])
-    event_id = publish(request.POST["channel"], data, event=request.POST.get("event") or None)
+    for channel in request.POST["channel"].split(","):
+        event_id = publish(channel, data, event=request.POST.get("event") or None)
     return JsonResponse({"id": event_id})
 
 
@@ -216,11 +226,12 @@ def timed_stage(request, response_prev=None):
 
 
 def fast_poll_view(request):
-    """poll_response on ?channel= after ?since= (optional) for ?timeout= seconds."""
+    """poll_response on ?channel= (comma-separated) after ?since= (optional) for
+    ?timeout= seconds."""
     since = request.GET.get("since")
     return poll_response(
         request,
-        request.GET["channel"],
+        *request.GET["channel"].split(","),
         since=int(since) if since else None,
         timeout=float(request.GET.get("timeout", "5")),
     )

@@ -22,6 +22,7 @@ implement it for Django.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,8 +33,8 @@ class Deferral:
     __slots__ = ("claimed", "delay", "resume")
 
     def __init__(self, resume: Callable[[], Iterable[bytes]], *, delay: float):
-        if delay < 0:
-            raise ValueError("a deferral's delay cannot be negative")
+        if not (math.isfinite(delay) and delay >= 0):
+            raise ValueError(f"a deferral's delay must be a finite number >= 0, not {delay!r}")
         self.delay = delay
         self.resume = resume
         self.claimed = False
@@ -56,13 +57,13 @@ class ChannelWait:
         ready: list[Any] | None = None,
         render: Callable[[list[Any], int], bytes] | None = None,
     ):
-        if timeout <= 0:
-            raise ValueError("a channel wait needs a positive timeout")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"a channel wait needs a finite timeout > 0, not {timeout!r}")
         if (resume is None) == (render is None):
             raise ValueError("a channel wait needs either resume or render")
         self.render = render
         self.resume = resume
-        self.channels = channels
+        self.channels = list(dict.fromkeys(channels))  # a channel named twice counts once
         self.after = after
         self.timeout = timeout
         self.ready = ready  # events already known to be newer: answer at once
@@ -73,7 +74,7 @@ class Stream:
     __slots__ = ("channels", "claimed", "cursor")
 
     def __init__(self, channels: list[str], cursor: int):
-        self.channels = channels
+        self.channels = list(dict.fromkeys(channels))
         self.cursor = cursor  # the newest event id already in the response's first content
         self.claimed = False
 

@@ -147,23 +147,24 @@ class Holder:
         wait: ChannelWait,
         events: list[Event] | None,
         after: int,
-        rendered: dict[int, bytes],
+        rendered: dict[Any, bytes],
     ) -> None:
         """A long-poll's wait is over (``events`` newer than ``after``; empty on timeout;
         None: look them up).  Run its stage with the first event, or answer with its
         rendering, shared through ``rendered`` by the waiters of one pass with the same
-        cursor."""
+        rendering, channels and cursor (never one listening to other channels)."""
         if wait.resume is not None:
             if events is None:
                 events = hub.since(wait.channels, after)[0]
             self.server._resume(ex, wait.resume, events[0] if events else None)
             return
         assert wait.render is not None
-        body = rendered.get(after)
+        key = (wait.render, *wait.channels, after)
+        body = rendered.get(key)
         if body is None:
             if events is None:
                 events = hub.since(wait.channels, after)[0]
-            body = rendered[after] = wait.render(events, after)
+            body = rendered[key] = wait.render(events, after)
         self.server._send_chunk(ex, body)
         self.server._end(ex)
 
@@ -176,7 +177,7 @@ class Holder:
         frame, size, event_id = event.frame, len(event.frame), event.id
         lib, buf, limit = self._lib, self._buf, self.max_pending
         pending, add, send = lib.evbuffer_get_length, lib.evbuffer_add, lib.evhttp_send_reply_chunk
-        rendered: dict[int, bytes] = {}
+        rendered: dict[Any, bytes] = {}
         for ex in list(subscribers):
             if ex.cursor >= event_id:
                 continue  # already sent (replayed or caught up)

@@ -108,8 +108,9 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
         """Run ``callback()`` once after ``delay`` seconds from now."""
+        when = timeval_of(delay)  # first: a delay it refuses must not leave an event behind
         handle = self._register(-1, ev.EV_TIMEOUT, callback)
-        self._lib.event_add(handle._event, ctypes.byref(timeval_of(delay)))
+        self._lib.event_add(handle._event, ctypes.byref(when))
         return handle
 
     def add_reader(self, fd: int, callback: Callable[[], Any]) -> Handle:
