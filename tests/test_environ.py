@@ -101,6 +101,15 @@ def test_script_name_is_split_off():
         ((1, 1), [(b"Host", b"a"), (b"Content-Length", b"-0")], 400),
         ((1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"), (b"Content-Length", b"2")], 400),
         ((1, 0), [(b"Transfer-Encoding", b"chunked")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked, gzip")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b"chunked, chunked")], 400),
+        ((1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], 501),
+        (
+            (1, 1),
+            [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")],
+            501,
+        ),
         ((2, 0), [(b"Host", b"a")], 505),
         ((1, 1), [(b"Host", b"a"), (b"Bad Name", b"x")], 400),
     ],
@@ -116,6 +125,7 @@ def test_check_request_accepts():
         "GET", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"), (b"content-length", b"3")]
     )
     check_request("GET", b"/", (1, 0), [])
+    check_request("POST", b"/", (1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b" Chunked ")])
     check_request("OPTIONS", b"*", (1, 1), [(b"Host", b"a")])
     with pytest.raises(BadRequest):
         check_request("GET", b"*", (1, 1), [(b"Host", b"a")])

@@ -332,3 +332,16 @@ def test_a_stalled_stream_from_the_loop_thread_is_produced_only_as_it_drains(com
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     comet_inline.wait_for_status(lambda s: s["in_flight"] == 1)  # only this status request
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"identity", b"chunked, gzip", b"gzip, chunked"])
+def test_a_body_whose_length_cannot_be_known_is_refused_never_smuggled(target, coding):
+    """evhttp dechunks only "Transfer-Encoding: chunked"; with another coding it would
+    read no body and serve the body's bytes as the next request (RFC 9112 6.3: 400, and
+    close)."""
+    smuggled = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    request = b"POST /environ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n" % coding
+    out = exchange(target, request + body)
+    assert out.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 501 ")), out
+    assert out.count(b"HTTP/1.1 ") == 1, out  # closed: the body never became a request

@@ -6,7 +6,7 @@ import socket
 import pytest
 import requests
 
-from .processes import read_chunked
+from .processes import evloop, read_chunked
 
 
 def raw(server, data: bytes, *, until_close: bool = True) -> bytes:
@@ -297,3 +297,21 @@ def test_head_limits_get_their_own_status(wsgi_server):
     huge = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
     assert raw(wsgi_server, huge).startswith(b"HTTP/1.1 400 ")  # over libevent's own buffer
     assert requests.get(wsgi_server.url + "/hello").status_code == 200
+
+
+@pytest.mark.parametrize("threads", ["0", "1"])
+def test_system_exit_in_an_app_is_an_app_error_and_the_server_lives(threads):
+    """sys.exit() in a view must neither end a worker thread (with one thread, the last)
+    nor escape into the loop: a 500, or a cut stream, and the next request is served."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", threads)
+    try:
+        for _ in range(2):
+            assert requests.get(server.url + "/exit-before", timeout=10).status_code == 500
+            with server.connect() as sock:
+                sock.sendall(b"GET /exit-after HTTP/1.1\r\nHost: x\r\n\r\n")
+                with pytest.raises((AssertionError, ValueError, ConnectionError)):
+                    read_chunked(sock)  # cut: no clean last chunk
+        assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+        assert any("a view called sys.exit()" in line for line in server.output)
+    finally:
+        assert server.stop() == 0, "".join(server.output)

@@ -47,7 +47,7 @@ class Producer:
         start = StartResponse()
         try:
             result = self.app(ex.environ, start)
-        except Exception:
+        except BaseException:  # SystemExit from a view too: an app error
             logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
             self._to_loop(self._reply_error, ex)
             return
@@ -93,7 +93,7 @@ class Producer:
                 self._to_loop(self._start_deferred, ex, start, chunks, deferral)
             else:
                 self._to_loop(self._reply_whole, ex, start, chunks)
-        except Exception:
+        except BaseException:
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             if start.headers_sent or not first:
                 self._to_loop(self._abort, ex)
@@ -175,12 +175,9 @@ class Producer:
                     return
             else:
                 self._end(ex)
-        except Exception:
+        except BaseException:  # even SystemExit from the app: the client must not wait
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             self._abort(ex)
-        except BaseException:  # even SystemExit: the client must not wait forever
-            self._abort(ex)
-            raise
         finally:
             if not paused:
                 self._stop_pump(ex)
@@ -196,7 +193,7 @@ class Producer:
     ) -> None:
         try:
             result = resume(*args)
-        except Exception:
+        except BaseException:
             logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
             self._to_loop(self._abort, ex)
             return
@@ -209,5 +206,5 @@ def _close(ex: Exchange, result: Iterable[bytes]) -> None:
     if close is not None:
         try:
             close()
-        except Exception:
+        except BaseException:
             logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 _STOP = object()
+
+logger = logging.getLogger("django_comet.server")
 
 
 class ThreadPool:
@@ -42,7 +45,10 @@ class ThreadPool:
             if item is _STOP:
                 return
             fn, args = item
-            fn(*args)
+            try:
+                fn(*args)
+            except BaseException:  # a thread that died would shrink the pool for good
+                logger.exception("Uncaught error in worker thread running %r", fn)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""

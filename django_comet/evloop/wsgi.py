@@ -343,7 +343,7 @@ def check_request(
     hosts = 0
     size = 0
     length: bytes | None = None
-    chunked = False
+    codings: list[bytes] = []  # of every Transfer-Encoding line, in order
     for name, value in headers:
         size += len(name) + len(value) + 4
         lname = _LOWER_NAMES.get(name)
@@ -361,10 +361,17 @@ def check_request(
                 raise BadRequest("Invalid Content-Length")
             length = value
         elif lname == b"transfer-encoding":
-            chunked = True
+            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
     if size > limits.header_bytes:
         raise BadRequest("Request Header Fields Too Large", 431)
     if hosts > 1 or (hosts == 0 and version == (1, 1)):
         raise BadRequest("Missing or repeated Host header (RFC 9112 3.2)")
-    if chunked and version == (1, 0):
-        raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+    if codings:
+        if version == (1, 0):
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+        # evhttp dechunks a body only when the header is exactly "chunked"; with any other
+        # value it would read no body and take the body's bytes for the next request.
+        if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+            raise BadRequest("Transfer-Encoding must end in chunked, once (RFC 9112 6.3)")
+        if len(codings) > 1:
+            raise BadRequest("Only the chunked transfer coding is implemented", 501)

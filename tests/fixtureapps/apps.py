@@ -58,6 +58,16 @@ def app(environ, start_response):
         return _Body([b"counted"])
     if path == "/raise-before":
         raise RuntimeError("before start_response")
+    if path == "/exit-before":
+        raise SystemExit("a view called sys.exit()")
+    if path == "/exit-after":
+
+        def exiting():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"x" * 300_000
+            raise SystemExit("sys.exit() while streaming")
+
+        return exiting()
     if path == "/raise-after":
 
         def gen():
