@@ -51,8 +51,9 @@ class ServerProcess:
         if not self._ready.wait(startup_timeout) or not (self.port or self.unix):
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.output))
-        self.host = "127.0.0.1"
-        self.url = f"http://{self.host}:{self.port}"
+        banner_host = getattr(self, "_banner_host", "")
+        self.host = banner_host.strip("[]") if banner_host.startswith("[") else "127.0.0.1"
+        self.url = f"http://{banner_host if self.host != '127.0.0.1' else self.host}:{self.port}"
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -64,6 +65,7 @@ class ServerProcess:
                     self.unix = match.group(3)
                 else:
                     self.port = int(match.group(2))
+                    self._banner_host = match.group(1)
                 self._ready.set()
         self._ready.set()  # EOF: the process ended
 

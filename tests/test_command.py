@@ -1,5 +1,6 @@
 """runcomet: argument parsing, startup errors, graceful stop."""
 
+import json
 import signal
 import socket
 import threading
@@ -11,7 +12,8 @@ from django.core.management import call_command
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import manage, runcomet
+from .processes import manage, read_chunked, runcomet
+from .sse_client import SSEClient
 
 
 def parsed(*args):
@@ -97,3 +99,97 @@ def test_signal_drains_in_flight_requests_and_exits_0(demo_db, signum):
         server.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/t/echo/", timeout=2)
+
+
+def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
+    """Nothing in flight but held responses: each still gets its proper end before the
+    process exits (the loop used to stop before their last bytes had left)."""
+    server = runcomet(db=demo_db)
+    try:
+        stream = SSEClient(server, "/t/stream/?channels=stopping")
+        staged = server.connect()
+        staged.sendall(b"GET /t/quick-stages/?delay=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        poll = server.connect()
+        poll.sendall(
+            b"GET /t/fastpoll/?channel=stopping&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        server.wait_for_status(lambda s: s["held"] == 3)
+        server.signal(signal.SIGTERM)
+        frames = list(stream.frames())
+        assert frames[-1].startswith(b"retry: "), frames
+        assert stream.ended  # a last chunk, not a cut
+        _, chunks = read_chunked(staged)
+        assert chunks == [b"s0;"]
+        _, chunks = read_chunked(poll)
+        assert json.loads(b"".join(chunks))["events"] == []  # as on a timeout: poll again
+        for sock in (stream.sock, staged, poll):
+            assert sock.recv(1) == b""  # and each connection closes once its end has left
+            sock.close()
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+
+
+def test_a_request_during_the_drain_is_served_and_closes_its_connection(demo_db):
+    server = runcomet(db=demo_db)
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")  # kept alive
+            slow = server.connect()
+            slow.sendall(b"GET /t/sleep/?s=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            server.wait_for_status(lambda s: s["in_flight"] >= 2)
+            server.signal(signal.SIGTERM)  # draining: the sleep is still in flight
+            sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"\r\nConnection: close\r\n" in answer
+        assert b"".join(iter(lambda: slow.recv(65536), b"")).endswith(b"slept")
+        slow.close()
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+
+
+def test_workers_dying_on_start_are_restarted_ever_more_slowly():
+    from django_comet.evloop.prefork import restart_pause
+
+    pauses, pause = [], 0.0
+    for _ in range(8):
+        pause = restart_pause(pause, lived=0.01)
+        pauses.append(pause)
+    assert pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert restart_pause(5.0, lived=60) == 0.0  # it had served: replace it at once
+
+
+def test_ctrl_c_with_workers_drains_in_flight_requests(demo_db):
+    """Ctrl-C reaches the whole process group: the parent and every worker.  Each
+    worker must drain once, not take the parent's SIGTERM as a second signal."""
+    import psutil
+
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": broker.url})
+        try:
+            result = {}
+
+            def slow():
+                result["response"] = requests.get(server.url + "/t/sleep/?s=3", timeout=30)
+
+            thread = threading.Thread(target=slow)
+            thread.start()
+            # Some worker reports it (each status request reaches one worker or the other).
+            server.wait_for_status(lambda s: s["in_flight"] >= 2)
+            parent = psutil.Process(server.proc.pid)
+            for process in [parent, *parent.children()]:
+                process.send_signal(signal.SIGINT)  # what the terminal does
+            thread.join()
+            assert result["response"].status_code == 200
+            assert result["response"].text == "slept"
+            assert server.proc.wait(20) == 0
+        finally:
+            server.stop()
+    finally:
+        broker.destroy()

@@ -349,3 +349,19 @@ def test_a_channel_named_twice_replays_each_event_once(comet):
         assert client.next_event()["id"] == str(third)  # not second again
     polled = requests.get(comet.url + f"/t/fastpoll/?channel=twice,twice&since={first - 1}")
     assert [e["id"] for e in polled.json()["events"]] == [first, second, third]
+
+
+def test_a_stream_with_a_bodyless_status_ends_at_once_and_leaks_nothing(comet):
+    """A 204 carries no body: the stream is not held, and no event frame can be left in
+    the buffer evhttp shares between responses (it went out with the next one)."""
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/stream-204/?channels=nobody HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 204 ")
+        comet.wait_for_status(lambda s: "nobody" not in s["channels"] and s["held"] == 0)
+        response = requests.post(
+            comet.url + "/t/publish/", data={"channel": "nobody", "data": '"x"'}, timeout=10
+        )
+        assert response.json() == {"id": response.json()["id"]}  # its own body, nothing else

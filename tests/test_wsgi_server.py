@@ -315,3 +315,31 @@ def test_system_exit_in_an_app_is_an_app_error_and_the_server_lives(threads):
         assert any("a view called sys.exit()" in line for line in server.output)
     finally:
         assert server.stop() == 0, "".join(server.output)
+
+
+def test_an_ipv6_server_name_is_bracketed():
+    """Without a Host header, SERVER_NAME and SERVER_PORT stand for it: an IPv6 literal
+    must be bracketed, or ``::1:8000`` cannot be split into host and port."""
+    server = evloop("tests.fixtureapps.apps:dispatch", addrport="[::1]:0")
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /environ HTTP/1.0\r\n\r\n")
+            response = b"".join(iter(lambda: sock.recv(65536), b""))
+        environ = json.loads(response.partition(b"\r\n\r\n")[2])
+        assert environ["SERVER_NAME"] == "[::1]"
+        assert environ["REMOTE_ADDR"] == "::1"
+    finally:
+        server.stop()
+
+
+def test_a_204_goes_out_without_length_or_body(wsgi_server):
+    with wsgi_server.connect() as sock:
+        for _ in range(2):  # and the connection serves the next request as it should
+            sock.sendall(b"GET /no-content HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 204 ")
+            assert b"content-length" not in head.lower()
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")  # no "hello" before it

@@ -170,6 +170,13 @@ def stream_view(request):
     return event_stream(request, *channels)
 
 
+def stream_204(request):
+    """An event stream sent with a status that carries no body."""
+    response = event_stream(request, request.GET["channels"])
+    response.status_code = 204
+    return response
+
+
 def poll_view(request):
     """Long-poll on ?channel= after ?since= (optional) for ?timeout= seconds."""
     channel = request.GET["channel"]

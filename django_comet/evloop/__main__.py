@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         raise SystemExit(f"error: cannot listen on {where}: {exc.strerror or exc}") from None
     if not server.unix:
-        where = f"http://{config.host}:{server.address[1]}/"
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        where = f"http://{host}:{server.address[1]}/"
     print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
 

@@ -53,3 +53,5 @@ class ServerConfig:
     script_name: str = ""
     url_scheme: str = "http"
     access_log: bool = True
+    # Set for pre-forked workers: the environ's wsgi.multiprocess (PEP 3333).
+    multiprocess: bool = False

@@ -219,13 +219,17 @@ class Holder:
     # -- shutdown and figures ----------------------------------------------------------
 
     def end_all(self) -> None:
-        """Server stopping: end every held response with a proper last chunk; SSE clients
-        first get a ``retry:`` with jitter so that they do not all reconnect at once."""
+        """Server stopping: end every held response with a proper last chunk.  SSE clients
+        first get a ``retry:`` with jitter so that they do not all reconnect at once; a
+        long-poll is answered as on its timeout (no event), so its client polls again."""
         for ex in list(self.server._exchanges.values()):
             if ex.state != "held":
                 continue
-            if type(ex.hold) is Stream:
+            hold = ex.hold
+            if type(hold) is Stream:
                 self._end_stream(ex)
+            elif type(hold) is ChannelWait:
+                self._wait_timed_out(ex, hold)
             else:
                 self.server._end(ex)
 

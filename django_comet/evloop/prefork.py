@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 logger = logging.getLogger("django_comet.server")
 
+STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
+
 
 class Supervisor:
     def __init__(self, count: int, child_main: Callable[[int], None], grace: float):
@@ -24,6 +26,7 @@ class Supervisor:
         self.child_main = child_main
         self.grace = grace
         self.children: dict[int, int] = {}  # pid -> worker number
+        self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
 
     def run(self) -> int:
@@ -42,16 +45,16 @@ class Supervisor:
             if pid not in self.children:
                 continue
             number = self.children.pop(pid)
+            lived = time.monotonic() - self._born.pop(pid)
             if self._stopping:
                 continue
             logger.warning(
                 "Worker %d (pid %d) died (%s); starting another.", number, pid, _describe(status)
             )
-            pause = min(max(pause * 2, 0.1), 5.0)
-            time.sleep(pause)  # a worker that dies on start must not spin the CPU
+            pause = restart_pause(pause, lived)
+            time.sleep(pause)
             if not self._stopping:
                 self._spawn(number)
-                pause = pause if pause >= 5.0 else 0.0
         return 0
 
     def _spawn(self, number: int) -> None:
@@ -70,6 +73,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.children[pid] = number
+        self._born[pid] = time.monotonic()
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self._stopping:  # second signal: no more patience
@@ -85,6 +89,16 @@ class Supervisor:
     def _kill_stragglers(self, signum: int, frame: object) -> None:
         for pid in list(self.children):
             _kill(pid, signal.SIGKILL)
+
+
+def restart_pause(previous: float, lived: float) -> float:
+    """Seconds to wait before replacing a worker that died after ``lived`` seconds:
+    workers that keep dying on start are restarted ever more slowly (0.1 s doubling up
+    to 5 s apart, so that they cannot spin the CPU); one that had served a while is
+    replaced at once."""
+    if lived > STABLE_SECONDS:
+        return 0.0
+    return min(max(previous * 2, 0.1), 5.0)
 
 
 def _kill(pid: int, signum: int) -> None:

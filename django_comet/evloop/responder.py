@@ -56,9 +56,9 @@ class Responder:
         add = self._lib.evhttp_add_header
         for name, value in start.encoded:
             add(out, name, value)
-        if length is not None:
+        if length is not None and start.code != 204:  # never in a 204 (RFC 9110 8.6)
             add(out, b"Content-Length", b"%d" % length)
-        if start.close:
+        if start.close or self._draining:  # stopping: no next request on this connection
             add(out, b"Connection", b"close")
 
     def _reply_whole(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
@@ -186,7 +186,9 @@ class Responder:
         # Later stages add content, so the first stage's length is not the body's.
         if not self._begin_chunked(ex, start, chunks, keep_length=False):
             return
-        if ex.method == "HEAD":  # the head is all a HEAD gets: no stages, no stream
+        if not carries_body(ex.method, start.code):
+            # The head is all a HEAD, a 204 or a 304 gets: no stages, no stream (evhttp
+            # would refuse their chunks and leave them in the shared buffer).
             return self._end(ex)
         ex.deferred = True
         self.held += 1
@@ -274,7 +276,7 @@ class Responder:
         self._restore_read_timeout(ex)
         req = ex.req
         assert req is not None
-        if ex.close_at_end:  # evhttp decides from the headers, which a hold freed
+        if ex.close_at_end or self._draining:  # evhttp decides from the headers
             out = RequestStruct.from_address(req).output_headers
             self._lib.evhttp_add_header(out, b"Connection", b"close")
         # Finished first: when the output is already flushed, evhttp frees the request,

@@ -134,10 +134,11 @@ class Server(Producer, Responder):
             self.loop.call_soon_threadsafe if self._pool else _call_now
         )
         self._environ = EnvironBuilder(
-            server=UNIX_SERVER if self.unix else (self.config.host, self.address[1]),
+            server=UNIX_SERVER if self.unix else (_server_name(self.config.host), self.address[1]),
             script_name=self.config.script_name,
             url_scheme=self.config.url_scheme,
             multithread=threads > 0,
+            multiprocess=self.config.multiprocess,
             extra={"evloop.server": self, "wsgi.file_wrapper": FileWrapper},
         )
         # C callbacks, referenced for as long as the evhttp object lives.
@@ -176,13 +177,17 @@ class Server(Producer, Responder):
 
     # -- running -----------------------------------------------------------------------
 
-    def serve_forever(self, *, handle_signals: bool = True) -> None:
-        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain."""
+    def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
+        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain.
+        A pre-forked ``worker`` ignores SIGINT: Ctrl-C reaches the whole process group,
+        and the parent turns it into one SIGTERM per worker (two signals would cut)."""
         if handle_signals:
             import signal
 
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(signum, self.shutdown)
+            if worker:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         # What exists now (the app, its framework, the server) lives as long as the
         # process: freeze it, so that no collection scans it again.
         gc.collect()
@@ -194,7 +199,8 @@ class Server(Producer, Responder):
 
     def shutdown(self) -> None:
         """Loop thread: stop accepting, end held responses, let in-flight ones finish
-        within ``config.grace`` seconds, then stop the loop."""
+        within ``config.grace`` seconds (each response from now on closes its keep-alive
+        connection), then stop the loop."""
         if self._draining:
             logger.warning("Second stop request: closing now.")
             self.loop.stop()
@@ -209,7 +215,9 @@ class Server(Producer, Responder):
         deadline = time.monotonic() + self.config.grace
 
         def check() -> None:
-            if not self._exchanges or time.monotonic() >= deadline:
+            # Done when nothing is in flight and what ended has left: held responses end
+            # at once, but their last bytes are still in libevent's buffers.
+            if (not self._exchanges and not self.guard.unsent()) or time.monotonic() >= deadline:
                 if self._exchanges:
                     logger.warning("Grace period over: cutting %d responses.", len(self._exchanges))
                 self.loop.stop()
@@ -394,6 +402,12 @@ class Server(Producer, Responder):
                 duration,
                 " (client gone)" if aborted else "",
             )
+
+
+def _server_name(host: str) -> str:
+    """SERVER_NAME for a bound address: an IPv6 literal in brackets (RFC 3875 4.1.14), as
+    a Host header would carry it, so that Django can split off the port."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _call_now(fn: Callable[..., Any], *args: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,5 +55,6 @@ class ThreadPool:
         """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""
         for _ in self._threads:
             self._queue.put(_STOP)
-        for thread in self._threads:
-            thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:  # one deadline for all, not one each
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

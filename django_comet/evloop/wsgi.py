@@ -100,6 +100,7 @@ class EnvironBuilder:
         script_name: str = "",
         url_scheme: str = "http",
         multithread: bool = True,
+        multiprocess: bool = False,
         extra: dict[str, Any] | None = None,
     ):
         self.script_name = script_name
@@ -111,7 +112,7 @@ class EnvironBuilder:
             "wsgi.url_scheme": url_scheme,
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": multithread,
-            "wsgi.multiprocess": False,
+            "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
             **(extra or {}),

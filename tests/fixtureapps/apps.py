@@ -118,6 +118,9 @@ def app(environ, start_response):
             time.sleep(0.3)  # the app's own work after its last chunk
 
         return gen()
+    if path == "/no-content":  # an app that sends a length and a body with its 204
+        start_response("204 No Content", [("Content-Length", "5")])
+        return [b"hello"]
     if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304, ?199
         headers = [("Content-Type", "application/octet-stream")]
         if environ["QUERY_STRING"] == "length":

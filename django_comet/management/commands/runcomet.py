@@ -150,10 +150,12 @@ class Command(RunserverCommand):
     def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
         port = 0 if config.unix_socket else sock.getsockname()[1]
 
+        config.multiprocess = True
+
         def child(number: int) -> None:
             server = self.comet_server_cls(handler, config, sock=sock)
             get_broker().start_listening(server.loop)
-            server.serve_forever(handle_signals=True)
+            server.serve_forever(handle_signals=True, worker=True)
 
         self.on_bind(port, None, workers=workers, threads=config.threads)
         Supervisor(workers, child, config.grace).run()
