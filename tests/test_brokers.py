@@ -1,12 +1,17 @@
 """Several runcomet processes sharing a real broker (PostgreSQL, Redis)."""
 
+import itertools
 import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
 import requests
+
+from django_comet.brokers.postgres import PRUNE_EVERY
+from django_comet.brokers.redis import LOG_MIN
 
 from .brokers import PostgresServer, RedisServer
 from .processes import manage, runcomet
@@ -157,3 +162,131 @@ def test_killed_worker_clients_reconnect_and_lose_nothing(broker, demo_db):
         assert ids == [first, *missed]  # every event once, in order
     finally:
         assert server.stop() == 0
+
+
+# -- bounded shared history, gaps, and one listener ----------------------------------------
+
+GAP = "comet-history-gap"
+_markers = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def small(broker, demo_db):
+    """runcomet keeping 5 events per channel (COMET_HISTORY_SIZE, via tests/settings.py)."""
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
+    yield server
+    assert server.stop() == 0, "".join(server.output)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+def replay(server, channels, last_id):
+    """What an SSE client that last saw ``last_id`` gets on ``channels``: (whether a gap
+    event came, [replayed ids]).  The replay ends where a live event on a fresh channel of
+    the same stream arrives."""
+    marker = f"mark-{next(_markers)}"
+    with SSEClient(
+        server,
+        f"/t/stream/?channels={channels},{marker}",
+        headers=f"Last-Event-ID: {last_id}\r\n".encode(),
+    ) as client:
+        subscribed(server, marker)
+        marker_id = publish(server, marker, "end")
+        got = []
+        while (event := client.next_event()).get("id") != str(marker_id):
+            got.append(event)
+    gaps = [e for e in got if e.get("event") == GAP]
+    assert len(gaps) <= 1 and (not gaps or got[0] is gaps[0]), got
+    return bool(gaps), [int(e["id"]) for e in got if "id" in e]
+
+
+def stored(broker, channel):
+    """How many events of ``channel`` the broker itself holds."""
+    if isinstance(broker, PostgresServer):
+        import psycopg
+
+        with psycopg.connect(broker.url) as conn:
+            query = "SELECT count(*) FROM comet_event WHERE channel = %s"
+            return conn.execute(query, (channel,)).fetchone()[0]
+    import redis
+
+    with redis.Redis.from_url(broker.url) as client:
+        return client.llen("comet:history:" + channel)
+
+
+def test_replay_reports_a_gap_when_the_history_was_cut(small):
+    ids = [publish(small, "cut", i) for i in range(25)]
+    assert replay(small, "cut", ids[14]) == (True, ids[-5:])  # saw #15 of 25
+    assert replay(small, "cut", ids[19]) == (False, ids[-5:])  # nothing lost
+    assert replay(small, "cut", ids[-1]) == (False, [])
+
+
+def test_a_quiet_channel_survives_a_busy_channels_replay(small):
+    quiet = publish(small, "quiet", "q")
+    busy = [publish(small, "busy", i) for i in range(12)]
+    assert replay(small, "quiet,busy", quiet - 1) == (True, [quiet, *busy[-5:]])
+    assert replay(small, "busy,quiet", busy[-6]) == (False, busy[-5:])
+
+
+def test_every_channels_history_stays_bounded(small, broker):
+    last = publish(small, ",".join(["alt-a", "alt-b"] * 150), "x")  # 300, alternating
+    for channel in ("alt-a", "alt-b"):
+        assert 5 <= stored(broker, channel) <= 5 + PRUNE_EVERY
+    newest = list(range(last - 9, last + 1))  # 5 of each, consecutive ids
+    assert replay(small, "alt-a,alt-b", last - 10) == (False, newest)
+    assert replay(small, "alt-a,alt-b", last - 11) == (True, newest)
+
+
+def test_a_history_size_of_0_keeps_no_history(broker, demo_db):
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "0"})
+    try:
+        first = publish(server, "nothing", 1)
+        newest = publish(server, "nothing", 2)
+        assert replay(server, "nothing", first) == (True, [])
+        assert replay(server, "nothing", newest) == (False, [])
+        with SSEClient(server, "/t/stream/?channels=nothing") as client:  # live still
+            subscribed(server, "nothing")
+            event_id = publish(server, "nothing", 3)
+            assert client.next_event() == {"id": str(event_id), "data": "3"}
+        publish(server, ",".join(["nothing"] * 150), "x")
+        assert stored(broker, "nothing") <= 1 + PRUNE_EVERY
+        if isinstance(broker, RedisServer):  # the global catch-up log stays bounded too
+            import redis
+
+            with redis.Redis.from_url(broker.url) as client:
+                assert client.llen("comet:log") <= LOG_MIN
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_one_listen_connection_after_a_stream_under_runcomet(broker, demo_db):
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("LISTEN connections are PostgreSQL's")
+    import psycopg
+
+    server = start(broker, demo_db)
+
+    def listeners():
+        with psycopg.connect(broker.url) as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            name = f"django_comet listen {server.proc.pid}"
+            return conn.execute(query, (name,)).fetchone()[0]
+
+    try:
+        wait_until(lambda: listeners() >= 1)  # runcomet's, watched by its loop
+        with SSEClient(server, "/t/stream/?channels=one-listen") as client:
+            subscribed(server, "one-listen")
+            ids = [publish(server, "one-listen", i) for i in range(3)]
+            assert [int(client.next_event()["id"]) for _ in ids] == ids  # once each
+            answer = requests.get(  # a long-poll view asks to listen too
+                server.url + f"/t/fastpoll/?channel=one-listen&since={ids[0]}", timeout=30
+            )
+            assert [e["id"] for e in answer.json()["events"]] == ids[1:]
+            assert listeners() == 1
+    finally:
+        assert server.stop() == 0, "".join(server.output)

@@ -343,3 +343,22 @@ def test_a_204_goes_out_without_length_or_body(wsgi_server):
             assert b"content-length" not in head.lower()
         sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")  # no "hello" before it
+
+
+@pytest.mark.parametrize(
+    "headers", [b"Connection: TE, close\r\n", b"Connection: TE\r\nConnection: close\r\n"]
+)
+def test_close_among_connection_options_closes(wsgi_server, headers):
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n" + headers + b"TE: trailers\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # a hang fails: it must close
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"Hello, world!")
+
+
+def test_an_apps_close_among_connection_options_closes(wsgi_server):
+    from django_comet.evloop.wsgi import StartResponse
+
+    for value, closes in (("close", True), ("Foo, Close", True), ("keep-alive", False)):
+        start = StartResponse()
+        start("200 OK", [("Connection", value)])
+        assert start.close is closes

@@ -46,16 +46,28 @@ class ListeningBroker(Broker):
     def __init__(self) -> None:
         self._listener: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._listening = False
+        # Held from the check of an event's id to its hand-off to the hub, so that two
+        # deliveries (a catch-up and a live notification) cannot both pass the check.
+        self._deliver_lock = threading.Lock()
         self._closed = threading.Event()
         self.connected = threading.Event()
 
     def start_listening(self, loop: Any = None) -> None:
+        """Start once, whichever way: a later call, with or without a loop, does nothing
+        (a second listener would feed every event into the hub twice)."""
         with self._start_lock:
-            if self._listener is None:
-                self._listener = threading.Thread(
-                    target=self._listen_forever, name=f"comet-{type(self).__name__}", daemon=True
-                )
-                self._listener.start()
+            if self._listening:
+                return
+            self._listening = True
+            self._start(loop)
+
+    def _start(self, loop: Any) -> None:
+        """Called once, under the start lock: a thread waits on the connection."""
+        self._listener = threading.Thread(
+            target=self._listen_forever, name=f"comet-{type(self).__name__}", daemon=True
+        )
+        self._listener.start()
 
     def close(self) -> None:
         self._closed.set()
@@ -83,5 +95,6 @@ class ListeningBroker(Broker):
         raise NotImplementedError
 
     def _deliver(self, event: Event) -> None:
-        if event.id > hub.last_id:  # catch-up and live notifications may overlap
-            hub.add(event)
+        with self._deliver_lock:  # the check and the add as one step
+            if event.id > hub.last_id:  # catch-up and live notifications may overlap
+                hub.add(event)

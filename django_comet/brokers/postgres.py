@@ -6,7 +6,17 @@ Django's default database settings.  Needs ``django-comet[postgres]`` (psycopg 3
 Publishing is one short transaction: an advisory lock (so that ids commit, and so are
 notified, in id order), an INSERT that takes the id, and a NOTIFY that carries the event;
 an event too large for NOTIFY's 8000-byte payload is notified by id and read from the
-table.  Old rows beyond the history size of their channel are pruned as events come.
+table.
+
+History: ``since`` answers at most the history size of events per channel (their union,
+oldest first) and reports a gap whenever an event of those channels newer than the
+client's id is not in the answer: cut there, or pruned (``comet_channel.lost_id``).  Every
+``PRUNE_EVERY``-th id (ids come from the shared sequence, so this holds across processes,
+``comet_publish`` included), the publish prunes each channel that had an event among the
+last ``PRUNE_EVERY`` ids down to the history size: a channel keeps about ``history_size +
+PRUNE_EVERY`` rows at most.  A history size of 0 keeps no history, as the in-process hub
+does: ``since`` answers nothing, with a gap when something newer than the client's id was
+published (the newest row of a channel stays, to read large events and to tell that).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,6 +38,39 @@ NOTIFY_CHANNEL = "comet_events"
 LOCK_KEY = 0x636F6D6574  # "comet"
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
+
+# Prunes every channel with an event among the ids above %(since)s down to its newest
+# %(keep)s rows, and records the newest id removed from each as its lost_id; one
+# statement, in the publishing transaction (which holds the advisory lock).
+PRUNE = """
+WITH cut AS (
+    SELECT c.channel, k.id
+    FROM (SELECT DISTINCT channel FROM comet_event WHERE id > %(since)s) AS c
+    CROSS JOIN LATERAL (
+        SELECT id FROM comet_event WHERE channel = c.channel
+        ORDER BY id DESC OFFSET %(keep)s LIMIT 1
+    ) AS k
+), gone AS (
+    DELETE FROM comet_event AS e USING cut WHERE e.channel = cut.channel AND e.id <= cut.id
+)
+INSERT INTO comet_channel (channel, lost_id) SELECT channel, id FROM cut
+ON CONFLICT (channel) DO UPDATE SET lost_id = GREATEST(comet_channel.lost_id, EXCLUDED.lost_id)
+"""
+
+# The newest events of each channel above an id (one more than the history size, to tell
+# whether some were cut) and the channel's lost_id, in one statement: one snapshot, so a
+# prune between two reads cannot hide a gap.  A channel without events gives one row
+# with a NULL id.
+SINCE = """
+SELECT e.id, c.channel, e.name, e.data, coalesce(l.lost_id, 0)
+FROM unnest(%(channels)s::text[]) AS c (channel)
+LEFT JOIN comet_channel AS l ON l.channel = c.channel
+LEFT JOIN LATERAL (
+    SELECT id, name, data FROM comet_event
+    WHERE channel = c.channel AND id > %(after)s
+    ORDER BY id DESC LIMIT %(limit)s
+) AS e ON true
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comet_event (
@@ -63,12 +107,16 @@ class PostgresBroker(ListeningBroker):
         self._local = threading.local()  # one publishing connection per thread
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
-        self._count = 0
         with self._connect() as conn:
             conn.execute(SCHEMA)
 
-    def _connect(self) -> Any:
-        return self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
+    def _connect(self, application_name: str | None = None) -> Any:
+        options: dict[str, Any] = {}
+        if application_name is not None and "application_name" not in (
+            self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        ):
+            options["application_name"] = application_name
+        return self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -95,52 +143,47 @@ class PostgresBroker(ListeningBroker):
             if len(payload.encode("utf-8")) > MAX_PAYLOAD:
                 payload = str(event_id)  # listeners read it from the table
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
-            self._count += 1
-            if self._count % PRUNE_EVERY == 0:
-                self._prune(conn, channel)
+            if event_id % PRUNE_EVERY == 0:
+                # The newest row of a channel stays even with no history (size 0): a
+                # large event is read from it, and since() tells a gap by it.
+                keep = max(self.history_size, 1)
+                conn.execute(PRUNE, {"since": event_id - PRUNE_EVERY, "keep": keep})
         return event_id
 
-    def _prune(self, conn: Any, channel: str) -> None:
-        row = conn.execute(
-            "SELECT id FROM comet_event WHERE channel = %s ORDER BY id DESC OFFSET %s LIMIT 1",
-            (channel, self.history_size),
-        ).fetchone()
-        if row is not None:
-            conn.execute(
-                "DELETE FROM comet_event WHERE channel = %s AND id <= %s", (channel, row[0])
-            )
-            conn.execute(
-                "INSERT INTO comet_channel (channel, lost_id) VALUES (%s, %s) "
-                "ON CONFLICT (channel) DO UPDATE SET lost_id = GREATEST(comet_channel.lost_id, "
-                "EXCLUDED.lost_id)",
-                (channel, row[0]),
-            )
-
     def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
-        channels = list(channels)
-        conn = self._conn()
-        rows = conn.execute(
-            "SELECT id, channel, name, data FROM comet_event WHERE channel = ANY(%s) AND id > %s "
-            "ORDER BY id",
-            (channels, after),
-        ).fetchall()
-        lost = conn.execute(
-            "SELECT coalesce(max(lost_id), 0) FROM comet_channel WHERE channel = ANY(%s)",
-            (channels,),
-        ).fetchone()[0]
-        events = [Event(channel, int(i), data, name) for i, channel, name, data in rows]
-        return events[-self.history_size * len(channels) :], after < lost
+        channels = list(dict.fromkeys(channels))
+        if not channels:
+            return [], False
+        size = max(self.history_size, 0)
+        rows = (
+            self._conn()
+            .execute(SINCE, {"channels": channels, "after": after, "limit": size + 1})
+            .fetchall()
+        )
+        per_channel: dict[str, list[Event]] = {}
+        gap = False
+        for event_id, channel, name, data, lost_id in rows:
+            gap = gap or after < lost_id  # pruned events newer than the client's id
+            if event_id is not None:
+                per_channel.setdefault(channel, []).append(Event(channel, event_id, data, name))
+        events: list[Event] = []
+        for newest_first in per_channel.values():
+            newest_first.sort(key=lambda e: e.id, reverse=True)
+            if len(newest_first) > size:  # more than the history holds: cut, a gap
+                gap = True
+                del newest_first[size:]
+            events.extend(newest_first)
+        events.sort(key=lambda e: e.id)
+        return events, gap
 
     # -- with an event loop (runcomet): the loop watches the LISTEN connection's socket --
 
-    def start_listening(self, loop: Any = None) -> None:
+    def _start(self, loop: Any) -> None:
         if loop is None:
-            return super().start_listening()  # no loop here: a thread waits instead
-        with self._start_lock:
-            if self._listener is not None or self._loop is not None:
-                return
+            super()._start(loop)  # no loop here: a thread waits instead
+        else:
             self._loop = loop
-        self._connect_for_loop()
+            self._connect_for_loop()
 
     def _connect_for_loop(self) -> None:
         """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
@@ -170,7 +213,9 @@ class PostgresBroker(ListeningBroker):
     def _readable(self, conn: Any) -> None:
         try:
             for notify in conn.notifies(timeout=0):  # what has arrived; never waits
-                self._deliver(self._event(notify.payload))
+                event = self._event(notify.payload)
+                if event is not None:
+                    self._deliver(event)
         except Exception as exc:  # the server went away: watch a new connection
             self.connected.clear()
             self._watcher.cancel()
@@ -186,14 +231,17 @@ class PostgresBroker(ListeningBroker):
         with self._listening_connection(deliver) as conn:
             while not self._closed.is_set():
                 for notify in conn.notifies(timeout=1.0):
-                    deliver(self._event(notify.payload))
+                    event = self._event(notify.payload)
+                    if event is not None:
+                        deliver(event)
 
     def _listening_connection(self, deliver: Callable[[Event], None]) -> Any:
         """A connection that LISTENs, after delivering what was published while we were
         not listening (at start, after a reconnect)."""
         from ..evloop.hub import hub
 
-        conn = self._connect()
+        # Named, so that its backend can be told apart in pg_stat_activity.
+        conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self.connected.set()
         for i, channel, name, data in conn.execute(
@@ -203,18 +251,22 @@ class PostgresBroker(ListeningBroker):
             deliver(Event(channel, int(i), data, name))
         return conn
 
-    def _event(self, payload: str) -> Event:
+    def _event(self, payload: str) -> Event | None:
         if payload.startswith("["):
             event_id, channel, name, data = json.loads(payload)
             return Event(channel, event_id, data, name)
         # Too large for NOTIFY: read it on another connection (this one is busy listening).
-        i, channel, name, data = (
+        row = (
             self._conn()
             .execute(
                 "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (int(payload),)
             )
             .fetchone()
         )
+        if row is None:  # pruned before we read it (newer ones of its channel came)
+            logger.warning("event %s was pruned before it could be read; skipped", payload)
+            return None
+        i, channel, name, data = row
         return Event(channel, int(i), data, name)
 
 

@@ -20,6 +20,7 @@ from .base import ListeningBroker
 
 PREFIX = "comet:"
 PUBSUB_CHANNEL = PREFIX + "events"
+LOG_MIN = 100  # events kept in the global log at the least
 
 _PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -67,7 +68,9 @@ class RedisBroker(ListeningBroker):
             name or "",
             data,
             self.history_size,
-            self.history_size * 10,
+            # The global log, for catching up after a reconnect: never 0, even with no
+            # per-channel history (the script's LTRIM from -0 failed every publish).
+            max(self.history_size * 10, LOG_MIN),
             PUBSUB_CHANNEL,
             # A Redis that lost its data (no persistence) restarts the counter from the
             # clock, in milliseconds, so that ids still grow past those handed out before.

@@ -36,7 +36,7 @@ from .producer import Producer
 from .request import RequestStruct, read_request
 from .responder import Responder
 from .workers import ThreadPool
-from .wsgi import BadRequest, EnvironBuilder, Limits, apply_forwarded
+from .wsgi import BadRequest, EnvironBuilder, Limits, apply_forwarded, asks_to_close
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -296,6 +296,12 @@ class Server(Producer, Responder):
             logger.exception("Error reading a request")
             self._lib.evhttp_send_error(req, 500, None)
             return
+        connection = environ.get("HTTP_CONNECTION")
+        if connection is not None and connection.lower() != "close" and asks_to_close(connection):
+            # evhttp closes only on a header that is exactly "close": say it that way.
+            while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
+                pass
+            self._lib.evhttp_add_header(r.input_headers, b"Connection", b"close")
         if self.guard.tracking:
             self.guard.request_arrived(r.evcon)
         key = self._next_key

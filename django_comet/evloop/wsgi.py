@@ -47,6 +47,13 @@ def carries_body(method: str, code: int) -> bool:
     return method != "HEAD" and code >= 200 and code not in NO_BODY_STATUSES
 
 
+def asks_to_close(connection: str) -> bool:
+    """Whether a Connection header's value, a list of options (RFC 9110 7.6.1), holds
+    "close"."""
+    lowered = connection.lower()
+    return "close" in lowered and "close" in (o.strip(" \t") for o in lowered.split(","))
+
+
 class BadRequest(Exception):
     """The request is malformed; ``status`` is the answer it deserves."""
 
@@ -284,7 +291,7 @@ class StartResponse:
                     raise AppError(f"invalid Content-Length from the application: {value!r}")
                 length = int(value)
             elif lname in HOP_BY_HOP:
-                close = close or (lname == "connection" and value.strip().lower() == "close")
+                close = close or (lname == "connection" and asks_to_close(value))
             else:
                 encoded.append((bname, _latin1(value, name)))
         self.status = status
