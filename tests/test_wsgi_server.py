@@ -362,3 +362,23 @@ def test_an_apps_close_among_connection_options_closes(wsgi_server):
         start = StartResponse()
         start("200 OK", [("Connection", value)])
         assert start.close is closes
+
+
+@pytest.mark.parametrize("threads", ["0", "2"])
+def test_write_while_a_body_streams_keeps_its_place(threads):
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", threads)
+    try:
+        body = requests.get(server.url + "/write-streaming", timeout=10).content
+        assert body == b"A;" + b"x" * 300_000 + b"MID;y" + b"END;"
+    finally:
+        server.stop()
+
+
+def test_an_absolute_form_target_names_the_host(wsgi_server):
+    out = raw(
+        wsgi_server,
+        b"GET http://user:pw@example.com:8080/environ?a=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    environ = json.loads(out.partition(b"\r\n\r\n")[2])
+    assert (environ["HTTP_HOST"], environ["PATH_INFO"]) == ("example.com:8080", "/environ")
+    assert environ["QUERY_STRING"] == "a=1"

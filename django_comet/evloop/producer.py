@@ -83,6 +83,10 @@ class Producer:
                 raise AppError("the application returned without calling start_response()")
             if streaming:
                 start.headers_sent = True
+                # What the app passes to write() from now on joins the stream in order;
+                # the list handed to the loop thread is no longer the one it appends to.
+                start.written = []
+                iterator = _with_writes(iterator, start.written)
                 self._to_loop(self._start_stream, ex, start, chunks)
                 pumped = self._stream_rest(ex, start, result, iterator)
             elif not first:
@@ -198,6 +202,18 @@ class Producer:
             self._to_loop(self._abort, ex)
             return
         self._produce(ex, StartResponse(), result, first=False)
+
+
+def _with_writes(iterator: Iterator[bytes], written: list[bytes]) -> Iterator[bytes]:
+    """The rest of a streamed body, with the bytes the app passed to write() while it
+    produced each item going out before that item (PEP 3333's legacy write())."""
+    for data in iterator:
+        if written:
+            yield b"".join(written)
+            written.clear()
+        yield data
+    if written:
+        yield b"".join(written)
 
 
 def _close(ex: Exchange, result: Iterable[bytes]) -> None:

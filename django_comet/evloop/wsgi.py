@@ -177,6 +177,11 @@ class EnvironBuilder:
                 environ[key] = value
         if body or "CONTENT_LENGTH" in environ or "HTTP_TRANSFER_ENCODING" in environ:
             environ["CONTENT_LENGTH"] = str(len(body))
+        if target[0] != "/" and target != "*":
+            # absolute-form: the target's authority, not the Host header, names the host
+            # (RFC 9112 3.2.2); Django reads HTTP_HOST.
+            authority = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+            environ["HTTP_HOST"] = authority.rpartition("@")[2]  # never a userinfo
         return environ
 
 

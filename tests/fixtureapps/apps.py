@@ -41,6 +41,17 @@ def app(environ, start_response):
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"written;")
         return [b"returned"]
+    if path == "/write-streaming":  # write() before and while a large body streams
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"A;")
+
+        def body():
+            yield b"x" * 300_000  # past the streaming threshold
+            write(b"MID;")
+            yield b"y"
+            write(b"END;")
+
+        return body()
     if path == "/generator":
 
         def gen():
