@@ -194,3 +194,12 @@ def test_forwarded_headers_from_a_trusted_proxy():
     apply_forwarded(env, frozenset({"10.0.0.1", "10.0.0.2"}))
     assert env["REMOTE_ADDR"] == "198.51.100.1"
     assert env["wsgi.url_scheme"] == "https"
+
+
+def test_the_scheme_is_the_one_the_nearest_proxy_set():
+    """A proxy that appends to X-Forwarded-Proto leaves the client's value first."""
+    from django_comet.evloop.wsgi import apply_forwarded
+
+    env = environ(headers=[(b"X-Forwarded-Proto", b"https, http")])
+    apply_forwarded(env, frozenset({"10.0.0.1"}))
+    assert env["wsgi.url_scheme"] == "http"

@@ -188,6 +188,13 @@ def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
         assert data["scheme"] == "https"
     finally:
         assert trusting.stop() == 0
+    # Bound to "::", the same proxy's address arrives IPv4-mapped (::ffff:127.0.0.1).
+    dual = runcomet(db=demo_db, env={"TEST_TRUSTED_PROXIES": "127.0.0.1"}, addrport="[::]:0")
+    try:
+        url = f"http://127.0.0.1:{dual.port}/t/echo/"
+        assert requests.get(url, headers=headers).json()["remote_addr"] == "203.0.113.7"
+    finally:
+        assert dual.stop() == 0
 
 
 def test_held_connections_end_after_max_hold(demo_db):

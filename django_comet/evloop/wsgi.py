@@ -212,7 +212,9 @@ def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
             environ["REMOTE_ADDR"] = hop
             environ["REMOTE_PORT"] = ""
             break
-    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
+    # The last value is the one the nearest proxy set; earlier ones came with the request
+    # (a proxy that appends would otherwise let any client claim https).
+    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
     if proto in ("http", "https"):
         environ["wsgi.url_scheme"] = proto
 
