@@ -46,9 +46,10 @@ class PollResponse(StreamingHttpResponse):
         else:
             after = since
             ready, _ = broker.since(channels, after)
-            if not ready and after > hub.last_id:
+            if not ready and after > hub.last_id and after > broker.newest_id():
                 # A cursor from another epoch (a memory broker that restarted): answer
-                # with what there is, and a last_id the client can follow from.
+                # with what there is, and a last_id the client can follow from.  (This
+                # process's hub may lag a shared broker: the broker has the last word.)
                 ready, _ = broker.since(channels, 0)
                 after = 0
         self.channels = channels

@@ -61,9 +61,10 @@ class EventStreamResponse(StreamingHttpResponse):
             self._cursor = hub.newest_id(self.channels)
         else:
             events, gap = broker.since(self.channels, after)
-            # An id newer than any we know comes from another epoch (a memory broker that
-            # restarted, a reset database): say so, and replay what we have.
-            if not events and after > hub.last_id:
+            # An id newer than any handed out comes from another epoch (a memory broker
+            # that restarted, a reset database): say so, and replay what we have.  (This
+            # process's hub may lag a shared broker: the broker has the last word.)
+            if not events and after > hub.last_id and after > broker.newest_id():
                 gap = True
                 events, _ = broker.since(self.channels, 0)
             if gap:

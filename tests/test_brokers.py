@@ -290,3 +290,23 @@ def test_one_listen_connection_after_a_stream_under_runcomet(broker, demo_db):
             assert listeners() == 1
     finally:
         assert server.stop() == 0, "".join(server.output)
+
+
+def test_the_newest_id_is_the_brokers_not_this_processs(broker):
+    """A process's hub may lag a shared broker; the newest id handed out anywhere is
+    what tells a client's Last-Event-ID from another epoch (a reset broker) apart."""
+    from django_comet.brokers.postgres import PostgresBroker, conninfo_from_url
+    from django_comet.brokers.redis import RedisBroker
+    from django_comet.evloop.hub import hub
+
+    shared = (
+        PostgresBroker(conninfo_from_url(broker.url))
+        if isinstance(broker, PostgresServer)
+        else RedisBroker(broker.url)
+    )
+    try:
+        newest = manage_publish(broker, "epoch", "x")  # from another process
+        assert shared.newest_id() == newest
+        assert hub.last_id < newest  # this process never heard of it
+    finally:
+        shared.close()

@@ -24,6 +24,10 @@ class Broker:
         and whether some of them are gone."""
         return hub.since(channels, after)
 
+    def newest_id(self) -> int:
+        """The newest id handed out by any process sharing the broker (0: none yet)."""
+        return hub.last_id
+
     def start_listening(self, loop: Any = None) -> None:
         """Begin receiving other processes' events into the hub (idempotent).  A running
         server passes its event loop, which a broker may use to watch its socket."""

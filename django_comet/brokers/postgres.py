@@ -176,6 +176,10 @@ class PostgresBroker(ListeningBroker):
         events.sort(key=lambda e: e.id)
         return events, gap
 
+    def newest_id(self) -> int:
+        row = self._conn().execute("SELECT coalesce(max(id), 0) FROM comet_event").fetchone()
+        return int(row[0])  # pruning always keeps each channel's newest row
+
     # -- with an event loop (runcomet): the loop watches the LISTEN connection's socket --
 
     def _start(self, loop: Any) -> None:

@@ -101,6 +101,9 @@ class RedisBroker(ListeningBroker):
         events.sort(key=lambda e: e.id)
         return events, gap
 
+    def newest_id(self) -> int:
+        return int(self.client.get(PREFIX + "id") or 0)
+
     def _listen(self, deliver: Callable[[Event], None]) -> None:
         from ..evloop.hub import hub
 
