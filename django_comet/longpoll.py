@@ -10,6 +10,7 @@ publish wakes thousands of long-polls as cheaply as it feeds SSE streams.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 
@@ -24,14 +25,17 @@ from .evloop.hub import Event, hub
 __all__ = ["poll_response", "render_events"]
 
 
-def render_events(events: list[Event], after: int) -> bytes:
-    """The JSON body; event data is already JSON text, so nothing is decoded."""
+def render_events(events: list[Event], after: int, gap: bool = False) -> bytes:
+    """The JSON body; event data is already JSON text, so nothing is decoded.  ``gap``:
+    some events newer than the client's cursor are gone from the history (``"gap":
+    true``), as the SSE stream's ``comet-history-gap`` event says."""
     items = []
     for event in events:
         name = f',"event":{json.dumps(event.name)}' if event.name else ""
         items.append(f'{{"id":{event.id},"data":{event.data}{name}}}')
     last_id = events[-1].id if events else after
-    return f'{{"events":[{",".join(items)}],"last_id":{last_id}}}'.encode()
+    more = ',"gap":true' if gap else ""
+    return f'{{"events":[{",".join(items)}],"last_id":{last_id}{more}}}'.encode()
 
 
 class PollResponse(StreamingHttpResponse):
@@ -41,25 +45,28 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready: list[Event] = []
+        gap = False
         if since is None:
             after = hub.newest_id(channels)
         else:
             after = since
-            ready, _ = broker.since(channels, after)
+            ready, gap = broker.since(channels, after)
             if not ready and after > hub.last_id and after > broker.newest_id():
                 # A cursor from another epoch (a memory broker that restarted): answer
                 # with what there is, and a last_id the client can follow from.  (This
                 # process's hub may lag a shared broker: the broker has the last word.)
                 ready, _ = broker.since(channels, 0)
-                after = 0
+                after, gap = 0, True
         self.channels = channels
+        self.gap = gap
         self.comet_deferral = ChannelWait(
             None,
             channels=channels,
             after=after,
             timeout=timeout,
             ready=ready,
-            render=render_events,
+            # Only an answer from the history can have a gap; one rendering per waiter then.
+            render=functools.partial(render_events, gap=True) if gap else render_events,
         )
         self.streaming_content = self._body()
 
@@ -68,7 +75,7 @@ class PollResponse(StreamingHttpResponse):
         if wait.claimed:
             return  # runcomet answers from its loop
         events = wait.ready or hub.wait(self.channels, wait.after, wait.timeout)
-        yield render_events(events, wait.after)
+        yield render_events(events, wait.after, self.gap and bool(wait.ready))
 
 
 def poll_response(

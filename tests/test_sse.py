@@ -95,6 +95,13 @@ def test_history_exhaustion_is_announced(tight):
         assert "id" not in gap
         assert json.loads(gap["data"]) == {"last_event_id": ids[0], "channels": ["gap"]}
         assert [client.next_event()["data"] for _ in range(5)] == ["3", "4", "5", "6", "7"]
+    # A long-poll says so too.
+    polled = requests.get(tight.url + f"/t/fastpoll/?channel=gap&since={ids[0]}").json()
+    assert polled["gap"] is True
+    assert [e["data"] for e in polled["events"]] == [3, 4, 5, 6, 7]
+    within = requests.get(tight.url + f"/t/fastpoll/?channel=gap&since={ids[4]}").json()
+    assert "gap" not in within
+    assert [e["data"] for e in within["events"]] == [5, 6, 7]
 
 
 def test_heartbeat_comments(tight):

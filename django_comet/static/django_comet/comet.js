@@ -5,7 +5,7 @@
  *   Comet.subscribe({
  *     sse: '/chat/events/',          // an event_stream() endpoint
  *     poll: '/chat/poll/',           // a long-poll endpoint: GET ?since=ID ->
- *                                    //   {"events": [{"id", "data"}], "last_id"}
+ *                                    //   {"events": [{"id", "data"}], "last_id", "gap"?}
  *     onEvent: function (event) {},  // {id, data (parsed JSON), event (name)}; each id once
  *     onGap: function (info) {},     // history no longer reaches back: reload your state
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…'
@@ -76,12 +76,14 @@
         var xhr = pollRequest = new XMLHttpRequest();
         xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
         xhr.onload = function () {
+          var body = null;
           if (xhr.status === 200) {
-            var body = JSON.parse(xhr.responseText);
-            if (body.last_id < lastId) {  // the ids restarted: take what the server has
-              lastId = 0;
-              if (options.onGap) { options.onGap(body); }
-            }
+            try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
+          }
+          if (body && body.events) {
+            var restarted = body.last_id < lastId;  // the ids restarted: take what there is
+            if (restarted) { lastId = 0; }
+            if ((restarted || body.gap) && options.onGap) { options.onGap(body); }
             body.events.forEach(function (e) { deliver(e.id, e.data, 'message'); });
             if (body.last_id > lastId) { lastId = body.last_id; }
             delay = 0;
