@@ -12,8 +12,9 @@ from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from .brokers import get_broker
+from .brokers.base import Broker
 from .conf import comet_settings
-from .evloop.hub import Event
+from .evloop.hub import Event, hub
 
 __all__ = ["history", "may_listen", "publish"]
 
@@ -35,6 +36,20 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
         raise ValueError(f"invalid event name {event!r}")
     text = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"))
     return get_broker().publish(channel, text, event)
+
+
+def replay(broker: Broker, channels: list[str], after: int) -> tuple[list[Event], bool, int]:
+    """For a client back with cursor ``after`` (a Last-Event-ID, a poll's ``since``): the
+    events of ``channels`` it missed, whether some of them are gone, and the cursor to
+    follow from.  A cursor newer than any id the broker handed out comes from another
+    epoch (a memory broker that restarted, a reset database): then everything there is,
+    as a gap, from cursor 0.  This process's hub may lag a shared broker, so the broker
+    has the last word (asked only when the hub has not seen the cursor)."""
+    events, gap = broker.since(channels, after)
+    if not events and after > hub.last_id and after > broker.newest_id():
+        events, _ = broker.since(channels, 0)
+        return events, True, 0
+    return events, gap, after
 
 
 def as_dict(event: Event) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
-from .events import refusal
+from .events import refusal, replay
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
 
@@ -49,14 +49,7 @@ class PollResponse(StreamingHttpResponse):
         if since is None:
             after = hub.newest_id(channels)
         else:
-            after = since
-            ready, gap = broker.since(channels, after)
-            if not ready and after > hub.last_id and after > broker.newest_id():
-                # A cursor from another epoch (a memory broker that restarted): answer
-                # with what there is, and a last_id the client can follow from.  (This
-                # process's hub may lag a shared broker: the broker has the last word.)
-                ready, _ = broker.since(channels, 0)
-                after, gap = 0, True
+            ready, gap, after = replay(broker, channels, since)
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(

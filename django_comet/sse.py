@@ -17,7 +17,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .events import check_channel, refusal
+from .events import check_channel, refusal, replay
 from .evloop.deferral import Stream
 from .evloop.holding import HEARTBEAT
 from .evloop.hub import hub, sse_frame
@@ -60,18 +60,12 @@ class EventStreamResponse(StreamingHttpResponse):
         if after is None:
             self._cursor = hub.newest_id(self.channels)
         else:
-            events, gap = broker.since(self.channels, after)
-            # An id newer than any handed out comes from another epoch (a memory broker
-            # that restarted, a reset database): say so, and replay what we have.  (This
-            # process's hub may lag a shared broker: the broker has the last word.)
-            if not events and after > hub.last_id and after > broker.newest_id():
-                gap = True
-                events, _ = broker.since(self.channels, 0)
+            events, gap, cursor = replay(broker, self.channels, after)
             if gap:
                 gap_data = json.dumps({"last_event_id": after, "channels": self.channels})
                 first.append(sse_frame(None, GAP_EVENT, gap_data))
             first.extend(e.frame for e in events)
-            self._cursor = events[-1].id if events else after
+            self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)
         self.comet_deferral = Stream(self.channels, self._cursor)
         self.streaming_content = self._frames()

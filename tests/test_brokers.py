@@ -297,6 +297,7 @@ def test_the_newest_id_is_the_brokers_not_this_processs(broker):
     what tells a client's Last-Event-ID from another epoch (a reset broker) apart."""
     from django_comet.brokers.postgres import PostgresBroker, conninfo_from_url
     from django_comet.brokers.redis import RedisBroker
+    from django_comet.events import replay
     from django_comet.evloop.hub import hub
 
     shared = (
@@ -308,5 +309,10 @@ def test_the_newest_id_is_the_brokers_not_this_processs(broker):
         newest = manage_publish(broker, "epoch", "x")  # from another process
         assert shared.newest_id() == newest
         assert hub.last_id < newest  # this process never heard of it
+        # A client whose cursor is that id is up to date, not from another epoch...
+        assert replay(shared, ["epoch"], newest) == ([], False, newest)
+        # ...one whose cursor no broker id reached is: everything, as a gap, from 0.
+        events, gap, cursor = replay(shared, ["epoch"], newest + 1000)
+        assert ([e.id for e in events][-1], gap, cursor) == (newest, True, 0)
     finally:
         shared.close()

@@ -4,6 +4,7 @@ import json
 import signal
 import socket
 import threading
+import time
 from io import StringIO
 
 import pytest
@@ -140,6 +141,7 @@ def test_a_request_during_the_drain_is_served_and_closes_its_connection(demo_db)
             slow.sendall(b"GET /t/sleep/?s=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             server.wait_for_status(lambda s: s["in_flight"] >= 2)
             server.signal(signal.SIGTERM)  # draining: the sleep is still in flight
+            wait_until_refused(server)
             sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
         assert answer.startswith(b"HTTP/1.1 200 "), answer
@@ -193,3 +195,65 @@ def test_ctrl_c_with_workers_drains_in_flight_requests(demo_db):
             server.stop()
     finally:
         broker.destroy()
+
+
+def wait_until_refused(server, timeout=10.0):
+    """Until the server stops accepting: its drain has begun."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            server.connect().close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server never stopped accepting")
+
+
+def test_clients_that_stopped_reading_do_not_hold_up_a_stop(demo_db):
+    """With a minute of grace, a stop still ends soon after what can leave has left: a
+    stream whose client reads nothing keeps its bytes in the server, not the stop."""
+    env = {"TEST_GRACE_PERIOD": "60", "TEST_MAX_PENDING_OUTPUT": str(64 << 20)}
+    server = runcomet(db=demo_db, env=env)
+    try:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((server.host, server.port))
+        stalled.sendall(b"GET /t/stream/?channels=stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        server.wait_for_status(lambda s: s["channels"].get("stalled") == 1)
+        for _ in range(40):  # 8 MB it never reads: more than the kernel buffers (4 MB)
+            requests.post(
+                server.url + "/t/publish/",
+                data={"channel": "stalled", "data": json.dumps("x" * 200_000)},
+                timeout=10,
+            )
+        held = SSEClient(server, "/t/stream/?channels=other")  # and one that reads
+        server.signal(signal.SIGTERM)
+        assert list(held.frames())[-1].startswith(b"retry: ")
+        assert server.proc.wait(30) == 0  # not the 60 s of grace
+        stalled.close()
+    finally:
+        server.stop()
+
+
+def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
+    """A long-poll answered by the stop is polled again at once, on another kept-alive
+    connection: that poll must not wait (it would hold the stop for the grace period)."""
+    server = runcomet(db=demo_db, env={"TEST_GRACE_PERIOD": "60"})
+    try:
+        poll = b"GET /t/fastpoll/?channel=again&timeout=50 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        first, second = server.connect(), server.connect()
+        second.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert second.recv(65536).startswith(b"HTTP/1.1 200 ")  # open and idle
+        first.sendall(poll)
+        server.wait_for_status(lambda s: s["held"] == 1)
+        server.signal(signal.SIGTERM)
+        _, chunks = read_chunked(first)
+        assert json.loads(b"".join(chunks))["events"] == []
+        second.sendall(poll)  # polling again, during the stop
+        _, chunks = read_chunked(second)
+        assert json.loads(b"".join(chunks))["events"] == []
+        assert server.proc.wait(30) == 0
+        first.close()
+        second.close()
+    finally:
+        server.stop()

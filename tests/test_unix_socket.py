@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import stat
+import time
 
 import pytest
 
@@ -119,3 +120,39 @@ def test_any_wsgi_app_on_a_unix_socket(sock_path):
     finally:
         server.stop()
     assert not os.path.exists(sock_path)
+
+
+def test_a_stopping_server_leaves_its_successors_socket_alone(demo_db, sock_path):
+    """A rolling restart: the old server drains a slow request while a new one binds
+    the same path; the old one's exit must not remove the new one's socket file."""
+    old = runcomet(db=demo_db, addrport=f"unix:{sock_path}")
+    try:
+        slow = old.connect()
+        slow.sendall(b"GET /t/sleep/?s=4 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        old.wait_for_status(lambda s: s["in_flight"] >= 2)
+        old.signal(signal.SIGTERM)
+        wait_until_refused(old)  # draining: its socket file is stale, the new one replaces it
+        assert old.proc.poll() is None
+        new = runcomet(db=demo_db, addrport=f"unix:{sock_path}")
+        try:
+            assert b"slept" in b"".join(iter(lambda: slow.recv(65536), b""))
+            assert old.proc.wait(20) == 0
+            with new.connect() as sock:  # the new server's file is still there
+                head, _ = request(sock, "/t/echo/")
+            assert head.startswith(b"HTTP/1.1 200 OK"), head
+        finally:
+            assert new.stop() == 0, "".join(new.output)
+        slow.close()
+    finally:
+        old.stop()
+
+
+def wait_until_refused(server, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            server.connect().close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server never stopped accepting")

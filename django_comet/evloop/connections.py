@@ -105,17 +105,17 @@ class ConnectionGuard:
         if self._conns.pop(bev, None) is not None:
             self._lib.bufferevent_decref(bev)
 
-    def unsent(self) -> bool:
-        """Whether some open connection still has output libevent has not written."""
+    def unsent(self) -> int:
+        """Bytes of output libevent has not written yet, over all open connections."""
         offset = self._offset
         if offset is None:
-            return False
+            return 0
         lib = self._lib
+        total = 0
         for bev in self._conns:
-            alive = ctypes.c_void_p.from_address(bev + offset).value
-            if alive and lib.evbuffer_get_length(lib.bufferevent_get_output(bev)):
-                return True
-        return False
+            if ctypes.c_void_p.from_address(bev + offset).value:
+                total += lib.evbuffer_get_length(lib.bufferevent_get_output(bev))
+        return total
 
     def _sweep(self) -> None:
         self._sweeper = self.server.loop.call_later(SWEEP_SECONDS, self._sweep)

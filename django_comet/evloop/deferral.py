@@ -22,19 +22,19 @@ implement it for Django.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 ATTRIBUTE = "comet_deferral"
+MAX_SECONDS = 1e7  # about 115 days: a longer delay or timeout is a mistake
 
 
 class Deferral:
     __slots__ = ("claimed", "delay", "resume")
 
     def __init__(self, resume: Callable[[], Iterable[bytes]], *, delay: float):
-        if not (math.isfinite(delay) and delay >= 0):
-            raise ValueError(f"a deferral's delay must be a finite number >= 0, not {delay!r}")
+        if not 0 <= delay <= MAX_SECONDS:  # NaN fails too
+            raise ValueError(f"a deferral's delay must be 0 to {MAX_SECONDS:g} s, not {delay!r}")
         self.delay = delay
         self.resume = resume
         self.claimed = False
@@ -57,8 +57,10 @@ class ChannelWait:
         ready: list[Any] | None = None,
         render: Callable[[list[Any], int], bytes] | None = None,
     ):
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"a channel wait needs a finite timeout > 0, not {timeout!r}")
+        if not 0 < timeout <= MAX_SECONDS:  # NaN fails too
+            raise ValueError(
+                f"a channel wait's timeout must be over 0, up to {MAX_SECONDS:g} s: {timeout!r}"
+            )
         if (resume is None) == (render is None):
             raise ValueError("a channel wait needs either resume or render")
         self.render = render

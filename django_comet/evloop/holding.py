@@ -62,6 +62,15 @@ class Holder:
         if self.max_hold and time.monotonic() - ex.started > self.max_hold:
             server._end(ex)  # a chain of stages that outlived its welcome
             return
+        if server._draining:  # stopping: a response that would wait ends now instead
+            if isinstance(deferral, ChannelWait):
+                ready = deferral.ready or hub.since(deferral.channels, deferral.after)[0]
+                self._wake(ex, deferral, ready, deferral.after, {})
+            elif isinstance(deferral, Stream):
+                self._end_stream(ex)
+            else:
+                server._end(ex)
+            return
         ex.state = "held"
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:

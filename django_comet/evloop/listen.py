@@ -2,7 +2,8 @@
 
 A Unix socket's file is replaced when it is stale (left by a server that is gone: nothing
 accepts on it), and refused when a server still accepts on it or when it is not a socket.
-Whoever binds it removes it when serving stops.
+Whoever binds it removes it when serving stops, unless another server has replaced it
+meanwhile (a rolling restart).
 
 libevent 2.1's evhttp names each new peer with getnameinfo() and ends the whole process
 when that fails (libevent issue #1615).  glibc names a Unix-socket peer ("localhost");
@@ -80,13 +81,23 @@ def bind_unix_socket(path: str, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def remove_unix_socket(path: str) -> None:
-    """Remove the socket file a stopped server listened on (nothing else)."""
+def unix_socket_id(path: str) -> tuple[int, int] | None:
+    """What tells this socket file from another at the same path: (device, inode)."""
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        info = os.lstat(path)
     except OSError:
-        pass
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
+def remove_unix_socket(path: str, file_id: tuple[int, int] | None) -> None:
+    """Remove the socket file a stopped server bound, if it is still that file (``file_id``
+    from ``unix_socket_id`` after binding): a successor may have bound the path since."""
+    if file_id is not None and unix_socket_id(path) == file_id:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _clear_stale(path: str) -> None:

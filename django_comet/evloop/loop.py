@@ -24,7 +24,12 @@ from . import libevent_ctypes as ev
 logger = logging.getLogger("django_comet.server")
 
 
+# Longer delays are taken as this (about three years): a C long of seconds would wrap.
+MAX_DELAY = 1e8
+
+
 def timeval_of(seconds: float) -> ev.timeval:
+    seconds = min(seconds, MAX_DELAY)
     whole = int(seconds)
     return ev.timeval(whole, int((seconds - whole) * 1_000_000))
 

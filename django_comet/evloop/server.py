@@ -30,7 +30,7 @@ from .config import ServerConfig
 from .connections import ConnectionGuard
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
-from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket
+from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Handle, Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, read_request
@@ -114,6 +114,7 @@ class Server(Producer, Responder):
         # A Unix socket this server bound itself is also its to remove when it stops.
         self._own_path = "" if sock else self.config.unix_socket
         self.sock = sock or listen_socket(self.config)
+        self._own_id = unix_socket_id(self._own_path) if self._own_path else None
         self.unix = self.sock.family == getattr(socket, "AF_UNIX", None)
         self.address = (self.sock.getsockname(), 0) if self.unix else self.sock.getsockname()[:2]
         self._exchanges: dict[int, Exchange] = {}
@@ -210,16 +211,29 @@ class Server(Producer, Responder):
         self._bound = None
         self.sock.detach()
         if self._own_path:
-            remove_unix_socket(self._own_path)
+            remove_unix_socket(self._own_path, self._own_id)
         self.holder.end_all()
         deadline = time.monotonic() + self.config.grace
+        flushing = [float("inf"), time.monotonic()]  # unsent bytes, when they last fell
+
+        def flushed(now: float) -> bool:
+            """Held responses end at once, but their last bytes may still be in libevent's
+            buffers: wait while they keep leaving, not for clients that stopped reading."""
+            unsent = self.guard.unsent()
+            if unsent < flushing[0]:
+                flushing[:] = [unsent, now]
+            if unsent and now - flushing[1] > FLUSH_PATIENCE:
+                logger.warning("Not waiting for %d bytes to clients that stopped reading.", unsent)
+                return True
+            return not unsent
 
         def check() -> None:
-            # Done when nothing is in flight and what ended has left: held responses end
-            # at once, but their last bytes are still in libevent's buffers.
-            if (not self._exchanges and not self.guard.unsent()) or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 if self._exchanges:
                     logger.warning("Grace period over: cutting %d responses.", len(self._exchanges))
+                self.loop.stop()
+            elif not self._exchanges and flushed(now):
                 self.loop.stop()
             else:
                 self.loop.call_later(0.05, check)
@@ -239,7 +253,7 @@ class Server(Producer, Responder):
             if self._bound is not None:
                 self.sock.detach()  # libevent owned and closed the fd
         if self._own_path:
-            remove_unix_socket(self._own_path)
+            remove_unix_socket(self._own_path, self._own_id)
         self.guard.release_all()
         self._lib.evbuffer_free(self._buf)
 
@@ -409,6 +423,10 @@ class Server(Producer, Responder):
                 duration,
                 " (client gone)" if aborted else "",
             )
+
+
+# Seconds the stop waits for unsent output that does not shrink (a client not reading).
+FLUSH_PATIENCE = 1.0
 
 
 def _server_name(host: str) -> str:

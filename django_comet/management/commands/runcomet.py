@@ -23,7 +23,7 @@ from django.utils import autoreload
 from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
-from ...evloop.listen import listen_socket, remove_unix_socket, unix_path
+from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.prefork import Supervisor
 
 if apps.is_installed("django.contrib.staticfiles"):
@@ -50,6 +50,7 @@ class Command(RunserverCommand):
     port: str
     _raw_ipv6: bool
     unix_socket: str | None = None  # from a unix:PATH addrport, instead of addr and port
+    _socket_id: tuple[int, int] | None = None  # that socket file's, to remove only it
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
@@ -130,6 +131,7 @@ class Command(RunserverCommand):
             if config.unix_socket:
                 self._fail(f"Cannot listen on unix:{config.unix_socket}: {exc.strerror or exc}")
             self._fail(_ERRORS.get(exc.errno or 0, str(exc)))
+        self._socket_id = unix_socket_id(config.unix_socket) if config.unix_socket else None
         workers = options.get("workers", 1)
         if workers > 1:
             self._run_workers(workers, sock, handler, config)
@@ -142,7 +144,7 @@ class Command(RunserverCommand):
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully.
         server.serve_forever(handle_signals=in_main_thread)
         if config.unix_socket:
-            remove_unix_socket(config.unix_socket)
+            remove_unix_socket(config.unix_socket, self._socket_id)
         self.stdout.write("Stopped.")
         if not in_main_thread:
             os._exit(0)
@@ -160,7 +162,7 @@ class Command(RunserverCommand):
         self.on_bind(port, None, workers=workers, threads=config.threads)
         Supervisor(workers, child, config.grace).run()
         if config.unix_socket:
-            remove_unix_socket(config.unix_socket)
+            remove_unix_socket(config.unix_socket, self._socket_id)
         self.stdout.write("Stopped.")
 
     def _fail(self, message: str) -> None:
