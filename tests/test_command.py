@@ -257,3 +257,36 @@ def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
         second.close()
     finally:
         server.stop()
+
+
+def test_a_successor_can_bind_while_workers_drain(demo_db):
+    """A restart: while the old workers finish a slow request, a new server binds the
+    same port (the parent let go of its copy of the listening socket)."""
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        env = {"COMET_BROKER": broker.url}
+        old = runcomet("--workers", "2", db=demo_db, env=env)
+        try:
+            slow = old.connect()
+            slow.sendall(b"GET /t/sleep/?s=6 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            old.wait_for_status(lambda s: s["in_flight"] >= 2)
+            old.signal(signal.SIGTERM)
+            wait_until_refused(old)
+            slow.setblocking(False)
+            with pytest.raises(BlockingIOError):  # the request is still in flight
+                slow.recv(1)
+            slow.setblocking(True)
+            new = runcomet(db=demo_db, env=env, addrport=f"127.0.0.1:{old.port}")
+            try:
+                assert requests.get(new.url + "/t/echo/", timeout=10).status_code == 200
+                assert b"slept" in b"".join(iter(lambda: slow.recv(65536), b""))
+                assert old.proc.wait(20) == 0
+            finally:
+                assert new.stop() == 0, "".join(new.output)
+            slow.close()
+        finally:
+            old.stop()
+    finally:
+        broker.destroy()

@@ -108,11 +108,14 @@ def _clear_stale(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, "it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)  # a server whose backlog is full: it is there, and busy
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # left by a server that is gone
         return
+    except TimeoutError:
+        pass
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, "a server is listening on it")

@@ -21,10 +21,17 @@ STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
 
 
 class Supervisor:
-    def __init__(self, count: int, child_main: Callable[[int], None], grace: float):
+    def __init__(
+        self,
+        count: int,
+        child_main: Callable[[int], None],
+        grace: float,
+        on_stop: Callable[[], None] | None = None,
+    ):
         self.count = count
         self.child_main = child_main
         self.grace = grace
+        self.on_stop = on_stop  # e.g. close the parent's copy of the listening socket
         self.children: dict[int, int] = {}  # pid -> worker number
         self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
@@ -83,6 +90,8 @@ class Supervisor:
         self._stopping = True
         for pid in list(self.children):
             _kill(pid, signal.SIGTERM)
+        if self.on_stop is not None:
+            self.on_stop()
         signal.signal(signal.SIGALRM, self._kill_stragglers)
         signal.setitimer(signal.ITIMER_REAL, self.grace + 5)
 

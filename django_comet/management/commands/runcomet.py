@@ -160,7 +160,9 @@ class Command(RunserverCommand):
             server.serve_forever(handle_signals=True, worker=True)
 
         self.on_bind(port, None, workers=workers, threads=config.threads)
-        Supervisor(workers, child, config.grace).run()
+        # Once stopping, the parent lets go of the socket: when the workers have too, a
+        # successor can bind the address while they drain.
+        Supervisor(workers, child, config.grace, on_stop=sock.close).run()
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
         self.stdout.write("Stopped.")
