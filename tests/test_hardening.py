@@ -1,5 +1,6 @@
 """Hostile clients, faults, limits and storms, over real sockets."""
 
+import json
 import os
 import random
 import signal
@@ -204,6 +205,12 @@ def test_held_connections_end_after_max_hold(demo_db):
             frames = list(client.frames())  # ends: the server closes the stream cleanly
             assert client.ended
             assert frames[-1].startswith(b"retry: ")
+        with server.connect() as sock:  # a long-poll's wait ends by it too, as on a timeout
+            sock.sendall(
+                b"GET /t/fastpoll/?channel=aging&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            _, chunks = read_chunked(sock)
+            assert json.loads(b"".join(chunks))["events"] == []
         server.wait_for_status(lambda s: s["held"] == 0)
     finally:
         assert server.stop() == 0

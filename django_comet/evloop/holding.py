@@ -89,8 +89,11 @@ class Holder:
             ex.hold = deferral
             ex.cursor = deferral.after
             self._subscribe(ex, deferral.channels)
+            timeout = deferral.timeout
+            if self.max_hold:  # a wait ends by COMET_MAX_HOLD too, as on its timeout
+                timeout = max(0.0, min(timeout, ex.started + self.max_hold - time.monotonic()))
             ex.timer = self.loop.call_later(
-                deferral.timeout, functools.partial(self._wait_timed_out, ex, deferral)
+                timeout, functools.partial(self._wait_timed_out, ex, deferral)
             )
             return
         ex.hold = deferral
