@@ -372,3 +372,26 @@ def test_a_stream_with_a_bodyless_status_ends_at_once_and_leaks_nothing(comet):
             comet.url + "/t/publish/", data={"channel": "nobody", "data": '"x"'}, timeout=10
         )
         assert response.json() == {"id": response.json()["id"]}  # its own body, nothing else
+
+
+def test_a_replay_larger_than_the_output_bound_is_not_cut_at_the_next_event(tight):
+    """A client back on a slow link gets a replay bigger than COMET_MAX_PENDING_OUTPUT
+    (64 KiB here): the replay is allowed on top of the bound, or the client would be cut
+    at every next event and never catch up."""
+    before = tight.status()["dropped_slow"]
+    big = "r" * 1_000_000  # 5 of them (the history): more than the kernel buffers hold
+    ids = [publish(tight, "replayed", big) for _ in range(5)]
+    sock = socket.create_connection((tight.host, tight.port), timeout=30)
+    request = f"GET /t/stream/?channels=replayed&lastEventId={ids[0] - 1} HTTP/1.1\r\n"
+    sock.sendall(request.encode() + b"Host: 127.0.0.1\r\n\r\n")
+    subscribed(tight, "replayed", 1)
+    last = publish(tight, "replayed", "small")  # unread so far: most of it is still unsent
+    marker, tail = b"id: %d\n" % last, b""
+    try:
+        while marker not in tail:  # read it all, to the event published last
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the stream was cut"
+            tail = tail[-64:] + chunk
+    finally:
+        sock.close()
+    assert tight.status()["dropped_slow"] == before

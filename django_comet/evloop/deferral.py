@@ -73,12 +73,16 @@ class ChannelWait:
 
 
 class Stream:
-    __slots__ = ("channels", "claimed", "cursor")
+    __slots__ = ("backlog", "channels", "claimed", "cursor")
 
     def __init__(self, channels: list[str], cursor: int):
         self.channels = list(dict.fromkeys(channels))
         self.cursor = cursor  # the newest event id already in the response's first content
         self.claimed = False
+        # Set by the server: bytes of the first content (a replay) still unsent when the
+        # stream was held, allowed on top of the bound on unsent output, so that a slow
+        # link catching up on a large replay is not cut at the next event, every time.
+        self.backlog = 0
 
 
 AnyDeferral = Deferral | ChannelWait | Stream

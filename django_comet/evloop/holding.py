@@ -99,6 +99,7 @@ class Holder:
         ex.hold = deferral
         ex.cursor = deferral.cursor
         ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
+        deferral.backlog = self._lib.evbuffer_get_length(ex.outbuf)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
         if self._heartbeat is None:
@@ -107,6 +108,8 @@ class Holder:
         events, _ = hub.since(deferral.channels, deferral.cursor)
         for event in events:
             self._write(ex, event.frame)
+            if ex.hold is not deferral:
+                return  # cut as a slow reader
             ex.cursor = event.id
 
     def _shed_headers(self, ex: Exchange) -> None:
@@ -200,7 +203,7 @@ class Holder:
                 continue
             ex.cursor = event_id
             if type(hold) is Stream:
-                if pending(ex.outbuf) > limit:
+                if pending(ex.outbuf) > limit + hold.backlog:
                     self._drop_slow(ex)
                     continue
                 add(buf, frame, size)
@@ -208,7 +211,8 @@ class Holder:
                 ex.sent += size
 
     def _write(self, ex: Exchange, data: bytes) -> None:
-        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
+        backlog = ex.hold.backlog if type(ex.hold) is Stream else 0
+        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + backlog:
             self._drop_slow(ex)
             return
         self.server._send_chunk(ex, data)
