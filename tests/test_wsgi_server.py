@@ -382,3 +382,10 @@ def test_an_absolute_form_target_names_the_host(wsgi_server):
     environ = json.loads(out.partition(b"\r\n\r\n")[2])
     assert (environ["HTTP_HOST"], environ["PATH_INFO"]) == ("example.com:8080", "/environ")
     assert environ["QUERY_STRING"] == "a=1"
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+def test_every_answer_is_dated_once(wsgi_server, version):
+    request = b"GET /hello HTTP/" + version + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+    head = raw(wsgi_server, request).partition(b"\r\n\r\n")[0]
+    assert head.lower().count(b"\r\ndate: ") == 1, head

@@ -9,7 +9,9 @@ hand-over; what it would not send (a HEAD's, a 304's) must never be put there.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from . import libevent_ctypes as ev
@@ -28,6 +30,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_comet.server")
 
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
+
+_date_cache = [0, b""]  # the second it is for, and the Date value
+
+
+def http_date() -> bytes:
+    """The Date header's value for now (RFC 9110 5.6.7), formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, formatdate(now, usegmt=True).encode("ascii")]
+    return _date_cache[1]  # type: ignore[return-value]
 
 
 class Responder:
@@ -51,9 +63,12 @@ class Responder:
     _run_stage: Callable[..., None]
     _pump: Callable[[Exchange], None]
 
-    def _add_headers(self, out: int, start: StartResponse, length: int | None) -> None:
+    def _add_headers(self, r: RequestStruct, start: StartResponse, length: int | None) -> None:
         """Copy the app's (already encoded) headers to evhttp's output headers."""
+        out = r.output_headers
         add = self._lib.evhttp_add_header
+        if r.minor == 0 and r.major == 1:  # evhttp dates HTTP/1.1 answers only
+            add(out, b"Date", http_date())
         for name, value in start.encoded:
             add(out, name, value)
         if length is not None and start.code != 204:  # never in a 204 (RFC 9110 8.6)
@@ -85,7 +100,7 @@ class Responder:
         if not r.evcon:  # the client left while the app ran: free the request, send nothing
             ex.dead = True
             return self._drop(ex)
-        self._add_headers(r.output_headers, start, length)
+        self._add_headers(r, start, length)
         if not with_body:
             body = b""
         if body:
@@ -157,7 +172,7 @@ class Responder:
             self._drop(ex)
             return False
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
-        self._add_headers(r.output_headers, start, start.length if keep_length else None)
+        self._add_headers(r, start, start.length if keep_length else None)
         if (r.major, r.minor) < (1, 1) and not (keep_length and start.length is not None):
             # HTTP/1.0 has no chunked coding: a body of unknown length ends with the
             # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
