@@ -316,3 +316,21 @@ def test_the_newest_id_is_the_brokers_not_this_processs(broker):
         assert ([e.id for e in events][-1], gap, cursor) == (newest, True, 0)
     finally:
         shared.close()
+
+
+def test_a_new_process_does_not_load_the_whole_history(broker, demo_db):
+    """Each channel's history stays in the broker until a client asks for it: a worker
+    starting (or restarting) must not pour every channel's into its own memory."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("Redis catches up from its bounded global log")
+    for i in range(6):
+        manage_publish(broker, f"before-{i % 2}", i)
+    server = start(broker, demo_db)
+    try:
+        assert server.status()["events_published"] == 0
+        live = manage_publish(broker, "after", "x")  # and what comes from now on arrives
+        server.wait_for_status(lambda s: s["events_published"] == 1)
+        replayed = requests.get(server.url + "/t/fastpoll/?channel=before-0&since=0").json()
+        assert len(replayed["events"]) == 3 and replayed["last_id"] < live
+    finally:
+        assert server.stop() == 0

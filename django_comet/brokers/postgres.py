@@ -107,6 +107,7 @@ class PostgresBroker(ListeningBroker):
         self._local = threading.local()  # one publishing connection per thread
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
+        self._listening_from: int | None = None  # the newest id when it first listened
         with self._connect() as conn:
             conn.execute(SCHEMA)
 
@@ -248,9 +249,17 @@ class PostgresBroker(ListeningBroker):
         conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         self.connected.set()
+        if self._listening_from is None:
+            # First connection: nothing was missed yet, and what came before is read from
+            # the table when a client asks (since()); loading it into the hub would cost
+            # every channel's history at each start.  Reconnections catch up from here.
+            row = conn.execute("SELECT coalesce(max(id), 0) FROM comet_event").fetchone()
+            self._listening_from = int(row[0])
+            return conn
+        after = max(hub.last_id, self._listening_from)
         for i, channel, name, data in conn.execute(
             "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
-            (hub.last_id,),
+            (after,),
         ).fetchall():
             deliver(Event(channel, int(i), data, name))
         return conn
