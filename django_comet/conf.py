@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 
 from .evloop.config import ServerConfig
+from .evloop.deferral import MAX_SECONDS
 
 _DEFAULTS: dict[str, Any] = {
     # Worker threads for views; None means ServerConfig's measured default.
@@ -61,6 +62,17 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_SECONDS = frozenset(
+    {
+        "COMET_TIMEOUT",
+        "COMET_GRACE_PERIOD",
+        "COMET_SSE_HEARTBEAT",
+        "COMET_MAX_HOLD",
+        "COMET_HEADER_TIMEOUT",
+    }
+)
+
+
 class Settings:
     """``comet_settings.THREADS`` reads ``settings.COMET_THREADS`` or its default."""
 
@@ -80,6 +92,12 @@ class Settings:
                 bad.append(f"{key} must be {names}, not {value!r}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 bad.append(f"{key} cannot be negative ({value!r})")
+            elif (
+                key in _SECONDS and isinstance(value, (int, float)) and not value <= MAX_SECONDS
+            ):  # NaN
+                bad.append(
+                    f"{key} must be at most {MAX_SECONDS:g} seconds, not {value!r}"
+                )  # or NaN
         authorize = getattr(settings, "COMET_AUTHORIZE", None)
         if authorize is not None and not (callable(authorize) or isinstance(authorize, str)):
             bad.append(f"COMET_AUTHORIZE must be a callable or a dotted path, not {authorize!r}")

@@ -241,20 +241,23 @@ def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
     server = runcomet(db=demo_db, env={"TEST_GRACE_PERIOD": "60"})
     try:
         poll = b"GET /t/fastpoll/?channel=again&timeout=50 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        slow = server.connect()  # in flight throughout, so that the stop lasts
+        slow.sendall(b"GET /t/sleep/?s=3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         first, second = server.connect(), server.connect()
         second.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert second.recv(65536).startswith(b"HTTP/1.1 200 ")  # open and idle
         first.sendall(poll)
-        server.wait_for_status(lambda s: s["held"] == 1)
+        server.wait_for_status(lambda s: s["held"] == 1 and s["in_flight"] >= 3)
         server.signal(signal.SIGTERM)
         _, chunks = read_chunked(first)
         assert json.loads(b"".join(chunks))["events"] == []
         second.sendall(poll)  # polling again, during the stop
         _, chunks = read_chunked(second)
         assert json.loads(b"".join(chunks))["events"] == []
+        assert b"".join(iter(lambda: slow.recv(65536), b"")).endswith(b"slept")
         assert server.proc.wait(30) == 0
-        first.close()
-        second.close()
+        for sock in (first, second, slow):
+            sock.close()
     finally:
         server.stop()
 
@@ -290,3 +293,11 @@ def test_a_successor_can_bind_while_workers_drain(demo_db):
             old.stop()
     finally:
         broker.destroy()
+
+
+@pytest.mark.parametrize("grace", ["inf", "nan", "1e12"])
+def test_a_period_no_timer_can_hold_is_a_system_check_error(grace):
+    result = manage("check", env={"TEST_GRACE_PERIOD": grace})
+    assert result.returncode == 1
+    assert "django_comet.E002" in result.stderr
+    assert "COMET_GRACE_PERIOD must be at most" in result.stderr

@@ -81,16 +81,19 @@ def bind_unix_socket(path: str, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def unix_socket_id(path: str) -> tuple[int, int] | None:
-    """What tells this socket file from another at the same path: (device, inode)."""
+def unix_socket_id(path: str) -> tuple[int, int, int] | None:
+    """What tells this socket file from another at the same path: its device, inode and
+    change time (a file system may give a new file the inode of one just removed)."""
     try:
         info = os.lstat(path)
     except OSError:
         return None
-    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+    if not stat.S_ISSOCK(info.st_mode):
+        return None
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
 
 
-def remove_unix_socket(path: str, file_id: tuple[int, int] | None) -> None:
+def remove_unix_socket(path: str, file_id: tuple[int, int, int] | None) -> None:
     """Remove the socket file a stopped server bound, if it is still that file (``file_id``
     from ``unix_socket_id`` after binding): a successor may have bound the path since."""
     if file_id is not None and unix_socket_id(path) == file_id:
@@ -108,13 +111,13 @@ def _clear_stale(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, "it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)  # a server whose backlog is full: it is there, and busy
+    probe.settimeout(2.0)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # left by a server that is gone
         return
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):  # its backlog is full: it is there, and busy
         pass
     finally:
         probe.close()

@@ -207,18 +207,15 @@ def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
     rightmost hop that is not itself a trusted proxy) and the scheme from
     X-Forwarded-Proto.  Never called for untrusted peers, whose headers are left as sent."""
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
-    client = 0  # all hops trusted: the outermost proxy's view
-    for index in range(len(hops) - 1, -1, -1):
-        if hops[index] not in trusted:
-            environ["REMOTE_ADDR"] = hops[index]
+    for hop in reversed(hops):
+        if hop not in trusted:
+            environ["REMOTE_ADDR"] = hop
             environ["REMOTE_PORT"] = ""
-            client = index
             break
-    # Proxies that append add one scheme per hop: take the one the proxy that took the
-    # client's connection wrote.  Otherwise the last, the nearest proxy's: values before
-    # it may have come with the request, and would let any client claim https.
-    protos = [p.strip() for p in environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")]
-    proto = (protos[client] if len(protos) == len(hops) else protos[-1]).lower()
+    # The last value, the one the nearest proxy set: values before it may have come with
+    # the request (a proxy that appends would otherwise let any client claim https).  So
+    # with several proxies, the nearest must pass on the scheme the client used.
+    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
     if proto in ("http", "https"):
         environ["wsgi.url_scheme"] = proto
 
