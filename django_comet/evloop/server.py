@@ -220,8 +220,9 @@ class Server(Producer, Responder):
             """Held responses end at once, but their last bytes may still be in libevent's
             buffers: wait while they keep leaving, not for clients that stopped reading."""
             unsent = self.guard.unsent()
-            if unsent < flushing[0]:
-                flushing[:] = [unsent, now]
+            if unsent < flushing[0]:  # fewer than at the last look: some have left
+                flushing[1] = now
+            flushing[0] = unsent
             if unsent and now - flushing[1] > FLUSH_PATIENCE:
                 logger.warning("Not waiting for %d bytes to clients that stopped reading.", unsent)
                 return True
