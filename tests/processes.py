@@ -102,6 +102,17 @@ class ServerProcess:
             return sock
         return socket.create_connection((self.host, self.port), timeout=10)
 
+    def wait_until_refused(self, timeout: float = 10.0) -> None:
+        """Until the server stops accepting (its drain has begun), with a deadline."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.connect().close()
+            except OSError:
+                return
+            time.sleep(0.02)
+        raise AssertionError("the server never stopped accepting")
+
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
 

@@ -4,7 +4,6 @@ import json
 import signal
 import socket
 import threading
-import time
 from io import StringIO
 
 import pytest
@@ -141,7 +140,7 @@ def test_a_request_during_the_drain_is_served_and_closes_its_connection(demo_db)
             slow.sendall(b"GET /t/sleep/?s=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             server.wait_for_status(lambda s: s["in_flight"] >= 2)
             server.signal(signal.SIGTERM)  # draining: the sleep is still in flight
-            wait_until_refused(server)
+            server.wait_until_refused()
             sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
         assert answer.startswith(b"HTTP/1.1 200 "), answer
@@ -195,18 +194,6 @@ def test_ctrl_c_with_workers_drains_in_flight_requests(demo_db):
             server.stop()
     finally:
         broker.destroy()
-
-
-def wait_until_refused(server, timeout=10.0):
-    """Until the server stops accepting: its drain has begun."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            server.connect().close()
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the server never stopped accepting")
 
 
 def test_clients_that_stopped_reading_do_not_hold_up_a_stop(demo_db):
@@ -276,7 +263,7 @@ def test_a_successor_can_bind_while_workers_drain(demo_db):
             slow.sendall(b"GET /t/sleep/?s=6 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             old.wait_for_status(lambda s: s["in_flight"] >= 2)
             old.signal(signal.SIGTERM)
-            wait_until_refused(old)
+            old.wait_until_refused()
             slow.setblocking(False)
             with pytest.raises(BlockingIOError):  # the request is still in flight
                 slow.recv(1)

@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import stat
-import time
 
 import pytest
 
@@ -131,7 +130,7 @@ def test_a_stopping_server_leaves_its_successors_socket_alone(demo_db, sock_path
         slow.sendall(b"GET /t/sleep/?s=4 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         old.wait_for_status(lambda s: s["in_flight"] >= 2)
         old.signal(signal.SIGTERM)
-        wait_until_refused(old)  # draining: its socket file is stale, the new one replaces it
+        old.wait_until_refused()  # draining: its socket file is stale, the new one replaces it
         assert old.proc.poll() is None
         new = runcomet(db=demo_db, addrport=f"unix:{sock_path}")
         try:
@@ -145,14 +144,3 @@ def test_a_stopping_server_leaves_its_successors_socket_alone(demo_db, sock_path
         slow.close()
     finally:
         old.stop()
-
-
-def wait_until_refused(server, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            server.connect().close()
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the server never stopped accepting")
