@@ -63,13 +63,7 @@ class Holder:
             server._end(ex)  # a chain of stages that outlived its welcome
             return
         if server._draining:  # stopping: a response that would wait ends now instead
-            if isinstance(deferral, ChannelWait):
-                ready = deferral.ready or hub.since(deferral.channels, deferral.after)[0]
-                self._wake(ex, deferral, ready, deferral.after, {})
-            elif isinstance(deferral, Stream):
-                self._end_stream(ex)
-            else:
-                server._end(ex)
+            self._end_now(ex, deferral)
             return
         ex.state = "held"
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
@@ -239,15 +233,20 @@ class Holder:
         first get a ``retry:`` with jitter so that they do not all reconnect at once; a
         long-poll is answered as on its timeout (no event), so its client polls again."""
         for ex in list(self.server._exchanges.values()):
-            if ex.state != "held":
-                continue
-            hold = ex.hold
-            if type(hold) is Stream:
-                self._end_stream(ex)
-            elif type(hold) is ChannelWait:
-                self._wait_timed_out(ex, hold)
-            else:
-                self.server._end(ex)
+            if ex.state == "held":
+                self._end_now(ex, ex.hold)  # (a timed stage's Deferral is not kept there)
+
+    def _end_now(self, ex: Exchange, deferral: AnyDeferral | None) -> None:
+        """End a response that would otherwise wait, properly: a stream with ``retry:``,
+        a long-poll with what it has (usually nothing, as on its timeout), stages after
+        the part already sent."""
+        if type(deferral) is Stream:
+            self._end_stream(ex)
+        elif type(deferral) is ChannelWait:
+            self.release(ex)
+            self._wake(ex, deferral, deferral.ready or None, deferral.after, {})
+        else:
+            self.server._end(ex)
 
     def _end_stream(self, ex: Exchange) -> None:
         retry = random.randint(1000, 5000)

@@ -31,15 +31,16 @@ logger = logging.getLogger("django_comet.server")
 
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
-_date_cache = [0, b""]  # the second it is for, and the Date value
+_date: tuple[int, bytes] = (0, b"")  # the second it is for, and the Date value
 
 
 def http_date() -> bytes:
     """The Date header's value for now (RFC 9110 5.6.7), formatted once a second."""
+    global _date
     now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, formatdate(now, usegmt=True).encode("ascii")]
-    return _date_cache[1]  # type: ignore[return-value]
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
 
 
 class Responder:
