@@ -96,7 +96,7 @@ def defer_until(
     lost between two polls; without it, only events published from now on count.
     """
     from .brokers import get_broker
-    from .events import check_channel
+    from .events import check_channel, replay
 
     environ = _request_environ("defer_until")
     names = [channel] if isinstance(channel, str) else channel
@@ -107,8 +107,7 @@ def defer_until(
     if since is None:
         after = hub.newest_id(channels)
     else:  # the shared history answers for events this process has not seen
-        after = int(since)
-        ready, _ = broker.since(channels, after)
+        ready, _, after = replay(broker, channels, int(since))
     next_stage = NextStage(response, _target_path(target), environ)
     wait = ChannelWait(next_stage, channels=channels, after=after, timeout=timeout, ready=ready)
     return DeferredResponse(response, wait)
