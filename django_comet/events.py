@@ -34,7 +34,8 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
     check_channel(channel)
     if event is not None and (not isinstance(event, str) or not re.fullmatch(r"[\w.:-]+", event)):
         raise ValueError(f"invalid event name {event!r}")
-    text = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"))
+    # allow_nan=False: NaN and Infinity are not JSON, and browsers' JSON.parse refuses them.
+    text = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), allow_nan=False)
     return get_broker().publish(channel, text, event)
 
 

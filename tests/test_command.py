@@ -288,3 +288,23 @@ def test_a_period_no_timer_can_hold_is_a_system_check_error(grace):
     assert result.returncode == 1
     assert "django_comet.E002" in result.stderr
     assert "COMET_GRACE_PERIOD must be at most" in result.stderr
+
+
+def test_comet_publish_refuses_what_would_reach_nobody():
+    """The memory broker lives in the command's own process; NaN is not JSON (a
+    browser's JSON.parse would refuse every poll answer holding it)."""
+    lonely = manage("comet_publish", "chat", '"hi"')
+    assert lonely.returncode == 1
+    assert "memory://" in lonely.stderr and "Traceback" not in lonely.stderr
+    nan = manage(
+        "comet_publish", "chat", '{"x": NaN}', env={"COMET_BROKER": "redis://127.0.0.1:1/0"}
+    )
+    assert nan.returncode == 1
+    assert "NaN is not JSON" in nan.stderr
+
+
+def test_publish_refuses_nan():
+    from django_comet.events import publish
+
+    with pytest.raises(ValueError):
+        publish("chat", float("nan"))

@@ -10,7 +10,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from ...brokers import get_broker
+from ...brokers.memory import MemoryBroker
 from ...events import publish
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class Command(BaseCommand):
@@ -22,8 +28,13 @@ class Command(BaseCommand):
         parser.add_argument("--event", default=None, help="SSE event name")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if isinstance(get_broker(), MemoryBroker):
+            raise CommandError(
+                "COMET_BROKER is memory://: an event published here would live and die in "
+                "this command's process. Set COMET_BROKER to postgres://... or redis://..."
+            )
         try:
-            data = json.loads(options["data"])
+            data = json.loads(options["data"], parse_constant=_not_json)
         except ValueError as exc:
             raise CommandError(f"data is not JSON: {exc}") from None
         try:

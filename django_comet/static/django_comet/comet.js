@@ -22,17 +22,29 @@
   function subscribe(options) {
     var lastId = options.lastId || 0;
     var closed = false;
+    var sseFailures = 0;  // across EventSources: errors since the last successful open
+    var sseOpened = false;  // whether any EventSource ever opened
     var source = null;
     var pollTimer = null;
     var pollRequest = null;
     var onState = options.onState || function () {};
     var names = options.events || ['message'];
 
+    // A callback that throws must not stop the subscription (nor the rest of a batch).
+    function call(callback, value) {
+      try { callback(value); } catch (e) { setTimeout(function () { throw e; }, 0); }
+    }
+
     function deliver(id, data, name) {
       id = Number(id);
+      if (closed) { return; }
       if (id && id <= lastId) { return; }  // seen already (reconnects, mode switches)
       if (id) { lastId = id; }
-      options.onEvent({ id: id, data: data, event: name || 'message' });
+      call(options.onEvent, { id: id, data: data, event: name || 'message' });
+    }
+
+    function backoff(failures) {  // 1 s doubling to 30 s, with jitter so clients spread
+      return Math.min(30000, 1000 * Math.pow(2, failures - 1)) * (0.5 + Math.random() / 2);
     }
 
     function parse(text) {
@@ -40,31 +52,31 @@
     }
 
     function startSSE() {
-      var failures = 0;
-      var opened = false;
       // lastEventId=0 asks for the history too, so that SSE and long-poll start alike.
       var url = options.sse + sep(options.sse) + 'lastEventId=' + lastId;
       source = new global.EventSource(url);
-      source.onopen = function () { opened = true; failures = 0; onState('live (sse)'); };
+      source.onopen = function () { sseOpened = true; sseFailures = 0; onState('live (sse)'); };
       names.forEach(function (name) {
         source.addEventListener(name, function (e) { deliver(e.lastEventId, parse(e.data), name); });
       });
       source.addEventListener(GAP_EVENT, function (e) {
         lastId = 0;  // the replay that follows may restart the ids (a restarted server)
-        if (options.onGap) { options.onGap(parse(e.data)); }
+        if (options.onGap) { call(options.onGap, parse(e.data)); }
       });
       source.onerror = function () {
         if (closed) { return; }
-        failures += 1;
+        sseFailures += 1;
         onState('reconnecting…');
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
-        // CONNECTING; CLOSED means it gave up (an HTTP error): retry ourselves, and after
-        // repeated failures without ever opening, fall back to long-poll.
-        if (source.readyState === global.EventSource.CLOSED || (!opened && failures >= SSE_FAILURES_BEFORE_POLL)) {
+        // CONNECTING; CLOSED means it gave up (an HTTP error, a proxy's page): retry
+        // ourselves with backoff, and after repeated failures without ever opening, fall
+        // back to long-poll.
+        var giveUp = !sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL;
+        if (source.readyState === global.EventSource.CLOSED || giveUp) {
           source.close();
           source = null;
-          if (!opened && failures >= SSE_FAILURES_BEFORE_POLL) { startPoll(); }
-          else { setTimeout(function () { if (!closed) { startSSE(); } }, 2000); }
+          if (giveUp) { startPoll(); }
+          else { pollTimer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
         }
       };
     }
@@ -83,8 +95,12 @@
           if (body && body.events) {
             var restarted = body.last_id < lastId;  // the ids restarted: take what there is
             if (restarted) { lastId = 0; }
-            if ((restarted || body.gap) && options.onGap) { options.onGap(body); }
-            body.events.forEach(function (e) { deliver(e.id, e.data, 'message'); });
+            if ((restarted || body.gap) && options.onGap) { call(options.onGap, body); }
+            body.events.forEach(function (e) {
+              var name = e.event || 'message';
+              if (names.indexOf(name) !== -1) { deliver(e.id, e.data, name); }
+              else if (e.id > lastId) { lastId = e.id; }  // not listened to: skip it
+            });
             if (body.last_id > lastId) { lastId = body.last_id; }
             delay = 0;
             onState('live (long-poll)');
