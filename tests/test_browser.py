@@ -115,3 +115,53 @@ def test_demo_renders_progressively(comet, chromium):
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert chromium.save_screenshot(str(SCREENSHOT))
+
+
+# comet.js under fake EventSource, XMLHttpRequest and timers, in the browser's own engine.
+FAKES = """
+var timers = [], sources = [], xhrs = [];
+window.setTimeout = function (f, d) { timers.push({f: f, d: d}); return timers.length; };
+window.clearTimeout = function () {};
+function FakeSource(url) { this.url = url; this.readyState = 0; this.listeners = {}; sources.push(this); }
+FakeSource.CLOSED = 2;
+FakeSource.prototype.addEventListener = function (n, f) { this.listeners[n] = f; };
+FakeSource.prototype.close = function () { this.readyState = 2; };
+window.EventSource = FakeSource;
+function FakeXHR() { xhrs.push(this); }
+FakeXHR.prototype.open = function (m, u) { this.url = u; };
+FakeXHR.prototype.send = function () {};
+window.XMLHttpRequest = FakeXHR;
+function runTimer() { var t = timers.shift(); if (t) { try { t.f(); } catch (e) {} } return t; }
+"""
+
+SCENARIO = """
+var got = [], waits = [];
+var sub = window.Comet.subscribe({sse: '/e/', poll: '/p/', onEvent: function (e) {
+  got.push(e.id);
+  if (e.id === 1) { throw new Error('a page bug'); }
+}});
+for (var i = 0; i < 3; i++) {  // the SSE endpoint answers an HTTP error, three times
+  var s = sources[sources.length - 1];
+  s.readyState = 2;
+  s.onerror();
+  if (i < 2) { waits.push(timers[0].d); runTimer(); }
+}
+var x = xhrs[0];
+x.status = 200;
+x.responseText = JSON.stringify({last_id: 3, events: [
+  {id: 1, data: 'a'}, {id: 2, data: 'b'}, {id: 3, data: 'c', event: 'private'}]});
+x.onload();
+while (runTimer()) {}
+return {sources: sources.length, polls: xhrs.length, got: got, lastId: sub.lastId, waits: waits};
+"""
+
+
+def test_comet_js_falls_back_backs_off_and_survives_a_page_bug(chromium):
+    source = (ROOT / "django_comet" / "static" / "django_comet" / "comet.js").read_text()
+    chromium.get("about:blank")
+    result = chromium.execute_script(FAKES + source + SCENARIO)
+    assert result["sources"] == 3  # the first and two retries, then long-poll
+    assert result["polls"] == 2  # the first poll, and the next despite the throw
+    assert result["got"] == [1, 2]  # the throw on 1 lost nothing; "private" not asked for
+    assert result["lastId"] == 3
+    assert all(500 <= wait <= 30000 for wait in result["waits"])  # backoff, not a tight loop
