@@ -25,7 +25,7 @@
     var sseFailures = 0;  // across EventSources: errors since the last successful open
     var sseOpened = false;  // whether any EventSource ever opened
     var source = null;
-    var pollTimer = null;
+    var timer = null;  // the pending retry, or the next poll
     var pollRequest = null;
     var onState = options.onState || function () {};
     var names = options.events || ['message'];
@@ -76,13 +76,13 @@
           source.close();
           source = null;
           if (giveUp) { startPoll(); }
-          else { pollTimer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
+          else { timer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
         }
       };
     }
 
     function startPoll() {
-      var delay = 0;
+      var failures = 0;
       function next() {
         if (closed) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
@@ -102,17 +102,17 @@
               else if (e.id > lastId) { lastId = e.id; }  // not listened to: skip it
             });
             if (body.last_id > lastId) { lastId = body.last_id; }
-            delay = 0;
+            failures = 0;
             onState('live (long-poll)');
           } else {
-            delay = Math.min(30000, delay * 2 || 1000);
+            failures += 1;
           }
-          pollTimer = setTimeout(next, delay);
+          timer = setTimeout(next, failures ? backoff(failures) : 0);
         };
         xhr.onerror = function () {
-          delay = Math.min(30000, delay * 2 || 1000);
+          failures += 1;
           onState('reconnecting…');
-          pollTimer = setTimeout(next, delay);
+          timer = setTimeout(next, backoff(failures));
         };
         xhr.send();
       }
@@ -128,7 +128,7 @@
       close: function () {
         closed = true;
         if (source) { source.close(); }
-        if (pollTimer) { clearTimeout(pollTimer); }
+        if (timer) { clearTimeout(timer); }
         if (pollRequest) { pollRequest.abort(); }
       },
       get lastId() { return lastId; }
