@@ -14,6 +14,7 @@ COMET_AUTHORIZE = "tests.views.authorize"
 COMET_MAX_HOLD = float(os.environ.get("TEST_MAX_HOLD", "3600"))
 COMET_TRUSTED_PROXIES = [p for p in os.environ.get("TEST_TRUSTED_PROXIES", "").split(",") if p]
 COMET_HEADER_TIMEOUT = float(os.environ.get("TEST_HEADER_TIMEOUT", "20"))
+COMET_TIMEOUT = float(os.environ.get("TEST_TIMEOUT", "30"))
 COMET_MAX_CONNECTIONS = int(os.environ.get("TEST_MAX_CONNECTIONS", "20000"))
 COMET_GRACE_PERIOD = float(os.environ.get("TEST_GRACE_PERIOD", "10"))
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import select
 import signal
 import socket
 import threading
@@ -46,15 +47,19 @@ def exchange(server, data: bytes, timeout: float = 10.0) -> bytes:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the server may refuse mid-send
-        out = b""
-        while True:
-            try:
-                more = sock.recv(65536)
-            except ConnectionResetError:
-                return out
-            if not more:
-                return out
-            out += more
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not more:
+            return out
+        out += more
 
 
 SEEDS = [
@@ -283,6 +288,89 @@ def test_slow_request_head_is_cut_at_the_header_deadline(demo_db):
             assert requests.get(server.url + "/t/echo/").status_code == 200  # others go on
             assert slow.recv(100) == b""  # closed by the server, no answer
         assert server.status()["header_timeouts"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def trickle(sock: socket.socket, pieces, every: float, limit: int = 200) -> bool:
+    """Send ``pieces`` one by one, ``every`` seconds apart, then wait as long again for
+    an answer or the close.  True if the server closed the connection on us first."""
+    for piece in [*pieces, b""][:limit]:
+        if piece:
+            try:
+                sock.sendall(piece)
+            except OSError:  # reset: closed
+                return True
+        readable, _, _ = select.select([sock], [], [], every)
+        if readable:
+            try:
+                return sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+    return False
+
+
+SLOW_BODIES = {
+    "content-length": (b"Content-Length: 6000", [b"x" * 200] * 30),
+    "chunked": (
+        b"Transfer-Encoding: chunked",
+        [b"c8\r\n" + b"x" * 200 + b"\r\n"] * 30 + [b"0\r\n\r\n"],
+    ),
+}
+
+
+@pytest.mark.parametrize("framing", SLOW_BODIES)
+def test_a_slow_upload_is_not_cut_at_the_header_deadline(demo_db, framing):
+    """evhttp reports a request only once its body is in: a body arriving steadily, if
+    slowly, must outlast the head's deadline (here 0.5 s for a 3 s upload)."""
+    header, pieces = SLOW_BODIES[framing]
+    server = runcomet(db=demo_db, env={"TEST_HEADER_TIMEOUT": "0.5"})
+    try:
+        with socket.create_connection((server.host, server.port), timeout=20) as upload:
+            upload.sendall(
+                b"POST /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                b"Content-Type: application/octet-stream\r\n" + header + b"\r\n\r\n"
+            )
+            assert not trickle(upload, pieces, every=0.1)  # 2,000 bytes/s
+            answer = read_until_closed(upload)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["body_length"] == 6000
+        assert server.status()["header_timeouts"] == 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_trickling_upload_is_cut(demo_db):
+    """Slow POST: a body arriving under 500 bytes/s is cut one period after its deadline."""
+    server = runcomet(db=demo_db, env={"TEST_HEADER_TIMEOUT": "0.5"})
+    try:
+        with socket.create_connection((server.host, server.port), timeout=20) as slow:
+            slow.sendall(
+                b"POST /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/octet-stream\r\nContent-Length: 6000\r\n\r\n"
+            )
+            assert trickle(slow, [b"x" * 10] * 600, every=0.2)  # 50 bytes/s
+        assert server.status()["header_timeouts"] == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_dribbled_keep_alive_request_head_is_cut(demo_db):
+    """The deadline starts again after each response: a client cannot send one request
+    in time and then dribble the next one's head forever, one byte short of the idle
+    timeout each time."""
+    server = runcomet(db=demo_db, env={"TEST_HEADER_TIMEOUT": "0.5", "TEST_TIMEOUT": "1"})
+    try:
+        with socket.create_connection((server.host, server.port), timeout=20) as slow:
+            slow.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert slow.recv(12) == b"HTTP/1.1 200"
+            slow.recv(65536)  # the rest of the answer (small: one segment)
+            head = b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: 1\r\n" * 50
+            # A byte every 0.2 s: never idle for the 1 s timeout.
+            assert trickle(slow, [head[i : i + 1] for i in range(len(head))], every=0.2)
+        status = server.status()
+        assert status["header_timeouts"] == 1
+        assert status["requests"] == 1  # the first request was answered
     finally:
         assert server.stop() == 0
 

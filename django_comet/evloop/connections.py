@@ -1,16 +1,25 @@
-"""Per-connection limits that evhttp lacks: a deadline for a new connection's first
-request (a slowloris sender is cut), and a maximum number of open connections (beyond
-it, accepting pauses and new clients wait in the kernel's backlog).
+"""Per-connection limits that evhttp lacks: deadlines for request heads (a slowloris
+sender is cut), a floor under the rate of a slow upload (a slow-POST sender is cut), and
+a maximum number of open connections (beyond it, accepting pauses and new clients wait
+in the kernel's backlog).
 
 evhttp tells Python nothing about a connection until its first request is complete, so
 the guard creates each connection's bufferevent itself (``evhttp_set_bevcb``) and holds
 one reference on it.  A sweep once a second finds the connections evhttp has let go
 (``bufferevent_free`` clears the event callback; our reference keeps the memory valid
-to look at), drops our reference (which closes the socket), and cuts the connections
-past their deadline.  The event callback, not the read callback: evhttp clears the read
-callback itself whenever it writes a response, for as long as a download or a stream
-lasts.  Its offset in ``struct bufferevent`` is found at start by setting a known
-callback on a scratch bufferevent, not compiled in.
+to look at), drops our reference (which closes the socket), and deals with the
+connections past their deadline.  The event callback, not the read callback: evhttp
+clears the read callback itself whenever it writes a response, for as long as a
+download or a stream lasts.  Its offset in ``struct bufferevent`` is found at start by
+setting a known callback on a scratch bufferevent, not compiled in.
+
+A deadline runs while a connection owes us a request: from its opening, and again from
+the end of each response.  A request in progress (a view running, a response held) has
+none.  evhttp only reports a request once its body is in too, so a connection past its
+deadline may be an upload: from then on the bytes arriving are counted (an evbuffer
+callback, on slow connections only), and it is cut as soon as a period brings fewer
+than ``MIN_UPLOAD_RATE`` per second, the first period being short.  A head that passes
+this way still ends at evhttp's bound on its size (48 KiB here: within about 100 s).
 """
 
 from __future__ import annotations
@@ -31,6 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_comet.server")
 
 SWEEP_SECONDS = 1.0
+# Bytes per second under which a request still arriving after its deadline is cut: the
+# floor Apache's mod_reqtimeout applies to request bodies by default.
+MIN_UPLOAD_RATE = 500
+# How long a connection past its deadline is watched before its rate is first judged.
+PROBATION_SECONDS = 2.0
 
 
 def find_eventcb_offset(lib: ctypes.CDLL, base: int) -> int | None:
@@ -53,10 +67,19 @@ class ConnectionGuard:
         self.server = server
         self._lib = server._lib
         self.header_timeout = server.config.header_timeout
+        # Keep-alive: the next request may begin as late as the idle timeout after the
+        # previous response (evhttp closes an idle connection then), and its head then
+        # has the header timeout, as a new connection's has.
+        self.next_request_timeout = (
+            server.config.timeout + self.header_timeout if self.header_timeout else 0.0
+        )
         self.max_connections = server.config.max_connections
         self.timed_out = 0
         self.paused = False
-        self._conns: dict[int, float] = {}  # bufferevent -> first-request deadline, 0 once met
+        self._conns: dict[int, float] = {}  # bufferevent -> deadline for a request, or 0
+        # Connections past their deadline: [bytes arrived, since when] (monotonic time).
+        self._arriving: dict[int, list[Any]] = {}
+        self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
         self._offset = find_eventcb_offset(self._lib, server.loop.base)
         self._sweeper: Handle | None = None
         if self._offset is None:
@@ -91,11 +114,21 @@ class ConnectionGuard:
             self._pause()
         return int(bev)
 
-    def request_arrived(self, evcon: int) -> None:
-        """A first request came in time: no more deadline for this connection."""
-        bev = self._lib.evhttp_connection_get_bufferevent(evcon)
+    def request_arrived(self, evcon: int) -> int:
+        """A request came in time: no deadline while it is answered.  Returns the
+        connection's key for ``response_done``."""
+        bev: int = self._lib.evhttp_connection_get_bufferevent(evcon)
         if self._conns.get(bev):
             self._conns[bev] = 0.0
+            if bev in self._arriving:
+                self._stop_counting(bev)
+        return bev
+
+    def response_done(self, bev: int) -> None:
+        """The connection's response is complete (or its last bytes are on their way):
+        the next request is due."""
+        if self.next_request_timeout and bev in self._conns:
+            self._conns[bev] = time.monotonic() + self.next_request_timeout
 
     def closing(self, evcon: int) -> None:
         """evhttp is freeing this connection (its close callback runs first): drop our
@@ -103,6 +136,7 @@ class ConnectionGuard:
         it is still near the top of the heap (after a storm of resets, most of it)."""
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         if self._conns.pop(bev, None) is not None:
+            self._arriving.pop(bev, None)  # its input buffer, callback and all, goes with it
             self._lib.bufferevent_decref(bev)
 
     def unsent(self) -> int:
@@ -125,14 +159,47 @@ class ConnectionGuard:
         for bev, deadline in list(self._conns.items()):
             if not ctypes.c_void_p.from_address(bev + offset).value:
                 del self._conns[bev]  # evhttp let it go: ours is the last reference
+                self._arriving.pop(bev, None)
                 self._lib.bufferevent_decref(bev)
             elif deadline and now > deadline:
-                self._conns[bev] = 0.0
-                self.timed_out += 1
-                shutdown_socket(self._lib.bufferevent_getfd(bev))  # evhttp sees EOF and frees it
+                self._past_deadline(bev, now)
         if self.paused and len(self._conns) < self.max_connections:
             self.paused = False
             self.server._accepting(True)
+
+    def _past_deadline(self, bev: int, now: float) -> None:
+        lib = self._lib
+        if lib.evbuffer_get_length(lib.bufferevent_get_output(bev)):
+            # The last response is still leaving (a slow reader; the write timeout
+            # watches that): the next request is due once it has left.
+            self._conns[bev] = now + self.next_request_timeout
+            return
+        counted = self._arriving.get(bev)
+        if counted is None:  # perhaps an upload: watch what arrives before judging
+            lib.evbuffer_add_cb(lib.bufferevent_get_input(bev), self._count_arrivals, bev)
+            self._arriving[bev] = [0, now]
+            self._conns[bev] = now + min(self.header_timeout, PROBATION_SECONDS)
+            return
+        arrived, since = counted
+        if arrived >= MIN_UPLOAD_RATE * (now - since):
+            counted[:] = [0, now]
+            self._conns[bev] = now + self.header_timeout
+            return
+        self._conns[bev] = 0.0
+        self._stop_counting(bev)
+        self.timed_out += 1
+        shutdown_socket(lib.bufferevent_getfd(bev))  # evhttp sees EOF and frees it
+
+    def _arrived(self, _buf: int, info: Any, bev: int) -> None:
+        counted = self._arriving.get(bev)
+        if counted is not None:
+            counted[0] += info.contents.n_added
+
+    def _stop_counting(self, bev: int) -> None:
+        del self._arriving[bev]
+        self._lib.evbuffer_remove_cb(
+            self._lib.bufferevent_get_input(bev), self._count_arrivals, bev
+        )
 
     def _pause(self) -> None:
         if not self.paused:
@@ -150,6 +217,7 @@ class ConnectionGuard:
         for bev in self._conns:
             self._lib.bufferevent_decref(bev)
         self._conns.clear()
+        self._arriving.clear()
 
 
 def shutdown_socket(fd: int) -> None:

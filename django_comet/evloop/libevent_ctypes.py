@@ -99,6 +99,10 @@ evkeyval._fields_ = [
 ]
 
 
+class evbuffer_cb_info(Structure):
+    _fields_ = [("orig_size", c_size_t), ("n_added", c_size_t), ("n_deleted", c_size_t)]
+
+
 class evkeyvalq(Structure):
     """TAILQ_HEAD(evkeyvalq, evkeyval) { struct evkeyval *tqh_first; ... **tqh_last; }"""
 
@@ -115,6 +119,9 @@ evhttp_connection_cb = CFUNCTYPE(None, evhttp_connection_p, c_void_p)
 evhttp_bevcb = CFUNCTYPE(c_void_p, event_base_p, c_void_p)
 # typedef void (*bufferevent_data_cb)(struct bufferevent *bev, void *ctx);
 bufferevent_data_cb = CFUNCTYPE(None, bufferevent_p, c_void_p)
+# typedef void (*evbuffer_cb_func)(struct evbuffer *buffer,
+#     const struct evbuffer_cb_info *info, void *arg);
+evbuffer_cb_func = CFUNCTYPE(None, evbuffer_p, POINTER(evbuffer_cb_info), c_void_p)
 # typedef void (*evconnlistener_errorcb)(struct evconnlistener *, void *);
 evconnlistener_errorcb = CFUNCTYPE(None, evconnlistener_p, c_void_p)
 
@@ -213,6 +220,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bufferevent_incref": (None, [bufferevent_p]),
     # int bufferevent_decref(struct bufferevent *bufev);
     "bufferevent_decref": (c_int, [bufferevent_p]),
+    # struct evbuffer *bufferevent_get_input(struct bufferevent *bufev);
+    "bufferevent_get_input": (evbuffer_p, [bufferevent_p]),
     # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
     "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
     # int bufferevent_set_timeouts(struct bufferevent *bufev,
@@ -251,6 +260,11 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_get_length": (c_size_t, [evbuffer_p]),
     # int evbuffer_add(struct evbuffer *buf, const void *data, size_t datlen);
     "evbuffer_add": (c_int, [evbuffer_p, c_char_p, c_size_t]),
+    # struct evbuffer_cb_entry *evbuffer_add_cb(struct evbuffer *buffer,
+    #     evbuffer_cb_func cb, void *cbarg);
+    "evbuffer_add_cb": (c_void_p, [evbuffer_p, evbuffer_cb_func, c_void_p]),
+    # int evbuffer_remove_cb(struct evbuffer *buffer, evbuffer_cb_func cb, void *cbarg);
+    "evbuffer_remove_cb": (c_int, [evbuffer_p, evbuffer_cb_func, c_void_p]),
     # unsigned char *evbuffer_pullup(struct evbuffer *buf, ev_ssize_t size);
     "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
     # int evbuffer_drain(struct evbuffer *buf, size_t len);

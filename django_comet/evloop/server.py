@@ -49,6 +49,7 @@ class Exchange:
         "bev",
         "close_at_end",
         "code",
+        "conn",
         "cursor",
         "dead",
         "deferred",
@@ -93,6 +94,7 @@ class Exchange:
         self.outbuf: int | None = None  # streams: the connection's output evbuffer
         self.close_at_end = False  # its headers were shed and had asked to close
         self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
+        self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
 
 
 class Server(Producer, Responder):
@@ -317,11 +319,11 @@ class Server(Producer, Responder):
             while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
                 pass
             self._lib.evhttp_add_header(r.input_headers, b"Connection", b"close")
-        if self.guard.tracking:
-            self.guard.request_arrived(r.evcon)
         key = self._next_key
         self._next_key += 1
         ex = Exchange(key, req, environ)
+        if self.guard.tracking:
+            ex.conn = self.guard.request_arrived(r.evcon)
         self._exchanges[key] = ex
         if self._pool is not None:
             self._lift_read_timeout(ex)  # a slow view must not look like an idle client
@@ -404,6 +406,8 @@ class Server(Producer, Responder):
 
     def _finish(self, ex: Exchange) -> None:
         del self._exchanges[ex.key]
+        if ex.conn:
+            self.guard.response_done(ex.conn)
         self._done(ex, aborted=False)
 
     def _done(self, ex: Exchange, aborted: bool) -> None:
