@@ -334,3 +334,40 @@ def test_a_new_process_does_not_load_the_whole_history(broker, demo_db):
         assert len(replayed["events"]) == 3 and replayed["last_id"] < live
     finally:
         assert server.stop() == 0
+
+
+def test_a_large_event_is_read_off_the_loop_thread_and_in_order(pair, broker):
+    """An event too large for NOTIFY is read from the table: while that read waits (the
+    table locked here), the server goes on answering, and an event notified after it
+    waits its turn rather than overtaking it."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    import psycopg
+
+    a, _ = pair
+    insert = "INSERT INTO comet_event (channel, data) VALUES ('locked', %s) RETURNING id"
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE 'SELECT id, channel, name, data FROM comet_event WHERE id =%%'"
+    )
+    with (
+        SSEClient(a, "/t/stream/?channels=locked") as client,
+        psycopg.connect(broker.url, autocommit=True) as notifier,
+        psycopg.connect(broker.url) as locker,
+    ):
+        subscribed(a, "locked")
+        big = json.dumps("z" * 9000)
+        big_id = notifier.execute(insert, (big,)).fetchone()[0]
+        small_id = notifier.execute(insert, ('"small"',)).fetchone()[0]
+        published = a.status()["events_published"]
+        locker.execute("LOCK TABLE comet_event IN ACCESS EXCLUSIVE MODE")
+        # As a publish would notify them: the large one by id, the small one whole.
+        notifier.execute("SELECT pg_notify('comet_events', %s)", (str(big_id),))
+        small = json.dumps([small_id, "locked", None, '"small"'], separators=(",", ":"))
+        notifier.execute("SELECT pg_notify('comet_events', %s)", (small,))
+        wait_until(lambda: notifier.execute(reading).fetchone()[0] >= 2)  # both servers
+        assert requests.get(a.url + "/t/echo/", timeout=10).status_code == 200
+        assert a.status()["events_published"] == published  # the small one did not overtake
+        locker.rollback()
+        assert client.next_event() == {"id": str(big_id), "data": big}
+        assert client.next_event() == {"id": str(small_id), "data": '"small"'}

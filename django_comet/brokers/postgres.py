@@ -6,7 +6,8 @@ Django's default database settings.  Needs ``django-comet[postgres]`` (psycopg 3
 Publishing is one short transaction: an advisory lock (so that ids commit, and so are
 notified, in id order), an INSERT that takes the id, and a NOTIFY that carries the event;
 an event too large for NOTIFY's 8000-byte payload is notified by id and read from the
-table.
+table (under runcomet, on a helper thread: the loop thread never waits on a query, and
+the events notified after it wait their turn).
 
 History: ``since`` answers at most the history size of events per channel (their union,
 oldest first) and reports a gap whenever an event of those channels newer than the
@@ -26,7 +27,9 @@ import json
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..evloop.hub import Event
@@ -107,6 +110,10 @@ class PostgresBroker(ListeningBroker):
         self._local = threading.local()  # one publishing connection per thread
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
+        # Loop thread: notified events in id order, each [read yet, event]; only while
+        # a large one is being read on the reader thread.
+        self._in_order: deque[list[Any]] = deque()
+        self._reader: ThreadPoolExecutor | None = None
         self._listening_from: int | None = None  # the newest id when it first listened
         with self._connect() as conn:
             conn.execute(SCHEMA)
@@ -188,7 +195,13 @@ class PostgresBroker(ListeningBroker):
             super()._start(loop)  # no loop here: a thread waits instead
         else:
             self._loop = loop
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="comet-postgres-read")
             self._connect_for_loop()
+
+    def close(self) -> None:
+        super().close()
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
 
     def _connect_for_loop(self) -> None:
         """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
@@ -218,9 +231,7 @@ class PostgresBroker(ListeningBroker):
     def _readable(self, conn: Any) -> None:
         try:
             for notify in conn.notifies(timeout=0):  # what has arrived; never waits
-                event = self._event(notify.payload)
-                if event is not None:
-                    self._deliver(event)
+                self._notified(notify.payload)
         except Exception as exc:  # the server went away: watch a new connection
             self.connected.clear()
             self._watcher.cancel()
@@ -264,23 +275,68 @@ class PostgresBroker(ListeningBroker):
             deliver(Event(channel, int(i), data, name))
         return conn
 
-    def _event(self, payload: str) -> Event | None:
+    def _notified(self, payload: str) -> None:
+        """Loop thread: deliver a notified event, in id order.  One too large for NOTIFY
+        is read on the reader thread; the events after it wait until it has been."""
         if payload.startswith("["):
-            event_id, channel, name, data = json.loads(payload)
-            return Event(channel, event_id, data, name)
-        # Too large for NOTIFY: read it on another connection (this one is busy listening).
-        row = (
-            self._conn()
-            .execute(
-                "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (int(payload),)
-            )
-            .fetchone()
-        )
+            event = _carried(payload)
+            if not self._in_order:
+                self._deliver(event)
+                return
+            self._in_order.append([True, event])
+            return
+        slot: list[Any] = [False, None]
+        self._in_order.append(slot)
+        assert self._reader is not None
+        self._reader.submit(self._read_for_loop, slot, int(payload))
+
+    def _read_for_loop(self, slot: list[Any], event_id: int) -> None:
+        """Reader thread: read a large event and hand it back to the loop thread."""
+        try:
+            event = self._read(event_id)
+        except Exception:  # the database is gone too: the reconnection catches up
+            logger.exception("could not read event %s; skipped", event_id)
+            event = None
+        self._loop.call_soon_threadsafe(self._was_read, slot, event)
+
+    def _was_read(self, slot: list[Any], event: Event | None) -> None:
+        slot[:] = [True, event]
+        queue = self._in_order
+        while queue and queue[0][0]:
+            event = queue.popleft()[1]
+            if event is not None:
+                self._deliver(event)
+
+    def _event(self, payload: str) -> Event | None:
+        """Listening thread (no loop): the event, read from the table if too large."""
+        return _carried(payload) if payload.startswith("[") else self._read(int(payload))
+
+    def _read(self, event_id: int) -> Event | None:
+        """An event too large for NOTIFY, read on this thread's publishing connection
+        (the listening one is busy listening)."""
+        try:
+            row = self._select_event(event_id)
+        except self.psycopg.OperationalError:
+            self._local.conn = None  # the database restarted: one fresh try
+            row = self._select_event(event_id)
         if row is None:  # pruned before we read it (newer ones of its channel came)
-            logger.warning("event %s was pruned before it could be read; skipped", payload)
+            logger.warning("event %s was pruned before it could be read; skipped", event_id)
             return None
         i, channel, name, data = row
         return Event(channel, int(i), data, name)
+
+    def _select_event(self, event_id: int) -> Any:
+        return (
+            self._conn()
+            .execute("SELECT id, channel, name, data FROM comet_event WHERE id = %s", (event_id,))
+            .fetchone()
+        )
+
+
+def _carried(payload: str) -> Event:
+    """The event a NOTIFY payload carries whole."""
+    event_id, channel, name, data = json.loads(payload)
+    return Event(channel, event_id, data, name)
 
 
 def conninfo_from_url(url: str) -> str:
