@@ -49,7 +49,7 @@ def _figures(request: HttpRequest) -> dict[str, Any]:
     server = request.META.get("evloop.server")
     if server is None:  # not under runcomet
         return {"server": None, "held": 0, "requests": None, "events_published": hub.published}
-    return {"server": "runcomet", **server.stats()}
+    return {"server": "runcomet", **server.server_stats()}
 
 
 def status(request: HttpRequest) -> JsonResponse:
@@ -61,13 +61,14 @@ def status(request: HttpRequest) -> JsonResponse:
 
 _METRICS = [
     # (name, type, help, key in the status figures)
+    ("comet_workers", "gauge", "Worker processes these figures add up.", "workers"),
     ("comet_held_connections", "gauge", "Responses held open (deferrals, polls, streams).", "held"),
     ("comet_sse_streams", "gauge", "Server-Sent Events streams open.", "streams"),
     ("comet_requests_total", "counter", "Requests answered since start.", "requests"),
     (
         "comet_events_published_total",
         "counter",
-        "Events this process received.",
+        "Events received (by the worker that received most, under --workers).",
         "events_published",
     ),
     ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.", "dropped_slow"),

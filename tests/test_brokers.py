@@ -1,9 +1,11 @@
 """Several runcomet processes sharing a real broker (PostgreSQL, Redis)."""
 
+import glob
 import itertools
 import json
 import os
 import signal
+import tempfile
 import time
 
 import psutil
@@ -162,6 +164,49 @@ def test_killed_worker_clients_reconnect_and_lose_nothing(broker, demo_db):
         assert ids == [first, *missed]  # every event once, in order
     finally:
         assert server.stop() == 0
+
+
+def test_status_adds_up_every_workers_figures(broker, demo_db):
+    """Under --workers, /comet/status/ and /comet/metrics are the whole server's figures
+    whichever worker answers: streams held by either worker all count."""
+    figure_dirs = os.path.join(tempfile.gettempdir(), "django-comet-figures-*")
+    before = set(glob.glob(figure_dirs))
+    server = start(broker, demo_db, "--workers", "2")
+    clients = []
+    try:
+        parent = psutil.Process(server.proc.pid)
+        wait_until(lambda: len(parent.children()) == 2)  # forked after the banner
+        workers = parent.children()
+
+        def holder(client):
+            port = client.sock.getsockname()[1]
+            return next(
+                w.pid
+                for w in workers
+                if any(c.raddr and c.raddr.port == port for c in w.net_connections("tcp"))
+            )
+
+        holders = set()
+        while len(holders) < 2:  # the kernel picks the worker: open streams until both hold some
+            assert len(clients) < 100, "one worker accepted every connection"
+            clients.append(SSEClient(server, "/t/stream/?channels=spread"))
+            holders.add(holder(clients[-1]))
+        status = server.wait_for_status(lambda s: s["channels"].get("spread") == len(clients))
+        assert status["workers"] == 2 and status["streams"] == len(clients)
+        assert sorted(w["pid"] for w in status["per_worker"]) == sorted(w.pid for w in workers)
+        assert sum(w["streams"] for w in status["per_worker"]) == len(clients)
+        metrics = requests.get(server.url + "/comet/metrics", timeout=10).text
+        assert "comet_workers 2\n" in metrics
+        # Another worker's figures are up to a second old: this one's live part varies.
+        assert f'comet_channel_subscribers{{channel="spread"}} {len(clients)}' in metrics
+        for client in clients:
+            client.close()
+        server.wait_for_status(lambda s: s["held"] == 0 and "spread" not in s["channels"])
+    finally:
+        for client in clients:
+            client.close()
+        assert server.stop() == 0
+    assert set(glob.glob(figure_dirs)) == before  # the parent removed its directory
 
 
 # -- bounded shared history, gaps, and one listener ----------------------------------------

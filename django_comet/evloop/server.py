@@ -28,6 +28,7 @@ from typing import Any
 from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard
+from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
@@ -154,6 +155,12 @@ class Server(Producer, Responder):
         )
         self._http = self._make_evhttp()
         self.holder = Holder(self)
+        self.shared_figures: WorkerFigures | None = None  # under --workers
+
+    def share_figures(self, directory: str, number: int) -> None:
+        """A pre-forked worker: write this worker's figures where the others read them,
+        so that the status view shows the whole server's."""
+        self.shared_figures = WorkerFigures(self, directory, number)
 
     def _make_evhttp(self) -> int:
         lib, cfg = self._lib, self.config
@@ -250,6 +257,8 @@ class Server(Producer, Responder):
         for ex in list(self._exchanges.values()):
             self._forget(ex)
         self.guard.close()
+        if self.shared_figures is not None:
+            self.shared_figures.close()
         if self._http:
             self._lib.evhttp_free(self._http)  # closes the listener and idle connections
             self._http = 0
@@ -261,18 +270,29 @@ class Server(Producer, Responder):
         self._lib.evbuffer_free(self._buf)
 
     def stats(self) -> dict[str, Any]:
+        """This process's figures."""
+        own_handles = 1 + self.guard.handles  # the wake-up pipe, the sweeper
+        if self.shared_figures is not None:
+            own_handles += self.shared_figures.handles
         return {
             "held": self.held,
             "requests": self.requests,
             "in_flight": len(self._exchanges),
-            # Timers and watchers of requests: less the wake-up pipe and the sweeper.
-            "timers": self.loop.pending_handles - 1 - self.guard.handles,
+            # Timers and watchers of requests: less the server's own.
+            "timers": self.loop.pending_handles - own_handles,
             "threads": self._pool.size if self._pool else 0,
             "connections": self.guard.open,
             "header_timeouts": self.guard.timed_out,
             "accept_pauses": self.accept_pauses,
             **self.holder.stats(),
         }
+
+    def server_stats(self) -> dict[str, Any]:
+        """The whole server's figures: this process's, or under ``--workers`` every
+        worker's added up (the others' as of their last write, at most a second ago)."""
+        if self.shared_figures is None:
+            return {"workers": 1, **self.stats()}
+        return self.shared_figures.combined(self.stats())
 
     def _on_accept_error(self, listener: int, _arg: Any) -> None:
         """accept() failed (EMFILE: out of file descriptors, ENFILE, ENOBUFS): pause

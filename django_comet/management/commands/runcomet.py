@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from datetime import datetime
 from typing import Any
@@ -154,15 +156,21 @@ class Command(RunserverCommand):
 
         config.multiprocess = True
 
+        figures = tempfile.mkdtemp(prefix="django-comet-figures-")
+
         def child(number: int) -> None:
             server = self.comet_server_cls(handler, config, sock=sock)
+            server.share_figures(figures, number)
             get_broker().start_listening(server.loop)
             server.serve_forever(handle_signals=True, worker=True)
 
         self.on_bind(port, None, workers=workers, threads=config.threads)
         # Once stopping, the parent lets go of the socket: when the workers have too, a
         # successor can bind the address while they drain.
-        Supervisor(workers, child, config.grace, on_stop=sock.close).run()
+        try:
+            Supervisor(workers, child, config.grace, on_stop=sock.close).run()
+        finally:
+            shutil.rmtree(figures, ignore_errors=True)
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
         self.stdout.write("Stopped.")

@@ -1,0 +1,25 @@
+"""Adding up the status figures of pre-forked workers (the pure part)."""
+
+from django_comet.evloop.figures import combine
+
+
+def record(worker, pid, **figures):
+    return {"worker": worker, "pid": pid, "figures": figures}
+
+
+def test_counts_add_up_and_events_received_do_not():
+    total = combine(
+        [
+            record(1, 11, held=2, requests=10, events_published=7, channels={"a": 1, "b": 2}),
+            record(0, 10, held=1, requests=5, events_published=9, channels={"a": 3}),
+        ]
+    )
+    assert total["workers"] == 2
+    assert (total["held"], total["requests"]) == (3, 15)
+    # Every worker hears every event through the broker: the most any one received.
+    assert total["events_published"] == 9
+    assert total["channels"] == {"a": 4, "b": 2}
+    assert [(w["worker"], w["pid"], w["held"]) for w in total["per_worker"]] == [
+        (0, 10, 1),
+        (1, 11, 2),
+    ]
