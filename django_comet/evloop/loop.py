@@ -206,6 +206,7 @@ class Loop:
         """Free every event, then the base (events before their base).  Callables still
         queued never run: dropping them releases what they hold (a file on its way out
         closes its descriptor)."""
+        self._woken = True  # a thread calling in late writes to no descriptor (reused by now)
         self._ready.clear()
         for handle in list(self._handles.values()):
             handle.cancel()

@@ -112,6 +112,7 @@ class Server(Producer, Responder):
     ):
         self.app = app
         self.config = config or ServerConfig()
+        self._own_loop = loop is None  # closed with the server; a loop passed in is not
         self.loop = loop or Loop()
         self._lib = ev.lib()
         # A Unix socket this server bound itself is also its to remove when it stops.
@@ -268,6 +269,8 @@ class Server(Producer, Responder):
             remove_unix_socket(self._own_path, self._own_id)
         self.guard.release_all()
         self._lib.evbuffer_free(self._buf)
+        if self._own_loop:
+            self.loop.close()
 
     def stats(self) -> dict[str, Any]:
         """This process's figures."""
