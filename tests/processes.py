@@ -34,6 +34,7 @@ class ServerProcess:
     ):
         self.argv = argv
         self.output: list[str] = []
+        self._more_output = threading.Condition()
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -55,10 +56,20 @@ class ServerProcess:
         self.host = banner_host.strip("[]") if banner_host.startswith("[") else "127.0.0.1"
         self.url = f"http://{banner_host if self.host != '127.0.0.1' else self.host}:{self.port}"
 
+    def logged(self, text: str, timeout: float = 20.0) -> bool:
+        """Whether the server logs a line containing ``text`` within ``timeout`` seconds
+        (its output is read on a thread: a line just written may not be here yet)."""
+        with self._more_output:
+            return self._more_output.wait_for(
+                lambda: any(text in line for line in self.output), timeout
+            )
+
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.output.append(line)
+            with self._more_output:
+                self.output.append(line)
+                self._more_output.notify_all()
             match = BANNER.search(line)
             if match and not self._ready.is_set():
                 if match.group(3):

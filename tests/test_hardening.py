@@ -161,7 +161,7 @@ def test_exception_in_close_is_logged_and_the_response_stands(target):
     response = requests.get(target.url + "/close-raises")
     assert response.status_code == 200
     assert response.content == b"body before a failing close"
-    wait_until(lambda: any("close() failed" in line for line in target.output))
+    assert target.logged("close() failed")
 
 
 def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
@@ -172,7 +172,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
         socks = []
         for _ in range(90):  # more than the server has descriptors for
             socks.append(socket.create_connection((server.host, server.port), timeout=10))
-        wait_until(lambda: any("accept() failed" in line for line in server.output))
+        assert server.logged("accept() failed")
         for sock in socks:
             sock.close()
         session = requests.Session()
@@ -400,7 +400,7 @@ def test_connection_limit_pauses_accepting_then_recovers(demo_db):
     try:
         for _ in range(20):
             idle.append(socket.create_connection((server.host, server.port), timeout=20))
-        wait_until(lambda: any("not accepting more" in line for line in server.output))
+        assert server.logged("not accepting more")
         waiting = socket.create_connection((server.host, server.port), timeout=20)
         waiting.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         for sock in idle:

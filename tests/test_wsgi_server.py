@@ -131,7 +131,7 @@ def test_a_1xx_final_status_is_a_500_and_nothing_of_its_body_goes_out(wsgi_serve
                 length = int(line.split(b":")[1])
         f.read(length)
         assert_clean_hellos(sock, f)
-    assert any("1xx is not a final status" in line for line in wsgi_server.output)
+    assert wsgi_server.logged("1xx is not a final status")
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_a_stream_longer_than_its_length_is_cut_there_and_closed(wsgi_server):
     head, _, body = out.partition(b"\r\n\r\n")
     assert b"Content-Length: 10" in head
     assert body == b"o" * 10  # and then the connection closed: no stray bytes, no hello
-    assert any("runs past its Content-Length" in line for line in wsgi_server.output)
+    assert wsgi_server.logged("runs past its Content-Length")
 
 
 def test_a_stream_shorter_than_its_length_is_cut_not_ended(wsgi_server):
@@ -186,7 +186,7 @@ def test_a_stream_shorter_than_its_length_is_cut_not_ended(wsgi_server):
         while more := sock.recv(65536):  # the server closes: the client never waits on
             out += more
     assert len(out.partition(b"\r\n\r\n")[2]) == 300_000
-    assert any("short of its Content-Length" in line for line in wsgi_server.output)
+    assert wsgi_server.logged("short of its Content-Length")
 
 
 def test_write_callable_and_generator(wsgi_server):
@@ -205,7 +205,7 @@ def test_exception_before_start_response_is_500_and_server_lives(wsgi_server):
     response = requests.get(wsgi_server.url + "/raise-before")
     assert response.status_code == 500
     assert requests.get(wsgi_server.url + "/hello").status_code == 200
-    assert any("before start_response" in line for line in wsgi_server.output)
+    assert wsgi_server.logged("before start_response")
 
 
 def test_exception_after_headers_cuts_the_stream(wsgi_server):
@@ -312,7 +312,7 @@ def test_system_exit_in_an_app_is_an_app_error_and_the_server_lives(threads):
                 with pytest.raises((AssertionError, ValueError, ConnectionError)):
                     read_chunked(sock)  # cut: no clean last chunk
         assert requests.get(server.url + "/hello", timeout=10).status_code == 200
-        assert any("a view called sys.exit()" in line for line in server.output)
+        assert server.logged("a view called sys.exit()")
     finally:
         assert server.stop() == 0, "".join(server.output)
 
