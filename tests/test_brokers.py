@@ -390,29 +390,88 @@ def test_a_large_event_is_read_off_the_loop_thread_and_in_order(pair, broker):
     import psycopg
 
     a, _ = pair
-    insert = "INSERT INTO comet_event (channel, data) VALUES ('locked', %s) RETURNING id"
-    reading = (
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        " AND query LIKE 'SELECT id, channel, name, data FROM comet_event WHERE id =%%'"
-    )
     with (
         SSEClient(a, "/t/stream/?channels=locked") as client,
-        psycopg.connect(broker.url, autocommit=True) as notifier,
+        psycopg.connect(broker.url, autocommit=True) as watcher,
         psycopg.connect(broker.url) as locker,
     ):
         subscribed(a, "locked")
-        big = json.dumps("z" * 9000)
-        big_id = notifier.execute(insert, (big,)).fetchone()[0]
-        small_id = notifier.execute(insert, ('"small"',)).fetchone()[0]
         published = a.status()["events_published"]
-        locker.execute("LOCK TABLE comet_event IN ACCESS EXCLUSIVE MODE")
-        # As a publish would notify them: the large one by id, the small one whole.
-        notifier.execute("SELECT pg_notify('comet_events', %s)", (str(big_id),))
-        small = json.dumps([small_id, "locked", None, '"small"'], separators=(",", ":"))
-        notifier.execute("SELECT pg_notify('comet_events', %s)", (small,))
-        wait_until(lambda: notifier.execute(reading).fetchone()[0] >= 2)  # both servers
+        big, small = lock_out_and_notify(broker, locker, "locked")
+        wait_until(lambda: watcher.execute(READING).fetchone()[0] >= 2)  # both servers
         assert requests.get(a.url + "/t/echo/", timeout=10).status_code == 200
         assert a.status()["events_published"] == published  # the small one did not overtake
         locker.rollback()
-        assert client.next_event() == {"id": str(big_id), "data": big}
-        assert client.next_event() == {"id": str(small_id), "data": '"small"'}
+        assert client.next_event() == {"id": str(big[0]), "data": big[1]}
+        assert client.next_event() == {"id": str(small[0]), "data": small[1]}
+
+
+# A server's read of a large event, waiting for a lock.
+READING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    " AND query LIKE 'SELECT id, channel, name, data FROM comet_event WHERE id =%%'"
+)
+
+
+def lock_out_and_notify(broker, locker, channel):
+    """Insert a large and a small event of ``channel``, lock the table (in ``locker``'s
+    transaction), and notify both as a publish would: the large one by id."""
+    import psycopg
+
+    insert = "INSERT INTO comet_event (channel, data) VALUES (%s, %s) RETURNING id"
+    with psycopg.connect(broker.url, autocommit=True) as notifier:
+        big = json.dumps("z" * 9000)
+        big_id = notifier.execute(insert, (channel, big)).fetchone()[0]
+        small_id = notifier.execute(insert, (channel, '"small"')).fetchone()[0]
+        locker.execute("LOCK TABLE comet_event IN ACCESS EXCLUSIVE MODE")
+        notifier.execute("SELECT pg_notify('comet_events', %s)", (str(big_id),))
+        small = json.dumps([small_id, channel, None, '"small"'], separators=(",", ":"))
+        notifier.execute("SELECT pg_notify('comet_events', %s)", (small,))
+    return (big_id, big), (small_id, '"small"')
+
+
+def test_a_large_event_that_cannot_be_read_is_not_skipped(broker, demo_db):
+    """A failed read (here the lock wait times out) must not lose the event: the server
+    reconnects and catches up, the large event first."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    import psycopg
+
+    with psycopg.connect(broker.url, autocommit=True) as admin:
+        admin.execute("ALTER ROLE comet SET lock_timeout = '300ms'")  # new connections
+    try:
+        server = start(broker, demo_db)
+        try:
+            with (
+                SSEClient(server, "/t/stream/?channels=unreadable") as client,
+                psycopg.connect(broker.url) as locker,
+            ):
+                subscribed(server, "unreadable")
+                big, small = lock_out_and_notify(broker, locker, "unreadable")
+                assert server.logged(f"Could not read event {big[0]}")
+                locker.rollback()
+                assert client.next_event() == {"id": str(big[0]), "data": big[1]}
+                assert client.next_event() == {"id": str(small[0]), "data": small[1]}
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        with psycopg.connect(broker.url, autocommit=True) as admin:
+            admin.execute("ALTER ROLE comet RESET lock_timeout")
+
+
+def test_a_stop_does_not_wait_for_a_blocked_read(broker, demo_db):
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    import psycopg
+
+    server = start(broker, demo_db)
+    try:
+        with (
+            psycopg.connect(broker.url) as locker,
+            psycopg.connect(broker.url, autocommit=True) as watcher,
+        ):
+            lock_out_and_notify(broker, locker, "blocked")
+            wait_until(lambda: watcher.execute(READING).fetchone()[0] >= 1)
+            assert server.stop() == 0  # while the read still waits on the lock
+    finally:
+        server.stop()

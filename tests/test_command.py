@@ -1,8 +1,10 @@
 """runcomet: argument parsing, startup errors, graceful stop."""
 
+import contextlib
 import json
 import signal
 import socket
+import sys
 import threading
 from io import StringIO
 
@@ -14,6 +16,7 @@ from django_comet.management.commands.runcomet import Command
 
 from .processes import manage, read_chunked, runcomet
 from .sse_client import SSEClient
+from .test_hardening import wait_until
 
 
 def parsed(*args):
@@ -163,9 +166,11 @@ def test_workers_dying_on_start_are_restarted_ever_more_slowly():
     assert restart_pause(5.0, lived=60) == 0.0  # it had served: replace it at once
 
 
-def test_ctrl_c_with_workers_drains_in_flight_requests(demo_db):
-    """Ctrl-C reaches the whole process group: the parent and every worker.  Each
-    worker must drain once, not take the parent's SIGTERM as a second signal."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
+def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(demo_db, signum):
+    """Ctrl-C reaches the whole process group: the parent and every worker; so does
+    systemd's SIGTERM (KillMode=control-group), or `kill -- -PGID`.  Each worker must
+    drain once, not take the parent's SIGTERM as a second signal."""
     import psutil
 
     from .brokers import RedisServer
@@ -185,12 +190,42 @@ def test_ctrl_c_with_workers_drains_in_flight_requests(demo_db):
             server.wait_for_status(lambda s: s["in_flight"] >= 2)
             parent = psutil.Process(server.proc.pid)
             for process in [parent, *parent.children()]:
-                process.send_signal(signal.SIGINT)  # what the terminal does
+                process.send_signal(signum)
             thread.join()
             assert result["response"].status_code == 200
             assert result["response"].text == "slept"
             assert server.proc.wait(20) == 0
         finally:
+            server.stop()
+    finally:
+        broker.destroy()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_stop_when_their_parent_is_killed(demo_db):
+    """A parent killed outright (SIGKILL, the OOM killer) must not leave its workers
+    serving on, holding the address that a restarted server needs."""
+    import psutil
+
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": broker.url})
+        workers = []
+        try:
+            parent = psutil.Process(server.proc.pid)
+            wait_until(lambda: len(parent.children()) == 2)  # forked after the banner
+            workers = parent.children()
+            parent.kill()
+            _, alive = psutil.wait_procs(workers, timeout=20)
+            assert alive == []
+            with socket.socket() as again:  # the address is free again
+                again.bind((server.host, server.port))
+        finally:
+            for worker in workers:  # orphans (a failure) would keep the output pipe open
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
             server.stop()
     finally:
         broker.destroy()

@@ -23,3 +23,14 @@ def test_counts_add_up_and_events_received_do_not():
         (0, 10, 1),
         (1, 11, 2),
     ]
+
+
+def test_a_dead_workers_counters_stay_and_its_gauges_go():
+    total = combine(
+        [
+            record(0, 10, held=1, requests=5),
+            {**record(1, 11, requests=7), "gone": True},  # counters only, as read back
+        ]
+    )
+    assert (total["workers"], total["held"], total["requests"]) == (1, 1, 12)
+    assert [w["worker"] for w in total["per_worker"]] == [0]

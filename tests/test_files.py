@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import tempfile
+import time
 
 import pytest
 import requests
@@ -189,3 +190,42 @@ def test_a_pipe_has_no_range():
     read_end, write_end = os.pipe()
     with open(read_end, "rb") as r, open(write_end, "wb"):
         assert FileWrapper(r).file_range(None) is None
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_a_client_that_half_closes_gets_the_whole_file(request, server_name):
+    server = request.getfixturevalue(server_name)
+    size = 3 * MIB
+    with server.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(b"GET /t/file/?size=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % size)
+        sock.shutdown(socket.SHUT_WR)
+        _, body = read_response(sock)
+    assert body == pattern(size)
+
+
+def test_a_download_outlasting_the_timeout_is_not_cut_while_it_is_read(demo_db):
+    """COMET_TIMEOUT is an inactivity timeout: a client reading a file steadily for
+    longer must get all of it, with views in the loop thread too (the connection's read
+    timeout used to fire in the middle of the file)."""
+    server = runcomet("--threads", "0", db=demo_db, env={"TEST_TIMEOUT": "1"})
+    size = 16 * MIB
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # the kernel holds little
+        with sock:
+            sock.settimeout(30)
+            sock.connect((server.host, server.port))
+            sock.sendall(b"GET /t/file/?size=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % size)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            body = data.partition(b"\r\n\r\n")[2]
+            while len(body) < size:
+                more = sock.recv(65536)
+                assert more, f"cut after {len(body)} of {size} bytes"
+                body += more
+                time.sleep(0.01)  # a reader slower than the server: the transfer takes seconds
+        assert body == pattern(size)
+    finally:
+        assert server.stop() == 0, "".join(server.output)

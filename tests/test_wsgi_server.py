@@ -389,3 +389,37 @@ def test_every_answer_is_dated_once(wsgi_server, version):
     request = b"GET /hello HTTP/" + version + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
     head = raw(wsgi_server, request).partition(b"\r\n\r\n")[0]
     assert head.lower().count(b"\r\ndate: ") == 1, head
+
+
+def body_of(response: bytes) -> bytes:
+    """The body of one response read until the connection closed, de-chunked if need be."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return rest
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", "no clean end"
+            return body
+        body, rest = body + rest[:size], rest[size + 2 :]
+
+
+@pytest.mark.parametrize(
+    "target, size",
+    [("/bytes?200000", 200_000), ("/large", 64 * 65536), ("/large?length", 64 * 65536)],
+    ids=["whole", "chunked", "streamed-with-length"],
+)
+def test_a_client_that_half_closes_gets_the_whole_response(wsgi_server, target, size):
+    """nc -N, some HTTP/1.0 clients and TCP proxies shut their sending side once the
+    request is out: that is no reason to cut the response (evhttp took it for one)."""
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target.encode())
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while more := sock.recv(65536):  # then closed: the client has nothing more to ask
+            out += more
+    assert out.startswith(b"HTTP/1.1 200 ")
+    assert len(body_of(out)) == size

@@ -26,10 +26,10 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..evloop.hub import Event
@@ -41,6 +41,7 @@ NOTIFY_CHANNEL = "comet_events"
 LOCK_KEY = 0x636F6D6574  # "comet"
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
+READ_TIMEOUT = 10.0  # seconds for reading a large event under runcomet; then reconnect
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
 # %(keep)s rows, and records the newest id removed from each as its lost_id; one
@@ -110,12 +111,19 @@ class PostgresBroker(ListeningBroker):
         self._local = threading.local()  # one publishing connection per thread
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
+        self._listen_conn: Any = None  # the LISTEN connection the loop watches
         # Loop thread: notified events in id order, each [read yet, event]; only while
         # a large one is being read on the reader thread.
         self._in_order: deque[list[Any]] = deque()
-        self._reader: ThreadPoolExecutor | None = None
+        # Of the LISTEN connection: a read for one since lost is dropped (its catch-up
+        # read the event again).
+        self._generation = 0
+        self._reads: queue.SimpleQueue[tuple[list[Any], int, int] | None] = queue.SimpleQueue()
         self._listening_from: int | None = None  # the newest id when it first listened
-        with self._connect() as conn:
+        with self._connect() as conn, conn.transaction():
+            # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
+            # together on a new database would fail on each other's table.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             conn.execute(SCHEMA)
 
     def _connect(self, application_name: str | None = None) -> Any:
@@ -195,13 +203,15 @@ class PostgresBroker(ListeningBroker):
             super()._start(loop)  # no loop here: a thread waits instead
         else:
             self._loop = loop
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="comet-postgres-read")
+            # A daemon: a read blocked on the database must not keep the process alive.
+            threading.Thread(
+                target=self._read_large_events, name="comet-postgres-read", daemon=True
+            ).start()
             self._connect_for_loop()
 
     def close(self) -> None:
         super().close()
-        if self._reader is not None:
-            self._reader.shutdown(wait=False, cancel_futures=True)
+        self._reads.put(None)
 
     def _connect_for_loop(self) -> None:
         """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
@@ -225,6 +235,7 @@ class PostgresBroker(ListeningBroker):
     def _watch(self, conn: Any) -> None:
         """Loop thread: read notifications whenever the socket is readable."""
         self.connected.set()
+        self._listen_conn = conn
         self._watcher = self._loop.add_reader(conn.fileno(), lambda: self._readable(conn))
         self._readable(conn)  # some may have arrived during the catch-up
 
@@ -233,13 +244,20 @@ class PostgresBroker(ListeningBroker):
             for notify in conn.notifies(timeout=0):  # what has arrived; never waits
                 self._notified(notify.payload)
         except Exception as exc:  # the server went away: watch a new connection
-            self.connected.clear()
-            self._watcher.cancel()
-            with contextlib.suppress(Exception):
-                conn.close()
-            if not self._closed.is_set():
-                logger.warning("PostgreSQL connection lost (%s); reconnecting", exc)
-                self._connect_for_loop()
+            self._reconnect(f"PostgreSQL connection lost ({exc})")
+
+    def _reconnect(self, why: str) -> None:
+        """Loop thread: give up the LISTEN connection and what waits on it; the next one
+        catches up from the newest event delivered, in order."""
+        self.connected.clear()
+        self._generation += 1
+        self._in_order.clear()
+        self._watcher.cancel()
+        with contextlib.suppress(Exception):
+            self._listen_conn.close()
+        if not self._closed.is_set():
+            logger.warning("%s; reconnecting", why)
+            self._connect_for_loop()
 
     # -- without a loop (runserver, gunicorn, a shell): one thread waits ------------------
 
@@ -287,23 +305,38 @@ class PostgresBroker(ListeningBroker):
             return
         slot: list[Any] = [False, None]
         self._in_order.append(slot)
-        assert self._reader is not None
-        self._reader.submit(self._read_for_loop, slot, int(payload))
+        self._reads.put((slot, int(payload), self._generation))
 
-    def _read_for_loop(self, slot: list[Any], event_id: int) -> None:
-        """Reader thread: read a large event and hand it back to the loop thread."""
-        try:
-            event = self._read(event_id)
-        except Exception:  # the database is gone too: the reconnection catches up
-            logger.exception("could not read event %s; skipped", event_id)
-            event = None
-        self._loop.call_soon_threadsafe(self._was_read, slot, event)
+    def _read_large_events(self) -> None:
+        """Reader thread: read each large event and hand it back to the loop thread."""
+        while (item := self._reads.get()) is not None:
+            slot, event_id, generation = item
+            try:
+                event, error = self._read(event_id, READ_TIMEOUT), None
+            except Exception as exc:
+                event, error = None, exc
+            self._loop.call_soon_threadsafe(
+                self._was_read, slot, generation, event_id, event, error
+            )
 
-    def _was_read(self, slot: list[Any], event: Event | None) -> None:
+    def _was_read(
+        self,
+        slot: list[Any],
+        generation: int,
+        event_id: int,
+        event: Event | None,
+        error: Exception | None,
+    ) -> None:
+        if generation != self._generation:
+            return  # read for a connection since lost, whose catch-up covered it
+        if error is not None:
+            # Never skipped: the events after it wait, and a new connection's catch-up
+            # reads them all again, this one first.
+            return self._reconnect(f"Could not read event {event_id} ({error})")
         slot[:] = [True, event]
-        queue = self._in_order
-        while queue and queue[0][0]:
-            event = queue.popleft()[1]
+        waiting = self._in_order
+        while waiting and waiting[0][0]:
+            event = waiting.popleft()[1]
             if event is not None:
                 self._deliver(event)
 
@@ -311,26 +344,28 @@ class PostgresBroker(ListeningBroker):
         """Listening thread (no loop): the event, read from the table if too large."""
         return _carried(payload) if payload.startswith("[") else self._read(int(payload))
 
-    def _read(self, event_id: int) -> Event | None:
+    def _read(self, event_id: int, timeout: float | None = None) -> Event | None:
         """An event too large for NOTIFY, read on this thread's publishing connection
-        (the listening one is busy listening)."""
+        (the listening one is busy listening), within ``timeout`` seconds if given."""
         try:
-            row = self._select_event(event_id)
+            row = self._select_event(event_id, timeout)
         except self.psycopg.OperationalError:
             self._local.conn = None  # the database restarted: one fresh try
-            row = self._select_event(event_id)
+            row = self._select_event(event_id, timeout)
         if row is None:  # pruned before we read it (newer ones of its channel came)
             logger.warning("event %s was pruned before it could be read; skipped", event_id)
             return None
         i, channel, name, data = row
         return Event(channel, int(i), data, name)
 
-    def _select_event(self, event_id: int) -> Any:
-        return (
-            self._conn()
-            .execute("SELECT id, channel, name, data FROM comet_event WHERE id = %s", (event_id,))
-            .fetchone()
-        )
+    def _select_event(self, event_id: int, timeout: float | None) -> Any:
+        conn = self._conn()
+        with conn.transaction():
+            if timeout is not None:
+                conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+            return conn.execute(
+                "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (event_id,)
+            ).fetchone()
 
 
 def _carried(payload: str) -> Event:

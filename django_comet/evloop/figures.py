@@ -6,8 +6,9 @@ once a second when they changed (atomically: a new file renamed over the old one
 status view, in whichever worker answers, adds up the others' files and its own live
 figures.  Files rather than shared memory: the figures include a per-channel count of
 any size, and a worker that dies holds no lock.  Another worker's figures are therefore
-up to a second old, and those of a worker that is gone are left out (its process id no
-longer exists).
+up to a second old.  Of a worker that is gone (its process id no longer exists) only
+the counters stay, and its replacement carries them on, so that a counter of the server
+never goes down (Prometheus would read that as a reset).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 WRITE_SECONDS = 1.0
 # Every worker receives every event through the shared broker: not a sum.
 HIGHEST = frozenset({"events_published"})
+# Totals since start: kept when a worker dies.  Every other figure is a count of now.
+COUNTERS = ("requests", "dropped_slow", "header_timeouts", "accept_pauses")
 # Figures shown for each worker too, to see how evenly the load is spread.
 PER_WORKER = ("held", "requests", "in_flight", "connections", "streams")
 
@@ -35,6 +38,8 @@ class WorkerFigures:
         self.number = number
         self._path = os.path.join(directory, f"{number}.json")
         self._written: dict[str, Any] | None = None
+        # The counters of the worker this one replaces, if it died.
+        self._carried = _counters(_read(self._path))
         self._timer: Handle | None = server.loop.call_later(WRITE_SECONDS, self._write)
 
     @property
@@ -50,7 +55,7 @@ class WorkerFigures:
     def _write(self) -> None:
         """Loop thread, once a second."""
         self._timer = self.server.loop.call_later(WRITE_SECONDS, self._write)
-        figures = self.server.stats()
+        figures = self.own(self.server.stats())
         if figures == self._written:
             return
         record = {"worker": self.number, "pid": os.getpid(), "figures": figures}
@@ -63,20 +68,30 @@ class WorkerFigures:
             return
         self._written = figures
 
-    def combined(self, own: dict[str, Any]) -> dict[str, Any]:
-        """``own`` (this worker's live figures) with every other live worker's added."""
-        records = [{"worker": self.number, "pid": os.getpid(), "figures": own}]
+    def own(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """This worker's figures, with its predecessor's counters carried on."""
+        for key, value in self._carried.items():
+            stats[key] = stats.get(key, 0) + value
+        return stats
+
+    def combined(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """``stats`` (this worker's live figures) with every other worker's added."""
+        records = [{"worker": self.number, "pid": os.getpid(), "figures": self.own(stats)}]
         with contextlib.suppress(OSError):
             for name in sorted(os.listdir(self.directory)):
                 if name.endswith(".json") and name != f"{self.number}.json":
                     record = _read(os.path.join(self.directory, name))
-                    if record is not None and _alive(record["pid"]):
-                        records.append(record)
+                    if record is None:
+                        continue
+                    if not _alive(record["pid"]):  # until its replacement writes
+                        record = {**record, "figures": _counters(record), "gone": True}
+                    records.append(record)
         return combine(records)
 
 
 def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"workers": len(records)}
+    live = [r for r in records if not r.get("gone")]
+    total: dict[str, Any] = {"workers": len(live)}
     channels: dict[str, int] = {}
     for record in records:
         for key, value in record["figures"].items():
@@ -90,9 +105,16 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
     total["channels"] = dict(sorted(channels.items()))
     total["per_worker"] = [
         {"worker": r["worker"], "pid": r["pid"], **{k: r["figures"].get(k) for k in PER_WORKER}}
-        for r in sorted(records, key=lambda r: r["worker"])
+        for r in sorted(live, key=lambda r: r["worker"])
     ]
     return total
+
+
+def _counters(record: dict[str, Any] | None) -> dict[str, Any]:
+    """A dead worker's counters (none from a live one: only a dead one is replaced)."""
+    if record is None or _alive(record["pid"]):
+        return {}
+    return {k: v for k, v in record["figures"].items() if k in COUNTERS}
 
 
 def _read(path: str) -> dict[str, Any] | None:

@@ -196,6 +196,9 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evhttp_request_get_output_headers": (evkeyvalq_p, [evhttp_request_p]),
     # struct evbuffer *evhttp_request_get_input_buffer(struct evhttp_request *req);
     "evhttp_request_get_input_buffer": (evbuffer_p, [evhttp_request_p]),
+    # void evhttp_request_set_on_complete_cb(struct evhttp_request *req,
+    #     void (*cb)(struct evhttp_request *, void *), void *cb_arg);
+    "evhttp_request_set_on_complete_cb": (None, [evhttp_request_p, evhttp_request_cb, c_void_p]),
     # struct evhttp_connection *evhttp_request_get_connection(struct evhttp_request *req);
     "evhttp_request_get_connection": (evhttp_connection_p, [evhttp_request_p]),
     # void evhttp_connection_set_closecb(struct evhttp_connection *,
@@ -224,6 +227,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bufferevent_get_input": (evbuffer_p, [bufferevent_p]),
     # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
     "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
+    # int bufferevent_disable(struct bufferevent *bufev, short event);
+    "bufferevent_disable": (c_int, [bufferevent_p, c_short]),
     # int bufferevent_set_timeouts(struct bufferevent *bufev,
     #     const struct timeval *timeout_read, const struct timeval *timeout_write);
     "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),

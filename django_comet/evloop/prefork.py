@@ -3,12 +3,15 @@
 The parent binds, forks ``count`` children and supervises them: a child that dies is
 replaced (with a growing pause if children keep dying at once); SIGTERM or SIGINT is
 forwarded to every child, which drains gracefully, and the parent exits 0 when they are
-gone (killing stragglers after the grace period).  Nothing of libevent exists in the
-parent, so every child builds its own event base after the fork.
+gone (killing stragglers after the grace period).  A parent that dies without that
+(SIGKILL, a crash) takes its workers with it: they get SIGTERM from the kernel (Linux).
+Nothing of libevent exists in the parent, so every child builds its own event base
+after the fork.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -17,6 +20,7 @@ from collections.abc import Callable
 
 logger = logging.getLogger("django_comet.server")
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
 
 
@@ -65,12 +69,14 @@ class Supervisor:
         return 0
 
     def _spawn(self, number: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
             code = 0
             try:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, signal.SIG_DFL)
+                stop_when_orphaned(parent)
                 self.child_main(number)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
@@ -98,6 +104,23 @@ class Supervisor:
     def _kill_stragglers(self, signum: int, frame: object) -> None:
         for pid in list(self.children):
             _kill(pid, signal.SIGKILL)
+
+
+def stop_when_orphaned(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when its parent dies:
+    a parent killed outright would otherwise leave its workers serving on, holding the
+    address.  Linux only (prctl PR_SET_PDEATHSIG); elsewhere orphans stay."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def restart_pause(previous: float, lived: float) -> float:

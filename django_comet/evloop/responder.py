@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_comet.server")
 
+# A whole body this small leaves with the call that hands it over (the kernel takes it).
+SMALL_BODY = 64 * 1024
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
 _date: tuple[int, bytes] = (0, b"")  # the second it is for, and the Date value
@@ -59,7 +61,7 @@ class Responder:
     _file_sent_cb: Any
     # Methods of Server and Producer.
     _drop: Callable[[Exchange], None]
-    _finish: Callable[[Exchange], None]
+    _finish: Callable[..., None]
     _restore_read_timeout: Callable[[Exchange], None]
     _run_stage: Callable[..., None]
     _pump: Callable[[Exchange], None]
@@ -110,8 +112,11 @@ class Responder:
         if ex.bev is not None:
             self._restore_read_timeout(ex)
         req, ex.req = ex.req, None
-        self._finish(ex)  # first, as in _end
+        # Finished first, as in _end.  A small body leaves at once; a large one may take
+        # a while to a slow reader.
+        self._finish(ex, req if len(body) > SMALL_BODY else None)
         self._lib.evhttp_send_reply(req, start.code, start.reason, self._buf)
+        self._stop_reading(ex)
 
     def _reply_error(self, ex: Exchange) -> None:
         start = StartResponse()
@@ -155,6 +160,7 @@ class Responder:
             return self._abort(ex)
         ex.sent = count
         self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._file_sent_cb, ex.key)
+        self._stop_reading(ex)
         self._check_handed_over(ex)
 
     def _on_file_sent(self, _evcon: int, key: int) -> None:
@@ -199,6 +205,8 @@ class Responder:
     ) -> None:
         if ex.dead:
             return self._drop(ex)
+        ex.deferred = True  # from its first chunk on: it goes on reading (_stop_reading)
+        self.held += 1
         # Later stages add content, so the first stage's length is not the body's.
         if not self._begin_chunked(ex, start, chunks, keep_length=False):
             return
@@ -206,8 +214,6 @@ class Responder:
             # The head is all a HEAD, a 204 or a 304 gets: no stages, no stream (evhttp
             # would refuse their chunks and leave them in the shared buffer).
             return self._end(ex)
-        ex.deferred = True
-        self.held += 1
         self.holder.hold(ex, deferral)
 
     def _resume(self, ex: Exchange, resume: Callable[..., Iterable[bytes]], *args: Any) -> None:
@@ -253,7 +259,19 @@ class Responder:
             self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
         else:
             self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
+        if not ex.deferred:
+            self._stop_reading(ex)
         self._check_handed_over(ex)
+
+    def _stop_reading(self, ex: Exchange) -> None:
+        """After each hand-over of a response that is not held: evhttp reads on while it
+        writes, to notice a client leaving, and takes a client's half-close (shutdown
+        of its sending side, as ``nc -N`` or a TCP proxy does) for leaving, cutting the
+        response.  A client that is really gone still fails the writes (or the write
+        timeout); evhttp reads again for the next request once the response is out.
+        Held responses go on reading: they may write nothing for a long time."""
+        if ex.conn:
+            self._lib.bufferevent_disable(ex.conn, ev.EV_READ)
 
     def _check_handed_over(self, ex: Exchange) -> None:
         """The shared buffer must be empty after each hand-over: bytes evhttp refused
@@ -299,8 +317,14 @@ class Responder:
         # and the connection if it is to close, inside this call; the close callback
         # must then find nothing of ours left to release.
         ex.req = None
-        self._finish(ex)
+        self._finish(ex, req)
+        # Not reading before the call: a response already out when it returns has evhttp
+        # reading the next request by then.  A chunked one's last chunk is written with
+        # reading on again: not reading after it either.
+        self._stop_reading(ex)
         self._lib.evhttp_send_reply_end(req)
+        if ex.limit is None and ex.protocol == "HTTP/1.1" and carries_body(ex.method, ex.code):
+            self._stop_reading(ex)
 
     def _abort(self, ex: Exchange) -> None:
         """Cut the connection so the client sees an error, never a clean end.  libevent

@@ -151,6 +151,7 @@ class Server(Producer, Responder):
         self._close_cb = ev.evhttp_connection_cb(self._on_close)
         self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
         self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
+        self._complete_cb = ev.evhttp_request_cb(self._on_complete)
         self._limits = Limits(
             self.config.max_request_line, self.config.max_header_size, self.config.max_header_count
         )
@@ -190,15 +191,18 @@ class Server(Producer, Responder):
 
     def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
         """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain.
-        A pre-forked ``worker`` ignores SIGINT: Ctrl-C reaches the whole process group,
-        and the parent turns it into one SIGTERM per worker (two signals would cut)."""
+        A pre-forked ``worker`` ignores SIGINT, and SIGTERMs after the first: Ctrl-C
+        reaches the whole process group, and the parent turns it into one SIGTERM per
+        worker (two signals would cut)."""
         if handle_signals:
             import signal
 
-            for signum in (signal.SIGTERM,) if worker else (signal.SIGINT, signal.SIGTERM):
-                self.loop.add_signal_handler(signum, self.shutdown)
             if worker:
+                self.loop.add_signal_handler(signal.SIGTERM, self._drain_once)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+            else:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    self.loop.add_signal_handler(signum, self.shutdown)
         # What exists now (the app, its framework, the server) lives as long as the
         # process: freeze it, so that no collection scans it again.
         gc.collect()
@@ -207,6 +211,13 @@ class Server(Producer, Responder):
             self.loop.run()
         finally:
             self.close()
+
+    def _drain_once(self) -> None:
+        """A worker's SIGTERM.  One sent to the whole process group (systemd's default,
+        ``kill -- -PGID``) reaches it twice, directly and forwarded by the parent: only
+        the first counts.  The parent cuts a drain that takes too long (SIGKILL)."""
+        if not self._draining:
+            self.shutdown()
 
     def shutdown(self) -> None:
         """Loop thread: stop accepting, end held responses, let in-flight ones finish
@@ -427,11 +438,19 @@ class Server(Producer, Responder):
                 self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
             ex.bev = None
 
-    def _finish(self, ex: Exchange) -> None:
+    def _finish(self, ex: Exchange, req: int | None = None) -> None:
+        """The exchange is over; ``req``, about to be sent, tells when it is out (a
+        keep-alive connection's deadline for its next request runs from then)."""
         del self._exchanges[ex.key]
         if ex.conn:
-            self.guard.response_done(ex.conn)
+            if req is None:
+                self.guard.response_done(ex.conn)
+            else:
+                self._lib.evhttp_request_set_on_complete_cb(req, self._complete_cb, ex.conn)
         self._done(ex, aborted=False)
+
+    def _on_complete(self, _req: int, conn: int) -> None:
+        self.guard.response_done(conn)
 
     def _done(self, ex: Exchange, aborted: bool) -> None:
         ex.state = "done"

@@ -132,6 +132,10 @@ def app(environ, start_response):
     if path == "/no-content":  # an app that sends a length and a body with its 204
         start_response("204 No Content", [("Content-Length", "5")])
         return [b"hello"]
+    if path == "/bytes":  # ?N: N bytes, whole, with their length
+        size = int(environ["QUERY_STRING"])
+        start_response("200 OK", [("Content-Length", str(size))])
+        return [b"B" * size]
     if path == "/large":  # 4 MiB in 64 KiB pieces; ?length: with Content-Length; ?304, ?199
         headers = [("Content-Type", "application/octet-stream")]
         if environ["QUERY_STRING"] == "length":
