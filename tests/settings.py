@@ -18,5 +18,17 @@ COMET_TIMEOUT = float(os.environ.get("TEST_TIMEOUT", "30"))
 COMET_MAX_CONNECTIONS = int(os.environ.get("TEST_MAX_CONNECTIONS", "20000"))
 COMET_GRACE_PERIOD = float(os.environ.get("TEST_GRACE_PERIOD", "10"))
 
+if os.environ.get("TEST_BAD_TIMEOUT"):  # a setting of the wrong kind
+    COMET_TIMEOUT = os.environ["TEST_BAD_TIMEOUT"]
+if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {
+            "file": {"class": "logging.FileHandler", "filename": os.environ["TEST_ROOT_LOG"]}
+        },
+        "root": {"handlers": ["file"], "level": "WARNING"},
+    }
+
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405

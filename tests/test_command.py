@@ -55,6 +55,51 @@ def test_bad_address_is_one_line():
     ]
 
 
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (("127.0.0.1:99999",), {}, 'CommandError: "99999" is not a valid port number.'),
+        (("--threads=-1", "0"), {}, "CommandError: --threads must be 0 or more."),
+        (
+            ("0",),
+            {"TEST_BAD_TIMEOUT": "soon"},
+            "CommandError: A COMET_* setting is invalid (could not convert string to float: "
+            "'soon'); `manage.py check` names it.",
+        ),
+    ],
+    ids=["port-out-of-range", "negative-threads", "bad-setting"],
+)
+@pytest.mark.parametrize("reload", [False, True], ids=["noreload", "autoreload"])
+def test_bad_options_are_one_line_and_exit(args, env, message, reload):
+    """Also under the autoreloader, whose server runs in a thread: an error there was a
+    traceback, and a process left running that served nothing."""
+    result = manage("runcomet", *(() if reload else ("--noreload",)), *args, env=env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+
+
+def test_ipv6_flag_asks_for_ipv6_with_a_host_name():
+    """runserver's -6 with a name (localhost) binds IPv6; a name alone chose IPv4.  (This
+    machine's localhost has no IPv6 address to bind for real.)"""
+    config = parsed("-6", "localhost:8004").server_config(threads=None, use_threading=True)
+    assert config.ipv6 and config.host == "localhost"
+    assert not parsed("localhost:8004").server_config(threads=None, use_threading=True).ipv6
+
+
+def test_logs_reach_the_projects_root_handlers(demo_db, tmp_path):
+    """With LOGGING sending the root logger to a file, django_comet's errors go there too
+    (they went to stderr only)."""
+    log = tmp_path / "root.log"
+    server = runcomet(db=demo_db, env={"TEST_ROOT_LOG": str(log)})
+    try:
+        with contextlib.suppress(requests.exceptions.ChunkedEncodingError):
+            requests.get(server.url + "/t/stage-404/", timeout=10)  # cut at the failed stage
+        wait_until(lambda: "Error in deferred stage" in log.read_text())
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_port_in_use_is_one_line():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

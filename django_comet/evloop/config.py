@@ -50,6 +50,8 @@ class ServerConfig:
     # Seconds to let in-flight responses finish on SIGTERM/Ctrl-C before cutting them.
     grace: float = 10.0
     backlog: int = 1024
+    # Listen on IPv6 even for a host name (runserver's --ipv6); an IPv6 literal always is.
+    ipv6: bool = False
     script_name: str = ""
     url_scheme: str = "http"
     access_log: bool = True

@@ -42,12 +42,12 @@ def listen_socket(config: ServerConfig) -> socket.socket:
     """The listening socket ``config`` names: a Unix socket, or TCP host and port."""
     if config.unix_socket:
         return bind_unix_socket(config.unix_socket, config.backlog)
-    return bind_socket(config.host, config.port, config.backlog)
+    return bind_socket(config.host, config.port, config.backlog, ipv6=config.ipv6)
 
 
-def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket; IPv6 when ``host`` is an IPv6 literal."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def bind_socket(host: str, port: int, backlog: int = 1024, *, ipv6: bool = False) -> socket.socket:
+    """A listening TCP socket; IPv6 when asked or when ``host`` is an IPv6 literal."""
+    family = socket.AF_INET6 if ipv6 or ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if sys.platform != "win32":

@@ -89,6 +89,7 @@ class Command(RunserverCommand):
             threads=threads,
             access_log=not options.get("no_access_log", False),
             unix_socket=self.unix_socket,
+            ipv6=bool(self.use_ipv6) and not self.unix_socket,
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -112,6 +113,20 @@ class Command(RunserverCommand):
                 raise CommandError("--ipv6 does not apply to a Unix socket.")
             options["addrport"] = None  # runserver's parser knows only addresses and ports
         super().handle(*args, **options)
+
+    def run(self, **options: Any) -> None:
+        """Check what can be wrong with the address and the settings here, in the main
+        thread: under the autoreloader, inner_run's errors come from a thread (a
+        traceback, and a process left serving nothing)."""
+        if not self.unix_socket and not 0 <= int(self.port) <= 65535:
+            raise CommandError(f'"{self.port}" is not a valid port number.')
+        try:
+            self.server_config(**options)
+        except (TypeError, ValueError) as exc:
+            raise CommandError(
+                f"A COMET_* setting is invalid ({exc}); `manage.py check` names it."
+            ) from None
+        super().run(**options)
 
     def inner_run(self, *args: Any, **options: Any) -> None:
         autoreload.raise_last_exception()
@@ -216,12 +231,16 @@ class Command(RunserverCommand):
 
 
 def _configure_logging(access_log: bool) -> None:
-    """Send django_comet's logs to stderr like runserver's, unless LOGGING configured them."""
+    """Send django_comet's logs to stderr like runserver's, unless LOGGING gave them handlers
+    (its own, or the root logger's: then they go there)."""
     logger = logging.getLogger("django_comet")
     if logger.handlers:
+        return
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO if access_log else logging.WARNING)
+    if logger.hasHandlers():  # the project's root handlers (LOGGING's "root"): to them
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%d/%b/%Y %H:%M:%S"))
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if access_log else logging.WARNING)
     logger.propagate = False
