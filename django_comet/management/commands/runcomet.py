@@ -50,6 +50,7 @@ class Command(RunserverCommand):
     # Set by runserver's handle() from the addrport argument.
     addr: str
     port: str
+    use_ipv6: bool
     _raw_ipv6: bool
     unix_socket: str | None = None  # from a unix:PATH addrport, instead of addr and port
     _socket_id: tuple[int, int, int] | None = None  # that socket file's, to remove only it
