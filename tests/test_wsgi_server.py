@@ -1,12 +1,15 @@
 """The WSGI server (`python -m django_comet.evloop`) over real sockets, any WSGI app."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import requests
 
-from .processes import evloop, read_chunked
+from .processes import ROOT, evloop, read_chunked
 
 
 def raw(server, data: bytes, *, until_close: bool = True) -> bytes:
@@ -423,3 +426,26 @@ def test_a_client_that_half_closes_gets_the_whole_response(wsgi_server, target, 
             out += more
     assert out.startswith(b"HTTP/1.1 200 ")
     assert len(body_of(out)) == size
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nosuchmodule:app", "0"], "error: cannot import 'nosuchmodule'"),
+        (["tests.fixtureapps.apps:nope", "0"], "error: 'tests.fixtureapps.apps' has no 'nope'"),
+        (["tests.fixtureapps.apps:app", "::1"], "an IPv6 address goes in brackets"),
+        (["tests.fixtureapps.apps:app", "0", "--threads", "-1"], "'-1' is not 0 or more"),
+    ],
+)
+def test_bad_command_lines_are_one_line(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "django_comet.evloop", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr

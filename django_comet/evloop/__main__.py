@@ -27,10 +27,18 @@ def parse_addrport(value: str) -> tuple[str, int] | str:
     host, sep, port = value.rpartition(":")
     if not sep:
         host = ""
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"{value!r}: an IPv6 address goes in brackets, [::1]:8000")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a valid port or address:port")
     return host, int(port)
+
+
+def threads_count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not 0 or more")
+    return int(value)
 
 
 def load_app(spec: str) -> object:
@@ -39,10 +47,15 @@ def load_app(spec: str) -> object:
         raise SystemExit(f"error: {spec!r} is not MODULE:CALLABLE")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
-    app = module
+    try:
+        app = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from None
     for part in attr.split("."):
-        app = getattr(app, part)
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise SystemExit(f"error: {module_name!r} has no {attr!r}") from None
     if not callable(app):
         raise SystemExit(f"error: {spec} is not callable")
     return app
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=threads_count,
         default=ServerConfig.threads,
         help="worker threads for the application (0: run it in the loop thread)",
     )
