@@ -229,3 +229,21 @@ def test_a_download_outlasting_the_timeout_is_not_cut_while_it_is_read(demo_db):
         assert body == pattern(size)
     finally:
         assert server.stop() == 0, "".join(server.output)
+
+
+def test_the_access_log_counts_what_left_of_a_file_cut_short(comet):
+    """A file is handed to libevent whole: a client leaving early must not be logged as
+    having received all of it."""
+    size = 32 * MIB
+    target = f"/t/file/?size={size}&cut=1"
+    with comet.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target.encode())
+        received = 0
+        while received < MIB:
+            received += len(sock.recv(65536))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+    assert comet.logged(f'{target} HTTP/1.1" 200 ')
+    line = next(line for line in comet.output if f"{target} HTTP/1.1" in line)
+    logged_bytes = int(line.split('" 200 ')[1].split()[0])
+    assert MIB <= logged_bytes < size, line

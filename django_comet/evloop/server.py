@@ -388,9 +388,13 @@ class Server(Producer, Responder):
     def _on_close(self, evcon: int, key: int) -> None:
         """libevent: the connection of exchange ``key`` is gone (client left, timeout,
         or an aborted response)."""
+        ex = self._exchanges.get(key)
+        if ex is not None and ex.sent:  # what is still queued never left (a file: most)
+            lib = self._lib
+            out = lib.bufferevent_get_output(lib.evhttp_connection_get_bufferevent(evcon))
+            ex.sent = max(0, ex.sent - lib.evbuffer_get_length(out))
         if self.guard.tracking:
             self.guard.closing(evcon)
-        ex = self._exchanges.get(key)
         if ex is None:
             return  # a keep-alive connection closing after its exchanges finished
         ex.dead = True
