@@ -75,6 +75,21 @@ def test_a_stale_socket_file_is_replaced(demo_db, sock_path):
         assert server.stop() == 0, "".join(server.output)
 
 
+@pytest.mark.parametrize("launch", ["runcomet", "evloop"])
+def test_a_socket_made_accessible_with_chmod_is_still_removed(demo_db, sock_path, launch):
+    """Opening the socket to a proxy's group (chmod) changes its change time: the file
+    is still this server's to remove when it stops."""
+    if launch == "runcomet":
+        server = runcomet(db=demo_db, addrport=f"unix:{sock_path}")
+    else:
+        server = evloop("tests.fixtureapps.apps:app", addrport=f"unix:{sock_path}")
+    try:
+        os.chmod(sock_path, 0o660)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+    assert not os.path.exists(sock_path), "the socket file outlived the server"
+
+
 def test_a_live_socket_is_refused_in_one_line_and_left_alone(sock_path):
     with socket.socket(socket.AF_UNIX) as live:
         live.bind(sock_path)

@@ -13,6 +13,7 @@ front instead of the server exiting at its first connection.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -81,26 +82,36 @@ def bind_unix_socket(path: str, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def unix_socket_id(path: str) -> tuple[int, int, int] | None:
-    """What tells this socket file from another at the same path: its device, inode and
-    change time (a file system may give a new file the inode of one just removed)."""
+def unix_socket_id(path: str) -> tuple[int, int] | None:
+    """The device and inode of the socket file at ``path``, if it is one."""
     try:
         info = os.lstat(path)
     except OSError:
         return None
     if not stat.S_ISSOCK(info.st_mode):
         return None
-    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+    return (info.st_dev, info.st_ino)
 
 
-def remove_unix_socket(path: str, file_id: tuple[int, int, int] | None) -> None:
-    """Remove the socket file a stopped server bound, if it is still that file (``file_id``
-    from ``unix_socket_id`` after binding): a successor may have bound the path since."""
-    if file_id is not None and unix_socket_id(path) == file_id:
-        try:
+def remove_unix_socket(path: str, file_id: tuple[int, int] | None) -> None:
+    """Remove the socket file a stopped server bound (``file_id`` from ``unix_socket_id``
+    after binding), unless a successor has bound the path since.  A successor's file
+    may have been given the same inode (a file system reuses one just freed), so one
+    that is listening is left alone: ours no longer does.  (Not the change time: a
+    chmod, as for a proxy's access, changes it.)"""
+    if file_id is None or unix_socket_id(path) != file_id:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
+    except OSError:  # busy, or gone: not ours to remove
+        pass
+    finally:
+        probe.close()
 
 
 def _clear_stale(path: str) -> None:

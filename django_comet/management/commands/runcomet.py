@@ -53,7 +53,7 @@ class Command(RunserverCommand):
     use_ipv6: bool
     _raw_ipv6: bool
     unix_socket: str | None = None  # from a unix:PATH addrport, instead of addr and port
-    _socket_id: tuple[int, int, int] | None = None  # that socket file's, to remove only it
+    _socket_id: tuple[int, int] | None = None  # that socket file's, to remove only it
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
