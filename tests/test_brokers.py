@@ -1,5 +1,6 @@
 """Several runcomet processes sharing a real broker (PostgreSQL, Redis)."""
 
+import contextlib
 import glob
 import itertools
 import json
@@ -209,6 +210,48 @@ def test_status_adds_up_every_workers_figures(broker, demo_db):
     assert set(glob.glob(figure_dirs)) == before  # the parent removed its directory
 
 
+def written_figures(pids, key, at_least):
+    """The figures file of the worker (among ``pids``) with the highest ``key``, once the
+    files of those workers add up to ``at_least`` of it; else None."""
+    records = []
+    pattern = os.path.join(tempfile.gettempdir(), "django-comet-figures-*", "*.json")
+    for path in glob.glob(pattern):
+        with contextlib.suppress(OSError, ValueError), open(path) as file:
+            record = json.load(file)
+            if record["pid"] in pids:
+                records.append(record)
+    if sum(r["figures"][key] for r in records) < at_least:
+        return None
+    return max(records, key=lambda r: r["figures"][key])
+
+
+def test_the_servers_counters_survive_a_worker_dying(broker, demo_db):
+    """A counter of the whole server never goes down (Prometheus would read a reset):
+    a dead worker's requests stay counted, and its replacement carries them on."""
+    server = start(broker, demo_db, "--workers", "2")
+    try:
+        parent = psutil.Process(server.proc.pid)
+        wait_until(lambda: len(parent.children()) == 2)
+        session = requests.Session()
+        for _ in range(200):
+            assert session.get(server.url + "/t/echo/", timeout=10).status_code == 200
+        session.close()
+        # Each worker writes its figures to a file once a second: wait until the files
+        # hold all 200 (a worker killed now cannot take any of them with it).  One
+        # keep-alive connection: one worker served them all.
+        pids = {w.pid for w in parent.children()}
+        busiest = wait_until(lambda: written_figures(pids, "requests", at_least=200))
+        os.kill(busiest["pid"], signal.SIGKILL)
+        after = server.wait_for_status(
+            lambda s: (
+                s["workers"] == 2 and busiest["pid"] not in [w["pid"] for w in s["per_worker"]]
+            )
+        )
+        assert after["requests"] >= 200
+    finally:
+        assert server.stop() == 0
+
+
 # -- bounded shared history, gaps, and one listener ----------------------------------------
 
 GAP = "comet-history-gap"
@@ -224,10 +267,12 @@ def small(broker, demo_db):
 
 
 def wait_until(condition, timeout=10.0):
+    """``condition()``'s first true value, polled until a deadline."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.02)
+    return value
 
 
 def replay(server, channels, last_id):
