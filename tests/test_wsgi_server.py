@@ -449,3 +449,14 @@ def test_bad_command_lines_are_one_line(args, message):
     assert result.returncode != 0
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_a_stream_failing_after_its_bytes_left_is_cut_and_released(wsgi_server):
+    """The cut must be noticed with nothing left to write and reading off (it was not:
+    the exchange and its descriptor stayed, and no access-log line ever came)."""
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /raise-later HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises((AssertionError, ValueError, ConnectionError)):
+            read_chunked(sock)  # cut: no clean last chunk
+    assert wsgi_server.logged('"GET /raise-later HTTP/1.1" 200 300000')

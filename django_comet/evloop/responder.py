@@ -328,7 +328,9 @@ class Responder:
 
     def _abort(self, ex: Exchange) -> None:
         """Cut the connection so the client sees an error, never a clean end.  libevent
-        notices the shut-down socket and the close callback releases the exchange."""
+        notices the shut-down socket by reading (on again: ``_stop_reading`` may have
+        turned it off, and with nothing left to write nothing else would notice) and the
+        close callback releases the exchange."""
         if ex.dead or ex.req is None:
             return self._drop(ex)
         ex.code = ex.code or 500
@@ -338,5 +340,6 @@ class Responder:
             return self._drop(ex)
         ex.state = "aborting"  # no worker owns it now: the close callback releases it
         self.holder.release(ex)
-        fd = self._lib.bufferevent_getfd(self._lib.evhttp_connection_get_bufferevent(evcon))
-        shutdown_socket(fd)
+        bev = self._lib.evhttp_connection_get_bufferevent(evcon)
+        self._lib.bufferevent_enable(bev, ev.EV_READ)
+        shutdown_socket(self._lib.bufferevent_getfd(bev))

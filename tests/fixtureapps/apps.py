@@ -132,6 +132,15 @@ def app(environ, start_response):
     if path == "/no-content":  # an app that sends a length and a body with its 204
         start_response("204 No Content", [("Content-Length", "5")])
         return [b"hello"]
+    if path == "/raise-later":  # fails after its first part has left, and a pause
+
+        def failing():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"x" * 300_000  # past the streaming threshold: it goes out at once
+            time.sleep(0.3)
+            raise RuntimeError("failed after the first part had left")
+
+        return failing()
     if path == "/bytes":  # ?N: N bytes, whole, with their length
         size = int(environ["QUERY_STRING"])
         start_response("200 OK", [("Content-Length", str(size))])
