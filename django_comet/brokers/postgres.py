@@ -42,6 +42,17 @@ LOCK_KEY = 0x636F6D6574  # "comet"
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
 READ_TIMEOUT = 10.0  # seconds for reading a large event under runcomet; then reconnect
+# Past this, a read that has not answered (statement_timeout is the server's, tried twice)
+# is given up on; then reconnect.
+STUCK_AFTER = 2 * READ_TIMEOUT + 5
+# TCP keepalives for every broker connection unless the URL sets its own: a connection a
+# network dropped without a word (a NAT, a load balancer) fails in about 25 s, not hours.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
 # %(keep)s rows, and records the newest id removed from each as its lost_id; one
@@ -118,7 +129,7 @@ class PostgresBroker(ListeningBroker):
         # Of the LISTEN connection: a read for one since lost is dropped (its catch-up
         # read the event again).
         self._generation = 0
-        self._reads: queue.SimpleQueue[tuple[list[Any], int, int] | None] = queue.SimpleQueue()
+        self._reads: ReadQueue = queue.SimpleQueue()  # the reader thread's
         self._listening_from: int | None = None  # the newest id when it first listened
         with self._connect() as conn, conn.transaction():
             # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
@@ -127,10 +138,9 @@ class PostgresBroker(ListeningBroker):
             conn.execute(SCHEMA)
 
     def _connect(self, application_name: str | None = None) -> Any:
-        options: dict[str, Any] = {}
-        if application_name is not None and "application_name" not in (
-            self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
-        ):
+        given = self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
+        options: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
+        if application_name is not None and "application_name" not in given:
             options["application_name"] = application_name
         return self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
 
@@ -203,11 +213,19 @@ class PostgresBroker(ListeningBroker):
             super()._start(loop)  # no loop here: a thread waits instead
         else:
             self._loop = loop
-            # A daemon: a read blocked on the database must not keep the process alive.
-            threading.Thread(
-                target=self._read_large_events, name="comet-postgres-read", daemon=True
-            ).start()
+            self._start_reader()
             self._connect_for_loop()
+
+    def _start_reader(self) -> None:
+        """A reader thread for large events, with a queue of its own.  A daemon: a read
+        stuck on the network must not keep the process alive (nor the next reader)."""
+        self._reads = queue.SimpleQueue()
+        threading.Thread(
+            target=self._read_large_events,
+            args=(self._reads,),
+            name="comet-postgres-read",
+            daemon=True,
+        ).start()
 
     def close(self) -> None:
         super().close()
@@ -251,6 +269,9 @@ class PostgresBroker(ListeningBroker):
         catches up from the newest event delivered, in order."""
         self.connected.clear()
         self._generation += 1
+        for slot in self._in_order:
+            if slot[2] is not None:
+                slot[2].cancel()  # its watchdog
         self._in_order.clear()
         self._watcher.cancel()
         with contextlib.suppress(Exception):
@@ -301,15 +322,30 @@ class PostgresBroker(ListeningBroker):
             if not self._in_order:
                 self._deliver(event)
                 return
-            self._in_order.append([True, event])
+            self._in_order.append([True, event, None])
             return
-        slot: list[Any] = [False, None]
+        event_id = int(payload)
+        # [read yet, the event, a watchdog: a read whose answer never comes (a network
+        # that dropped the connection silently) must not hold every later event back]
+        slot: list[Any] = [False, None, None]
+        generation = self._generation
+        slot[2] = self._loop.call_later(
+            STUCK_AFTER, lambda: self._stuck(slot, generation, event_id)
+        )
         self._in_order.append(slot)
-        self._reads.put((slot, int(payload), self._generation))
+        self._reads.put((slot, event_id, self._generation))
 
-    def _read_large_events(self) -> None:
+    def _stuck(self, slot: list[Any], generation: int, event_id: int) -> None:
+        slot[2] = None
+        if generation == self._generation and not slot[0]:
+            stuck = self._reads
+            self._start_reader()
+            stuck.put(None)  # that thread ends once its read returns, if ever
+            self._reconnect(f"Reading event {event_id} took over {STUCK_AFTER:.0f} s")
+
+    def _read_large_events(self, reads: ReadQueue) -> None:
         """Reader thread: read each large event and hand it back to the loop thread."""
-        while (item := self._reads.get()) is not None:
+        while (item := reads.get()) is not None:
             slot, event_id, generation = item
             try:
                 event, error = self._read(event_id, READ_TIMEOUT), None
@@ -333,7 +369,10 @@ class PostgresBroker(ListeningBroker):
             # Never skipped: the events after it wait, and a new connection's catch-up
             # reads them all again, this one first.
             return self._reconnect(f"Could not read event {event_id} ({error})")
-        slot[:] = [True, event]
+        slot[0], slot[1] = True, event
+        if slot[2] is not None:
+            slot[2].cancel()
+            slot[2] = None
         waiting = self._in_order
         while waiting and waiting[0][0]:
             event = waiting.popleft()[1]
@@ -366,6 +405,9 @@ class PostgresBroker(ListeningBroker):
             return conn.execute(
                 "SELECT id, channel, name, data FROM comet_event WHERE id = %s", (event_id,)
             ).fetchone()
+
+
+ReadQueue = queue.SimpleQueue[tuple[list[Any], int, int] | None]
 
 
 def _carried(payload: str) -> Event:
