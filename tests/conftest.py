@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from .brokers import PostgresServer, RedisServer
 from .processes import ROOT, evloop, runcomet
 
 
@@ -44,3 +45,11 @@ def wsgi_server():
     server = evloop("tests.fixtureapps.apps:dispatch")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module", params=["postgres", "redis"])
+def broker(request):
+    """A real PostgreSQL or Redis server for the tests of one module."""
+    server = PostgresServer() if request.param == "postgres" else RedisServer()
+    yield server
+    server.destroy()
