@@ -391,8 +391,8 @@ class Server(Producer, Responder):
         ex = self._exchanges.get(key)
         if ex is not None and ex.sent:  # what is still queued never left (a file: most)
             lib = self._lib
-            out = lib.bufferevent_get_output(lib.evhttp_connection_get_bufferevent(evcon))
-            ex.sent = max(0, ex.sent - lib.evbuffer_get_length(out))
+            bev = ex.conn or lib.evhttp_connection_get_bufferevent(evcon)
+            ex.sent = max(0, ex.sent - lib.evbuffer_get_length(lib.bufferevent_get_output(bev)))
         if self.guard.tracking:
             self.guard.closing(evcon)
         if ex is None:
