@@ -101,17 +101,9 @@ def remove_unix_socket(path: str, file_id: tuple[int, int] | None) -> None:
     chmod, as for a proxy's access, changes it.)"""
     if file_id is None or unix_socket_id(path) != file_id:
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # gone, or not ours to probe: leave it
+        if not _listened_on(path):
             os.unlink(path)
-    except OSError:  # busy, or gone: not ours to remove
-        pass
-    finally:
-        probe.close()
 
 
 def _clear_stale(path: str) -> None:
@@ -121,18 +113,25 @@ def _clear_stale(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, "it exists and is not a socket")
+    if _listened_on(path):
+        raise OSError(errno.EADDRINUSE, "a server is listening on it")
+    os.unlink(path)  # left by a server that is gone
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a server listens on the socket file at ``path`` (a connection is accepted,
+    or waits in a full backlog) rather than refusing (a file left behind)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)  # left by a server that is gone
-        return
+        return False
     except (TimeoutError, BlockingIOError):  # its backlog is full: it is there, and busy
-        pass
+        return True
     finally:
         probe.close()
-    raise OSError(errno.EADDRINUSE, "a server is listening on it")
+    return True
 
 
 @functools.cache
