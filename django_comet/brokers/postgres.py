@@ -41,6 +41,7 @@ NOTIFY_CHANNEL = "comet_events"
 LOCK_KEY = 0x636F6D6574  # "comet"
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
+NEWEST_ID = "SELECT coalesce(max(id), 0) FROM comet_event"
 READ_TIMEOUT = 10.0  # seconds for reading a large event under runcomet; then reconnect
 # Past this, a read that has not answered (statement_timeout is the server's, tried twice)
 # is given up on; then reconnect.
@@ -123,9 +124,9 @@ class PostgresBroker(ListeningBroker):
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
         self._listen_conn: Any = None  # the LISTEN connection the loop watches
-        # Loop thread: notified events in id order, each [read yet, event]; only while
-        # a large one is being read on the reader thread.
-        self._in_order: deque[list[Any]] = deque()
+        # Loop thread: notified events in id order, only while a large one is being read
+        # on the reader thread.
+        self._in_order: deque[_Notified] = deque()
         # Of the LISTEN connection: a read for one since lost is dropped (its catch-up
         # read the event again).
         self._generation = 0
@@ -203,7 +204,7 @@ class PostgresBroker(ListeningBroker):
         return events, gap
 
     def newest_id(self) -> int:
-        row = self._conn().execute("SELECT coalesce(max(id), 0) FROM comet_event").fetchone()
+        row = self._conn().execute(NEWEST_ID).fetchone()
         return int(row[0])  # pruning always keeps each channel's newest row
 
     # -- with an event loop (runcomet): the loop watches the LISTEN connection's socket --
@@ -270,8 +271,7 @@ class PostgresBroker(ListeningBroker):
         self.connected.clear()
         self._generation += 1
         for slot in self._in_order:
-            if slot[2] is not None:
-                slot[2].cancel()  # its watchdog
+            slot.settle()
         self._in_order.clear()
         self._watcher.cancel()
         with contextlib.suppress(Exception):
@@ -303,7 +303,7 @@ class PostgresBroker(ListeningBroker):
             # First connection: nothing was missed yet, and what came before is read from
             # the table when a client asks (since()); loading it into the hub would cost
             # every channel's history at each start.  Reconnections catch up from here.
-            row = conn.execute("SELECT coalesce(max(id), 0) FROM comet_event").fetchone()
+            row = conn.execute(NEWEST_ID).fetchone()
             self._listening_from = int(row[0])
             return conn
         after = max(hub.last_id, self._listening_from)
@@ -322,22 +322,22 @@ class PostgresBroker(ListeningBroker):
             if not self._in_order:
                 self._deliver(event)
                 return
-            self._in_order.append([True, event, None])
+            self._in_order.append(_Notified(read=True, event=event))
             return
         event_id = int(payload)
-        # [read yet, the event, a watchdog: a read whose answer never comes (a network
-        # that dropped the connection silently) must not hold every later event back]
-        slot: list[Any] = [False, None, None]
+        slot = _Notified()
         generation = self._generation
-        slot[2] = self._loop.call_later(
+        # A read whose answer never comes (a network that dropped the connection without
+        # a word) must not hold every later event back.
+        slot.watchdog = self._loop.call_later(
             STUCK_AFTER, lambda: self._stuck(slot, generation, event_id)
         )
         self._in_order.append(slot)
-        self._reads.put((slot, event_id, self._generation))
+        self._reads.put((slot, event_id, generation))
 
-    def _stuck(self, slot: list[Any], generation: int, event_id: int) -> None:
-        slot[2] = None
-        if generation == self._generation and not slot[0]:
+    def _stuck(self, slot: _Notified, generation: int, event_id: int) -> None:
+        slot.watchdog = None
+        if generation == self._generation and not slot.read:
             stuck = self._reads
             self._start_reader()
             stuck.put(None)  # that thread ends once its read returns, if ever
@@ -357,7 +357,7 @@ class PostgresBroker(ListeningBroker):
 
     def _was_read(
         self,
-        slot: list[Any],
+        slot: _Notified,
         generation: int,
         event_id: int,
         event: Event | None,
@@ -369,13 +369,11 @@ class PostgresBroker(ListeningBroker):
             # Never skipped: the events after it wait, and a new connection's catch-up
             # reads them all again, this one first.
             return self._reconnect(f"Could not read event {event_id} ({error})")
-        slot[0], slot[1] = True, event
-        if slot[2] is not None:
-            slot[2].cancel()
-            slot[2] = None
+        slot.read, slot.event = True, event
+        slot.settle()
         waiting = self._in_order
-        while waiting and waiting[0][0]:
-            event = waiting.popleft()[1]
+        while waiting and waiting[0].read:
+            event = waiting.popleft().event
             if event is not None:
                 self._deliver(event)
 
@@ -407,7 +405,25 @@ class PostgresBroker(ListeningBroker):
             ).fetchone()
 
 
-ReadQueue = queue.SimpleQueue[tuple[list[Any], int, int] | None]
+class _Notified:
+    """A notified event on its way to the hub, in id order: one too large for NOTIFY is
+    not ``read`` until the reader thread has, and its ``watchdog`` runs meanwhile."""
+
+    __slots__ = ("event", "read", "watchdog")
+
+    def __init__(self, read: bool = False, event: Event | None = None):
+        self.read = read
+        self.event = event
+        self.watchdog: Any = None
+
+    def settle(self) -> None:
+        """Stop its watchdog: read, or given up with its connection."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+
+
+ReadQueue = queue.SimpleQueue[tuple[_Notified, int, int] | None]
 
 
 def _carried(payload: str) -> Event:
