@@ -25,6 +25,7 @@ from django.utils import autoreload
 from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
+from ...evloop.config import ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.prefork import Supervisor
 
@@ -54,6 +55,7 @@ class Command(RunserverCommand):
     _raw_ipv6: bool
     unix_socket: str | None = None  # from a unix:PATH addrport, instead of addr and port
     _socket_id: tuple[int, int] | None = None  # that socket file's, to remove only it
+    config: ServerConfig  # built by run(), in the main thread
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
@@ -122,7 +124,7 @@ class Command(RunserverCommand):
         if not self.unix_socket and not 0 <= int(self.port) <= 65535:
             raise CommandError(f'"{self.port}" is not a valid port number.')
         try:
-            self.server_config(**options)
+            self.config = self.server_config(**options)
         except (TypeError, ValueError) as exc:
             raise CommandError(
                 f"A COMET_* setting is invalid ({exc}); `manage.py check` names it."
@@ -131,7 +133,7 @@ class Command(RunserverCommand):
 
     def inner_run(self, *args: Any, **options: Any) -> None:
         autoreload.raise_last_exception()
-        config = self.server_config(**options)
+        config = self.config
         if not options["skip_checks"]:
             self.stdout.write("Performing system checks...\n\n")
             self.check(display_num_errors=True)
