@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
 from .hub import Event, hub
 from .request import RequestStruct
+from .wsgi import asks_to_close
 
 if TYPE_CHECKING:
     from .loop import Handle
@@ -115,7 +116,7 @@ class Holder:
         r = RequestStruct.from_address(ex.req)
         find = self._lib.evhttp_find_header
         if any(
-            b"close" in _tokens(find(headers, b"Connection"))
+            (value := find(headers, b"Connection")) and asks_to_close(value.decode("latin-1"))
             for headers in (r.input_headers, r.output_headers)
         ):
             ex.close_at_end = True  # (a second hold of the same response finds nothing)
@@ -260,9 +261,3 @@ class Holder:
             "events_published": hub.published,
             "dropped_slow": self.dropped_slow,
         }
-
-
-def _tokens(value: bytes | None) -> set[bytes]:
-    """The lower-cased options of a Connection header, a list (RFC 9110 7.6.1); evhttp
-    itself only honours a header that is exactly "close", so this closes more often."""
-    return {t.strip().lower() for t in value.split(b",")} if value else set()
