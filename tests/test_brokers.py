@@ -190,6 +190,8 @@ def test_a_history_size_of_0_keeps_no_history(broker, demo_db):
     try:
         first = publish(server, "nothing", 1)
         newest = publish(server, "nothing", 2)
+        # Until this process's hub has it, `newest` could still reach the stream live.
+        server.wait_for_status(lambda s: s["events_published"] >= 2)
         assert replay(server, "nothing", first) == (True, [])
         assert replay(server, "nothing", newest) == (False, [])
         with SSEClient(server, "/t/stream/?channels=nothing") as client:  # live still
