@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from django.conf import settings
+from django.utils.module_loading import import_string
 
 from .evloop.config import ServerConfig
 from .evloop.deferral import MAX_SECONDS
@@ -98,9 +100,7 @@ class Settings:
                 bad.append(
                     f"{key} must be at most {MAX_SECONDS:g} seconds, not {value!r}"
                 )  # or NaN
-        authorize = getattr(settings, "COMET_AUTHORIZE", None)
-        if authorize is not None and not (callable(authorize) or isinstance(authorize, str)):
-            bad.append(f"COMET_AUTHORIZE must be a callable or a dotted path, not {authorize!r}")
+        bad.extend(_authorize_errors(getattr(settings, "COMET_AUTHORIZE", None)))
         return bad
 
     def server_config(self, **overrides: Any) -> ServerConfig:
@@ -124,6 +124,23 @@ class Settings:
             if value is not None:
                 setattr(config, name, value)
         return config
+
+
+def _authorize_errors(authorize: Any) -> list[str]:
+    """COMET_AUTHORIZE must name a plain callable: an async one would answer with a
+    coroutine, which is no yes or no (and is refused at run time too)."""
+    if authorize is None:
+        return []
+    if isinstance(authorize, str):
+        try:
+            authorize = import_string(authorize)
+        except ImportError as exc:
+            return [f"COMET_AUTHORIZE cannot be imported: {exc}"]
+    if not callable(authorize):
+        return [f"COMET_AUTHORIZE must be a callable or a dotted path, not {authorize!r}"]
+    if inspect.iscoroutinefunction(authorize):
+        return [f"COMET_AUTHORIZE must be a plain function, not an async one: {authorize!r}"]
+    return []
 
 
 comet_settings = Settings()

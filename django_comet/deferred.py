@@ -188,7 +188,9 @@ class DeferredResponse(StreamingHttpResponse):
             time.sleep(deferral.delay)
             result = next_stage()
         else:  # what the shared history already had, or the next event in this process
-            events = deferral.ready or hub.wait(deferral.channels, deferral.after, deferral.timeout)
+            events = (
+                deferral.ready or hub.wait(deferral.channels, deferral.after, deferral.timeout)[0]
+            )
             result = next_stage(events[0] if events else None)
         try:
             yield from result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from typing import Any
@@ -18,6 +19,7 @@ from .evloop.hub import Event, hub
 
 __all__ = ["history", "may_listen", "publish"]
 
+MAX_EVENT_ID = 2**63 - 1  # ids are 64-bit (PostgreSQL bigint)
 _CHANNEL = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
 
 
@@ -46,6 +48,7 @@ def replay(broker: Broker, channels: list[str], after: int) -> tuple[list[Event]
     epoch (a memory broker that restarted, a reset database): then everything there is,
     as a gap, from cursor 0.  This process's hub may lag a shared broker, so the broker
     has the last word (asked only when the hub has not seen the cursor)."""
+    after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
     events, gap = broker.since(channels, after)
     if not events and after > hub.last_id and after > broker.newest_id():
         events, _ = broker.since(channels, 0)
@@ -88,10 +91,20 @@ def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase
 
 
 def may_listen(request: HttpRequest, channel: str) -> bool:
-    """COMET_AUTHORIZE(request, channel), or True when the setting is None."""
+    """COMET_AUTHORIZE(request, channel), or True when the setting is None.  Only True
+    grants: False or None refuses, and anything else (an HttpResponse, a coroutine from
+    an async function) is a TypeError, never taken for a yes because it is truthy."""
     check = comet_settings.AUTHORIZE
     if check is None:
         return True
     if isinstance(check, str):
         check = import_string(check)
-    return bool(check(request, channel))
+    answer = check(request, channel)
+    if answer is True:
+        return True
+    if answer is False or answer is None:
+        return False
+    if inspect.iscoroutine(answer):
+        answer.close()  # never awaited, and said so here rather than by a RuntimeWarning
+        raise TypeError("COMET_AUTHORIZE must be a plain function, not an async one")
+    raise TypeError(f"COMET_AUTHORIZE must return True or False, not {answer!r}")

@@ -67,8 +67,11 @@ class PollResponse(StreamingHttpResponse):
         wait = self.comet_deferral
         if wait.claimed:
             return  # runcomet answers from its loop
-        events = wait.ready or hub.wait(self.channels, wait.after, wait.timeout)
-        yield render_events(events, wait.after, self.gap and bool(wait.ready))
+        if wait.ready:
+            yield render_events(wait.ready, wait.after, self.gap)
+        else:
+            events, gap = hub.wait(self.channels, wait.after, wait.timeout)
+            yield render_events(events, wait.after, self.gap or gap)
 
 
 def poll_response(

@@ -8,7 +8,8 @@ blocking generator (one thread per stream, as any WSGI server would need).
 
 from __future__ import annotations
 
-import json
+import random
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,23 +21,24 @@ from .conf import comet_settings
 from .events import check_channel, refusal, replay
 from .evloop.deferral import Stream
 from .evloop.holding import HEARTBEAT
-from .evloop.hub import hub, sse_frame
+from .evloop.hub import GAP_EVENT, gap_frame, hub
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 
-# Sent (without an id) when Last-Event-ID is older than the history reaches back; its
-# data is {"last_event_id": <the client's>, "channels": [...]}.  The client should then
-# reload whatever state it derives from the stream.
-GAP_EVENT = "comet-history-gap"
+# GAP_EVENT is sent (without an id) when some events newer than the client's
+# Last-Event-ID are gone from the history; its data is {"last_event_id": <the client's>,
+# "channels": [...]}.  The client should then reload whatever state it derives from the
+# stream.
 
 
 class EventStreamResponse(StreamingHttpResponse):
     """``text/event-stream`` of every event on ``channels``.
 
-    ``last_event_id``: replay what the client missed (from the bounded per-channel
-    history), preceded by a ``comet-history-gap`` event when some of it is gone.  Without
-    it the stream starts with events published from now on.  ``retry``: the reconnection
-    delay, in milliseconds, that the browser should use.
+    ``channels``: channel names, or one name.  ``last_event_id``: replay what the client
+    missed (from the bounded per-channel history), preceded by a ``comet-history-gap``
+    event when some of it is gone.  Without it the stream starts with events published
+    from now on.  ``retry``: the reconnection delay, in milliseconds, that the browser
+    should use.
     """
 
     def __init__(
@@ -49,6 +51,8 @@ class EventStreamResponse(StreamingHttpResponse):
         super().__init__(content_type="text/event-stream")
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+        if isinstance(channels, str):
+            channels = [channels]  # one channel, not one per letter
         self.channels = list(dict.fromkeys(check_channel(c) for c in channels))
         if not self.channels:
             raise ValueError("EventStreamResponse needs at least one channel")
@@ -57,32 +61,44 @@ class EventStreamResponse(StreamingHttpResponse):
         after = _parse_event_id(last_event_id)
         # A first comment makes proxies and browsers see the stream open at once.
         first = [b"retry: %d\n\n" % retry if retry is not None else b": stream opened\n\n"]
+        gap = False
         if after is None:
             self._cursor = hub.newest_id(self.channels)
         else:
             events, gap, cursor = replay(broker, self.channels, after)
             if gap:
-                gap_data = json.dumps({"last_event_id": after, "channels": self.channels})
-                first.append(sse_frame(None, GAP_EVENT, gap_data))
+                first.append(gap_frame(after, self.channels))
             first.extend(e.frame for e in events)
             self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)
-        self.comet_deferral = Stream(self.channels, self._cursor)
+        self.comet_deferral = Stream(self.channels, self._cursor, told_gap=gap)
         self.streaming_content = self._frames()
 
     def _frames(self) -> Iterator[bytes]:
         yield self._first
         if self.comet_deferral.claimed:
             return  # runcomet writes the events from its loop
+        # Any other server: one blocked thread per stream, ended as runcomet ends it:
+        # after COMET_MAX_HOLD, with a jittered retry.
         cursor = self._cursor
-        interval = comet_settings.SSE_HEARTBEAT or 15.0
-        while True:  # any other server: one blocked thread per stream
-            events = hub.wait(self.channels, cursor, interval)
-            if not events:
+        told_gap = self.comet_deferral.told_gap  # by the first content, until it moves on
+        heartbeat = comet_settings.SSE_HEARTBEAT  # 0: none, as under runcomet
+        max_hold = comet_settings.MAX_HOLD
+        ends = time.monotonic() + max_hold if max_hold else None
+        while ends is None or time.monotonic() < ends:
+            wait = heartbeat or 60.0
+            if ends is not None:
+                wait = min(wait, max(0.0, ends - time.monotonic()))
+            events, gap = hub.wait(self.channels, cursor, wait)
+            if gap and not told_gap:
+                yield gap_frame(cursor, self.channels)
+            if not events and heartbeat:
                 yield HEARTBEAT
             for event in events:
                 cursor = event.id
+                told_gap = False
                 yield event.frame
+        yield b"retry: %d\n\n" % random.randint(1000, 5000)
 
 
 def _parse_event_id(value: int | str | None) -> int | None:

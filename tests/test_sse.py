@@ -104,6 +104,62 @@ def test_history_exhaustion_is_announced(tight):
     assert [e["data"] for e in within["events"]] == [5, 6, 7]
 
 
+def test_a_stream_hears_of_events_lost_before_the_server_held_it(tight):
+    """Events published after the view's replay and before the server holds the stream
+    are sent from the history; when more came than it keeps, the client is told."""
+    with SSEClient(tight, "/t/stream-then-publish/?channels=late&count=8") as client:
+        gap = client.next_event()
+        assert gap["event"] == "comet-history-gap"
+        assert json.loads(gap["data"]) == {"last_event_id": 0, "channels": ["late"]}
+        assert [client.next_event()["data"] for _ in range(5)] == ["3", "4", "5", "6", "7"]
+
+
+@pytest.fixture(scope="module")
+def forgetful(demo_db):
+    """A server that keeps no history, with views in the loop thread (so that a view's
+    publishes all happen before the loop fans the first one out)."""
+    server = runcomet("--threads", "0", db=demo_db, env={"TEST_HISTORY_SIZE": "0"})
+    yield server
+    assert server.stop() == 0
+
+
+def test_a_long_poll_woken_after_its_events_left_the_history_gets_them_and_the_gap(forgetful):
+    with forgetful.connect() as sock:
+        sock.sendall(
+            b"GET /t/fastpoll/?channel=burst&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        subscribed(forgetful, "burst", 1)
+        last = publish(forgetful, "burst,burst,burst", "x")
+        answer = json.loads(read_body(sock))
+    # The event that woke it, though the history let it go at once; the two after it
+    # are gone for this client, and it is told.
+    assert answer == {"events": [{"id": last - 2, "data": "x"}], "last_id": last - 2, "gap": True}
+    forgetful.wait_for_status(lambda s: s["held"] == 0)
+
+
+def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
+    """The memory broker's ids follow the clock across restarts; a client back with a
+    cursor from the old process missed that process's later events, whatever the new one
+    has published since."""
+    old = runcomet(db=demo_db)
+    try:
+        ids = [publish(old, "epoch", n) for n in range(3)]
+    finally:
+        assert old.stop() == 0
+    new = runcomet(db=demo_db)
+    try:
+        fresh = publish(new, "epoch", "new")
+        polled = requests.get(new.url + f"/t/fastpoll/?channel=epoch&since={ids[0]}").json()
+        assert polled == {"events": [{"id": fresh, "data": "new"}], "last_id": fresh, "gap": True}
+        with SSEClient(
+            new, "/t/stream/?channels=epoch", headers=b"Last-Event-ID: %d\r\n" % ids[-1]
+        ) as client:
+            assert client.next_event()["event"] == "comet-history-gap"
+            assert client.next_event() == {"id": str(fresh), "data": '"new"'}
+    finally:
+        assert new.stop() == 0
+
+
 def test_heartbeat_comments(tight):
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:
         frames = client.frames()

@@ -19,6 +19,7 @@ urlpatterns = [
     path("t/publish/", views.publish_view, name="publish"),
     path("t/stream/", views.stream_view, name="stream"),
     path("t/stream-204/", views.stream_204, name="stream_204"),
+    path("t/stream-then-publish/", views.stream_then_publish, name="stream_then_publish"),
     path("t/poll/", views.poll_view, name="poll"),
     path("t/poll/answer/", views.poll_answer, name="poll_answer"),
     path("t/fastpoll/", views.fast_poll_view, name="fast_poll"),

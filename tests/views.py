@@ -170,6 +170,17 @@ def stream_view(request):
     return event_stream(request, *channels)
 
 
+def stream_then_publish(request):
+    """An SSE stream of ?channels=, then ?count= events published on it before the view
+    returns: they reach the history after the stream's replay, before the server holds
+    it."""
+    channel = request.GET["channels"]
+    response = event_stream(request, channel)
+    for n in range(int(request.GET["count"])):
+        publish(channel, n)
+    return response
+
+
 def stream_204(request):
     """An event stream sent with a status that carries no body."""
     response = event_stream(request, request.GET["channels"])

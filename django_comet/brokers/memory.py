@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 
 from ..evloop.hub import Event, hub
 from .base import Broker
@@ -16,6 +17,17 @@ class MemoryBroker(Broker):
         # of the process: a browser's Last-Event-ID from before a restart stays older
         # than every new event instead of hiding the first ones.
         self._last_id = max(hub.last_id, time.time_ns() // 1_000_000)
+        # A cursor below this comes from before this process's events began (a
+        # restart), and what followed it is gone.  0 when the hub had events already (a
+        # broker replaced within the process): its history tells those gaps itself.
+        self._started_at = 0 if hub.last_id else self._last_id
+
+    def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+        """As the hub's history, and a gap for a cursor from before this process began
+        (a client back after a restart): what the old process published after it is
+        gone, even once this one has published newer events."""
+        events, gap = hub.since(channels, after)
+        return events, gap or 0 < after < self._started_at
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         with self._lock:  # ids and their order into the hub agree

@@ -42,8 +42,10 @@ class Deferral:
 
 class ChannelWait:
     """With ``render`` instead of ``resume``, no stage runs: the server answers in the
-    loop thread with ``render(events, after)`` (bytes, the rest of the body) and ends the
-    response; waiters with the same cursor share one rendering per event."""
+    loop thread with ``render(events, after)`` (bytes, the rest of the body), or
+    ``render(events, after, gap=True)`` when some events newer than ``after`` are gone
+    from the history, and ends the response; waiters with the same cursor share one
+    rendering per event."""
 
     __slots__ = ("after", "channels", "claimed", "ready", "render", "resume", "timeout")
 
@@ -55,7 +57,7 @@ class ChannelWait:
         after: int,
         timeout: float,
         ready: list[Any] | None = None,
-        render: Callable[[list[Any], int], bytes] | None = None,
+        render: Callable[..., bytes] | None = None,
     ):
         if not 0 < timeout <= MAX_SECONDS:  # NaN fails too
             raise ValueError(
@@ -73,11 +75,14 @@ class ChannelWait:
 
 
 class Stream:
-    __slots__ = ("backlog", "channels", "claimed", "cursor")
+    __slots__ = ("backlog", "channels", "claimed", "cursor", "told_gap")
 
-    def __init__(self, channels: list[str], cursor: int):
+    def __init__(self, channels: list[str], cursor: int, *, told_gap: bool = False):
         self.channels = list(dict.fromkeys(channels))
         self.cursor = cursor  # the newest event id already in the response's first content
+        # The first content announced a gap already: events lost before the server holds
+        # the stream are the same news, told once.
+        self.told_gap = told_gap
         self.claimed = False
         # Set by the server: bytes of the first content (a replay) still unsent when the
         # stream was held, allowed on top of the bound on unsent output, so that a slow

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .hub import Event, hub
+from .hub import Event, gap_frame, hub
 from .request import RequestStruct
 from .wsgi import asks_to_close
 
@@ -77,9 +77,12 @@ class Holder:
             )
             return
         if isinstance(deferral, ChannelWait):
-            ready = deferral.ready or hub.since(deferral.channels, deferral.after)[0]
-            if ready:  # something newer already happened: answer at once
-                self._wake(ex, deferral, ready, deferral.after, {})
+            if deferral.ready:  # the view found newer events: answer at once
+                self._wake(ex, deferral, deferral.ready, deferral.after, {})
+                return
+            ready, gap = hub.since(deferral.channels, deferral.after)
+            if ready:  # published since the view looked: answer at once
+                self._wake(ex, deferral, ready, deferral.after, {}, gap=gap)
                 return
             ex.hold = deferral
             ex.cursor = deferral.after
@@ -99,8 +102,13 @@ class Holder:
         self._streams[ex] = None
         if self._heartbeat is None:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
-        # Events published between the view's replay and now are in the hub already.
-        events, _ = hub.since(deferral.channels, deferral.cursor)
+        # Events published between the view's replay and now are in the hub already,
+        # unless so many came that the oldest are gone: the client hears of that.
+        events, gap = hub.since(deferral.channels, deferral.cursor)
+        if gap and not deferral.told_gap:
+            self._write(ex, gap_frame(deferral.cursor, deferral.channels))
+            if ex.hold is not deferral:
+                return  # cut as a slow reader
         for event in events:
             self._write(ex, event.frame)
             if ex.hold is not deferral:
@@ -158,11 +166,15 @@ class Holder:
         events: list[Event] | None,
         after: int,
         rendered: dict[Any, bytes],
+        gap: bool = False,
+        trigger: Event | None = None,
     ) -> None:
-        """A long-poll's wait is over (``events`` newer than ``after``; empty on timeout;
-        None: look them up).  Run its stage with the first event, or answer with its
-        rendering, shared through ``rendered`` by the waiters of one pass with the same
-        rendering, channels and cursor (never one listening to other channels)."""
+        """A long-poll's wait is over (``events`` newer than ``after``, ``gap`` if some
+        before them are gone; empty on timeout; None: look them up, with ``trigger``, the
+        event being fanned out, which a short history may have let go already).  Run its
+        stage with the first event, or answer with its rendering, shared through
+        ``rendered`` by the waiters of one pass with the same rendering, channels and
+        cursor (never one listening to other channels)."""
         if wait.resume is not None:
             if events is None:
                 events = hub.since(wait.channels, after)[0]
@@ -173,8 +185,11 @@ class Holder:
         body = rendered.get(key)
         if body is None:
             if events is None:
-                events = hub.since(wait.channels, after)[0]
-            body = rendered[key] = wait.render(events, after)
+                events, gap = hub.since(wait.channels, after)
+                if trigger is not None and (not events or trigger.id < events[0].id):
+                    events.insert(0, trigger)
+            body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
+            rendered[key] = body
         self.server._send_chunk(ex, body)
         self.server._end(ex)
 
@@ -194,7 +209,10 @@ class Holder:
             hold = ex.hold
             if type(hold) is ChannelWait:
                 self.release(ex)
-                self._wake(ex, hold, None if hold.render else [event], ex.cursor, rendered)
+                if hold.render:
+                    self._wake(ex, hold, None, ex.cursor, rendered, trigger=event)
+                else:
+                    self._wake(ex, hold, [event], ex.cursor, rendered)
                 continue
             ex.cursor = event_id
             if type(hold) is Stream:

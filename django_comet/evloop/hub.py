@@ -10,6 +10,7 @@ encoded once, here, and written as-is to every subscriber.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -27,6 +28,16 @@ def sse_frame(event_id: int | None, name: str | None, data: str) -> bytes:
         lines.append("event: " + _FIELD_JUNK.sub("", name))
     lines.extend("data: " + line for line in _NEWLINES.split(data))
     return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+# The event a stream gets (without an id) when some events newer than its cursor are gone
+# from the history; its data is {"last_event_id": <the cursor>, "channels": [...]}.  The
+# client should then reload whatever state it derives from the stream.
+GAP_EVENT = "comet-history-gap"
+
+
+def gap_frame(after: int, channels: list[str]) -> bytes:
+    return sse_frame(None, GAP_EVENT, json.dumps({"last_event_id": after, "channels": channels}))
 
 
 class Event:
@@ -88,16 +99,45 @@ class Hub:
         events.sort(key=lambda e: e.id)
         return events, gap
 
-    def wait(self, channels: list[str], after: int, timeout: float) -> list[Event]:
-        """Block (up to ``timeout``) until an event newer than ``after`` exists; for
-        servers without an event loop, where a deferral degrades to a blocking wait."""
+    def wait(
+        self, channels: list[str], after: int, timeout: float | None
+    ) -> tuple[list[Event], bool]:
+        """Block (up to ``timeout``) until an event newer than ``after`` exists, for
+        servers without an event loop, where a deferral degrades to a blocking wait; the
+        events and whether some before them are gone, as ``since``.  Events published
+        while it waits are caught as they come, however small the history (0 keeps none).
+        A gap is told with the events after it, never alone: a caller that cannot move
+        its cursor past the lost events would hear of them again and again."""
+        wanted = set(channels)
+        caught: list[Event] = []
+
+        def catch(event: Event) -> None:  # called under the lock, in id order
+            if event.channel in wanted and event.id > after:
+                caught.append(event)
+
         with self._changed:
-            self._changed.wait_for(lambda: self._since(channels, after)[0], timeout)
-            return self._since(channels, after)[0]
+            events, gap = self._since(channels, after)
+            if events:
+                return events, gap
+            # From here on every event is caught: only what was lost before counts.
+            self._sinks.append(catch)
+            try:
+                self._changed.wait_for(lambda: caught, timeout)
+            finally:
+                self._sinks.remove(catch)
+        return caught, gap and bool(caught)
 
     def newest_id(self, channels: Iterable[str]) -> int:
+        """The newest id seen on ``channels``, kept in the history or not: the cursor of
+        a client that wants what comes from now on, and has missed nothing before."""
         with self._lock:
-            return max((h[-1].id for c in channels if (h := self._history.get(c))), default=0)
+            return max(
+                (
+                    max(h[-1].id if (h := self._history.get(c)) else 0, self._lost.get(c, 0))
+                    for c in channels
+                ),
+                default=0,
+            )
 
     def add_sink(self, sink: Callable[[Event], None]) -> None:
         with self._lock:

@@ -1,0 +1,143 @@
+"""The Django-facing event API in-process: authorization answers, channel arguments, and
+the blocking fallback of streams and polls (no runcomet: Django's test client)."""
+
+import threading
+
+import pytest
+from django.http import HttpResponseForbidden
+from django.test import RequestFactory, override_settings
+
+from django_comet import EventStreamResponse, may_listen
+from django_comet.conf import comet_settings
+from django_comet.evloop.hub import Event, Hub
+
+
+def yes(request, channel):
+    return True
+
+
+def nothing(request, channel):
+    return None
+
+
+def a_response(request, channel):
+    return HttpResponseForbidden()
+
+
+async def async_no(request, channel):
+    return False
+
+
+@pytest.mark.parametrize(
+    ("authorize", "allowed"), [(yes, True), (nothing, False), (lambda r, c: False, False)]
+)
+def test_authorize_grants_only_true(authorize, allowed):
+    with override_settings(COMET_AUTHORIZE=authorize):
+        assert may_listen(RequestFactory().get("/"), "room") is allowed
+
+
+@pytest.mark.parametrize(
+    ("authorize", "message"),
+    [(a_response, "must return True or False"), (async_no, "not an async one")],
+)
+def test_authorize_answers_that_are_no_yes_or_no_are_errors_not_a_yes(authorize, message):
+    with override_settings(COMET_AUTHORIZE=authorize), pytest.raises(TypeError, match=message):
+        may_listen(RequestFactory().get("/"), "room")
+
+
+@pytest.mark.parametrize(
+    ("authorize", "message"),
+    [
+        (async_no, "not an async one"),
+        ("tests.test_events.async_no", "not an async one"),
+        ("tests.no_such_module.check", "cannot be imported"),
+        (42, "must be a callable or a dotted path"),
+    ],
+)
+def test_authorize_setting_is_checked_at_startup(authorize, message):
+    with override_settings(COMET_AUTHORIZE=authorize):
+        errors = comet_settings.errors()
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_a_stream_of_one_channel_given_as_a_string():
+    assert EventStreamResponse("chat").channels == ["chat"]
+
+
+def first_frames(response, count):
+    """The first ``count`` frames of a blocking stream, read on a thread: a stream
+    that does not end must fail the test, not hang it."""
+    frames = []
+
+    def read():
+        for frame in response.streaming_content:
+            frames.append(frame)
+            if len(frames) == count:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    return frames, reader.is_alive()
+
+
+@override_settings(COMET_SSE_HEARTBEAT=0, COMET_MAX_HOLD=0.2)
+def test_fallback_stream_without_heartbeats_ends_after_max_hold():
+    """As under runcomet: a heartbeat of 0 sends none, and COMET_MAX_HOLD ends the
+    stream with a retry, so a thread per stream is not held forever."""
+    response = EventStreamResponse(["quiet-fallback"])
+    frames, running = first_frames(response, 3)
+    assert not running
+    assert frames[0] == b": stream opened\n\n"
+    assert len(frames) == 2 and frames[1].startswith(b"retry: "), frames
+
+
+class WatchedSinks(list):
+    """A hub's sink list that says when a waiter has joined it."""
+
+    def __init__(self):
+        super().__init__()
+        self.joined = threading.Event()
+
+    def append(self, sink):
+        super().append(sink)
+        self.joined.set()
+
+
+def wait_on(hub, after):
+    """hub.wait on a thread, and a publish-ready moment: returns (result list, thread)."""
+    hub._sinks = WatchedSinks()
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(hub.wait(["c"], after, 5)))
+    waiter.start()
+    assert hub._sinks.joined.wait(10)
+    return result, waiter
+
+
+def test_a_blocking_wait_catches_events_a_history_of_0_does_not_keep():
+    hub = Hub(size=0)
+    result, waiter = wait_on(hub, after=0)
+    event = Event("c", 1, '"x"')
+    hub.add(event)
+    waiter.join(10)
+    assert result == [([event], False)]
+
+
+def test_a_blocking_wait_tells_of_a_gap_with_the_events_after_it():
+    hub = Hub(size=0)
+    hub.add(Event("c", 1, '"lost"'))
+    assert hub.since(["c"], 0) == ([], True)
+    result, waiter = wait_on(hub, after=0)  # a gap alone does not end the wait
+    event = Event("c", 2, '"x"')
+    hub.add(event)
+    waiter.join(10)
+    assert result == [([event], True)]
+
+
+def test_the_newest_id_counts_events_the_history_let_go():
+    """A client that starts without a cursor gets this one: an event published before
+    it came, and not kept, must not look like one it missed."""
+    hub = Hub(size=0)
+    hub.add(Event("c", 7, '"gone"'))
+    assert hub.newest_id(["c", "other"]) == 7
+    assert hub.since(["c"], hub.newest_id(["c"])) == ([], False)
