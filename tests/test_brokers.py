@@ -91,7 +91,11 @@ def test_a_cursor_beyond_any_id_is_another_epoch_not_an_error(pair):
     newest = publish(a, "huge-cursor", "x")
     answer = requests.get(a.url + f"/t/fastpoll/?channel=huge-cursor&since={10**30}", timeout=30)
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"events": [{"id": newest, "data": "x"}], "last_id": newest, "gap": True}
+    assert answer.json() == {
+        "events": [{"id": newest, "data": "x"}],
+        "last_id": newest,
+        "gap": True,
+    }
 
 
 def test_delivery_resumes_after_the_broker_restarts(pair, broker):

@@ -82,6 +82,8 @@ class ListeningBroker(Broker):
             try:
                 self._listen(self._deliver)
             except Exception as exc:  # the broker went away: retry
+                if self.connected.is_set():
+                    backoff = 0.1  # it was up: a new outage starts from the short wait
                 self.connected.clear()
                 if self._closed.is_set():
                     return

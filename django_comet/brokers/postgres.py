@@ -30,10 +30,12 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..evloop.hub import Event
 from .base import ListeningBroker
+
+T = TypeVar("T")
 
 logger = logging.getLogger("django_comet.broker")
 
@@ -132,18 +134,24 @@ class PostgresBroker(ListeningBroker):
         self._generation = 0
         self._reads: ReadQueue = queue.SimpleQueue()  # the reader thread's
         self._listening_from: int | None = None  # the newest id when it first listened
-        with self._connect() as conn, conn.transaction():
-            # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
-            # together on a new database would fail on each other's table.
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-            conn.execute(SCHEMA)
+        # The tables are made by the first connection, not here: a database that is
+        # down when the server starts must not stop it (the listener retries).
+        self._schema_made = False
 
     def _connect(self, application_name: str | None = None) -> Any:
         given = self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
         options: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
         if application_name is not None and "application_name" not in given:
             options["application_name"] = application_name
-        return self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
+        conn = self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
+        if not self._schema_made:
+            with conn.transaction():
+                # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
+                # together on a new database would fail on each other's table.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                conn.execute(SCHEMA)
+            self._schema_made = True
+        return conn
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -151,12 +159,18 @@ class PostgresBroker(ListeningBroker):
             conn = self._local.conn = self._connect()
         return conn
 
-    def publish(self, channel: str, data: str, name: str | None = None) -> int:
+    def _on_conn(self, work: Callable[[Any], T]) -> T:
+        """``work(connection)`` on this thread's connection, tried once more on a fresh
+        one when the database went away since (a restart leaves each thread's old
+        connection dead, and only its next use finds out)."""
         try:
-            return self._publish(self._conn(), channel, data, name)
+            return work(self._conn())
         except self.psycopg.OperationalError:
-            self._local.conn = None  # the database restarted: one fresh try
-            return self._publish(self._conn(), channel, data, name)
+            self._local.conn = None
+            return work(self._conn())
+
+    def publish(self, channel: str, data: str, name: str | None = None) -> int:
+        return self._on_conn(lambda conn: self._publish(conn, channel, data, name))
 
     def _publish(self, conn: Any, channel: str, data: str, name: str | None) -> int:
         with conn.transaction():
@@ -182,11 +196,8 @@ class PostgresBroker(ListeningBroker):
         if not channels:
             return [], False
         size = max(self.history_size, 0)
-        rows = (
-            self._conn()
-            .execute(SINCE, {"channels": channels, "after": after, "limit": size + 1})
-            .fetchall()
-        )
+        query = {"channels": channels, "after": after, "limit": size + 1}
+        rows = self._on_conn(lambda conn: conn.execute(SINCE, query).fetchall())
         per_channel: dict[str, list[Event]] = {}
         gap = False
         for event_id, channel, name, data, lost_id in rows:
@@ -204,7 +215,7 @@ class PostgresBroker(ListeningBroker):
         return events, gap
 
     def newest_id(self) -> int:
-        row = self._conn().execute(NEWEST_ID).fetchone()
+        row = self._on_conn(lambda conn: conn.execute(NEWEST_ID).fetchone())
         return int(row[0])  # pruning always keeps each channel's newest row
 
     # -- with an event loop (runcomet): the loop watches the LISTEN connection's socket --
@@ -241,7 +252,7 @@ class PostgresBroker(ListeningBroker):
             while not self._closed.is_set():
                 try:
                     conn = self._listening_connection(self._deliver)
-                except self.psycopg.OperationalError as exc:
+                except Exception as exc:  # down, or not yet writable (a standby): retry
                     logger.warning("PostgreSQL unreachable (%s); retrying in %.1fs", exc, backoff)
                     self._closed.wait(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
@@ -432,23 +443,22 @@ def _carried(payload: str) -> Event:
     return Event(channel, event_id, data, name)
 
 
-def conninfo_from_url(url: str) -> str:
-    """postgres://... as given, or Django's default database for a bare postgres://."""
+def conninfo_from_url(url: str, database: Any = None) -> str:
+    """postgres://... as given, or for a bare postgres:// that of ``database`` (a Django
+    connection; the default database's when None)."""
     if url.rstrip("/") not in ("postgres:", "postgresql:"):
         return url
-    from django.db import connections
+    if database is None:
+        from django.db import connections
 
-    params = connections["default"].get_connection_params()
+        database = connections["default"]
+    params = database.get_connection_params()
     if "dbname" not in params and "database" in params:
         params["dbname"] = params.pop("database")
-    parts = [
-        f"{k}={_quote(v)}"
-        for k, v in params.items()
-        if k in ("dbname", "user", "password", "host", "port") and v not in (None, "")
-    ]
-    return " ".join(parts)
-
-
-def _quote(value: Any) -> str:
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
+    # Every libpq keyword the project's database connection uses (sslmode, sslrootcert,
+    # options, ...), so that the broker's connection is as safe; psycopg's own (a
+    # cursor factory, a context) are not libpq's.
+    psycopg = _psycopg()
+    keywords = {d.keyword.decode() for d in psycopg.pq.Conninfo.get_defaults()}
+    kept = {k: v for k, v in params.items() if k in keywords and v not in (None, "")}
+    return str(psycopg.conninfo.make_conninfo(**kept))

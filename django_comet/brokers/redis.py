@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..evloop.hub import Event
-from .base import ListeningBroker
+from .base import ListeningBroker, logger
 
 PREFIX = "comet:"
 PUBSUB_CHANNEL = PREFIX + "events"
@@ -27,11 +27,13 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('SET', KEYS[1], ARGV[7])
 end
 local id = redis.call('INCR', KEYS[1])
-local payload = cjson.encode({id, ARGV[1], ARGV[2], ARGV[3]})
+-- Ids have 16 digits: Lua's own number formatting (and cjson's) keeps only 14.
+local payload = '[' .. string.format('%d', id) .. ',' .. cjson.encode(ARGV[1]) .. ','
+    .. cjson.encode(ARGV[2]) .. ',' .. cjson.encode(ARGV[3]) .. ']'
 local key = KEYS[2] .. ARGV[1]
 if redis.call('RPUSH', key, payload) > tonumber(ARGV[4]) then
     local dropped = cjson.decode(redis.call('LPOP', key))
-    redis.call('SET', KEYS[3] .. ARGV[1], dropped[1])
+    redis.call('SET', KEYS[3] .. ARGV[1], string.format('%d', dropped[1]))
 end
 redis.call('RPUSH', KEYS[4], payload)
 redis.call('LTRIM', KEYS[4], -tonumber(ARGV[5]), -1)
@@ -60,6 +62,7 @@ class RedisBroker(ListeningBroker):
             url, socket_connect_timeout=5, retry_on_timeout=True
         )
         self._script = self.client.register_script(_PUBLISH)
+        self._listening_from: int | None = None  # the newest id when it first listened
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         keys = [PREFIX + "id", PREFIX + "history:", PREFIX + "lost:", PREFIX + "log"]
@@ -73,8 +76,10 @@ class RedisBroker(ListeningBroker):
             max(self.history_size * 10, LOG_MIN),
             PUBSUB_CHANNEL,
             # A Redis that lost its data (no persistence) restarts the counter from the
-            # clock, in milliseconds, so that ids still grow past those handed out before.
-            time.time_ns() // 1_000_000,
+            # clock, in microseconds, so that ids still grow past those handed out
+            # before, unless those came faster than a million a second on average.
+            # (Below 2**53 for centuries: exact in JavaScript.)
+            time.time_ns() // 1_000,
         ]
         try:
             return int(self._script(keys=keys, args=args))
@@ -111,11 +116,26 @@ class RedisBroker(ListeningBroker):
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)
+            newest = int(client.get(PREFIX + "id") or 0)
+            if self._listening_from is None:
+                # First connection: nothing was missed yet, and what came before is read
+                # from the histories when a client asks (since()), never fed to streams
+                # as if it were new.  Reconnections catch up from here.
+                self._listening_from = newest
+            else:
+                if newest < hub.last_id:
+                    logger.error(
+                        "Redis's newest event id went back from %d to %d: was its data "
+                        "lost? Events with lower ids than this process has seen are dropped",
+                        hub.last_id,
+                        newest,
+                    )
+                after = max(hub.last_id, self._listening_from)
+                for payload in client.lrange(PREFIX + "log", 0, -1):  # missed while away
+                    event = self._decode(payload)
+                    if event.id > after:
+                        deliver(event)
             self.connected.set()
-            for payload in client.lrange(PREFIX + "log", 0, -1):  # missed while away
-                event = self._decode(payload)
-                if event.id > hub.last_id:
-                    deliver(event)
             while not self._closed.is_set():
                 message = pubsub.get_message(timeout=1.0)
                 if message is not None and message["type"] == "message":

@@ -1,0 +1,155 @@
+"""Brokers that go away, come back, start late or lose their data: the server keeps
+serving, and nothing old is taken for new nor anything new dropped."""
+
+import signal
+
+import pytest
+import requests
+
+from .brokers import PostgresServer, RedisServer, free_port
+from .processes import runcomet
+from .sse_client import SSEClient
+from .test_brokers import manage_publish, publish, start, subscribed
+
+
+def test_each_view_thread_gets_a_fresh_connection_after_a_restart(broker, demo_db):
+    """A restart leaves every thread's connection dead; the next query on it retries on
+    a new one instead of failing the request."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("redis-py reconnects by itself")
+    server = start(broker, demo_db, "--threads", "1")  # one thread: the one that connected
+    try:
+        first = publish(server, "pg-restart", 1)
+        url = server.url + f"/t/fastpoll/?channel=pg-restart&since={first - 1}"
+        assert requests.get(url, timeout=30).status_code == 200
+        import psycopg
+
+        with psycopg.connect(broker.url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")  # the test server's immediate stop loses the rest
+        broker.stop()
+        broker.start()
+        answer = requests.get(url, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert [e["id"] for e in answer.json()["events"]] == [first]
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_a_database_down_at_startup_does_not_stop_the_server(demo_db, workers):
+    closed = free_port()
+    args = ("--workers", workers) if workers else ()
+    server = runcomet(
+        *args, db=demo_db, env={"COMET_BROKER": f"postgresql://127.0.0.1:{closed}/nothing"}
+    )
+    try:
+        for _ in range(4):  # every worker, most likely
+            assert requests.get(server.url + "/t/echo/", timeout=30).status_code == 200
+        assert server.logged("PostgreSQL unreachable")
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_redis_slow_at_startup_feeds_no_old_event_to_a_fresh_stream(demo_db):
+    """The first connection of a process does not load the catch-up log into its hub: a
+    stream that started before it must not get old events as new ones."""
+    redis = RedisServer()
+    try:
+        for n in range(3):
+            manage_publish(redis, "old-news", n)
+        redis.proc.send_signal(signal.SIGSTOP)  # the listener cannot connect yet
+        server = start(redis, demo_db)
+        try:
+            with SSEClient(server, "/t/stream/?channels=old-news") as client:
+                subscribed(server, "old-news")
+                redis.proc.send_signal(signal.SIGCONT)
+                fresh = publish(server, "old-news", "new")
+                assert client.next_event() == {"id": str(fresh), "data": '"new"'}
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        redis.destroy()
+
+
+def test_ids_keep_growing_when_redis_restarts_without_its_data(demo_db):
+    """A Redis that lost its counter (no persistence) starts it again from the clock in
+    microseconds: the new ids are above the old ones, even after a burst faster than a
+    clock in milliseconds (where they started before)."""
+    redis = RedisServer()
+    try:
+        server = start(redis, demo_db)
+        try:
+            last = publish(server, ",".join(["burst"] * 3000), "x")
+            redis.stop()
+            redis.start()
+            with SSEClient(server, "/t/stream/?channels=after-loss") as client:
+                subscribed(server, "after-loss")
+                fresh = publish(server, "after-loss", "y")
+                assert fresh > last
+                assert client.next_event() == {"id": str(fresh), "data": '"y"'}
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        redis.destroy()
+
+
+def logged_times(server, text, count):
+    """Whether ``text`` is in ``count`` lines of the server's output, within a deadline."""
+    with server._more_output:
+        return server._more_output.wait_for(
+            lambda: sum(text in line for line in server.output) >= count, 20
+        )
+
+
+def test_the_reconnect_backoff_starts_short_again_after_each_recovery(demo_db):
+    import redis as redis_py
+
+    redis = RedisServer()
+    try:
+        server = start(redis, demo_db)
+        try:
+            with redis_py.Redis.from_url(redis.url) as admin:
+                for outage in (1, 2):
+                    with SSEClient(server, "/t/stream/?channels=backoff") as client:
+                        subscribed(server, "backoff")
+                        fresh = publish(server, "backoff", outage)
+                        assert client.next_event()["id"] == str(fresh)  # listening
+                    admin.client_kill_filter(_type="pubsub")
+                    assert logged_times(server, "retrying in", outage)
+            retries = [line for line in server.output if "retrying in" in line]
+            assert len(retries) == 2 and all("retrying in 0.1s" in r for r in retries), retries
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        redis.destroy()
+
+
+def test_a_bare_postgres_url_keeps_the_databases_tls_settings():
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    from django_comet.brokers.postgres import conninfo_from_url
+
+    database = DatabaseWrapper(
+        {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "app",
+            "USER": "u",
+            "PASSWORD": "p w'",
+            "HOST": "db.example",
+            "PORT": "5432",
+            "OPTIONS": {"sslmode": "verify-full", "sslrootcert": "/etc/ca.pem"},
+            "CONN_MAX_AGE": 0,
+            "CONN_HEALTH_CHECKS": False,
+            "AUTOCOMMIT": True,
+            "ATOMIC_REQUESTS": False,
+            "TIME_ZONE": None,
+            "TEST": {},
+        }
+    )
+    import psycopg
+
+    params = psycopg.conninfo.conninfo_to_dict(conninfo_from_url("postgres://", database))
+    assert params["sslmode"] == "verify-full" and params["sslrootcert"] == "/etc/ca.pem"
+    assert (params["dbname"], params["user"], params["password"]) == ("app", "u", "p w'")
+    assert (params["host"], params["port"]) == ("db.example", "5432")
