@@ -203,6 +203,16 @@ def test_two_browsers_chat_over_sse(comet, new_browser):
     assert alice_page.execute_script("return localStorage.getItem('chat-name')") == "Alice"
     assert bob_page.execute_script("return localStorage.getItem('chat-name')") == "Bob"
 
+    # A refusal shows the server's reason, and keeps what was typed.
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    say(bob_page, "Bob", "   ")  # passes the input's "required", not the server
+    refusal = "not sent: HTTP 400: Empty message."
+    WebDriverWait(bob_page, 20).until(
+        lambda d: d.execute_script("return document.getElementById('error').textContent") == refusal
+    )
+    bob_page.execute_script("document.getElementById('text').value = '';")
+
     bob_page.execute_script("window.scrollTo(0, 0); document.activeElement.blur();")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert bob_page.save_screenshot(str(SCREENSHOT))

@@ -246,6 +246,13 @@ def test_chat_poll_protocol(comet):
     assert body["last_id"] == event_id
 
 
+def test_the_chat_answers_head_as_uptime_checks_send_it(comet):
+    for path in ("/chat/", "/chat/events/", "/chat/poll/?since=0"):
+        response = requests.head(comet.url + path, timeout=30)
+        assert response.status_code == 200, (path, response.status_code)
+        assert response.content == b""
+
+
 def test_authorization_refusal(comet):
     assert requests.get(comet.url + "/t/stream/?channels=secret-room").status_code == 403
     assert requests.get(comet.url + "/t/poll/?channel=secret-room").status_code == 403

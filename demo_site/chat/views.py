@@ -6,7 +6,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonR
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from django_comet import event_stream, poll_response, publish
 
@@ -15,7 +15,7 @@ MAX_NAME = 40
 MAX_TEXT = 2000
 
 
-@require_GET
+@require_safe
 @ensure_csrf_cookie
 def room(request: HttpRequest) -> HttpResponse:
     return render(request, "chat/room.html")
@@ -33,12 +33,12 @@ def send(request: HttpRequest) -> HttpResponseBase:
     return JsonResponse({"id": event_id}, status=201)
 
 
-@require_GET
+@require_safe
 def events(request: HttpRequest) -> HttpResponseBase:
     return event_stream(request, CHANNEL, retry=2000)
 
 
-@require_GET
+@require_safe
 def poll(request: HttpRequest) -> HttpResponseBase:
     """Long-poll: events after ``since`` at once if there are any, else wait for one."""
     try:
