@@ -1,7 +1,9 @@
 """runcomet: argument parsing, startup errors, graceful stop."""
 
 import contextlib
+import glob
 import json
+import os
 import signal
 import socket
 import sys
@@ -14,6 +16,7 @@ from django.core.management import call_command
 
 from django_comet.management.commands.runcomet import Command
 
+from .brokers import free_port
 from .processes import manage, read_chunked, runcomet
 from .sse_client import SSEClient
 from .test_hardening import wait_until
@@ -276,6 +279,96 @@ def test_workers_stop_when_their_parent_is_killed(demo_db):
         broker.destroy()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_whose_parent_is_killed_remove_the_figures_directory(demo_db, tmp_path):
+    """The parent, killed outright, cannot remove the directory where its workers share
+    their figures: the workers, stopping on their own, do (the last one out); it was
+    left in the temporary directory."""
+    import psutil
+
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        env = {"COMET_BROKER": broker.url, "TMPDIR": str(tmp_path)}  # mkdtemp makes it there
+        server = runcomet("--workers", "2", db=demo_db, env=env)
+        workers = []
+        try:
+            parent = psutil.Process(server.proc.pid)
+            wait_until(lambda: len(parent.children()) == 2)
+            workers = parent.children()
+            [figures] = glob.glob(str(tmp_path / "django-comet-figures-*"))
+            wait_until(lambda: len(os.listdir(figures)) == 2)  # each worker wrote its own
+            parent.kill()
+            _, alive = psutil.wait_procs(workers, timeout=20)
+            assert alive == []
+            assert not os.path.exists(figures), os.listdir(figures)
+        finally:
+            for worker in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
+            server.stop()
+    finally:
+        broker.destroy()
+
+
+def test_a_stop_as_the_workers_start_stops_each_at_once(demo_db, tmp_path):
+    """SIGTERM just after the banner, while 24 workers are being forked: the parent
+    exits 0 once each worker forked has stopped, forks no more, and no worker misses the
+    stop (one would serve on until the SIGKILL after the 60 s of grace).  The parent
+    died of the signal when it came before the parent's handler (rc -15), forked workers
+    onto the socket its stop had closed (each failed: a Bad file descriptor traceback),
+    and lost the stop of the one being forked when it came."""
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        env = {"COMET_BROKER": broker.url, "TEST_GRACE_PERIOD": "60", "TMPDIR": str(tmp_path)}
+        server = runcomet("--workers", "24", db=demo_db, env=env)
+        try:
+            server.signal(signal.SIGTERM)
+            assert server.proc.wait(30) == 0, "".join(server.output)
+        finally:
+            server.stop()
+        output = "".join(server.output)
+        assert "Traceback" not in output and "failed" not in output, output
+        assert output.rstrip().endswith("Stopped."), output
+        assert os.listdir(tmp_path) == []  # and the figures directory is gone
+    finally:
+        broker.destroy()
+
+
+def test_the_parent_handles_stop_signals_from_its_banner_on(monkeypatch, tmp_path):
+    """A stop signal sent as soon as the banner is out (a supervisor or a test reading
+    it) reaches the parent's handler: it came before the handler was installed, and
+    the parent died of it (rc -15), leaving its workers to the kernel's SIGTERM and its
+    figures directory behind.  (Here, in-process: the window was too short to hit.)"""
+    from django_comet.evloop.config import ServerConfig
+    from django_comet.management.commands import runcomet as module
+
+    class Parent(module.Supervisor):
+        def run(self):  # forks nothing
+            return 0
+
+    at_banner = []
+    monkeypatch.setattr(module, "Supervisor", Parent)
+    monkeypatch.setattr(module.tempfile, "tempdir", str(tmp_path))
+    cmd = Command(stdout=StringIO(), stderr=StringIO())
+    cmd.on_bind = lambda *args, **kwargs: at_banner.extend(
+        signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+    )
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            cmd._run_workers(2, sock, None, ServerConfig(port=0))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert [getattr(h, "__func__", h) for h in at_banner] == [Parent._on_stop] * 2, at_banner
+    assert os.listdir(tmp_path) == []
+
+
 def test_clients_that_stopped_reading_do_not_hold_up_a_stop(demo_db):
     """With a minute of grace, a stop still ends soon after what can leave has left: a
     stream whose client reads nothing keeps its bytes in the server, not the stop."""
@@ -388,3 +481,21 @@ def test_publish_refuses_nan():
 
     with pytest.raises(ValueError):
         publish("chat", float("nan"))
+
+
+@pytest.mark.parametrize(
+    "scheme, path",
+    [("postgresql", "/postgres"), ("redis", "/0")],
+    ids=["postgres", "redis"],
+)
+def test_comet_publish_with_the_broker_down_is_one_line(scheme, path):
+    """A broker that cannot be reached is a one-line error naming it and why (it was a
+    traceback of 31 to 118 lines), without the password the setting may hold."""
+    where = f"{scheme}://127.0.0.1:{free_port()}{path}"  # nothing listens there
+    url = where.replace("://", "://comet:secret@") + "?password=secret"
+    result = manage("comet_publish", "chat", '"hi"', env={"COMET_BROKER": url})
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"CommandError: Cannot publish through the broker at {where}: "), line
+    assert "refused" in line and "secret" not in line, line

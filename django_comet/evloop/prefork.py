@@ -17,11 +17,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 logger = logging.getLogger("django_comet.server")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Supervisor:
@@ -40,11 +42,17 @@ class Supervisor:
         self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
 
-    def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+    def handle_signals(self) -> None:
+        """Take SIGTERM and SIGINT over: call this before the server is announced, since
+        a stop signal from then on must stop it (the default action killed the parent,
+        leaving its workers to the kernel's SIGTERM and its files behind)."""
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_stop)
+
+    def run(self) -> int:
+        self.handle_signals()
         for number in range(self.count):
-            self._spawn(number)
+            self._spawn(number)  # none once stopping
         pause = 0.0
         while self.children:
             try:
@@ -69,24 +77,44 @@ class Supervisor:
         return 0
 
     def _spawn(self, number: int) -> None:
+        """Fork worker ``number``, unless stopping.  SIGTERM and SIGINT wait (blocked)
+        from the check to the new pid's entry in ``children``: the stop handler, run in
+        between, would not forward the stop to that worker (it would serve until the
+        SIGKILL), and after it the parent's socket is closed (a worker forked then
+        fails on it).  The child inherits the block: see _child."""
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                for signum in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(signum, signal.SIG_DFL)
-                stop_when_orphaned(parent)
-                self.child_main(number)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                logger.exception("Worker %d failed", number)
-                code = 1
-            finally:
-                os._exit(code)
-        self.children[pid] = number
-        self._born[pid] = time.monotonic()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            if self._stopping:
+                return
+            pid = os.fork()
+            if pid == 0:
+                self._child(number, parent, mask)  # never returns
+            self.children[pid] = number
+            self._born[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _child(self, number: int, parent: int, mask: set[int | signal.Signals]) -> NoReturn:
+        """In the new worker, with SIGTERM and SIGINT still blocked: the parent's
+        handlers (the stop handler of this Supervisor's copy) must never run here.
+        Unblocked once the worker's own handling is in place, so that a stop sent in
+        the meantime, pending, ends the worker then (the default action: it serves
+        nothing yet); the server's handlers take over when it serves."""
+        code = 0
+        try:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            stop_when_orphaned(parent)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self.child_main(number)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            logger.exception("Worker %d failed", number)
+            code = 1
+        finally:
+            os._exit(code)
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self._stopping:  # second signal: no more patience

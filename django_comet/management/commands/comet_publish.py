@@ -5,13 +5,16 @@ With a shared broker (PostgreSQL, Redis) the event reaches every runcomet proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...brokers import get_broker
 from ...brokers.memory import MemoryBroker
+from ...conf import comet_settings
 from ...events import publish
 
 
@@ -41,4 +44,29 @@ class Command(BaseCommand):
             event_id = publish(options["channel"], data, event=options["event"])
         except ValueError as exc:
             raise CommandError(str(exc)) from None
+        except _broker_errors() as exc:  # the broker is down, refuses us, ...
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise CommandError(
+                f"Cannot publish through the broker at {_where(comet_settings.BROKER)}: {reason}"
+            ) from None
         self.stdout.write(str(event_id))
+
+
+def _broker_errors() -> tuple[type[Exception], ...]:
+    """What a broker's client library raises when the broker cannot take an event."""
+    errors: list[type[Exception]] = [OSError]
+    with contextlib.suppress(ImportError):
+        import psycopg
+
+        errors.append(psycopg.Error)
+    with contextlib.suppress(ImportError):
+        import redis
+
+        errors.append(redis.RedisError)
+    return tuple(errors)
+
+
+def _where(url: str) -> str:
+    """COMET_BROKER without what may hold a password (user info, query)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

@@ -6,6 +6,7 @@ runserver's own; this command swaps the server for django_comet's libevent serve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -173,20 +174,26 @@ class Command(RunserverCommand):
         port = 0 if config.unix_socket else sock.getsockname()[1]
 
         config.multiprocess = True
-
-        figures = tempfile.mkdtemp(prefix="django-comet-figures-")
+        parent = os.getpid()
 
         def child(number: int) -> None:
             server = self.comet_server_cls(handler, config, sock=sock)
             server.share_figures(figures, number)
             get_broker().start_listening(server.loop)
             server.serve_forever(handle_signals=True, worker=True)
+            if os.getppid() != parent:  # orphaned: the parent cannot remove the directory
+                _leave_figures(figures, number)
 
-        self.on_bind(port, None, workers=workers, threads=config.threads)
         # Once stopping, the parent lets go of the socket: when the workers have too, a
         # successor can bind the address while they drain.
+        supervisor = Supervisor(workers, child, config.grace, on_stop=sock.close)
+        # A stop signal from the banner on (or while the directory exists) stops the
+        # server gracefully: it no longer kills the parent before it handles signals.
+        supervisor.handle_signals()
+        figures = tempfile.mkdtemp(prefix="django-comet-figures-")
         try:
-            Supervisor(workers, child, config.grace, on_stop=sock.close).run()
+            self.on_bind(port, None, workers=workers, threads=config.threads)
+            supervisor.run()
         finally:
             shutil.rmtree(figures, ignore_errors=True)
         if config.unix_socket:
@@ -231,6 +238,16 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
+
+
+def _leave_figures(directory: str, number: int) -> None:
+    """A worker stopping after its parent died (killed: the kernel's SIGTERM): remove
+    its figures file, and the directory once that leaves it empty.  Each orphaned worker
+    does so as it ends, so the last one removes the directory."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(directory, f"{number}.json"))
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def _configure_logging(access_log: bool) -> None:
