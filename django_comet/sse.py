@@ -8,7 +8,6 @@ blocking generator (one thread per stream, as any WSGI server would need).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -20,7 +19,7 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .events import check_channel, refusal, replay
 from .evloop.deferral import Stream
-from .evloop.holding import HEARTBEAT
+from .evloop.holding import HEARTBEAT, jittered_retry
 from .evloop.hub import GAP_EVENT, gap_frame, hub
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
@@ -98,7 +97,7 @@ class EventStreamResponse(StreamingHttpResponse):
                 cursor = event.id
                 told_gap = False
                 yield event.frame
-        yield b"retry: %d\n\n" % random.randint(1000, 5000)
+        yield jittered_retry()
 
 
 def _parse_event_id(value: int | str | None) -> int | None:

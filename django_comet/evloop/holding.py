@@ -28,6 +28,14 @@ if TYPE_CHECKING:
     from .server import Exchange, Server
 
 HEARTBEAT = b": heartbeat\n\n"
+
+
+def jittered_retry() -> bytes:
+    """The last frame of a stream the server ends: reconnect in 1-5 s, spread out so
+    that the clients of a stopping server do not all come back at once."""
+    return b"retry: %d\n\n" % random.randint(1000, 5000)
+
+
 NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: nothing
 
 
@@ -268,8 +276,7 @@ class Holder:
             self.server._end(ex)
 
     def _end_stream(self, ex: Exchange) -> None:
-        retry = random.randint(1000, 5000)
-        self.server._send_chunk(ex, b"retry: %d\n\n" % retry)
+        self.server._send_chunk(ex, jittered_retry())
         self.server._end(ex)
 
     def stats(self) -> dict[str, Any]:
