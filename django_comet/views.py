@@ -8,6 +8,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 
+from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import defer_in_time, deferred_view
 from .evloop.hub import hub
@@ -47,9 +48,20 @@ def _may_see_figures(request: HttpRequest) -> bool:
 
 def _figures(request: HttpRequest) -> dict[str, Any]:
     server = request.META.get("evloop.server")
+    figures: dict[str, Any]
     if server is None:  # not under runcomet
-        return {"server": None, "held": 0, "requests": None, "events_published": hub.published}
-    return {"server": "runcomet", **server.server_stats()}
+        figures = {"server": None, "held": 0, "requests": None, "events_published": hub.published}
+    else:
+        figures = {"server": "runcomet", **server.server_stats()}
+    figures["broker_listening"] = _broker_listening()
+    return figures
+
+
+def _broker_listening() -> bool:
+    """Whether this process receives the broker's events (the memory broker always
+    does; a shared one once its listener has connected and caught up)."""
+    connected = getattr(get_broker(), "connected", None)
+    return connected is None or bool(connected.is_set())
 
 
 def status(request: HttpRequest) -> JsonResponse:

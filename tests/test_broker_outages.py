@@ -58,8 +58,9 @@ def test_a_redis_slow_at_startup_feeds_no_old_event_to_a_fresh_stream(demo_db):
         for n in range(3):
             manage_publish(redis, "old-news", n)
         redis.proc.send_signal(signal.SIGSTOP)  # the listener cannot connect yet
-        server = start(redis, demo_db)
+        server = start(redis, demo_db, listening=False)
         try:
+            assert server.status()["broker_listening"] is False
             with SSEClient(server, "/t/stream/?channels=old-news") as client:
                 subscribed(server, "old-news")
                 redis.proc.send_signal(signal.SIGCONT)

@@ -17,12 +17,17 @@ from .processes import manage, runcomet
 from .sse_client import SSEClient
 
 
-def start(broker, demo_db, *args, **kwargs):
+def start(broker, demo_db, *args, listening=True, **kwargs):
+    """runcomet on ``broker``, once its listener receives events (unless not
+    ``listening``): a process hears only what is published from then on."""
     os.environ["COMET_BROKER"] = broker.url
     try:
-        return runcomet(*args, db=demo_db, **kwargs)
+        server = runcomet(*args, db=demo_db, **kwargs)
     finally:
         del os.environ["COMET_BROKER"]
+    if listening:
+        server.wait_for_status(lambda s: s["broker_listening"], timeout=30)
+    return server
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,7 @@ def test_status_counts_requests(comet):
     second = comet.status()
     assert second["requests"] > first["requests"]
     assert second["held"] == 0
+    assert second["broker_listening"] is True  # the memory broker: always
 
 
 def test_a_client_gone_before_its_answer_leaves_the_next_answers_intact(comet):
