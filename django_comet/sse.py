@@ -2,7 +2,7 @@
 
 Under runcomet a stream holds no thread: after the first content (retry, replay) the
 server writes each event's frame, encoded once, to every subscribed connection, and a
-heartbeat comment every COMET_SSE_HEARTBEAT seconds.  Elsewhere it degrades to a
+heartbeat event every COMET_SSE_HEARTBEAT seconds.  Elsewhere it degrades to a
 blocking generator (one thread per stream, as any WSGI server would need).
 """
 
@@ -19,8 +19,8 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .events import check_channel, refusal, replay
 from .evloop.deferral import Stream
-from .evloop.holding import HEARTBEAT, jittered_retry
-from .evloop.hub import GAP_EVENT, gap_frame, hub
+from .evloop.holding import jittered_retry
+from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 
@@ -58,8 +58,12 @@ class EventStreamResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         after = _parse_event_id(last_event_id)
-        # A first comment makes proxies and browsers see the stream open at once.
-        first = [b"retry: %d\n\n" % retry if retry is not None else b": stream opened\n\n"]
+        # A first frame makes proxies and browsers see the stream open at once; as a
+        # heartbeat, it tells comet.js the interval, so that a stall is noticed from the
+        # start (without heartbeats, a comment).
+        first = [b"retry: %d\n\n" % retry] if retry is not None else []
+        beat = comet_settings.SSE_HEARTBEAT
+        first.append(heartbeat_frame(beat) if beat else b": stream opened\n\n")
         gap = False
         if after is None:
             self._cursor = hub.newest_id(self.channels)
@@ -92,7 +96,7 @@ class EventStreamResponse(StreamingHttpResponse):
             if gap and not told_gap:
                 yield gap_frame(cursor, self.channels)
             if not events and heartbeat:
-                yield HEARTBEAT
+                yield heartbeat_frame(heartbeat)
             for event in events:
                 cursor = event.id
                 told_gap = False

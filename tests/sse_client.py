@@ -47,6 +47,8 @@ class SSEClient:
             yield frame
 
     def next_event(self, skip_comments: bool = True) -> dict:
+        """The next event; comments and heartbeats skipped unless ``skip_comments`` is
+        false."""
         for frame in self.frames():
             fields: dict = {"data": []}
             for line in frame.split(b"\n"):
@@ -59,10 +61,9 @@ class SSEClient:
                     fields["data"].append(value)
                 else:
                     fields[name] = value
-            if (
-                skip_comments
-                and set(fields) <= {"data", "comments", "retry"}
-                and not fields["data"]
+            if skip_comments and (
+                (set(fields) <= {"data", "comments", "retry"} and not fields["data"])
+                or fields.get("event") == "comet-heartbeat"
             ):
                 continue
             fields["data"] = "\n".join(fields["data"])

@@ -160,12 +160,13 @@ def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
         assert new.stop() == 0
 
 
-def test_heartbeat_comments(tight):
+def test_heartbeat_events_tell_their_interval(tight):
+    """An event, not a comment, so that a browser's script can watch for it."""
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:
         frames = client.frames()
-        assert next(frames) == b": stream opened"
-        assert next(frames) == b": heartbeat"
-        assert next(frames) == b": heartbeat"
+        assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"  # at once: the interval
+        assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"
+        assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"
 
 
 def test_long_poll_waits_then_answers_with_the_event(comet):

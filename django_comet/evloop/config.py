@@ -32,7 +32,8 @@ class ServerConfig:
     stream_threshold: int = 256 * 1024
     # A streaming response's producer thread waits while this many bytes are unsent.
     write_high_water: int = 1024 * 1024
-    # Seconds between SSE heartbeat comments, so that proxies keep idle streams open.
+    # Seconds between SSE heartbeat events, so that proxies keep idle streams open and
+    # clients can tell a quiet stream from a dead connection.
     heartbeat: float = 15.0
     # Unsent bytes a held stream may have before it is cut as a slow reader.
     max_pending_output: int = 1024 * 1024

@@ -19,15 +19,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .hub import Event, gap_frame, hub
+from .hub import Event, gap_frame, heartbeat_frame, hub
 from .request import RequestStruct
 from .wsgi import asks_to_close
 
 if TYPE_CHECKING:
     from .loop import Handle
     from .server import Exchange, Server
-
-HEARTBEAT = b": heartbeat\n\n"
 
 
 def jittered_retry() -> bytes:
@@ -46,10 +44,11 @@ class Holder:
         self._lib = server._lib
         self._buf = server._buf
         self.max_pending = server.config.max_pending_output
-        # One timer for all streams: heartbeat comments, and the end of streams held
+        # One timer for all streams: heartbeat events, and the end of streams held
         # longer than max_hold (swept every minute when heartbeats are off).
         self.heartbeat_interval = server.config.heartbeat or 60.0
         self.send_heartbeat = server.config.heartbeat > 0
+        self.heartbeat = heartbeat_frame(self.heartbeat_interval)  # encoded once
         self.max_hold = server.config.max_hold
         self._subscribers: dict[str, dict[Exchange, None]] = {}  # ordered sets
         self._streams: dict[Exchange, None] = {}
@@ -249,7 +248,7 @@ class Holder:
             if too_old is not None and ex.started < too_old:
                 self._end_stream(ex)
             elif self.send_heartbeat:
-                self._write(ex, HEARTBEAT)
+                self._write(ex, self.heartbeat)
         if self._streams:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
 

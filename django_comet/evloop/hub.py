@@ -36,6 +36,16 @@ def sse_frame(event_id: int | None, name: str | None, data: str) -> bytes:
 GAP_EVENT = "comet-history-gap"
 
 
+# Sent on idle streams every COMET_SSE_HEARTBEAT seconds, so that proxies keep them and
+# clients can tell a quiet stream from a dead connection; its data is the interval in
+# seconds.  An event, not a comment: EventSource passes comments to no script.
+HEARTBEAT_EVENT = "comet-heartbeat"
+
+
+def heartbeat_frame(interval: float) -> bytes:
+    return sse_frame(None, HEARTBEAT_EVENT, f"{interval:g}")
+
+
 def gap_frame(after: int, channels: list[str]) -> bytes:
     return sse_frame(None, GAP_EVENT, json.dumps({"last_event_id": after, "channels": channels}))
 

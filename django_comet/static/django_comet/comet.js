@@ -10,13 +10,19 @@
  *     onGap: function (info) {},     // history no longer reaches back: reload your state
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…'
  *     events: ['message'],           // SSE event names to listen to
- *     forcePoll: false
+ *     forcePoll: false,
+ *     pollTimeout: 60000             // ms without an answer before a poll is retried
  *   }) -> {close: function () {}}
+ *
+ * A stream that stays silent for three of the server's heartbeat intervals (it says
+ * how long they are) is taken for stalled, a connection that died without closing,
+ * and reopened from the last id.
  */
 (function (global) {
   'use strict';
 
   var GAP_EVENT = 'comet-history-gap';
+  var HEARTBEAT_EVENT = 'comet-heartbeat';  // data: the interval, in seconds
   var SSE_FAILURES_BEFORE_POLL = 3;
 
   function subscribe(options) {
@@ -27,6 +33,8 @@
     var source = null;
     var timer = null;  // the pending retry, or the next poll
     var pollRequest = null;
+    var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
+    var watchdog = null;  // reopens a stream that fell silent
     var onState = options.onState || function () {};
     var names = options.events || ['message'];
 
@@ -51,28 +59,59 @@
       try { return JSON.parse(text); } catch (e) { return text; }
     }
 
+    // Any sign of life from the stream puts off the watchdog (armed once the server has
+    // said how often it beats: a server without heartbeats may be silent for long).
+    function alive() {
+      if (watchdog) { clearTimeout(watchdog); watchdog = null; }
+      if (beat && source && !closed) { watchdog = setTimeout(stalled, beat * 3000); }
+    }
+
+    // Silent for three beats: a connection that died without closing, or a reconnect
+    // that went out on one (the browser reuses idle connections).  Closing the source
+    // drops it; reopen from the last id, at once the first time, then with backoff.
+    function stalled() {
+      watchdog = null;
+      if (closed || !source) { return; }
+      source.close();
+      source = null;
+      sseFailures += 1;
+      onState('reconnecting…');
+      if (sseFailures < 2) { startSSE(); }
+      else { timer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
+    }
+
     function startSSE() {
       // lastEventId=0 asks for the history too, so that SSE and long-poll start alike.
       var url = options.sse + sep(options.sse) + 'lastEventId=' + lastId;
-      source = new global.EventSource(url);
-      source.onopen = function () { sseOpened = true; sseFailures = 0; onState('live (sse)'); };
+      var own = source = new global.EventSource(url);
+      own.onopen = function () {
+        sseOpened = true; sseFailures = 0; onState('live (sse)'); alive();
+      };
       names.forEach(function (name) {
-        source.addEventListener(name, function (e) { deliver(e.lastEventId, parse(e.data), name); });
+        own.addEventListener(name, function (e) { alive(); deliver(e.lastEventId, parse(e.data), name); });
       });
-      source.addEventListener(GAP_EVENT, function (e) {
+      own.addEventListener(HEARTBEAT_EVENT, function (e) {
+        beat = Number(e.data) || 0;
+        alive();
+      });
+      alive();  // a reconnect must open within three beats too
+      own.addEventListener(GAP_EVENT, function (e) {
+        alive();
         lastId = 0;  // the replay that follows may restart the ids (a restarted server)
         if (options.onGap) { call(options.onGap, parse(e.data)); }
       });
-      source.onerror = function () {
-        if (closed) { return; }
+      own.onerror = function () {
+        if (closed || own !== source) { return; }
+        if (watchdog) { clearTimeout(watchdog); watchdog = null; }
         sseFailures += 1;
         onState('reconnecting…');
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
-        // CONNECTING; CLOSED means it gave up (an HTTP error, a proxy's page): retry
-        // ourselves with backoff, and after repeated failures without ever opening, fall
-        // back to long-poll.
+        // CONNECTING, at the stream's retry: interval however often that fails: after a
+        // second failure in a row, and when it gives up (CLOSED: an HTTP error, a
+        // proxy's page), retry ourselves with backoff.  After repeated failures without
+        // ever opening, fall back to long-poll.
         var giveUp = !sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL;
-        if (source.readyState === global.EventSource.CLOSED || giveUp) {
+        if (source.readyState === global.EventSource.CLOSED || sseFailures >= 2 || giveUp) {
           source.close();
           source = null;
           if (giveUp) { startPoll(); }
@@ -87,6 +126,7 @@
         if (closed) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
         xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
+        xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
         xhr.onload = function () {
           var body = null;
           if (xhr.status === 200) {
@@ -109,7 +149,7 @@
           }
           timer = setTimeout(next, failures ? backoff(failures) : 0);
         };
-        xhr.onerror = function () {
+        xhr.onerror = xhr.ontimeout = function () {
           failures += 1;
           onState('reconnecting…');
           timer = setTimeout(next, backoff(failures));
@@ -128,6 +168,7 @@
       close: function () {
         closed = true;
         if (source) { source.close(); }
+        if (watchdog) { clearTimeout(watchdog); }
         if (timer) { clearTimeout(timer); }
         if (pollRequest) { pollRequest.abort(); }
       },

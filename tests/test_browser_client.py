@@ -1,0 +1,140 @@
+"""comet.js in headless Chromium, where the network misbehaves: a stream that stalls
+without closing is reopened, and a stream that keeps failing is retried with backoff
+rather than at every ``retry:`` interval."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+import pytest
+import requests
+
+from .processes import runcomet
+from .test_browser_chat import new_browser, open_chat, unique, wait_for_message
+
+__all__ = ["new_browser"]  # a fixture, used by name
+
+pytestmark = pytest.mark.browser
+
+
+class FreezableProxy:
+    """A TCP proxy in front of the server.  ``freeze()`` makes the connections open at
+    that moment forward nothing more, either way, without closing: a network that
+    dropped them silently.  Connections opened later are forwarded as usual."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.opened = 0
+        self.frozen_below = 0  # connections numbered below this forward nothing
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            number, self.opened = self.opened, self.opened + 1
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, number), daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, number: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if number >= self.frozen_below:
+                    sink.sendall(data)
+            if number >= self.frozen_below:
+                sink.shutdown(socket.SHUT_WR)
+
+    def freeze(self) -> None:
+        self.frozen_below = self.opened
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture(scope="module")
+def beating(demo_db):
+    """A server with a 0.3 s heartbeat: comet.js takes 0.9 s of silence for a stall."""
+    server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.3"})
+    yield server
+    assert server.stop() == 0
+
+
+def test_a_stream_that_stalls_without_closing_is_reopened(beating, new_browser):
+    proxy = FreezableProxy(beating.port)
+    try:
+        page = new_browser("stall")
+        open_chat(page, f"http://127.0.0.1:{proxy.port}", "live (sse)")
+        proxy.freeze()  # the stream's connection (and any idle one) goes silent
+        text = unique("sent while the stream was stalled:")
+        response = requests.post(
+            beating.url + "/t/publish/",
+            data={"channel": "chat", "data": f'{{"name": "Probe", "text": "{text}"}}'},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        wait_for_message(page, "Probe", text)  # through a connection opened since
+    finally:
+        proxy.close()
+
+
+FAKE_EVENTSOURCE = """
+window.FakeEventSource = function (url) {
+    this.url = url; this.readyState = 0; this.closed = false;
+    window.FakeEventSource.last = this;
+};
+window.FakeEventSource.CLOSED = 2;
+window.FakeEventSource.prototype.addEventListener = function () {};
+window.FakeEventSource.prototype.close = function () { this.closed = true; this.readyState = 2; };
+"""
+
+LOAD_COMET_JS = """
+var done = arguments[arguments.length - 1];
+var script = document.createElement('script');
+script.src = '/static/django_comet/comet.js';
+script.onload = function () { done(true); };
+script.onerror = function () { done(false); };
+document.head.appendChild(script);
+"""
+
+FAIL_TWICE = """
+var delays = [];
+var setTimeoutBefore = window.setTimeout;
+window.setTimeout = function (callback, ms) { delays.push(ms); return 0; };
+window.EventSource = window.FakeEventSource;
+try {
+    Comet.subscribe({sse: '/nowhere/', poll: '/nowhere/', onEvent: function () {}});
+    var source = window.FakeEventSource.last;
+    source.readyState = 1; source.onopen();
+    source.readyState = 0; source.onerror();  // the browser reconnects by itself
+    var afterOne = {closed: source.closed, delays: delays.slice()};
+    source.onerror();  // and fails again
+    return {afterOne: afterOne, closed: source.closed, delays: delays};
+} finally {
+    window.setTimeout = setTimeoutBefore;
+}
+"""
+
+
+def test_a_stream_failing_twice_in_a_row_is_retried_with_backoff(comet, new_browser):
+    page = new_browser("backoff")
+    page.get(comet.url + "/t/echo/")  # a page of the site, for its comet.js
+    page.execute_script(FAKE_EVENTSOURCE)
+    assert page.execute_async_script(LOAD_COMET_JS)
+    result = page.execute_script(FAIL_TWICE)
+    assert result["afterOne"] == {"closed": False, "delays": []}  # the browser's retry
+    assert result["closed"] is True  # then comet.js's own, after a backoff of 1-2 s
+    assert len(result["delays"]) == 1 and 1000 <= result["delays"][0] <= 2000, result
