@@ -13,7 +13,7 @@ from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from .brokers import get_broker
-from .brokers.base import Broker
+from .brokers.base import Broker, logger
 from .conf import comet_settings
 from .evloop.hub import Event, hub
 
@@ -49,10 +49,14 @@ def replay(broker: Broker, channels: list[str], after: int) -> tuple[list[Event]
     as a gap, from cursor 0.  This process's hub may lag a shared broker, so the broker
     has the last word (asked only when the hub has not seen the cursor)."""
     after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
-    events, gap = broker.since(channels, after)
-    if not events and after > hub.last_id and after > broker.newest_id():
-        events, _ = broker.since(channels, 0)
-        return events, True, 0
+    try:
+        events, gap = broker.since(channels, after)
+        if not events and after > hub.last_id and after > broker.newest_id():
+            events, _ = broker.since(channels, 0)
+            return events, True, 0
+    except broker.unreachable as exc:
+        logger.warning("Broker unreachable (%s): replaying from this process's history", exc)
+        events, gap = broker.local_since(channels, after)
     return events, gap, after
 
 

@@ -154,3 +154,32 @@ def test_a_bare_postgres_url_keeps_the_databases_tls_settings():
     assert params["sslmode"] == "verify-full" and params["sslrootcert"] == "/etc/ca.pem"
     assert (params["dbname"], params["user"], params["password"]) == ("app", "u", "p w'")
     assert (params["host"], params["port"]) == ("db.example", "5432")
+
+
+def test_replays_come_from_this_processs_history_while_the_broker_is_down(broker, demo_db):
+    """Kept last in this module: it stops the module's broker (a Redis loses its data)."""
+    early = manage_publish(broker, "down-replay", "early")  # before the server listens
+    server = start(broker, demo_db)
+    try:
+        with SSEClient(server, "/t/stream/?channels=down-replay") as client:
+            subscribed(server, "down-replay")
+            ids = [publish(server, "down-replay", n) for n in range(3)]
+            assert [client.next_event()["id"] for _ in ids] == [str(i) for i in ids]
+        broker.stop()
+        try:
+            url = server.url + "/t/fastpoll/?channel=down-replay&since={}&timeout=0.1"
+            within = requests.get(url.format(ids[0]), timeout=30)
+            assert within.status_code == 200, within.text
+            assert within.json() == {
+                "events": [{"id": ids[1], "data": 1}, {"id": ids[2], "data": 2}],
+                "last_id": ids[2],
+            }
+            # From before this process listened: it cannot know what it missed.
+            before = requests.get(url.format(early - 1), timeout=30)
+            assert before.status_code == 200, before.text
+            assert before.json()["gap"] is True
+            assert server.logged("replaying from this process's history")
+        finally:
+            broker.start()
+    finally:
+        assert server.stop() == 0, "".join(server.output)

@@ -28,6 +28,14 @@ class Broker:
         """The newest id handed out by any process sharing the broker (0: none yet)."""
         return hub.last_id
 
+    # What the broker's client raises when the broker cannot be reached.
+    unreachable: tuple[type[Exception], ...] = ()
+
+    def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+        """As ``since``, from this process's own history, for when the broker cannot be
+        asked."""
+        return hub.since(channels, after)
+
     def start_listening(self, loop: Any = None) -> None:
         """Begin receiving other processes' events into the hub (idempotent).  A running
         server passes its event loop, which a broker may use to watch its socket."""
@@ -56,6 +64,15 @@ class ListeningBroker(Broker):
         self._deliver_lock = threading.Lock()
         self._closed = threading.Event()
         self.connected = threading.Event()
+        self._listening_from: int | None = None  # the newest id when it first listened
+
+    def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+        """This process's hub has every event since it began listening (a reconnect
+        catches up; nothing is published while the broker is down); a cursor from before
+        that, or from before it ever listened, is a gap."""
+        events, gap = hub.since(channels, after)
+        floor = self._listening_from
+        return events, gap or floor is None or after < floor
 
     def start_listening(self, loop: Any = None) -> None:
         """Start once, whichever way: a later call, with or without a loop, does nothing

@@ -133,7 +133,7 @@ class PostgresBroker(ListeningBroker):
         # read the event again).
         self._generation = 0
         self._reads: ReadQueue = queue.SimpleQueue()  # the reader thread's
-        self._listening_from: int | None = None  # the newest id when it first listened
+        self.unreachable = (self.psycopg.OperationalError,)
         # The tables are made by the first connection, not here: a database that is
         # down when the server starts must not stop it (the listener retries).
         self._schema_made = False

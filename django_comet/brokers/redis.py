@@ -62,7 +62,7 @@ class RedisBroker(ListeningBroker):
             url, socket_connect_timeout=5, retry_on_timeout=True
         )
         self._script = self.client.register_script(_PUBLISH)
-        self._listening_from: int | None = None  # the newest id when it first listened
+        self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         keys = [PREFIX + "id", PREFIX + "history:", PREFIX + "lost:", PREFIX + "log"]
