@@ -34,3 +34,20 @@ def test_a_dead_workers_counters_stay_and_its_gauges_go():
     )
     assert (total["workers"], total["held"], total["requests"]) == (1, 1, 12)
     assert [w["worker"] for w in total["per_worker"]] == [0]
+
+
+def test_what_a_dead_worker_received_stays_and_is_carried_on():
+    """events_published must not go down when the worker that received most dies: its
+    count stays, and its replacement counts on from it."""
+    import subprocess
+
+    from django_comet.evloop.figures import _counters
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: a pid of no process
+    gone = record(1, ended.pid, held=2, requests=7)
+    gone["figures"]["events_published"] = 9
+    kept = _counters(gone)
+    assert kept == {"requests": 7, "events_published": 9}
+    total = combine([record(0, 10, events_published=3), {**gone, "figures": kept, "gone": True}])
+    assert total["events_published"] == 9

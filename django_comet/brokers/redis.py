@@ -59,7 +59,7 @@ class RedisBroker(ListeningBroker):
         self.url = url
         self.history_size = history_size
         self.client = self.redis.Redis.from_url(
-            url, socket_connect_timeout=5, retry_on_timeout=True
+            url, socket_connect_timeout=5, socket_keepalive=True, retry_on_timeout=True
         )
         self._script = self.client.register_script(_PUBLISH)
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
@@ -112,7 +112,12 @@ class RedisBroker(ListeningBroker):
     def _listen(self, deliver: Callable[[Event], None]) -> None:
         from ..evloop.hub import hub
 
-        client = self.redis.Redis.from_url(self.url, socket_connect_timeout=5)
+        # A listener waits on a quiet connection: TCP keepalives, and a PING when it
+        # has heard nothing for a while, find one that a NAT or a failover dropped
+        # without a word (an error, then a reconnect that catches up).
+        client = self.redis.Redis.from_url(
+            self.url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30
+        )
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)

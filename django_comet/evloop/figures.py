@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 WRITE_SECONDS = 1.0
 # Every worker receives every event through the shared broker: not a sum.
 HIGHEST = frozenset({"events_published"})
-# Totals since start: kept when a worker dies.  Every other figure is a count of now.
+# Totals since start: kept when a worker dies (HIGHEST too).  Every other figure is a
+# count of now.
 COUNTERS = ("requests", "dropped_slow", "header_timeouts", "accept_pauses")
 # Figures shown for each worker too, to see how evenly the load is spread.
 PER_WORKER = ("held", "requests", "in_flight", "connections", "streams")
@@ -111,10 +112,12 @@ def combine(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _counters(record: dict[str, Any] | None) -> dict[str, Any]:
-    """A dead worker's counters (none from a live one: only a dead one is replaced)."""
+    """A dead worker's counters, and what it received (its replacement goes on from
+    there, so that no total goes down); none from a live one: only a dead one is
+    replaced."""
     if record is None or _alive(record["pid"]):
         return {}
-    return {k: v for k, v in record["figures"].items() if k in COUNTERS}
+    return {k: v for k, v in record["figures"].items() if k in COUNTERS or k in HIGHEST}
 
 
 def _read(path: str) -> dict[str, Any] | None:
