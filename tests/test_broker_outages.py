@@ -156,6 +156,49 @@ def test_a_bare_postgres_url_keeps_the_databases_tls_settings():
     assert (params["host"], params["port"]) == ("db.example", "5432")
 
 
+def cut_listener(broker):
+    """Close the broker's side of every listening connection (the server's)."""
+    if isinstance(broker, PostgresServer):
+        import psycopg
+
+        with psycopg.connect(broker.url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'django_comet listen %'"
+            )
+    else:
+        import redis as redis_py
+
+        with redis_py.Redis.from_url(broker.url) as admin:
+            admin.client_kill_filter(_type="pubsub")
+
+
+def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_db):
+    """A process away from the broker for longer than its catch-up reaches back (the
+    table's history, Redis' log) cannot deliver what it missed: its streams are told."""
+    from django_comet.brokers import broker_from_url
+
+    publisher = broker_from_url(broker.url, history_size=5)  # another server, as it were
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
+    try:
+        with SSEClient(server, "/t/stream/?channels=away") as client:
+            subscribed(server, "away")
+            publisher.publish("away", '"before"')
+            assert client.next_event()["data"] == '"before"'
+            server.proc.send_signal(signal.SIGSTOP)  # away: it cannot even reconnect
+            try:
+                cut_listener(broker)
+                for n in range(300):
+                    publisher.publish("away", str(n))
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert client.next_event()["event"] == "comet-history-gap"
+            assert server.logged("the gap event")
+    finally:
+        publisher.close()
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_replays_come_from_this_processs_history_while_the_broker_is_down(broker, demo_db):
     """Kept last in this module: it stops the module's broker (a Redis loses its data)."""
     early = manage_publish(broker, "down-replay", "early")  # before the server listens

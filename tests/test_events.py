@@ -141,3 +141,18 @@ def test_the_newest_id_counts_events_the_history_let_go():
     hub.add(Event("c", 7, '"gone"'))
     assert hub.newest_id(["c", "other"]) == 7
     assert hub.since(["c"], hub.newest_id(["c"])) == ([], False)
+
+
+def test_a_gap_the_broker_reports_is_told_by_replays_and_moves_fresh_cursors_past_it():
+    hub = Hub(size=10)
+    hub.add(Event("a", 1, '"kept"'))
+    told = []
+    hub.add_gap_sink(lambda channels, through: told.append((channels, through)))
+    hub.add_gap(None, 5)  # events up to 5, on any channel, never came
+    assert told == [(None, 5)]
+    assert hub.since(["a"], 1) == ([], True)
+    assert hub.since(["b"], 0) == ([], True)
+    assert hub.newest_id(["b"]) == 5  # a client from now on missed nothing
+    assert hub.since(["b"], hub.newest_id(["b"])) == ([], False)
+    hub.add_gap(["a"], 7)
+    assert hub.since(["a"], 6) == ([], True) and hub.since(["b"], 6) == ([], False)

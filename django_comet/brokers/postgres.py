@@ -318,6 +318,16 @@ class PostgresBroker(ListeningBroker):
             self._listening_from = int(row[0])
             return conn
         after = max(hub.last_id, self._listening_from)
+        lost = conn.execute(
+            "SELECT channel, lost_id FROM comet_channel WHERE lost_id > %s", (after,)
+        ).fetchall()
+        if lost:  # pruned before this process could read them: its streams hear of it
+            logger.warning(
+                "Events on %d channel(s) were pruned while this process was away from "
+                "PostgreSQL; their streams get the gap event",
+                len(lost),
+            )
+            hub.add_gap([channel for channel, _ in lost], max(int(i) for _, i in lost))
         for i, channel, name, data in conn.execute(
             "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
             (after,),

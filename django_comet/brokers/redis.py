@@ -35,8 +35,12 @@ if redis.call('RPUSH', key, payload) > tonumber(ARGV[4]) then
     local dropped = cjson.decode(redis.call('LPOP', key))
     redis.call('SET', KEYS[3] .. ARGV[1], string.format('%d', dropped[1]))
 end
-redis.call('RPUSH', KEYS[4], payload)
-redis.call('LTRIM', KEYS[4], -tonumber(ARGV[5]), -1)
+-- The global log, for catching up; the newest id it let go tells a catch-up what it lost.
+local excess = redis.call('RPUSH', KEYS[4], payload) - tonumber(ARGV[5])
+for _ = 1, excess do
+    local dropped = cjson.decode(redis.call('LPOP', KEYS[4]))
+    redis.call('SET', KEYS[5], string.format('%d', dropped[1]))
+end
 redis.call('PUBLISH', ARGV[6], payload)
 return id
 """
@@ -65,7 +69,13 @@ class RedisBroker(ListeningBroker):
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
-        keys = [PREFIX + "id", PREFIX + "history:", PREFIX + "lost:", PREFIX + "log"]
+        keys = [
+            PREFIX + "id",
+            PREFIX + "history:",
+            PREFIX + "lost:",
+            PREFIX + "log",
+            PREFIX + "log-lost",
+        ]
         args = [
             channel,
             name or "",
@@ -136,6 +146,14 @@ class RedisBroker(ListeningBroker):
                         newest,
                     )
                 after = max(hub.last_id, self._listening_from)
+                log_lost = int(client.get(PREFIX + "log-lost") or 0)
+                if log_lost > after:  # gone from the log before this process read them
+                    logger.warning(
+                        "Events were lost while this process was away from Redis (the "
+                        "catch-up log keeps %d); every stream gets the gap event",
+                        max(self.history_size * 10, LOG_MIN),
+                    )
+                    hub.add_gap(None, log_lost)
                 for payload in client.lrange(PREFIX + "log", 0, -1):  # missed while away
                     event = self._decode(payload)
                     if event.id > after:

@@ -56,9 +56,12 @@ class Holder:
         self.dropped_slow = 0
         self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
         hub.add_sink(self._sink)
+        self._gap_sink = functools.partial(self.loop.call_soon_threadsafe, self._tell_gap)
+        hub.add_gap_sink(self._gap_sink)
 
     def close(self) -> None:
         hub.remove_sink(self._sink)
+        hub.remove_gap_sink(self._gap_sink)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -229,6 +232,19 @@ class Holder:
                 add(buf, frame, size)
                 send(ex.req, buf)
                 ex.sent += size
+
+    def _tell_gap(self, channels: list[str] | None, through: int) -> None:
+        """Events up to ``through`` on ``channels`` (None: any) will never come: every
+        stream that may have wanted them gets the gap event now (a long-poll's answer
+        says so with its next event, from the hub)."""
+        if channels is None:
+            streams = list(self._streams)
+        else:
+            streams = list({ex: None for c in channels for ex in self._subscribers.get(c, ())})
+        for ex in streams:
+            hold = ex.hold
+            if type(hold) is Stream and ex.cursor < through:
+                self._write(ex, gap_frame(ex.cursor, hold.channels))
 
     def _write(self, ex: Exchange, data: bytes) -> None:
         backlog = ex.hold.backlog if type(ex.hold) is Stream else 0

@@ -73,7 +73,9 @@ class Hub:
         self._changed = threading.Condition(self._lock)
         self._history: dict[str, collections.deque[Event]] = {}
         self._lost: dict[str, int] = {}  # channel -> newest id pushed out of its history
+        self._lost_everywhere = 0  # newest id of events this process never received
         self._sinks: list[Callable[[Event], None]] = []
+        self._gap_sinks: list[Callable[[list[str] | None, int], None]] = []
         self.published = 0
         self.last_id = 0
 
@@ -92,6 +94,20 @@ class Hub:
                 sink(event)
             self._changed.notify_all()
 
+    def add_gap(self, channels: list[str] | None, through: int) -> None:
+        """Any thread: events up to id ``through`` on ``channels`` (None: on any channel)
+        will never reach this process (a broker's catch-up no longer had them).  Replays
+        from before it report the gap, and the gap sinks are told, in order with
+        events."""
+        with self._lock:
+            if channels is None:
+                self._lost_everywhere = max(self._lost_everywhere, through)
+            else:
+                for channel in channels:
+                    self._lost[channel] = max(self._lost.get(channel, 0), through)
+            for sink in self._gap_sinks:
+                sink(channels, through)
+
     def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """Events of ``channels`` with an id above ``after``, oldest first, and whether
         the history no longer reaches back to ``after`` (some were lost)."""
@@ -100,7 +116,7 @@ class Hub:
 
     def _since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         events: list[Event] = []
-        gap = False
+        gap = after < self._lost_everywhere
         for channel in channels:
             history = self._history.get(channel)
             if history and history[-1].id > after:
@@ -141,13 +157,11 @@ class Hub:
         """The newest id seen on ``channels``, kept in the history or not: the cursor of
         a client that wants what comes from now on, and has missed nothing before."""
         with self._lock:
-            return max(
-                (
-                    max(h[-1].id if (h := self._history.get(c)) else 0, self._lost.get(c, 0))
-                    for c in channels
-                ),
-                default=0,
-            )
+            newest = self._lost_everywhere
+            for channel in channels:
+                history = self._history.get(channel)
+                newest = max(newest, history[-1].id if history else 0, self._lost.get(channel, 0))
+            return newest
 
     def add_sink(self, sink: Callable[[Event], None]) -> None:
         with self._lock:
@@ -157,6 +171,15 @@ class Hub:
         with self._lock:
             if sink in self._sinks:
                 self._sinks.remove(sink)
+
+    def add_gap_sink(self, sink: Callable[[list[str] | None, int], None]) -> None:
+        with self._lock:
+            self._gap_sinks.append(sink)
+
+    def remove_gap_sink(self, sink: Callable[[list[str] | None, int], None]) -> None:
+        with self._lock:
+            if sink in self._gap_sinks:
+                self._gap_sinks.remove(sink)
 
 
 hub = Hub()  # the process's hub: brokers feed it, the running server drains it
