@@ -57,13 +57,18 @@ def test_bad_address_is_one_line():
         (("127.0.0.1:99999",), {}, 'CommandError: "99999" is not a valid port number.'),
         (("--threads=-1", "0"), {}, "CommandError: --threads must be 0 or more."),
         (
+            ("--threads=4", "--nothreading", "0"),
+            {},
+            "CommandError: --nothreading is --threads 0: give one or the other.",
+        ),
+        (
             ("0",),
             {"TEST_BAD_TIMEOUT": "soon"},
             "CommandError: A COMET_* setting is invalid (could not convert string to float: "
             "'soon'); `manage.py check` names it.",
         ),
     ],
-    ids=["port-out-of-range", "negative-threads", "bad-setting"],
+    ids=["port-out-of-range", "negative-threads", "threads-and-nothreading", "bad-setting"],
 )
 @pytest.mark.parametrize("reload", [False, True], ids=["noreload", "autoreload"])
 def test_bad_options_are_one_line_and_exit(args, env, message, reload):

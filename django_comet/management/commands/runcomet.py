@@ -83,8 +83,10 @@ class Command(RunserverCommand):
 
     def server_config(self, **options: Any) -> Any:
         threads = options.get("threads")
-        if threads is None and not options.get("use_threading", True):
-            threads = 0  # runserver's --nothreading
+        if not options.get("use_threading", True):  # runserver's --nothreading
+            if threads not in (None, 0):
+                raise CommandError("--nothreading is --threads 0: give one or the other.")
+            threads = 0
         if threads is not None and threads < 0:
             raise CommandError("--threads must be 0 or more.")
         return comet_settings.server_config(
