@@ -1,6 +1,6 @@
-"""comet.js in headless Chromium, where the network misbehaves: a stream that stalls
-without closing is reopened, and a stream that keeps failing is retried with backoff
-rather than at every ``retry:`` interval."""
+"""comet.js in headless Chromium: the tabs of one browser share one stream; where the
+network misbehaves, a stream that stalls without closing is reopened, and a stream that
+keeps failing is retried with backoff rather than at every ``retry:`` interval."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from .processes import runcomet
-from .test_browser_chat import new_browser, open_chat, unique, wait_for_message
+from .test_browser_chat import new_browser, open_chat, say, unique, wait_for_message
 
 __all__ = ["new_browser"]  # a fixture, used by name
 
@@ -116,7 +116,8 @@ var setTimeoutBefore = window.setTimeout;
 window.setTimeout = function (callback, ms) { delays.push(ms); return 0; };
 window.EventSource = window.FakeEventSource;
 try {
-    Comet.subscribe({sse: '/nowhere/', poll: '/nowhere/', onEvent: function () {}});
+    Comet.subscribe({sse: '/nowhere/', poll: '/nowhere/', onEvent: function () {},
+                     shareTabs: false});
     var source = window.FakeEventSource.last;
     source.readyState = 1; source.onopen();
     source.readyState = 0; source.onerror();  // the browser reconnects by itself
@@ -138,3 +139,34 @@ def test_a_stream_failing_twice_in_a_row_is_retried_with_backoff(comet, new_brow
     assert result["afterOne"] == {"closed": False, "delays": []}  # the browser's retry
     assert result["closed"] is True  # then comet.js's own, after a backoff of 1-2 s
     assert len(result["delays"]) == 1 and 1000 <= result["delays"][0] <= 2000, result
+
+
+def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
+    """Seven chat tabs of one browser: over HTTP/1.1 a stream each would take all six
+    connections to the site, and the seventh would not even load."""
+    page = new_browser("tabs")
+    tabs = []
+    for n in range(7):
+        if n:
+            page.switch_to.new_window("tab")
+        tabs.append(page.current_window_handle)
+        open_chat(page, beating.url, "live (sse)")
+    beating.wait_for_status(lambda s: s["channels"].get("chat") == 1)  # one for all
+    text = unique("to every tab:")
+    say(page, "Seventh", text)
+    page.switch_to.new_window("tab")  # one more joins: it gets what the others saw
+    tabs.append(page.current_window_handle)
+    open_chat(page, beating.url, "live (sse)")
+    for handle in tabs:
+        page.switch_to.window(handle)
+        wait_for_message(page, "Seventh", text)
+    # The tab holding the stream closes: the next one connects, from its last id.
+    page.switch_to.window(tabs[0])
+    page.close()
+    page.switch_to.window(tabs[1])
+    text = unique("after the first tab closed:")
+    say(page, "Second", text)
+    for handle in tabs[1:]:
+        page.switch_to.window(handle)
+        wait_for_message(page, "Second", text)
+    beating.wait_for_status(lambda s: s["channels"].get("chat") == 1)

@@ -11,8 +11,16 @@
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…'
  *     events: ['message'],           // SSE event names to listen to
  *     forcePoll: false,
- *     pollTimeout: 60000             // ms without an answer before a poll is retried
+ *     pollTimeout: 60000,            // ms without an answer before a poll is retried
+ *     shareTabs: true                // one connection for all tabs of this browser
  *   }) -> {close: function () {}}
+ *
+ * Tabs of one browser share one connection per endpoint (with Web Locks and
+ * BroadcastChannel, where the browser has both): over HTTP/1.1 a browser opens at most
+ * six connections to a site, and a stream per tab would take them all.  The tab holding
+ * the lock connects and passes every event on; the others listen, and a tab that joins
+ * gets what the connected tab has seen.  When that tab closes, the next one takes the
+ * lock and connects from its own last id.
  *
  * A stream that stays silent for three of the server's heartbeat intervals (it says
  * how long they are) is taken for stalled, a connection that died without closing,
@@ -23,6 +31,7 @@
 
   var GAP_EVENT = 'comet-history-gap';
   var HEARTBEAT_EVENT = 'comet-heartbeat';  // data: the interval, in seconds
+  var RECENT_FOR_TABS = 200;  // events the connected tab keeps for tabs that join
   var SSE_FAILURES_BEFORE_POLL = 3;
 
   function subscribe(options) {
@@ -35,8 +44,18 @@
     var pollRequest = null;
     var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
     var watchdog = null;  // reopens a stream that fell silent
-    var onState = options.onState || function () {};
+    var userOnState = options.onState || function () {};
+    var state = '';
     var names = options.events || ['message'];
+    // Sharing between tabs (see above).
+    var shared = null;  // the BroadcastChannel, when sharing
+    var leading = false;  // this tab holds the lock and the connection
+    var joined = false;  // a follower got the connected tab's welcome
+    var pending = [];  // what a follower heard before its welcome
+    var recent = [];  // the connected tab's latest events, for tabs that join
+    var trimmed = false;  // whether recent has let some go
+    var releaseLock = null;
+    var tab = Math.random().toString(36).slice(2);
 
     // A callback that throws must not stop the subscription (nor the rest of a batch).
     function call(callback, value) {
@@ -49,6 +68,24 @@
       if (id && id <= lastId) { return; }  // seen already (reconnects, mode switches)
       if (id) { lastId = id; }
       call(options.onEvent, { id: id, data: data, event: name || 'message' });
+      if (shared) {  // kept by every tab: any may come to welcome the others
+        recent.push({ id: id, data: data, name: name });
+        if (recent.length > RECENT_FOR_TABS) { recent.shift(); trimmed = true; }
+        if (leading) { shared.postMessage({ kind: 'event', id: id, data: data, name: name }); }
+      }
+    }
+
+    function onState(mode) {
+      state = mode;
+      call(userOnState, mode);
+      if (leading && shared) { shared.postMessage({ kind: 'state', mode: mode }); }
+    }
+
+    function gap(info) {  // the history no longer reaches back: the ids may restart
+      lastId = 0;
+      if (options.onGap) { call(options.onGap, info); }
+      recent = []; trimmed = false;
+      if (leading && shared) { shared.postMessage({ kind: 'gap', info: info }); }
     }
 
     function backoff(failures) {  // 1 s doubling to 30 s, with jitter so clients spread
@@ -97,8 +134,7 @@
       alive();  // a reconnect must open within three beats too
       own.addEventListener(GAP_EVENT, function (e) {
         alive();
-        lastId = 0;  // the replay that follows may restart the ids (a restarted server)
-        if (options.onGap) { call(options.onGap, parse(e.data)); }
+        gap(parse(e.data));  // the replay that follows may restart the ids (a restart)
       });
       own.onerror = function () {
         if (closed || own !== source) { return; }
@@ -134,8 +170,7 @@
           }
           if (body && body.events) {
             var restarted = body.last_id < lastId;  // the ids restarted: take what there is
-            if (restarted) { lastId = 0; }
-            if ((restarted || body.gap) && options.onGap) { call(options.onGap, body); }
+            if (restarted || body.gap) { gap(body); }
             body.events.forEach(function (e) {
               var name = e.event || 'message';
               if (names.indexOf(name) !== -1) { deliver(e.id, e.data, name); }
@@ -161,12 +196,74 @@
 
     function sep(url) { return url.indexOf('?') === -1 ? '?' : '&'; }
 
-    if (options.sse && global.EventSource && !options.forcePoll) { startSSE(); }
-    else { startPoll(); }
+    function connect() {
+      if (options.sse && global.EventSource && !options.forcePoll) { startSSE(); }
+      else { startPoll(); }
+    }
+
+    // A follower: what the connected tab passes on, in the order it sent it.
+    function heard(message) {
+      if (closed || leading) { return; }
+      var m = message.data;
+      if (m.kind === 'welcome') {
+        if (m.tab !== tab || joined) { return; }
+        joined = true;
+        if (m.gap) { gap(m.gap); }
+        m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
+        if (m.state) { state = m.state; call(userOnState, m.state); }
+        pending.splice(0).forEach(follow);
+      } else if (m.kind === 'hello') {
+        return;
+      } else if (!joined) {
+        pending.push(m);
+      } else {
+        follow(m);
+      }
+    }
+
+    function follow(m) {
+      if (m.kind === 'event') { deliver(m.id, m.data, m.name); }
+      else if (m.kind === 'gap') { gap(m.info); }
+      else if (m.kind === 'state') { state = m.mode; call(userOnState, m.mode); }
+    }
+
+    // The connected tab: welcome a tab that joins with what it has seen since its id.
+    function welcome(message) {
+      var m = message.data;
+      if (closed || !leading || m.kind !== 'hello') { return; }
+      var events = recent.filter(function (e) { return e.id > m.lastId; });
+      var missed = trimmed && m.lastId > 0 && (!recent.length || recent[0].id > m.lastId + 1);
+      shared.postMessage({
+        kind: 'welcome', tab: m.tab, events: events, state: state,
+        gap: missed ? { last_event_id: m.lastId } : null
+      });
+    }
+
+    var locks = global.navigator && global.navigator.locks;
+    if (options.shareTabs !== false && locks && global.BroadcastChannel) {
+      var key = 'django-comet ' + JSON.stringify([options.sse, options.poll, names, !!options.forcePoll]);
+      shared = new global.BroadcastChannel(key);
+      shared.onmessage = function (message) {
+        if (leading) { welcome(message); } else { heard(message); }
+      };
+      shared.postMessage({ kind: 'hello', tab: tab, lastId: lastId });
+      locks.request(key, function () {
+        if (closed) { return null; }
+        leading = true;
+        joined = true;
+        pending = [];  // what was passed on before is in the replay from lastId
+        connect();
+        return new Promise(function (resolve) { releaseLock = resolve; });
+      });
+    } else {
+      connect();
+    }
 
     return {
       close: function () {
         closed = true;
+        if (releaseLock) { releaseLock(); }
+        if (shared) { shared.close(); }
         if (source) { source.close(); }
         if (watchdog) { clearTimeout(watchdog); }
         if (timer) { clearTimeout(timer); }
