@@ -70,6 +70,19 @@ def test_static_files_served_when_debug(comet):
     assert "text/css" in response.headers["Content-Type"]
 
 
+def test_a_static_path_leaving_the_static_root_is_a_400(comet):
+    """As Django answers a SuspiciousOperation in a view (its static handler let it out:
+    a 500)."""
+    with comet.connect() as sock:
+        sock.sendall(
+            b"GET /static/../demo_site/settings.py HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Not for production: the secret key is public" not in answer  # the file
+
+
 def test_admin_login_page(comet):
     response = requests.get(comet.url + "/admin/login/")
     assert response.status_code == 200

@@ -144,7 +144,7 @@ class Command(RunserverCommand):
         for conn in connections.all(initialized_only=True):
             conn.close()
         _configure_logging(config.access_log)
-        handler = self.get_handler(*args, **options)
+        handler = _refusing_escapes(self.get_handler(*args, **options))
         try:
             libevent_ctypes.load()
             sock = listen_socket(config)
@@ -240,6 +240,29 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
+
+
+def _refusing_escapes(handler: Any) -> Any:
+    """Static files (DEBUG, --insecure): a path that leaves the static root ("/static/../
+    settings.py") is refused with 400, logged on django.security as Django does for a
+    view.  Django's static handler catches only Http404: it was a 500 with a traceback."""
+    if not apps.is_installed("django.contrib.staticfiles"):
+        return handler
+    from django.contrib.staticfiles.handlers import StaticFilesHandler
+    from django.core.exceptions import SuspiciousOperation
+    from django.core.handlers.exception import response_for_exception
+
+    if type(handler) is not StaticFilesHandler:
+        return handler
+
+    class RefusingEscapes(StaticFilesHandler):
+        def get_response(self, request: Any) -> Any:
+            try:
+                return super().get_response(request)
+            except SuspiciousOperation as exc:
+                return response_for_exception(request, exc)
+
+    return RefusingEscapes(handler.application)
 
 
 def _leave_figures(directory: str, number: int) -> None:
