@@ -189,11 +189,25 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
             try:
                 cut_listener(broker)
                 for n in range(300):
-                    publisher.publish("away", str(n))
+                    last_away = publisher.publish("away", str(n))
+                for n in range(300):  # pruned further: each channel has its own mark
+                    publisher.publish("busy", str(n))
             finally:
                 server.proc.send_signal(signal.SIGCONT)
             assert client.next_event()["event"] == "comet-history-gap"
             assert server.logged("the gap event")
+        server.wait_for_status(lambda s: "away" not in s["channels"])  # that one has gone
+        # Told once, to those it concerns: not to a later client that missed nothing...
+        with SSEClient(
+            server, "/t/stream/?channels=away", headers=b"Last-Event-ID: %d\r\n" % last_away
+        ) as client:
+            subscribed(server, "away")
+            after = publisher.publish("away", '"after"')
+            got = client.next_event()
+            assert got == {"id": str(after), "data": '"after"'}, (got, last_away)
+        # ... nor to one starting afresh on another channel.
+        fresh = requests.get(server.url + "/t/fastpoll/?channel=unused&since=0&timeout=0.1")
+        assert fresh.json() == {"events": [], "last_id": 0}
     finally:
         publisher.close()
         assert server.stop() == 0, "".join(server.output)

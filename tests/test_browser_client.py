@@ -170,3 +170,48 @@ def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
         page.switch_to.window(handle)
         wait_for_message(page, "Second", text)
     beating.wait_for_status(lambda s: s["channels"].get("chat") == 1)
+
+
+TWO_SUBSCRIPTIONS = """
+var channel = arguments[0];
+var done = arguments[arguments.length - 1];
+var seen = {one: [], two: []};
+window.__seen = seen;
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
+function subscribe(name) {
+    var sub = Comet.subscribe({
+        sse: '/t/stream/?channels=' + channel, poll: '/t/fastpoll/?channel=' + channel,
+        onEvent: function (e) { seen[name].push(e.data.text); if (name === 'two') { sub.close(); } },
+        onState: function (mode) { if (mode === 'live (sse)') { done(true); } }
+    });
+}
+subscribe('one');
+subscribe('two');  // says hello before 'one' holds the lock
+"""
+
+
+def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_browser):
+    """The second subscription says hello before the first holds the lock, so no one
+    welcomes it then: it says hello again when the first takes over.  Its onEvent
+    closes it, which must raise nothing."""
+    page = new_browser("twice")
+    page.get(beating.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    channel = unique("twice-").replace(" ", "")
+    assert page.execute_async_script(TWO_SUBSCRIPTIONS, channel)
+    text = unique("to both subscriptions:")
+    response = requests.post(
+        beating.url + "/t/publish/",
+        data={"channel": channel, "data": f'{{"name": "Probe", "text": "{text}"}}'},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 20).until(
+        lambda d: d.execute_script("return window.__seen.one.length && window.__seen.two.length")
+    )
+    seen = page.execute_script("return window.__seen")
+    assert seen == {"one": [text], "two": [text]}, seen
+    assert page.execute_script("return window.__errors") == []

@@ -134,6 +134,16 @@ def test_a_long_poll_woken_after_its_events_left_the_history_gets_them_and_the_g
     # The event that woke it, though the history let it go at once; the two after it
     # are gone for this client, and it is told.
     assert answer == {"events": [{"id": last - 2, "data": "x"}], "last_id": last - 2, "gap": True}
+    # One event alone, let go by the history as it came: no gap.
+    with forgetful.connect() as sock:
+        sock.sendall(
+            b"GET /t/fastpoll/?channel=burst&since=%d&timeout=30 HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n\r\n" % last
+        )
+        subscribed(forgetful, "burst", 1)
+        alone = publish(forgetful, "burst", "y")
+        answer = json.loads(read_body(sock))
+    assert answer == {"events": [{"id": alone, "data": "y"}], "last_id": alone}
     forgetful.wait_for_status(lambda s: s["held"] == 0)
 
 

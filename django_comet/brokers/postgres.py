@@ -318,6 +318,12 @@ class PostgresBroker(ListeningBroker):
             self._listening_from = int(row[0])
             return conn
         after = max(hub.last_id, self._listening_from)
+        missed = conn.execute(
+            "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
+            (after,),
+        ).fetchall()
+        # Read after the events: a prune in between makes a gap told too many, never one
+        # missed.
         lost = conn.execute(
             "SELECT channel, lost_id FROM comet_channel WHERE lost_id > %s", (after,)
         ).fetchall()
@@ -327,11 +333,9 @@ class PostgresBroker(ListeningBroker):
                 "PostgreSQL; their streams get the gap event",
                 len(lost),
             )
-            hub.add_gap([channel for channel, _ in lost], max(int(i) for _, i in lost))
-        for i, channel, name, data in conn.execute(
-            "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
-            (after,),
-        ).fetchall():
+            for channel, lost_id in lost:
+                hub.add_gap([channel], int(lost_id))
+        for i, channel, name, data in missed:
             deliver(Event(channel, int(i), data, name))
         return conn
 

@@ -146,7 +146,11 @@ class RedisBroker(ListeningBroker):
                         newest,
                     )
                 after = max(hub.last_id, self._listening_from)
-                log_lost = int(client.get(PREFIX + "log-lost") or 0)
+                snapshot = client.pipeline(transaction=True)  # the log and its mark agree
+                snapshot.lrange(PREFIX + "log", 0, -1)
+                snapshot.get(PREFIX + "log-lost")
+                log, lost_mark = snapshot.execute()
+                log_lost = int(lost_mark or 0)
                 if log_lost > after:  # gone from the log before this process read them
                     logger.warning(
                         "Events were lost while this process was away from Redis (the "
@@ -154,7 +158,7 @@ class RedisBroker(ListeningBroker):
                         max(self.history_size * 10, LOG_MIN),
                     )
                     hub.add_gap(None, log_lost)
-                for payload in client.lrange(PREFIX + "log", 0, -1):  # missed while away
+                for payload in log:  # missed while away
                     event = self._decode(payload)
                     if event.id > after:
                         deliver(event)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .hub import hub
+
 ATTRIBUTE = "comet_deferral"
 MAX_SECONDS = 1e7  # about 115 days: a longer delay or timeout is a mistake
 
@@ -47,7 +49,16 @@ class ChannelWait:
     from the history, and ends the response; waiters with the same cursor share one
     rendering per event."""
 
-    __slots__ = ("after", "channels", "claimed", "ready", "render", "resume", "timeout")
+    __slots__ = (
+        "after",
+        "channels",
+        "claimed",
+        "lost_mark",
+        "ready",
+        "render",
+        "resume",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -72,10 +83,11 @@ class ChannelWait:
         self.timeout = timeout
         self.ready = ready  # events already known to be newer: answer at once
         self.claimed = False
+        self.lost_mark = hub.lost_mark(self.channels)  # losses after this are news
 
 
 class Stream:
-    __slots__ = ("backlog", "channels", "claimed", "cursor", "told_gap")
+    __slots__ = ("backlog", "channels", "claimed", "cursor", "lost_mark", "told_gap")
 
     def __init__(self, channels: list[str], cursor: int, *, told_gap: bool = False):
         self.channels = list(dict.fromkeys(channels))
@@ -83,6 +95,7 @@ class Stream:
         # The first content announced a gap already: events lost before the server holds
         # the stream are the same news, told once.
         self.told_gap = told_gap
+        self.lost_mark = hub.lost_mark(self.channels)  # losses after this are news
         self.claimed = False
         # Set by the server: bytes of the first content (a replay) still unsent when the
         # stream was held, allowed on top of the bound on unsent output, so that a slow

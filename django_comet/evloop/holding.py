@@ -92,6 +92,7 @@ class Holder:
                 return
             ready, gap = hub.since(deferral.channels, deferral.after)
             if ready:  # published since the view looked: answer at once
+                gap = gap and hub.lost_mark(deferral.channels) > deferral.lost_mark
                 self._wake(ex, deferral, ready, deferral.after, {}, gap=gap)
                 return
             ex.hold = deferral
@@ -115,7 +116,7 @@ class Holder:
         # Events published between the view's replay and now are in the hub already,
         # unless so many came that the oldest are gone: the client hears of that.
         events, gap = hub.since(deferral.channels, deferral.cursor)
-        if gap and not deferral.told_gap:
+        if gap and not deferral.told_gap and hub.lost_mark(deferral.channels) > deferral.lost_mark:
             self._write(ex, gap_frame(deferral.cursor, deferral.channels))
             if ex.hold is not deferral:
                 return  # cut as a slow reader
@@ -196,8 +197,13 @@ class Holder:
         if body is None:
             if events is None:
                 events, gap = hub.since(wait.channels, after)
-                if trigger is not None and (not events or trigger.id < events[0].id):
-                    events.insert(0, trigger)
+                if trigger is not None:
+                    if not events or trigger.id < events[0].id:
+                        events.insert(0, trigger)
+                    # The first event after the cursor: only what was lost after it
+                    # counts (a short history may have let the trigger itself go).
+                    gap = hub.since(wait.channels, trigger.id)[1]
+                gap = gap and hub.lost_mark(wait.channels) > wait.lost_mark
             body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
             rendered[key] = body
         self.server._send_chunk(ex, body)

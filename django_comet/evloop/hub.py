@@ -87,7 +87,9 @@ class Hub:
                 history = self._history[event.channel] = collections.deque()
             history.append(event)
             while len(history) > self.size:
-                self._lost[event.channel] = history.popleft().id
+                lost = history.popleft().id
+                if lost > self._lost.get(event.channel, 0):  # a broker's gap may be newer
+                    self._lost[event.channel] = lost
             self.published += 1
             self.last_id = max(self.last_id, event.id)
             for sink in self._sinks:  # under the lock, so sinks see ids in order
@@ -152,6 +154,13 @@ class Hub:
             finally:
                 self._sinks.remove(catch)
         return caught, gap and bool(caught)
+
+    def lost_mark(self, channels: Iterable[str]) -> int:
+        """The newest id known lost on ``channels`` (let go by the history, or never
+        received): a deferral notes it when made, so that the server tells a client only
+        of losses after that (its replay, from the broker, had all before)."""
+        with self._lock:
+            return max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
 
     def newest_id(self, channels: Iterable[str]) -> int:
         """The newest id seen on ``channels``, kept in the history or not: the cursor of

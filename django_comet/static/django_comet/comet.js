@@ -55,6 +55,7 @@
     var recent = [];  // the connected tab's latest events, for tabs that join
     var trimmed = false;  // whether recent has let some go
     var releaseLock = null;
+    var afterGap = false;  // the next event is taken whatever its id (ids may restart)
     var tab = Math.random().toString(36).slice(2);
 
     // A callback that throws must not stop the subscription (nor the rest of a batch).
@@ -65,9 +66,10 @@
     function deliver(id, data, name) {
       id = Number(id);
       if (closed) { return; }
-      if (id && id <= lastId) { return; }  // seen already (reconnects, mode switches)
-      if (id) { lastId = id; }
+      if (id && id <= lastId && !afterGap) { return; }  // seen (reconnects, mode switches)
+      if (id) { lastId = id; afterGap = false; }
       call(options.onEvent, { id: id, data: data, event: name || 'message' });
+      if (closed) { return; }  // closed by onEvent
       if (shared) {  // kept by every tab: any may come to welcome the others
         recent.push({ id: id, data: data, name: name });
         if (recent.length > RECENT_FOR_TABS) { recent.shift(); trimmed = true; }
@@ -78,14 +80,17 @@
     function onState(mode) {
       state = mode;
       call(userOnState, mode);
-      if (leading && shared) { shared.postMessage({ kind: 'state', mode: mode }); }
+      if (leading && shared && !closed) { shared.postMessage({ kind: 'state', mode: mode }); }
     }
 
-    function gap(info) {  // the history no longer reaches back: the ids may restart
-      lastId = 0;
+    // Some events are gone.  The cursor stays (a reconnect asks from there, not for the
+    // whole history), but the next event is taken even with a lower id: after a gap the
+    // ids may have restarted (a reset database).
+    function gap(info) {
+      afterGap = true;
       if (options.onGap) { call(options.onGap, info); }
       recent = []; trimmed = false;
-      if (leading && shared) { shared.postMessage({ kind: 'gap', info: info }); }
+      if (leading && shared && !closed) { shared.postMessage({ kind: 'gap', info: info }); }
     }
 
     function backoff(failures) {  // 1 s doubling to 30 s, with jitter so clients spread
@@ -170,6 +175,7 @@
           }
           if (body && body.events) {
             var restarted = body.last_id < lastId;  // the ids restarted: take what there is
+            if (restarted) { lastId = body.last_id; }
             if (restarted || body.gap) { gap(body); }
             body.events.forEach(function (e) {
               var name = e.event || 'message';
@@ -208,10 +214,14 @@
       if (m.kind === 'welcome') {
         if (m.tab !== tab || joined) { return; }
         joined = true;
+        pending = [];  // sent before the welcome, by the same tab: in it already
         if (m.gap) { gap(m.gap); }
         m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
         if (m.state) { state = m.state; call(userOnState, m.state); }
-        pending.splice(0).forEach(follow);
+      } else if (m.kind === 'leader') {
+        // A tab took over; one that said hello before (to no one, or to the tab that
+        // was about to lead) says it again.
+        if (!joined) { shared.postMessage({ kind: 'hello', tab: tab, lastId: lastId }); }
       } else if (m.kind === 'hello') {
         return;
       } else if (!joined) {
@@ -252,6 +262,7 @@
         leading = true;
         joined = true;
         pending = [];  // what was passed on before is in the replay from lastId
+        shared.postMessage({ kind: 'leader' });
         connect();
         return new Promise(function (resolve) { releaseLock = resolve; });
       });
