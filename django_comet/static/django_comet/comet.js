@@ -143,7 +143,7 @@
       });
       own.onerror = function () {
         if (closed || own !== source) { return; }
-        if (watchdog) { clearTimeout(watchdog); watchdog = null; }
+        alive();  // the browser's own reconnect must open within three beats too
         sseFailures += 1;
         onState('reconnecting…');
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
@@ -257,7 +257,7 @@
         if (leading) { welcome(message); } else { heard(message); }
       };
       shared.postMessage({ kind: 'hello', tab: tab, lastId: lastId });
-      locks.request(key, function () {
+      var lead = function () {
         if (closed) { return null; }
         leading = true;
         joined = true;
@@ -265,6 +265,10 @@
         shared.postMessage({ kind: 'leader' });
         connect();
         return new Promise(function (resolve) { releaseLock = resolve; });
+      };
+      locks.request(key, lead).catch(function () {
+        // Refused (a sandboxed or opaque origin): connect on our own, unshared.
+        if (!leading && !closed) { lead(); }
       });
     } else {
       connect();
