@@ -97,8 +97,13 @@ def test_status_adds_up_every_workers_figures(broker, demo_db):
         assert status["workers"] == 2 and status["streams"] == len(clients)
         assert sorted(w["pid"] for w in status["per_worker"]) == sorted(w.pid for w in workers)
         assert sum(w["streams"] for w in status["per_worker"]) == len(clients)
-        metrics = requests.get(server.url + "/comet/metrics", timeout=10).text
-        assert "comet_workers 2\n" in metrics
+
+        # Whichever worker answers (each has written its figures by now, or soon will).
+        def both_added_up():
+            text = requests.get(server.url + "/comet/metrics", timeout=10).text
+            return text if "comet_workers 2\n" in text else None
+
+        metrics = wait_until(both_added_up)
         # Another worker's figures are up to a second old: this one's live part varies.
         assert f'comet_channel_subscribers{{channel="spread"}} {len(clients)}' in metrics
         for client in clients:

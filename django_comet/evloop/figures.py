@@ -41,7 +41,9 @@ class WorkerFigures:
         self._written: dict[str, Any] | None = None
         # The counters of the worker this one replaces, if it died.
         self._carried = _counters(_read(self._path))
-        self._timer: Handle | None = server.loop.call_later(WRITE_SECONDS, self._write)
+        # Written at once, then every second: until its file exists, the other workers
+        # leave this one out of the figures they answer with.
+        self._timer: Handle | None = server.loop.call_later(0.0, self._write)
 
     @property
     def handles(self) -> int:
