@@ -90,9 +90,8 @@ class Holder:
             if deferral.ready:  # the view found newer events: answer at once
                 self._wake(ex, deferral, deferral.ready, deferral.after, {})
                 return
-            ready, gap = hub.since(deferral.channels, deferral.after)
+            ready, gap = hub.since(deferral.channels, deferral.after, deferral.lost_mark)
             if ready:  # published since the view looked: answer at once
-                gap = gap and hub.lost_mark(deferral.channels) > deferral.lost_mark
                 self._wake(ex, deferral, ready, deferral.after, {}, gap=gap)
                 return
             ex.hold = deferral
@@ -115,8 +114,8 @@ class Holder:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
         # Events published between the view's replay and now are in the hub already,
         # unless so many came that the oldest are gone: the client hears of that.
-        events, gap = hub.since(deferral.channels, deferral.cursor)
-        if gap and not deferral.told_gap and hub.lost_mark(deferral.channels) > deferral.lost_mark:
+        events, gap = hub.since(deferral.channels, deferral.cursor, deferral.lost_mark)
+        if gap and not deferral.told_gap:
             self._write(ex, gap_frame(deferral.cursor, deferral.channels))
             if ex.hold is not deferral:
                 return  # cut as a slow reader
@@ -196,14 +195,13 @@ class Holder:
         body = rendered.get(key)
         if body is None:
             if events is None:
-                events, gap = hub.since(wait.channels, after)
+                events, gap = hub.since(wait.channels, after, wait.lost_mark)
                 if trigger is not None:
                     if not events or trigger.id < events[0].id:
                         events.insert(0, trigger)
                     # The first event after the cursor: only what was lost after it
                     # counts (a short history may have let the trigger itself go).
-                    gap = hub.since(wait.channels, trigger.id)[1]
-                gap = gap and hub.lost_mark(wait.channels) > wait.lost_mark
+                    gap = hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
             body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
             rendered[key] = body
         self.server._send_chunk(ex, body)

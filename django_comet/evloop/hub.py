@@ -110,20 +110,27 @@ class Hub:
             for sink in self._gap_sinks:
                 sink(channels, through)
 
-    def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+    def since(
+        self, channels: Iterable[str], after: int, known_lost: int = 0
+    ) -> tuple[list[Event], bool]:
         """Events of ``channels`` with an id above ``after``, oldest first, and whether
-        the history no longer reaches back to ``after`` (some were lost)."""
+        the history no longer reaches back to ``after`` (some were lost), counting only
+        losses newer than ``known_lost`` (a deferral's ``lost_mark``: its replay, from
+        the broker, had what was lost before)."""
         with self._lock:
-            return self._since(channels, after)
+            return self._since(channels, after, known_lost)
 
-    def _since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
+    def _since(
+        self, channels: Iterable[str], after: int, known_lost: int = 0
+    ) -> tuple[list[Event], bool]:
         events: list[Event] = []
-        gap = after < self._lost_everywhere
+        gap = after < self._lost_everywhere and self._lost_everywhere > known_lost
         for channel in channels:
             history = self._history.get(channel)
             if history and history[-1].id > after:
                 events.extend(e for e in history if e.id > after)
-            gap = gap or after < self._lost.get(channel, 0)
+            lost = self._lost.get(channel, 0)
+            gap = gap or (after < lost and lost > known_lost)
         events.sort(key=lambda e: e.id)
         return events, gap
 
