@@ -103,11 +103,8 @@ def defer_until(
     channels = list(dict.fromkeys(check_channel(c) for c in names))
     broker = get_broker()
     broker.start_listening()
-    ready = None
-    if since is None:
-        after = hub.newest_id(channels)
-    else:  # the shared history answers for events this process has not seen
-        ready, _, after = replay(broker, channels, int(since))
+    # The shared history answers for events this process has not seen.
+    ready, _, after = replay(broker, channels, None if since is None else int(since))
     next_stage = NextStage(response, _target_path(target), environ)
     wait = ChannelWait(next_stage, channels=channels, after=after, timeout=timeout, ready=ready)
     return DeferredResponse(response, wait)

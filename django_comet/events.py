@@ -41,19 +41,23 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
     return get_broker().publish(channel, text, event)
 
 
-def replay(broker: Broker, channels: list[str], after: int) -> tuple[list[Event], bool, int]:
+def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list[Event], bool, int]:
     """For a client back with cursor ``after`` (a Last-Event-ID, a poll's ``since``): the
     events of ``channels`` it missed, whether some of them are gone, and the cursor to
-    follow from.  A cursor newer than any id the broker handed out comes from another
-    epoch (a memory broker that restarted, a reset database): then everything there is,
-    as a gap, from cursor 0.  This process's hub may lag a shared broker, so the broker
-    has the last word (asked only when the hub has not seen the cursor)."""
+    follow from; for a new client (None), nothing but its cursor.  A cursor newer than
+    any id the broker handed out comes from another epoch (a memory broker that
+    restarted, a reset database): then everything there is, as a gap, from cursor 0.
+    This process's hub may lag a shared broker, so the broker has the last word (asked
+    only when the hub has not seen the cursor)."""
+    if after is None:
+        return [], False, broker.fresh_cursor(channels)
     after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
     try:
-        events, gap = broker.since(channels, after)
-        if not events and after > hub.last_id and after > broker.newest_id():
-            events, _ = broker.since(channels, 0)
-            return events, True, 0
+        with broker.early_client():
+            events, gap = broker.since(channels, after)
+            if not events and after > hub.last_id and after > broker.newest_id():
+                events, _ = broker.since(channels, 0)
+                return events, True, 0
     except broker.unreachable as exc:
         logger.warning("Broker unreachable (%s): replaying from this process's history", exc)
         events, gap = broker.local_since(channels, after)

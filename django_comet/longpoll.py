@@ -44,12 +44,7 @@ class PollResponse(StreamingHttpResponse):
         self["Cache-Control"] = "no-cache"
         broker = get_broker()
         broker.start_listening()
-        ready: list[Event] = []
-        gap = False
-        if since is None:
-            after = hub.newest_id(channels)
-        else:
-            ready, gap, after = replay(broker, channels, since)
+        ready, gap, after = replay(broker, channels, since)
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(

@@ -64,15 +64,11 @@ class EventStreamResponse(StreamingHttpResponse):
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
         beat = comet_settings.SSE_HEARTBEAT
         first.append(heartbeat_frame(beat) if beat else b": stream opened\n\n")
-        gap = False
-        if after is None:
-            self._cursor = hub.newest_id(self.channels)
-        else:
-            events, gap, cursor = replay(broker, self.channels, after)
-            if gap:
-                first.append(gap_frame(after, self.channels))
-            first.extend(e.frame for e in events)
-            self._cursor = events[-1].id if events else cursor
+        events, gap, cursor = replay(broker, self.channels, after)
+        if gap:  # (a new client, with no cursor, is never told one)
+            first.append(gap_frame(after or 0, self.channels))
+        first.extend(e.frame for e in events)
+        self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)
         self.comet_deferral = Stream(self.channels, self._cursor, told_gap=gap)
         self.streaming_content = self._frames()

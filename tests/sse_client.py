@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 
 class SSEClient:
     def __init__(self, server, path: str, headers: bytes = b"", timeout: float = 15):
         self.sock = server.connect()  # TCP, or the server's Unix socket
         self.sock.settimeout(timeout)
+        self.timeout = timeout
         self.sock.sendall(
             b"GET "
             + path.encode()
@@ -48,7 +51,8 @@ class SSEClient:
 
     def next_event(self, skip_comments: bool = True) -> dict:
         """The next event; comments and heartbeats skipped unless ``skip_comments`` is
-        false."""
+        false.  Heartbeats do not extend the wait: after ``timeout`` seconds, an error."""
+        deadline = time.monotonic() + self.timeout
         for frame in self.frames():
             fields: dict = {"data": []}
             for line in frame.split(b"\n"):
@@ -65,6 +69,8 @@ class SSEClient:
                 (set(fields) <= {"data", "comments", "retry"} and not fields["data"])
                 or fields.get("event") == "comet-heartbeat"
             ):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no event within {self.timeout} s, only heartbeats")
                 continue
             fields["data"] = "\n".join(fields["data"])
             return fields

@@ -1,13 +1,16 @@
 """Brokers that go away, come back, start late or lose their data: the server keeps
 serving, and nothing old is taken for new nor anything new dropped."""
 
+import json
 import signal
+from types import SimpleNamespace
 
 import pytest
 import requests
 
 from .brokers import PostgresServer, RedisServer, free_port
 from .processes import runcomet
+from .proxy import Proxy
 from .sse_client import SSEClient
 from .test_brokers import manage_publish, publish, start, subscribed
 
@@ -70,6 +73,33 @@ def test_a_redis_slow_at_startup_feeds_no_old_event_to_a_fresh_stream(demo_db):
             assert server.stop() == 0, "".join(server.output)
     finally:
         redis.proc.send_signal(signal.SIGCONT)
+        redis.destroy()
+
+
+def test_a_stream_opened_before_its_process_listens_misses_nothing(demo_db):
+    """Until a process listens, its hub cannot say what comes next: a stream opened then
+    gets its cursor from the broker, and the first listen catches up from it, so that an
+    event published in between reaches it, and none from before.  (Redis, where a proxy
+    can hold back the listener's connection alone, the first one the server opens; the
+    PostgreSQL broker shares the code.)"""
+    redis = RedisServer()
+    proxy = Proxy(redis.port, hold=1)
+    try:
+        manage_publish(redis, "early", "old")
+        server = start(
+            SimpleNamespace(url=f"redis://127.0.0.1:{proxy.port}/0"), demo_db, listening=False
+        )
+        try:
+            with SSEClient(server, "/t/stream/?channels=early") as client:
+                subscribed(server, "early")
+                assert server.status()["broker_listening"] is False
+                fresh = manage_publish(redis, "early", "new")
+                proxy.release()
+                assert client.next_event() == {"id": str(fresh), "data": '"new"'}
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        proxy.close()
         redis.destroy()
 
 
@@ -208,6 +238,35 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
         # ... nor to one starting afresh on another channel.
         fresh = requests.get(server.url + "/t/fastpoll/?channel=unused&since=0&timeout=0.1")
         assert fresh.json() == {"events": [], "last_id": 0}
+    finally:
+        publisher.close()
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_large_event_pruned_before_its_process_read_it_is_a_gap(broker, demo_db):
+    """An event too large for NOTIFY is read from the table.  A process that comes to it
+    after it was pruned (stopped here; far behind, in life) cannot deliver it: its streams
+    get the gap event, in its place, and the events after it."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    from django_comet.brokers import broker_from_url
+    from django_comet.brokers.postgres import PRUNE_EVERY
+
+    publisher = broker_from_url(broker.url, history_size=5)
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
+    try:
+        with SSEClient(server, "/t/stream/?channels=pruned-big") as client:
+            subscribed(server, "pruned-big")
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                big = publisher.publish("pruned-big", json.dumps("z" * 9000))
+                after = [publisher.publish("pruned-big", str(n)) for n in range(PRUNE_EVERY)]
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            gap = client.next_event()
+            assert gap["event"] == "comet-history-gap", gap
+            assert [client.next_event()["id"] for _ in after] == [str(i) for i in after]
+            assert server.logged(f"event {big} was pruned before it could be read")
     finally:
         publisher.close()
         assert server.stop() == 0, "".join(server.output)

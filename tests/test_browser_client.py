@@ -4,65 +4,16 @@ keeps failing is retried with backoff rather than at every ``retry:`` interval."
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-
 import pytest
 import requests
 
 from .processes import runcomet
+from .proxy import Proxy
 from .test_browser_chat import new_browser, open_chat, say, unique, wait_for_message
 
 __all__ = ["new_browser"]  # a fixture, used by name
 
 pytestmark = pytest.mark.browser
-
-
-class FreezableProxy:
-    """A TCP proxy in front of the server.  ``freeze()`` makes the connections open at
-    that moment forward nothing more, either way, without closing: a network that
-    dropped them silently.  Connections opened later are forwarded as usual."""
-
-    def __init__(self, port: int):
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.opened = 0
-        self.frozen_below = 0  # connections numbered below this forward nothing
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            number, self.opened = self.opened, self.opened + 1
-            self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(
-                    target=self._pump, args=(source, sink, number), daemon=True
-                ).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, number: int) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if number >= self.frozen_below:
-                    sink.sendall(data)
-            if number >= self.frozen_below:
-                sink.shutdown(socket.SHUT_WR)
-
-    def freeze(self) -> None:
-        self.frozen_below = self.opened
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +25,7 @@ def beating(demo_db):
 
 
 def test_a_stream_that_stalls_without_closing_is_reopened(beating, new_browser):
-    proxy = FreezableProxy(beating.port)
+    proxy = Proxy(beating.port)
     try:
         page = new_browser("stall")
         open_chat(page, f"http://127.0.0.1:{proxy.port}", "live (sse)")

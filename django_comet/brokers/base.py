@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..evloop.hub import Event, hub
@@ -27,6 +28,14 @@ class Broker:
     def newest_id(self) -> int:
         """The newest id handed out by any process sharing the broker (0: none yet)."""
         return hub.last_id
+
+    def fresh_cursor(self, channels: list[str]) -> int:
+        """The cursor of a client that wants only what is published from now on."""
+        return hub.newest_id(channels)
+
+    def early_client(self) -> contextlib.AbstractContextManager[None]:
+        """Around the broker reads that give a client its cursor (see ListeningBroker)."""
+        return contextlib.nullcontext()
 
     # What the broker's client raises when the broker cannot be reached.
     unreachable: tuple[type[Exception], ...] = ()
@@ -65,6 +74,14 @@ class ListeningBroker(Broker):
         self._closed = threading.Event()
         self.connected = threading.Event()
         self._listening_from: int | None = None  # the newest id when it first listened
+        # Until this process listens, its hub cannot tell a client what comes next: the
+        # broker gives cursors then, and the first connection catches up from the
+        # newest id the earliest of those clients saw (``_early_floor``), so that what
+        # was published between a client's arrival and the listen reaches it.
+        self._early = threading.Condition()
+        self._early_clients = 0  # getting their cursors from the broker right now
+        self._early_floor: int | None = None
+        self._caught_up = False  # the hub has everything from the early floor on
 
     def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """This process's hub has every event since it began listening (a reconnect
@@ -73,6 +90,58 @@ class ListeningBroker(Broker):
         events, gap = hub.since(channels, after)
         floor = self._listening_from
         return events, gap or floor is None or after < floor
+
+    def fresh_cursor(self, channels: list[str]) -> int:
+        if self._caught_up:
+            return hub.newest_id(channels)
+        try:
+            with self.early_client():
+                return self.newest_id()
+        except self.unreachable:  # nothing can be published meanwhile, most likely
+            return hub.newest_id(channels)
+
+    @contextlib.contextmanager
+    def early_client(self) -> Iterator[None]:
+        """Around the reads that give a client its cursor, before this process listens:
+        the first connection waits for them to end, and catches up from the newest id
+        read as they began.  Once it listens, what comes next is notified."""
+        with self._early:
+            early = self._listening_from is None
+            if early:
+                self._early_clients += 1
+        if not early:
+            yield
+            return
+        try:
+            newest = self.newest_id()
+            with self._early:
+                if self._early_floor is None or newest < self._early_floor:
+                    self._early_floor = newest
+            yield
+        finally:
+            with self._early:
+                self._early_clients -= 1
+                self._early.notify_all()
+
+    def _catch_up_from(self, newest: int) -> int | None:
+        """Listener, subscribed, given the broker's newest id: the id to catch up from,
+        or None for nothing (a first connection that no client came before).  Call
+        ``_caught_up_now`` once the catch-up is delivered."""
+        with self._early:
+            if self._listening_from is None:
+                self._listening_from = newest
+                # Cursors being read now came before the listen; a broker read that
+                # hangs for this long is given up on (its client may miss that window).
+                self._early.wait_for(lambda: self._early_clients == 0, timeout=30)
+                if self._early_floor is None:
+                    self._caught_up = True
+                    return None
+            start = self._listening_from if self._caught_up else self._early_floor
+        assert start is not None
+        return max(hub.last_id, start)
+
+    def _caught_up_now(self) -> None:
+        self._caught_up = True
 
     def start_listening(self, loop: Any = None) -> None:
         """Start once, whichever way: a later call, with or without a loop, does nothing

@@ -5,9 +5,10 @@ Django's default database settings.  Needs ``django-comet[postgres]`` (psycopg 3
 
 Publishing is one short transaction: an advisory lock (so that ids commit, and so are
 notified, in id order), an INSERT that takes the id, and a NOTIFY that carries the event;
-an event too large for NOTIFY's 8000-byte payload is notified by id and read from the
-table (under runcomet, on a helper thread: the loop thread never waits on a query, and
-the events notified after it wait their turn).
+an event too large for NOTIFY's 8000-byte payload is notified by id and channel and read
+from the table (under runcomet, on a helper thread: the loop thread never waits on a
+query, and the events notified after it wait their turn).  One pruned before it could be
+read is a gap on its channel, told to its streams like any other.
 
 History: ``since`` answers at most the history size of events per channel (their union,
 oldest first) and reports a gap whenever an event of those channels newer than the
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from ..evloop.hub import Event
+from ..evloop.hub import Event, hub
 from .base import ListeningBroker
 
 T = TypeVar("T")
@@ -182,7 +183,9 @@ class PostgresBroker(ListeningBroker):
             event_id = int(row[0])
             payload = json.dumps([event_id, channel, name, data], separators=(",", ":"))
             if len(payload.encode("utf-8")) > MAX_PAYLOAD:
-                payload = str(event_id)  # listeners read it from the table
+                # Listeners read it from the table; the channel tells them whom it
+                # concerns if it was pruned before they could.
+                payload = json.dumps([event_id, channel])
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
             if event_id % PRUNE_EVERY == 0:
                 # The newest row of a channel stays even with no history (size 0): a
@@ -297,27 +300,28 @@ class PostgresBroker(ListeningBroker):
         with self._listening_connection(deliver) as conn:
             while not self._closed.is_set():
                 for notify in conn.notifies(timeout=1.0):
-                    event = self._event(notify.payload)
-                    if event is not None:
-                        deliver(event)
+                    notice = _notice(notify.payload)
+                    if isinstance(notice, Event):
+                        deliver(notice)
+                    else:
+                        event_id, channel = notice
+                        self._deliver_or_gap(
+                            _Notified(event_id, channel, read=True, event=self._read(event_id))
+                        )
 
     def _listening_connection(self, deliver: Callable[[Event], None]) -> Any:
         """A connection that LISTENs, after delivering what was published while we were
         not listening (at start, after a reconnect)."""
-        from ..evloop.hub import hub
-
         # Named, so that its backend can be told apart in pg_stat_activity.
         conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
-        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # in effect from here: autocommit
         self.connected.set()
-        if self._listening_from is None:
-            # First connection: nothing was missed yet, and what came before is read from
-            # the table when a client asks (since()); loading it into the hub would cost
-            # every channel's history at each start.  Reconnections catch up from here.
-            row = conn.execute(NEWEST_ID).fetchone()
-            self._listening_from = int(row[0])
+        # A first connection catches up only for the clients that came before it (what
+        # came before them is read from the table when a client asks, not loaded into
+        # the hub); a reconnection, from the newest event it had.
+        after = self._catch_up_from(int(conn.execute(NEWEST_ID).fetchone()[0]))
+        if after is None:
             return conn
-        after = max(hub.last_id, self._listening_from)
         missed = conn.execute(
             "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
             (after,),
@@ -337,20 +341,21 @@ class PostgresBroker(ListeningBroker):
                 hub.add_gap([channel], int(lost_id))
         for i, channel, name, data in missed:
             deliver(Event(channel, int(i), data, name))
+        self._caught_up_now()
         return conn
 
     def _notified(self, payload: str) -> None:
         """Loop thread: deliver a notified event, in id order.  One too large for NOTIFY
         is read on the reader thread; the events after it wait until it has been."""
-        if payload.startswith("["):
-            event = _carried(payload)
+        notice = _notice(payload)
+        if isinstance(notice, Event):
             if not self._in_order:
-                self._deliver(event)
+                self._deliver(notice)
                 return
-            self._in_order.append(_Notified(read=True, event=event))
+            self._in_order.append(_Notified(notice.id, notice.channel, read=True, event=notice))
             return
-        event_id = int(payload)
-        slot = _Notified()
+        event_id, channel = notice
+        slot = _Notified(event_id, channel)
         generation = self._generation
         # A read whose answer never comes (a network that dropped the connection without
         # a word) must not hold every later event back.
@@ -398,13 +403,14 @@ class PostgresBroker(ListeningBroker):
         slot.settle()
         waiting = self._in_order
         while waiting and waiting[0].read:
-            event = waiting.popleft().event
-            if event is not None:
-                self._deliver(event)
+            self._deliver_or_gap(waiting.popleft())
 
-    def _event(self, payload: str) -> Event | None:
-        """Listening thread (no loop): the event, read from the table if too large."""
-        return _carried(payload) if payload.startswith("[") else self._read(int(payload))
+    def _deliver_or_gap(self, notified: _Notified) -> None:
+        if notified.event is not None:
+            self._deliver(notified.event)
+        else:  # pruned before it could be read: a gap its streams must hear of
+            channels = None if notified.channel is None else [notified.channel]
+            hub.add_gap(channels, notified.event_id)
 
     def _read(self, event_id: int, timeout: float | None = None) -> Event | None:
         """An event too large for NOTIFY, read on this thread's publishing connection
@@ -415,7 +421,10 @@ class PostgresBroker(ListeningBroker):
             self._local.conn = None  # the database restarted: one fresh try
             row = self._select_event(event_id, timeout)
         if row is None:  # pruned before we read it (newer ones of its channel came)
-            logger.warning("event %s was pruned before it could be read; skipped", event_id)
+            logger.warning(
+                "event %s was pruned before it could be read; its streams get the gap event",
+                event_id,
+            )
             return None
         i, channel, name, data = row
         return Event(channel, int(i), data, name)
@@ -432,11 +441,20 @@ class PostgresBroker(ListeningBroker):
 
 class _Notified:
     """A notified event on its way to the hub, in id order: one too large for NOTIFY is
-    not ``read`` until the reader thread has, and its ``watchdog`` runs meanwhile."""
+    not ``read`` until the reader thread has (``event`` stays None if it was pruned
+    first), and its ``watchdog`` runs meanwhile."""
 
-    __slots__ = ("event", "read", "watchdog")
+    __slots__ = ("channel", "event", "event_id", "read", "watchdog")
 
-    def __init__(self, read: bool = False, event: Event | None = None):
+    def __init__(
+        self,
+        event_id: int,
+        channel: str | None,
+        read: bool = False,
+        event: Event | None = None,
+    ):
+        self.event_id = event_id
+        self.channel = channel
         self.read = read
         self.event = event
         self.watchdog: Any = None
@@ -451,9 +469,15 @@ class _Notified:
 ReadQueue = queue.SimpleQueue[tuple[_Notified, int, int] | None]
 
 
-def _carried(payload: str) -> Event:
-    """The event a NOTIFY payload carries whole."""
-    event_id, channel, name, data = json.loads(payload)
+def _notice(payload: str) -> Event | tuple[int, str | None]:
+    """What a NOTIFY payload says: the event, carried whole, or the id and channel of one
+    too large to carry (a bare id, from an older django-comet, names no channel)."""
+    if not payload.startswith("["):
+        return int(payload), None
+    fields = json.loads(payload)
+    if len(fields) == 2:
+        return int(fields[0]), fields[1]
+    event_id, channel, name, data = fields
     return Event(channel, event_id, data, name)
 
 

@@ -128,24 +128,28 @@ class RedisBroker(ListeningBroker):
         client = self.redis.Redis.from_url(
             self.url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30
         )
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub = client.pubsub()
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)
+            # Redis may run another connection's commands before this one's SUBSCRIBE:
+            # its confirmation first, then the reads a catch-up starts from.
+            confirmed = pubsub.get_message(timeout=5)
+            if confirmed is None or confirmed["type"] != "subscribe":
+                raise self.redis.ConnectionError(f"SUBSCRIBE not confirmed ({confirmed!r})")
             newest = int(client.get(PREFIX + "id") or 0)
-            if self._listening_from is None:
-                # First connection: nothing was missed yet, and what came before is read
-                # from the histories when a client asks (since()), never fed to streams
-                # as if it were new.  Reconnections catch up from here.
-                self._listening_from = newest
-            else:
-                if newest < hub.last_id:
-                    logger.error(
-                        "Redis's newest event id went back from %d to %d: was its data "
-                        "lost? Events with lower ids than this process has seen are dropped",
-                        hub.last_id,
-                        newest,
-                    )
-                after = max(hub.last_id, self._listening_from)
+            if newest < hub.last_id:
+                logger.error(
+                    "Redis's newest event id went back from %d to %d: was its data "
+                    "lost? Events with lower ids than this process has seen are dropped",
+                    hub.last_id,
+                    newest,
+                )
+            # A first connection catches up only for the clients that came before it
+            # (what came before them is read from the histories when a client asks,
+            # never fed to streams as if it were new); a reconnection, from the newest
+            # event it had.
+            after = self._catch_up_from(newest)
+            if after is not None:
                 snapshot = client.pipeline(transaction=True)  # the log and its mark agree
                 snapshot.lrange(PREFIX + "log", 0, -1)
                 snapshot.get(PREFIX + "log-lost")
@@ -162,6 +166,7 @@ class RedisBroker(ListeningBroker):
                     event = self._decode(payload)
                     if event.id > after:
                         deliver(event)
+                self._caught_up_now()
             self.connected.set()
             while not self._closed.is_set():
                 message = pubsub.get_message(timeout=1.0)

@@ -1,0 +1,63 @@
+"""A TCP proxy for tests where the network misbehaves between a server and what it
+talks to (a browser, a broker)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class Proxy:
+    """Forwards each connection to ``port``.  ``freeze()`` makes the connections open at
+    that moment forward nothing more, either way, without closing: a network that dropped
+    them silently.  The first ``hold`` connections forward nothing until ``release()``:
+    a slow network.  Other connections are forwarded as usual."""
+
+    def __init__(self, port: int, hold: int = 0):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.opened = 0
+        self.frozen_below = 0  # connections numbered below this forward nothing
+        self.hold = hold
+        self.released = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            number, self.opened = self.opened, self.opened + 1
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, number), daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, number: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if number < self.hold:
+                    self.released.wait()
+                if number >= self.frozen_below:
+                    sink.sendall(data)
+            if number >= self.frozen_below:
+                sink.shutdown(socket.SHUT_WR)
+
+    def freeze(self) -> None:
+        self.frozen_below = self.opened
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
