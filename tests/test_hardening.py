@@ -447,3 +447,61 @@ def test_a_body_whose_length_cannot_be_known_is_refused_never_smuggled(target, c
     out = exchange(target, request + body)
     assert out.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 501 ")), out
     assert out.count(b"HTTP/1.1 ") == 1, out  # closed: the body never became a request
+
+
+def read_response(f):
+    """One response from the file of a socket: (status line, body), by its length or
+    its chunks."""
+    status = f.readline()
+    headers = {}
+    while (line := f.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        body = b""
+        while size := int(f.readline(), 16):
+            body += f.read(size)
+            assert f.read(2) == b"\r\n"
+        assert f.read(2) == b"\r\n"
+        return status, body
+    return status, f.read(int(headers[b"content-length"]))
+
+
+def test_a_client_flooding_a_held_stream_is_not_read_without_bound(demo_db):
+    """A held connection goes on reading, to see its client leave, but keeps at most
+    64 KiB of what the client sends: the rest waits in the kernel and the client's
+    sending stalls, instead of the server's memory growing with it.  Once it leaves, the
+    next heartbeat finds out."""
+    server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.3"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /t/stream/?channels=flood HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            server.wait_for_status(lambda s: s["channels"].get("flood") == 1)
+            sock.settimeout(3)
+            blob, sent = b"x" * 65536, 0
+            with pytest.raises(TimeoutError):
+                while sent < 512 * 2**20:
+                    sock.sendall(blob)
+                    sent += len(blob)
+            assert sent < 64 * 2**20
+            assert requests.get(server.url + "/t/echo/", timeout=10).status_code == 200
+        server.wait_for_status(lambda s: "flood" not in s["channels"] and s["held"] == 0)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_large_request_pipelined_behind_a_long_poll_is_answered_after_it(comet):
+    body = b"a=" + b"x" * 2**20
+    with socket.create_connection(("127.0.0.1", comet.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /t/fastpoll/?channel=pipelined&timeout=0.3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"POST /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        f = sock.makefile("rb")
+        status, answer = read_response(f)
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(answer)["events"] == []
+        status, answer = read_response(f)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert len(json.loads(answer)["POST"]["a"]) == 2**20

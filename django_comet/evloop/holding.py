@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
+from .libevent_ctypes import EV_READ
 from .hub import Event, gap_frame, heartbeat_frame, hub
 from .request import RequestStruct
 from .wsgi import asks_to_close
@@ -35,6 +36,11 @@ def jittered_retry() -> bytes:
 
 
 NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: nothing
+
+# A held connection goes on reading, to see its client leave.  What the client sends
+# meanwhile (a pipelined request, or a flood) is kept up to this much; then libevent
+# stops reading it, and the rest waits in the kernel (TCP pushes back on the client).
+HELD_INPUT_MAX = 64 * 1024
 
 
 class Holder:
@@ -80,6 +86,7 @@ class Holder:
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)
+        self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
         self._shed_headers(ex)
         if isinstance(deferral, Deferral):
             ex.timer = self.loop.call_later(

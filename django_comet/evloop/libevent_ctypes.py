@@ -234,6 +234,9 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     # int bufferevent_set_timeouts(struct bufferevent *bufev,
     #     const struct timeval *timeout_read, const struct timeval *timeout_write);
     "bufferevent_set_timeouts": (c_int, [bufferevent_p, POINTER(timeval), POINTER(timeval)]),
+    # void bufferevent_setwatermark(struct bufferevent *bufev, short events,
+    #     size_t lowmark, size_t highmark);
+    "bufferevent_setwatermark": (None, [bufferevent_p, c_short, c_size_t, c_size_t]),
     # int evhttp_add_header(struct evkeyvalq *headers, const char *key, const char *value);
     "evhttp_add_header": (c_int, [evkeyvalq_p, c_char_p, c_char_p]),
     # void evhttp_clear_headers(struct evkeyvalq *headers);

@@ -440,6 +440,10 @@ class Server(Producer, Responder):
             if ex.req is not None and RequestStruct.from_address(ex.req).evcon:
                 tv = ctypes.byref(timeval_of(self.config.timeout))
                 self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
+                if ex.deferred:
+                    # Held, its input was capped (Holder.hold); evhttp waits for a
+                    # request's whole body in that buffer: lift the cap for the next.
+                    self._lib.bufferevent_setwatermark(ex.bev, ev.EV_READ, 0, 0)
             ex.bev = None
 
     def _finish(self, ex: Exchange, req: int | None = None) -> None:
