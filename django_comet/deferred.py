@@ -13,19 +13,33 @@ still work: iterating the response sleeps and runs the stages itself, a blocking
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
+from asgiref.sync import iscoroutinefunction
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.signals import request_finished, request_started
+from django.db import close_old_connections
 from django.http import HttpRequest, StreamingHttpResponse
+from django.http.cookie import parse_cookie
 from django.http.response import HttpResponseBase
-from django.urls import NoReverseMatch, URLPattern, URLResolver, get_resolver, reverse
+from django.urls import (
+    NoReverseMatch,
+    Resolver404,
+    URLPattern,
+    URLResolver,
+    get_resolver,
+    resolve,
+    reverse,
+)
 
 from .evloop.deferral import ChannelWait, Deferral
 from .evloop.hub import hub
@@ -75,7 +89,7 @@ def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> De
     environ = _request_environ("defer_in_time")
     if seconds < 0:
         raise ValueError(f"defer_in_time(): seconds must be >= 0, not {seconds!r}")
-    next_stage = NextStage(response, _target_path(target), environ)
+    next_stage = NextStage(response, _target_path(target, environ), environ)
     return DeferredResponse(response, Deferral(next_stage, delay=seconds))
 
 
@@ -105,7 +119,7 @@ def defer_until(
     broker.start_listening()
     # The shared history answers for events this process has not seen.
     ready, _, after = replay(broker, channels, None if since is None else int(since))
-    next_stage = NextStage(response, _target_path(target), environ)
+    next_stage = NextStage(response, _target_path(target, environ), environ)
     wait = ChannelWait(next_stage, channels=channels, after=after, timeout=timeout, ready=ready)
     return DeferredResponse(response, wait)
 
@@ -114,25 +128,50 @@ def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a stage view: it receives ``response_prev`` (None outside a deferral)."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        if iscoroutinefunction(view):  # Django must see an async view as async
+
+            @functools.wraps(view)
+            async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+                return await view(request, *args, **_stage_kwargs(request, kwargs))
+
+            return async_wrapper
+
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-            kwargs["response_prev"] = request.META.get(RESPONSE_PREV_KEY)
-            if EVENT_KEY in request.META:  # a stage of defer_until
-                kwargs["event"] = request.META[EVENT_KEY]
-            return view(request, *args, **kwargs)
+            return view(request, *args, **_stage_kwargs(request, kwargs))
 
         return wrapper
 
     return decorator
 
 
-def _target_path(target: Any) -> str:
+def _stage_kwargs(request: HttpRequest, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs["response_prev"] = request.META.get(RESPONSE_PREV_KEY)
+    if EVENT_KEY in request.META:  # a stage of defer_until
+        kwargs["event"] = request.META[EVENT_KEY]
+    return kwargs
+
+
+def _target_path(target: Any, environ: dict[str, Any]) -> str:
     """Resolve now, in the view, so that a bad target fails loudly where it was written."""
     if callable(target):
         return _reverse_view(target)
     if not isinstance(target, str) or not target:
         raise TypeError(f"defer_in_time(): target must be a path, URL name or view, not {target!r}")
-    return target if target.startswith("/") else reverse(target)
+    if not target.startswith("/"):
+        return reverse(target)
+    path = unquote(target.partition("?")[0])
+    script_name = environ.get("SCRIPT_NAME", "")
+    if script_name and path.startswith(script_name + "/"):
+        path = path[len(script_name) :]
+    try:
+        resolve(path)
+    except Resolver404:
+        raise ValueError(
+            f"no URL pattern matches the deferred target {target!r} (a stage is not "
+            f"redirected: give the path its URL pattern has, slash included)"
+        ) from None
+    return target
 
 
 def _reverse_view(view: Callable[..., Any]) -> str:
@@ -183,16 +222,45 @@ class DeferredResponse(StreamingHttpResponse):
         assert isinstance(next_stage, NextStage)  # what defer_in_time/defer_until set
         if isinstance(deferral, Deferral):
             time.sleep(deferral.delay)
-            result = next_stage()
+            with _within_this_request():
+                result = next_stage()
         else:  # what the shared history already had, or the next event in this process
             events = (
                 deferral.ready or hub.wait(deferral.channels, deferral.after, deferral.timeout)[0]
             )
-            result = next_stage(events[0] if events else None)
+            with _within_this_request():
+                result = next_stage(events[0] if events else None)
         try:
             yield from result
         finally:
-            result.close()
+            with _within_this_request():
+                result.close()
+
+
+_quiet_lock = threading.Lock()
+_quiet_count = 0
+
+
+@contextlib.contextmanager
+def _within_this_request() -> Iterator[None]:
+    """Blocking stages run inside the request whose response they extend: they do not
+    close the database connections it may still use (a test's transaction, under
+    Django's test client), as Django's test client does not for its own request.  The
+    request's own end closes them."""
+    global _quiet_count
+    with _quiet_lock:
+        _quiet_count += 1
+        if _quiet_count == 1:
+            request_started.disconnect(close_old_connections)
+            request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_count -= 1
+            if _quiet_count == 0:
+                request_started.connect(close_old_connections)
+                request_finished.connect(close_old_connections)
 
 
 class NextStage:
@@ -202,7 +270,7 @@ class NextStage:
     which outlives it into the oldest GC generation, whose full collections stop the
     loop for every held response at once)."""
 
-    __slots__ = ("environ", "path", "response_prev")
+    __slots__ = ("cookies", "environ", "path", "response_prev")
 
     def __init__(self, response_prev: HttpResponseBase, path: str, environ: dict[str, Any]):
         self.response_prev = response_prev
@@ -211,10 +279,20 @@ class NextStage:
         # deferred from a stage, its response_prev and event (a view without an event
         # parameter must not get one; the response from two stages back need not be kept).
         self.environ = {k: v for k, v in environ.items() if k not in _STAGE_KEYS}
+        # The cookies of the response the client gets (the first one: a stage's own
+        # are never sent), as the middleware will have left them once it is sent: the
+        # stages see them as the client's next request would (a new session, a login,
+        # a CSRF cookie).  Later stages inherit them with the environ.
+        first = RESPONSE_PREV_KEY not in environ
+        self.cookies: SimpleCookie | None = response_prev.cookies if first else None
 
     def __call__(self, *event: Any) -> HttpResponseBase:
         """A channel wait passes the event that ended it (or None)."""
         environ = stage_environ(self.environ, self.path)
+        if self.cookies:
+            environ["HTTP_COOKIE"] = _with_cookies(environ.get("HTTP_COOKIE", ""), self.cookies)
+            self.environ["HTTP_COOKIE"] = environ["HTTP_COOKIE"]  # for a stage run again
+            self.cookies = None
         environ[RESPONSE_PREV_KEY] = self.response_prev
         if event:
             from .events import as_dict
@@ -245,8 +323,39 @@ def _content(response: HttpResponseBase) -> Iterator[bytes]:
 
 # A stage is a GET without a body, and its content joins a body already started, so a
 # compressing middleware must not encode it on its own (the server sends held responses
-# unencoded): it is not told that the client accepts gzip.
-_NOT_STAGE_HEADERS = frozenset({"CONTENT_TYPE", "HTTP_TRANSFER_ENCODING", "HTTP_ACCEPT_ENCODING"})
+# unencoded): it is not told that the client accepts gzip; nor that it has a version
+# (a 304, a range: a part of a body is not a whole one).  Its content is iterated by
+# the stage before, so a file is not handed to the server (wsgi.file_wrapper).  What
+# Django's CSRF middleware noted in the first request's META is found again from the
+# cookie.
+_NOT_STAGE_HEADERS = frozenset(
+    {
+        "CONTENT_TYPE",
+        "HTTP_TRANSFER_ENCODING",
+        "HTTP_ACCEPT_ENCODING",
+        "HTTP_IF_NONE_MATCH",
+        "HTTP_IF_MODIFIED_SINCE",
+        "HTTP_IF_MATCH",
+        "HTTP_IF_UNMODIFIED_SINCE",
+        "HTTP_RANGE",
+        "HTTP_IF_RANGE",
+        "wsgi.file_wrapper",
+        "CSRF_COOKIE",
+        "CSRF_COOKIE_NEEDS_UPDATE",
+    }
+)
+
+
+def _with_cookies(header: str, cookies: SimpleCookie) -> str:
+    """The Cookie header a client sends after receiving ``cookies``: those set added
+    or replaced, those deleted (max-age 0) gone."""
+    pairs = parse_cookie(header)
+    for name, morsel in cookies.items():
+        if str(morsel["max-age"]) == "0":
+            pairs.pop(name, None)
+        else:
+            pairs[name] = morsel.coded_value
+    return "; ".join(f"{name}={value}" for name, value in pairs.items())
 
 
 def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:

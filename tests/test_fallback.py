@@ -1,5 +1,7 @@
 """The deferred views without runcomet: Django's test client gets a blocking stream."""
 
+import json
+
 import pytest
 from django.test import Client
 
@@ -12,6 +14,25 @@ def test_staged_view_under_test_client():
     assert response.streaming
     assert response["X-First"] == "yes"
     assert b"".join(response.streaming_content) == b"s0;s1:lime;s2:lime;s3:lime;s4:lime;"
+
+
+@pytest.mark.django_db
+def test_stages_see_the_first_responses_cookies_under_test_client():
+    response = Client().get("/t/cookie-first/", HTTP_COOKIE="stale=1")
+    body = b"".join(response.streaming_content)
+    assert body.startswith(b"first;")
+    seen = json.loads(body[len(b"first;") :])
+    assert (seen["flavour"], seen["stale"], seen["visits"]) == ("mint", None, 1)
+
+
+@pytest.mark.parametrize(
+    "path, stage", [("/t/to-async-stage/", b"async stage;"), ("/t/to-file-stage/", None)]
+)
+def test_async_and_file_stages_under_test_client(path, stage):
+    from .views import pattern
+
+    body = b"".join(Client().get(path).streaming_content)
+    assert body == b"first;" + (stage or pattern(100_000))
 
 
 def test_demo_root_under_test_client():

@@ -1,5 +1,6 @@
 """The 2007 staged response through a real runcomet, over sockets."""
 
+import json
 import socket
 import threading
 
@@ -45,6 +46,42 @@ def test_stage_error_cuts_the_stream(comet):
         with pytest.raises((AssertionError, ValueError)):
             read_chunked(sock)  # the stream never ends with a clean last chunk
     comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def test_a_target_no_url_matches_fails_in_the_view_that_wrote_it(comet):
+    for target in ("/t/nothing/", "/t/cookie-stage"):  # nor one APPEND_SLASH redirects
+        answer = requests.get(comet.url + "/t/stage-unmatched/", params={"to": target})
+        assert answer.status_code == 500, answer.text
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_async_stage_views(request, server_name):
+    server = request.getfixturevalue(server_name)
+    assert get_staged(server, "/t/to-async-stage/")[1] == [b"first;", b"async stage;"]
+
+
+def test_a_stage_may_answer_with_a_file(comet):
+    from .views import pattern
+
+    _, chunks = get_staged(comet, "/t/to-file-stage/")
+    assert chunks[0] == b"first;" and b"".join(chunks[1:]) == pattern(100_000)
+
+
+def test_stages_see_the_cookies_the_first_response_set(comet):
+    """As the client's next request would: a new session, a cookie set, one deleted; and
+    nothing that would make a stage a 304 or a range."""
+    _, chunks = get_staged(
+        comet, "/t/cookie-first/", b"Cookie: stale=1; other=2\r\nIf-None-Match: *\r\n"
+    )
+    assert chunks[0] == b"first;"
+    assert json.loads(chunks[1]) == {
+        "flavour": "mint",
+        "stale": None,
+        "visits": 1,
+        "if_none_match": None,
+        "file_wrapper": False,
+    }
 
 
 def test_200_staged_responses_overlap(comet):
@@ -137,6 +174,7 @@ def test_http10_staged_response_is_close_delimited(comet):
     assert body == b"First content<br /> stage1<br /> stage2<br /> stage3<br /> last_stage4<br /> "
 
 
+@pytest.mark.django_db  # the request it makes closes old connections
 def test_a_finished_stage_is_freed_without_the_cycle_collector():
     """Held responses outlive young collections into the oldest GC generation; one in a
     reference cycle would be freed only by a full collection, which stops the loop for
@@ -198,9 +236,11 @@ def test_an_async_view_can_defer(comet):
 
 
 def test_a_held_stage_keeps_no_request_body():
+    from django.http import HttpResponse
+
     from django_comet.deferred import NextStage
 
     environ = {"PATH_INFO": "/", "wsgi.input": object(), "HTTP_COOKIE": "a=b"}
-    stage = NextStage(object(), "/next/", environ)
+    stage = NextStage(HttpResponse(), "/next/", environ)
     assert "wsgi.input" not in stage.environ
     assert stage.environ["HTTP_COOKIE"] == "a=b"

@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 
-from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from django_comet import (
@@ -95,7 +95,58 @@ def count(request):
 
 
 def stage_to_missing(request):
-    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/no-such-stage/")
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/stage-404/answer/")
+
+
+@deferred_view()
+def missing_stage(request, response_prev=None):
+    raise Http404("gone since")
+
+
+def stage_unmatched(request):
+    """A target no URL pattern matches: an error in this view, not a cut stream later."""
+    return defer_in_time(HttpResponse(b"first;"), 0.01, request.GET.get("to", "/t/nothing/"))
+
+
+def to_async_stage(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/async-stage/")
+
+
+@deferred_view()
+async def async_stage(request, response_prev=None):
+    await asyncio.sleep(0)
+    return HttpResponse(b"async stage;")
+
+
+def to_file_stage(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/file-stage/")
+
+
+@deferred_view()
+def file_stage(request, response_prev=None):
+    return FileResponse(open(pattern_file(100_000), "rb"))
+
+
+def cookie_first(request):
+    """Sets a session value and a cookie, and deletes one: the stage sees them as the
+    client's next request would."""
+    request.session["visits"] = 1
+    response = HttpResponse(b"first;")
+    response.set_cookie("flavour", "mint")
+    response.delete_cookie("stale")
+    return defer_in_time(response, 0.01, "/t/cookie-stage/")
+
+
+@deferred_view()
+def cookie_stage(request, response_prev=None):
+    seen = {
+        "flavour": request.COOKIES.get("flavour"),
+        "stale": request.COOKIES.get("stale"),
+        "visits": request.session.get("visits"),
+        "if_none_match": request.META.get("HTTP_IF_NONE_MATCH"),
+        "file_wrapper": "wsgi.file_wrapper" in request.META,
+    }
+    return HttpResponse(json.dumps(seen).encode())
 
 
 def big(request):

@@ -70,7 +70,7 @@ class ChannelWait:
         ready: list[Any] | None = None,
         render: Callable[..., bytes] | None = None,
     ):
-        if not 0 < timeout <= MAX_SECONDS:  # NaN fails too
+        if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_SECONDS:  # NaN too
             raise ValueError(
                 f"a channel wait's timeout must be over 0, up to {MAX_SECONDS:g} s: {timeout!r}"
             )

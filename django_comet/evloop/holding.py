@@ -19,8 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .libevent_ctypes import EV_READ
 from .hub import Event, gap_frame, heartbeat_frame, hub
+from .libevent_ctypes import EV_READ
 from .request import RequestStruct
 from .wsgi import asks_to_close
 
