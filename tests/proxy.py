@@ -11,16 +11,17 @@ import threading
 class Proxy:
     """Forwards each connection to ``port``.  ``freeze()`` makes the connections open at
     that moment forward nothing more, either way, without closing: a network that dropped
-    them silently.  The first ``hold`` connections forward nothing until ``release()``:
-    a slow network.  Other connections are forwarded as usual."""
+    them silently.  A connection whose client sends ``hold_on`` (bytes) forwards nothing
+    more from then on until ``release()``: a slow network for that one.  Other
+    connections are forwarded as usual."""
 
-    def __init__(self, port: int, hold: int = 0):
+    def __init__(self, port: int, hold_on: bytes | None = None):
         self.target = port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.opened = 0
         self.frozen_below = 0  # connections numbered below this forward nothing
-        self.hold = hold
+        self.hold_on = hold_on
         self.released = threading.Event()
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -34,15 +35,19 @@ class Proxy:
                 return
             number, self.opened = self.opened, self.opened + 1
             self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
+            for source, sink, outgoing in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(
-                    target=self._pump, args=(source, sink, number), daemon=True
+                    target=self._pump, args=(source, sink, number, outgoing), daemon=True
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, number: int) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, number: int, outgoing: bool
+    ) -> None:
+        held = False
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if number < self.hold:
+                held = held or bool(outgoing and self.hold_on and self.hold_on in data)
+                if held:
                     self.released.wait()
                 if number >= self.frozen_below:
                     sink.sendall(data)

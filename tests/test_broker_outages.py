@@ -80,10 +80,10 @@ def test_a_stream_opened_before_its_process_listens_misses_nothing(demo_db):
     """Until a process listens, its hub cannot say what comes next: a stream opened then
     gets its cursor from the broker, and the first listen catches up from it, so that an
     event published in between reaches it, and none from before.  (Redis, where a proxy
-    can hold back the listener's connection alone, the first one the server opens; the
+    can hold back the listener's connection alone, once it asks to SUBSCRIBE; the
     PostgreSQL broker shares the code.)"""
     redis = RedisServer()
-    proxy = Proxy(redis.port, hold=1)
+    proxy = Proxy(redis.port, hold_on=b"SUBSCRIBE")
     try:
         manage_publish(redis, "early", "old")
         server = start(
