@@ -460,3 +460,50 @@ def test_a_stream_failing_after_its_bytes_left_is_cut_and_released(wsgi_server):
         with pytest.raises((AssertionError, ValueError, ConnectionError)):
             read_chunked(sock)  # cut: no clean last chunk
     assert wsgi_server.logged('"GET /raise-later HTTP/1.1" 200 300000')
+
+
+def test_a_result_whose_attributes_fail_is_a_500_not_a_hang(wsgi_server):
+    """Asking the result for its deferral or its close() may raise more than an
+    AttributeError (a proxy gone wrong): the client still gets an answer."""
+    assert requests.get(wsgi_server.url + "/odd-result", timeout=10).status_code == 500
+    assert requests.get(wsgi_server.url + "/hello", timeout=10).status_code == 200
+
+
+def test_an_http10_answer_keeps_the_apps_date(wsgi_server):
+    out = raw(wsgi_server, b"GET /dated HTTP/1.0\r\n\r\n")
+    dates = [line for line in out.split(b"\r\n\r\n")[0].split(b"\r\n") if line.startswith(b"Date")]
+    assert dates == [b"Date: Tue, 01 Jan 2030 00:00:00 GMT"]
+
+
+def test_an_empty_str_after_streaming_began_cuts_the_response(wsgi_server):
+    out = raw(wsgi_server, b"GET /empty-str-later HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Cut: what had not reached the socket yet (the head too, at times) never does.
+    assert not out.endswith(b"0\r\n\r\n")
+    assert wsgi_server.logged("yielded str, not bytes")
+    assert wsgi_server.logged('"GET /empty-str-later HTTP/1.1" 200')
+    line = next(x for x in wsgi_server.output if '"GET /empty-str-later' in x)
+    assert line.rstrip().endswith("(cut by the server)"), line
+
+
+def test_an_error_page_after_a_yield_replaces_the_body(wsgi_server):
+    answer = requests.get(wsgi_server.url + "/exc-info-after-yield", timeout=10)
+    assert (answer.status_code, answer.content) == (500, b"error page")
+
+
+def test_clients_that_stop_reading_a_stream_hold_no_thread():
+    """A streamed body pauses while its client does not read; its worker thread goes
+    back to the pool meanwhile, so a few such clients cannot stall every view."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "2")
+    stalled = []
+    try:
+        for _ in range(4):  # twice the threads
+            sock = server.connect()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+            stalled.append(sock)
+        assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()

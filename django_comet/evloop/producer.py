@@ -6,7 +6,6 @@ code runs in the loop thread and hands over by a direct call.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +56,11 @@ class Producer:
         self, ex: Exchange, start: StartResponse, result: Iterable[bytes], first: bool
     ) -> None:
         """Iterate one stage's output and hand it to the loop; always close the result."""
-        deferral = claim(result)
+        deferral = None
         streaming = False
         pumped = False  # --threads 0: the loop thread goes on iterating it, then closes it
         try:
+            deferral = claim(result)  # an app's object may fail even at being asked
             if type(result) is FileWrapper and first and self._sends_files:
                 file_range = self._file_range(start, result)
                 if file_range is not None:
@@ -106,7 +106,7 @@ class Producer:
         finally:
             if not pumped:
                 _close(ex, result)
-        if pumped:
+        if pumped and self._pool is None:
             self._pump(ex)
 
     @staticmethod
@@ -127,8 +127,8 @@ class Producer:
     ) -> bool:
         """Pass the rest of a large or lazy body chunk by chunk, pausing while more than
         ``write_high_water`` bytes are unsent, so that a slow client never makes the
-        server buffer the whole body.  A worker thread waits; with ``--threads 0`` it
-        returns True, and the loop thread pumps the body (``_pump``) and closes it."""
+        server buffer the whole body.  True: the body is left open, paused (``ex.pump``)
+        or, with ``--threads 0``, for the loop thread to pump (``_pump``)."""
         if not carries_body(ex.method, start.code):
             # None of it would go out, so it would never drain: leave it unread.
             self._to_loop(self._end, ex)
@@ -136,25 +136,42 @@ class Producer:
         if self._pool is None:
             ex.pump = (iterator, result)
             return True
+        return self._stream_on(ex, iterator, result)
+
+    def _stream_on(self, ex: Exchange, iterator: Iterator[bytes], result: Iterable[bytes]) -> bool:
+        """Worker: pass chunks until more than ``write_high_water`` bytes are unsent,
+        then pause (True): the rest waits in the iterator, and a worker takes it up again
+        once they have left (``_resume_stream``).  No thread waits for a slow client."""
         high = self.config.write_high_water
-        ex.drained = drained = threading.Event()
         for data in iterator:
             if ex.dead:
                 return False
-            if not data:
-                continue
             if not isinstance(data, bytes):
                 raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+            if not data:
+                continue
             ex.pending += len(data)
             if ex.pending > high:
-                drained.clear()
+                ex.pump = (iterator, result)  # before the send, whose drain resumes it
                 self._to_loop(self._send_chunk, ex, data)
-                while not drained.wait(1.0) and not ex.dead:
-                    pass
-            else:
-                self._to_loop(self._send_chunk, ex, data)
+                return True
+            self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
         return False
+
+    def _resume_stream(
+        self, ex: Exchange, iterator: Iterator[bytes], result: Iterable[bytes]
+    ) -> None:
+        """Worker: a paused body goes on once its unsent bytes have left."""
+        paused = False
+        try:
+            paused = self._stream_on(ex, iterator, result)
+        except BaseException:
+            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
+            self._to_loop(self._abort, ex)
+        finally:
+            if not paused:
+                _close(ex, result)
 
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
@@ -168,10 +185,10 @@ class Producer:
             for data in iterator:
                 if ex.dead:
                     break
-                if not data:
-                    continue
                 if not isinstance(data, bytes):
                     raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+                if not data:
+                    continue
                 ex.pending += len(data)
                 self._send_chunk(ex, data)
                 if ex.pending > high:
@@ -195,6 +212,9 @@ class Producer:
     def _run_stage(
         self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
     ) -> None:
+        if ex.dead:  # its client left while the stage waited for a thread: no view runs
+            self._to_loop(self._stage_done, ex, [], None)
+            return
         try:
             result = resume(*args)
         except BaseException:
@@ -218,9 +238,9 @@ def _with_writes(iterator: Iterator[bytes], written: list[bytes]) -> Iterator[by
 
 def _close(ex: Exchange, result: Iterable[bytes]) -> None:
     """Call the response's close(), as PEP 3333 requires whatever happened."""
-    close = getattr(result, "close", None)
-    if close is not None:
-        try:
+    try:
+        close = getattr(result, "close", None)
+        if close is not None:
             close()
-        except BaseException:
-            logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
+    except BaseException:
+        logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)

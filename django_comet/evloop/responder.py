@@ -65,12 +65,18 @@ class Responder:
     _restore_read_timeout: Callable[[Exchange], None]
     _run_stage: Callable[..., None]
     _pump: Callable[[Exchange], None]
+    _resume_stream: Callable[..., None]
 
     def _add_headers(self, r: RequestStruct, start: StartResponse, length: int | None) -> None:
         """Copy the app's (already encoded) headers to evhttp's output headers."""
         out = r.output_headers
         add = self._lib.evhttp_add_header
-        if r.minor == 0 and r.major == 1:  # evhttp dates HTTP/1.1 answers only
+        # evhttp dates HTTP/1.1 answers only (and leaves the app's Date alone there).
+        if (
+            r.minor == 0
+            and r.major == 1
+            and not any(name.lower() == b"date" for name, _ in start.encoded)
+        ):
             add(out, b"Date", http_date())
         for name, value in start.encoded:
             add(out, name, value)
@@ -255,7 +261,7 @@ class Responder:
                 return
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
-        if ex.drained is not None or ex.pump is not None:
+        if ex.pump is not None:
             self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
         else:
             self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
@@ -286,10 +292,13 @@ class Responder:
         if ex is None:
             return
         ex.pending = 0
-        if ex.drained is not None:
-            ex.drained.set()
-        elif ex.pump is not None:
-            self._pump(ex)
+        if ex.pump is not None:
+            if self._pool is None:
+                self._pump(ex)
+            else:  # a paused body: a worker takes it up again
+                iterator, result = ex.pump
+                ex.pump = None
+                self._pool.submit(self._resume_stream, ex, iterator, result)
 
     def _end(self, ex: Exchange) -> None:
         """The last chunk: a clean end of the response."""

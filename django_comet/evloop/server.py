@@ -20,7 +20,6 @@ import ctypes
 import gc
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -54,7 +53,6 @@ class Exchange:
         "cursor",
         "dead",
         "deferred",
-        "drained",
         "environ",
         "hold",
         "key",
@@ -87,8 +85,9 @@ class Exchange:
         self.timer: Handle | None = None
         self.bev: int | None = None  # set while held: its read timeout is lifted
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
-        self.drained: threading.Event | None = None
-        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None  # --threads 0 streams
+        # A streamed body's rest while it waits for its unsent bytes to leave (for the
+        # loop thread to pump, with --threads 0).
+        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None
         self.deferred = False  # counted in Server.held until done
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
@@ -399,8 +398,6 @@ class Server(Producer, Responder):
             return  # a keep-alive connection closing after its exchanges finished
         ex.dead = True
         self.holder.release(ex)
-        if ex.drained is not None:
-            ex.drained.set()
         if ex.state != "app":  # no worker owns it: release it now
             self._drop(ex)
 
@@ -461,6 +458,12 @@ class Server(Producer, Responder):
         self.guard.response_done(conn)
 
     def _done(self, ex: Exchange, aborted: bool) -> None:
+        # An aborted exchange was cut by the server (an app error), or its client left.
+        how = (
+            (" (cut by the server)" if ex.state == "aborting" else " (client gone)")
+            if aborted
+            else ""
+        )
         ex.state = "done"
         ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
@@ -476,7 +479,7 @@ class Server(Producer, Responder):
                 ex.code or "-",
                 ex.sent,
                 duration,
-                " (client gone)" if aborted else "",
+                how,
             )
 
 

@@ -264,6 +264,9 @@ class StartResponse:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None  # break the traceback cycle (PEP 3333)
+            # Nothing went out yet: the error page replaces the response whole, body
+            # included (what was yielded or written so far is still buffered here).
+            self.written.clear()
         elif self.status is not None:
             raise AppError("start_response() called twice without exc_info")
         parsed = _STATUSES.get(status) if isinstance(status, str) else None

@@ -153,8 +153,41 @@ def app(environ, start_response):
         status = statuses.get(environ["QUERY_STRING"], "200 OK")
         start_response(status, headers)
         return _Body([b"L" * 65536] * 64)
+    if path == "/odd-result":  # a result whose attributes fail with more than AttributeError
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Touchy([b"never"])
+    if path == "/dated":
+        start_response("200 OK", [("Date", "Tue, 01 Jan 2030 00:00:00 GMT")])
+        return [b"dated"]
+    if path == "/empty-str-later":  # "" after streaming began: not bytes, an error
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Body([b"s" * 300_000, "", b"tail"])
+    if path == "/exc-info-after-yield":  # its error page replaces what it had yielded
+
+        def gen():
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            yield b"body-part-one;"
+            try:
+                raise ValueError("late")
+            except ValueError:
+                import sys
+
+                start_response("500 Oops", [("Content-Type", "text/plain")], sys.exc_info())
+            yield b"error page"
+
+        return gen()
+    if path == "/endless":  # 64 KiB pieces for as long as the client reads them
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return iter(lambda: b"E" * 65536, None)
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found: " + path.encode("latin-1")]
+
+
+class _Touchy(list):
+    """A response iterable whose attribute lookups fail (a proxy object gone wrong)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no {name} here")
 
 
 class _RaisingClose(_Body):
