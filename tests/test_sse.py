@@ -303,6 +303,38 @@ def test_slow_reader_is_dropped(tight):
         sock.close()
 
 
+def test_slow_readers_of_small_events_hold_about_their_bound(demo_db):
+    """What a stream that does not read holds is about COMET_MAX_PENDING_OUTPUT (1 MiB)
+    whatever the events' size: small events share the output buffer's blocks (each one
+    had blocks of its own, 10-15 times its size)."""
+    server = runcomet(db=demo_db)
+    socks = []
+    try:
+        for _ in range(10):
+            sock = socket.create_connection((server.host, server.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /t/stream/?channels=small HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(sock)
+        subscribed(server, "small", 10)
+        before = peak_rss_kib(server.proc.pid)
+        for _ in range(20):  # 2 MB of events for each stream, in batches
+            url = server.url + "/t/publish-many/?channel=small&n=5000&size=10"
+            assert requests.get(url, timeout=60).status_code == 200
+            if server.status()["dropped_slow"] == 10:
+                break
+        assert server.wait_for_status(lambda s: s["dropped_slow"] == 10)
+        assert peak_rss_kib(server.proc.pid) - before < 10 * 4 * 1024  # under 4 MiB each
+    finally:
+        for sock in socks:
+            sock.close()
+        assert server.stop() == 0, "".join(server.output)
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def test_disconnects_release_subscriptions(comet):
     clients = [SSEClient(comet, "/t/stream/?channels=leaving,other") for _ in range(5)]
     subscribed(comet, "leaving", 5)

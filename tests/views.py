@@ -216,6 +216,14 @@ def publish_view(request):
     return JsonResponse({"id": event_id})
 
 
+def publish_many(request):
+    """?channel, ?n events of ?size bytes of data each, as fast as publish() goes."""
+    data = "x" * int(request.GET.get("size", "10"))
+    for _ in range(int(request.GET["n"])):
+        event_id = publish(request.GET["channel"], data)
+    return JsonResponse({"id": event_id})
+
+
 def stream_view(request):
     channels = request.GET["channels"].split(",")
     return event_stream(request, *channels)

@@ -7,7 +7,7 @@ Loop thread only.  A held exchange has sent its headers and first content and wa
 - as a stream (``Stream``): every event of its channels is written to it as it comes.
 
 Fan-out is one pass over a channel's subscribers with the event's frame encoded once;
-per subscriber it is a cursor check and three C calls.  A subscriber whose unsent output
+per subscriber it is a cursor check and two C calls.  A subscriber whose unsent output
 is over ``max_pending_output`` is cut (and counted), never buffered without bound.
 """
 
@@ -221,8 +221,15 @@ class Holder:
         if not subscribers:
             return
         frame, size, event_id = event.frame, len(event.frame), event.id
-        lib, buf, limit = self._lib, self._buf, self.max_pending
-        pending, add, send = lib.evbuffer_get_length, lib.evbuffer_add, lib.evhttp_send_reply_chunk
+        # Written straight into each stream's output buffer, framed here once: one C
+        # call per stream, and consecutive events share the buffer's blocks (each one
+        # handed to evhttp_send_reply_chunk took blocks of its own: a slow reader of
+        # small events held many times its byte count).  A stream's first chunk went
+        # through evhttp, which set the connection writing.
+        chunk = b"%x\r\n%b\r\n" % (size, frame)  # HTTP/1.1; HTTP/1.0 streams get it raw
+        chunk_size = len(chunk)
+        limit = self.max_pending
+        pending, add = self._lib.evbuffer_get_length, self._lib.evbuffer_add
         rendered: dict[Any, bytes] = {}
         for ex in list(subscribers):
             if ex.cursor >= event_id:
@@ -240,8 +247,10 @@ class Holder:
                 if pending(ex.outbuf) > limit + hold.backlog:
                     self._drop_slow(ex)
                     continue
-                add(buf, frame, size)
-                send(ex.req, buf)
+                if ex.protocol == "HTTP/1.1":
+                    add(ex.outbuf, chunk, chunk_size)
+                else:
+                    add(ex.outbuf, frame, size)
                 ex.sent += size
 
     def _tell_gap(self, channels: list[str] | None, through: int) -> None:
