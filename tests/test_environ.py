@@ -148,9 +148,18 @@ def test_start_response_validates():
         ("200 OK", [("Bad Name", "a")]),
         ("200 OK", [("Content-Length", "ten")]),
         ("200 OK", [("X-U", "\u20ac")]),
+        ("200 OK", [("X-V", "a\x0bb")]),  # no control character but the tab
+        ("200 O\x1bK", []),
+        ("999 Weird", []),  # codes are 100-599
     ]:
         with pytest.raises(AppError):
             StartResponse()(status, headers)
+
+
+def test_start_response_takes_tabs_and_latin1_in_values():
+    start = StartResponse()
+    start("599 Network\tTimeout", [("X-T", "a\tb \xe9")])
+    assert start.encoded == [(b"X-T", b"a\tb \xe9")]
 
 
 def test_start_response_exc_info():

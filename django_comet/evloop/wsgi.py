@@ -17,7 +17,10 @@ Headers = list[tuple[str, str]]
 # RFC 9110 5.6.2 token characters; a field name must be a token.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\0]*\Z")
+# RFC 9110: a code of 100-599; a reason phrase, and a field value, of visible
+# characters, spaces and tabs (no other control character).
+_STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Hop-by-hop headers belong to the server's framing (PEP 3333 "Other HTTP Features").
 HOP_BY_HOP = frozenset(
@@ -294,7 +297,7 @@ class StartResponse:
                 bname = name.encode("latin-1")
                 if len(_GOOD_NAMES) < 500:
                     _GOOD_NAMES[name] = bname
-            if not isinstance(value, str) or "\r" in value or "\n" in value or "\0" in value:
+            if not isinstance(value, str) or _BAD_VALUE.search(value):
                 raise AppError(f"invalid header value from the application: {name}: {value!r}")
             lname = name.lower()
             if lname == "content-length":
