@@ -172,7 +172,7 @@ def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
         socks = []
         for _ in range(90):  # more than the server has descriptors for
             socks.append(socket.create_connection((server.host, server.port), timeout=10))
-        assert server.logged("accept() failed")
+        assert server.logged("accept() failed (EMFILE: Too many open files)")
         for sock in socks:
             sock.close()
         session = requests.Session()

@@ -17,8 +17,10 @@ with output for a dead exchange drops it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -311,9 +313,12 @@ class Server(Producer, Responder):
         """accept() failed (EMFILE: out of file descriptors, ENFILE, ENOBUFS): pause
         accepting for a moment instead of spinning on a listening socket that stays
         readable; connections already open go on being served."""
-        err = ctypes.get_errno() or "?"
+        err = c_errno()
         self.accept_pauses += 1
-        logger.warning("accept() failed (errno %s); pausing new connections for 0.5 s", err)
+        logger.warning(
+            "accept() failed (%s); pausing new connections for 0.5 s",
+            f"{errno.errorcode.get(err, err)}: {os.strerror(err)}" if err else "errno ?",
+        )
         self._accepting(False, "accept-error")
         self.loop.call_later(0.5, lambda: self._accepting(True, "accept-error"))
 
@@ -481,6 +486,24 @@ class Server(Producer, Responder):
                 duration,
                 how,
             )
+
+
+def c_errno() -> int:
+    """errno as C left it on this thread, read in a callback from C (ctypes.get_errno()
+    is ctypes' own copy, kept only around calls made with use_errno)."""
+    global _errno_location
+    if _errno_location is None:
+        libc = ctypes.CDLL(None)
+        found = getattr(libc, "__errno_location", None) or getattr(libc, "__error", None)
+        if found is None:
+            return 0
+        found.restype = ctypes.POINTER(ctypes.c_int)
+        found.argtypes = []
+        _errno_location = found
+    return int(_errno_location().contents.value)
+
+
+_errno_location: Any = None
 
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
