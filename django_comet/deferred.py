@@ -16,20 +16,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from http.cookies import SimpleCookie
+from http.cookies import Morsel, SimpleCookie
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
 from asgiref.sync import iscoroutinefunction
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
+from django.db import connections
 from django.http import HttpRequest, StreamingHttpResponse
-from django.http.cookie import parse_cookie
 from django.http.response import HttpResponseBase
 from django.urls import (
     NoReverseMatch,
@@ -40,6 +38,7 @@ from django.urls import (
     resolve,
     reverse,
 )
+from django.utils.http import parse_http_date_safe
 
 from .evloop.deferral import ChannelWait, Deferral
 from .evloop.hub import hub
@@ -237,30 +236,29 @@ class DeferredResponse(StreamingHttpResponse):
                 result.close()
 
 
-_quiet_lock = threading.Lock()
-_quiet_count = 0
-
-
 @contextlib.contextmanager
 def _within_this_request() -> Iterator[None]:
-    """Blocking stages run inside the request whose response they extend: they do not
-    close the database connections it may still use (a test's transaction, under
-    Django's test client), as Django's test client does not for its own request.  The
-    request's own end closes them."""
-    global _quiet_count
-    with _quiet_lock:
-        _quiet_count += 1
-        if _quiet_count == 1:
-            request_started.disconnect(close_old_connections)
-            request_finished.disconnect(close_old_connections)
+    """Blocking stages run inside the request whose response they extend: the signals
+    of their own requests do not close this thread's database connections, which that
+    request may still use (a test's transaction, under Django's test client, which
+    leaves them alone for its own request too).  That request's end closes them.
+    Connections are per thread, so other threads' requests are not affected."""
+    kept = [
+        conn
+        for conn in connections.all(initialized_only=True)
+        if "close_if_unusable_or_obsolete" not in vars(conn)
+    ]
+    for conn in kept:
+        conn.close_if_unusable_or_obsolete = _leave_open  # type: ignore[method-assign]
     try:
         yield
     finally:
-        with _quiet_lock:
-            _quiet_count -= 1
-            if _quiet_count == 0:
-                request_started.connect(close_old_connections)
-                request_finished.connect(close_old_connections)
+        for conn in kept:
+            del conn.close_if_unusable_or_obsolete
+
+
+def _leave_open() -> None:
+    pass
 
 
 class NextStage:
@@ -290,7 +288,11 @@ class NextStage:
         """A channel wait passes the event that ended it (or None)."""
         environ = stage_environ(self.environ, self.path)
         if self.cookies:
-            environ["HTTP_COOKIE"] = _with_cookies(environ.get("HTTP_COOKIE", ""), self.cookies)
+            environ["HTTP_COOKIE"] = _with_cookies(
+                environ.get("HTTP_COOKIE", ""),
+                self.cookies,
+                environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"],
+            )
             self.environ["HTTP_COOKIE"] = environ["HTTP_COOKIE"]  # for a stage run again
             self.cookies = None
         environ[RESPONSE_PREV_KEY] = self.response_prev
@@ -346,16 +348,41 @@ _NOT_STAGE_HEADERS = frozenset(
 )
 
 
-def _with_cookies(header: str, cookies: SimpleCookie) -> str:
-    """The Cookie header a client sends after receiving ``cookies``: those set added
-    or replaced, those deleted (max-age 0) gone."""
-    pairs = parse_cookie(header)
+def _with_cookies(header: str, cookies: SimpleCookie, path: str) -> str:
+    """The Cookie header a client sends to ``path`` after receiving ``cookies``: those
+    set for that path added or replaced, those deleted (max-age of 0 or less, or an
+    expiry past) gone; the others as the client sent them, byte for byte."""
+    pairs = {}  # name -> "name=value" as received
+    for part in header.split(";"):
+        name, sep, _ = part.partition("=")
+        if part.strip():
+            pairs[name.strip() if sep else ""] = part.strip()
     for name, morsel in cookies.items():
-        if str(morsel["max-age"]) == "0":
+        cookie_path = morsel["path"] or "/"
+        if not (
+            path == cookie_path
+            or path.startswith(cookie_path if cookie_path.endswith("/") else cookie_path + "/")
+        ):
+            continue  # a browser would not send it there
+        if _deleted(morsel):
             pairs.pop(name, None)
         else:
-            pairs[name] = morsel.coded_value
-    return "; ".join(f"{name}={value}" for name, value in pairs.items())
+            pairs[name] = f"{name}={morsel.coded_value}"
+    return "; ".join(pairs.values())
+
+
+def _deleted(morsel: Morsel[str]) -> bool:
+    max_age = str(morsel["max-age"]).strip()
+    if max_age:
+        try:
+            return int(max_age) <= 0
+        except ValueError:
+            return False
+    expires = morsel["expires"]
+    if isinstance(expires, str) and expires:
+        when = parse_http_date_safe(expires)
+        return when is not None and when <= time.time()
+    return False
 
 
 def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:

@@ -47,6 +47,14 @@ def wsgi_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def wsgi_inline():
+    """As wsgi_server, with --threads 0: the loop thread iterates the app's bodies."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "0")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module", params=["postgres", "redis"])
 def broker(request):
     """A real PostgreSQL or Redis server for the tests of one module."""

@@ -244,3 +244,24 @@ def test_a_held_stage_keeps_no_request_body():
     stage = NextStage(HttpResponse(), "/next/", environ)
     assert "wsgi.input" not in stage.environ
     assert stage.environ["HTTP_COOKIE"] == "a=b"
+
+
+def test_a_stage_gets_the_cookie_header_a_browser_would_send():
+    from django.http import HttpResponse
+    from django.http.cookie import parse_cookie
+
+    from django_comet.deferred import _with_cookies
+
+    quoted = HttpResponse()
+    quoted.set_cookie("pref", "a;b c")  # quoted by Django: kept byte for byte
+    header = f"pref={quoted.cookies['pref'].coded_value}; old=1; gone=2; kept=3"
+    first = HttpResponse()
+    first.set_cookie("sessionid", "abc")
+    first.set_cookie("old", "", expires="Thu, 01 Jan 1970 00:00:00 GMT")
+    first.set_cookie("gone", "", max_age=-1)
+    first.set_cookie("adm", "1", path="/admin/")  # not sent to /stage/
+    first.set_cookie("here", "1", path="/stage")
+    seen = parse_cookie(_with_cookies(header, first.cookies, "/stage/"))
+    assert seen == {"pref": "a;b c", "kept": "3", "sessionid": "abc", "here": "1"}
+    assert "adm" in parse_cookie(_with_cookies("", first.cookies, "/admin/users/"))
+    assert "adm" not in parse_cookie(_with_cookies("", first.cookies, "/administrator/"))

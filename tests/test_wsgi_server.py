@@ -507,3 +507,16 @@ def test_clients_that_stop_reading_a_stream_hold_no_thread():
         for sock in stalled:
             sock.close()
         server.stop()
+
+
+@pytest.mark.parametrize("server_name", ["wsgi_server", "wsgi_inline"])
+def test_a_large_body_past_its_length_ends_at_it_and_is_closed(request, server_name):
+    """The chunk that crosses the write high-water mark is cut to nothing by the
+    Content-Length: the response ends there (closing the connection) instead of waiting
+    for a drain that never comes."""
+    server = request.getfixturevalue(server_name)
+    closed = int(requests.get(server.url + "/closed").content)
+    out = raw(server, b"GET /overlong-large HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.split(b"\r\n\r\n", 1)[1] == b"a" * 300_000
+    # Counted: that body's close(), and that of the first /closed answer.
+    assert int(requests.get(server.url + "/closed").content) == closed + 2

@@ -410,7 +410,9 @@ class PostgresBroker(ListeningBroker):
             self._deliver(notified.event)
         else:  # pruned before it could be read: a gap its streams must hear of
             channels = None if notified.channel is None else [notified.channel]
-            hub.add_gap(channels, notified.event_id)
+            with self._deliver_lock:  # unless a catch-up delivered it already
+                if notified.event_id > hub.last_id:
+                    hub.add_gap(channels, notified.event_id)
 
     def _read(self, event_id: int, timeout: float | None = None) -> Event | None:
         """An event too large for NOTIFY, read on this thread's publishing connection

@@ -38,7 +38,8 @@ class Producer:
     _start_stream: Callable[..., None]
     _start_deferred: Callable[..., None]
     _stage_done: Callable[..., None]
-    _send_chunk: Callable[..., None]
+    _send_chunk: Callable[..., bool]
+    _pause_stream: Callable[..., None]
     _end: Callable[..., None]
     _abort: Callable[..., None]
 
@@ -74,6 +75,8 @@ class Producer:
                 if not isinstance(data, bytes):
                     raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
                 if data:
+                    if not chunks:  # none yet, or an error page replaced them (exc_info)
+                        size = 0
                     chunks.append(data)
                     size += len(data)
                 if deferral is None and size > self.config.stream_threshold and first:
@@ -152,8 +155,9 @@ class Producer:
                 continue
             ex.pending += len(data)
             if ex.pending > high:
-                ex.pump = (iterator, result)  # before the send, whose drain resumes it
-                self._to_loop(self._send_chunk, ex, data)
+                # One loop-thread step, after the chunks queued before it: the rest of
+                # the body is the loop's from here (to resume, or to close).
+                self._to_loop(self._pause_stream, ex, data, iterator, result)
                 return True
             self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
@@ -190,7 +194,10 @@ class Producer:
                 if not data:
                     continue
                 ex.pending += len(data)
-                self._send_chunk(ex, data)
+                if not self._send_chunk(ex, data):  # gone, or past its Content-Length
+                    if not ex.dead:
+                        self._end(ex)
+                    break
                 if ex.pending > high:
                     paused = True  # the rest waits in the iterator, not in memory
                     return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ class Responder:
     _run_stage: Callable[..., None]
     _pump: Callable[[Exchange], None]
     _resume_stream: Callable[..., None]
+    _stop_pump: Callable[[Exchange], None]
 
     def _add_headers(self, r: RequestStruct, start: StartResponse, length: int | None) -> None:
         """Copy the app's (already encoded) headers to evhttp's output headers."""
@@ -241,11 +242,24 @@ class Responder:
         else:
             self._end(ex)
 
-    def _send_chunk(self, ex: Exchange, data: bytes) -> None:
+    def _pause_stream(
+        self, ex: Exchange, data: bytes, iterator: Iterator[bytes], result: Iterable[bytes]
+    ) -> None:
+        """Send the chunk that took a streamed body past the write high-water mark; its
+        drain hands the rest to a worker (``_on_drained``).  If it cannot go out (the
+        client left, the body reached its Content-Length), the body ends here."""
+        ex.pump = (iterator, result)
+        if not self._send_chunk(ex, data):
+            if not ex.dead and ex.req is not None:
+                self._end(ex)  # closes the connection if the body was cut short
+            self._stop_pump(ex)
+
+    def _send_chunk(self, ex: Exchange, data: bytes) -> bool:
+        """Hand ``data`` to evhttp as the next chunk; False if none of it can go."""
         # The buffer is shared by every response, and evhttp leaves in it what it would
         # not send (a HEAD's or a 304's body, a gone client's): never hand such bytes over.
         if ex.dead or ex.req is None or not carries_body(ex.method, ex.code):
-            return
+            return False
         if ex.limit is not None and ex.sent + len(data) > ex.limit:
             # Bytes past the Content-Length would be read as the next response.
             if not ex.close_at_end:
@@ -258,7 +272,7 @@ class Responder:
                 ex.close_at_end = True
             data = data[: ex.limit - ex.sent]
             if not data:
-                return
+                return False
         self._lib.evbuffer_add(self._buf, data, len(data))
         ex.sent += len(data)
         if ex.pump is not None:
@@ -268,6 +282,7 @@ class Responder:
         if not ex.deferred:
             self._stop_reading(ex)
         self._check_handed_over(ex)
+        return True
 
     def _stop_reading(self, ex: Exchange) -> None:
         """After each hand-over of a response that is not held: evhttp reads on while it

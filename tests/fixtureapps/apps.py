@@ -176,6 +176,9 @@ def app(environ, start_response):
             yield b"error page"
 
         return gen()
+    if path == "/overlong-large":  # past its Content-Length with more than 1 MiB unsent
+        start_response("200 OK", [("Content-Length", "300000")])
+        return _Body([b"a" * 100_000] * 3 + [b"x" * 2_000_000])
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
