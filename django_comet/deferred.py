@@ -293,8 +293,6 @@ class NextStage:
                 self.cookies,
                 environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"],
             )
-            self.environ["HTTP_COOKIE"] = environ["HTTP_COOKIE"]  # for a stage run again
-            self.cookies = None
         environ[RESPONSE_PREV_KEY] = self.response_prev
         if event:
             from .events import as_dict

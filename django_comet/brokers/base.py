@@ -33,7 +33,7 @@ class Broker:
         """The cursor of a client that wants only what is published from now on."""
         return hub.newest_id(channels)
 
-    def early_client(self) -> contextlib.AbstractContextManager[None]:
+    def early_client(self) -> contextlib.AbstractContextManager[int | None]:
         """Around the broker reads that give a client its cursor (see ListeningBroker)."""
         return contextlib.nullcontext()
 
@@ -95,29 +95,30 @@ class ListeningBroker(Broker):
         if self._caught_up:
             return hub.newest_id(channels)
         try:
-            with self.early_client():
-                return self.newest_id()
+            with self.early_client() as newest:
+                return self.newest_id() if newest is None else newest
         except self.unreachable:  # nothing can be published meanwhile, most likely
             return hub.newest_id(channels)
 
     @contextlib.contextmanager
-    def early_client(self) -> Iterator[None]:
+    def early_client(self) -> Iterator[int | None]:
         """Around the reads that give a client its cursor, before this process listens:
         the first connection waits for them to end, and catches up from the newest id
-        read as they began.  Once it listens, what comes next is notified."""
+        read as they began (given to the block; None once it listens: what comes next
+        is notified then)."""
         with self._early:
             early = self._listening_from is None
             if early:
                 self._early_clients += 1
         if not early:
-            yield
+            yield None
             return
         try:
             newest = self.newest_id()
             with self._early:
                 if self._early_floor is None or newest < self._early_floor:
                     self._early_floor = newest
-            yield
+            yield newest
         finally:
             with self._early:
                 self._early_clients -= 1
