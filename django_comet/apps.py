@@ -15,6 +15,7 @@ class CometConfig(AppConfig):
         from .evloop.hub import hub
 
         hub.size = comet_settings.HISTORY_SIZE
+        hub.channels = max(comet_settings.HISTORY_CHANNELS, 1)
 
         checks.register(comet_checks.check_libevent)
         checks.register(comet_checks.check_settings)

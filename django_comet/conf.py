@@ -25,6 +25,8 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_BROKER": "memory://",
     # Events kept per channel for Last-Event-ID replay and long-poll cursors.
     "COMET_HISTORY_SIZE": 100,
+    # Channels whose history a process keeps (the least recently published let go).
+    "COMET_HISTORY_CHANNELS": 10_000,
     # Seconds between SSE heartbeat comments (proxies close idle streams otherwise).
     "COMET_SSE_HEARTBEAT": ServerConfig.heartbeat,
     # Unsent bytes a stream may pile up before it is cut as a slow reader.
@@ -53,6 +55,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_STATUS_PUBLIC": (bool,),
     "COMET_BROKER": (str,),
     "COMET_HISTORY_SIZE": (int,),
+    "COMET_HISTORY_CHANNELS": (int,),
     "COMET_SSE_HEARTBEAT": (int, float),
     "COMET_MAX_PENDING_OUTPUT": (int,),
     "COMET_MAX_HOLD": (int, float),

@@ -156,3 +156,19 @@ def test_a_gap_the_broker_reports_is_told_by_replays_and_moves_fresh_cursors_pas
     assert hub.since(["b"], hub.newest_id(["b"])) == ([], False)
     hub.add_gap(["a"], 7)
     assert hub.since(["a"], 6) == ([], True) and hub.since(["b"], 6) == ([], False)
+
+
+def test_the_hub_keeps_the_histories_of_its_most_recently_published_channels():
+    """A channel per user or per object must not grow memory for ever: beyond
+    ``channels`` histories the least recently published is let go, and a replay from
+    before its newest event is told of the gap."""
+    hub = Hub(size=10, channels=2)
+    hub.add(Event("a", 1, '"a1"'))
+    hub.add(Event("b", 2, '"b1"'))
+    hub.add(Event("a", 3, '"a2"'))  # a is now the most recent
+    hub.add(Event("c", 4, '"c1"'))  # lets b go, not a
+    assert set(hub._history) == {"a", "c"}
+    assert hub.since(["b"], 0) == ([], True)
+    assert hub.since(["b"], 2) == ([], False)  # a client that had it missed nothing
+    assert hub.newest_id(["b"]) == 2
+    assert [e.id for e in hub.since(["a"], 0)[0]] == [1, 3]

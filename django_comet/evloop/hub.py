@@ -67,8 +67,12 @@ class Event:
 
 
 class Hub:
-    def __init__(self, size: int = 100):
+    def __init__(self, size: int = 100, channels: int = 10_000):
         self.size = size
+        # Channels whose history is kept: beyond it the least recently published one is
+        # let go, with a lost mark (a replay from before its newest event is told of the
+        # gap), so that a channel per user or per object does not grow memory for ever.
+        self.channels = channels
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: dict[str, collections.deque[Event]] = {}
@@ -82,9 +86,13 @@ class Hub:
     def add(self, event: Event) -> None:
         """Any thread, in id order: remember ``event`` and pass it to every sink."""
         with self._lock:
-            history = self._history.get(event.channel)
+            # Taken out and put back last: the dict's order is that of the last events.
+            history = self._history.pop(event.channel, None)
             if history is None:
-                history = self._history[event.channel] = collections.deque()
+                history = collections.deque()
+                if len(self._history) >= self.channels:
+                    self._let_go_least_recent()
+            self._history[event.channel] = history
             history.append(event)
             while len(history) > self.size:
                 lost = history.popleft().id
@@ -119,6 +127,12 @@ class Hub:
         the broker, had what was lost before)."""
         with self._lock:
             return self._since(channels, after, known_lost)
+
+    def _let_go_least_recent(self) -> None:
+        channel = next(iter(self._history))
+        history = self._history.pop(channel)
+        if history and history[-1].id > self._lost.get(channel, 0):
+            self._lost[channel] = history[-1].id
 
     def _since(
         self, channels: Iterable[str], after: int, known_lost: int = 0
