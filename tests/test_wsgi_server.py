@@ -520,3 +520,15 @@ def test_a_large_body_past_its_length_ends_at_it_and_is_closed(request, server_n
     assert out.split(b"\r\n\r\n", 1)[1] == b"a" * 300_000
     # Counted: that body's close(), and that of the first /closed answer.
     assert int(requests.get(server.url + "/closed").content) == closed + 2
+
+
+def test_a_205_goes_out_without_content(wsgi_server):
+    """RFC 9110 15.3.6: a 205 has no content, whatever the app gave it."""
+    out = raw(
+        wsgi_server,
+        b"GET /reset-content HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 205") and b"Content-Length: 0" in first
+    assert rest.startswith(b"HTTP/1.1 200")  # nothing of the 205's body in between

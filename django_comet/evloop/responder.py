@@ -93,7 +93,9 @@ class Responder:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         length = start.length
         with_body = carries_body(ex.method, start.code)
-        if length is None:
+        if start.code == 205:  # no content, said so (a 304's length is the resource's)
+            length = 0
+        elif length is None:
             if carries_body("GET", start.code):  # a HEAD's is the length a GET would get
                 length = len(body)
         elif with_body and length != len(body):

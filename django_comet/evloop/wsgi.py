@@ -39,7 +39,7 @@ HOP_BY_HOP = frozenset(
 
 
 # Responses that never carry a body (RFC 9110 6.4.1), whatever the app iterates.
-NO_BODY_STATUSES = frozenset({204, 304})
+NO_BODY_STATUSES = frozenset({204, 205, 304})  # 205: RFC 9110 15.3.6, no content
 
 
 def carries_body(method: str, code: int) -> bool:

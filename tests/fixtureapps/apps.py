@@ -179,6 +179,9 @@ def app(environ, start_response):
     if path == "/overlong-large":  # past its Content-Length with more than 1 MiB unsent
         start_response("200 OK", [("Content-Length", "300000")])
         return _Body([b"a" * 100_000] * 3 + [b"x" * 2_000_000])
+    if path == "/reset-content":  # a 205 with a body, which must not go out
+        start_response("205 Reset Content", [("Content-Length", "11")])
+        return [b"hello world"]
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
