@@ -4,6 +4,8 @@ keeps failing is retried with backoff rather than at every ``retry:`` interval."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -79,6 +81,39 @@ try {
     window.setTimeout = setTimeoutBefore;
 }
 """
+
+
+POLL_WITH_TIMEOUT = """
+window.got = [];
+window.states = [];
+Comet.subscribe({poll: '/t/fastpoll/?channel=ptimeout&timeout=30', forcePoll: true,
+                 pollTimeout: 1000, shareTabs: false,
+                 onEvent: function (event) { window.got.push(event.id); },
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_long_poll_that_stalls_without_closing_is_retried(comet, new_browser):
+    """A poll whose connection goes silent (a network that dropped it without a word)
+    is given up after pollTimeout and asked again, from the same cursor."""
+    proxy = Proxy(comet.port)
+    try:
+        page = new_browser("poll-stall")
+        page.get(f"http://127.0.0.1:{proxy.port}/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(POLL_WITH_TIMEOUT)
+        comet.wait_for_status(lambda s: s["channels"].get("ptimeout") == 1)
+        proxy.freeze()  # the waiting poll's connection goes silent
+        published = requests.post(
+            comet.url + "/t/publish/", data={"channel": "ptimeout", "data": '"late"'}, timeout=30
+        ).json()["id"]
+        deadline = time.monotonic() + 30
+        while not page.execute_script("return window.got.length"):
+            assert time.monotonic() < deadline, page.execute_script("return window.states")
+            time.sleep(0.05)
+        assert page.execute_script("return window.got") == [published]
+    finally:
+        proxy.close()
 
 
 def test_a_stream_failing_twice_in_a_row_is_retried_with_backoff(comet, new_browser):
