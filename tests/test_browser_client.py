@@ -116,6 +116,36 @@ def test_a_long_poll_that_stalls_without_closing_is_retried(comet, new_browser):
         proxy.close()
 
 
+LOCKS_REFUSED = """
+navigator.locks.request = function () {
+    return Promise.reject(new DOMException('refused here', 'SecurityError'));
+};
+window.got = [];
+window.sub = Comet.subscribe({sse: '/t/stream/?channels=nolocks', poll: '/nowhere/',
+                 onEvent: function (event) { window.got.push(event.id); }});
+"""
+
+
+def test_a_page_refused_web_locks_connects_unshared(comet, new_browser):
+    """Where Web Locks are refused (a sandboxed or opaque origin), a subscription cannot
+    share a connection with other tabs: it connects on its own rather than never."""
+    page = new_browser("no-locks")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(LOCKS_REFUSED)
+    comet.wait_for_status(lambda s: s["channels"].get("nolocks") == 1)
+    published = requests.post(
+        comet.url + "/t/publish/", data={"channel": "nolocks", "data": '"hi"'}, timeout=30
+    ).json()["id"]
+    deadline = time.monotonic() + 30
+    while not page.execute_script("return window.got.length"):
+        assert time.monotonic() < deadline, "the event never arrived"
+        time.sleep(0.05)
+    assert page.execute_script("return window.got") == [published]
+    page.execute_script("window.sub.close()")
+    comet.wait_for_status(lambda s: "nolocks" not in s["channels"])
+
+
 def test_a_stream_failing_twice_in_a_row_is_retried_with_backoff(comet, new_browser):
     page = new_browser("backoff")
     page.get(comet.url + "/t/echo/")  # a page of the site, for its comet.js
