@@ -148,9 +148,10 @@ def runcomet(
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
     addrport: str = "127.0.0.1:0",
+    reload: bool = False,
 ) -> ServerProcess:
-    """``manage.py runcomet --noreload`` with ``env`` added (and ``prefix`` before the
-    interpreter, e.g. prlimit)."""
+    """``manage.py runcomet --noreload`` (or with its autoreloader) with ``env`` added
+    (and ``prefix`` before the interpreter, e.g. prlimit)."""
     env = {
         "DJANGO_SETTINGS_MODULE": settings,
         "PYTHONPATH": str(ROOT),
@@ -164,7 +165,7 @@ def runcomet(
         sys.executable,
         str(ROOT / "demo_site" / "manage.py"),
         "runcomet",
-        "--noreload",
+        *([] if reload else ["--noreload"]),
         *args,
     ]
     argv.append(addrport)

@@ -140,6 +140,34 @@ def test_comet_publish_refuses_what_would_reach_nobody():
     assert "NaN is not JSON" in nan.stderr
 
 
+def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
+    bogus = {"COMET_BROKER": "bogus://user:secret@x"}
+    check = manage("check", env=bogus)
+    assert check.returncode == 1
+    assert "django_comet.E002" in check.stderr and "unknown scheme 'bogus'" in check.stderr
+    assert "secret" not in check.stderr
+    for command in (
+        ("runcomet", "--noreload", "--skip-checks", "127.0.0.1:0"),
+        ("comet_publish", "chat", '"hi"'),
+    ):
+        result = manage(*command, env=bogus)
+        assert result.returncode == 1, result
+        assert "unknown scheme" in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_a_bare_postgres_broker_needs_a_postgresql_database():
+    check = manage("check", env={"COMET_BROKER": "postgres://"})
+    assert check.returncode == 1
+    assert "django_comet.E002" in check.stderr and "not PostgreSQL" in check.stderr
+
+
+def test_comet_publish_refuses_json_nested_too_deep():
+    deep = "[" * 50_000 + "]" * 50_000
+    result = manage("comet_publish", "chat", deep, env={"COMET_BROKER": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 1
+    assert "data is not JSON" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_publish_refuses_nan():
     from django_comet.events import publish
 

@@ -62,6 +62,22 @@ def test_runcomet_serves_django_and_a_staged_response_on_a_unix_socket(demo_db, 
     assert not os.path.exists(sock_path), "the socket file outlived the server"
 
 
+def test_the_socket_file_is_removed_under_the_autoreloader_too(demo_db, sock_path):
+    """There the server runs in a daemon thread, which a stop signal ends with the
+    process: the file is removed on the way out all the same."""
+    import psutil
+
+    server = runcomet(db=demo_db, addrport=f"unix:{sock_path}", reload=True)
+    try:
+        assert os.path.exists(sock_path)
+        (child,) = psutil.Process(server.proc.pid).children()  # the reloader's server
+        child.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+    assert not os.path.exists(sock_path), "the socket file outlived the server"
+
+
 def test_a_stale_socket_file_is_replaced(demo_db, sock_path):
     left = socket.socket(socket.AF_UNIX)
     left.bind(sock_path)

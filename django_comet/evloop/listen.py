@@ -93,16 +93,19 @@ def unix_socket_id(path: str) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino)
 
 
-def remove_unix_socket(path: str, file_id: tuple[int, int] | None) -> None:
+def remove_unix_socket(
+    path: str, file_id: tuple[int, int] | None, still_listening: bool = False
+) -> None:
     """Remove the socket file a stopped server bound (``file_id`` from ``unix_socket_id``
     after binding), unless a successor has bound the path since.  A successor's file
     may have been given the same inode (a file system reuses one just freed), so one
-    that is listening is left alone: ours no longer does.  (Not the change time: a
-    chmod, as for a proxy's access, changes it.)"""
+    that is listening is left alone: ours no longer does, unless ``still_listening``
+    (a process exiting with its server still up: no successor can bind the path while
+    it listens).  (Not the change time: a chmod, as for a proxy's access, changes it.)"""
     if file_id is None or unix_socket_id(path) != file_id:
         return
     with contextlib.suppress(OSError):  # gone, or not ours to probe: leave it
-        if not _listened_on(path):
+        if still_listening or not _listened_on(path):
             os.unlink(path)
 
 

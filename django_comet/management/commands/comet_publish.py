@@ -10,6 +10,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ...brokers import get_broker
@@ -31,14 +32,18 @@ class Command(BaseCommand):
         parser.add_argument("--event", default=None, help="SSE event name")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if isinstance(get_broker(), MemoryBroker):
+        try:
+            broker = get_broker()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
+        if isinstance(broker, MemoryBroker):
             raise CommandError(
                 "COMET_BROKER is memory://: an event published here would live and die in "
                 "this command's process. Set COMET_BROKER to postgres://... or redis://..."
             )
         try:
             data = json.loads(options["data"], parse_constant=_not_json)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # a nesting too deep to parse, too
             raise CommandError(f"data is not JSON: {exc}") from None
         try:
             event_id = publish(options["channel"], data, event=options["event"])

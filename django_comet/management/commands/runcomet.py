@@ -19,6 +19,7 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 from django.utils import autoreload
@@ -126,16 +127,34 @@ class Command(RunserverCommand):
         traceback, and a process left serving nothing)."""
         if not self.unix_socket and not 0 <= int(self.port) <= 65535:
             raise CommandError(f'"{self.port}" is not a valid port number.')
+        # A setting's error is one line here, at startup (in the reloader's parent too).
+        # In a server the reloader restarted after an edit, it is raised in inner_run
+        # instead, as runserver's are, so that the reloader waits for the fix (an error
+        # here ended it, though the edit that caused it was to a file it watches).
+        self._settings_error: CommandError | None = None
+        self._socket_id = None
         try:
             self.config = self.server_config(**options)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(
+            get_broker()
+        except (TypeError, ValueError, ImproperlyConfigured) as exc:
+            self._settings_error = CommandError(
                 f"A COMET_* setting is invalid ({exc}); `manage.py check` names it."
-            ) from None
-        super().run(**options)
+            )
+            restarted = os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true"
+            if not (options["use_reloader"] and restarted):
+                raise self._settings_error from None
+        try:
+            super().run(**options)
+        finally:
+            # Under the autoreloader the server runs in a daemon thread, which a stop
+            # signal ends with the process, before it could remove its socket file.
+            if self.unix_socket and self._socket_id is not None:
+                remove_unix_socket(self.unix_socket, self._socket_id, still_listening=True)
 
     def inner_run(self, *args: Any, **options: Any) -> None:
         autoreload.raise_last_exception()
+        if self._settings_error is not None:
+            raise self._settings_error
         config = self.config
         if not options["skip_checks"]:
             self.stdout.write("Performing system checks...\n\n")
@@ -159,7 +178,10 @@ class Command(RunserverCommand):
         if workers > 1:
             self._run_workers(workers, sock, handler, config)
             return
-        server = self.comet_server_cls(handler, config, sock=sock)
+        try:
+            server = self.comet_server_cls(handler, config, sock=sock)
+        except (TypeError, ValueError) as exc:  # a setting --skip-checks let through
+            self._fail(f"Cannot start the server ({exc}); `manage.py check` names the setting.")
         get_broker().start_listening(server.loop)
         self.on_bind(server.address[1], server)
         in_main_thread = threading.current_thread() is threading.main_thread()
@@ -168,6 +190,7 @@ class Command(RunserverCommand):
         server.serve_forever(handle_signals=in_main_thread)
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
+            self._socket_id = None
         self.stdout.write("Stopped.")
         if not in_main_thread:
             os._exit(0)
@@ -200,6 +223,7 @@ class Command(RunserverCommand):
             shutil.rmtree(figures, ignore_errors=True)
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
+            self._socket_id = None
         self.stdout.write("Stopped.")
 
     def _fail(self, message: str) -> None:
