@@ -88,6 +88,9 @@ def read_request(
         buf = r.input_buffer
         length = lib.evbuffer_get_length(buf)
         body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length)
+        # libevent's copy is not needed again: a request waiting for a thread then
+        # holds its body once, not twice.
+        lib.evbuffer_drain(buf, length)
     protocol = _PROTOCOLS.get(version) or f"HTTP/{version[0]}.{version[1]}"
     remote = ((r.remote_host or b"").decode("ascii", "replace"), r.remote_port)
     return method, uri.decode("latin-1"), protocol, headers, body, remote

@@ -182,6 +182,14 @@ def app(environ, start_response):
     if path == "/reset-content":  # a 205 with a body, which must not go out
         start_response("205 Reset Content", [("Content-Length", "11")])
         return [b"hello world"]
+    if path == "/sleep":  # ?seconds: a view that blocks its thread
+        time.sleep(float(environ["QUERY_STRING"]))
+        start_response("200 OK", [("Content-Length", "5")])
+        return [b"slept"]
+    if path == "/body-length":
+        body = str(len(environ["wsgi.input"].read())).encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
