@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -105,7 +104,12 @@ class Settings:
                     f"{key} must be at most {MAX_SECONDS:g} seconds, not {value!r}"
                 )  # or NaN
         bad.extend(_authorize_errors(getattr(settings, "COMET_AUTHORIZE", None)))
-        bad.extend(_broker_errors(getattr(settings, "COMET_BROKER", _DEFAULTS["COMET_BROKER"])))
+        broker = getattr(settings, "COMET_BROKER", _DEFAULTS["COMET_BROKER"])
+        if isinstance(broker, str):  # (a wrong type is reported above)
+            from .brokers import url_error
+
+            error = url_error(broker)
+            bad.extend([error] if error else [])
         return bad
 
     def server_config(self, **overrides: Any) -> ServerConfig:
@@ -129,28 +133,6 @@ class Settings:
             if value is not None:
                 setattr(config, name, value)
         return config
-
-
-_BROKER_SCHEMES = frozenset({"memory", "postgres", "postgresql", "redis", "rediss", "unix"})
-
-
-def _broker_errors(url: Any) -> list[str]:
-    """COMET_BROKER's scheme, and a bare postgres:// on a database that is not
-    PostgreSQL (the URL itself is not shown: it may hold a password)."""
-    if not isinstance(url, str):
-        return []  # the type is reported already
-    scheme = urlsplit(url).scheme
-    if scheme not in _BROKER_SCHEMES:
-        return [
-            f"COMET_BROKER has an unknown scheme {scheme!r}: use memory://, postgres:// or redis://"
-        ]
-    engine = settings.DATABASES.get("default", {}).get("ENGINE", "")
-    if url.rstrip("/") in ("postgres:", "postgresql:") and "postgresql" not in engine:
-        return [
-            f"COMET_BROKER = 'postgres://' uses the default database, which is not "
-            f"PostgreSQL ({engine or 'none'}): give the broker its own postgres://... URL"
-        ]
-    return []
 
 
 def _authorize_errors(authorize: Any) -> list[str]:

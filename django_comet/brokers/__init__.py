@@ -23,7 +23,33 @@ _lock = threading.Lock()
 _broker: Broker | None = None
 
 
+SCHEMES = ("memory", "postgres", "postgresql", "redis", "rediss", "unix")
+
+
+def url_error(url: str) -> str | None:
+    """What is wrong with a COMET_BROKER URL that can be told without connecting (the URL
+    itself is not repeated: it may hold a password)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        return (
+            f"COMET_BROKER has an unknown scheme {scheme!r}: use memory://, postgres:// or redis://"
+        )
+    if url.rstrip("/") in ("postgres:", "postgresql:"):
+        from django.db import connections
+
+        vendor = connections["default"].vendor
+        if vendor != "postgresql":
+            return (
+                f"COMET_BROKER = 'postgres://' uses the default database, which is {vendor}, "
+                f"not PostgreSQL: give the broker its own postgres://user:password@host/db"
+            )
+    return None
+
+
 def broker_from_url(url: str, history_size: int = 100) -> Broker:
+    error = url_error(url)
+    if error is not None:
+        raise ImproperlyConfigured(error)
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker()
@@ -31,13 +57,9 @@ def broker_from_url(url: str, history_size: int = 100) -> Broker:
         from .postgres import PostgresBroker, conninfo_from_url
 
         return PostgresBroker(conninfo_from_url(url), history_size)
-    if scheme in ("redis", "rediss", "unix"):
-        from .redis import RedisBroker
+    from .redis import RedisBroker  # redis, rediss, unix
 
-        return RedisBroker(url, history_size)
-    raise ImproperlyConfigured(
-        f"COMET_BROKER {url!r}: unknown scheme {scheme!r}; use memory://, postgres:// or redis://"
-    )
+    return RedisBroker(url, history_size)
 
 
 def get_broker() -> Broker:

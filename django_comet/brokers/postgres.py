@@ -492,14 +492,6 @@ def conninfo_from_url(url: str, database: Any = None) -> str:
         from django.db import connections
 
         database = connections["default"]
-    if database.vendor != "postgresql":
-        from django.core.exceptions import ImproperlyConfigured
-
-        raise ImproperlyConfigured(
-            f"COMET_BROKER 'postgres://' uses the default database, which is "
-            f"{database.vendor}, not PostgreSQL: give the broker's own "
-            f"postgres://user:password@host:port/database"
-        )
     params = database.get_connection_params()
     if "dbname" not in params and "database" in params:
         params["dbname"] = params.pop("database")
