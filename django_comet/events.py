@@ -19,6 +19,7 @@ from .evloop.hub import Event, hub
 
 __all__ = ["history", "may_listen", "publish"]
 
+RESERVED_EVENT_PREFIX = "comet-"
 MAX_EVENT_ID = 2**63 - 1  # ids are 64-bit (PostgreSQL bigint)
 _CHANNEL = re.compile(r"[A-Za-z0-9_.:\-]{1,200}\Z")
 
@@ -36,6 +37,9 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
     check_channel(channel)
     if event is not None and (not isinstance(event, str) or not re.fullmatch(r"[\w.:-]+", event)):
         raise ValueError(f"invalid event name {event!r}")
+    if event is not None and event.startswith(RESERVED_EVENT_PREFIX):
+        # The server's own events (the history gap, the heartbeat): comet.js acts on them.
+        raise ValueError(f"event names starting with {RESERVED_EVENT_PREFIX!r} are reserved")
     # allow_nan=False: NaN and Infinity are not JSON, and browsers' JSON.parse refuses them.
     text = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":"), allow_nan=False)
     return get_broker().publish(channel, text, event)
@@ -81,10 +85,14 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
 
 
 def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase | None:
-    """The answer for a request to listen to ``channels`` when it may not: 400 for a
-    malformed name (channel names may come from the query string), 403 when
+    """The answer for a request to listen to ``channels`` when it may not: 400 for no
+    channel or a malformed name (channel names may come from the query string), 403 when
     COMET_AUTHORIZE refuses one.  None when it may.  Plain text: nothing the client sent
     is reflected but a validated channel name."""
+    if not channels:  # (from an empty query string, say): nothing to wait for
+        return HttpResponseBadRequest(
+            "No channel to listen to.", content_type="text/plain; charset=utf-8"
+        )
     for channel in channels:
         if not isinstance(channel, str) or not _CHANNEL.match(channel):
             return HttpResponseBadRequest(

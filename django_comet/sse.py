@@ -24,6 +24,9 @@ from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 
+# Without heartbeats, how long a stream outside runcomet stays silent before a comment.
+IDLE_COMMENT_SECONDS = 60.0
+
 # GAP_EVENT is sent (without an id) when some events newer than the client's
 # Last-Event-ID are gone from the history; its data is {"last_event_id": <the client's>,
 # "channels": [...]}.  The client should then reload whatever state it derives from the
@@ -47,6 +50,9 @@ class EventStreamResponse(StreamingHttpResponse):
         last_event_id: int | str | None = None,
         retry: int | None = None,
     ):
+        if retry is not None and (type(retry) is not int or retry < 0):
+            # (2.5 meant seconds would be 2 ms: a reconnection storm)
+            raise ValueError(f"retry is a whole number of milliseconds >= 0, not {retry!r}")
         super().__init__(content_type="text/event-stream")
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
@@ -81,18 +87,20 @@ class EventStreamResponse(StreamingHttpResponse):
         # after COMET_MAX_HOLD, with a jittered retry.
         cursor = self._cursor
         told_gap = self.comet_deferral.told_gap  # by the first content, until it moves on
-        heartbeat = comet_settings.SSE_HEARTBEAT  # 0: none, as under runcomet
+        heartbeat = comet_settings.SSE_HEARTBEAT
         max_hold = comet_settings.MAX_HOLD
         ends = time.monotonic() + max_hold if max_hold else None
         while ends is None or time.monotonic() < ends:
-            wait = heartbeat or 60.0
+            wait = heartbeat or IDLE_COMMENT_SECONDS
             if ends is not None:
                 wait = min(wait, max(0.0, ends - time.monotonic()))
             events, gap = hub.wait(self.channels, cursor, wait)
             if gap and not told_gap:
                 yield gap_frame(cursor, self.channels)
-            if not events and heartbeat:
-                yield heartbeat_frame(heartbeat)
+            if not events and (ends is None or time.monotonic() < ends):
+                # A blocked thread hears of its client leaving only by writing to it:
+                # without heartbeats, a comment each idle minute.
+                yield heartbeat_frame(heartbeat) if heartbeat else b":\n\n"
             for event in events:
                 cursor = event.id
                 told_gap = False

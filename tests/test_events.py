@@ -7,7 +7,7 @@ import pytest
 from django.http import HttpResponseForbidden
 from django.test import RequestFactory, override_settings
 
-from django_comet import EventStreamResponse, may_listen
+from django_comet import EventStreamResponse, event_stream, may_listen, poll_response, publish, sse
 from django_comet.conf import comet_settings
 from django_comet.evloop.hub import Event, Hub
 
@@ -90,6 +90,34 @@ def test_fallback_stream_without_heartbeats_ends_after_max_hold():
     assert not running
     assert frames[0] == b": stream opened\n\n"
     assert len(frames) == 2 and frames[1].startswith(b"retry: "), frames
+
+
+@override_settings(COMET_SSE_HEARTBEAT=0, COMET_MAX_HOLD=0)
+def test_fallback_stream_without_heartbeats_still_writes_when_idle(monkeypatch):
+    """Outside runcomet a thread learns that its client left only by writing: with no
+    heartbeats, an idle stream still writes a comment now and then (each minute; 50 ms
+    here), or a stream whose client left would hold its thread until the next event."""
+    monkeypatch.setattr(sse, "IDLE_COMMENT_SECONDS", 0.05)
+    frames, _ = first_frames(EventStreamResponse(["idle-fallback"]), 3)
+    assert frames == [b": stream opened\n\n", b":\n\n", b":\n\n"]
+
+
+@pytest.mark.parametrize("retry", [2.5, -5, True, "1000"])
+def test_a_retry_that_is_no_whole_number_of_milliseconds_is_refused(retry):
+    with pytest.raises(ValueError, match="retry"):
+        EventStreamResponse("chat", retry=retry)
+
+
+@pytest.mark.parametrize("name", ["comet-heartbeat", "comet-history-gap", "comet-mine"])
+def test_the_servers_own_event_names_are_reserved(name):
+    with pytest.raises(ValueError, match="reserved"):
+        publish("chat", "x", event=name)
+
+
+def test_listening_to_no_channel_is_a_400():
+    request = RequestFactory().get("/")
+    assert event_stream(request).status_code == 400
+    assert poll_response(request).status_code == 400
 
 
 class WatchedSinks(list):

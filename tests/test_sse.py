@@ -501,3 +501,25 @@ def test_a_replay_larger_than_the_output_bound_is_not_cut_at_the_next_event(tigh
     finally:
         sock.close()
     assert tight.status()["dropped_slow"] == before
+
+
+def test_a_stream_that_reads_nothing_is_cut_after_the_write_timeout(demo_db):
+    """A client that never reads a big replay is cut once COMET_TIMEOUT (2 s here) passes
+    with no progress, heartbeats (every 0.2 s) notwithstanding: they used to re-arm the
+    write timeout, so such a request held its replay in memory for as long as it liked."""
+    server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.2", "TEST_TIMEOUT": "2"})
+    sock = None
+    try:
+        ids = [publish(server, "unread", "u" * 1_000_000) for _ in range(5)]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((server.host, server.port))
+        request = f"GET /t/stream/?channels=unread&lastEventId={ids[0] - 1} HTTP/1.1\r\n"
+        sock.sendall(request.encode() + b"Host: 127.0.0.1\r\n\r\n")
+        subscribed(server, "unread", 1)
+        status = server.wait_for_status(lambda s: "unread" not in s["channels"], timeout=30)
+        assert status["held"] == 0
+    finally:
+        if sock is not None:
+            sock.close()
+        assert server.stop() == 0, "".join(server.output)

@@ -13,10 +13,13 @@ from .base import Broker
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # Ids start at the clock (milliseconds), so that they keep growing across restarts
-        # of the process: a browser's Last-Event-ID from before a restart stays older
-        # than every new event instead of hiding the first ones.
-        self._last_id = max(hub.last_id, time.time_ns() // 1_000_000)
+        # Ids start at the clock, so that they keep growing across restarts of the
+        # process: a browser's Last-Event-ID from before a restart stays older than every
+        # new event instead of hiding the first ones.  In microseconds (as Redis's after
+        # a data loss), so that the old process's ids ran ahead of it only if it
+        # published over a million events a second on average; below 2**53, exact in
+        # JavaScript, for centuries.
+        self._last_id = max(hub.last_id, time.time_ns() // 1_000)
         # A cursor below this comes from before this process's events began (a
         # restart), and what followed it is gone.  0 when the hub had events already (a
         # broker replaced within the process): its history tells those gaps itself.

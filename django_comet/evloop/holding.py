@@ -35,6 +35,11 @@ def jittered_retry() -> bytes:
     return b"retry: %d\n\n" % random.randint(1000, 5000)
 
 
+def chunked(frame: bytes) -> bytes:
+    """``frame`` as one chunk of HTTP/1.1's chunked coding."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
 NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: nothing
 
 # A held connection goes on reading, to see its client leave.  What the client sends
@@ -226,7 +231,7 @@ class Holder:
         # handed to evhttp_send_reply_chunk took blocks of its own: a slow reader of
         # small events held many times its byte count).  A stream's first chunk went
         # through evhttp, which set the connection writing.
-        chunk = b"%x\r\n%b\r\n" % (size, frame)  # HTTP/1.1; HTTP/1.0 streams get it raw
+        chunk = chunked(frame)  # HTTP/1.1; HTTP/1.0 streams get it raw
         chunk_size = len(chunk)
         limit = self.max_pending
         pending, add = self._lib.evbuffer_get_length, self._lib.evbuffer_add
@@ -266,12 +271,19 @@ class Holder:
             if type(hold) is Stream and ex.cursor < through:
                 self._write(ex, gap_frame(ex.cursor, hold.channels))
 
-    def _write(self, ex: Exchange, data: bytes) -> None:
-        backlog = ex.hold.backlog if type(ex.hold) is Stream else 0
-        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + backlog:
+    def _write(self, ex: Exchange, frame: bytes) -> None:
+        """One frame to a held stream, as fan-out writes it: straight into its output
+        buffer.  Never through evhttp_send_reply_chunk, which re-arms the connection's
+        write timeout: a heartbeat each interval would then keep a client that reads
+        nothing (and its whole replay in memory) for ever."""
+        hold = ex.hold
+        assert type(hold) is Stream
+        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + hold.backlog:
             self._drop_slow(ex)
             return
-        self.server._send_chunk(ex, data)
+        data = chunked(frame) if ex.protocol == "HTTP/1.1" else frame
+        self._lib.evbuffer_add(ex.outbuf, data, len(data))
+        ex.sent += len(frame)
 
     def _drop_slow(self, ex: Exchange) -> None:
         self.dropped_slow += 1
@@ -283,8 +295,8 @@ class Holder:
         for ex in list(self._streams):
             if too_old is not None and ex.started < too_old:
                 self._end_stream(ex)
-            elif self.send_heartbeat:
-                self._write(ex, self.heartbeat)
+            elif self.send_heartbeat and not self._lib.evbuffer_get_length(ex.outbuf):
+                self._write(ex, self.heartbeat)  # (a stream with bytes to send is not idle)
         if self._streams:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
 
