@@ -46,8 +46,9 @@ def publish(channel: str, data: Any, *, event: str | None = None) -> int:
 
 
 def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list[Event], bool, int]:
-    """For a client back with cursor ``after`` (a Last-Event-ID, a poll's ``since``): the
-    events of ``channels`` it missed, whether some of them are gone, and the cursor to
+    """For a client back with cursor ``after`` (a Last-Event-ID, a poll's ``since``; 0:
+    from the start): the events of ``channels`` it missed, whether some of them are gone
+    (never for 0), and the cursor to
     follow from; for a new client (None), nothing but its cursor.  A cursor newer than
     any id the broker handed out comes from another epoch (a memory broker that
     restarted, a reset database): then everything there is, as a gap, from cursor 0.
@@ -65,7 +66,9 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     except broker.unreachable as exc:
         logger.warning("Broker unreachable (%s): replaying from this process's history", exc)
         events, gap = broker.local_since(channels, after)
-    return events, gap, after
+    # Cursor 0 asks for whatever history there is: a client with no state has nothing to
+    # reload (a gap would tell every new page of a busy channel that it missed something).
+    return events, gap and after > 0, after
 
 
 def as_dict(event: Event) -> dict[str, Any]:

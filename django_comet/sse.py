@@ -64,12 +64,13 @@ class EventStreamResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         after = _parse_event_id(last_event_id)
-        # A first frame makes proxies and browsers see the stream open at once; as a
-        # heartbeat, it tells comet.js the interval, so that a stall is noticed from the
-        # start (without heartbeats, a comment).
+        # A first frame makes proxies and browsers see the stream open at once.  A
+        # heartbeat (0 when there are none), it tells comet.js the interval, so that a
+        # stall is noticed from the start, and that the stream really flows: a proxy
+        # that passes the head but buffers the body shows as no frame (a comment would
+        # reach no script).
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
-        beat = comet_settings.SSE_HEARTBEAT
-        first.append(heartbeat_frame(beat) if beat else b": stream opened\n\n")
+        first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
         events, gap, cursor = replay(broker, self.channels, after)
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels))

@@ -12,11 +12,17 @@ class Proxy:
     """Forwards each connection to ``port``.  ``freeze()`` makes the connections open at
     that moment forward nothing more, either way, without closing: a network that dropped
     them silently.  A connection whose client sends ``hold_on`` (bytes) forwards nothing
-    more from then on until ``release()``: a slow network for that one.  Other
+    more from then on until ``release()``: a slow network for that one.  A connection
+    whose client sends ``buffer_answer_to`` (bytes) gets the head of the answer and then
+    nothing until the server ends it: a proxy that buffers response bodies.  Other
     connections are forwarded as usual."""
 
-    def __init__(self, port: int, hold_on: bytes | None = None):
+    def __init__(
+        self, port: int, hold_on: bytes | None = None, buffer_answer_to: bytes | None = None
+    ):
         self.target = port
+        self.buffer_answer_to = buffer_answer_to
+        self.buffering: set[int] = set()  # connections whose answers are buffered
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.opened = 0
@@ -44,13 +50,25 @@ class Proxy:
         self, source: socket.socket, sink: socket.socket, number: int, outgoing: bool
     ) -> None:
         held = False
+        buffered, head_sent = b"", False  # a buffered answer: what is held back
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 held = held or bool(outgoing and self.hold_on and self.hold_on in data)
                 if held:
                     self.released.wait()
+                if outgoing and self.buffer_answer_to and self.buffer_answer_to in data:
+                    self.buffering.add(number)  # (before the server can answer)
+                if not outgoing and number in self.buffering:
+                    buffered += data
+                    if not head_sent and b"\r\n\r\n" in buffered:
+                        head, ends, buffered = buffered.partition(b"\r\n\r\n")
+                        sink.sendall(head + ends)  # the head passes, the body waits
+                        head_sent = True
+                    continue
                 if number >= self.frozen_below:
                     sink.sendall(data)
+            if buffered:
+                sink.sendall(buffered)
             if number >= self.frozen_below:
                 sink.shutdown(socket.SHUT_WR)
 

@@ -119,9 +119,11 @@ def test_demo_renders_progressively(comet, chromium):
 
 # comet.js under fake EventSource, XMLHttpRequest and timers, in the browser's own engine.
 FAKES = """
-var timers = [], sources = [], xhrs = [];
-window.setTimeout = function (f, d) { timers.push({f: f, d: d}); return timers.length; };
-window.clearTimeout = function () {};
+var timers = [], sources = [], xhrs = [], timerIds = 0;
+window.setTimeout = function (f, d) { timers.push({f: f, d: d, id: ++timerIds}); return timerIds; };
+window.clearTimeout = function (id) {
+  timers = timers.filter(function (t) { return t.id !== id; });
+};
 function FakeSource(url) { this.url = url; this.readyState = 0; this.listeners = {}; sources.push(this); }
 FakeSource.CLOSED = 2;
 FakeSource.prototype.addEventListener = function (n, f) { this.listeners[n] = f; };
@@ -130,8 +132,14 @@ window.EventSource = FakeSource;
 function FakeXHR() { xhrs.push(this); }
 FakeXHR.prototype.open = function (m, u) { this.url = u; };
 FakeXHR.prototype.send = function () {};
+FakeXHR.prototype.abort = function () {};
 window.XMLHttpRequest = FakeXHR;
-function runTimer() { var t = timers.shift(); if (t) { try { t.f(); } catch (e) {} } return t; }
+// The first timer set to at most ``within`` ms, run.
+function runTimer(within) {
+  var t = timers.filter(function (t) { return t.d <= within; })[0];
+  if (t) { timers.splice(timers.indexOf(t), 1); try { t.f(); } catch (e) {} }
+  return t;
+}
 """
 
 SCENARIO = """
@@ -144,15 +152,17 @@ for (var i = 0; i < 3; i++) {  // the SSE endpoint answers an HTTP error, three 
   var s = sources[sources.length - 1];
   s.readyState = 2;
   s.onerror();
-  if (i < 2) { waits.push(timers[0].d); runTimer(); }
+  if (i < 2) { waits.push(timers[0].d); runTimer(30000); }  // the only timer: a backoff
 }
 var x = xhrs[0];
 x.status = 200;
 x.responseText = JSON.stringify({last_id: 3, events: [
   {id: 1, data: 'a'}, {id: 2, data: 'b'}, {id: 3, data: 'c', event: 'private'}]});
 x.onload();
-while (runTimer()) {}
-return {sources: sources.length, polls: xhrs.length, got: got, lastId: sub.lastId, waits: waits};
+while (runTimer(0)) {}
+var later = timers.map(function (t) { return t.d; });  // a stream is tried again, later
+return {sources: sources.length, polls: xhrs.length, got: got, lastId: sub.lastId, waits: waits,
+        later: later};
 """
 
 
@@ -165,3 +175,4 @@ def test_comet_js_falls_back_backs_off_and_survives_a_page_bug(chromium):
     assert result["got"] == [1, 2]  # the throw on 1 lost nothing; "private" not asked for
     assert result["lastId"] == 3
     assert all(500 <= wait <= 30000 for wait in result["waits"])  # backoff, not a tight loop
+    assert result["later"] == [60000]

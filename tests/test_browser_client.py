@@ -66,11 +66,14 @@ document.head.appendChild(script);
 FAIL_TWICE = """
 var delays = [];
 var setTimeoutBefore = window.setTimeout;
-window.setTimeout = function (callback, ms) { delays.push(ms); return 0; };
+window.setTimeout = function (callback, ms) {  // (the first-frame watchdog aside)
+    if (ms !== 12345) { delays.push(ms); }
+    return 0;
+};
 window.EventSource = window.FakeEventSource;
 try {
     Comet.subscribe({sse: '/nowhere/', poll: '/nowhere/', onEvent: function () {},
-                     shareTabs: false});
+                     shareTabs: false, openTimeout: 12345});
     var source = window.FakeEventSource.last;
     source.readyState = 1; source.onopen();
     source.readyState = 0; source.onerror();  // the browser reconnects by itself
@@ -231,3 +234,129 @@ def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_brow
     seen = page.execute_script("return window.__seen")
     assert seen == {"one": [text], "two": [text]}, seen
     assert page.execute_script("return window.__errors") == []
+
+
+BUFFERED = """
+window.got = [];
+window.states = [];
+Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],
+                 poll: '/t/fastpoll/?channel=' + arguments[0],
+                 openTimeout: 500, streamAgain: 1000, shareTabs: false,
+                 onEvent: function (event) { window.got.push(event.id); },
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_proxy_that_buffers_streams_makes_the_page_fall_back_to_long_poll(comet, new_browser):
+    """Behind a proxy that passes a stream's head and holds its body, the page must not
+    say it is live (it would show nothing until the stream ends, an hour later): no
+    first frame within openTimeout counts as a failure, and three of them switch to
+    long-poll, through which events arrive."""
+    channel = unique("buffered-").replace(" ", "")
+    proxy = Proxy(comet.port, buffer_answer_to=b"/t/stream/")
+    try:
+        page = new_browser("buffering-proxy")
+        page.get(f"http://127.0.0.1:{proxy.port}/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(BUFFERED, channel)
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(page, 60).until(
+            lambda d: "live (long-poll)" in d.execute_script("return window.states")
+        )
+        published = requests.post(
+            comet.url + "/t/publish/", data={"channel": channel, "data": '"through"'}, timeout=30
+        ).json()["id"]
+        WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.got.length"))
+        assert page.execute_script("return window.got") == [published]
+        assert "live (sse)" not in page.execute_script("return window.states")
+        # The proxy mends its ways: a while later the page tries a stream again.
+        proxy.buffer_answer_to = None
+        WebDriverWait(page, 60).until(
+            lambda d: d.execute_script("return window.states").pop() == "live (sse)"
+        )
+        comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)
+        published = requests.post(
+            comet.url + "/t/publish/", data={"channel": channel, "data": '"streamed"'}, timeout=30
+        ).json()["id"]
+        WebDriverWait(page, 30).until(lambda d: len(d.execute_script("return window.got")) == 2)
+        assert page.execute_script("return window.got")[1] == published
+    finally:
+        proxy.close()
+
+
+POLL_REFUSED = """
+window.states = [];
+Comet.subscribe({poll: '/nowhere/', forcePoll: true, shareTabs: false,
+                 onEvent: function () {},
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_long_poll_that_is_refused_says_it_is_reconnecting(comet, new_browser):
+    page = new_browser("poll-refused")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(POLL_REFUSED)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.states.length"))
+    assert page.execute_script("return window.states")[0] == "reconnecting…"
+
+
+SHARE_KEYS = """
+var channel = arguments[0];
+['alice', 'bob'].forEach(function (user) {
+    Comet.subscribe({sse: '/t/stream/?channels=' + channel, poll: '/nowhere/',
+                     shareKey: user, onEvent: function () {}});
+});
+"""
+
+
+def test_subscriptions_with_different_share_keys_do_not_share_a_stream(comet, new_browser):
+    """Tabs share a stream only with the same shareKey: one opened for another signed-in
+    user must not be handed over."""
+    page = new_browser("share-keys")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    channel = unique("keyed-").replace(" ", "")
+    page.execute_script(SHARE_KEYS, channel)
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 2)
+
+
+OLDER_JOINER = """
+var channel = arguments[0], ids = arguments[1];
+var done = arguments[arguments.length - 1];
+window.joiner = {events: [], gaps: 0};
+Comet.subscribe({sse: '/t/stream/?channels=' + channel, poll: '/nowhere/',
+                 lastId: ids[4], onEvent: function () {},
+                 onState: function (mode) {
+    if (mode !== 'live (sse)' || window.joinerStarted) { return; }
+    window.joinerStarted = true;
+    // A second subscription joins with an older cursor: the connected one never saw
+    // what came between, so it must be told of a gap, not handed a silent hole.
+    Comet.subscribe({sse: '/t/stream/?channels=' + channel, poll: '/nowhere/',
+                     lastId: ids[1],
+                     onEvent: function (e) { window.joiner.events.push(e.id); },
+                     onGap: function () { window.joiner.gaps += 1; }});
+    done(true);
+}});
+"""
+
+
+def test_a_tab_joining_with_an_older_cursor_hears_of_the_gap(comet, new_browser):
+    channel = unique("older-").replace(" ", "")
+    ids = [
+        requests.post(
+            comet.url + "/t/publish/", data={"channel": channel, "data": str(n)}, timeout=30
+        ).json()["id"]
+        for n in range(7)
+    ]
+    page = new_browser("older-joiner")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    assert page.execute_async_script(OLDER_JOINER, channel, ids)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.joiner.gaps"))
+    assert page.execute_script("return window.joiner") == {"events": ids[5:], "gaps": 1}

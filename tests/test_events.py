@@ -88,7 +88,7 @@ def test_fallback_stream_without_heartbeats_ends_after_max_hold():
     response = EventStreamResponse(["quiet-fallback"])
     frames, running = first_frames(response, 3)
     assert not running
-    assert frames[0] == b": stream opened\n\n"
+    assert frames[0] == b"event: comet-heartbeat\ndata: 0\n\n"
     assert len(frames) == 2 and frames[1].startswith(b"retry: "), frames
 
 
@@ -99,7 +99,7 @@ def test_fallback_stream_without_heartbeats_still_writes_when_idle(monkeypatch):
     here), or a stream whose client left would hold its thread until the next event."""
     monkeypatch.setattr(sse, "IDLE_COMMENT_SECONDS", 0.05)
     frames, _ = first_frames(EventStreamResponse(["idle-fallback"]), 3)
-    assert frames == [b": stream opened\n\n", b":\n\n", b":\n\n"]
+    assert frames == [b"event: comet-heartbeat\ndata: 0\n\n", b":\n\n", b":\n\n"]
 
 
 @pytest.mark.parametrize("retry", [2.5, -5, True, "1000"])

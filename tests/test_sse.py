@@ -104,6 +104,18 @@ def test_history_exhaustion_is_announced(tight):
     assert [e["data"] for e in within["events"]] == [5, 6, 7]
 
 
+def test_a_cursor_of_0_gets_the_history_without_a_gap(tight):
+    """0 asks for whatever history there is (comet.js's first connection, the chat's
+    first poll): a client with no state missed nothing, however long the channel's past."""
+    for i in range(8):  # the history keeps the last 5
+        publish(tight, "from-0", i)
+    with SSEClient(tight, "/t/stream/?channels=from-0", headers=b"Last-Event-ID: 0\r\n") as client:
+        assert [client.next_event()["data"] for _ in range(5)] == ["3", "4", "5", "6", "7"]
+    polled = requests.get(tight.url + "/t/fastpoll/?channel=from-0&since=0").json()
+    assert "gap" not in polled
+    assert [e["data"] for e in polled["events"]] == [3, 4, 5, 6, 7]
+
+
 def test_a_stream_hears_of_events_lost_before_the_server_held_it(tight):
     """Events published after the view's replay and before the server holds the stream
     are sent from the history; when more came than it keeps, the client is told."""

@@ -1,6 +1,6 @@
 /* django-comet browser client: Server-Sent Events with reconnect and Last-Event-ID,
  * falling back to long-poll where EventSource is missing or keeps failing (a proxy that
- * buffers or blocks streams).  No dependencies.
+ * buffers or blocks streams), and trying streams again now and then.  No dependencies.
  *
  *   Comet.subscribe({
  *     sse: '/chat/events/',          // an event_stream() endpoint
@@ -12,19 +12,31 @@
  *     events: ['message'],           // SSE event names to listen to
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
- *     shareTabs: true                // one connection for all tabs of this browser
- *   }) -> {close: function () {}}
+ *     openTimeout: 10000,            // ms for a stream's first frame to arrive
+ *     streamAgain: 60000,            // ms in long-poll before a stream is tried again
+ *     lastId: 0,                     // start after this event id (0: the history too)
+ *     shareTabs: true,               // one connection for all tabs of this browser
+ *     shareKey: ''                   // who is listening, when the stream depends on it
+ *   }) -> {close: function () {}, lastId}
  *
  * Tabs of one browser share one connection per endpoint (with Web Locks and
  * BroadcastChannel, where the browser has both): over HTTP/1.1 a browser opens at most
  * six connections to a site, and a stream per tab would take them all.  The tab holding
  * the lock connects and passes every event on; the others listen, and a tab that joins
  * gets what the connected tab has seen.  When that tab closes, the next one takes the
- * lock and connects from its own last id.
+ * lock and connects from its own last id.  Tabs share only what has the same endpoints,
+ * event names and shareKey: an endpoint whose events depend on who is signed in must
+ * pass something that tells users apart (the user's id, say) or shareTabs: false, or a
+ * tab signed in as one user would be handed the stream opened for another.
  *
- * A stream that stays silent for three of the server's heartbeat intervals (it says
- * how long they are) is taken for stalled, a connection that died without closing,
- * and reopened from the last id.
+ * A stream counts as open when its first frame arrives (the server sends one at once),
+ * not when its head does: a proxy that passes the head and buffers the body would
+ * otherwise look live and show nothing.  A stream that stays silent for three of the
+ * server's heartbeat intervals (it says how long they are) is taken for stalled, a
+ * connection that died without closing, and reopened from the last id.  After three
+ * failures with no frame ever, the subscription falls back to long-poll, and tries a
+ * stream again after streamAgain, then after twice as long each time (up to ten
+ * minutes).
  */
 (function (global) {
   'use strict';
@@ -33,13 +45,20 @@
   var HEARTBEAT_EVENT = 'comet-heartbeat';  // data: the interval, in seconds
   var RECENT_FOR_TABS = 200;  // events the connected tab keeps for tabs that join
   var SSE_FAILURES_BEFORE_POLL = 3;
+  var SSE_AGAIN_MAX = 600000;  // ms in long-poll before a stream is tried again, at most
 
   function subscribe(options) {
     var lastId = options.lastId || 0;
     var closed = false;
     var sseFailures = 0;  // across EventSources: errors since the last successful open
-    var sseOpened = false;  // whether any EventSource ever opened
+    var sseOpened = false;  // whether a stream ever gave a frame, since the last fallback
     var source = null;
+    var gotFrame = false;  // whether the stream's connection gave a frame yet
+    var openTimeout = options.openTimeout || 10000;
+    var fallbacks = 0;  // to long-poll, so far: each one waits longer to try streams again
+    var polling = 0;  // the running poll loop's number (0: none); an old loop's callbacks stop
+    var connected = false;  // this tab connects (unshared, or holding the lock)
+    var pollNow = null;  // asks the running poll loop for its next poll at once
     var timer = null;  // the pending retry, or the next poll
     var pollRequest = null;
     var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
@@ -53,7 +72,7 @@
     var joined = false;  // a follower got the connected tab's welcome
     var pending = [];  // what a follower heard before its welcome
     var recent = [];  // the connected tab's latest events, for tabs that join
-    var trimmed = false;  // whether recent has let some go
+    var coveredFrom = lastId;  // recent has every event after this id (as this tab saw them)
     var releaseLock = null;
     var afterGap = false;  // the next event is taken whatever its id (ids may restart)
     var tab = Math.random().toString(36).slice(2);
@@ -72,12 +91,13 @@
       if (closed) { return; }  // closed by onEvent
       if (shared) {  // kept by every tab: any may come to welcome the others
         recent.push({ id: id, data: data, name: name });
-        if (recent.length > RECENT_FOR_TABS) { recent.shift(); trimmed = true; }
+        if (recent.length > RECENT_FOR_TABS) { coveredFrom = Math.max(coveredFrom, recent.shift().id); }
         if (leading) { shared.postMessage({ kind: 'event', id: id, data: data, name: name }); }
       }
     }
 
     function onState(mode) {
+      if (mode === state) { return; }
       state = mode;
       call(userOnState, mode);
       if (leading && shared && !closed) { shared.postMessage({ kind: 'state', mode: mode }); }
@@ -89,7 +109,7 @@
     function gap(info) {
       afterGap = true;
       if (options.onGap) { call(options.onGap, info); }
-      recent = []; trimmed = false;
+      recent = []; coveredFrom = lastId;  // what follows the gap is all a tab can pass on
       if (leading && shared && !closed) { shared.postMessage({ kind: 'gap', info: info }); }
     }
 
@@ -101,16 +121,28 @@
       try { return JSON.parse(text); } catch (e) { return text; }
     }
 
-    // Any sign of life from the stream puts off the watchdog (armed once the server has
-    // said how often it beats: a server without heartbeats may be silent for long).
+    // Any sign of life from the stream puts off the watchdog: until the connection's
+    // first frame, for openTimeout; then for three beats, once the server has said how
+    // often it beats (a server without heartbeats may be silent for long).
     function alive() {
       if (watchdog) { clearTimeout(watchdog); watchdog = null; }
-      if (beat && source && !closed) { watchdog = setTimeout(stalled, beat * 3000); }
+      if (!source || closed) { return; }
+      var wait = gotFrame ? beat * 3000 : openTimeout;
+      if (wait) { watchdog = setTimeout(stalled, wait); }
     }
 
-    // Silent for three beats: a connection that died without closing, or a reconnect
-    // that went out on one (the browser reuses idle connections).  Closing the source
-    // drops it; reopen from the last id, at once the first time, then with backoff.
+    // Any frame: the stream flows (a head alone may come from a proxy that buffers).
+    function frame() {
+      if (!gotFrame) {
+        gotFrame = true; sseOpened = true; sseFailures = 0;
+        onState('live (sse)');
+      }
+      alive();
+    }
+
+    // No first frame in time, or silent for three beats: a connection that died without
+    // closing, a reconnect that went out on one (the browser reuses idle connections), a
+    // proxy that holds the stream back.  Closing the source drops it; start again.
     function stalled() {
       watchdog = null;
       if (closed || !source) { return; }
@@ -118,62 +150,102 @@
       source = null;
       sseFailures += 1;
       onState('reconnecting…');
-      if (sseFailures < 2) { startSSE(); }
-      else { timer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
+      retrySSE(sseFailures < 2 ? 0 : backoff(sseFailures));
+    }
+
+    // After a failure: a stream again after ``delay`` ms, or, when streams never gave a
+    // frame, long-poll.
+    function retrySSE(delay) {
+      if (!sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL && options.poll) {
+        startPoll();
+      } else if (!delay) {
+        startSSE();
+      } else {
+        timer = setTimeout(function () { timer = null; if (!closed) { startSSE(); } }, delay);
+      }
     }
 
     function startSSE() {
       // lastEventId=0 asks for the history too, so that SSE and long-poll start alike.
       var url = options.sse + sep(options.sse) + 'lastEventId=' + lastId;
-      var own = source = new global.EventSource(url);
-      own.onopen = function () {
-        sseOpened = true; sseFailures = 0; onState('live (sse)'); alive();
-      };
+      var own;
+      try {
+        own = source = new global.EventSource(url);
+      } catch (e) {  // a URL the browser refuses: long-poll, if there is one
+        setTimeout(function () { throw e; }, 0);
+        if (options.poll) { startPoll(); } else { onState('failed'); }
+        return;
+      }
+      gotFrame = false;
+      own.onopen = alive;
       names.forEach(function (name) {
-        own.addEventListener(name, function (e) { alive(); deliver(e.lastEventId, parse(e.data), name); });
+        own.addEventListener(name, function (e) { frame(); deliver(e.lastEventId, parse(e.data), name); });
       });
       own.addEventListener(HEARTBEAT_EVENT, function (e) {
         beat = Number(e.data) || 0;
-        alive();
+        frame();
       });
-      alive();  // a reconnect must open within three beats too
+      alive();  // the first frame must come within openTimeout
       own.addEventListener(GAP_EVENT, function (e) {
-        alive();
+        frame();
         gap(parse(e.data));  // the replay that follows may restart the ids (a restart)
       });
       own.onerror = function () {
         if (closed || own !== source) { return; }
-        alive();  // the browser's own reconnect must open within three beats too
+        gotFrame = false;
+        alive();  // the browser's own reconnect must give a frame in time too
         sseFailures += 1;
         onState('reconnecting…');
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
         // CONNECTING, at the stream's retry: interval however often that fails: after a
         // second failure in a row, and when it gives up (CLOSED: an HTTP error, a
         // proxy's page), retry ourselves with backoff.  After repeated failures without
-        // ever opening, fall back to long-poll.
-        var giveUp = !sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL;
-        if (source.readyState === global.EventSource.CLOSED || sseFailures >= 2 || giveUp) {
+        // a frame ever, fall back to long-poll.
+        if (source.readyState === global.EventSource.CLOSED || sseFailures >= 2) {
           source.close();
           source = null;
-          if (giveUp) { startPoll(); }
-          else { timer = setTimeout(function () { if (!closed) { startSSE(); } }, backoff(sseFailures)); }
+          if (watchdog) { clearTimeout(watchdog); watchdog = null; }
+          retrySSE(backoff(sseFailures));
         }
       };
     }
 
     function startPoll() {
       var failures = 0;
+      var loop = polling = polling + 1;
+      var streams = options.sse && global.EventSource && !options.forcePoll;
+      if (streams) {  // a fallback: maybe streams were blocked for a while only
+        fallbacks += 1;
+        var first = options.streamAgain || 60000;
+        var wait = Math.min(Math.max(first, SSE_AGAIN_MAX), first * Math.pow(2, fallbacks - 1));
+        setTimeout(function () {
+          if (closed || polling !== loop) { return; }
+          polling = 0;
+          if (pollRequest) { pollRequest.abort(); pollRequest = null; }
+          if (timer) { clearTimeout(timer); timer = null; }
+          sseFailures = 0; sseOpened = false;
+          startSSE();
+        }, wait);
+      }
       function next() {
-        if (closed) { return; }
+        timer = null;
+        pollNow = next;
+        if (closed || polling !== loop) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
         xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
         xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
+        xhr.onreadystatechange = function () {  // answering: live, though it may wait long
+          if (xhr.readyState === 2 && xhr.status === 200 && polling === loop) {
+            onState('live (long-poll)');
+          }
+        };
         xhr.onload = function () {
+          if (closed || polling !== loop) { return; }
           var body = null;
           if (xhr.status === 200) {
             try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
           }
-          if (body && body.events) {
+          if (body && Array.isArray(body.events)) {
             var restarted = body.last_id < lastId;  // the ids restarted: take what there is
             if (restarted) { lastId = body.last_id; }
             if (restarted || body.gap) { gap(body); }
@@ -187,10 +259,12 @@
             onState('live (long-poll)');
           } else {
             failures += 1;
+            onState('reconnecting…');
           }
           timer = setTimeout(next, failures ? backoff(failures) : 0);
         };
         xhr.onerror = xhr.ontimeout = function () {
+          if (closed || polling !== loop) { return; }
           failures += 1;
           onState('reconnecting…');
           timer = setTimeout(next, backoff(failures));
@@ -200,9 +274,24 @@
       next();
     }
 
+    // The network is back: reconnect now rather than at the end of a backoff.
+    function online() {
+      if (closed || !connected || state.indexOf('live') === 0) { return; }
+      if (timer) { clearTimeout(timer); timer = null; }
+      if (polling) {
+        if (pollRequest) { pollRequest.abort(); }  // (an aborted request calls nothing)
+        pollNow();
+        return;
+      }
+      if (source) { source.close(); source = null; }
+      startSSE();
+    }
+
     function sep(url) { return url.indexOf('?') === -1 ? '?' : '&'; }
 
     function connect() {
+      connected = true;
+      if (global.addEventListener) { global.addEventListener('online', online); }
       if (options.sse && global.EventSource && !options.forcePoll) { startSSE(); }
       else { startPoll(); }
     }
@@ -242,7 +331,9 @@
       var m = message.data;
       if (closed || !leading || m.kind !== 'hello') { return; }
       var events = recent.filter(function (e) { return e.id > m.lastId; });
-      var missed = trimmed && m.lastId > 0 && (!recent.length || recent[0].id > m.lastId + 1);
+      // From before what this tab has seen all of: gone (a tab new to it, at 0, takes
+      // what there is, as a new connection would).
+      var missed = m.lastId > 0 && m.lastId < coveredFrom;
       shared.postMessage({
         kind: 'welcome', tab: m.tab, events: events, state: state,
         gap: missed ? { last_event_id: m.lastId } : null
@@ -251,7 +342,8 @@
 
     var locks = global.navigator && global.navigator.locks;
     if (options.shareTabs !== false && locks && global.BroadcastChannel) {
-      var key = 'django-comet ' + JSON.stringify([options.sse, options.poll, names, !!options.forcePoll]);
+      var key = 'django-comet ' + JSON.stringify(
+        [options.sse, options.poll, names, !!options.forcePoll, String(options.shareKey || '')]);
       shared = new global.BroadcastChannel(key);
       shared.onmessage = function (message) {
         if (leading) { welcome(message); } else { heard(message); }
@@ -277,6 +369,7 @@
     return {
       close: function () {
         closed = true;
+        if (connected && global.removeEventListener) { global.removeEventListener('online', online); }
         if (releaseLock) { releaseLock(); }
         if (shared) { shared.close(); }
         if (source) { source.close(); }
