@@ -10,6 +10,7 @@ from django.utils.module_loading import import_string
 
 from .evloop.config import ServerConfig
 from .evloop.deferral import MAX_SECONDS
+from .evloop.wsgi import is_ip_address
 
 _DEFAULTS: dict[str, Any] = {
     # Worker threads for views; None means ServerConfig's measured default.
@@ -78,6 +79,18 @@ _SECONDS = frozenset(
 )
 
 
+# Limits where 0 would leave nothing through (every request refused, no history kept).
+_AT_LEAST_ONE = frozenset(
+    {
+        "COMET_MAX_HEADER_SIZE",
+        "COMET_MAX_REQUEST_LINE",
+        "COMET_MAX_HEADER_COUNT",
+        "COMET_HISTORY_CHANNELS",
+        "COMET_MAX_PENDING_OUTPUT",
+    }
+)
+
+
 class Settings:
     """``comet_settings.THREADS`` reads ``settings.COMET_THREADS`` or its default."""
 
@@ -97,12 +110,21 @@ class Settings:
                 bad.append(f"{key} must be {names}, not {value!r}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 bad.append(f"{key} cannot be negative ({value!r})")
+            elif key in _AT_LEAST_ONE and isinstance(value, int) and value < 1:
+                bad.append(f"{key} must be at least 1 ({value!r} would refuse everything)")
             elif (
                 key in _SECONDS and isinstance(value, (int, float)) and not value <= MAX_SECONDS
             ):  # NaN
                 bad.append(
                     f"{key} must be at most {MAX_SECONDS:g} seconds, not {value!r}"
                 )  # or NaN
+        proxies = getattr(settings, "COMET_TRUSTED_PROXIES", [])
+        if isinstance(proxies, (list, tuple)):
+            bad.extend(
+                f"COMET_TRUSTED_PROXIES holds {p!r}, which is no IP address"
+                for p in proxies
+                if not (isinstance(p, str) and is_ip_address(p))
+            )
         bad.extend(_authorize_errors(getattr(settings, "COMET_AUTHORIZE", None)))
         broker = getattr(settings, "COMET_BROKER", _DEFAULTS["COMET_BROKER"])
         if isinstance(broker, str):  # (a wrong type is reported above)

@@ -1,6 +1,8 @@
+"""The demo: the 2007 staged response at the root, and the server's figures."""
+
 from django.urls import path
 
-from . import views
+from . import status_urls, views
 
 app_name = "django_comet"
 
@@ -8,6 +10,5 @@ urlpatterns = [
     path("", views.comet_main, name="main"),
     path("stage/", views.comet_stage, name="stage"),
     path("stage_last/", views.comet_stage_last, name="stage_last"),
-    path("comet/status/", views.status, name="status"),
-    path("comet/metrics", views.metrics, name="metrics"),
+    *status_urls.urlpatterns,
 ]

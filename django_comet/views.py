@@ -84,6 +84,28 @@ _METRICS = [
         "events_published",
     ),
     ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.", "dropped_slow"),
+    ("comet_in_flight", "gauge", "Requests being answered.", "in_flight"),
+    ("comet_timers", "gauge", "Pending loop timers and watchers.", "timers"),
+    ("comet_threads", "gauge", "Threads that run views.", "threads"),
+    ("comet_connections", "gauge", "Client connections open.", "connections"),
+    (
+        "comet_header_timeouts_total",
+        "counter",
+        "Connections closed for not sending a whole request head in time.",
+        "header_timeouts",
+    ),
+    (
+        "comet_accept_pauses_total",
+        "counter",
+        "Times accepting paused because accept() failed (out of descriptors).",
+        "accept_pauses",
+    ),
+    (
+        "comet_broker_listening",
+        "gauge",
+        "1 when the answering process receives the broker's events.",
+        "broker_listening",
+    ),
 ]
 
 
@@ -97,7 +119,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         lines += [
             f"# HELP {name} {help_text}",
             f"# TYPE {name} {kind}",
-            f"{name} {figures.get(key) or 0}",
+            f"{name} {int(figures.get(key) or 0)}",
         ]
     lines += [
         "# HELP comet_channel_subscribers Connections subscribed to a channel.",

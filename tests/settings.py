@@ -30,5 +30,12 @@ if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
         "root": {"handlers": ["file"], "level": "WARNING"},
     }
 
+if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults
+    LOGGING = {
+        "version": 1,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        "loggers": {"myapp": {"handlers": ["console"], "level": "INFO"}},
+    }
+
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405

@@ -64,8 +64,8 @@ def test_bad_address_is_one_line():
         (
             ("0",),
             {"TEST_BAD_TIMEOUT": "soon"},
-            "CommandError: A COMET_* setting is invalid (could not convert string to float: "
-            "'soon'); `manage.py check` names it.",
+            "CommandError: A COMET_* setting is invalid (COMET_TIMEOUT must be int or float, "
+            "not 'soon'); `manage.py check` names it.",
         ),
     ],
     ids=["port-out-of-range", "negative-threads", "threads-and-nothreading", "bad-setting"],
@@ -97,6 +97,17 @@ def test_logs_reach_the_projects_root_handlers(demo_db, tmp_path):
         with contextlib.suppress(requests.exceptions.ChunkedEncodingError):
             requests.get(server.url + "/t/stage-404/", timeout=10)  # cut at the failed stage
         wait_until(lambda: "Error in deferred stage" in log.read_text())
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_the_access_log_survives_a_logging_setting_that_names_other_loggers(demo_db):
+    """LOGGING's default disable_existing_loggers=True, applied again when the project's
+    wsgi.py is imported, disabled django_comet's loggers: no access log, no errors."""
+    server = runcomet(db=demo_db, env={"TEST_APP_LOGGING": "1"})
+    try:
+        assert requests.get(server.url + "/t/echo/?logged=yes", timeout=10).status_code == 200
+        wait_until(lambda: any("/t/echo/?logged=yes" in line for line in server.output))
     finally:
         assert server.stop() == 0, "".join(server.output)
 
@@ -152,7 +163,8 @@ def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
     ):
         result = manage(*command, env=bogus)
         assert result.returncode == 1, result
-        assert "unknown scheme" in result.stderr and "Traceback" not in result.stderr, result
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
+        assert "unknown scheme" in result.stderr, result
 
 
 def test_a_bare_postgres_broker_needs_a_postgresql_database():
@@ -191,3 +203,22 @@ def test_comet_publish_with_the_broker_down_is_one_line(scheme, path):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"CommandError: Cannot publish through the broker at {where}: "), line
     assert "refused" in line and "secret" not in line, line
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "COMET_MAX_HEADER_SIZE",
+        "COMET_MAX_REQUEST_LINE",
+        "COMET_MAX_HEADER_COUNT",
+        "COMET_HISTORY_CHANNELS",
+        "COMET_MAX_PENDING_OUTPUT",
+    ],
+)
+def test_a_limit_of_0_that_would_refuse_everything_is_a_settings_error(name):
+    from django.test import override_settings
+
+    from django_comet.conf import comet_settings
+
+    with override_settings(**{name: 0}):
+        assert [e for e in comet_settings.errors() if name in e and "at least 1" in e]

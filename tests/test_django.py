@@ -103,6 +103,30 @@ def test_status_counts_requests(comet):
     assert second["broker_listening"] is True  # the memory broker: always
 
 
+def test_metrics_carry_every_figure_of_the_status(comet):
+    """/comet/metrics is the status's figures in Prometheus' text format: each number of
+    the JSON (booleans as 0 or 1) as one sample."""
+    import re
+
+    text = requests.get(comet.url + "/comet/metrics", timeout=10).text
+    samples = dict(re.findall(r"^(comet_\w+) (\d+)$", text, re.MULTILINE))
+    status = comet.status()
+    figures = {
+        key: value
+        for key, value in status.items()
+        if isinstance(value, (int, bool)) and key != "workers"
+    }
+    assert len(figures) >= 12, figures
+    from django_comet.views import _METRICS
+
+    names = {key: name for name, _, _, key in _METRICS}
+    for key, value in figures.items():
+        name = names[key]
+        if key not in ("requests", "in_flight", "connections"):  # (the two requests differ)
+            assert int(samples[name]) == int(value), (key, samples[name], value)
+    assert samples["comet_broker_listening"] == "1"
+
+
 def test_a_client_gone_before_its_answer_leaves_the_next_answers_intact(comet):
     import socket
 

@@ -205,6 +205,26 @@ def test_forwarded_headers_from_a_trusted_proxy():
     assert env["wsgi.url_scheme"] == "https"
 
 
+def test_a_forwarded_hop_that_is_no_address_leaves_the_peers():
+    from django_comet.evloop.wsgi import apply_forwarded
+
+    env = environ(headers=[(b"X-Forwarded-For", b"unknown, <script>")])
+    before = env["REMOTE_ADDR"]
+    apply_forwarded(env, frozenset({"10.0.0.1"}))
+    assert env["REMOTE_ADDR"] == before
+
+
+def test_trusted_proxies_must_be_ip_addresses():
+    from django.test import override_settings
+
+    from django_comet.conf import comet_settings
+
+    with override_settings(COMET_TRUSTED_PROXIES=["10.0.0.1", "::1", "proxy.local"]):
+        assert comet_settings.errors() == [
+            "COMET_TRUSTED_PROXIES holds 'proxy.local', which is no IP address"
+        ]
+
+
 def test_the_scheme_is_the_one_the_nearest_proxy_set():
     """A proxy that appends to X-Forwarded-Proto leaves the client's value first."""
     from django_comet.evloop.wsgi import apply_forwarded

@@ -275,6 +275,13 @@ def test_bad_requests_get_4xx_and_server_lives(wsgi_server):
     assert requests.get(wsgi_server.url + "/hello").status_code == 200
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.2", b"HTTP/1.10", b"HTTP/0.9"])
+def test_an_unsupported_version_gets_505_in_a_version_of_ours(wsgi_server, version):
+    """(Major versions from 2 on are refused by libevent itself, with a 400.)"""
+    out = raw(wsgi_server, b"GET /x " + version + b"\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 505 "), out
+
+
 def test_client_vanishing_before_the_answer_costs_nothing(wsgi_server):
     for _ in range(20):
         sock = socket.create_connection((wsgi_server.host, wsgi_server.port))

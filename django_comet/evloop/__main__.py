@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # as runcomet
     app = load_app(args.app)
     config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
     if isinstance(args.addrport, str):

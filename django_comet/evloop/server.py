@@ -345,6 +345,8 @@ class Server(Producer, Responder):
             )
             environ = self._build_environ(method, target, protocol, headers, body, remote)
         except BadRequest as exc:
+            if exc.status == 505:  # evhttp answers in the request's version: in ours
+                r.major, r.minor = 1, 1
             self._lib.evhttp_send_error(req, exc.status, str(exc).encode("latin-1"))
             return
         except Exception:  # a bug of ours: the client still gets an answer

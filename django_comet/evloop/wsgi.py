@@ -6,6 +6,7 @@ Nothing here touches a socket or libevent, so all of it is tested in memory.
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -205,6 +206,14 @@ def build_environ(
     return builder.build(method, target, protocol, headers, body, remote)
 
 
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
     """The peer is a trusted proxy: take the client's address from X-Forwarded-For (the
     rightmost hop that is not itself a trusted proxy) and the scheme from
@@ -212,8 +221,9 @@ def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
     for hop in reversed(hops):
         if hop not in trusted:
-            environ["REMOTE_ADDR"] = hop
-            environ["REMOTE_PORT"] = ""
+            if is_ip_address(hop):  # else ("unknown", junk): the peer's address stays
+                environ["REMOTE_ADDR"] = hop
+                environ["REMOTE_PORT"] = ""
             break
     # The last value, the one the nearest proxy set: values before it may have come with
     # the request (a proxy that appends would otherwise let any client claim https).  So

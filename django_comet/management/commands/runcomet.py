@@ -61,6 +61,15 @@ class Command(RunserverCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         super().add_arguments(parser)
+        # runserver's help for two of its arguments, said as runcomet understands them.
+        for action in parser._actions:
+            if action.dest == "addrport":
+                action.help = (
+                    "Optional port number, or ipaddr:port, or unix:PATH for a Unix socket "
+                    "(default 127.0.0.1:8000)."
+                )
+            elif action.dest == "use_threading":
+                action.help = "Run views in the event loop thread: the same as --threads 0."
         parser.add_argument(
             "--threads",
             type=int,
@@ -134,6 +143,9 @@ class Command(RunserverCommand):
         self._settings_error: CommandError | None = None
         self._socket_id = None
         try:
+            errors = comet_settings.errors()  # (all of them, whatever --skip-checks says)
+            if errors:
+                raise ValueError("; ".join(errors))
             self.config = self.server_config(**options)
             get_broker()
         except (TypeError, ValueError, ImproperlyConfigured) as exc:
@@ -162,8 +174,11 @@ class Command(RunserverCommand):
         self.check_migrations()
         for conn in connections.all(initialized_only=True):
             conn.close()
-        _configure_logging(config.access_log)
         handler = _refusing_escapes(self.get_handler(*args, **options))
+        # After get_handler: importing the project's wsgi.py runs django.setup() again,
+        # which applies LOGGING again and, by default, disables every logger it does not
+        # name, ours included (the access log, the server's errors).
+        _configure_logging(config.access_log)
         try:
             libevent_ctypes.load()
             sock = listen_socket(config)
@@ -303,6 +318,14 @@ def _configure_logging(access_log: bool) -> None:
     """Send django_comet's logs to stderr like runserver's, unless LOGGING gave them handlers
     (its own, or the root logger's: then they go there)."""
     logger = logging.getLogger("django_comet")
+    named = getattr(settings, "LOGGING", {}).get("loggers", {})
+    for name, each in logging.root.manager.loggerDict.items():
+        if (
+            name.partition(".")[0] == "django_comet"
+            and isinstance(each, logging.Logger)
+            and name not in named
+        ):
+            each.disabled = False  # LOGGING did not mean these: it does not name them
     if logger.handlers:
         return
     if logger.level == logging.NOTSET:
