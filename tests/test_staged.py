@@ -7,7 +7,7 @@ import threading
 import pytest
 import requests
 
-from .processes import read_chunked
+from .processes import read_chunked, runcomet
 
 
 def get_staged(server, path="/", headers=b""):
@@ -265,3 +265,24 @@ def test_a_stage_gets_the_cookie_header_a_browser_would_send():
     assert seen == {"pref": "a;b c", "kept": "3", "sessionid": "abc", "here": "1"}
     assert "adm" in parse_cookie(_with_cookies("", first.cookies, "/admin/users/"))
     assert "adm" not in parse_cookie(_with_cookies("", first.cookies, "/administrator/"))
+
+
+def test_a_staged_response_whose_client_reads_nothing_is_cut_after_the_write_timeout(demo_db):
+    """A chain of stages to a client that reads nothing is cut once COMET_TIMEOUT (2 s
+    here) passes with no progress: each stage's chunk used to re-arm the write timeout, so
+    the chain piled its output up in memory until COMET_MAX_HOLD."""
+    server = runcomet(db=demo_db, env={"TEST_TIMEOUT": "2"})
+    sock = None
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((server.host, server.port))
+        target = "/t/endless-stages/?size=262144&delay=0.3"
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        server.wait_for_status(lambda s: s["held"] == 1)
+        status = server.wait_for_status(lambda s: s["held"] == 0, timeout=30)
+        assert status["in_flight"] == 1  # the status request only
+    finally:
+        if sock is not None:
+            sock.close()
+        assert server.stop() == 0, "".join(server.output)

@@ -7,6 +7,8 @@ urlpatterns = [
     path("t/sleep/", views.sleep, name="sleep"),
     path("t/boom/", views.boom, name="boom"),
     path("t/quick-stages/", views.quick_stages, name="quick_stages"),
+    path("t/endless-stages/", views.endless_stages),
+    path("t/endless-stage/", views.endless_stage),
     path("t/quick-stage/", views.quick_stage, name="quick_stage"),
     path("t/counted/", views.counted_first, name="counted_first"),
     path("t/counted-stage/", views.counted_stage, name="counted_stage"),

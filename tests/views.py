@@ -73,6 +73,20 @@ def quick_stage(request, response_prev=None):
     return defer_in_time(response, 0.02, quick_stage)
 
 
+def endless_stages(request):
+    """Stages of ?size= bytes every ?delay= seconds, for ever (until COMET_MAX_HOLD)."""
+    response = HttpResponse(b"e" * int(request.GET["size"]))
+    response.size, response.delay = int(request.GET["size"]), float(request.GET["delay"])
+    return defer_in_time(response, response.delay, endless_stage)
+
+
+@deferred_view()
+def endless_stage(request, response_prev=None):
+    response = HttpResponse(b"e" * response_prev.size)
+    response.size, response.delay = response_prev.size, response_prev.delay
+    return defer_in_time(response, response.delay, endless_stage)
+
+
 _counter = {"stages": 0}
 _counter_lock = threading.Lock()
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import libevent_ctypes as ev
 from .connections import shutdown_socket
 from .deferral import AnyDeferral
+from .holding import chunked
 from .request import RequestStruct
 from .wsgi import StartResponse, carries_body
 
@@ -238,7 +239,7 @@ class Responder:
         if ex.dead:
             return self._drop(ex)
         if chunks:
-            self._send_chunk(ex, b"".join(chunks))
+            self._send_part(ex, b"".join(chunks))
         if deferral is not None and not self._draining:
             self.holder.hold(ex, deferral)
         else:
@@ -285,6 +286,18 @@ class Responder:
             self._stop_reading(ex)
         self._check_handed_over(ex)
         return True
+
+    def _send_part(self, ex: Exchange, data: bytes) -> None:
+        """A held response's next part (a stage's content), written as fan-out writes
+        events: straight into its connection's output buffer.  evhttp_send_reply_chunk
+        re-arms the write timeout, so a chain of stages to a client that reads nothing
+        was never cut by it, and piled its output up until COMET_MAX_HOLD."""
+        if ex.bev is None or ex.req is None or not data:
+            self._send_chunk(ex, data)
+            return
+        framed = chunked(data) if ex.protocol == "HTTP/1.1" else data
+        self._lib.evbuffer_add(self._lib.bufferevent_get_output(ex.bev), framed, len(framed))
+        ex.sent += len(data)
 
     def _stop_reading(self, ex: Exchange) -> None:
         """After each hand-over of a response that is not held: evhttp reads on while it
