@@ -1,6 +1,7 @@
 """Several runcomet processes sharing a real broker (PostgreSQL, Redis); the broker
 fixture (both kinds, one each per module) is in conftest.py."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -107,8 +108,18 @@ def test_delivery_resumes_after_the_broker_restarts(pair, broker):
     a, b = pair
     with SSEClient(a, "/t/stream/?channels=restart") as client:
         subscribed(a, "restart")
+        before = publish(b, "restart", "before")
+        assert client.next_event()["id"] == str(before)
+        if isinstance(broker, PostgresServer):  # (its immediate stop loses what is unflushed)
+            import psycopg
+
+            with psycopg.connect(broker.url, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")
         broker.stop()
         broker.start()
+        if isinstance(broker, RedisServer):  # (this one keeps nothing on disk)
+            # What A had not received before Redis lost its data is gone: it says so.
+            assert client.next_event()["event"] == "comet-history-gap"
         event_id = publish(b, "restart", "after")  # B's publishing connection reconnects
         assert client.next_event() == {"id": str(event_id), "data": '"after"'}
 
@@ -392,3 +403,122 @@ def test_a_stop_does_not_wait_for_a_blocked_read(broker, demo_db):
             assert server.stop() == 0  # while the read still waits on the lock
     finally:
         server.stop()
+
+
+def shared_broker(broker, **kwargs):
+    """This test process's own broker client on ``broker`` (another publisher)."""
+    from django_comet.brokers.postgres import PostgresBroker, conninfo_from_url
+    from django_comet.brokers.redis import RedisBroker
+
+    if isinstance(broker, PostgresServer):
+        return PostgresBroker(conninfo_from_url(broker.url), **kwargs)
+    return RedisBroker(broker.url, **kwargs)
+
+
+def test_a_publisher_stalled_inside_its_transaction_does_not_stop_the_others(broker):
+    """A publisher whose client stalls holding the advisory lock (a paused VM or process,
+    a partition) is ended by PostgreSQL after 5 s idle in its transaction; every other
+    publish of every process waited for as long as it stalled."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("PostgreSQL's advisory lock")
+    import threading
+
+    stalled, other = shared_broker(broker), shared_broker(broker)
+    locked, resume = threading.Event(), threading.Event()
+
+    def publish_and_stall():
+        conn = stalled._conn()  # this thread's connection
+        execute = conn.execute
+
+        def execute_then_stall(query, *args, **kwargs):
+            result = execute(query, *args, **kwargs)
+            if "pg_advisory_xact_lock" in str(query) and not locked.is_set():
+                locked.set()
+                resume.wait(60)  # the client stops here, the lock held
+            return result
+
+        conn.execute = execute_then_stall
+        with contextlib.suppress(Exception):  # (its session is ended under it: expected)
+            stalled.publish("stall", '"1"')
+
+    first = threading.Thread(target=publish_and_stall, daemon=True)
+    try:
+        first.start()
+        assert locked.wait(10)
+        published = []
+        second = threading.Thread(
+            target=lambda: published.append(other.publish("stall", '"2"')), daemon=True
+        )
+        second.start()
+        second.join(60)
+        assert published, "a publish waited on the stalled publisher's lock"
+    finally:
+        resume.set()
+        first.join(10)
+        stalled.close()
+        other.close()
+
+
+def test_a_fresh_poll_on_a_new_process_gets_a_cursor_past_what_came_before(broker, demo_db):
+    """A poll without a cursor wants what comes from now on: on a process that never saw
+    the channel's events its answer's last_id was 0, and the next poll (since=0) took the
+    whole history for new events."""
+    before = [manage_publish(broker, "before-fresh", n) for n in range(3)]
+    server = start(broker, demo_db)
+    try:
+        url = server.url + "/t/fastpoll/?channel=before-fresh&timeout=0.1"
+        answer = requests.get(url, timeout=30).json()
+        assert answer["events"] == [] and answer["last_id"] >= before[-1], answer
+        again = requests.get(url + f"&since={answer['last_id']}", timeout=30).json()
+        assert again["events"] == [], again
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_publish_retried_after_a_slow_redis_goes_out_once(broker):
+    """A publish that times out while Redis is busy (a slow script here) is sent again,
+    by redis-py and by the broker; the first copy runs once Redis is free: the retry
+    must return its id, not publish the event a second time."""
+    if not isinstance(broker, RedisServer):
+        pytest.skip("Redis's client retries")
+    import threading
+
+    import redis as redis_py
+
+    from django_comet.brokers.redis import RedisBroker
+
+    channel = f"slow-{time.monotonic_ns()}"
+    publisher = RedisBroker(broker.url + "?socket_timeout=2")
+    publisher.publish("warm-up", "1")  # a connection in the pool, as a server's has
+    admin = redis_py.Redis.from_url(broker.url)
+    busy = threading.Thread(  # Redis runs nothing else for 3 s
+        target=lambda: admin.eval(
+            "local t = redis.call('TIME') local stop = t[1] + 3 "
+            "while tonumber(redis.call('TIME')[1]) < stop do end",
+            0,
+        ),
+        daemon=True,
+    )
+    try:
+        busy.start()
+        wait_until(lambda: redis_is_busy(broker.url))
+        event_id = publisher.publish(channel, '"once"')
+        busy.join(10)
+        events, _ = publisher.since([channel], 0)
+        assert [e.id for e in events] == [event_id]
+    finally:
+        busy.join(10)
+        publisher.close()
+        admin.close()
+
+
+def redis_is_busy(url):
+    """Whether Redis leaves a PING unanswered for 0.2 s (it runs a script)."""
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(url, socket_timeout=0.2, retry=None) as probe:
+        try:
+            probe.ping()
+        except redis_py.TimeoutError:
+            return True
+    return False

@@ -30,8 +30,9 @@ class Broker:
         return hub.last_id
 
     def fresh_cursor(self, channels: list[str]) -> int:
-        """The cursor of a client that wants only what is published from now on."""
-        return hub.newest_id(channels)
+        """The cursor of a client that wants only what is published from now on: the
+        newest id this process has seen, on any channel (one counter for all of them)."""
+        return max(hub.last_id, hub.newest_id(channels))
 
     def early_client(self) -> contextlib.AbstractContextManager[int | None]:
         """Around the broker reads that give a client its cursor (see ListeningBroker)."""
@@ -93,7 +94,10 @@ class ListeningBroker(Broker):
 
     def fresh_cursor(self, channels: list[str]) -> int:
         if self._caught_up:
-            return hub.newest_id(channels)
+            # Every id above where it began listening reaches this hub: that is a cursor
+            # too (a process that has seen no event of these channels, or none at all,
+            # answered 0, and the client's next poll took the whole history for new).
+            return max(hub.last_id, hub.newest_id(channels), self._listening_from or 0)
         try:
             with self.early_client() as newest:
                 return self.newest_id() if newest is None else newest

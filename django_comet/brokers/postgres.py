@@ -51,12 +51,19 @@ READ_TIMEOUT = 10.0  # seconds for reading a large event under runcomet; then re
 STUCK_AFTER = 2 * READ_TIMEOUT + 5
 # TCP keepalives for every broker connection unless the URL sets its own: a connection a
 # network dropped without a word (a NAT, a load balancer) fails in about 25 s, not hours.
+# Keepalives probe idle connections only: a query sent into such a network is given up
+# after tcp_user_timeout (ms) unacknowledged, not after TCP's retries (about 15 minutes).
 KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
 }
+# A publishing transaction holds the advisory lock every publisher needs: should its
+# client stall inside it (a paused VM or process, a partition), PostgreSQL ends it after
+# this long, rather than every publish of every process waiting for as long as it stalls.
+STALLED_PUBLISHER = "SET LOCAL idle_in_transaction_session_timeout = '5s'"
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
 # %(keep)s rows, and records the newest id removed from each as its lost_id; one
@@ -89,6 +96,13 @@ LEFT JOIN LATERAL (
     WHERE channel = c.channel AND id > %(after)s
     ORDER BY id DESC LIMIT %(limit)s
 ) AS e ON true
+"""
+
+# Sets the id sequence to %(seen)s unless it is there already (or past it).
+MOVE_IDS_PAST = """
+SELECT setval(s.seq, %(seen)s)
+FROM (SELECT pg_get_serial_sequence('comet_event', 'id')::regclass AS seq) AS s
+WHERE coalesce(pg_sequence_last_value(s.seq), 0) < %(seen)s
 """
 
 SCHEMA = """
@@ -149,6 +163,7 @@ class PostgresBroker(ListeningBroker):
             with conn.transaction():
                 # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
                 # together on a new database would fail on each other's table.
+                conn.execute(STALLED_PUBLISHER)
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
                 conn.execute(SCHEMA)
             self._schema_made = True
@@ -175,6 +190,7 @@ class PostgresBroker(ListeningBroker):
 
     def _publish(self, conn: Any, channel: str, data: str, name: str | None) -> int:
         with conn.transaction():
+            conn.execute(STALLED_PUBLISHER)
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             row = conn.execute(
                 "INSERT INTO comet_event (channel, name, data) VALUES (%s, %s, %s) RETURNING id",
@@ -319,7 +335,10 @@ class PostgresBroker(ListeningBroker):
         # A first connection catches up only for the clients that came before it (what
         # came before them is read from the table when a client asks, not loaded into
         # the hub); a reconnection, from the newest event it had.
-        after = self._catch_up_from(int(conn.execute(NEWEST_ID).fetchone()[0]))
+        newest = int(conn.execute(NEWEST_ID).fetchone()[0])
+        if newest < hub.last_id:
+            self._move_ids_past(conn, newest, hub.last_id)
+        after = self._catch_up_from(newest)
         if after is None:
             return conn
         missed = conn.execute(
@@ -343,6 +362,24 @@ class PostgresBroker(ListeningBroker):
             deliver(Event(channel, int(i), data, name))
         self._caught_up_now()
         return conn
+
+    def _move_ids_past(self, conn: Any, newest: int, seen: int) -> None:
+        """The table's newest id is below ids this process has seen: a failover to a
+        standby that lagged, a restore.  The ids it would hand out again would be taken
+        for old ones, and dropped, by every process that saw the first ones: the
+        sequence moves past what this process saw (under the publishers' lock, never
+        back)."""
+        with conn.transaction():
+            conn.execute(STALLED_PUBLISHER)
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            conn.execute(MOVE_IDS_PAST, {"seen": seen})
+        logger.error(
+            "PostgreSQL's newest event id went back from %d to %d (a failover, a "
+            "restore?); events above it are gone: the ids go on from %d",
+            seen,
+            newest,
+            seen,
+        )
 
     def _notified(self, payload: str) -> None:
         """Loop thread: deliver a notified event, in id order.  One too large for NOTIFY

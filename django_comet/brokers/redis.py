@@ -5,13 +5,21 @@
 Publishing runs one script, atomic in Redis: take the next id, append the event to its
 channel's history and to a global log (both trimmed), remember the newest id pushed out
 of the channel's history, PUBLISH.  Scripts run one at a time, so events are published
-in id order.
+in id order.  Each publish carries a token of its own, which the script remembers for
+30 s with the id it gave: a retry (after a timeout or a lost connection, by redis-py
+or by us) of a publish that went through returns that id instead of publishing again.
+
+A Redis that lost its data starts its counter again from the clock, and notes where
+(``comet:epoch``): a cursor from before it is told of a gap, as is every stream of a
+process that was listening across the loss (what it had not received yet is gone).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,8 +31,13 @@ PUBSUB_CHANNEL = PREFIX + "events"
 LOG_MIN = 100  # events kept in the global log at the least
 
 _PUBLISH = """
+local done = redis.call('GET', KEYS[7])
+if done then
+    return tonumber(done)  -- a retry of a publish that went through
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('SET', KEYS[1], ARGV[7])
+    redis.call('SET', KEYS[6], ARGV[7])
 end
 local id = redis.call('INCR', KEYS[1])
 -- Ids have 16 digits: Lua's own number formatting (and cjson's) keeps only 14.
@@ -42,8 +55,36 @@ for _ = 1, excess do
     redis.call('SET', KEYS[5], string.format('%d', dropped[1]))
 end
 redis.call('PUBLISH', ARGV[6], payload)
+redis.call('SET', KEYS[7], string.format('%d', id), 'EX', 30)
 return id
 """
+
+# The counter, moved up to ARGV[1] unless it is there already (or past it).
+_MOVE_IDS_PAST = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+"""
+
+# Every connection to Redis: a reply that takes this long (a Redis blocked by a slow
+# script, a network gone quiet) is an error, whatever redis-py's default is; TCP
+# keepalives find a connection a network dropped without a word in about 25 s, and
+# unacknowledged writes are given up after 20 s (both as PostgreSQL's).
+CONNECTION_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 10,
+    "socket_keepalive": True,
+    "socket_keepalive_options": {
+        option: value
+        for option, value in (
+            (getattr(socket, "TCP_KEEPIDLE", None), 10),
+            (getattr(socket, "TCP_KEEPINTVL", None), 5),
+            (getattr(socket, "TCP_KEEPCNT", None), 3),
+            (getattr(socket, "TCP_USER_TIMEOUT", None), 20_000),
+        )
+        if option is not None  # (Linux has them all; macOS the first three)
+    },
+}
 
 
 def _redis() -> Any:
@@ -62,9 +103,7 @@ class RedisBroker(ListeningBroker):
         self.redis = _redis()
         self.url = url
         self.history_size = history_size
-        self.client = self.redis.Redis.from_url(
-            url, socket_connect_timeout=5, socket_keepalive=True, retry_on_timeout=True
-        )
+        self.client = self.redis.Redis.from_url(url, **CONNECTION_OPTIONS)
         self._script = self.client.register_script(_PUBLISH)
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
@@ -75,6 +114,8 @@ class RedisBroker(ListeningBroker):
             PREFIX + "lost:",
             PREFIX + "log",
             PREFIX + "log-lost",
+            PREFIX + "epoch",
+            PREFIX + "published:" + uuid.uuid4().hex,
         ]
         args = [
             channel,
@@ -93,8 +134,9 @@ class RedisBroker(ListeningBroker):
         ]
         try:
             return int(self._script(keys=keys, args=args))
-        except self.redis.ConnectionError:
-            return int(self._script(keys=keys, args=args))  # one retry after a restart
+        except (self.redis.ConnectionError, self.redis.TimeoutError):
+            # A restart, a slow Redis: once more, with the same token (never twice).
+            return int(self._script(keys=keys, args=args))
 
     @staticmethod
     def _decode(payload: bytes | str) -> Event:
@@ -104,12 +146,15 @@ class RedisBroker(ListeningBroker):
     def since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         channels = list(channels)
         pipe = self.client.pipeline()
+        pipe.get(PREFIX + "epoch")
         for channel in channels:
             pipe.lrange(PREFIX + "history:" + channel, 0, -1)
             pipe.get(PREFIX + "lost:" + channel)
-        results = pipe.execute()
+        epoch, *results = pipe.execute()
         events: list[Event] = []
-        gap = False
+        # A cursor from before the counter last started (a Redis that lost its data):
+        # what followed it is gone.
+        gap = 0 < after < int(epoch or 0)
         for payloads, lost in zip(results[::2], results[1::2], strict=True):
             events.extend(e for e in map(self._decode, payloads) if e.id > after)
             gap = gap or (lost is not None and after < int(lost))
@@ -125,9 +170,7 @@ class RedisBroker(ListeningBroker):
         # A listener waits on a quiet connection: TCP keepalives, and a PING when it
         # has heard nothing for a while, find one that a NAT or a failover dropped
         # without a word (an error, then a reconnect that catches up).
-        client = self.redis.Redis.from_url(
-            self.url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30
-        )
+        client = self.redis.Redis.from_url(self.url, **CONNECTION_OPTIONS, health_check_interval=30)
         pubsub = client.pubsub()
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)
@@ -136,13 +179,29 @@ class RedisBroker(ListeningBroker):
             confirmed = pubsub.get_message(timeout=5)
             if confirmed is None or confirmed["type"] != "subscribe":
                 raise self.redis.ConnectionError(f"SUBSCRIBE not confirmed ({confirmed!r})")
-            newest = int(client.get(PREFIX + "id") or 0)
-            if newest < hub.last_id:
+            marks = client.pipeline(transaction=True)
+            marks.get(PREFIX + "id")
+            marks.get(PREFIX + "epoch")
+            newest, epoch = (int(mark or 0) for mark in marks.execute())
+            if hub.last_id > 0 and (newest == 0 or hub.last_id < epoch):
+                # Its counter is gone, or began again after what this process saw: what
+                # was published that this process had not received yet is gone with it.
                 logger.error(
-                    "Redis's newest event id went back from %d to %d: was its data "
-                    "lost? Events with lower ids than this process has seen are dropped",
+                    "Redis lost its data (restarted without persistence, or flushed): "
+                    "events this process had not yet received are gone; every stream "
+                    "gets the gap event"
+                )
+                hub.add_gap(None, hub.last_id + 1)
+            elif newest < hub.last_id:
+                # A failover to a replica that lagged: ids handed out again would be
+                # taken for old ones, and dropped, by every process that saw the first.
+                client.eval(_MOVE_IDS_PAST, 1, PREFIX + "id", hub.last_id)
+                logger.error(
+                    "Redis's newest event id went back from %d to %d (a failover?); "
+                    "events above it are gone: the ids go on from %d",
                     hub.last_id,
                     newest,
+                    hub.last_id,
                 )
             # A first connection catches up only for the clients that came before it
             # (what came before them is read from the histories when a client asks,
