@@ -122,8 +122,11 @@ def test_a_stream_hears_of_events_lost_before_the_server_held_it(tight):
     with SSEClient(tight, "/t/stream-then-publish/?channels=late&count=8") as client:
         gap = client.next_event()
         assert gap["event"] == "comet-history-gap"
-        assert json.loads(gap["data"]) == {"last_event_id": 0, "channels": ["late"]}
-        assert [client.next_event()["data"] for _ in range(5)] == ["3", "4", "5", "6", "7"]
+        info = json.loads(gap["data"])  # the stream's cursor: the newest id seen before
+        assert info["channels"] == ["late"]
+        events = [client.next_event() for _ in range(5)]
+        assert [e["data"] for e in events] == ["3", "4", "5", "6", "7"]
+        assert info["last_event_id"] < int(events[0]["id"]) - 3  # the first 3 are gone
 
 
 @pytest.fixture(scope="module")
