@@ -60,6 +60,9 @@ class PollResponse(StreamingHttpResponse):
 
     def _body(self) -> Iterator[bytes]:
         wait = self.comet_deferral
+        # A first byte at once (JSON may start with whitespace): browsers tell a script
+        # that the answer has begun (comet.js: "live") only once some body has come.
+        yield b" "
         if wait.claimed:
             return  # runcomet answers from its loop
         if wait.ready:

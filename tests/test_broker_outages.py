@@ -125,8 +125,19 @@ def test_ids_keep_growing_when_redis_restarts_without_its_data(demo_db):
                 # streams that lived across it are told, once its listener is back.
                 assert across.next_event()["event"] == "comet-history-gap"
                 assert server.logged("Redis lost its data")
+                # A client with no state gets a cursor of the new epoch: never a gap.
+                poll = server.url + "/t/fastpoll/?channel=across-loss&timeout=0.1"
+                fresh_cursor = requests.get(poll, timeout=30).json()["last_id"]
                 after = publish(server, "across-loss", "after")
                 assert across.next_event() == {"id": str(after), "data": '"after"'}
+                polled = requests.get(poll + f"&since={fresh_cursor}", timeout=30).json()
+                assert "gap" not in polled and [e["id"] for e in polled["events"]] == [after]
+                # Told once: a later reconnect finds nothing new.
+                cut_listener(redis)
+                assert logged_times(server, "RedisBroker connection lost", 2)
+                server.wait_for_status(lambda s: s["broker_listening"], timeout=30)
+                again = publish(server, "across-loss", "again")
+                assert across.next_event() == {"id": str(again), "data": '"again"'}
             with SSEClient(server, "/t/stream/?channels=after-loss") as client:
                 subscribed(server, "after-loss")
                 fresh = publish(server, "after-loss", "y")
@@ -135,7 +146,8 @@ def test_ids_keep_growing_when_redis_restarts_without_its_data(demo_db):
             # A cursor from before the loss is told of the gap too, in a replay.
             url = server.url + f"/t/fastpoll/?channel=across-loss&since={seen}"
             replayed = requests.get(url, timeout=30).json()
-            assert replayed["gap"] is True and [e["id"] for e in replayed["events"]] == [after]
+            assert replayed["gap"] is True
+            assert [e["id"] for e in replayed["events"]] == [after, again]
         finally:
             assert server.stop() == 0, "".join(server.output)
     finally:

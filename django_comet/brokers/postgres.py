@@ -156,6 +156,8 @@ class PostgresBroker(ListeningBroker):
     def _connect(self, application_name: str | None = None) -> Any:
         given = self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
         options: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
+        if self.psycopg.pq.version() < 120000:  # a libpq before 12 refuses the option
+            options.pop("tcp_user_timeout", None)
         if application_name is not None and "application_name" not in given:
             options["application_name"] = application_name
         conn = self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)

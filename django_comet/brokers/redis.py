@@ -59,6 +59,24 @@ redis.call('SET', KEYS[7], string.format('%d', id), 'EX', 30)
 return id
 """
 
+# The counter and the epoch started from the clock (ARGV[1]) unless there already; the
+# epoch.
+_START_COUNTER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('SET', KEYS[2], ARGV[1])
+end
+return redis.call('GET', KEYS[2])
+"""
+
+
+def _clock() -> int:
+    """Where a counter starts: the clock, in microseconds, so that ids still grow past
+    those handed out before a data loss, unless those came faster than a million a
+    second on average.  (Below 2**53 for centuries: exact in JavaScript.)"""
+    return time.time_ns() // 1_000
+
+
 # The counter, moved up to ARGV[1] unless it is there already (or past it).
 _MOVE_IDS_PAST = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
@@ -87,6 +105,13 @@ CONNECTION_OPTIONS: dict[str, Any] = {
 }
 
 
+def connection_options(url: str) -> dict[str, Any]:
+    """CONNECTION_OPTIONS, without the TCP ones for a Unix socket (unix://)."""
+    if url.startswith("unix:"):
+        return {"socket_connect_timeout": 5, "socket_timeout": 10}
+    return CONNECTION_OPTIONS
+
+
 def _redis() -> Any:
     try:
         import redis
@@ -103,8 +128,9 @@ class RedisBroker(ListeningBroker):
         self.redis = _redis()
         self.url = url
         self.history_size = history_size
-        self.client = self.redis.Redis.from_url(url, **CONNECTION_OPTIONS)
+        self.client = self.redis.Redis.from_url(url, **connection_options(url))
         self._script = self.client.register_script(_PUBLISH)
+        self._told_epoch = 0  # the data loss this process's streams were told of
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
@@ -126,11 +152,7 @@ class RedisBroker(ListeningBroker):
             # per-channel history (the script's LTRIM from -0 failed every publish).
             max(self.history_size * 10, LOG_MIN),
             PUBSUB_CHANNEL,
-            # A Redis that lost its data (no persistence) restarts the counter from the
-            # clock, in microseconds, so that ids still grow past those handed out
-            # before, unless those came faster than a million a second on average.
-            # (Below 2**53 for centuries: exact in JavaScript.)
-            time.time_ns() // 1_000,
+            _clock(),  # where the counter starts, in a Redis that lost its data
         ]
         try:
             return int(self._script(keys=keys, args=args))
@@ -170,7 +192,9 @@ class RedisBroker(ListeningBroker):
         # A listener waits on a quiet connection: TCP keepalives, and a PING when it
         # has heard nothing for a while, find one that a NAT or a failover dropped
         # without a word (an error, then a reconnect that catches up).
-        client = self.redis.Redis.from_url(self.url, **CONNECTION_OPTIONS, health_check_interval=30)
+        client = self.redis.Redis.from_url(
+            self.url, **connection_options(self.url), health_check_interval=30
+        )
         pubsub = client.pubsub()
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)
@@ -186,12 +210,19 @@ class RedisBroker(ListeningBroker):
             if hub.last_id > 0 and (newest == 0 or hub.last_id < epoch):
                 # Its counter is gone, or began again after what this process saw: what
                 # was published that this process had not received yet is gone with it.
-                logger.error(
-                    "Redis lost its data (restarted without persistence, or flushed): "
-                    "events this process had not yet received are gone; every stream "
-                    "gets the gap event"
-                )
-                hub.add_gap(None, hub.last_id + 1)
+                if newest == 0:  # started here, as the next publish would: a cursor
+                    # handed out from now on is the epoch, never taken for one before it
+                    newest = epoch = int(
+                        client.eval(_START_COUNTER, 2, PREFIX + "id", PREFIX + "epoch", _clock())
+                    )
+                if epoch != self._told_epoch:  # (once: a reconnect finds the same loss)
+                    self._told_epoch = epoch
+                    logger.error(
+                        "Redis lost its data (restarted without persistence, or flushed): "
+                        "events this process had not yet received are gone; every stream "
+                        "gets the gap event"
+                    )
+                    hub.add_gap(None, epoch)
             elif newest < hub.last_id:
                 # A failover to a replica that lagged: ids handed out again would be
                 # taken for old ones, and dropped, by every process that saw the first.

@@ -59,7 +59,8 @@
     var polling = 0;  // the running poll loop's number (0: none); an old loop's callbacks stop
     var connected = false;  // this tab connects (unshared, or holding the lock)
     var pollNow = null;  // asks the running poll loop for its next poll at once
-    var timer = null;  // the pending retry, or the next poll
+    var timer = null;  // the pending stream retry
+    var pollTimer = null;  // the next poll
     var pollRequest = null;
     var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
     var watchdog = null;  // reopens a stream that fell silent
@@ -109,7 +110,9 @@
     function gap(info) {
       afterGap = true;
       if (options.onGap) { call(options.onGap, info); }
-      recent = []; coveredFrom = lastId;  // what follows the gap is all a tab can pass on
+      // What follows the gap is all a tab can pass on: a tab at the cursor the gap was
+      // told for missed what this one did.
+      recent = []; coveredFrom = lastId + 1;
       if (leading && shared && !closed) { shared.postMessage({ kind: 'gap', info: info }); }
     }
 
@@ -135,6 +138,7 @@
     function frame() {
       if (!gotFrame) {
         gotFrame = true; sseOpened = true; sseFailures = 0;
+        stopPolling();  // a stream tried again while polling went on: it works now
         onState('live (sse)');
       }
       alive();
@@ -149,7 +153,7 @@
       source.close();
       source = null;
       sseFailures += 1;
-      onState('reconnecting…');
+      if (!polling) { onState('reconnecting…'); }  // (while it polls, it is live)
       retrySSE(sseFailures < 2 ? 0 : backoff(sseFailures));
     }
 
@@ -157,7 +161,7 @@
     // frame, long-poll.
     function retrySSE(delay) {
       if (!sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL && options.poll) {
-        startPoll();
+        if (polling) { streamAgainLater(); } else { startPoll(); }  // (a trial that failed)
       } else if (!delay) {
         startSSE();
       } else {
@@ -195,7 +199,7 @@
         gotFrame = false;
         alive();  // the browser's own reconnect must give a frame in time too
         sseFailures += 1;
-        onState('reconnecting…');
+        if (!polling) { onState('reconnecting…'); }
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
         // CONNECTING, at the stream's retry: interval however often that fails: after a
         // second failure in a row, and when it gives up (CLOSED: an HTTP error, a
@@ -213,31 +217,17 @@
     function startPoll() {
       var failures = 0;
       var loop = polling = polling + 1;
-      var streams = options.sse && global.EventSource && !options.forcePoll;
-      if (streams) {  // a fallback: maybe streams were blocked for a while only
-        fallbacks += 1;
-        var first = options.streamAgain || 60000;
-        var wait = Math.min(Math.max(first, SSE_AGAIN_MAX), first * Math.pow(2, fallbacks - 1));
-        setTimeout(function () {
-          if (closed || polling !== loop) { return; }
-          polling = 0;
-          if (pollRequest) { pollRequest.abort(); pollRequest = null; }
-          if (timer) { clearTimeout(timer); timer = null; }
-          sseFailures = 0; sseOpened = false;
-          startSSE();
-        }, wait);
-      }
+      streamAgainLater();
       function next() {
-        timer = null;
+        pollTimer = null;
         pollNow = next;
         if (closed || polling !== loop) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
         xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
         xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
-        xhr.onreadystatechange = function () {  // answering: live, though it may wait long
-          if (xhr.readyState === 2 && xhr.status === 200 && polling === loop) {
-            onState('live (long-poll)');
-          }
+        // Answering (the server sends a first byte at once): live, though it may wait.
+        xhr.onprogress = function () {
+          if (xhr.status === 200 && polling === loop) { onState('live (long-poll)'); }
         };
         xhr.onload = function () {
           if (closed || polling !== loop) { return; }
@@ -261,17 +251,40 @@
             failures += 1;
             onState('reconnecting…');
           }
-          timer = setTimeout(next, failures ? backoff(failures) : 0);
+          pollTimer = setTimeout(next, failures ? backoff(failures) : 0);
         };
         xhr.onerror = xhr.ontimeout = function () {
           if (closed || polling !== loop) { return; }
           failures += 1;
           onState('reconnecting…');
-          timer = setTimeout(next, backoff(failures));
+          pollTimer = setTimeout(next, backoff(failures));
         };
         xhr.send();
       }
       next();
+    }
+
+    function stopPolling() {
+      if (!polling) { return; }
+      polling = 0;  // the loop's callbacks and timers see it and stop
+      if (pollRequest) { pollRequest.abort(); pollRequest = null; }
+      if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
+    }
+
+    // Long-polling after streams failed (not by choice): maybe they were blocked for a
+    // while only.  Later, a stream is tried again, while polling goes on until the
+    // stream's first frame (events are told apart by id).
+    function streamAgainLater() {
+      if (!(options.sse && global.EventSource && !options.forcePoll)) { return; }
+      fallbacks += 1;
+      var first = options.streamAgain || 60000;
+      var wait = Math.min(Math.max(first, SSE_AGAIN_MAX), first * Math.pow(2, fallbacks - 1));
+      var loop = polling;
+      setTimeout(function () {
+        if (closed || !polling || polling !== loop || source) { return; }
+        sseFailures = 0; sseOpened = false;
+        startSSE();
+      }, wait);
     }
 
     // The network is back: reconnect now rather than at the end of a backoff.
@@ -279,6 +292,7 @@
       if (closed || !connected || state.indexOf('live') === 0) { return; }
       if (timer) { clearTimeout(timer); timer = null; }
       if (polling) {
+        if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
         if (pollRequest) { pollRequest.abort(); }  // (an aborted request calls nothing)
         pollNow();
         return;
@@ -375,6 +389,7 @@
         if (source) { source.close(); }
         if (watchdog) { clearTimeout(watchdog); }
         if (timer) { clearTimeout(timer); }
+        if (pollTimer) { clearTimeout(pollTimer); }
         if (pollRequest) { pollRequest.abort(); }
       },
       get lastId() { return lastId; }
