@@ -360,3 +360,27 @@ def test_a_tab_joining_with_an_older_cursor_hears_of_the_gap(comet, new_browser)
 
     WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.joiner.gaps"))
     assert page.execute_script("return window.joiner") == {"events": ids[5:], "gaps": 1}
+
+
+WAITING_POLL = """
+window.states = [];
+Comet.subscribe({poll: '/t/fastpoll/?channel=' + arguments[0] + '&timeout=60', forcePoll: true,
+                 lastId: 1, shareTabs: false, onEvent: function () {},
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_waiting_poll_shows_as_live(comet, new_browser):
+    """A poll that waits for the next event is live: the server begins its answer at
+    once (a space), since a browser tells a script of an answer only with its body."""
+    channel = unique("waiting-").replace(" ", "")
+    page = new_browser("waiting-poll")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(WAITING_POLL, channel)
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.states.length"))
+    assert page.execute_script("return window.states") == ["live (long-poll)"]
+    assert comet.status()["channels"].get(channel) == 1  # still waiting: no answer yet
