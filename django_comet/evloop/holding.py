@@ -272,18 +272,16 @@ class Holder:
                 self._write(ex, gap_frame(ex.cursor, hold.channels))
 
     def _write(self, ex: Exchange, frame: bytes) -> None:
-        """One frame to a held stream, as fan-out writes it: straight into its output
-        buffer.  Never through evhttp_send_reply_chunk, which re-arms the connection's
-        write timeout: a heartbeat each interval would then keep a client that reads
-        nothing (and its whole replay in memory) for ever."""
+        """One frame to a held stream (a replayed event, a gap, a heartbeat), as a
+        stage's part is written: never through evhttp_send_reply_chunk, whose re-armed
+        write timeout a heartbeat each interval would keep from ever cutting a client
+        that reads nothing (nor its whole replay, held in memory)."""
         hold = ex.hold
         assert type(hold) is Stream
         if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + hold.backlog:
             self._drop_slow(ex)
             return
-        data = chunked(frame) if ex.protocol == "HTTP/1.1" else frame
-        self._lib.evbuffer_add(ex.outbuf, data, len(data))
-        ex.sent += len(frame)
+        self.server._send_part(ex, frame)
 
     def _drop_slow(self, ex: Exchange) -> None:
         self.dropped_slow += 1

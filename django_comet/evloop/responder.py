@@ -288,10 +288,11 @@ class Responder:
         return True
 
     def _send_part(self, ex: Exchange, data: bytes) -> None:
-        """A held response's next part (a stage's content), written as fan-out writes
-        events: straight into its connection's output buffer.  evhttp_send_reply_chunk
-        re-arms the write timeout, so a chain of stages to a client that reads nothing
-        was never cut by it, and piled its output up until COMET_MAX_HOLD."""
+        """A held response's next part (a stage's content, a stream's frame), written as
+        fan-out writes events: straight into its connection's output buffer.
+        evhttp_send_reply_chunk re-arms the write timeout, so a chain of stages (or a
+        stream's heartbeats) to a client that reads nothing was never cut by it, and
+        piled its output up until COMET_MAX_HOLD."""
         if ex.bev is None or ex.req is None or not data:
             self._send_chunk(ex, data)
             return
