@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ..evloop.hub import Event, hub
@@ -60,9 +60,9 @@ KEEPALIVES = {
     "keepalives_count": 3,
     "tcp_user_timeout": 20_000,
 }
-# A publishing transaction holds the advisory lock every publisher needs: should its
-# client stall inside it (a paused VM or process, a partition), PostgreSQL ends it after
-# this long, rather than every publish of every process waiting for as long as it stalls.
+# A transaction that holds the advisory lock every publisher needs: should its client
+# stall inside it (a paused VM or process, a partition), PostgreSQL ends it after this
+# long, rather than every publish of every process waiting for as long as it stalls.
 STALLED_PUBLISHER = "SET LOCAL idle_in_transaction_session_timeout = '5s'"
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
@@ -121,6 +121,16 @@ CREATE TABLE IF NOT EXISTS comet_channel (
 """
 
 
+@contextlib.contextmanager
+def _locked(conn: Any) -> Iterator[None]:
+    """A transaction holding the publishers' advisory lock (ids commit, and so are
+    notified, in id order), ended by PostgreSQL if its client stalls inside it."""
+    with conn.transaction():
+        conn.execute(STALLED_PUBLISHER)
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        yield
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -162,11 +172,9 @@ class PostgresBroker(ListeningBroker):
             options["application_name"] = application_name
         conn = self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
         if not self._schema_made:
-            with conn.transaction():
-                # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
-                # together on a new database would fail on each other's table.
-                conn.execute(STALLED_PUBLISHER)
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
+            # together on a new database would fail on each other's table.
+            with _locked(conn):
                 conn.execute(SCHEMA)
             self._schema_made = True
         return conn
@@ -191,9 +199,7 @@ class PostgresBroker(ListeningBroker):
         return self._on_conn(lambda conn: self._publish(conn, channel, data, name))
 
     def _publish(self, conn: Any, channel: str, data: str, name: str | None) -> int:
-        with conn.transaction():
-            conn.execute(STALLED_PUBLISHER)
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        with _locked(conn):
             row = conn.execute(
                 "INSERT INTO comet_event (channel, name, data) VALUES (%s, %s, %s) RETURNING id",
                 (channel, name, data),
@@ -371,9 +377,7 @@ class PostgresBroker(ListeningBroker):
         for old ones, and dropped, by every process that saw the first ones: the
         sequence moves past what this process saw (under the publishers' lock, never
         back)."""
-        with conn.transaction():
-            conn.execute(STALLED_PUBLISHER)
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        with _locked(conn):
             conn.execute(MOVE_IDS_PAST, {"seen": seen})
         logger.error(
             "PostgreSQL's newest event id went back from %d to %d (a failover, a "

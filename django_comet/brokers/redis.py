@@ -108,7 +108,7 @@ CONNECTION_OPTIONS: dict[str, Any] = {
 def connection_options(url: str) -> dict[str, Any]:
     """CONNECTION_OPTIONS, without the TCP ones for a Unix socket (unix://)."""
     if url.startswith("unix:"):
-        return {"socket_connect_timeout": 5, "socket_timeout": 10}
+        return {k: v for k, v in CONNECTION_OPTIONS.items() if not k.startswith("socket_keep")}
     return CONNECTION_OPTIONS
 
 
