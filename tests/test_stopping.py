@@ -269,6 +269,64 @@ def test_the_parent_handles_stop_signals_from_its_banner_on(monkeypatch, tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+def test_a_single_server_handles_stop_signals_from_its_banner_on(monkeypatch):
+    """The same for one process: its banner came before its handlers, and a test that
+    stopped it as soon as the banner was out saw it die of the SIGTERM (rc -15, its
+    unix socket file left behind).  In-process, as above."""
+    from django.core.management import call_command
+
+    from django_comet.management.commands import runcomet as module
+
+    class Announced(module.Server):
+        def serve_forever(self, **kwargs):
+            self.close()
+
+    defaults = (signal.SIG_DFL, signal.default_int_handler)
+    at_banner = []
+    cmd = Command(stdout=StringIO(), stderr=StringIO())
+    cmd.comet_server_cls = Announced
+    cmd.check_migrations = lambda: None  # (no database here)
+    cmd.on_bind = lambda *args, **kwargs: at_banner.extend(
+        signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+    )
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    assert set(previous.values()) <= set(defaults)
+    try:
+        call_command(cmd, "127.0.0.1:0", use_reloader=False, skip_checks=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert len(at_banner) == 2 and not set(at_banner) & set(defaults), at_banner
+
+
+def test_evloop_handles_stop_signals_from_its_banner_on(monkeypatch):
+    """And for ``python -m django_comet.evloop``, whose banner is a print."""
+    from django_comet.evloop import __main__ as module
+
+    class Announced(module.Server):
+        def serve_forever(self, **kwargs):
+            self.close()
+
+    defaults = (signal.SIG_DFL, signal.default_int_handler)
+    at_banner = []
+    monkeypatch.setattr(module, "Server", Announced)
+    monkeypatch.setattr(
+        module,
+        "print",
+        lambda *args, **kwargs: at_banner.extend(
+            signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+        ),
+        raising=False,
+    )
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        module.main(["tests.fixtureapps.apps:app", "127.0.0.1:0", "--no-access-log"])
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert len(at_banner) == 2 and not set(at_banner) & set(defaults), at_banner
+
+
 def test_clients_that_stopped_reading_do_not_hold_up_a_stop(demo_db):
     """With a minute of grace, a stop still ends soon after what can leave has left: a
     stream whose client reads nothing keeps its bytes in the server, not the stop."""

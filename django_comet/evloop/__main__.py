@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if not server.unix:
         host = f"[{config.host}]" if ":" in config.host else config.host
         where = f"http://{host}:{server.address[1]}/"
+    server.handle_signals()  # before the banner: a stop signal from then on drains
     print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
 

@@ -21,6 +21,7 @@ import errno
 import gc
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -127,6 +128,7 @@ class Server(Producer, Responder):
         self.requests = 0  # exchanges finished since start
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
+        self._handling_signals = False
         self._buf = self._lib.evbuffer_new()
         # Files go out by sendfile where libevent can: the shared buffer only ever hands
         # its contents on whole (evbuffer_add_buffer), which is what the flag promises.
@@ -190,20 +192,28 @@ class Server(Producer, Responder):
 
     # -- running -----------------------------------------------------------------------
 
-    def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
-        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain.
+    def handle_signals(self, *, worker: bool = False) -> None:
+        """Main thread: stop on SIGINT/SIGTERM from now on.  Call it before announcing the
+        server (a banner, a readiness probe): a signal sent between the two would find
+        the default action, and kill the process before it removed its socket file.
         A pre-forked ``worker`` ignores SIGINT, and SIGTERMs after the first: Ctrl-C
         reaches the whole process group, and the parent turns it into one SIGTERM per
         worker (two signals would cut)."""
-        if handle_signals:
-            import signal
+        if self._handling_signals:
+            return
+        self._handling_signals = True
+        if worker:
+            self.loop.add_signal_handler(signal.SIGTERM, self._drain_once)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.loop.add_signal_handler(signum, self.shutdown)
 
-            if worker:
-                self.loop.add_signal_handler(signal.SIGTERM, self._drain_once)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            else:
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    self.loop.add_signal_handler(signum, self.shutdown)
+    def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
+        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain.
+        See ``handle_signals`` for ``worker``."""
+        if handle_signals:
+            self.handle_signals(worker=worker)
         # What exists now (the app, its framework, the server) lives as long as the
         # process: freeze it, so that no collection scans it again.
         gc.collect()

@@ -198,10 +198,13 @@ class Command(RunserverCommand):
         except (TypeError, ValueError) as exc:  # a setting --skip-checks let through
             self._fail(f"Cannot start the server ({exc}); `manage.py check` names the setting.")
         get_broker().start_listening(server.loop)
-        self.on_bind(server.address[1], server)
         in_main_thread = threading.current_thread() is threading.main_thread()
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
-        # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully.
+        # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
+        # banner on.
+        if in_main_thread:
+            server.handle_signals()
+        self.on_bind(server.address[1], server)
         server.serve_forever(handle_signals=in_main_thread)
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
