@@ -384,3 +384,58 @@ def test_a_waiting_poll_shows_as_live(comet, new_browser):
     WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.states.length"))
     assert page.execute_script("return window.states") == ["live (long-poll)"]
     assert comet.status()["channels"].get(channel) == 1  # still waiting: no answer yet
+
+
+BACK_ONLINE = """
+var channel = arguments[0], mode = arguments[1];
+window.got = []; window.states = []; window.backoffs = [];
+// The network is down for the first connection only.
+var realOpen = XMLHttpRequest.prototype.open, polls = 0;
+XMLHttpRequest.prototype.open = function (method, url) {
+    polls += 1;
+    return realOpen.call(this, method, polls === 1 ? '/nowhere/' : url);
+};
+var RealEventSource = window.EventSource, streams = 0;
+window.EventSource = function (url) {
+    streams += 1;
+    return new RealEventSource(streams === 1 ? '/nowhere/' : url);
+};
+window.EventSource.CLOSED = RealEventSource.CLOSED;
+// Backoffs and watchdogs never fire: only the online event can reconnect.
+var realSetTimeout = window.setTimeout;
+window.setTimeout = function (callback, ms) {
+    if (ms) { window.backoffs.push(ms); return 0; }
+    return realSetTimeout(callback, 0);
+};
+Comet.subscribe({sse: '/t/stream/?channels=' + channel,
+                 poll: '/t/fastpoll/?channel=' + channel + '&timeout=60',
+                 forcePoll: mode === 'poll', shareTabs: false,
+                 onEvent: function (event) { window.got.push(event.id); },
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+@pytest.mark.parametrize("mode", ["sse", "poll"])
+def test_the_network_coming_back_reconnects_at_once(comet, new_browser, mode):
+    """After a failure, the browser's `online` event reconnects without waiting out the
+    backoff (up to 30 s), in both modes."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    channel = unique(f"online-{mode}-").replace(" ", "")
+    page = new_browser(f"online-{mode}")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(BACK_ONLINE, channel, mode)
+    WebDriverWait(page, 30).until(
+        lambda d: d.execute_script("return window.states.indexOf('reconnecting…') !== -1")
+    )
+    assert channel not in comet.status()["channels"]  # waiting out its backoff
+    page.execute_script("window.dispatchEvent(new Event('online'))")
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)
+    published = requests.post(
+        comet.url + "/t/publish/", data={"channel": channel, "data": '"back"'}, timeout=30
+    ).json()["id"]
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.got.length"))
+    assert page.execute_script("return window.got") == [published]
+    live = "live (sse)" if mode == "sse" else "live (long-poll)"
+    assert page.execute_script("return window.states") == ["reconnecting…", live]
