@@ -1,5 +1,6 @@
 """Tiny WSGI apps served by `python -m django_comet.evloop` in the server tests."""
 
+import collections
 import gc
 import json
 import time
@@ -10,18 +11,21 @@ def hello(environ, start_response):
     return [b"Hello, world!"]
 
 
-closed = []
+# Bodies closed, by the X-Tag header of their request: each test counts its own (a
+# body may be closed just after its response is out, while the next test begins).
+closed: collections.Counter[str] = collections.Counter()
 
 
 class _Body:
-    def __init__(self, parts):
+    def __init__(self, parts, environ=None):
         self.parts = parts
+        self.tag = (environ or {}).get("HTTP_X_TAG", "")
 
     def __iter__(self):
         return iter(self.parts)
 
     def close(self):
-        closed.append(True)
+        closed[self.tag] += 1
 
 
 def app(environ, start_response):
@@ -61,12 +65,12 @@ def app(environ, start_response):
             yield b"b"
 
         return gen()
-    if path == "/closed":
+    if path == "/closed":  # how many bodies of requests with this X-Tag were closed
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return _Body([str(len(closed)).encode()])
+        return [str(closed[environ.get("HTTP_X_TAG", "")]).encode()]
     if path == "/close-counter":
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return _Body([b"counted"])
+        return _Body([b"counted"], environ)
     if path == "/raise-before":
         raise RuntimeError("before start_response")
     if path == "/exit-before":
@@ -152,7 +156,7 @@ def app(environ, start_response):
         statuses = {"304": "304 Not Modified", "199": "199 Not Final"}
         status = statuses.get(environ["QUERY_STRING"], "200 OK")
         start_response(status, headers)
-        return _Body([b"L" * 65536] * 64)
+        return _Body([b"L" * 65536] * 64, environ)
     if path == "/odd-result":  # a result whose attributes fail with more than AttributeError
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _Touchy([b"never"])
@@ -178,7 +182,7 @@ def app(environ, start_response):
         return gen()
     if path == "/overlong-large":  # past its Content-Length with more than 1 MiB unsent
         start_response("200 OK", [("Content-Length", "300000")])
-        return _Body([b"a" * 100_000] * 3 + [b"x" * 2_000_000])
+        return _Body([b"a" * 100_000] * 3 + [b"x" * 2_000_000], environ)
     if path == "/reset-content":  # a 205 with a body, which must not go out
         start_response("205 Reset Content", [("Content-Length", "11")])
         return [b"hello world"]
