@@ -30,8 +30,10 @@ $(VENV_OLDEST)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages the tests use, installed only when missing (needs root, as in CI).
+# Elsewhere (macOS: `brew install libevent`) they are yours to install.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@command -v dpkg-query >/dev/null || { echo "Not Debian: install $(APT_PACKAGES) yourself."; exit 0; }; \
+	missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -40,9 +42,12 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
+# `make demo DEMO_ADDR=0.0.0.0:8080` to serve it elsewhere.
+DEMO_ADDR ?= 127.0.0.1:8000
 demo: deps
+	@$(MAKE) -s system-deps APT_PACKAGES=libevent-2.1-7
 	$(PY) demo_site/manage.py migrate --noinput -v0
-	$(PY) demo_site/manage.py runcomet 127.0.0.1:8000
+	$(PY) demo_site/manage.py runcomet $(DEMO_ADDR)
 
 lint: deps
 	$(VENV)/bin/ruff check django_comet tests demo_site bench

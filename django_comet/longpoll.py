@@ -14,7 +14,7 @@ import functools
 import json
 from collections.abc import Iterator
 
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
@@ -73,12 +73,20 @@ class PollResponse(StreamingHttpResponse):
 
 
 def poll_response(
-    request: HttpRequest, *channels: str, since: int | None = None, timeout: float = 25.0
+    request: HttpRequest, *channels: str, since: int | str | None = None, timeout: float = 25.0
 ) -> HttpResponseBase:
     """A view's whole job for a long-poll endpoint: check COMET_AUTHORIZE for every
     channel (403 if refused; 400 for a malformed name) and wait for events newer than
-    ``since`` (an event id; None: from now on)."""
+    ``since`` (an event id; None: from now on).  ``since`` may be the query string's
+    text as it came: anything but a whole number, 0 or more, is a 400."""
     refused = refusal(request, channels)
     if refused is not None:
         return refused
+    if isinstance(since, str):
+        if not (since.isascii() and since.isdigit()):
+            return HttpResponseBadRequest(
+                "since must be an event id (a whole number).",
+                content_type="text/plain; charset=utf-8",
+            )
+        since = int(since)
     return PollResponse(list(dict.fromkeys(channels)), since, timeout)

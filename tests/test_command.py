@@ -67,8 +67,23 @@ def test_bad_address_is_one_line():
             "CommandError: A COMET_* setting is invalid (COMET_TIMEOUT must be int or float, "
             "not 'soon'); `manage.py check` names it.",
         ),
+        (
+            ("0",),
+            {"COMET_LIBEVENT": "/nonexistent/libevent.so"},
+            "CommandError: libevent 2.1 could not be loaded; tried: /nonexistent/libevent.so "
+            "(/nonexistent/libevent.so: cannot open shared object file: No such file or "
+            "directory). Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7; "
+            "Fedora: dnf install libevent; macOS: brew install libevent) or set COMET_LIBEVENT "
+            "to the path of libevent's shared library.",
+        ),
     ],
-    ids=["port-out-of-range", "negative-threads", "threads-and-nothreading", "bad-setting"],
+    ids=[
+        "port-out-of-range",
+        "negative-threads",
+        "threads-and-nothreading",
+        "bad-setting",
+        "no-libevent",
+    ],
 )
 @pytest.mark.parametrize("reload", [False, True], ids=["noreload", "autoreload"])
 def test_bad_options_are_one_line_and_exit(args, env, message, reload):

@@ -9,7 +9,7 @@ import requests
 
 from django_comet.evloop.hub import sse_frame
 
-from .processes import runcomet
+from .processes import read_chunked, runcomet
 from .sse_client import SSEClient
 
 
@@ -270,6 +270,37 @@ def test_chat_poll_protocol(comet):
     body = requests.get(comet.url + f"/chat/poll/?since={last}").json()
     assert body["events"][-1] == {"id": event_id, "data": {"name": "t", "text": "hello"}}
     assert body["last_id"] == event_id
+
+
+@pytest.mark.parametrize("since", ["abc", "-1", "", "1.5", "%C2%B2"])
+def test_a_poll_cursor_that_is_not_an_event_id_is_a_400(comet, since):
+    """poll_response takes the query string's text as it came (it was a 500 in the
+    README's example, which called int() on it)."""
+    for path in ("/chat/poll/", "/t/fastpoll/?channel=chat&"):
+        url = comet.url + path + ("&" if "?" in path else "?") + f"since={since}"
+        response = requests.get(url.replace("&&", "&"), timeout=30)
+        assert response.status_code == 400, (path, response.status_code)
+        assert response.text == "since must be an event id (a whole number)."
+    assert comet.status()["held"] == 0
+
+
+def test_the_readmes_2007_style_long_poll(comet):
+    """The README's defer_until example (tests/views.py has it as printed): history at
+    once, a wait for the next event, and a cursor from before a reset starting over
+    instead of answering nothing at once, again and again."""
+    first = publish(comet, "readme", "one")
+    body = requests.get(comet.url + "/t/readme-wait/?since=0", timeout=30).json()
+    assert body["events"][-1]["id"] == first and body["last_id"] == first
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/readme-wait/?since=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % first)
+        comet.wait_for_status(lambda s: s["channels"].get("readme") == 1)
+        second = publish(comet, "readme", "two")
+        _, chunks = read_chunked(sock)
+    body = json.loads(b"".join(chunks))
+    assert [e["id"] for e in body["events"]] == [second] and body["last_id"] == second
+    reset = requests.get(comet.url + "/t/readme-wait/?since=99999999999999999", timeout=30)
+    assert [e["id"] for e in reset.json()["events"]][-2:] == [first, second]
+    assert reset.json()["last_id"] == second  # the next poll waits again
 
 
 def test_the_chat_answers_head_as_uptime_checks_send_it(comet):

@@ -39,5 +39,7 @@ urlpatterns = [
     path("t/poll-then-stage/", views.poll_then_stage, name="poll_then_stage"),
     path("t/after-event/", views.after_event, name="after_event"),
     path("t/timed-stage/", views.timed_stage, name="timed_stage"),
+    path("t/readme-wait/", views.wait_for_chat),
+    path("t/readme-deliver/", views.readme_deliver),
     path("", include("demo_site.urls")),
 ]

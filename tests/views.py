@@ -16,6 +16,7 @@ from django_comet import (
     defer_until,
     deferred_view,
     event_stream,
+    history,
     may_listen,
     poll_response,
     publish,
@@ -319,10 +320,26 @@ def timed_stage(request, response_prev=None):
 def fast_poll_view(request):
     """poll_response on ?channel= (comma-separated) after ?since= (optional) for
     ?timeout= seconds."""
-    since = request.GET.get("since")
     return poll_response(
         request,
         *request.GET["channel"].split(","),
-        since=int(since) if since else None,
+        since=request.GET.get("since"),
         timeout=float(request.GET.get("timeout", "5")),
     )
+
+
+# The README's long-poll in the 2007 style, as printed there (channel "readme").
+def wait_for_chat(request):
+    response = HttpResponse(content_type="application/json")
+    response.since = int(request.GET.get("since", 0))
+    return defer_until(response, "readme", readme_deliver, timeout=25, since=response.since)
+
+
+@deferred_view()
+def readme_deliver(request, response_prev=None, event=None):
+    since = response_prev.since
+    events = history("readme", after=since)
+    if event is not None and not events:  # a cursor from before a reset: start over
+        since, events = 0, history("readme")
+    last_id = events[-1]["id"] if events else since
+    return JsonResponse({"events": events, "last_id": last_id})

@@ -136,6 +136,10 @@ class Command(RunserverCommand):
         traceback, and a process left serving nothing)."""
         if not self.unix_socket and not 0 <= int(self.port) <= 65535:
             raise CommandError(f'"{self.port}" is not a valid port number.')
+        try:  # (an edit cannot fix it: the autoreloader need not wait for one)
+            libevent_ctypes.load()
+        except libevent_ctypes.LibeventMissing as exc:
+            raise CommandError(str(exc)) from None
         # A setting's error is one line here, at startup (in the reloader's parent too).
         # In a server the reloader restarted after an edit, it is raised in inner_run
         # instead, as runserver's are, so that the reloader waits for the fix (an error
