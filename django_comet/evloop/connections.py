@@ -1,7 +1,8 @@
 """Per-connection limits that evhttp lacks: deadlines for request heads (a slowloris
 sender is cut), a floor under the rate of a slow upload (a slow-POST sender is cut), and
 a maximum number of open connections (beyond it, accepting pauses and new clients wait
-in the kernel's backlog).
+in the kernel's backlog).  Its sweep is also when the server hands memory that closed
+connections let go back to the system (``Server.release_let_go``).
 
 evhttp tells Python nothing about a connection until its first request is complete, so
 the guard creates each connection's bufferevent itself (``evhttp_set_bevcb``) and holds
@@ -166,6 +167,7 @@ class ConnectionGuard:
         if self.paused and len(self._conns) < self.max_connections:
             self.paused = False
             self.server._accepting(True)
+        self.server.release_let_go()
 
     def _past_deadline(self, bev: int, now: float) -> None:
         lib = self._lib

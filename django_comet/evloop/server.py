@@ -411,11 +411,7 @@ class Server(Producer, Responder):
             bev = ex.conn or lib.evhttp_connection_get_bufferevent(evcon)
             unsent = lib.evbuffer_get_length(lib.bufferevent_get_output(bev))
             ex.sent = max(0, ex.sent - unsent)
-            self._let_go += unsent
-            if self._let_go > RELEASE_AFTER_BYTES:
-                # Once evhttp has freed it, after this callback (no timer: none is left).
-                self._let_go = 0
-                self.loop.call_soon(return_free_memory)
+            self._let_go += unsent  # evhttp frees it next: see release_let_go
         if self.guard.tracking:
             self.guard.closing(evcon)
         if ex is None:
@@ -446,6 +442,13 @@ class Server(Producer, Responder):
         self._exchanges.pop(ex.key, None)
 
     # -- bookkeeping -------------------------------------------------------------------
+
+    def release_let_go(self) -> None:
+        """Once a second (the connection guard's sweep): when closed connections have let
+        go of much unsent output, hand the freed memory back to the system."""
+        if self._let_go > RELEASE_AFTER_BYTES:
+            self._let_go = 0
+            return_free_memory()
 
     def _lift_read_timeout(self, ex: Exchange) -> None:
         assert ex.req is not None
