@@ -66,6 +66,17 @@ def test_event_published_on_one_server_reaches_the_other(pair):
         assert client.next_event() == {"id": str(event_id), "data": '{"from":"b"}'}
 
 
+def test_a_brokers_own_watchers_are_not_counted_as_request_timers(pair):
+    """`timers` in the status is what requests hold: 0 once they are gone, whatever the
+    broker (PostgreSQL's listener socket watcher showed as one timer left)."""
+    a, b = pair
+    with SSEClient(a, "/t/stream/?channels=counted") as client:
+        subscribed(a, "counted")
+        event_id = publish(b, "counted", {"n": 1})
+        assert client.next_event()["id"] == str(event_id)
+    assert a.wait_for_status(lambda s: s["held"] == 0)["timers"] == 0
+
+
 def test_publish_from_a_management_command_reaches_runcomet(pair, broker):
     a, _ = pair
     with SSEClient(a, "/t/stream/?channels=cron") as client:

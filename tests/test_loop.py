@@ -29,6 +29,7 @@ def test_timers_fire_in_order_and_cancel(loop):
     loop.run()
     assert fired == ["a", "b"]
     assert loop.pending_handles == 1  # only the wake-up watcher is left
+    assert loop.foreground_handles == 0  # which is the loop's own
 
 
 def test_a_timer_counts_from_when_it_is_armed_not_from_when_the_loop_woke(loop):

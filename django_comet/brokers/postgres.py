@@ -293,7 +293,9 @@ class PostgresBroker(ListeningBroker):
         """Loop thread: read notifications whenever the socket is readable."""
         self.connected.set()
         self._listen_conn = conn
-        self._watcher = self._loop.add_reader(conn.fileno(), lambda: self._readable(conn))
+        self._watcher = self._loop.add_reader(
+            conn.fileno(), lambda: self._readable(conn), background=True
+        )
         self._readable(conn)  # some may have arrived during the catch-up
 
     def _readable(self, conn: Any) -> None:
@@ -403,7 +405,7 @@ class PostgresBroker(ListeningBroker):
         # A read whose answer never comes (a network that dropped the connection without
         # a word) must not hold every later event back.
         slot.watchdog = self._loop.call_later(
-            STUCK_AFTER, lambda: self._stuck(slot, generation, event_id)
+            STUCK_AFTER, lambda: self._stuck(slot, generation, event_id), background=True
         )
         self._in_order.append(slot)
         self._reads.put((slot, event_id, generation))

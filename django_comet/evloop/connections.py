@@ -91,16 +91,11 @@ class ConnectionGuard:
             return
         self._bevcb = ev.evhttp_bevcb(self._new_connection)  # referenced while C may call
         self._lib.evhttp_set_bevcb(http, self._bevcb, None)
-        self._sweeper = server.loop.call_later(SWEEP_SECONDS, self._sweep)
+        self._sweeper = server.loop.call_later(SWEEP_SECONDS, self._sweep, background=True)
 
     @property
     def open(self) -> int:
         return len(self._conns)
-
-    @property
-    def handles(self) -> int:
-        """Loop handles the guard itself keeps (its sweeper)."""
-        return 1 if self._sweeper is not None else 0
 
     @property
     def tracking(self) -> bool:
@@ -153,7 +148,7 @@ class ConnectionGuard:
         return total
 
     def _sweep(self) -> None:
-        self._sweeper = self.server.loop.call_later(SWEEP_SECONDS, self._sweep)
+        self._sweeper = self.server.loop.call_later(SWEEP_SECONDS, self._sweep, background=True)
         now = time.monotonic()
         offset = self._offset
         assert offset is not None

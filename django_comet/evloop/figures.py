@@ -43,12 +43,7 @@ class WorkerFigures:
         self._carried = _counters(_read(self._path))
         # Written at once, then every second: until its file exists, the other workers
         # leave this one out of the figures they answer with.
-        self._timer: Handle | None = server.loop.call_later(0.0, self._write)
-
-    @property
-    def handles(self) -> int:
-        """Loop handles this keeps (its timer)."""
-        return 1 if self._timer is not None else 0
+        self._timer: Handle | None = server.loop.call_later(0.0, self._write, background=True)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -57,7 +52,7 @@ class WorkerFigures:
 
     def _write(self) -> None:
         """Loop thread, once a second."""
-        self._timer = self.server.loop.call_later(WRITE_SECONDS, self._write)
+        self._timer = self.server.loop.call_later(WRITE_SECONDS, self._write, background=True)
         figures = self.own(self.server.stats())
         if figures == self._written:
             return

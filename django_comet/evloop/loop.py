@@ -37,13 +37,16 @@ def timeval_of(seconds: float) -> ev.timeval:
 class Handle:
     """A registered libevent event (a timer or an fd watcher); ``cancel()`` releases it."""
 
-    __slots__ = ("_event", "_key", "_loop", "callback")
+    __slots__ = ("_event", "_key", "_loop", "background", "callback")
 
-    def __init__(self, loop: Loop, event: int, key: int, callback: Callable[..., Any]):
+    def __init__(
+        self, loop: Loop, event: int, key: int, callback: Callable[..., Any], background: bool
+    ):
         self._loop = loop
         self._event: int | None = event
         self._key = key
         self.callback = callback
+        self.background = background  # the loop's or a service's own, not a request's
 
     @property
     def active(self) -> bool:
@@ -61,6 +64,7 @@ class Loop:
         self._blocking = ev.blocking_lib()
         self._base: int = self._new_base()
         self._handles: dict[int, Handle] = {}
+        self._background = 0  # how many of them are background handles
         self._keys = itertools.count(1)
         self._trampoline = ev.event_callback_fn(self._dispatch)  # referenced while C may call
         self._ready: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
@@ -70,7 +74,7 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._wake_handle = self.add_reader(self._wake_r, self._on_wake)
+        self._wake_handle = self.add_reader(self._wake_r, self._on_wake, background=True)
         self._stopping = False
         self._fatal: BaseException | None = None
         self.thread_id: int | None = None
@@ -97,30 +101,39 @@ class Loop:
 
     # -- registration (loop thread) -----------------------------------------------------
 
-    def _register(self, fd: int, what: int, callback: Callable[..., Any]) -> Handle:
+    def _register(
+        self, fd: int, what: int, callback: Callable[..., Any], background: bool
+    ) -> Handle:
         key = next(self._keys)
         event = self._lib.event_new(self._base, fd, what, self._trampoline, key)
         if not event:
             raise OSError("event_new() failed")
-        handle = Handle(self, event, key, callback)
+        handle = Handle(self, event, key, callback, background)
         self._handles[key] = handle
+        self._background += background
         return handle
 
     def _release(self, handle: Handle) -> None:
         self._lib.event_free(handle._event)  # event_free also deletes a pending event
         handle._event = None
         del self._handles[handle._key]
+        self._background -= handle.background
 
-    def call_later(self, delay: float, callback: Callable[[], Any]) -> Handle:
-        """Run ``callback()`` once after ``delay`` seconds from now."""
+    def call_later(
+        self, delay: float, callback: Callable[[], Any], *, background: bool = False
+    ) -> Handle:
+        """Run ``callback()`` once after ``delay`` seconds from now.  A ``background``
+        timer is the server's or a service's own (a sweep, a broker's), not a request's."""
         when = timeval_of(delay)  # first: a delay it refuses must not leave an event behind
-        handle = self._register(-1, ev.EV_TIMEOUT, callback)
+        handle = self._register(-1, ev.EV_TIMEOUT, callback, background)
         self._lib.event_add(handle._event, ctypes.byref(when))
         return handle
 
-    def add_reader(self, fd: int, callback: Callable[[], Any]) -> Handle:
+    def add_reader(
+        self, fd: int, callback: Callable[[], Any], *, background: bool = False
+    ) -> Handle:
         """Run ``callback()`` each time ``fd`` is readable, until cancelled."""
-        handle = self._register(fd, ev.EV_READ | ev.EV_PERSIST, callback)
+        handle = self._register(fd, ev.EV_READ | ev.EV_PERSIST, callback, background)
         self._lib.event_add(handle._event, None)
         return handle
 
@@ -223,3 +236,8 @@ class Loop:
     def pending_handles(self) -> int:
         """Timers and watchers registered right now (the wake-up pipe counts as one)."""
         return len(self._handles)
+
+    @property
+    def foreground_handles(self) -> int:
+        """Those of them that are not background handles: the requests' own."""
+        return len(self._handles) - self._background

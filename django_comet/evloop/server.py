@@ -298,15 +298,12 @@ class Server(Producer, Responder):
 
     def stats(self) -> dict[str, Any]:
         """This process's figures."""
-        own_handles = 1 + self.guard.handles  # the wake-up pipe, the sweeper
-        if self.shared_figures is not None:
-            own_handles += self.shared_figures.handles
         return {
             "held": self.held,
             "requests": self.requests,
             "in_flight": len(self._exchanges),
             # Timers and watchers of requests: less the server's own.
-            "timers": self.loop.pending_handles - own_handles,
+            "timers": self.loop.foreground_handles,
             "threads": self._pool.size if self._pool else 0,
             "connections": self.guard.open,
             "header_timeouts": self.guard.timed_out,
