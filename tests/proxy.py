@@ -83,4 +83,8 @@ class Proxy:
         self.listener.close()
         for sock in self.sockets:
             with contextlib.suppress(OSError):
+                # close() alone leaves the connection open while a pump is blocked in
+                # recv() on it: the server would go on holding what it forwarded.
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 sock.close()

@@ -5,6 +5,7 @@ from . import views
 urlpatterns = [
     path("t/echo/", views.echo, name="echo"),
     path("t/sleep/", views.sleep, name="sleep"),
+    path("t/fork-holder/", views.fork_holder),
     path("t/boom/", views.boom, name="boom"),
     path("t/quick-stages/", views.quick_stages, name="quick_stages"),
     path("t/endless-stages/", views.endless_stages),

@@ -51,6 +51,16 @@ def sleep(request):
     return HttpResponse("slept")
 
 
+def fork_holder(request):
+    """Fork a child that keeps a copy of every descriptor of the server (its listening
+    socket among them) until killed, as a pre-forked sibling or a view's child does."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return HttpResponse(str(pid))
+
+
 def boom(request):
     raise RuntimeError("boom (a test of the 500 path)")
 

@@ -60,6 +60,7 @@ class Server:
     name: str
     command: Callable[[int], list[str]]  # port -> argv
     threads: int | None = None  # runcomet's --threads (None: not runcomet)
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
 
 @dataclass
@@ -126,6 +127,15 @@ def bare_servers(default: int, skipped: list[str]) -> list[Server]:
         skipped.append(f"C evhttp_hello skipped: {why}")
     else:
         servers.append(Server("C evhttp_hello (no Python)", lambda port: [binary, str(port)]))
+        # runcomet turns on epoll's changelist; the bar's C program runs with libevent's
+        # defaults, and this row shows what the same flag gives it.
+        servers.append(
+            Server(
+                "C evhttp_hello, epoll changelist",
+                lambda port: [binary, str(port)],
+                env={"EVENT_EPOLL_USE_CHANGELIST": "1"},
+            )
+        )
     return servers
 
 
@@ -201,7 +211,7 @@ def running(server: Server, port: int) -> Iterator[None]:
     """Start ``server`` on CPU 0, check that it answers correctly, always stop it."""
     CACHE.mkdir(parents=True, exist_ok=True)
     log_path = CACHE / (re.sub(r"\W+", "-", server.name).strip("-") + ".log")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SNAPSHOT)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SNAPSHOT)]), **server.env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             ["taskset", "-c", SERVER_CPU, *server.command(port)],

@@ -24,6 +24,7 @@ published (the newest row of a channel stays, to read large events and to tell t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -314,8 +315,7 @@ class PostgresBroker(ListeningBroker):
             slot.settle()
         self._in_order.clear()
         self._watcher.cancel()
-        with contextlib.suppress(Exception):
-            self._listen_conn.close()
+        self._loop.close_unwatched(functools.partial(_close_quietly, self._listen_conn))
         if not self._closed.is_set():
             logger.warning("%s; reconnecting", why)
             self._connect_for_loop()
@@ -526,6 +526,11 @@ def _notice(payload: str) -> Event | tuple[int, str | None]:
         return int(fields[0]), fields[1]
     event_id, channel, name, data = fields
     return Event(channel, event_id, data, name)
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 def conninfo_from_url(url: str, database: Any = None) -> str:

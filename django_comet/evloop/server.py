@@ -130,7 +130,7 @@ class Server(Producer, Responder):
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
         self._handling_signals = False
-        self._let_go = 0  # bytes left unsent by closed connections, since the last release
+        self._let_go = 0  # bytes closed connections let go of, since the last release
         self._buf = self._lib.evbuffer_new()
         # Files go out by sendfile where libevent can: the shared buffer only ever hands
         # its contents on whole (evbuffer_add_buffer), which is what the flag promises.
@@ -241,9 +241,15 @@ class Server(Producer, Responder):
             self.loop.stop()
             return
         self._draining = True
-        self._lib.evhttp_del_accept_socket(self._http, self._bound)  # closes the fd too
-        self._bound = None
+        self._lib.evconnlistener_disable(self._listener)
+        bound, self._bound = self._bound, None
         self.sock.detach()
+
+        def close_listener() -> None:  # pre-forked siblings share the socket: see Loop
+            if self._http:  # else evhttp_free did
+                self._lib.evhttp_del_accept_socket(self._http, bound)  # closes the fd too
+
+        self.loop.close_unwatched(close_listener)
         if self._own_path:
             remove_unix_socket(self._own_path, self._own_id)
         self.holder.end_all()
@@ -404,12 +410,13 @@ class Server(Producer, Responder):
         """libevent: the connection of exchange ``key`` is gone (client left, timeout,
         or an aborted response)."""
         ex = self._exchanges.get(key)
+        self._let_go += CONNECTION_BYTES  # evhttp frees it next: see release_let_go
         if ex is not None and ex.sent:  # what is still queued never left (a file: most)
             lib = self._lib
             bev = ex.conn or lib.evhttp_connection_get_bufferevent(evcon)
             unsent = lib.evbuffer_get_length(lib.bufferevent_get_output(bev))
             ex.sent = max(0, ex.sent - unsent)
-            self._let_go += unsent  # evhttp frees it next: see release_let_go
+            self._let_go += unsent
         if self.guard.tracking:
             self.guard.closing(evcon)
         if ex is None:
@@ -508,10 +515,13 @@ class Server(Producer, Responder):
             )
 
 
-# Output left unsent by closed connections after which free heap memory goes back to
-# the system: glibc keeps it for reuse otherwise (RSS stayed at 390 MB after slow
-# readers that were dropped had had 300 MB buffered).
-RELEASE_AFTER_BYTES = 32 * 1024 * 1024
+# Memory let go by closed connections (their unsent output, and their own structures)
+# after which free heap memory goes back to the system: glibc keeps it for reuse
+# otherwise.  RSS stayed at 390 MB after slow readers that were dropped had had 300 MB
+# buffered, and 16 MiB up after 5,000 streams reset at once (libevent frees a closed
+# connection a pass later, among the next pass's allocations).
+RELEASE_AFTER_BYTES = 16 * 1024 * 1024
+CONNECTION_BYTES = 4096  # about what a held connection takes (bench/fanout)
 
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
