@@ -291,7 +291,10 @@ class Server(Producer, Responder):
         if self.shared_figures is not None:
             self.shared_figures.close()
         if self._http:
-            self._lib.evhttp_free(self._http)  # closes the listener and idle connections
+            # Closes the listener and idle connections.  The listener's descriptor closes
+            # at once: a loop passed in that goes on running after this may see it
+            # reported if another process shares the socket (see Loop._new_base).
+            self._lib.evhttp_free(self._http)
             self._http = 0
             if self._bound is not None:
                 self.sock.detach()  # libevent owned and closed the fd
