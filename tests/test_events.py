@@ -200,3 +200,68 @@ def test_the_hub_keeps_the_histories_of_its_most_recently_published_channels():
     assert hub.since(["b"], 2) == ([], False)  # a client that had it missed nothing
     assert hub.newest_id(["b"]) == 2
     assert [e.id for e in hub.since(["a"], 0)[0]] == [1, 3]
+
+
+def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkeypatch, caplog):
+    """The memory broker in a process that has served no request and runs no server (a
+    shell, a command, a task worker): the event reaches no browser, and that is said."""
+    from django_comet.brokers import memory
+
+    monkeypatch.setattr(memory, "_served", False)
+    monkeypatch.setattr(memory, "_warned", False)
+    first = publish("nowhere", 1)
+    assert publish("nowhere", 2) == first + 1
+    told = [r for r in caplog.records if "served no request" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelname == "WARNING"
+    assert "publish('nowhere')" in told[0].getMessage()
+
+
+def test_a_publish_in_a_process_that_serves_is_not_warned_about(monkeypatch, caplog, client):
+    from django_comet.brokers import memory
+    from django_comet.evloop.hub import hub
+
+    monkeypatch.setattr(memory, "_warned", False)
+    monkeypatch.setattr(memory, "_served", False)
+
+    def sink(event):  # a server in this process takes events from the hub
+        pass
+
+    hub.add_sink(sink)
+    try:
+        publish("served", 1)
+    finally:
+        hub.remove_sink(sink)
+    memory.watch_for_requests()
+    assert client.get("/t/echo/").status_code == 200  # any request: runserver, gunicorn
+    publish("served", 2)
+    assert memory._served
+    assert not [r for r in caplog.records if "served no request" in r.getMessage()]
+
+
+def test_a_publish_from_a_shell_with_the_memory_broker_is_warned_about(demo_db):
+    import subprocess
+    import sys
+
+    from .processes import ROOT
+
+    shell = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "demo_site" / "manage.py"),
+            "shell",
+            "-c",
+            "from django_comet import publish; print(publish('chat', {'text': 'hi'}))",
+        ],
+        env={
+            "DEMO_DB": demo_db,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip().splitlines()[-1].isdigit()  # published all the same
+    assert "publish('chat') with COMET_BROKER = 'memory://'" in shell.stderr

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable
+from typing import Any
+
+from django.core.signals import request_started
 
 from ..evloop.hub import Event, hub
 from .base import Broker
+
+logger = logging.getLogger("django_comet.brokers")
+
+# Whether this process has handled a request (runcomet, runserver, gunicorn, the test
+# client): set by the first request_started, after which the receiver goes.
+_served = False
+_warned = False
+
+
+def note_serving(**kwargs: Any) -> None:
+    """request_started (connected by the app): this process serves clients."""
+    global _served
+    _served = True
+    request_started.disconnect(dispatch_uid=__name__)
+
+
+def watch_for_requests() -> None:
+    request_started.connect(note_serving, dispatch_uid=__name__)
 
 
 class MemoryBroker(Broker):
@@ -33,8 +55,23 @@ class MemoryBroker(Broker):
         return events, gap or 0 < after < self._started_at
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
+        if not (_served or _warned or hub.serving):
+            _warn_serving_no_one(channel)
         with self._lock:  # ids and their order into the hub agree
             self._last_id += 1
             event = Event(channel, self._last_id, data, name)
             hub.add(event)
         return event.id
+
+
+def _warn_serving_no_one(channel: str) -> None:
+    global _warned
+    _warned = True
+    logger.warning(
+        "publish(%r) with COMET_BROKER = 'memory://' in a process that has served no "
+        "request and runs no comet server (a shell, a management command, a task "
+        "worker?): the event stays in this process, and no browser gets it. To publish "
+        "from outside the server, use a shared broker (COMET_BROKER = 'postgres://' or "
+        "'redis://...').",
+        channel,
+    )

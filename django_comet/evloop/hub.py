@@ -193,6 +193,11 @@ class Hub:
                 newest = max(newest, history[-1].id if history else 0, self._lost.get(channel, 0))
             return newest
 
+    @property
+    def serving(self) -> bool:
+        """Whether a server in this process takes events from here (has a sink)."""
+        return bool(self._sinks)
+
     def add_sink(self, sink: Callable[[Event], None]) -> None:
         with self._lock:
             self._sinks.append(sink)

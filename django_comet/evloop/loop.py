@@ -92,8 +92,10 @@ class Loop:
         # requests per second).  Its one hazard, a descriptor closed before its removal
         # reaches epoll while another descriptor (a dup, a forked child's copy) keeps the
         # socket open, would leave epoll reporting a socket no one watches.  Nothing here
-        # closes a watched descriptor at once: bufferevents close theirs from a finalizer,
-        # after the next pass, and our own watchers close theirs with ``close_unwatched``.
+        # closes a watched descriptor at once: a connection's socket closes from its
+        # bufferevent's finalizer, or at the connection guard's next sweep, after its watch
+        # was removed (strace: DEL, then close, for resets, EOFs and timeouts), and our own
+        # watchers close theirs with ``close_unwatched``.
         flags = (
             ev.EVENT_BASE_FLAG_PRECISE_TIMER
             | ev.EVENT_BASE_FLAG_NO_CACHE_TIME
