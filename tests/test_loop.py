@@ -151,3 +151,25 @@ def test_closing_the_loop_drops_queued_calls_and_closes_the_files_they_carry(tmp
     loop.close()  # before the loop ever ran the call
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_epolls_changelist_is_for_a_server_that_tracks_its_connections():
+    """The changelist is safe only when every watched descriptor closes a pass after its
+    watch was removed: the server's connection guard sees to that (tests/
+    test_forked_children.py), so a loop has it only when the server asks."""
+    from django_comet.evloop import libevent_ctypes as ev
+    from django_comet.evloop.config import ServerConfig
+    from django_comet.evloop.server import Server
+
+    method = ev.lib().event_base_get_method
+    plain = Loop()
+    try:
+        assert method(plain.base) == b"epoll"
+    finally:
+        plain.close()
+    server = Server(lambda environ, start_response: [], ServerConfig(port=0, access_log=False))
+    try:
+        assert server.guard.tracking
+        assert method(server.loop.base) == b"epoll (with changelist)"
+    finally:
+        server.close()

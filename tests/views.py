@@ -47,6 +47,8 @@ def echo(request):
 
 
 def sleep(request):
+    if "started" in request.GET:  # a file the test waits for: the view is running
+        open(request.GET["started"], "w").close()
     time.sleep(float(request.GET.get("s", "1")))
     return HttpResponse("slept")
 
@@ -56,6 +58,9 @@ def fork_holder(request):
     socket among them) until killed, as a pre-forked sibling or a view's child does."""
     pid = os.fork()
     if pid == 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)  # not the server's output: the tests read
+        os.dup2(quiet, 1)  # it to its end, which would wait for this child
+        os.dup2(quiet, 2)
         time.sleep(60)
         os._exit(0)
     return HttpResponse(str(pid))

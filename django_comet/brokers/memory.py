@@ -55,7 +55,11 @@ class MemoryBroker(Broker):
         return events, gap or 0 < after < self._started_at
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
-        if not (_served or _warned or hub.serving):
+        # The main thread only: a server's own threads (a ticker started by an app's
+        # ready(), under runcomet, runserver or gunicorn) may publish before it serves.
+        if not (_served or _warned or hub.serving) and threading.current_thread() is (
+            threading.main_thread()
+        ):
             _warn_serving_no_one(channel)
         with self._lock:  # ids and their order into the hub agree
             self._last_id += 1

@@ -8,11 +8,12 @@ evhttp tells Python nothing about a connection until its first request is comple
 the guard creates each connection's bufferevent itself (``evhttp_set_bevcb``) and holds
 one reference on it.  A sweep once a second finds the connections evhttp has let go
 (``bufferevent_free`` clears the event callback; our reference keeps the memory valid
-to look at), drops our reference (which closes the socket), and deals with the
-connections past their deadline.  The event callback, not the read callback: evhttp
-clears the read callback itself whenever it writes a response, for as long as a
-download or a stream lasts.  Its offset in ``struct bufferevent`` is found at start by
-setting a known callback on a scratch bufferevent, not compiled in.
+to look at), drops our reference (which closes the socket, a pass after disabling it:
+see ``_release``), and deals with the connections past their deadline.  The event
+callback, not the read callback: evhttp clears the read callback itself whenever it
+writes a response, for as long as a download or a stream lasts.  Its offset in
+``struct bufferevent`` is found at start by setting a known callback on a scratch
+bufferevent, not compiled in.
 
 A deadline runs while a connection owes us a request: from its opening, and again from
 the end of each response.  A request in progress (a view running, a response held) has
@@ -47,6 +48,19 @@ MIN_UPLOAD_RATE = 500
 PROBATION_SECONDS = 2.0
 
 
+def can_track_connections() -> bool:
+    """Whether this libevent's bufferevents let the guard track connections (a scratch
+    event base tells, before the server's own is made: see Loop._new_base)."""
+    lib = ev.lib()
+    base = lib.event_base_new()
+    if not base:
+        return False
+    try:
+        return find_eventcb_offset(lib, base) is not None
+    finally:
+        lib.event_base_free(base)
+
+
 def find_eventcb_offset(lib: ctypes.CDLL, base: int) -> int | None:
     """Where ``errorcb`` (the event callback) sits in ``struct bufferevent``, or None if
     it cannot be found."""
@@ -77,6 +91,7 @@ class ConnectionGuard:
         self.timed_out = 0
         self.paused = False
         self._conns: dict[int, float] = {}  # bufferevent -> deadline for a request, or 0
+        self._releasing: list[int] = []  # disabled, our reference dropped next pass
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
         self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
@@ -127,11 +142,26 @@ class ConnectionGuard:
 
     def closing(self, evcon: int) -> None:
         """evhttp is freeing this connection (its close callback runs first): drop our
-        reference now rather than at the next sweep, so that its memory is reused while
-        it is still near the top of the heap (after a storm of resets, most of it)."""
+        reference at the next pass rather than at the next sweep, so that its memory is
+        reused while it is still near the top of the heap (after a storm of resets, most
+        of it)."""
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         if self._conns.pop(bev, None) is not None:
             self._arriving.pop(bev, None)  # its input buffer, callback and all, goes with it
+            self._release(bev)
+
+    def _release(self, bev: int) -> None:
+        """Drop our reference, the last one once evhttp let go, which closes the socket:
+        a pass after its watch is removed, so that epoll has forgotten the socket by
+        then (with the changelist, removals reach epoll at the next pass: Loop)."""
+        self._lib.bufferevent_disable(bev, ev.EV_READ | ev.EV_WRITE)
+        self._releasing.append(bev)
+        if len(self._releasing) == 1:
+            self.server.loop.close_unwatched(self._release_disabled)
+
+    def _release_disabled(self) -> None:
+        releasing, self._releasing = self._releasing, []
+        for bev in releasing:
             self._lib.bufferevent_decref(bev)
 
     def unsent(self) -> int:
@@ -155,7 +185,7 @@ class ConnectionGuard:
             if not ctypes.c_void_p.from_address(bev + offset).value:
                 del self._conns[bev]  # evhttp let it go: ours is the last reference
                 self._arriving.pop(bev, None)
-                self._lib.bufferevent_decref(bev)
+                self._release(bev)
             elif deadline and now > deadline:
                 self._past_deadline(bev, now)
         if self.paused and len(self._conns) < self.max_connections:
@@ -210,9 +240,10 @@ class ConnectionGuard:
 
     def release_all(self) -> None:
         """After evhttp_free: drop our reference on every connection's bufferevent."""
-        for bev in self._conns:
+        for bev in [*self._conns, *self._releasing]:
             self._lib.bufferevent_decref(bev)
         self._conns.clear()
+        self._releasing.clear()
         self._arriving.clear()
 
 
@@ -221,9 +252,7 @@ def shutdown_socket(fd: int) -> None:
     descriptor itself stays libevent's to close."""
     if fd < 0:
         return
-    # Borrowed, not duplicated: with epoll's changelist (see Loop) no other descriptor
-    # may ever share a watched socket.
-    sock = socket.socket(fileno=fd)
+    sock = socket.socket(fileno=fd)  # borrowed: detached below, never closed here
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

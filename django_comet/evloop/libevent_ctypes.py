@@ -134,6 +134,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "event_config_set_flag": (c_int, [event_config_p, c_int]),
     # void event_config_free(struct event_config *cfg);
     "event_config_free": (None, [event_config_p]),
+    # struct event_base *event_base_new(void);
+    "event_base_new": (event_base_p, []),
     # struct event_base *event_base_new_with_config(const struct event_config *);
     "event_base_new_with_config": (event_base_p, [event_config_p]),
     # void event_base_free(struct event_base *);

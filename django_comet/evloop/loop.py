@@ -59,10 +59,10 @@ class Handle:
 
 
 class Loop:
-    def __init__(self) -> None:
+    def __init__(self, *, changelist: bool = False) -> None:
         self._lib = ev.load()
         self._blocking = ev.blocking_lib()
-        self._base: int = self._new_base()
+        self._base: int = self._new_base(changelist)
         self._handles: dict[int, Handle] = {}
         self._background = 0  # how many of them are background handles
         self._keys = itertools.count(1)
@@ -79,7 +79,7 @@ class Loop:
         self._fatal: BaseException | None = None
         self.thread_id: int | None = None
 
-    def _new_base(self) -> int:
+    def _new_base(self, changelist: bool) -> int:
         # By default libevent times timeouts with the kernel's coarse clock, which moves
         # once per tick (every 4 ms at HZ=250): every timer would be up to a tick late.
         # And it counts a timeout from the time it read when the loop woke: after a long
@@ -87,20 +87,20 @@ class Loop:
         # due at once (1,000 staged responses served one after another would all want
         # their next stage at the same instant, and again at every stage).
         #
-        # With epoll, the changelist folds the watch changes a pass makes to a socket into
-        # one epoll_ctl: a keep-alive exchange made six, now two (a third more bare WSGI
-        # requests per second).  Its one hazard, a descriptor closed before its removal
-        # reaches epoll while another descriptor (a dup, a forked child's copy) keeps the
-        # socket open, would leave epoll reporting a socket no one watches.  Nothing here
-        # closes a watched descriptor at once: a connection's socket closes from its
-        # bufferevent's finalizer, or at the connection guard's next sweep, after its watch
-        # was removed (strace: DEL, then close, for resets, EOFs and timeouts), and our own
-        # watchers close theirs with ``close_unwatched``.
-        flags = (
-            ev.EVENT_BASE_FLAG_PRECISE_TIMER
-            | ev.EVENT_BASE_FLAG_NO_CACHE_TIME
-            | ev.EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST
-        )
+        # With epoll, the ``changelist`` folds the watch changes a pass makes to a socket
+        # into one epoll_ctl: a keep-alive exchange made six, now two (a third more bare
+        # WSGI requests per second).  Its hazard: a descriptor closed in the pass that
+        # stopped watching it, before the removal reaches epoll, while another descriptor
+        # keeps the socket open (a forked child's copy: multiprocessing's fork, a view
+        # that forks; pre-forked siblings' listening socket), stays in epoll, which
+        # reports it for as long as the copy lives, and the loop spins.  libevent closes a
+        # connection that way.  So only the server turns it on, when its connection guard
+        # holds the last reference on every connection and drops it a pass after
+        # disabling it (ConnectionGuard); its listener and our watchers close with
+        # ``close_unwatched``.
+        flags = ev.EVENT_BASE_FLAG_PRECISE_TIMER | ev.EVENT_BASE_FLAG_NO_CACHE_TIME
+        if changelist:
+            flags |= ev.EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST
         config = self._lib.event_config_new()
         if not config:
             raise OSError("event_config_new() failed")

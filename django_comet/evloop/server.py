@@ -29,7 +29,7 @@ from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
-from .connections import ConnectionGuard
+from .connections import ConnectionGuard, can_track_connections
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
@@ -116,7 +116,7 @@ class Server(Producer, Responder):
         self.app = app
         self.config = config or ServerConfig()
         self._own_loop = loop is None  # closed with the server; a loop passed in is not
-        self.loop = loop or Loop()
+        self.loop = loop or Loop(changelist=can_track_connections())
         self._lib = ev.lib()
         # A Unix socket this server bound itself is also its to remove when it stops.
         self._own_path = "" if sock else self.config.unix_socket

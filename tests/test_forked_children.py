@@ -1,0 +1,121 @@
+"""A process forked from a view (multiprocessing's fork, os.fork) keeps a copy of every
+descriptor of the server, as pre-forked siblings keep its listening socket.  A socket the
+server closes then stays open in the copy: the server must not go on hearing of it (with
+epoll's changelist, one closed before its removal reached epoll stayed in epoll, and the
+loop spun at 100% CPU for as long as the copy lived)."""
+
+import contextlib
+import os
+import signal
+import socket
+import time
+
+import pytest
+import requests
+
+from .processes import runcomet
+from .sse_client import SSEClient
+from .test_hardening import wait_until
+
+
+@pytest.fixture
+def holder():
+    """``holder(server)``: fork a child of the server that keeps its descriptors (killed
+    after the test); returns its pid."""
+    pids = []
+
+    def fork(server) -> int:
+        pid = int(requests.get(server.url + "/t/fork-holder/", timeout=10).text)
+        pids.append(pid)
+        return pid
+
+    yield fork
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def assert_idle(server) -> None:
+    """With nothing to do, the server's CPU over a second stays far from a spin's 100%."""
+    started = cpu_seconds(server.proc.pid)
+    time.sleep(1.0)  # a window to measure in, not a wait for an event
+    spent = cpu_seconds(server.proc.pid) - started
+    assert spent < 0.5, f"the server used {spent:.2f} s of CPU in 1 s with nothing to do"
+
+
+def reset(stream: SSEClient) -> None:
+    """Close with a reset, as a client that vanishes does."""
+    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    stream.close()
+
+
+def test_a_stream_whose_client_left_is_forgotten(demo_db, holder):
+    server = runcomet(db=demo_db)
+    try:
+        stream = SSEClient(server, "/t/stream/?channels=forked")
+        server.wait_for_status(lambda s: s["channels"].get("forked") == 1)
+        holder(server)
+        reset(stream)
+        server.wait_for_status(lambda s: s["held"] == 0 and "forked" not in s["channels"])
+        assert_idle(server)
+    finally:
+        assert server.stop() == 0
+
+
+def test_connections_that_close_while_the_loop_is_busy_are_forgotten(demo_db, holder, tmp_path):
+    """With --threads 0 a slow view holds the loop: the connections that close meanwhile
+    are freed in the pass that follows, the one in which the overdue sweep runs too."""
+    server = runcomet("--threads", "0", db=demo_db)
+    try:
+        idle = []
+        for _ in range(20):  # keep-alive connections, each after one exchange
+            sock = server.connect()
+            sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            idle.append(sock)
+        holder(server)
+        started = tmp_path / "started"
+        slow = server.connect()
+        slow.sendall(
+            f"GET /t/sleep/?s=1.5&started={started} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        wait_until(started.exists)  # the loop is in the view now
+        for sock in idle:
+            sock.close()
+        assert b"slept" in slow.recv(65536)
+        server.wait_for_status(lambda s: s["connections"] <= 2)
+        assert_idle(server)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_drain_forgets_the_listening_socket_another_process_keeps(demo_db, holder):
+    """Pre-forked siblings (here a forked child) keep the listening socket open after a
+    draining server closes its descriptor; connections queue on it, never accepted."""
+    server = runcomet(db=demo_db)
+    try:
+        holder(server)
+        slow = server.connect()  # keeps the drain going
+        slow.sendall(b"GET /t/sleep/?s=6 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        server.wait_for_status(lambda s: s["in_flight"] >= 2)
+        probe = server.connect()
+        server.signal(signal.SIGTERM)
+        # An answer that closes its connection: the drain has begun.
+        probe.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"Connection: close" in probe.recv(65536)
+        probe.close()
+        queued = [server.connect() for _ in range(3)]
+        assert_idle(server)
+        assert b"slept" in b"".join(iter(lambda: slow.recv(65536), b""))
+        assert server.proc.wait(20) == 0
+        for sock in queued:
+            sock.close()
+    finally:
+        server.stop()
