@@ -8,8 +8,8 @@ evhttp tells Python nothing about a connection until its first request is comple
 the guard creates each connection's bufferevent itself (``evhttp_set_bevcb``) and holds
 one reference on it.  A sweep once a second finds the connections evhttp has let go
 (``bufferevent_free`` clears the event callback; our reference keeps the memory valid
-to look at), drops our reference (which closes the socket, a pass after disabling it:
-see ``_release``), and deals with the connections past their deadline.  The event
+to look at), drops our reference (which closes the socket, once a pass has begun since
+it was disabled: see ``_release``), and deals with the connections past their deadline.  The event
 callback, not the read callback: evhttp clears the read callback itself whenever it
 writes a response, for as long as a download or a stream lasts.  Its offset in
 ``struct bufferevent`` is found at start by setting a known callback on a scratch
@@ -27,6 +27,8 @@ this way still ends at evhttp's bound on its size (48 KiB here: within about 100
 from __future__ import annotations
 
 import ctypes
+import functools
+import itertools
 import logging
 import socket
 import time
@@ -91,7 +93,10 @@ class ConnectionGuard:
         self.timed_out = 0
         self.paused = False
         self._conns: dict[int, float] = {}  # bufferevent -> deadline for a request, or 0
-        self._releasing: list[int] = []  # disabled, our reference dropped next pass
+        self._releasing: list[int] = []  # disabled: our reference goes in two passes
+        # Batches disabled a pass ago or more, each dropped at a later pass.
+        self._dropping: dict[int, list[int]] = {}
+        self._batches = itertools.count()
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
         self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
@@ -152,16 +157,29 @@ class ConnectionGuard:
 
     def _release(self, bev: int) -> None:
         """Drop our reference, the last one once evhttp let go, which closes the socket:
-        a pass after its watch is removed, so that epoll has forgotten the socket by
-        then (with the changelist, removals reach epoll at the next pass: Loop)."""
+        only after a pass has begun since its watch was removed, so that epoll has
+        forgotten the socket by then (with the changelist, removals reach epoll when the
+        next pass begins: Loop).  In two steps, a timer each (a timer armed in a pass
+        runs in a later one): a connection disabled in the pass where the first step's
+        timer runs, before it, is dropped by the second step's, one pass later still."""
         self._lib.bufferevent_disable(bev, ev.EV_READ | ev.EV_WRITE)
         self._releasing.append(bev)
         if len(self._releasing) == 1:
-            self.server.loop.close_unwatched(self._release_disabled)
+            self.server.loop.call_later(0, self._a_pass_began, background=True)
 
-    def _release_disabled(self) -> None:
-        releasing, self._releasing = self._releasing, []
-        for bev in releasing:
+    @property
+    def releasing(self) -> bool:
+        """Whether closed connections wait for our reference to go."""
+        return bool(self._releasing or self._dropping)
+
+    def _a_pass_began(self) -> None:
+        batch, self._releasing = self._releasing, []
+        key = next(self._batches)
+        self._dropping[key] = batch
+        self.server.loop.close_unwatched(functools.partial(self._drop_released, key))
+
+    def _drop_released(self, key: int) -> None:
+        for bev in self._dropping.pop(key):  # this batch only: a later one may be younger
             self._lib.bufferevent_decref(bev)
 
     def unsent(self) -> int:
@@ -240,10 +258,12 @@ class ConnectionGuard:
 
     def release_all(self) -> None:
         """After evhttp_free: drop our reference on every connection's bufferevent."""
-        for bev in [*self._conns, *self._releasing]:
+        dropping = [bev for batch in self._dropping.values() for bev in batch]
+        for bev in [*self._conns, *self._releasing, *dropping]:
             self._lib.bufferevent_decref(bev)
         self._conns.clear()
         self._releasing.clear()
+        self._dropping.clear()
         self._arriving.clear()
 
 

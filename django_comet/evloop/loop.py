@@ -95,8 +95,8 @@ class Loop:
         # that forks; pre-forked siblings' listening socket), stays in epoll, which
         # reports it for as long as the copy lives, and the loop spins.  libevent closes a
         # connection that way.  So only the server turns it on, when its connection guard
-        # holds the last reference on every connection and drops it a pass after
-        # disabling it (ConnectionGuard); its listener and our watchers close with
+        # holds the last reference on every connection and drops it once a pass has begun
+        # since it disabled it (ConnectionGuard); its listener and our watchers close with
         # ``close_unwatched``.
         flags = ev.EVENT_BASE_FLAG_PRECISE_TIMER | ev.EVENT_BASE_FLAG_NO_CACHE_TIME
         if changelist:

@@ -454,7 +454,9 @@ class Server(Producer, Responder):
     def release_let_go(self) -> None:
         """Once a second (the connection guard's sweep): when closed connections have let
         go of much unsent output, hand the freed memory back to the system."""
-        if self._let_go > RELEASE_AFTER_BYTES:
+        # Not while closed connections wait for their release (a pass or two): their
+        # memory is not free yet, and trimming before it is would leave it to glibc.
+        if self._let_go > RELEASE_AFTER_BYTES and not self.guard.releasing:
             self._let_go = 0
             return_free_memory()
 
