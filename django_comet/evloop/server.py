@@ -413,7 +413,7 @@ class Server(Producer, Responder):
         """libevent: the connection of exchange ``key`` is gone (client left, timeout,
         or an aborted response)."""
         ex = self._exchanges.get(key)
-        self._let_go += CONNECTION_BYTES  # evhttp frees it next: see release_let_go
+        self._let_go += CONNECTION_BYTES  # freed at its release: see release_let_go
         if ex is not None and ex.sent:  # what is still queued never left (a file: most)
             lib = self._lib
             bev = ex.conn or lib.evhttp_connection_get_bufferevent(evcon)
