@@ -255,6 +255,33 @@ def test_long_poll_timeout_gives_none(comet):
     assert comet.status()["timers"] == 0
 
 
+def test_held_long_polls_share_one_timer_and_each_times_out(comet):
+    """Thousands of long-polls wait at once, most answered by an event before their
+    timeout: their timeouts share one loop timer, not one each.  Each still times out
+    on its own (the short ones first), and clients that leave take theirs away."""
+    leaving = [comet.connect() for _ in range(20)]
+    for sock in leaving:
+        sock.sendall(
+            b"GET /t/fastpoll/?channel=lp-shared&timeout=600 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+    subscribed(comet, "lp-shared", 20)
+    assert comet.status()["timers"] == 1
+    with comet.connect() as short, comet.connect() as shorter:
+        short.sendall(
+            b"GET /t/fastpoll/?channel=lp-shared&timeout=0.4 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        shorter.sendall(
+            b"GET /t/fastpoll/?channel=lp-shared&timeout=0.2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        for sock in (shorter, short):
+            body = json.loads(read_body(sock))
+            assert body["events"] == []  # timed out, with nothing
+    for sock in leaving:
+        sock.close()
+    status = comet.wait_for_status(lambda s: s["held"] == 0)
+    assert status["timers"] == 0
+
+
 def test_long_poll_cursor_answers_at_once_from_history(comet):
     first = publish(comet, "cursor", "a")
     second = publish(comet, "cursor", "b")

@@ -53,6 +53,7 @@ class ChannelWait:
         "after",
         "channels",
         "claimed",
+        "due",
         "lost_mark",
         "ready",
         "render",
@@ -81,9 +82,10 @@ class ChannelWait:
         self.channels = list(dict.fromkeys(channels))  # a channel named twice counts once
         self.after = after
         self.timeout = timeout
-        self.ready = ready  # events already known to be newer: answer at once
+        self.ready = ready or None  # events already known to be newer: answer at once
         self.claimed = False
         self.lost_mark = hub.lost_mark(self.channels)  # losses after this are news
+        self.due: Any = None  # set by the server: where its timeout waits (Deadlines)
 
 
 class Stream:

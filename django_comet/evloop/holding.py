@@ -18,6 +18,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
 from .hub import Event, gap_frame, heartbeat_frame, hub
 from .libevent_ctypes import EV_READ
@@ -48,6 +49,17 @@ NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: no
 HELD_INPUT_MAX = 64 * 1024
 
 
+class Subscribers(dict["Exchange", None]):
+    """A channel's subscribers (an ordered set) and the channel's name, which the held
+    responses' channel lists share instead of each keeping a copy from its request."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: str):
+        super().__init__()
+        self.channel = channel
+
+
 class Holder:
     def __init__(self, server: Server):
         self.server = server
@@ -61,16 +73,18 @@ class Holder:
         self.send_heartbeat = server.config.heartbeat > 0
         self.heartbeat = heartbeat_frame(self.heartbeat_interval)  # encoded once
         self.max_hold = server.config.max_hold
-        self._subscribers: dict[str, dict[Exchange, None]] = {}  # ordered sets
+        self._subscribers: dict[str, Subscribers] = {}
         self._streams: dict[Exchange, None] = {}
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
+        self._timeouts = Deadlines(self.loop, self._wait_timed_out)  # long-polls'
         self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
         hub.add_sink(self._sink)
         self._gap_sink = functools.partial(self.loop.call_soon_threadsafe, self._tell_gap)
         hub.add_gap_sink(self._gap_sink)
 
     def close(self) -> None:
+        self._timeouts.close()
         hub.remove_sink(self._sink)
         hub.remove_gap_sink(self._gap_sink)
         if self._heartbeat is not None:
@@ -112,9 +126,7 @@ class Holder:
             timeout = deferral.timeout
             if self.max_hold:  # a wait ends by COMET_MAX_HOLD too, as on its timeout
                 timeout = max(0.0, min(timeout, ex.started + self.max_hold - time.monotonic()))
-            ex.timer = self.loop.call_later(
-                timeout, functools.partial(self._wait_timed_out, ex, deferral)
-            )
+            deferral.due = self._timeouts.add(ex, timeout)
             return
         ex.hold = deferral
         ex.cursor = deferral.cursor
@@ -161,6 +173,9 @@ class Holder:
         hold = ex.hold
         if hold is not None:
             ex.hold = None
+            if type(hold) is ChannelWait and hold.due is not None:
+                self._timeouts.discard(hold.due, ex)
+                hold.due = None
             for channel in hold.channels:
                 subscribers = self._subscribers.get(channel)
                 if subscribers is not None:
@@ -173,11 +188,16 @@ class Holder:
                 self._heartbeat = None
 
     def _subscribe(self, ex: Exchange, channels: list[str]) -> None:
-        for channel in channels:
-            self._subscribers.setdefault(channel, {})[ex] = None
+        for i, channel in enumerate(channels):
+            subscribers = self._subscribers.get(channel)
+            if subscribers is None:
+                subscribers = self._subscribers[channel] = Subscribers(channel)
+            subscribers[ex] = None
+            channels[i] = subscribers.channel
 
-    def _wait_timed_out(self, ex: Exchange, wait: ChannelWait) -> None:
-        ex.timer = None
+    def _wait_timed_out(self, ex: Exchange) -> None:
+        wait = ex.hold
+        assert type(wait) is ChannelWait
         self.release(ex)
         self._wake(ex, wait, [], wait.after, {})
 
