@@ -112,3 +112,24 @@ def test_early_ends_do_not_pile_up(loop):
     assert len(deadlines._due) == 1
     assert len(deadlines._ticks) <= 2 * len(deadlines._due) + 64 + 1
     deadlines.close()
+
+
+def test_an_expiry_that_raises_is_logged_and_the_rest_still_expire(loop, monkeypatch, caplog):
+    expired = []
+
+    def expire(item):
+        expired.append(item)
+        if item == "bad":
+            raise RuntimeError("render failed")
+
+    deadlines = Deadlines(loop, expire)
+    now = time.monotonic()
+    monkeypatch.setattr(deadlines_module.time, "monotonic", lambda: now)
+    deadlines.add("bad", 0)
+    deadlines.add("same tick", 0)
+    monkeypatch.undo()
+    deadlines.add("later", 0.05)
+    run_until_expired(loop, deadlines, expired, 3)
+    assert expired == ["bad", "same tick", "later"]
+    assert "Error ending a wait at its timeout" in caplog.text
+    assert loop.foreground_handles == 0

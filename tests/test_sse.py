@@ -282,6 +282,37 @@ def test_held_long_polls_share_one_timer_and_each_times_out(comet):
     assert status["timers"] == 0
 
 
+def poll_request(path):
+    return b"GET %b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()
+
+
+def cut_before_the_end(sock):
+    data = b""
+    while more := sock.recv(4096):
+        data += more
+    return not data.endswith(b"\r\n0\r\n\r\n")
+
+
+def test_a_long_poll_answer_that_fails_to_render_cuts_only_its_own_client(comet):
+    """An event and a timeout each reach a waiter whose rendering raises: that client's
+    connection is cut, and the waiters beside it are still answered."""
+    with comet.connect() as broken, comet.connect() as good:
+        broken.sendall(poll_request("/t/brokenpoll/?channel=lp-broken&timeout=60"))
+        good.sendall(poll_request("/t/fastpoll/?channel=lp-broken&timeout=60"))
+        subscribed(comet, "lp-broken", 2)
+        event_id = publish(comet, "lp-broken", "x")
+        assert cut_before_the_end(broken)
+        assert json.loads(read_body(good))["last_id"] == event_id
+    with comet.connect() as broken, comet.connect() as good:
+        broken.sendall(poll_request("/t/brokenpoll/?channel=lp-broken-t&timeout=0.1"))
+        subscribed(comet, "lp-broken-t", 1)
+        good.sendall(poll_request("/t/fastpoll/?channel=lp-broken-t&timeout=0.3"))
+        assert cut_before_the_end(broken)
+        assert json.loads(read_body(good))["events"] == []  # its timeout still came
+    status = comet.wait_for_status(lambda s: s["held"] == 0)
+    assert status["timers"] == 0
+
+
 def test_long_poll_cursor_answers_at_once_from_history(comet):
     first = publish(comet, "cursor", "a")
     second = publish(comet, "cursor", "b")

@@ -343,6 +343,18 @@ def fast_poll_view(request):
     )
 
 
+def broken_poll_view(request):
+    """fast_poll_view whose answer fails to render, as a third-party ``render`` with a
+    bug would."""
+    response = fast_poll_view(request)
+
+    def render(events, after, gap=False):
+        raise RuntimeError("this answer cannot be rendered")
+
+    response.comet_deferral.render = render
+    return response
+
+
 # The README's long-poll in the 2007 style, as printed there (channel "readme").
 def wait_for_chat(request):
     response = HttpResponse(content_type="application/json")

@@ -59,6 +59,7 @@ RUNCOMET_MODES = {**MODES, "poll": "/t/fastpoll/?channel={channel}&timeout=600"}
 # Measured here before (the issue): C on evhttp, and the peers, 5,000 held requests.
 REFERENCE = [("C evhttp (reference)", 5000, 80.0, 2.3)]
 GOAL_P99_MS, GOAL_RSS_KB = 1.5 * 80.0, 4.0
+SETTLE_SECONDS = 3.0  # from the last subscriber to the RSS reading
 
 
 @dataclass
@@ -165,7 +166,10 @@ async def fan_out_once(
                 break
             await asyncio.sleep(0.25)
         result.connect_s = time.perf_counter() - started
-        await asyncio.sleep(1)  # let the server settle before its RSS is read
+        # Let the server settle before its RSS is read: runcomet hands the heap's free
+        # pages back once a burst of requests is over, at its next sweep (each second)
+        # that sees fewer than 50 requests arrive.  Every server gets the same wait.
+        await asyncio.sleep(SETTLE_SECONDS)
         if pgid is not None:
             held_rss = rss_kib(pgid)
         sent = await publish(port, channel, mark)
@@ -268,8 +272,9 @@ def report(header: list[str], results: list[Fanout], stages: list[staged.Staged]
         "A fresh server per (server, mode, N); a warm-up round of 20 clients, then N "
         "connections; when the server reports N subscribers, one POST /t/publish/. "
         "Latency: time the client saw the event minus time the POST was written. "
-        "RSS/conn: (VmRSS with N held - VmRSS idle after warm-up) / N, over the server's "
-        "process group. runcomet serves the test project (full demo middleware, DEBUG off); "
+        "RSS/conn: (VmRSS with N held, read 3 s after the last client subscribed - VmRSS "
+        "idle after warm-up) / N, over the server's process group. "
+        "runcomet serves the test project (full demo middleware, DEBUG off); "
         "the peers are one-module Django projects without middleware (bench/fanout/peers/).",
         "",
         "## SSE stream and long-poll",

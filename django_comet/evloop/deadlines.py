@@ -11,6 +11,7 @@ long timeout that is never reached leaves nothing behind.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .loop import Handle, Loop
+
+logger = logging.getLogger("django_comet.server")
 
 # Deadlines fall due up to this late, never early: waiters that arrive together share a
 # tick, and the timer runs at most once per tick.
@@ -89,16 +92,24 @@ class Deadlines:
 
     def _run(self) -> None:
         self._timer = None
-        now = time.monotonic()
-        # (self._ticks afresh each time: an expiry may rebuild or clear the heap.)
-        while self._ticks and self._ticks[0] * GRAIN <= now:
-            due = self._due.pop(heapq.heappop(self._ticks), None)
-            if due is None:
-                continue  # emptied by early ends
-            # An expiry may end other waiters of this tick: they leave ``due``.
-            for item in list(due):
-                if due.pop(item, 0) is None:  # (0: it left meanwhile)
-                    self._expire(item)
+        try:
+            now = time.monotonic()
+            # (self._ticks afresh each time: an expiry may rebuild or clear the heap.)
+            while self._ticks and self._ticks[0] * GRAIN <= now:
+                due = self._due.pop(heapq.heappop(self._ticks), None)
+                if due is None:
+                    continue  # emptied by early ends
+                # An expiry may end other waiters of this tick: they leave ``due``.
+                for item in list(due):
+                    if due.pop(item, 0) is None:  # (0: it left meanwhile)
+                        try:
+                            self._expire(item)
+                        except Exception:  # the others of the tick still expire
+                            logger.exception("Error ending a wait at its timeout")
+        finally:
+            self._rearm()
+
+    def _rearm(self) -> None:
         ticks = self._ticks
         while ticks and ticks[0] not in self._due:
             heapq.heappop(ticks)  # emptied by early ends

@@ -14,6 +14,7 @@ is over ``max_pending_output`` is cut (and counted), never buffered without boun
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ from .wsgi import asks_to_close
 if TYPE_CHECKING:
     from .loop import Handle
     from .server import Exchange, Server
+
+logger = logging.getLogger("django_comet.server")
 
 
 def jittered_retry() -> bytes:
@@ -234,7 +237,12 @@ class Holder:
                     # The first event after the cursor: only what was lost after it
                     # counts (a short history may have let the trigger itself go).
                     gap = hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
-            body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
+            try:
+                body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
+            except Exception:  # the other waiters of this event are still answered
+                logger.exception("Error rendering a long-poll's answer for %s", ex.path)
+                self.server._abort(ex)
+                return
             rendered[key] = body
         self.server._send_chunk(ex, body)
         self.server._end(ex)
