@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 APT_PACKAGES := libevent-2.1-7 chromium chromium-driver redis-server postgresql-15
 SHELL := /bin/bash
 
-.PHONY: demo test lint check deps system-deps bench clean
+.PHONY: demo test test-newest lint check deps system-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ $(VENV_OLDEST)/.installed: pyproject.toml
 	test -x $(VENV_OLDEST)/bin/python || $(PYTHON_OLDEST) -m venv $(VENV_OLDEST)
 	$(VENV_OLDEST)/bin/python -m pip install -q --upgrade pip
 	$(VENV_OLDEST)/bin/python -m pip install -q -e '.[test,postgres,redis]' 'Django>=4.2,<4.3'
+	touch $@
+
+# The newest Python on the machine (3.13 or 3.12, when it has one) with the newest Django
+# pip gives it (6.x needs Python 3.12): `make test-newest` runs the suite there; CI runs
+# it after `make test`.
+PYTHON_NEWEST ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13.*/bin/python3.13 \
+  python3.12 $$HOME/.pyenv/versions/3.12.*/bin/python3.12; do \
+  "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
+VENV_NEWEST := .venv-newest
+$(VENV_NEWEST)/.installed: pyproject.toml
+	test -x $(VENV_NEWEST)/bin/python || $(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEWEST)/bin/python -m pip install -q -e '.[test,postgres,redis]'
 	touch $@
 
 # Debian packages the tests use, installed only when missing (needs root, as in CI).
@@ -58,10 +71,19 @@ test: deps system-deps lint $(VENV_OLDEST)/.installed
 	$(VENV)/bin/pytest -p no:cacheprovider
 	$(VENV_OLDEST)/bin/pytest -p no:cacheprovider
 
+test-newest: system-deps
+ifeq ($(PYTHON_NEWEST),)
+	@echo "No python3.13 or python3.12 on this machine: test-newest skipped."
+else
+	$(MAKE) -s $(VENV_NEWEST)/.installed
+	$(VENV_NEWEST)/bin/python -c 'import sys, django; print("Python", sys.version.split()[0], "Django", django.__version__)'
+	$(VENV_NEWEST)/bin/pytest -p no:cacheprovider
+endif
+
 check: test
 
 bench: deps
 	$(PY) bench/hello/run.py
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_NEWEST) *.egg-info .pytest_cache .mypy_cache .ruff_cache
