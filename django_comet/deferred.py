@@ -268,7 +268,7 @@ class NextStage:
     which outlives it into the oldest GC generation, whose full collections stop the
     loop for every held response at once)."""
 
-    __slots__ = ("cookies", "environ", "path", "response_prev")
+    __slots__ = ("_environ", "cookies", "path", "response_prev")
 
     def __init__(self, response_prev: HttpResponseBase, path: str, environ: dict[str, Any]):
         self.response_prev = response_prev
@@ -276,13 +276,23 @@ class NextStage:
         # Not kept for the next stage: the first request's body (a stage is a GET), and,
         # deferred from a stage, its response_prev and event (a view without an event
         # parameter must not get one; the response from two stages back need not be kept).
-        self.environ = {k: v for k, v in environ.items() if k not in _STAGE_KEYS}
+        # Kept flat, keys and values in turn: a tuple takes half a dict's memory (about
+        # 0.4 KiB less per held staged response).
+        self._environ = tuple(
+            x for item in environ.items() if item[0] not in _STAGE_KEYS for x in item
+        )
         # The cookies of the response the client gets (the first one: a stage's own
         # are never sent), as the middleware will have left them once it is sent: the
         # stages see them as the client's next request would (a new session, a login,
         # a CSRF cookie).  Later stages inherit them with the environ.
         first = RESPONSE_PREV_KEY not in environ
         self.cookies: SimpleCookie | None = response_prev.cookies if first else None
+
+    @property
+    def environ(self) -> dict[str, Any]:
+        """What the next stage's request starts from (the first request's environ)."""
+        flat = self._environ
+        return dict(zip(flat[::2], flat[1::2], strict=True))
 
     def __call__(self, *event: Any) -> HttpResponseBase:
         """A channel wait passes the event that ended it (or None)."""

@@ -81,6 +81,7 @@ class Holder:
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
         self._timeouts = Deadlines(self.loop, self._wait_timed_out)  # long-polls'
+        self._resume = server._resume  # bound once: every held stage's timer calls it
         self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
         hub.add_sink(self._sink)
         self._gap_sink = functools.partial(self.loop.call_soon_threadsafe, self._tell_gap)
@@ -111,9 +112,7 @@ class Holder:
         self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
         self._shed_headers(ex)
         if isinstance(deferral, Deferral):
-            ex.timer = self.loop.call_later(
-                deferral.delay, functools.partial(server._resume, ex, deferral.resume)
-            )
+            ex.timer = self.loop.call_later(deferral.delay, self._resume, ex, deferral.resume)
             return
         if isinstance(deferral, ChannelWait):
             if deferral.ready:  # the view found newer events: answer at once
