@@ -17,7 +17,7 @@ import contextlib
 import functools
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
@@ -288,15 +288,18 @@ class NextStage:
         first = RESPONSE_PREV_KEY not in environ
         self.cookies: SimpleCookie | None = response_prev.cookies if first else None
 
+    def _items(self) -> Iterator[tuple[str, Any]]:
+        flat = self._environ
+        return zip(flat[::2], flat[1::2], strict=True)
+
     @property
     def environ(self) -> dict[str, Any]:
         """What the next stage's request starts from (the first request's environ)."""
-        flat = self._environ
-        return dict(zip(flat[::2], flat[1::2], strict=True))
+        return dict(self._items())
 
     def __call__(self, *event: Any) -> HttpResponseBase:
         """A channel wait passes the event that ended it (or None)."""
-        environ = stage_environ(self.environ, self.path)
+        environ = stage_environ(self._items(), self.path)
         if self.cookies:
             environ["HTTP_COOKIE"] = _with_cookies(
                 environ.get("HTTP_COOKIE", ""),
@@ -393,14 +396,15 @@ def _deleted(morsel: Morsel[str]) -> bool:
     return False
 
 
-def stage_environ(environ: dict[str, Any], path: str) -> dict[str, Any]:
-    """The environ of a GET for ``path`` that keeps the first request's headers."""
-    script_name = environ.get("SCRIPT_NAME", "")
+def stage_environ(environ: Iterable[tuple[str, Any]], path: str) -> dict[str, Any]:
+    """The environ of a GET for ``path`` that keeps the first request's headers
+    (``environ``: the first request's items)."""
+    stage = {k: v for k, v in environ if k not in _NOT_STAGE_HEADERS}
+    script_name = stage.get("SCRIPT_NAME", "")
     raw_path, _, query = path.partition("?")
     path_info = unquote_to_bytes(raw_path).decode("latin-1")
     if script_name and path_info.startswith(script_name + "/"):
         path_info = path_info[len(script_name) :]
-    stage = {k: v for k, v in environ.items() if k not in _NOT_STAGE_HEADERS}
     stage.update(
         {
             "REQUEST_METHOD": "GET",
