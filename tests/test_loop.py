@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -9,6 +10,7 @@ import pytest
 
 from django_comet.evloop.files import Descriptor
 from django_comet.evloop.loop import Loop
+from django_comet.evloop.workers import ThreadPool
 
 
 @pytest.fixture
@@ -94,6 +96,56 @@ def test_call_soon_threadsafe_from_many_threads(loop):
         assert [i for m, i in got if m == n] == list(range(100))
 
 
+@pytest.fixture
+def tiny_switch_interval():
+    """Everything queued for the loop is older than the switch interval at once."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)
+
+
+def test_a_thread_lets_the_loop_run_what_it_queued_before_going_on(loop, tiny_switch_interval):
+    """A view thread that queued an answer for a loop busy elsewhere waits, before its
+    next request, until the loop has run it (Loop.let_catch_up)."""
+    order = []
+    loop_busy, loop_free = threading.Event(), threading.Event()
+
+    def busy_callback():  # the loop is held up in a callback...
+        loop_busy.set()
+        loop_free.wait(10)
+
+    def view_thread():
+        loop_busy.wait(10)
+        loop.call_soon_threadsafe(order.append, "answer sent")  # ...when an answer comes
+        loop_free.set()
+        loop.let_catch_up()
+        order.append("next request taken")
+        loop.call_soon_threadsafe(loop.stop)
+
+    thread = threading.Thread(target=view_thread)
+    thread.start()
+    loop.call_soon(busy_callback)
+    loop.call_later(10, loop.stop)  # (should the thread fail)
+    loop.run()
+    thread.join(10)
+    assert order == ["answer sent", "next request taken"]
+
+
+def test_a_loop_that_is_not_running_is_not_waited_for(loop, tiny_switch_interval):
+    waits = []
+
+    class Watched(threading.Condition):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    loop._caught_up = Watched(threading.Lock())
+    loop.call_soon_threadsafe(print)  # queued, and no loop running to run it
+    loop.let_catch_up()
+    assert waits == []
+
+
 def test_callback_errors_are_logged_and_the_loop_goes_on(loop, caplog):
     def bad():
         raise RuntimeError("callback failure")
@@ -173,3 +225,17 @@ def test_epolls_changelist_is_for_a_server_that_tracks_its_connections():
         assert method(server.loop.base) == b"epoll (with changelist)"
     finally:
         server.close()
+
+
+def test_a_thread_pool_calls_its_hook_before_each_call():
+    done = threading.Event()
+    order = []
+    pool = ThreadPool(1, before_each=lambda: order.append("hook"))
+    try:
+        for n in range(3):
+            pool.submit(order.append, n)
+        pool.submit(done.set)
+        assert done.wait(10)
+    finally:
+        pool.shutdown(10)
+    assert order[:7] == ["hook", 0, "hook", 1, "hook", 2, "hook"]

@@ -15,7 +15,9 @@ import itertools
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,14 @@ logger = logging.getLogger("django_comet.server")
 
 # Longer delays are taken as this (about three years): a C long of seconds would wrap.
 MAX_DELAY = 1e8
+
+# A pass of the loop that finds nothing to do takes a few microseconds; one that took
+# longer ran callbacks, and the next is likely to find more (see Loop.run).
+BUSY_PASS = 30e-6
+
+# The longest a view thread waits for the loop to catch up (Loop.let_catch_up): only a
+# loop stuck in one long callback makes it wait that long.
+CATCH_UP_WAIT = 0.05
 
 
 def timeval_of(seconds: float) -> ev.timeval:
@@ -78,6 +88,11 @@ class Loop:
             collections.deque()
         )
         self._woken = False
+        self._woken_at = 0.0  # when the first callable still queued was queued
+        self._ran = 0  # queued callables taken to run so far
+        self._caught_up = threading.Condition(threading.Lock())  # notified after each run
+        self._catching_up = 0  # threads waiting in let_catch_up
+        self._running = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -198,6 +213,7 @@ class Loop:
         self._ready.append((callback, args))
         if not self._woken:
             self._woken = True
+            self._woken_at = time.monotonic()
             try:
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:
@@ -218,7 +234,42 @@ class Loop:
         ready = self._ready
         for _ in range(len(ready)):
             callback, args = ready.popleft()
+            self._ran += 1  # (taken: let_catch_up counts what is still queued)
             self._run(callback, args)
+        if self._catching_up:
+            self._tell_caught_up()
+
+    def _tell_caught_up(self) -> None:
+        with self._caught_up:
+            self._caught_up.notify_all()
+
+    def let_catch_up(self) -> None:
+        """Any other thread, between two pieces of work: if what was queued for the loop
+        has waited longer than the interpreter's switch interval, wait until the loop has
+        run it.
+
+        The GIL has no priorities: a loop thread that needs it back (to run a callback)
+        queues up behind every busy view thread, a switch interval (5 ms) each, and with
+        eight threads running views it got its turn every 40-70 ms.  Answers already
+        computed waited that long to be sent, then went out in bunches of hundreds (1,000
+        staged responses started at once had their next stages 100-190 ms late).  View
+        threads that let the loop catch up before they take the next request keep that
+        wait to about one switch interval."""
+        if (
+            not self._woken
+            or not self._running
+            or time.monotonic() - self._woken_at < sys.getswitchinterval()
+        ):
+            return
+        with self._caught_up:
+            through = self._ran + len(self._ready)  # everything queued by now
+            self._catching_up += 1
+            try:
+                self._caught_up.wait_for(
+                    lambda: self._ran >= through or not self._running, CATCH_UP_WAIT
+                )
+            finally:
+                self._catching_up -= 1
 
     # -- running -----------------------------------------------------------------------
 
@@ -229,17 +280,39 @@ class Loop:
         signal.signal(signum, lambda *_: self.call_soon(callback))
 
     def run(self) -> None:
-        """Run until ``stop()``; re-raise a KeyboardInterrupt/SystemExit from a callback."""
+        """Run until ``stop()``; re-raise a KeyboardInterrupt/SystemExit from a callback.
+
+        The loop waits for events with the GIL released (``blocking_lib``), so that view
+        threads run meanwhile.  But then each callback libevent makes must take the GIL
+        back, and while view threads are busy every take waits its turn behind them: a
+        pass with many callbacks waited once for each.  So after a pass that woke it, the
+        loop runs passes that do not wait and keep the GIL (``EVLOOP_NONBLOCK`` through
+        ``lib``), for as long as they find work; the interpreter still hands the GIL to
+        waiting threads every switch interval.  A pass that finds nothing sends it back
+        to sleep."""
         self.thread_id = threading.get_ident()
         in_main = self.thread_id == threading.main_thread().ident
         previous_wakeup = signal.set_wakeup_fd(self._wake_w) if in_main else None
+        base, keeping_gil, releasing_gil = self._base, self._lib, self._blocking
+        clock = time.perf_counter
+        busy = False
+        self._running = True
         try:
             while not self._stopping:
-                self._blocking.event_base_loop(self._base, ev.EVLOOP_NO_EXIT_ON_EMPTY)
+                if busy:
+                    started = clock()
+                    keeping_gil.event_base_loop(base, ev.EVLOOP_NONBLOCK)
+                    busy = clock() - started > BUSY_PASS
+                else:
+                    releasing_gil.event_base_loop(base, ev.EVLOOP_ONCE | ev.EVLOOP_NO_EXIT_ON_EMPTY)
+                    busy = True
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal
         finally:
+            self._running = False
+            if self._catching_up:
+                self._tell_caught_up()  # (it will run nothing more for now)
             self._stopping = False
             if in_main:
                 signal.set_wakeup_fd(previous_wakeup if previous_wakeup is not None else -1)

@@ -139,7 +139,10 @@ class Server(Producer, Responder):
         if self._sends_files:
             self._lib.evbuffer_set_flags(self._buf, ev.EVBUFFER_FLAG_DRAINS_TO_FD)
         threads = self.config.threads
-        self._pool = ThreadPool(threads) if threads > 0 else None
+        # A view thread lets the loop send what is done before it starts more.
+        self._pool = (
+            ThreadPool(threads, before_each=self.loop.let_catch_up) if threads > 0 else None
+        )
         # From a worker, hand a result to the loop thread; inline, just call it.
         self._to_loop: Callable[..., None] = (
             self.loop.call_soon_threadsafe if self._pool else _call_now

@@ -21,10 +21,16 @@ class ThreadPool:
     the loop through ``Loop.call_soon_threadsafe``), so a request costs one queue put.
     """
 
-    def __init__(self, size: int, name: str = "comet-worker"):
+    def __init__(
+        self,
+        size: int,
+        name: str = "comet-worker",
+        before_each: Callable[[], None] | None = None,
+    ):
         if size < 1:
             raise ValueError("a thread pool needs at least one thread")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._before_each = before_each  # called by a thread before it takes a call
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(size)
@@ -40,8 +46,10 @@ class ThreadPool:
         self._queue.put((fn, args))
 
     def _work(self) -> None:
-        get = self._queue.get
+        get, before_each = self._queue.get, self._before_each
         while True:
+            if before_each is not None:
+                before_each()
             item = get()
             if item is _STOP:
                 return
