@@ -29,10 +29,6 @@ logger = logging.getLogger("django_comet.server")
 # Longer delays are taken as this (about three years): a C long of seconds would wrap.
 MAX_DELAY = 1e8
 
-# A pass of the loop that finds nothing to do takes a few microseconds; one that took
-# longer ran callbacks, and the next is likely to find more (see Loop.run).
-BUSY_PASS = 30e-6
-
 # The longest a view thread waits for the loop to catch up (Loop.let_catch_up): only a
 # loop stuck in one long callback makes it wait that long.
 CATCH_UP_WAIT = 0.05
@@ -285,27 +281,26 @@ class Loop:
         The loop waits for events with the GIL released (``blocking_lib``), so that view
         threads run meanwhile.  But then each callback libevent makes must take the GIL
         back, and while view threads are busy every take waits its turn behind them: a
-        pass with many callbacks waited once for each.  So after a pass that woke it, the
-        loop runs passes that do not wait and keep the GIL (``EVLOOP_NONBLOCK`` through
-        ``lib``), for as long as they find work; the interpreter still hands the GIL to
-        waiting threads every switch interval.  A pass that finds nothing sends it back
-        to sleep."""
+        pass with many callbacks waited once for each.  So after the pass that woke it,
+        the loop runs passes that do not wait and keep the GIL (``EVLOOP_NONBLOCK``
+        through ``lib``: libevent goes on until a pass finds nothing to do), and only
+        then goes back to sleep.  The interpreter still hands the GIL to a waiting view
+        thread every switch interval."""
         self.thread_id = threading.get_ident()
         in_main = self.thread_id == threading.main_thread().ident
         previous_wakeup = signal.set_wakeup_fd(self._wake_w) if in_main else None
         base, keeping_gil, releasing_gil = self._base, self._lib, self._blocking
-        clock = time.perf_counter
-        busy = False
+        sleeping = True
         self._running = True
         try:
             while not self._stopping:
-                if busy:
-                    started = clock()
-                    keeping_gil.event_base_loop(base, ev.EVLOOP_NONBLOCK)
-                    busy = clock() - started > BUSY_PASS
-                else:
+                if sleeping:  # until something happens, then one pass
                     releasing_gil.event_base_loop(base, ev.EVLOOP_ONCE | ev.EVLOOP_NO_EXIT_ON_EMPTY)
-                    busy = True
+                else:  # passes until one finds nothing to do
+                    keeping_gil.event_base_loop(
+                        base, ev.EVLOOP_NONBLOCK | ev.EVLOOP_NO_EXIT_ON_EMPTY
+                    )
+                sleeping = not sleeping
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal
