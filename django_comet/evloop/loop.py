@@ -2,9 +2,10 @@
 wake-up and signal delivery while the loop sleeps inside C.
 
 Threading: every method runs on the loop thread except ``call_soon_threadsafe`` (any
-thread).  libevent is built without threads support here (``libevent_pthreads`` is not
-everywhere), so other threads never call into it: they queue a callable and write a byte
-into the wake-up pipe, whose read end the loop watches.
+thread) and ``let_catch_up`` (any other thread).  libevent is built without threads
+support here (``libevent_pthreads`` is not everywhere), so other threads never call into
+it: they queue a callable and write a byte into the wake-up pipe, whose read end the loop
+watches.
 """
 
 from __future__ import annotations
