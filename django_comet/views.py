@@ -101,6 +101,12 @@ _METRICS = [
         "accept_pauses",
     ),
     (
+        "comet_backlog_pauses_total",
+        "counter",
+        "Times accepting paused because many requests waited for a view thread.",
+        "backlog_pauses",
+    ),
+    (
         "comet_broker_listening",
         "gauge",
         "1 when the answering process receives the broker's events.",

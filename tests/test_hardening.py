@@ -584,3 +584,32 @@ def test_output_let_go_by_dropped_slow_readers_goes_back_to_the_system(demo_db):
         for sock in readers:
             sock.close()
         assert server.stop() == 0
+
+
+def test_a_wave_of_requests_waits_in_the_listen_backlog_not_in_the_server(demo_db, tmp_path):
+    """With more than 64 requests waiting for a view thread, new connections are left in
+    the kernel's listen backlog until the threads catch up; every one is still answered."""
+    server = runcomet("--threads", "1", db=demo_db)
+    try:
+        started = tmp_path / "started"
+        slow = server.connect()
+        slow.sendall(
+            f"GET /t/sleep/?s=1&started={started} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        wait_until(started.exists)  # the one view thread is busy
+        wave = [server.connect() for _ in range(120)]
+        for sock in wave:
+            sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answers = []
+        for sock in wave:
+            sock.settimeout(20)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            answers.append(data)
+            sock.close()
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+        assert b"slept" in slow.recv(65536)
+        assert server.status()["backlog_pauses"] >= 1
+    finally:
+        assert server.stop() == 0

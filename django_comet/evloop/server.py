@@ -47,6 +47,14 @@ access_logger = logging.getLogger("django_comet.access")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+# Requests waiting for a view thread beyond which new connections wait in the kernel's
+# listen backlog, and below which they are accepted again (checked every few ms): a wave
+# of connections is taken as fast as the views get through it, not all at once, so the
+# heap is not grown for thousands of requests in flight (and left with holes after).
+VIEW_BACKLOG_HIGH = 64
+VIEW_BACKLOG_LOW = 16
+VIEW_BACKLOG_CHECK = 0.005
+
 
 class Exchange:
     __slots__ = (
@@ -192,6 +200,7 @@ class Server(Producer, Responder):
         self._accept_error_cb = ev.evconnlistener_errorcb(self._on_accept_error)
         lib.evconnlistener_set_error_cb(self._listener, self._accept_error_cb)
         self.accept_pauses = 0
+        self.backlog_pauses = 0
         self._pauses: set[str] = set()
         self.guard = ConnectionGuard(self, http)
         return int(http)
@@ -321,6 +330,7 @@ class Server(Producer, Responder):
             "connections": self.guard.open,
             "header_timeouts": self.guard.timed_out,
             "accept_pauses": self.accept_pauses,
+            "backlog_pauses": self.backlog_pauses,
             **self.holder.stats(),
         }
 
@@ -390,8 +400,23 @@ class Server(Producer, Responder):
         if self._pool is not None:
             self._lift_read_timeout(ex)  # a slow view must not look like an idle client
             self._pool.submit(self._run_app, ex)
+            if self._pool.backlog > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
+                self.backlog_pauses += 1
+                self._accepting(False, "views")
+                self.loop.call_later(
+                    VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
+                )
         else:
             self._run_app(ex)
+
+    def _accept_when_views_caught_up(self) -> None:
+        assert self._pool is not None
+        if self._pool.backlog <= VIEW_BACKLOG_LOW:
+            self._accepting(True, "views")
+        else:
+            self.loop.call_later(
+                VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
+            )
 
     def _build_environ(
         self,

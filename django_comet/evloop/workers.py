@@ -42,6 +42,11 @@ class ThreadPool:
     def size(self) -> int:
         return len(self._threads)
 
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for a thread."""
+        return self._queue.qsize()
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._queue.put((fn, args))
 
