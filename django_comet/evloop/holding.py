@@ -109,6 +109,8 @@ class Holder:
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)
+        if ex.outbuf is None:  # its parts are written there (Server._send_part)
+            ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
         self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
         self._shed_headers(ex)
         if isinstance(deferral, Deferral):
@@ -132,7 +134,6 @@ class Holder:
             return
         ex.hold = deferral
         ex.cursor = deferral.cursor
-        ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
         deferral.backlog = self._lib.evbuffer_get_length(ex.outbuf)
         self._subscribe(ex, deferral.channels)
         self._streams[ex] = None
@@ -243,7 +244,7 @@ class Holder:
                 self.server._abort(ex)
                 return
             rendered[key] = body
-        self.server._send_chunk(ex, body)
+        self.server._send_part(ex, body)
         self.server._end(ex)
 
     # -- events ------------------------------------------------------------------------

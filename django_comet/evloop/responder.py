@@ -293,11 +293,11 @@ class Responder:
         evhttp_send_reply_chunk re-arms the write timeout, so a chain of stages (or a
         stream's heartbeats) to a client that reads nothing was never cut by it, and
         piled its output up until COMET_MAX_HOLD."""
-        if ex.bev is None or ex.req is None or not data:
+        if ex.outbuf is None or ex.bev is None or ex.req is None or not data:
             self._send_chunk(ex, data)
             return
         framed = chunked(data) if ex.protocol == "HTTP/1.1" else data
-        self._lib.evbuffer_add(self._lib.bufferevent_get_output(ex.bev), framed, len(framed))
+        self._lib.evbuffer_add(ex.outbuf, framed, len(framed))
         ex.sent += len(data)
 
     def _stop_reading(self, ex: Exchange) -> None:
@@ -357,14 +357,32 @@ class Responder:
         # and the connection if it is to close, inside this call; the close callback
         # must then find nothing of ours left to release.
         ex.req = None
-        self._finish(ex, req)
-        # Not reading before the call: a response already out when it returns has evhttp
-        # reading the next request by then.  A chunked one's last chunk is written with
-        # reading on again: not reading after it either.
-        self._stop_reading(ex)
-        self._lib.evhttp_send_reply_end(req)
-        if ex.limit is None and ex.protocol == "HTTP/1.1" and carries_body(ex.method, ex.code):
+        self._finish(ex, req if self._unsent(ex) > SMALL_BODY else None)
+        # A chunked one's last chunk is written with reading on again: not reading after
+        # it.  Any other not before the call: a response already out when it returns has
+        # evhttp reading the next request by then.
+        chunked = (
+            ex.limit is None and ex.protocol == "HTTP/1.1" and carries_body(ex.method, ex.code)
+        )
+        if not chunked:
             self._stop_reading(ex)
+        self._lib.evhttp_send_reply_end(req)
+        if chunked:
+            self._stop_reading(ex)
+
+    def _unsent(self, ex: Exchange) -> int:
+        """Bytes of the response still in its connection's output buffer.  What fits in
+        the socket's buffers leaves at once, so the keep-alive deadline may run from now
+        without a call from evhttp when it is out (a publish ends thousands of long-polls
+        at once)."""
+        lib = self._lib
+        if ex.outbuf is not None:
+            unsent: int = lib.evbuffer_get_length(ex.outbuf)
+        elif ex.conn:
+            unsent = lib.evbuffer_get_length(lib.bufferevent_get_output(ex.conn))
+        else:
+            unsent = 0
+        return unsent
 
     def _abort(self, ex: Exchange) -> None:
         """Cut the connection so the client sees an error, never a clean end.  libevent

@@ -103,7 +103,7 @@ class Exchange:
         self.deferred = False  # counted in Server.held until done
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
-        self.outbuf: int | None = None  # streams: the connection's output evbuffer
+        self.outbuf: int | None = None  # held: the connection's output evbuffer
         self.close_at_end = False  # its headers were shed and had asked to close
         self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
         self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
@@ -141,6 +141,9 @@ class Server(Producer, Responder):
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._buf = self._lib.evbuffer_new()
+        # The read and write timeout of every connection, made once: held responses
+        # lift and restore it, and a publish ends thousands of them at a time.
+        self._timeout_tv = ctypes.byref(timeval_of(self.config.timeout))
         # Files go out by sendfile where libevent can: the shared buffer only ever hands
         # its contents on whole (evbuffer_add_buffer), which is what the flag promises.
         self._sends_files = ev.ev_off_t is not None
@@ -503,7 +506,7 @@ class Server(Producer, Responder):
         bev = ex.conn or self._lib.evhttp_connection_get_bufferevent(
             RequestStruct.from_address(ex.req).evcon
         )
-        self._lib.bufferevent_set_timeouts(bev, None, ctypes.byref(timeval_of(self.config.timeout)))
+        self._lib.bufferevent_set_timeouts(bev, None, self._timeout_tv)
         ex.bev = bev
 
     def _restore_read_timeout(self, ex: Exchange) -> None:
@@ -511,7 +514,7 @@ class Server(Producer, Responder):
             # A detached request (evcon NULL) means the connection, and so its
             # bufferevent, is gone: nothing to restore.
             if ex.req is not None and RequestStruct.from_address(ex.req).evcon:
-                tv = ctypes.byref(timeval_of(self.config.timeout))
+                tv = self._timeout_tv
                 self._lib.bufferevent_set_timeouts(ex.bev, tv, tv)
                 if ex.deferred:
                     # Held, its input was capped (Holder.hold); evhttp waits for a
