@@ -32,6 +32,24 @@ SERVER_CPU, CLIENT_CPU = 0, 1
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def build_c(source: Path, name: str) -> tuple[str, str]:
+    """Compile ``source`` (a C program on libevent) into bench/.cache/``name``; return
+    (binary, "") or ("", why not): the benches then run without it and say so."""
+    if not shutil.which("gcc"):
+        return "", "gcc not found"
+    cache = ROOT / "bench" / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    binary = cache / name
+    gcc = ["gcc", "-O2", "-Wall", "-o", str(binary), str(source)]
+    why = ""
+    for lib in ("-levent", "-l:libevent-2.1.so.7"):  # the second: no libevent-dev's .so
+        out = subprocess.run([*gcc, lib], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            return str(binary), ""
+        why = "gcc failed: " + " / ".join(out.stderr.strip().splitlines()[-2:])
+    return "", why
+
+
 def prepare_client() -> None:
     """Pin this process to the client CPU, raise its fd limit, make SIGTERM a Ctrl-C."""
     os.sched_setaffinity(0, {CLIENT_CPU})

@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/fanout/run.py [--quick] [--sizes 1000,5000,10000] [--only TEXT]
 
-For each server (runcomet; gunicorn -k gevent; uvicorn with Django async views, see
-peers/), each mode (an SSE stream on one channel; a long-poll on it) and each N, a fresh
-server on CPU 0 gets N connections from this process on CPU 1.  When the server reports
-N subscribers, one event is published (POST /t/publish/) and each client's latency is the
-time its connection saw the event minus the time the POST was written.  RSS per held
-connection is (RSS with N held - RSS idle after a warm-up) / N over the server's
-process group.  Then, runcomet only: N concurrent staged responses (tests' quick-stages
+For each server (runcomet; the same endpoints in C on evhttp, with no Python; gunicorn
+-k gevent; uvicorn with Django async views: see peers/), each mode (an SSE stream on one
+channel; a long-poll on it) and each N, a fresh server on CPU 0 gets N connections from
+this process on CPU 1.  When the server reports N subscribers, one event is published
+(POST /t/publish/) and each client's latency is the time its connection saw the event
+minus the time the POST was written.  RSS per held connection is (RSS with N held - RSS
+idle after a warm-up) / N over the server's process group.  Then, runcomet only: N concurrent staged responses (tests' quick-stages
 and the demo's 1 s stages), the lateness of each stage's chunk and the server's CPU%
 (staged.py).
 
@@ -38,6 +38,7 @@ from harness import (
     HERE,
     PY,
     RESULTS,
+    build_c,
     comet_env,
     environment,
     free_port,
@@ -56,9 +57,10 @@ MODES = {"sse": "/t/stream/?channels={channel}", "poll": "/t/poll/?channel={chan
 # runcomet's long-poll endpoint is poll_response (answered from the loop thread); /t/poll/
 # runs a defer_until stage view per waiter instead (a full Django request each).
 RUNCOMET_MODES = {**MODES, "poll": "/t/fastpoll/?channel={channel}&timeout=600"}
+C_PEER = "C evhttp (no Python)"
 # Measured here before (the issue): C on evhttp, and the peers, 5,000 held requests.
 REFERENCE = [("C evhttp (reference)", 5000, 80.0, 2.3)]
-GOAL_P99_MS, GOAL_RSS_KB = 1.5 * 80.0, 4.0
+GOAL_P99_MS, GOAL_RSS_KB, GOAL_TIMES_C = 1.5 * 80.0, 4.0, 1.5
 SETTLE_SECONDS = 3.0  # from the last subscriber to the RSS reading
 
 
@@ -107,8 +109,17 @@ def peers(snapshot: Path, db: Path) -> list[Peer]:
     def comet_count(figures: dict, channel: str) -> int:
         return int(figures["channels"].get(channel, 0))
 
+    c_peers = []
+    binary, why = build_c(HERE / "peers" / "evhttp_fanout.c", "evhttp_fanout")
+    if binary:
+        c_argv = lambda port: [binary, str(port)]  # noqa: E731
+        ready = count.format(channel="x")
+        c_peers.append(Peer(C_PEER, c_argv, peer_env, ready, peer_count, count))
+    else:
+        print(f"C evhttp_fanout skipped: {why}", file=sys.stderr)
     return [
         Peer("runcomet", runcomet_argv, env, "/comet/status/", comet_count, "/comet/status/"),
+        *c_peers,
         Peer(
             "gunicorn -k gevent",
             lambda port: [*gunicorn, "-b", f"127.0.0.1:{port}", "peers.gevent_app:application"],
@@ -202,17 +213,19 @@ def ratio(value: float, base: float) -> str:
 def fanout_table(results: list[Fanout]) -> list[str]:
     rows = [
         "| mode | server | N | subscribed | connect s | p50 ms | p99 ms | max ms | missed "
-        "| RSS/conn KiB | p99 vs runcomet | RSS/conn vs runcomet |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| RSS/conn KiB | p99 vs runcomet | RSS/conn vs runcomet | p99 vs C |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = {(r.mode, r.n): r for r in results if r.peer == "runcomet"}
+    floor = {(r.mode, r.n): r for r in results if r.peer == C_PEER}
     for r in results:
-        b = base.get((r.mode, r.n))
+        b, c = base.get((r.mode, r.n)), floor.get((r.mode, r.n))
         rows.append(
             f"| {r.mode} | {r.peer} | {r.n:,} | {r.subscribed:,} | {r.connect_s:.1f} "
             f"| {r.p(50):.1f} | {r.p(99):.1f} | {r.p(100):.1f} | {r.missed} "
             f"| {r.rss_per_conn_kb:.1f} | {ratio(r.p(99), b.p(99) if b else 0)} "
-            f"| {ratio(r.rss_per_conn_kb, b.rss_per_conn_kb if b else 0)} |"
+            f"| {ratio(r.rss_per_conn_kb, b.rss_per_conn_kb if b else 0)} "
+            f"| {ratio(r.p(99), c.p(99) if c else 0)} |"
         )
     return rows
 
@@ -224,6 +237,16 @@ def goals(results: list[Fanout]) -> list[str]:
         r = sse[5000]
         ok = "met" if r.p(99) <= GOAL_P99_MS else "missed"
         lines.append(f"- SSE p99 at 5,000 ≤ {GOAL_P99_MS:.0f} ms: {r.p(99):.0f} ms ({ok})")
+    for mode in ("sse", "poll"):
+        ours = [r for r in results if (r.peer, r.mode, r.n) == ("runcomet", mode, 5000)]
+        floor = [r for r in results if (r.peer, r.mode, r.n) == (C_PEER, mode, 5000)]
+        if ours and floor:
+            times = ours[0].p(99) / floor[0].p(99)
+            ok = "met" if times <= GOAL_TIMES_C else "missed"
+            lines.append(
+                f"- {mode} p99 at 5,000 within {GOAL_TIMES_C}x of C on evhttp in this run: "
+                f"{ours[0].p(99):.0f} / {floor[0].p(99):.0f} ms = {times:.2f}x ({ok})"
+            )
     if sse:
         worst = max(r.rss_per_conn_kb for r in sse.values())
         ok = "met" if worst <= GOAL_RSS_KB else "missed"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fanout"))
 
-from harness import free_port, stop, tail  # the benches' shared process helpers
+from harness import build_c, free_port, stop, tail  # the benches' shared helpers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -122,7 +122,7 @@ def django_servers(default: int, skipped: list[str]) -> list[Server]:
 
 def bare_servers(default: int, skipped: list[str]) -> list[Server]:
     servers = [runcomet(BARE_WSGI, n, default) for n in dict.fromkeys([0, default])]
-    binary, why = build_evhttp_hello()
+    binary, why = build_c(HERE / "evhttp_hello.c", "evhttp_hello")
     if why:
         skipped.append(f"C evhttp_hello skipped: {why}")
     else:
@@ -165,20 +165,6 @@ def ensure_bjoern() -> str:
         return f"pip install bjoern failed: {hint.strip()}"
     importlib.invalidate_caches()
     return ""
-
-
-def build_evhttp_hello() -> tuple[str, str]:
-    """Compile evhttp_hello.c; return (binary, "") or ("", why not)."""
-    if not shutil.which("gcc"):
-        return "", "gcc not found"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    binary = CACHE / "evhttp_hello"
-    gcc = ["gcc", "-O2", "-Wall", "-o", str(binary), str(HERE / "evhttp_hello.c")]
-    for lib in ("-levent", "-l:libevent-2.1.so.7"):
-        out = subprocess.run([*gcc, lib], capture_output=True, text=True, timeout=60)
-        if out.returncode == 0:
-            return str(binary), ""
-    return "", "gcc failed: " + " / ".join(out.stderr.strip().splitlines()[-2:])
 
 
 # -- running and measuring ----------------------------------------------------------------
