@@ -226,3 +226,9 @@ def read_chunked(sock: socket.socket) -> tuple[bytes, list[bytes]]:
         if size == 0:
             return head, chunks
         chunks.append(data)
+
+
+def read_body(sock: socket.socket) -> bytes:
+    """The body of one chunked response, its framing checked."""
+    _, chunks = read_chunked(sock)
+    return b"".join(chunks)

@@ -15,6 +15,7 @@ from django_comet.brokers.redis import LOG_MIN
 
 from .brokers import PostgresServer, RedisServer
 from .processes import manage, runcomet
+from .publishing import publish, subscribed
 from .sse_client import SSEClient
 
 
@@ -37,18 +38,6 @@ def pair(broker, demo_db):
     yield a, b
     assert a.stop() == 0
     assert b.stop() == 0
-
-
-def publish(server, channel, data):
-    response = requests.post(
-        server.url + "/t/publish/", data={"channel": channel, "data": json.dumps(data)}, timeout=30
-    )
-    assert response.status_code == 200, response.text
-    return response.json()["id"]
-
-
-def subscribed(server, channel, count=1):
-    server.wait_for_status(lambda s: s["channels"].get(channel, 0) == count)
 
 
 def manage_publish(broker, channel, data):

@@ -6,7 +6,6 @@ responses keep the middleware's gzip.
 """
 
 import gzip
-import json
 import zlib
 
 import pytest
@@ -16,6 +15,7 @@ from django_comet.evloop.content_coding import without_content_coding
 from django_comet.evloop.wsgi import AppError, StartResponse
 
 from .processes import read_chunked, runcomet
+from .publishing import publish
 from .sse_client import SSEClient
 
 
@@ -24,13 +24,6 @@ def gzipped(demo_db):
     server = runcomet(db=demo_db, env={"TEST_GZIP": "1"})
     yield server
     assert server.stop() == 0, "".join(server.output)
-
-
-def publish(server, channel, data):
-    response = requests.post(
-        server.url + "/t/publish/", data={"channel": channel, "data": json.dumps(data)}, timeout=10
-    )
-    return response.json()["id"]
 
 
 def test_a_staged_response_goes_out_unencoded(gzipped):
