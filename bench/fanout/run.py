@@ -8,9 +8,9 @@ channel; a long-poll on it) and each N, a fresh server on CPU 0 gets N connectio
 this process on CPU 1.  When the server reports N subscribers, one event is published
 (POST /t/publish/) and each client's latency is the time its connection saw the event
 minus the time the POST was written.  RSS per held connection is (RSS with N held - RSS
-idle after a warm-up) / N over the server's process group.  Then, runcomet only: N concurrent staged responses (tests' quick-stages
-and the demo's 1 s stages), the lateness of each stage's chunk and the server's CPU%
-(staged.py).
+idle after a warm-up) / N over the server's process group.  Then, runcomet only: N
+concurrent staged responses (tests' quick-stages and the demo's 1 s stages), the lateness
+of each stage's chunk and the server's CPU% (staged.py).
 
 Writes bench/results/fanout.md and docs/fanout.png.
 """
@@ -157,14 +157,21 @@ async def publish(port: int, channel: str, mark: str) -> float:
 
 
 async def fan_out_once(
-    peer: Peer, port: int, mode: str, n: int, channel: str, pgid: int | None = None
+    peer: Peer,
+    port: int,
+    mode: str,
+    n: int,
+    channel: str,
+    pgid: int | None = None,
+    keep_alive: bool = False,
 ) -> tuple[Fanout, int]:
     """Hold ``n`` connections on ``channel``, publish once, collect latencies; return the
     result and the group's RSS (KiB) once all were subscribed (if ``pgid`` is given)."""
     result = Fanout(peer.name, mode, n)
     mark = f"mark-{channel}"
     paths = RUNCOMET_MODES if peer.name == "runcomet" else MODES
-    group = client.Group(client.get(paths[mode].format(channel=channel)), [mark.encode()], n)
+    request = client.get(paths[mode].format(channel=channel), keep_alive)
+    group = client.Group(request, [mark.encode()], n)
     started = time.perf_counter()
     deadline = started + 30 + n / 50
     held_rss = 0
@@ -191,14 +198,16 @@ async def fan_out_once(
     return result, held_rss
 
 
-async def fan_out(peer: Peer, port: int, pgid: int, mode: str, n: int) -> Fanout:
+async def fan_out(
+    peer: Peer, port: int, pgid: int, mode: str, n: int, keep_alive: bool = False
+) -> Fanout:
     """A warm-up round of 20 clients, the idle RSS, then the measured round."""
     warm, _ = await fan_out_once(peer, port, mode, 20, "warm-up")
     if warm.missed:
         raise RuntimeError(f"{peer.name} {mode}: warm-up missed {warm.missed}/20 events")
     await asyncio.sleep(1)
     idle = rss_kib(pgid)
-    result, held = await fan_out_once(peer, port, mode, n, f"fan-{n}", pgid)
+    result, held = await fan_out_once(peer, port, mode, n, f"fan-{n}", pgid, keep_alive)
     result.rss_per_conn_kb = (held - idle) / n
     return result
 
@@ -288,13 +297,22 @@ def plot(results: list[Fanout], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(header: list[str], results: list[Fanout], stages: list[staged.Staged]) -> str:
+def report(
+    header: list[str], results: list[Fanout], stages: list[staged.Staged], keep_alive: bool
+) -> str:
+    connection = (
+        "Clients ask for keep-alive. "
+        if keep_alive
+        else "Clients ask for `Connection: close`: each long-poll's answer also closes its "
+        "connection (`--keep-alive`: as browsers poll, on the same connection). "
+    )
     lines = ["# Fan-out: one publish to N held connections", "", *header, ""]
     lines += [
         "Server on CPU 0, client (one asyncio process, raw sockets) on CPU 1, 127.0.0.1. "
         "A fresh server per (server, mode, N); a warm-up round of 20 clients, then N "
         "connections; when the server reports N subscribers, one POST /t/publish/. "
         "Latency: time the client saw the event minus time the POST was written. "
+        f"{connection}"
         "RSS/conn: (VmRSS with N held, read 3 s after the last client subscribed - VmRSS "
         "idle after warm-up) / N, over the server's process group. "
         "runcomet serves the test project (full demo middleware, DEBUG off); "
@@ -326,7 +344,7 @@ async def run(args: argparse.Namespace, snapshot: Path, db: Path) -> tuple[list,
                 port = free_port()
                 log = LOGS / f"{peer.name.split()[0]}-{mode}-{n}.log"
                 with server(peer.argv(port), peer.env, port, peer.ready, log) as proc:
-                    r = await fan_out(peer, port, proc.pid, mode, n)
+                    r = await fan_out(peer, port, proc.pid, mode, n, args.keep_alive)
                 results.append(r)
                 print(
                     f"  {mode:<4} {peer.name:<22} N={n:>6,}  subscribed {r.subscribed:>6,}"
@@ -350,6 +368,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--staged", type=int, help="staged clients (default 1000; 0: skip)")
     parser.add_argument(
         "--staged-rounds", type=int, default=3, help="rounds of each staged run (default 3)"
+    )
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="clients ask for keep-alive (default: Connection: close, so that each "
+        "long-poll's answer also closes its connection)",
     )
     parser.add_argument("--only", default="", help="only servers whose name contains this")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for bench/hello")
@@ -380,7 +404,7 @@ def main() -> int:
         return 130
     finally:
         shutil.rmtree(snapshot, ignore_errors=True)
-    text = report(header, results, stages)
+    text = report(header, results, stages, args.keep_alive)
     print("\n" + text)
     args.out.write_text(text)
     plot(results, args.plot)
