@@ -27,8 +27,9 @@ from .request import RequestStruct
 from .wsgi import asks_to_close
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .loop import Handle
-    from .server import Exchange, Server
+    from .server import Server
 
 logger = logging.getLogger("django_comet.server")
 

@@ -16,7 +16,8 @@ from .wsgi import AppError, StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig
-    from .server import Exchange, WSGIApp
+    from .exchange import Exchange
+    from .server import WSGIApp
     from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")

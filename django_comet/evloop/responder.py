@@ -23,9 +23,9 @@ from .wsgi import StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig
+    from .exchange import Exchange
     from .files import Descriptor
     from .holding import Holder
-    from .server import Exchange
     from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")

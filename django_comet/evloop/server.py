@@ -5,13 +5,7 @@ once per request (building the environ), once per response and once per chunk.  
 on a bounded thread pool (``producer.py``); results come back to the loop thread through
 ``Loop.call_soon_threadsafe``, which writes them (``responder.py``).  Only the loop
 thread calls libevent.  This module owns the rest: the evhttp object and its lifecycle,
-taking requests in, losing connections, and each exchange's bookkeeping.
-
-An ``Exchange`` is one request and its response.  Its life:
-``app`` (running the application) -> ``held`` (waiting on a deferral, headers sent) or
-``streaming`` (a worker produces chunks) -> ``done``.  A client that disconnects marks it
-``dead``: its timer is cancelled at once and its request freed; a worker that comes back
-with output for a dead exchange drops it.
+taking requests in, losing connections, and each exchange's bookkeeping (``exchange.py``).
 """
 
 from __future__ import annotations
@@ -24,18 +18,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
+from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
 from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
-from .loop import Handle, Loop, timeval_of
+from .loop import Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, read_request
 from .responder import Responder
@@ -54,59 +49,6 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 VIEW_BACKLOG_HIGH = 64
 VIEW_BACKLOG_LOW = 16
 VIEW_BACKLOG_CHECK = 0.005
-
-
-class Exchange:
-    __slots__ = (
-        "bev",
-        "close_at_end",
-        "code",
-        "conn",
-        "cursor",
-        "dead",
-        "deferred",
-        "environ",
-        "hold",
-        "key",
-        "limit",
-        "method",
-        "outbuf",
-        "path",
-        "pending",
-        "protocol",
-        "pump",
-        "req",
-        "sent",
-        "started",
-        "state",
-        "timer",
-    )
-
-    def __init__(self, key: int, req: int, environ: dict[str, Any]):
-        self.key = key
-        self.req: int | None = req  # None once libevent freed it or we handed it back
-        self.environ = environ
-        self.method: str = environ["REQUEST_METHOD"]
-        self.path: str = environ["RAW_URI"]
-        self.protocol: str = environ["SERVER_PROTOCOL"]
-        self.started = time.monotonic()
-        self.code = 0
-        self.sent = 0
-        self.state = "app"
-        self.dead = False
-        self.timer: Handle | None = None
-        self.bev: int | None = None  # set while held: its read timeout is lifted
-        self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
-        # A streamed body's rest while it waits for its unsent bytes to leave (for the
-        # loop thread to pump, with --threads 0).
-        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None
-        self.deferred = False  # counted in Server.held until done
-        self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
-        self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
-        self.outbuf: int | None = None  # held: the connection's output evbuffer
-        self.close_at_end = False  # its headers were shed and had asked to close
-        self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
-        self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
 
 
 class Server(Producer, Responder):

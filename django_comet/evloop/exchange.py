@@ -1,0 +1,68 @@
+"""An ``Exchange``: one request and its response, as the server tracks it.
+
+Its life: ``app`` (running the application) -> ``held`` (waiting on a deferral, headers
+sent) or ``streaming`` (a worker produces chunks) -> ``done``.  A client that disconnects
+marks it ``dead``: its timer is cancelled at once and its request freed; a worker that
+comes back with output for a dead exchange drops it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .loop import Handle
+
+
+class Exchange:
+    __slots__ = (
+        "bev",
+        "close_at_end",
+        "code",
+        "conn",
+        "cursor",
+        "dead",
+        "deferred",
+        "environ",
+        "hold",
+        "key",
+        "limit",
+        "method",
+        "outbuf",
+        "path",
+        "pending",
+        "protocol",
+        "pump",
+        "req",
+        "sent",
+        "started",
+        "state",
+        "timer",
+    )
+
+    def __init__(self, key: int, req: int, environ: dict[str, Any]):
+        self.key = key
+        self.req: int | None = req  # None once libevent freed it or we handed it back
+        self.environ = environ
+        self.method: str = environ["REQUEST_METHOD"]
+        self.path: str = environ["RAW_URI"]
+        self.protocol: str = environ["SERVER_PROTOCOL"]
+        self.started = time.monotonic()
+        self.code = 0
+        self.sent = 0
+        self.state = "app"
+        self.dead = False
+        self.timer: Handle | None = None
+        self.bev: int | None = None  # set while held: its read timeout is lifted
+        self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
+        # A streamed body's rest while it waits for its unsent bytes to leave (for the
+        # loop thread to pump, with --threads 0).
+        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None
+        self.deferred = False  # counted in Server.held until done
+        self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
+        self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
+        self.outbuf: int | None = None  # held: the connection's output evbuffer
+        self.close_at_end = False  # its headers were shed and had asked to close
+        self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
+        self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
