@@ -238,7 +238,26 @@ def test_a_stop_as_the_workers_start_stops_each_at_once(demo_db, tmp_path):
         broker.destroy()
 
 
-def test_the_parent_handles_stop_signals_from_its_banner_on(monkeypatch, tmp_path):
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEFAULT_HANDLERS = (signal.SIG_DFL, signal.default_int_handler)
+
+
+@pytest.fixture
+def default_stop_handlers():
+    """SIGTERM and SIGINT as a fresh interpreter has them, whatever this process
+    inherited (a shell running the suite in the background ignores SIGINT), and as they
+    were afterwards."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in zip(STOP_SIGNALS, DEFAULT_HANDLERS, strict=True):
+        signal.signal(signum, handler)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_the_parent_handles_stop_signals_from_its_banner_on(
+    monkeypatch, tmp_path, default_stop_handlers
+):
     """A stop signal sent as soon as the banner is out (a supervisor or a test reading
     it) reaches the parent's handler: it came before the handler was installed, and
     the parent died of it (rc -15), leaving its workers to the kernel's SIGTERM and its
@@ -255,21 +274,16 @@ def test_the_parent_handles_stop_signals_from_its_banner_on(monkeypatch, tmp_pat
     monkeypatch.setattr(module.tempfile, "tempdir", str(tmp_path))
     cmd = Command(stdout=StringIO(), stderr=StringIO())
     cmd.on_bind = lambda *args, **kwargs: at_banner.extend(
-        signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+        signal.getsignal(signum) for signum in STOP_SIGNALS
     )
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            cmd._run_workers(2, sock, None, ServerConfig(port=0))
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        cmd._run_workers(2, sock, None, ServerConfig(port=0))
     assert [getattr(h, "__func__", h) for h in at_banner] == [Parent._on_stop] * 2, at_banner
     assert os.listdir(tmp_path) == []
 
 
-def test_a_single_server_handles_stop_signals_from_its_banner_on(monkeypatch):
+def test_a_single_server_handles_stop_signals_from_its_banner_on(default_stop_handlers):
     """The same for one process: its banner came before its handlers, and a test that
     stopped it as soon as the banner was out saw it die of the SIGTERM (rc -15, its
     unix socket file left behind).  In-process, as above."""
@@ -281,25 +295,18 @@ def test_a_single_server_handles_stop_signals_from_its_banner_on(monkeypatch):
         def serve_forever(self, **kwargs):
             self.close()
 
-    defaults = (signal.SIG_DFL, signal.default_int_handler)
     at_banner = []
     cmd = Command(stdout=StringIO(), stderr=StringIO())
     cmd.comet_server_cls = Announced
     cmd.check_migrations = lambda: None  # (no database here)
     cmd.on_bind = lambda *args, **kwargs: at_banner.extend(
-        signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+        signal.getsignal(signum) for signum in STOP_SIGNALS
     )
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    assert set(previous.values()) <= set(defaults)
-    try:
-        call_command(cmd, "127.0.0.1:0", use_reloader=False, skip_checks=True)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    assert len(at_banner) == 2 and not set(at_banner) & set(defaults), at_banner
+    call_command(cmd, "127.0.0.1:0", use_reloader=False, skip_checks=True)
+    assert len(at_banner) == 2 and not set(at_banner) & set(DEFAULT_HANDLERS), at_banner
 
 
-def test_evloop_handles_stop_signals_from_its_banner_on(monkeypatch):
+def test_evloop_handles_stop_signals_from_its_banner_on(monkeypatch, default_stop_handlers):
     """And for ``python -m django_comet.evloop``, whose banner is a print."""
     from django_comet.evloop import __main__ as module
 
@@ -307,24 +314,18 @@ def test_evloop_handles_stop_signals_from_its_banner_on(monkeypatch):
         def serve_forever(self, **kwargs):
             self.close()
 
-    defaults = (signal.SIG_DFL, signal.default_int_handler)
     at_banner = []
     monkeypatch.setattr(module, "Server", Announced)
     monkeypatch.setattr(
         module,
         "print",
         lambda *args, **kwargs: at_banner.extend(
-            signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+            signal.getsignal(signum) for signum in STOP_SIGNALS
         ),
         raising=False,
     )
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        module.main(["tests.fixtureapps.apps:app", "127.0.0.1:0", "--no-access-log"])
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    assert len(at_banner) == 2 and not set(at_banner) & set(defaults), at_banner
+    module.main(["tests.fixtureapps.apps:app", "127.0.0.1:0", "--no-access-log"])
+    assert len(at_banner) == 2 and not set(at_banner) & set(DEFAULT_HANDLERS), at_banner
 
 
 def test_clients_that_stopped_reading_do_not_hold_up_a_stop(demo_db):
