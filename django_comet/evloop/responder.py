@@ -288,12 +288,13 @@ class Responder:
         return True
 
     def _send_part(self, ex: Exchange, data: bytes) -> None:
-        """A held response's next part (a stage's content, a stream's frame), written as
-        fan-out writes events: straight into its connection's output buffer.
+        """A held response's next part (a stage's content, a stream's frame, a long-poll's
+        answer), written as fan-out writes events: straight into its connection's output
+        buffer.
         evhttp_send_reply_chunk re-arms the write timeout, so a chain of stages (or a
         stream's heartbeats) to a client that reads nothing was never cut by it, and
         piled its output up until COMET_MAX_HOLD."""
-        if ex.outbuf is None or ex.bev is None or ex.req is None or not data:
+        if ex.outbuf is None or ex.req is None or not data:
             self._send_chunk(ex, data)
             return
         framed = chunked(data) if ex.protocol == "HTTP/1.1" else data
@@ -361,13 +362,13 @@ class Responder:
         # A chunked one's last chunk is written with reading on again: not reading after
         # it.  Any other not before the call: a response already out when it returns has
         # evhttp reading the next request by then.
-        chunked = (
+        last_chunk = (
             ex.limit is None and ex.protocol == "HTTP/1.1" and carries_body(ex.method, ex.code)
         )
-        if not chunked:
+        if not last_chunk:
             self._stop_reading(ex)
         self._lib.evhttp_send_reply_end(req)
-        if chunked:
+        if last_chunk:
             self._stop_reading(ex)
 
     def _unsent(self, ex: Exchange) -> int:
