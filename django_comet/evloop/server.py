@@ -136,7 +136,7 @@ class Server(Producer, Responder):
         lib.evhttp_set_default_content_type(http, None)
         lib.evhttp_set_max_headers_size(http, 2 * (cfg.max_header_size + cfg.max_request_line))
         lib.evhttp_set_max_body_size(http, cfg.max_body_size)
-        lib.evhttp_set_timeout_tv(http, ctypes.byref(timeval_of(cfg.timeout)))
+        lib.evhttp_set_timeout_tv(http, self._timeout_tv)
         self.sock.setblocking(False)
         self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
         if not self._bound:
