@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import client
-from harness import HERE, PY, cpu_seconds, free_port, percentile, rss_kib, server
+from harness import (
+    HERE,
+    PY,
+    WARM_UP_CLIENTS,
+    cpu_seconds,
+    free_port,
+    percentile,
+    rss_kib,
+    server,
+)
 
 
 @dataclass
@@ -142,7 +151,7 @@ async def run_all(
             port = free_port()
             log = logs / f"runcomet-staged-{delays[0]}.log"
             with server(argv(port), env, port, ready, log) as proc:
-                await one_round(port, proc.pid, "warm-up", path, markers, delays, 20)
+                await one_round(port, proc.pid, "warm-up", path, markers, delays, WARM_UP_CLIENTS)
                 rounds.append(
                     await one_round(
                         port, proc.pid, name, path, markers, delays, args.staged, spread
