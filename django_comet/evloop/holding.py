@@ -110,10 +110,10 @@ class Holder:
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)
-        if ex.outbuf is None:  # its parts are written there (Server._send_part)
-            ex.outbuf = self._lib.bufferevent_get_output(ex.bev)
-        self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
-        self._shed_headers(ex)
+        if ex.outbuf is None:  # held for the first time (a chain of stages: once for all)
+            ex.outbuf = self._lib.bufferevent_get_output(ex.bev)  # see Server._send_part
+            self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
+            self._shed_headers(ex)
         if isinstance(deferral, Deferral):
             ex.timer = self.loop.call_later(deferral.delay, self._resume, ex, deferral.resume)
             return
@@ -165,7 +165,7 @@ class Holder:
             (value := find(headers, b"Connection")) and asks_to_close(value.decode("latin-1"))
             for headers in (r.input_headers, r.output_headers)
         ):
-            ex.close_at_end = True  # (a second hold of the same response finds nothing)
+            ex.close_at_end = True
         self._lib.evhttp_clear_headers(r.input_headers)
         self._lib.evhttp_clear_headers(r.output_headers)
 
