@@ -31,6 +31,8 @@ def environ(target="/", headers=(), body=b"", method="GET", **kw):
         ("/a/b?x=1", ("/a/b", "x=1")),
         ("/a?x=1#frag", ("/a", "x=1")),
         ("/a#frag", ("/a", "")),
+        ("/a#frag?x=1", ("/a", "")),  # a query inside the fragment is the fragment's
+        ("http://example.com/p#f?q", ("/p", "")),
         ("http://example.com/p?q", ("/p", "q")),
         ("http://example.com", ("/", "")),
         ("http://example.com?q=1", ("/", "q=1")),
@@ -112,12 +114,23 @@ def test_script_name_is_split_off():
         ),
         ((2, 0), [(b"Host", b"a")], 505),
         ((1, 1), [(b"Host", b"a"), (b"Bad Name", b"x")], 400),
+        ((1, 1), [(b"Host", b"a b")], 400),  # RFC 9112 3.2: an invalid Host is a 400
+        ((1, 1), [(b"Host", b"a/b")], 400),
+        ((1, 1), [(b"Host", b"a:8o")], 400),
+        ((1, 0), [(b"Host", b"a\xe9")], 400),
     ],
 )
 def test_check_request_refuses(version, headers, status):
     with pytest.raises(BadRequest) as info:
         check_request("GET", b"/", version, headers)
     assert info.value.status == status
+
+
+def test_check_request_refuses_connect():
+    """CONNECT asks for a tunnel: this is no proxy (501, as for methods it does not know)."""
+    with pytest.raises(BadRequest) as info:
+        check_request("CONNECT", b"example.com:443", (1, 1), [(b"Host", b"example.com:443")])
+    assert info.value.status == 501
 
 
 def test_check_request_accepts():
@@ -127,6 +140,8 @@ def test_check_request_accepts():
     check_request("GET", b"/", (1, 0), [])
     check_request("POST", b"/", (1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b" Chunked ")])
     check_request("OPTIONS", b"*", (1, 1), [(b"Host", b"a")])
+    for host in (b"", b"example.com:8080", b"127.0.0.1", b"[::1]:80", b"my_host.local.", b"x:"):
+        check_request("GET", b"/", (1, 1), [(b"Host", host)])
     with pytest.raises(BadRequest):
         check_request("GET", b"*", (1, 1), [(b"Host", b"a")])
 
@@ -147,6 +162,10 @@ def test_start_response_validates():
         ("200 OK", [("X-A", "a\r\nb")]),
         ("200 OK", [("Bad Name", "a")]),
         ("200 OK", [("Content-Length", "ten")]),
+        ("200 OK", [("Content-Length", "\u0663")]),  # a digit, but not an ASCII one
+        ("200 OK", [("Content-Length", "\uff13")]),
+        ("200 OK", [("Content-Length", "\u00b2")]),
+        ("200 OK", [("Content-Length", "5"), ("Content-Length", "3")]),  # which one?
         ("200 OK", [("X-U", "\u20ac")]),
         ("200 OK", [("X-V", "a\x0bb")]),  # no control character but the tab
         ("200 O\x1bK", []),

@@ -545,13 +545,59 @@ def test_a_large_body_past_its_length_ends_at_it_and_is_closed(request, server_n
     assert closes(server, tag, 1) == 1
 
 
-def test_a_205_goes_out_without_content(wsgi_server):
-    """RFC 9110 15.3.6: a 205 has no content, whatever the app gave it."""
+@pytest.mark.parametrize("how", ["", "file", "large"])  # whole, by descriptor, streamed
+def test_a_205_goes_out_without_content(wsgi_server, how):
+    """RFC 9110 15.3.6: a 205 has no content, and says so, whatever the app gave it
+    (evhttp knows no 205: a length would have the client read the next answer as it)."""
     out = raw(
         wsgi_server,
-        b"GET /reset-content HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /reset-content?%s HTTP/1.1\r\nHost: x\r\n\r\n" % how.encode()
+        + b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     first, _, rest = out.partition(b"\r\n\r\n")
-    assert first.startswith(b"HTTP/1.1 205") and b"Content-Length: 0" in first
+    assert first.startswith(b"HTTP/1.1 205") and b"Content-Length: 0\r\n" in first + b"\r\n"
     assert rest.startswith(b"HTTP/1.1 200")  # nothing of the 205's body in between
+    assert rest.endswith(b"Hello, world!")
+
+
+@pytest.mark.parametrize("target", [b"example.com:443", b"/hello"])
+def test_connect_is_refused_framed_and_closed(wsgi_server, target):
+    """evhttp sends an answer to CONNECT without a length and keeps the connection (a
+    tunnel would follow): the refusal must be framed, and end the connection."""
+    out = raw(
+        wsgi_server,
+        b"CONNECT %s HTTP/1.1\r\nHost: example.com:443\r\n\r\n" % target
+        + b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n",  # a hang fails: it must close
+    )
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ")
+    assert b"Connection: close" in head
+    length = [line for line in head.split(b"\r\n") if line.startswith(b"Content-Length: ")]
+    assert length and int(length[0].split(b": ")[1]) == len(body)  # and nothing after it
+
+
+def test_a_head_whose_app_gives_no_body_gets_no_invented_length(wsgi_server):
+    """RFC 9110 8.6: a HEAD's Content-Length, if any, is what the GET would send; an app
+    that gives neither a length nor the body (werkzeug's way) gets none, not a 0."""
+    get = raw(wsgi_server, b"GET /head-empty HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"Content-Length: 7\r\n" in get and get.endswith(b"\r\n\r\ncontent")
+    head = raw(wsgi_server, b"HEAD /head-empty HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+    assert b"Content-Length" not in head
+
+
+@pytest.mark.parametrize("path", [b"/app-close", b"/short-length"])
+def test_an_http10_keep_alive_request_told_to_close_hears_it_once(wsgi_server, path):
+    """evhttp adds "Connection: keep-alive" to an HTTP/1.0 answer when the request asked
+    for it: beside our "close" the client hears both, and may keep a closed connection."""
+    out = raw(wsgi_server, b"GET %s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" % path)
+    head = out.partition(b"\r\n\r\n")[0].lower()
+    assert head.count(b"\r\nconnection:") == 1 and b"\r\nconnection: close" in head
+
+
+def test_a_stream_cut_by_its_app_still_sends_what_was_queued(wsgi_server):
+    """The app fails right after its first part: the client gets the head and what it
+    can of that part, then the cut, not an empty reply (which reads as "try again")."""
+    out = raw(wsgi_server, b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK")
+    assert not out.endswith(b"0\r\n\r\n")  # cut: no last chunk

@@ -76,6 +76,7 @@ EVHTTP_METHODS = {
     1 << 8: "PATCH",
 }
 EVHTTP_ALL_METHODS = 0x1FF
+EVHTTP_REQ_GET, EVHTTP_REQ_CONNECT = 1 << 0, 1 << 7
 EVHTTP_SERVER_LINGERING_CLOSE = 0x0001
 BEV_OPT_CLOSE_ON_FREE = 0x01
 # buffer.h
@@ -282,6 +283,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_pullup": (c_void_p, [evbuffer_p, c_ssize_t]),
     # int evbuffer_drain(struct evbuffer *buf, size_t len);
     "evbuffer_drain": (c_int, [evbuffer_p, c_size_t]),
+    # int evbuffer_write(struct evbuffer *buffer, evutil_socket_t fd);
+    "evbuffer_write": (c_int, [evbuffer_p, evutil_socket_t]),
     # int evbuffer_set_flags(struct evbuffer *buf, ev_uint64_t flags);
     "evbuffer_set_flags": (c_int, [evbuffer_p, ctypes.c_uint64]),
 }

@@ -82,10 +82,20 @@ class Responder:
             add(out, b"Date", http_date())
         for name, value in start.encoded:
             add(out, name, value)
+        if start.code == 205:  # no content, and said so, whatever the app gave (RFC 9110
+            length = 0  # 15.3.6; evhttp knows no 205, and would read a length as a body's)
         if length is not None and start.code != 204:  # never in a 204 (RFC 9110 8.6)
             add(out, b"Content-Length", b"%d" % length)
         if start.close or self._draining:  # stopping: no next request on this connection
-            add(out, b"Connection", b"close")
+            self._say_close(r)
+
+    def _say_close(self, r: RequestStruct) -> None:
+        """Answer with ``Connection: close``, and only that: evhttp adds ``keep-alive``
+        to an HTTP/1.0 answer when the request asked for it, whatever the answer says."""
+        self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
+        if r.minor == 0:
+            while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
+                pass
 
     def _reply_whole(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
         if ex.dead:
@@ -94,10 +104,10 @@ class Responder:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         length = start.length
         with_body = carries_body(ex.method, start.code)
-        if start.code == 205:  # no content, said so (a 304's length is the resource's)
-            length = 0
-        elif length is None:
-            if carries_body("GET", start.code):  # a HEAD's is the length a GET would get
+        if length is None:
+            # A HEAD's is the length a GET would get: known if the app gave the body
+            # (a 304's is the resource's, a 205 says 0: _add_headers).
+            if carries_body("GET", start.code) and (body or ex.method != "HEAD"):
                 length = len(body)
         elif with_body and length != len(body):
             logger.error(
@@ -190,12 +200,15 @@ class Responder:
             return False
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
         self._add_headers(r, start, start.length if keep_length else None)
-        if (r.major, r.minor) < (1, 1) and not (keep_length and start.length is not None):
+        if (
+            (r.major, r.minor) < (1, 1)
+            and not (keep_length and start.length is not None)
+            and not (start.close or self._draining)  # (said so already)
+        ):
             # HTTP/1.0 has no chunked coding: a body of unknown length ends with the
             # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
             # wrong "Content-Length: 0".)
-            self._lib.evhttp_remove_header(r.input_headers, b"Connection")
-            self._lib.evhttp_add_header(r.output_headers, b"Connection", b"close")
+            self._say_close(r)
         ex.code = start.code
         if keep_length and carries_body(ex.method, start.code):
             ex.limit = start.length
@@ -352,8 +365,7 @@ class Responder:
         req = ex.req
         assert req is not None
         if ex.close_at_end or self._draining:  # evhttp decides from the headers
-            out = RequestStruct.from_address(req).output_headers
-            self._lib.evhttp_add_header(out, b"Connection", b"close")
+            self._say_close(RequestStruct.from_address(req))
         # Finished first: when the output is already flushed, evhttp frees the request,
         # and the connection if it is to close, inside this call; the close callback
         # must then find nothing of ours left to release.
@@ -386,10 +398,12 @@ class Responder:
         return unsent
 
     def _abort(self, ex: Exchange) -> None:
-        """Cut the connection so the client sees an error, never a clean end.  libevent
-        notices the shut-down socket by reading (on again: ``_stop_reading`` may have
-        turned it off, and with nothing left to write nothing else would notice) and the
-        close callback releases the exchange."""
+        """Cut the connection so the client sees an error, never a clean end.  What is
+        queued for it goes to the socket first, as much as the socket takes now, so
+        that the client sees the response cut short rather than no response at all.
+        libevent notices the shut-down socket by reading (on again: ``_stop_reading``
+        may have turned it off, and with nothing left to write nothing else would
+        notice) and the close callback releases the exchange."""
         if ex.dead or ex.req is None:
             return self._drop(ex)
         ex.code = ex.code or 500
@@ -401,4 +415,7 @@ class Responder:
         self.holder.release(ex)
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         self._lib.bufferevent_enable(bev, ev.EV_READ)
-        shutdown_socket(self._lib.bufferevent_getfd(bev))
+        fd = self._lib.bufferevent_getfd(bev)
+        if fd >= 0:
+            self._lib.evbuffer_write(self._lib.bufferevent_get_output(bev), fd)
+        shutdown_socket(fd)

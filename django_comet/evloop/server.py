@@ -324,11 +324,11 @@ class Server(Producer, Responder):
         except BadRequest as exc:
             if exc.status == 505:  # evhttp answers in the request's version: in ours
                 r.major, r.minor = 1, 1
-            self._lib.evhttp_send_error(req, exc.status, str(exc).encode("latin-1"))
+            self._send_error(r, req, exc.status, str(exc).encode("latin-1"))
             return
         except Exception:  # a bug of ours: the client still gets an answer
             logger.exception("Error reading a request")
-            self._lib.evhttp_send_error(req, 500, None)
+            self._send_error(r, req, 500, None)
             return
         connection = environ.get("HTTP_CONNECTION")
         if connection is not None and connection.lower() != "close" and asks_to_close(connection):
@@ -353,6 +353,14 @@ class Server(Producer, Responder):
                 )
         else:
             self._run_app(ex)
+
+    def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
+        """Refuse a request with an error page and close its connection."""
+        if r.type == ev.EVHTTP_REQ_CONNECT:
+            # To a CONNECT, evhttp sends no length and never closes (a tunnel would
+            # follow): answered as to a GET, the page is framed and the connection ends.
+            r.type = ev.EVHTTP_REQ_GET
+        self._lib.evhttp_send_error(req, status, reason)
 
     def _accept_when_views_caught_up(self) -> None:
         assert self._pool is not None

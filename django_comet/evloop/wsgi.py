@@ -17,6 +17,12 @@ Headers = list[tuple[str, str]]
 
 # RFC 9110 5.6.2 token characters; a field name must be a token.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Host = uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal in brackets,
+# or a reg-name (an IPv4 address is one) of unreserved, percent-encoded and sub-delims.
+_HOST = re.compile(
+    rb"[ \t]*(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~!$&'()*+,;=%]*)"
+    rb"(?::[0-9]*)?[ \t]*\Z"
+)
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # RFC 9110: a code of 100-599; a reason phrase, and a field value, of visible
 # characters, spaces and tabs (no other control character).
@@ -72,6 +78,7 @@ class AppError(Exception):
 
 def split_target(target: str) -> tuple[str, str]:
     """request-target -> (raw path, query): origin form, absolute form or '*'."""
+    target = target.partition("#")[0]  # a fragment is the client's own, never sent
     if target.startswith("/"):
         path, _, query = target.partition("?")
     elif target == "*":
@@ -86,10 +93,6 @@ def split_target(target: str) -> tuple[str, str]:
             path, _, query = rest[slash:].partition("?")
     else:
         raise BadRequest("Invalid request target")
-    if "#" in query:
-        query = query.partition("#")[0]
-    elif "#" in path:
-        path = path.partition("#")[0]
     return path, query
 
 
@@ -311,9 +314,12 @@ class StartResponse:
                 raise AppError(f"invalid header value from the application: {name}: {value!r}")
             lname = name.lower()
             if lname == "content-length":
-                if not value.strip().isdigit():
+                digits = value.strip()
+                if not (digits.isascii() and digits.isdigit()) or (
+                    length is not None and int(digits) != length
+                ):
                     raise AppError(f"invalid Content-Length from the application: {value!r}")
-                length = int(value)
+                length = int(digits)
             elif lname in HOP_BY_HOP:
                 close = close or (lname == "connection" and asks_to_close(value))
             else:
@@ -372,6 +378,8 @@ def check_request(
         raise BadRequest("Request Header Fields Too Large (too many)", 431)
     if target == b"*" and method != "OPTIONS":
         raise BadRequest("Asterisk target is only for OPTIONS")
+    if method == "CONNECT":  # (Server._on_request has evhttp frame this answer and close)
+        raise BadRequest("CONNECT is not implemented: this server is not a proxy", 501)
     hosts = 0
     size = 0
     length: bytes | None = None
@@ -387,6 +395,8 @@ def check_request(
                 _LOWER_NAMES[name] = lname
         if lname == b"host":
             hosts += 1
+            if not _HOST.match(value):
+                raise BadRequest("Invalid Host header (RFC 9112 3.2)")
         elif lname == b"content-length":
             value = value.strip(b" \t")
             if not value.isdigit() or (length is not None and value != length):

@@ -3,6 +3,7 @@
 import collections
 import gc
 import json
+import os
 import time
 
 
@@ -183,9 +184,22 @@ def app(environ, start_response):
     if path == "/overlong-large":  # past its Content-Length with more than 1 MiB unsent
         start_response("200 OK", [("Content-Length", "300000")])
         return _Body([b"a" * 100_000] * 3 + [b"x" * 2_000_000], environ)
-    if path == "/reset-content":  # a 205 with a body, which must not go out
-        start_response("205 Reset Content", [("Content-Length", "11")])
-        return [b"hello world"]
+    if path == "/reset-content":  # a 205 with a body, which must not go out; ?file, ?large
+        how = environ["QUERY_STRING"]
+        if how == "file":  # by descriptor (sendfile), with the file's length
+            start_response(
+                "205 Reset Content", [("Content-Length", str(os.path.getsize(__file__)))]
+            )
+            return environ["wsgi.file_wrapper"](open(__file__, "rb"))
+        body = [b"r" * 300_000] if how == "large" else [b"hello world"]  # large: streamed
+        start_response("205 Reset Content", [("Content-Length", str(len(body[0])))])
+        return iter(body)
+    if path == "/head-empty":  # as werkzeug: no length, and no body for a HEAD
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"content"]
+    if path == "/app-close":  # the app asks to close
+        start_response("200 OK", [("Content-Length", "5"), ("Connection", "close")])
+        return [b"hello"]
     if path == "/sleep":  # ?seconds: a view that blocks its thread
         time.sleep(float(environ["QUERY_STRING"]))
         start_response("200 OK", [("Content-Length", "5")])
