@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpRespon
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
-from .events import refusal, replay
+from .events import bounded_replay, refusal, replay
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
 
@@ -45,6 +45,8 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
+        ready, cut = bounded_replay(ready, since)
+        gap = gap or cut
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(

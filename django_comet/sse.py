@@ -17,7 +17,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .events import check_channel, refusal, replay
+from .events import bounded_replay, check_channel, refusal, replay
 from .evloop.deferral import Stream
 from .evloop.holding import jittered_retry
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
@@ -72,6 +72,8 @@ class EventStreamResponse(StreamingHttpResponse):
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
         first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
         events, gap, cursor = replay(broker, self.channels, after)
+        events, cut = bounded_replay(events, after)
+        gap = gap or cut
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels))
         first.extend(e.frame for e in events)

@@ -84,6 +84,12 @@ _METRICS = [
         "events_published",
     ),
     ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.", "dropped_slow"),
+    (
+        "comet_stages_delayed_total",
+        "counter",
+        "Times a stage waited for its client to take the parts before it.",
+        "stages_delayed",
+    ),
     ("comet_in_flight", "gauge", "Requests being answered.", "in_flight"),
     ("comet_timers", "gauge", "Pending loop timers and watchers.", "timers"),
     ("comet_threads", "gauge", "Threads that run views.", "threads"),

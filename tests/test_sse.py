@@ -310,8 +310,9 @@ def test_a_stream_with_a_bodyless_status_ends_at_once_and_leaks_nothing(comet):
 
 def test_a_replay_larger_than_the_output_bound_is_not_cut_at_the_next_event(tight):
     """A client back on a slow link gets a replay bigger than COMET_MAX_PENDING_OUTPUT
-    (64 KiB here): the replay is allowed on top of the bound, or the client would be cut
-    at every next event and never catch up."""
+    (64 KiB here; the newest event, 1 MB, is sent whatever its size): the replay is
+    allowed on top of the bound, or the client would be cut at every next event and
+    never catch up."""
     before = tight.status()["dropped_slow"]
     big = "r" * 1_000_000  # 5 of them (the history): more than the kernel buffers hold
     ids = [publish(tight, "replayed", big) for _ in range(5)]
@@ -331,11 +332,38 @@ def test_a_replay_larger_than_the_output_bound_is_not_cut_at_the_next_event(tigh
     assert tight.status()["dropped_slow"] == before
 
 
+def test_a_replay_is_bounded_like_the_output_and_says_what_it_left_out(tight):
+    """One request for a cursor far back would pin a copy of the whole history of its
+    channels for as long as its client reads slowly: a replay holds the newest events
+    that fit in COMET_MAX_PENDING_OUTPUT (64 KiB here), and the gap event (the poll's
+    "gap") tells of the older ones; a cursor of 0, asking for whatever there is, is told
+    nothing."""
+    ids = [publish(tight, "capped", "x" * 30_000) for _ in range(5)]  # all in the history
+    cursor = ids[0] - 1
+    with SSEClient(tight, f"/t/stream/?channels=capped&lastEventId={cursor}") as client:
+        gap = client.next_event()
+        assert gap["event"] == "comet-history-gap"
+        assert json.loads(gap["data"]) == {"last_event_id": cursor, "channels": ["capped"]}
+        assert [client.next_event()["id"] for _ in range(2)] == [str(ids[3]), str(ids[4])]
+        subscribed(tight, "capped", 1)
+        live = publish(tight, "capped", "live")
+        assert client.next_event()["id"] == str(live)  # and it goes on from the newest
+    polled = requests.get(tight.url + f"/t/fastpoll/?channel=capped&since={cursor}").json()
+    assert polled["gap"] is True
+    assert [e["id"] for e in polled["events"]] == [ids[3], ids[4], live]
+    from_0 = requests.get(tight.url + "/t/fastpoll/?channel=capped&since=0").json()
+    assert "gap" not in from_0 and from_0["last_id"] == live
+
+
 def test_a_stream_that_reads_nothing_is_cut_after_the_write_timeout(demo_db):
     """A client that never reads a big replay is cut once COMET_TIMEOUT (2 s here) passes
     with no progress, heartbeats (every 0.2 s) notwithstanding: they used to re-arm the
-    write timeout, so such a request held its replay in memory for as long as it liked."""
-    server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.2", "TEST_TIMEOUT": "2"})
+    write timeout, so such a request held its replay in memory for as long as it liked.
+    (The output bound is raised so that the replay, 5 MB, is more than the kernel's
+    buffers take: what they take is not the server's to time.)"""
+    bound = str(8 * 1024 * 1024)
+    env = {"TEST_SSE_HEARTBEAT": "0.2", "TEST_TIMEOUT": "2", "TEST_MAX_PENDING_OUTPUT": bound}
+    server = runcomet(db=demo_db, env=env)
     sock = None
     try:
         ids = [publish(server, "unread", "u" * 1_000_000) for _ in range(5)]

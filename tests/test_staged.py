@@ -266,6 +266,39 @@ def test_a_stage_gets_the_cookie_header_a_browser_would_send():
     assert "adm" not in parse_cookie(_with_cookies("", first.cookies, "/administrator/"))
 
 
+def test_a_chain_of_stages_waits_for_a_slow_reader_instead_of_piling_up(demo_db):
+    """Stages that write faster than their client reads: once more than
+    COMET_MAX_PENDING_OUTPUT is unsent, the next stage waits for the client (counted in
+    `stages_delayed`), and goes on once it reads. Each part used to be added to the
+    connection's output whatever was still unsent: a reader slower than the chain (but
+    not so slow that the write timeout cut it) grew the server's memory without bound."""
+    size, limit = 65536, 262144
+    server = runcomet(db=demo_db, env={"TEST_MAX_PENDING_OUTPUT": str(limit)})
+    sock = None
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((server.host, server.port))
+        target = f"/t/endless-stages/?size={size}&delay=0.01"
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        server.wait_for_status(lambda s: s["stages_delayed"] >= 1)
+        ran = requests.get(server.url + "/t/count/", timeout=10).json()["endless"]
+        # What left before the chain waited: the limit and one part in the server, what
+        # the kernel's buffers took (a few hundred KiB on loopback; a client that reads
+        # nothing keeps TCP's window small), and the first response's part.
+        assert ran * size <= limit + size + 2 * 1024 * 1024, ran
+        sock.settimeout(10)
+        received = 0
+        while requests.get(server.url + "/t/count/", timeout=10).json()["endless"] < ran + 20:
+            received += len(sock.recv(1 << 20))  # reading: the chain goes on
+        assert received > limit
+    finally:
+        if sock is not None:
+            sock.close()
+        server.wait_for_status(lambda s: s["held"] == 0)
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_a_staged_response_whose_client_reads_nothing_is_cut_after_the_write_timeout(demo_db):
     """A chain of stages to a client that reads nothing is cut once COMET_TIMEOUT (2 s
     here) passes with no progress: each stage's chunk used to re-arm the write timeout, so

@@ -89,6 +89,10 @@ def quick_stage(request, response_prev=None):
     return defer_in_time(response, 0.02, quick_stage)
 
 
+_counter = {"stages": 0, "endless": 0}  # stage views run: counted_stage's, endless_stage's
+_counter_lock = threading.Lock()
+
+
 def endless_stages(request):
     """Stages of ?size= bytes every ?delay= seconds, for ever (until COMET_MAX_HOLD)."""
     response = HttpResponse(b"e" * int(request.GET["size"]))
@@ -98,13 +102,11 @@ def endless_stages(request):
 
 @deferred_view()
 def endless_stage(request, response_prev=None):
+    with _counter_lock:
+        _counter["endless"] += 1
     response = HttpResponse(b"e" * response_prev.size)
     response.size, response.delay = response_prev.size, response_prev.delay
     return defer_in_time(response, response.delay, endless_stage)
-
-
-_counter = {"stages": 0}
-_counter_lock = threading.Lock()
 
 
 def counted_first(request):

@@ -27,7 +27,14 @@ WRITE_SECONDS = 1.0
 HIGHEST = frozenset({"events_published"})
 # Totals since start: kept when a worker dies (HIGHEST too).  Every other figure is a
 # count of now.
-COUNTERS = ("requests", "dropped_slow", "header_timeouts", "accept_pauses", "backlog_pauses")
+COUNTERS = (
+    "requests",
+    "dropped_slow",
+    "stages_delayed",
+    "header_timeouts",
+    "accept_pauses",
+    "backlog_pauses",
+)
 # Figures shown for each worker too, to see how evenly the load is spread.
 PER_WORKER = ("held", "requests", "in_flight", "connections", "streams")
 

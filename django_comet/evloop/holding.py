@@ -52,6 +52,10 @@ NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: no
 # stops reading it, and the rest waits in the kernel (TCP pushes back on the client).
 HELD_INPUT_MAX = 64 * 1024
 
+# A stage held back for a slow reader is checked again after its delay, or this, if
+# longer (a chain of zero delays would otherwise check at every pass).
+STAGE_RECHECK_MIN = 0.1
+
 
 class Subscribers(dict["Exchange", None]):
     """A channel's subscribers (an ordered set) and the channel's name, which the held
@@ -81,8 +85,10 @@ class Holder:
         self._streams: dict[Exchange, None] = {}
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
+        self.stages_delayed = 0  # stages held back until their client caught up
         self._timeouts = Deadlines(self.loop, self._wait_timed_out)  # long-polls'
-        self._resume = server._resume  # bound once: every held stage's timer calls it
+        self._resume = server._resume
+        self._on_stage_due = self._stage_due  # bound once: every held stage's timer has it
         self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
         hub.add_sink(self._sink)
         self._gap_sink = functools.partial(self.loop.call_soon_threadsafe, self._tell_gap)
@@ -115,7 +121,8 @@ class Holder:
             self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, HELD_INPUT_MAX)
             self._shed_headers(ex)
         if isinstance(deferral, Deferral):
-            ex.timer = self.loop.call_later(deferral.delay, self._resume, ex, deferral.resume)
+            delay = deferral.delay
+            ex.timer = self.loop.call_later(delay, self._on_stage_due, ex, deferral.resume, delay)
             return
         if isinstance(deferral, ChannelWait):
             if deferral.ready:  # the view found newer events: answer at once
@@ -152,6 +159,19 @@ class Holder:
             if ex.hold is not deferral:
                 return  # cut as a slow reader
             ex.cursor = event.id
+
+    def _stage_due(self, ex: Exchange, resume: Any, delay: float) -> None:
+        """A stage's time has come: run it, unless its client has not taken the earlier
+        parts yet (more than ``max_pending`` of them unsent).  Then the stage waits for
+        it, checking again after another delay: a chain of stages to a slow reader holds
+        that much at most (and the next part), and goes on at the reader's pace; one that
+        reads nothing is cut by the write timeout, since nothing is written meanwhile."""
+        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
+            self.stages_delayed += 1
+            again = max(delay, STAGE_RECHECK_MIN)
+            ex.timer = self.loop.call_later(again, self._on_stage_due, ex, resume, delay)
+            return
+        self._resume(ex, resume)
 
     def _shed_headers(self, ex: Exchange) -> None:
         """While a response is held, let libevent free the request's and the response's
@@ -359,4 +379,5 @@ class Holder:
             "channels": {name: len(subs) for name, subs in sorted(self._subscribers.items())},
             "events_published": hub.published,
             "dropped_slow": self.dropped_slow,
+            "stages_delayed": self.stages_delayed,
         }
