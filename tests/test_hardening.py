@@ -613,3 +613,56 @@ def test_a_wave_of_requests_waits_in_the_listen_backlog_not_in_the_server(demo_d
         assert server.status()["backlog_pauses"] >= 1
     finally:
         assert server.stop() == 0
+
+
+def read_to_the_end(sock):
+    """Everything until the server closes: (bytes, how it closed: "FIN" or "reset")."""
+    out = b""
+    try:
+        while more := sock.recv(1 << 20):
+            out += more
+    except ConnectionResetError:
+        return out, "reset"
+    return out, "FIN"
+
+
+def test_a_close_with_unread_input_lingers_so_the_response_arrives_whole(comet):
+    """HTTP/1.0 (the body ends with the connection), and the client sends a request
+    while the body is on its way, which the server does not read (RFC 9112 9.6: a
+    client should not). Closed with those bytes unread, the socket would be reset by the
+    kernel, throwing away the body's end: the server reads and drops them until the
+    client closes, then closes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the body cannot all go
+    sock.connect((comet.host, comet.port))
+    sock.settimeout(30)
+    try:
+        sock.sendall(b"GET /t/big/?mb=4 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        first = sock.recv(4096)  # the body is on its way, and the server reads no more
+        sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        rest, end = read_to_the_end(sock)
+    finally:
+        sock.close()
+    assert end == "FIN"
+    assert len((first + rest).partition(b"\r\n\r\n")[2]) == 4 * 1024 * 1024
+    comet.wait_for_status(lambda s: s["connections"] == 1 and s["timers"] == 0)
+
+
+def test_a_close_with_the_response_still_in_the_kernel_lingers(comet):
+    """The response is all in the kernel's send buffer, not yet taken by the client,
+    when the server closes (Connection: close); then the client sends more. A socket
+    closed at once answers those bytes with a reset, and the client loses what it had
+    not read yet."""
+    size = 1_000_000
+    sock = socket.create_connection((comet.host, comet.port), timeout=30)
+    try:
+        request = f"GET /t/file/?size={size} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close"
+        sock.sendall(request.encode() + b"\r\n\r\n")
+        # evhttp let the connection go: its response is all handed to the kernel.
+        comet.wait_for_status(lambda s: s["connections"] == 1 and s["in_flight"] == 1)
+        sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        out, end = read_to_the_end(sock)
+    finally:
+        sock.close()
+    assert end == "FIN"
+    assert len(out.partition(b"\r\n\r\n")[2]) == size

@@ -15,6 +15,15 @@ writes a response, for as long as a download or a stream lasts.  Its offset in
 ``struct bufferevent`` is found at start by setting a known callback on a scratch
 bufferevent, not compiled in.
 
+A connection closed while its client's bytes wait unread in the kernel (a request
+pipelined behind one that closes, the rest of a refused upload), or while the kernel
+still has the end of the response to deliver, is closed in stages, as RFC 9112 9.6
+advises: libevent has shut its sending side already; the guard reads and drops what
+comes until the client closes too, or for ``LINGER_SECONDS``, and only then lets the
+socket go.  Closed at once, the kernel would answer unread bytes, or any that come
+later, with a reset, which throws away the end of the response still on its way (and a
+client may read a cut body as a whole one).
+
 A deadline runs while a connection owes us a request: from its opening, and again from
 the end of each response.  A request in progress (a view running, a response held) has
 none.  evhttp only reports a request once its body is in too, so a connection past its
@@ -27,10 +36,13 @@ this way still ends at evhttp's bound on its size (48 KiB here: within about 100
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import itertools
 import logging
+import os
 import socket
+import termios
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +60,10 @@ SWEEP_SECONDS = 1.0
 MIN_UPLOAD_RATE = 500
 # How long a connection past its deadline is watched before its rate is first judged.
 PROBATION_SECONDS = 2.0
+# The longest a closed connection waits for its client to close too (nginx's default
+# lingering_timeout), reading and dropping what it sends meanwhile.
+LINGER_SECONDS = 5.0
+_NONE = bytes(4)  # a count of 0, as the ioctls take and give it
 
 
 def can_track_connections() -> bool:
@@ -97,6 +113,10 @@ class ConnectionGuard:
         # Batches disabled a pass ago or more, each dropped at a later pass.
         self._dropping: dict[int, list[int]] = {}
         self._batches = itertools.count()
+        # Closed with unread input: bufferevent -> (its reader, its deadline).
+        self._lingering: dict[int, tuple[Handle, Handle]] = {}
+        self._lingered: set[int] = set()  # done lingering: on their way to be let go
+        self.lingered = 0  # connections closed in stages so far
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
         self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
@@ -169,7 +189,8 @@ class ConnectionGuard:
 
     @property
     def releasing(self) -> bool:
-        """Whether closed connections wait for our reference to go."""
+        """Whether closed connections wait for our reference to go (those closing in
+        stages are not counted: they may take seconds)."""
         return bool(self._releasing or self._dropping)
 
     def _a_pass_began(self) -> None:
@@ -180,7 +201,56 @@ class ConnectionGuard:
 
     def _drop_released(self, key: int) -> None:
         for bev in self._dropping.pop(key):  # this batch only: a later one may be younger
+            if bev in self._lingered:
+                self._lingered.discard(bev)
+            elif self._should_linger(bev):
+                self._linger(bev)
+                continue
             self._lib.bufferevent_decref(bev)
+
+    def _should_linger(self, bev: int) -> bool:
+        """Whether the client sent bytes not read, or has not taken the whole response
+        yet (bytes unacknowledged in the kernel's send queue): to close now would reset
+        the connection (at once, or when the client sends more)."""
+        fd = self._lib.bufferevent_getfd(bev)
+        if fd < 0:
+            return False
+        try:
+            return (
+                fcntl.ioctl(fd, termios.FIONREAD, _NONE) != _NONE
+                or fcntl.ioctl(fd, termios.TIOCOUTQ, _NONE) != _NONE
+            )
+        except OSError:
+            return False
+
+    def _linger(self, bev: int) -> None:
+        """Read and drop what the client sends until it closes, or LINGER_SECONDS."""
+        fd = self._lib.bufferevent_getfd(bev)
+        os.set_blocking(fd, False)  # (libevent's are: a read must never wait here)
+        loop = self.server.loop
+        reader = loop.add_reader(fd, functools.partial(self._drain, bev, fd), background=True)
+        deadline = loop.call_later(LINGER_SECONDS, self._done_lingering, bev, background=True)
+        self._lingering[bev] = (reader, deadline)
+        self.lingered += 1
+
+    def _drain(self, bev: int, fd: int) -> None:
+        try:
+            while os.read(fd, 65536):
+                pass
+        except BlockingIOError:
+            return  # all read for now
+        except OSError:
+            pass  # a reset: the client is gone
+        self._done_lingering(bev)  # the client closed its side (or is gone)
+
+    def _done_lingering(self, bev: int) -> None:
+        handles = self._lingering.pop(bev, None)
+        if handles is None:
+            return
+        for handle in handles:
+            handle.cancel()
+        self._lingered.add(bev)
+        self._release(bev)  # after a pass, as any other: its watch was just removed
 
     def unsent(self) -> int:
         """Bytes of output libevent has not written yet, over all open connections."""
@@ -259,12 +329,17 @@ class ConnectionGuard:
     def release_all(self) -> None:
         """After evhttp_free: drop our reference on every connection's bufferevent."""
         dropping = [bev for batch in self._dropping.values() for bev in batch]
-        for bev in [*self._conns, *self._releasing, *dropping]:
+        for handles in self._lingering.values():
+            for handle in handles:
+                handle.cancel()
+        for bev in [*self._conns, *self._releasing, *dropping, *self._lingering]:
             self._lib.bufferevent_decref(bev)
         self._conns.clear()
         self._releasing.clear()
         self._dropping.clear()
         self._arriving.clear()
+        self._lingering.clear()
+        self._lingered.clear()
 
 
 def shutdown_socket(fd: int) -> None:
