@@ -178,6 +178,37 @@ def test_signal_wakes_the_loop_sleeping_in_c(loop):
     assert got == ["usr1"]
 
 
+def test_calls_after_a_pass_run_once_its_other_callbacks_have(loop):
+    """Two readers ready in one pass: what each queues after the pass runs once both
+    have run, in call order."""
+    pipes = [os.pipe() for _ in range(2)]
+    ran, after = [], []
+
+    def note(name):
+        after.append((name, sorted(ran)))
+        if len(after) == 2:
+            loop.stop()
+
+    def reader(name, fd):
+        os.read(fd, 10)
+        ran.append(name)
+        loop.call_after_pass(note, name)
+
+    watchers = [
+        loop.add_reader(r, lambda name=name, r=r: reader(name, r))
+        for name, (r, _) in zip(("a", "b"), pipes, strict=True)
+    ]
+    for _, w in pipes:
+        os.write(w, b"x")
+    loop.run()
+    for watcher in watchers:
+        watcher.cancel()
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+    assert after == [(ran[0], ["a", "b"]), (ran[1], ["a", "b"])]
+
+
 def test_reader_watcher(loop):
     r, w = os.pipe()
     got = []

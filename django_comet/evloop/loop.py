@@ -84,6 +84,7 @@ class Loop:
         self._ready: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
             collections.deque()
         )
+        self._after_pass: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._woken = False
         self._woken_at = 0.0  # when the first callable still queued was queued
         self._ran = 0  # queued callables taken to run so far
@@ -218,6 +219,19 @@ class Loop:
 
     call_soon = call_soon_threadsafe
 
+    def call_after_pass(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Loop thread: run ``callback(*args)`` once libevent's current pass is over,
+        with the others queued in it, in call order (``--threads 0`` runs its views so:
+        all the requests a pass read, then all their views, is about a tenth faster for
+        Django than each view in the middle of libevent's work, which evicts the other's
+        code and data from the CPU's caches each time)."""
+        self._after_pass.append((callback, args))
+
+    def _run_after_pass(self) -> None:
+        batch, self._after_pass = self._after_pass, []
+        for callback, args in batch:
+            self._run(callback, args)
+
     def _on_wake(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
@@ -302,6 +316,8 @@ class Loop:
                         base, ev.EVLOOP_NONBLOCK | ev.EVLOOP_NO_EXIT_ON_EMPTY
                     )
                 sleeping = not sleeping
+                if self._after_pass:
+                    self._run_after_pass()
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal
@@ -324,6 +340,7 @@ class Loop:
         closes its descriptor)."""
         self._woken = True  # a thread calling in late writes to no descriptor (reused by now)
         self._ready.clear()
+        self._after_pass.clear()
         for handle in list(self._handles.values()):
             handle.cancel()
         self._lib.event_base_free(self._base)

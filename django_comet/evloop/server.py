@@ -352,7 +352,7 @@ class Server(Producer, Responder):
                     VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
                 )
         else:
-            self._run_app(ex)
+            self.loop.call_after_pass(self._run_app, ex)
 
     def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
         """Refuse a request with an error page and close its connection."""
