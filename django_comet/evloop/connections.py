@@ -113,10 +113,9 @@ class ConnectionGuard:
         # Batches disabled a pass ago or more, each dropped at a later pass.
         self._dropping: dict[int, list[int]] = {}
         self._batches = itertools.count()
-        # Closed with unread input: bufferevent -> (its reader, its deadline).
+        # Closing in stages: bufferevent -> (its reader, its deadline).
         self._lingering: dict[int, tuple[Handle, Handle]] = {}
         self._lingered: set[int] = set()  # done lingering: on their way to be let go
-        self.lingered = 0  # connections closed in stages so far
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
         self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
@@ -226,12 +225,11 @@ class ConnectionGuard:
     def _linger(self, bev: int) -> None:
         """Read and drop what the client sends until it closes, or LINGER_SECONDS."""
         fd = self._lib.bufferevent_getfd(bev)
-        os.set_blocking(fd, False)  # (libevent's are: a read must never wait here)
+        os.set_blocking(fd, False)  # (as libevent made it: a read here must never wait)
         loop = self.server.loop
         reader = loop.add_reader(fd, functools.partial(self._drain, bev, fd), background=True)
         deadline = loop.call_later(LINGER_SECONDS, self._done_lingering, bev, background=True)
         self._lingering[bev] = (reader, deadline)
-        self.lingered += 1
 
     def _drain(self, bev: int, fd: int) -> None:
         try:
