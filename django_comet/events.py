@@ -71,19 +71,20 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     return events, gap and after > 0, after
 
 
-def bounded_replay(events: list[Event], after: int | None) -> tuple[list[Event], bool]:
-    """The newest of a replay's ``events`` that fit in COMET_MAX_PENDING_OUTPUT (the
-    newest always), and whether a gap must be told for those left out (not to a cursor
-    of 0, which asks for whatever there is).  A replay is bounded like the rest of a
-    connection's unsent output: one request for many channels' history from their start
-    must not pin a copy of all of it for as long as its client reads slowly."""
+def bounded_replay(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
+    """``replay``'s events and gap, bounded: the newest events that fit in
+    COMET_MAX_PENDING_OUTPUT (the newest always), and a gap for those left out too (not
+    for a cursor of 0, which asks for whatever there is).  A replay is bounded like the
+    rest of a connection's unsent output: one request for many channels' history from
+    their start must not pin a copy of all of it for as long as its client reads
+    slowly."""
     budget = comet_settings.MAX_PENDING_OUTPUT
     total = 0
     for i in range(len(events) - 1, 0, -1):
         total += len(events[i].frame)
         if total + len(events[i - 1].frame) > budget:
-            return events[i:], bool(after)
-    return events, False
+            return events[i:], gap or bool(after)
+    return events, gap
 
 
 def as_dict(event: Event) -> dict[str, Any]:

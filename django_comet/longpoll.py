@@ -45,8 +45,7 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
-        ready, cut = bounded_replay(ready, since)
-        gap = gap or cut
+        ready, gap = bounded_replay(ready, gap, since)
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(

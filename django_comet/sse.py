@@ -72,8 +72,7 @@ class EventStreamResponse(StreamingHttpResponse):
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
         first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
         events, gap, cursor = replay(broker, self.channels, after)
-        events, cut = bounded_replay(events, after)
-        gap = gap or cut
+        events, gap = bounded_replay(events, gap, after)
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels))
         first.extend(e.frame for e in events)
