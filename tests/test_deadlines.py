@@ -1,4 +1,5 @@
-"""Long-poll timeouts on one timer (evloop/deadlines.py), on a real loop."""
+"""Deadlines on one timer (evloop/deadlines.py: long-poll timeouts, staged responses' next
+stages), on a real loop."""
 
 import time
 
@@ -41,6 +42,17 @@ def test_items_expire_in_deadline_order_never_early_on_one_timer(loop):
     assert [item for item, _ in expired] == ["a", "a2", "b", "c"]
     assert all(at >= due_at[item] for item, at in expired)
     assert loop.foreground_handles == 0  # nothing left waiting: no timer either
+
+
+def test_an_item_expires_with_its_arguments_on_the_grain_it_was_given(loop):
+    expired = []
+    deadlines = Deadlines(loop, lambda *args: expired.append(args), grain=0.001)
+    added = time.monotonic()
+    due = deadlines.add("stage", 0.0101, "resume", 1.0)
+    # Rounded up to its grain (1 ms), not to GRAIN (10 ms).
+    assert added + 0.0101 <= due.tick * 0.001 < time.monotonic() + 0.0101 + 0.001
+    run_until_expired(loop, deadlines, expired, 1)
+    assert expired == [("stage", "resume", 1.0)]
 
 
 def test_a_discarded_item_never_expires_and_an_emptied_tick_leaves_nothing(loop):

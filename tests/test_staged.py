@@ -95,8 +95,9 @@ def test_200_staged_responses_overlap(comet):
             data = b""
             while b"First content" not in data:
                 data += sock.recv(4096)
-        held = comet.status()["held"]
-        assert held == 200, held  # all held at once, not queued behind one another
+        status = comet.status()
+        assert status["held"] == 200, status  # all held at once, not queued behind one another
+        assert status["timers"] == 1  # their next stages wait on one loop timer
         for sock in socks:
             _, rest = read_chunked_tail(sock)
             assert rest.endswith(b"last_stage4<br /> \r\n0\r\n\r\n")

@@ -2,7 +2,7 @@
 
 Its life: ``app`` (running the application) -> ``held`` (waiting on a deferral, headers
 sent) or ``streaming`` (a worker produces chunks) -> ``done``.  A client that disconnects
-marks it ``dead``: its timer is cancelled at once and its request freed; a worker that
+marks it ``dead``: its next stage is forgotten at once and its request freed; a worker that
 comes back with output for a dead exchange drops it.
 """
 
@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .loop import Handle
+from .deadlines import Due
 
 
 class Exchange:
@@ -36,9 +36,9 @@ class Exchange:
         "pump",
         "req",
         "sent",
+        "stage_due",
         "started",
         "state",
-        "timer",
     )
 
     def __init__(self, key: int, req: int, environ: dict[str, Any]):
@@ -53,7 +53,7 @@ class Exchange:
         self.sent = 0
         self.state = "app"
         self.dead = False
-        self.timer: Handle | None = None
+        self.stage_due: Due | None = None  # held for a time: the tick of its next stage
         self.bev: int | None = None  # set while held: its read timeout is lifted
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
         # A streamed body's rest while it waits for its unsent bytes to leave (for the

@@ -1,7 +1,7 @@
 """Held responses: staged timers, long-poll channel waits, SSE streams and their fan-out.
 
 Loop thread only.  A held exchange has sent its headers and first content and waits:
-- on a timer (``Deferral``), then its next stage runs on a worker;
+- for a time (``Deferral``), then its next stage runs on a worker;
 - on a channel (``ChannelWait``) until an event newer than its cursor arrives or the
   timeout passes, then its next stage runs with the event (or None);
 - as a stream (``Stream``): every event of its channels is written to it as it comes.
@@ -56,6 +56,12 @@ HELD_INPUT_MAX = 64 * 1024
 # longer (a chain of zero delays would otherwise check at every pass).
 STAGE_RECHECK_MIN = 0.1
 
+# Stages fall due up to this late, never early, and those due within one grain run
+# together (deadlines.py).  Small beside the lateness that matters (bench/fanout's goal
+# is 20 ms), it is still several stages long in a burst (0.25 ms each), so a busy server
+# hands them to its threads a few at a time instead of waking up for each.
+STAGE_GRAIN = 0.001
+
 
 class Subscribers(dict["Exchange", None]):
     """A channel's subscribers (an ordered set) and the channel's name, which the held
@@ -87,8 +93,8 @@ class Holder:
         self.dropped_slow = 0
         self.stages_delayed = 0  # stages held back until their client caught up
         self._timeouts = Deadlines(self.loop, self._wait_timed_out)  # long-polls'
+        self._stages = Deadlines(self.loop, self._stage_due, STAGE_GRAIN)  # staged responses'
         self._resume = server._resume
-        self._on_stage_due = self._stage_due  # bound once: every held stage's timer has it
         self._sink = functools.partial(self.loop.call_soon_threadsafe, self._fan_out)
         hub.add_sink(self._sink)
         self._gap_sink = functools.partial(self.loop.call_soon_threadsafe, self._tell_gap)
@@ -96,6 +102,7 @@ class Holder:
 
     def close(self) -> None:
         self._timeouts.close()
+        self._stages.close()
         hub.remove_sink(self._sink)
         hub.remove_gap_sink(self._gap_sink)
         if self._heartbeat is not None:
@@ -122,7 +129,7 @@ class Holder:
             self._shed_headers(ex)
         if isinstance(deferral, Deferral):
             delay = deferral.delay
-            ex.timer = self.loop.call_later(delay, self._on_stage_due, ex, deferral.resume, delay)
+            ex.stage_due = self._stages.add(ex, delay, deferral.resume, delay)
             return
         if isinstance(deferral, ChannelWait):
             if deferral.ready:  # the view found newer events: answer at once
@@ -169,7 +176,7 @@ class Holder:
         if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
             self.stages_delayed += 1
             again = max(delay, STAGE_RECHECK_MIN)
-            ex.timer = self.loop.call_later(again, self._on_stage_due, ex, resume, delay)
+            ex.stage_due = self._stages.add(ex, again, resume, delay)
             return
         self._resume(ex, resume)
 
@@ -190,10 +197,10 @@ class Holder:
         self._lib.evhttp_clear_headers(r.output_headers)
 
     def release(self, ex: Exchange) -> None:
-        """Stop holding ``ex``: cancel its timer, drop its subscriptions."""
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
+        """Stop holding ``ex``: forget its next stage's time, drop its subscriptions."""
+        if ex.stage_due is not None:
+            self._stages.discard(ex.stage_due, ex)
+            ex.stage_due = None
         hold = ex.hold
         if hold is not None:
             ex.hold = None

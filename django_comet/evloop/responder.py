@@ -241,7 +241,7 @@ class Responder:
 
     def _resume(self, ex: Exchange, resume: Callable[..., Iterable[bytes]], *args: Any) -> None:
         """A held exchange's wait is over: run its next stage."""
-        ex.timer = None
+        ex.stage_due = None
         ex.state = "app"
         if self._pool is not None:
             self._pool.submit(self._run_stage, ex, resume, args)
