@@ -192,6 +192,18 @@ def test_a_poll_cursor_that_is_not_an_event_id_is_a_400(comet, since):
     assert comet.status()["held"] == 0
 
 
+def test_a_poll_cursor_of_thousands_of_digits_is_read_as_the_number_it_is(comet):
+    """Python's int() refuses more than 4,300 digits: such a cursor was a 500."""
+    first = publish(comet, "digits", "one")
+    padded = "0" * 5000 + str(first - 1)  # the event before `first`: answered at once
+    url = comet.url + f"/t/fastpoll/?channel=digits&since={padded}&timeout=30"
+    assert [e["id"] for e in requests.get(url, timeout=30).json()["events"]] == [first]
+    said = publish(comet, "chat", {"name": "a", "text": "b"})
+    reset = requests.get(comet.url + "/chat/poll/?since=" + "9" * 5000, timeout=30)
+    assert reset.status_code == 200  # past every id: a cursor from before a reset,
+    assert reset.json()["events"][-1]["id"] == said  # answered with the history at once
+
+
 def test_the_readmes_2007_style_long_poll(comet):
     """The README's defer_until example (tests/views.py has it as printed): history at
     once, a wait for the next event, and a cursor from before a reset starting over
