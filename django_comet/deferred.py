@@ -114,6 +114,8 @@ def defer_until(
     environ = _request_environ("defer_until")
     names = [channel] if isinstance(channel, str) else channel
     channels = list(dict.fromkeys(check_channel(c) for c in names))
+    if not channels:  # nothing could end the wait but its timeout
+        raise ValueError("defer_until() needs at least one channel")
     broker = get_broker()
     broker.start_listening()
     # The shared history answers for events this process has not seen.

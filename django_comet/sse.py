@@ -129,5 +129,9 @@ def event_stream(
     refused = refusal(request, channels)
     if refused is not None:
         return refused
-    last_event_id: Any = request.headers.get("Last-Event-ID") or request.GET.get("lastEventId")
+    # The header, which browsers send on their own reconnects, unless it is not one of
+    # our ids (a proxy's, another app's on the same URL): then the query's.
+    last_event_id: Any = request.headers.get("Last-Event-ID")
+    if _parse_event_id(last_event_id) is None:
+        last_event_id = request.GET.get("lastEventId")
     return EventStreamResponse(channels, last_event_id=last_event_id, retry=retry)

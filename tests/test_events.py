@@ -120,6 +120,21 @@ def test_listening_to_no_channel_is_a_400():
     assert poll_response(request).status_code == 400
 
 
+def test_a_long_poll_on_no_channel_is_refused_in_the_view():
+    """It would have waited for its timeout, for nothing (as a view's code calls it)."""
+    from django.http import HttpResponse
+
+    from django_comet import defer_until
+    from django_comet.deferred import _current
+
+    token = _current.set(RequestFactory().get("/").environ)  # as within a request
+    try:
+        with pytest.raises(ValueError, match="at least one channel"):
+            defer_until(HttpResponse(), [], "/t/readme-deliver/")
+    finally:
+        _current.reset(token)
+
+
 class WatchedSinks(list):
     """A hub's sink list that says when a waiter has joined it."""
 
