@@ -17,7 +17,7 @@ import contextlib
 import functools
 import io
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
@@ -277,11 +277,12 @@ class NextStage:
         self.path = path
         # Not kept for the next stage: the first request's body (a stage is a GET), and,
         # deferred from a stage, its response_prev and event (a view without an event
-        # parameter must not get one; the response from two stages back need not be kept).
-        # Kept flat, keys and values in turn: a tuple takes half a dict's memory (about
-        # 0.4 KiB less per held staged response).
+        # parameter must not get one; the response from two stages back need not be
+        # kept); nor the headers a stage must not see (_NOT_STAGE_HEADERS).  Kept flat,
+        # keys and values in turn: a tuple takes half a dict's memory (about 0.4 KiB less
+        # per held staged response).
         self._environ = tuple(
-            x for item in environ.items() if item[0] not in _STAGE_KEYS for x in item
+            x for item in environ.items() if item[0] not in _NOT_KEPT for x in item
         )
         # The cookies of the response the client gets (the first one: a stage's own
         # are never sent), as the middleware will have left them once it is sent: the
@@ -290,18 +291,16 @@ class NextStage:
         first = RESPONSE_PREV_KEY not in environ
         self.cookies: SimpleCookie | None = response_prev.cookies if first else None
 
-    def _items(self) -> Iterator[tuple[str, Any]]:
-        flat = self._environ
-        return zip(flat[::2], flat[1::2], strict=True)
-
     @property
     def environ(self) -> dict[str, Any]:
-        """What the next stage's request starts from (the first request's environ)."""
-        return dict(self._items())
+        """What the next stage's request starts from (of the first request's environ), a
+        new dict each time."""
+        flat = self._environ
+        return dict(zip(flat[::2], flat[1::2], strict=True))
 
     def __call__(self, *event: Any) -> HttpResponseBase:
         """A channel wait passes the event that ended it (or None)."""
-        environ = stage_environ(self._items(), self.path)
+        environ = stage_environ(self.environ, self.path)
         if self.cookies:
             environ["HTTP_COOKIE"] = _with_cookies(
                 environ.get("HTTP_COOKIE", ""),
@@ -359,6 +358,7 @@ _NOT_STAGE_HEADERS = frozenset(
         "CSRF_COOKIE_NEEDS_UPDATE",
     }
 )
+_NOT_KEPT = _STAGE_KEYS | _NOT_STAGE_HEADERS  # what a held stage does not keep
 
 
 def _with_cookies(header: str, cookies: SimpleCookie, path: str) -> str:
@@ -398,10 +398,9 @@ def _deleted(morsel: Morsel[str]) -> bool:
     return False
 
 
-def stage_environ(environ: Iterable[tuple[str, Any]], path: str) -> dict[str, Any]:
-    """The environ of a GET for ``path`` that keeps the first request's headers
-    (``environ``: the first request's items)."""
-    stage = {k: v for k, v in environ if k not in _NOT_STAGE_HEADERS}
+def stage_environ(stage: dict[str, Any], path: str) -> dict[str, Any]:
+    """``stage`` (what a stage keeps of the first request's environ: its headers), made
+    the environ of a GET for ``path``, in place."""
     script_name = stage.get("SCRIPT_NAME", "")
     raw_path, _, query = path.partition("?")
     path_info = unquote_to_bytes(raw_path).decode("latin-1")
