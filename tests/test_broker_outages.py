@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from .brokers import PostgresServer, RedisServer, free_port
-from .processes import runcomet
+from .processes import read_body, runcomet
 from .proxy import Proxy
 from .sse_client import SSEClient
 from .test_brokers import manage_publish, publish, start, subscribed
@@ -234,16 +234,23 @@ def cut_listener(broker):
 
 def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_db):
     """A process away from the broker for longer than its catch-up reaches back (the
-    table's history, Redis' log) cannot deliver what it missed: its streams are told."""
+    table's history, Redis' log) cannot deliver what it missed: its streams are told,
+    and so are its long-polls, with the events after the gap (a held poll's answer was
+    given without `gap`, and its client's cursor passed the lost events unawares)."""
     from django_comet.brokers import broker_from_url
 
     publisher = broker_from_url(broker.url, history_size=5)  # another server, as it were
     server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
     try:
-        with SSEClient(server, "/t/stream/?channels=away") as client:
+        with SSEClient(server, "/t/stream/?channels=away") as client, server.connect() as poll:
             subscribed(server, "away")
-            publisher.publish("away", '"before"')
+            before = publisher.publish("away", '"before"')
             assert client.next_event()["data"] == '"before"'
+            poll.sendall(
+                b"GET /t/fastpoll/?channel=away&since=%d&timeout=60 HTTP/1.1\r\n"
+                b"Host: 127.0.0.1\r\n\r\n" % before
+            )
+            subscribed(server, "away", 2)
             server.proc.send_signal(signal.SIGSTOP)  # away: it cannot even reconnect
             try:
                 cut_listener(broker)
@@ -255,15 +262,22 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
                 server.proc.send_signal(signal.SIGCONT)
             assert client.next_event()["event"] == "comet-history-gap"
             assert server.logged("the gap event")
+            # The catch-up's events after the gap answer it, or (none left: Redis' one
+            # log for all channels was filled by "busy") the next one does.
+            back = publisher.publish("away", '"back"')
+            polled = json.loads(read_body(poll))
+            assert polled["gap"] is True, polled
+            assert before < polled["events"][0]["id"] <= back
+            assert last_away < back
         server.wait_for_status(lambda s: "away" not in s["channels"])  # that one has gone
         # Told once, to those it concerns: not to a later client that missed nothing...
         with SSEClient(
-            server, "/t/stream/?channels=away", headers=b"Last-Event-ID: %d\r\n" % last_away
+            server, "/t/stream/?channels=away", headers=b"Last-Event-ID: %d\r\n" % back
         ) as client:
             subscribed(server, "away")
             after = publisher.publish("away", '"after"')
             got = client.next_event()
-            assert got == {"id": str(after), "data": '"after"'}, (got, last_away)
+            assert got == {"id": str(after), "data": '"after"'}, (got, back)
         # ... nor to one starting afresh on another channel.
         fresh = requests.get(server.url + "/t/fastpoll/?channel=unused&since=0&timeout=0.1")
         assert fresh.json() == {"events": [], "last_id": 0}

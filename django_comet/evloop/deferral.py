@@ -55,6 +55,7 @@ class ChannelWait:
         "claimed",
         "due",
         "lost_mark",
+        "missed",
         "ready",
         "render",
         "resume",
@@ -85,6 +86,9 @@ class ChannelWait:
         self.ready = ready or None  # events already known to be newer: answer at once
         self.claimed = False
         self.lost_mark = hub.lost_mark(self.channels)  # losses after this are news
+        # Set by the server when events after ``after`` were lost while it waited (a
+        # broker's gap): its answer says so, with the events that come after them.
+        self.missed = False
         self.due: Any = None  # set by the server: where its timeout waits (Deadlines)
 
 

@@ -254,7 +254,7 @@ class Holder:
             self.server._resume(ex, wait.resume, events[0] if events else None)
             return
         assert wait.render is not None
-        key = (wait.render, *wait.channels, after)
+        key = (wait.render, *wait.channels, after, wait.missed)
         body = rendered.get(key)
         if body is None:
             if events is None:
@@ -262,9 +262,10 @@ class Holder:
                 if trigger is not None:
                     if not events or trigger.id < events[0].id:
                         events.insert(0, trigger)
-                    # The first event after the cursor: only what was lost after it
-                    # counts (a short history may have let the trigger itself go).
-                    gap = hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
+                    # The first event after the cursor: of the history, only what was
+                    # lost after it counts (a short one may have let the trigger itself
+                    # go); before it, what a broker's gap took while it waited.
+                    gap = wait.missed or hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
             try:
                 body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
             except Exception:  # the other waiters of this event are still answered
@@ -316,16 +317,19 @@ class Holder:
 
     def _tell_gap(self, channels: list[str] | None, through: int) -> None:
         """Events up to ``through`` on ``channels`` (None: any) will never come: every
-        stream that may have wanted them gets the gap event now (a long-poll's answer
-        says so with its next event, from the hub)."""
-        if channels is None:
-            streams = list(self._streams)
-        else:
-            streams = list({ex: None for c in channels for ex in self._subscribers.get(c, ())})
-        for ex in streams:
+        stream that may have wanted them gets the gap event now; a long-poll's answer
+        says so with its next event (told alone, the gap would come back at once to
+        a client that polls again from the same cursor)."""
+        names = self._subscribers if channels is None else channels
+        held = list({ex: None for c in names for ex in self._subscribers.get(c, ())})
+        for ex in held:
             hold = ex.hold
-            if type(hold) is Stream and ex.cursor < through:
+            if ex.cursor >= through:
+                continue
+            if type(hold) is Stream:
                 self._write(ex, gap_frame(ex.cursor, hold.channels))
+            elif type(hold) is ChannelWait:
+                hold.missed = True
 
     def _write(self, ex: Exchange, frame: bytes) -> None:
         """One frame to a held stream (a replayed event, a gap, a heartbeat), as a
