@@ -182,6 +182,26 @@ def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
         assert "unknown scheme" in result.stderr, result
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql://comet:secret@127.0.0.1:99999/db", "invalid port number '99999'"),
+        ("postgres://comet:secret@127.0.0.1/db?sslmod=require", 'parameter: "sslmod"'),
+    ],
+)
+def test_a_postgres_broker_url_libpq_would_refuse_is_refused_at_startup(url, said):
+    """It used to start: its listener retried the URL every 5 s, and publishes failed."""
+    check = manage("check", env={"COMET_BROKER": url})
+    assert check.returncode == 1
+    assert "django_comet.E002" in check.stderr and said in check.stderr, check.stderr
+    result = manage(
+        "runcomet", "--noreload", "--skip-checks", "127.0.0.1:0", env={"COMET_BROKER": url}
+    )
+    assert result.returncode == 1, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
+    assert said in result.stderr and "secret" not in result.stderr, result.stderr
+
+
 def test_a_bare_postgres_broker_needs_a_postgresql_database():
     check = manage("check", env={"COMET_BROKER": "postgres://"})
     assert check.returncode == 1

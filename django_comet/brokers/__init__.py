@@ -43,6 +43,30 @@ def url_error(url: str) -> str | None:
                 f"COMET_BROKER = 'postgres://' uses the default database, which is {vendor}, "
                 f"not PostgreSQL: give the broker its own postgres://user:password@host/db"
             )
+    elif scheme in ("postgres", "postgresql"):
+        return _postgres_url_error(url)
+    return None
+
+
+def _postgres_url_error(url: str) -> str | None:
+    """What libpq would refuse in a postgres:// URL, before a server starts on it (its
+    listener would otherwise retry it for ever, and every publish fail)."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+        from psycopg.errors import ProgrammingError
+    except ImportError:
+        return None  # said when the broker is made: psycopg is the extra it needs
+    try:
+        given = conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        message = str(exc).strip()
+        password = urlsplit(url).password
+        if password:
+            message = message.replace(password, "***")
+        return f"COMET_BROKER is not a PostgreSQL URL libpq can read ({message})"
+    for port in str(given.get("port") or "").split(","):  # libpq takes one per host
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"COMET_BROKER has an invalid port number {port!r}"
     return None
 
 
