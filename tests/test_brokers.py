@@ -522,3 +522,30 @@ def redis_is_busy(url):
         except redis_py.TimeoutError:
             return True
     return False
+
+
+def test_a_listener_cut_during_its_catch_up_is_not_listening(broker):
+    """A LISTEN connection lost between its LISTEN and the end of its catch-up said it
+    was listening (`broker_listening` in the status) through the outage that followed,
+    and was left open for the garbage collector."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("PostgreSQL's listener")
+    listener = shared_broker(broker)
+    opened = []
+    connect = listener._connect
+
+    def connect_and_keep(*args, **kwargs):
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    def cut(conn, deliver):
+        raise OSError("server closed the connection unexpectedly")
+
+    listener._connect, listener._catch_up = connect_and_keep, cut
+    try:
+        with pytest.raises(OSError):
+            listener._listening_connection(lambda event: None)
+        assert not listener.connected.is_set()
+        assert opened and opened[0].closed
+    finally:
+        listener.close()

@@ -340,8 +340,18 @@ class PostgresBroker(ListeningBroker):
         not listening (at start, after a reconnect)."""
         # Named, so that its backend can be told apart in pg_stat_activity.
         conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
-        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # in effect from here: autocommit
+        try:
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # in effect from here: autocommit
+            self._catch_up(conn, deliver)
+        except BaseException:  # (not left to the garbage collector)
+            _close_quietly(conn)
+            raise
+        # Listening once caught up, not before: a catch-up that fails would otherwise
+        # leave the status saying so through the outage that follows.
         self.connected.set()
+        return conn
+
+    def _catch_up(self, conn: Any, deliver: Callable[[Event], None]) -> None:
         # A first connection catches up only for the clients that came before it (what
         # came before them is read from the table when a client asks, not loaded into
         # the hub); a reconnection, from the newest event it had.
@@ -350,7 +360,7 @@ class PostgresBroker(ListeningBroker):
             self._move_ids_past(conn, newest, hub.last_id)
         after = self._catch_up_from(newest)
         if after is None:
-            return conn
+            return
         missed = conn.execute(
             "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
             (after,),
@@ -371,7 +381,6 @@ class PostgresBroker(ListeningBroker):
         for i, channel, name, data in missed:
             deliver(Event(channel, int(i), data, name))
         self._caught_up_now()
-        return conn
 
     def _move_ids_past(self, conn: Any, newest: int, seen: int) -> None:
         """The table's newest id is below ids this process has seen: a failover to a
