@@ -12,7 +12,7 @@ from .brokers import PostgresServer, RedisServer, free_port
 from .processes import read_body, runcomet
 from .proxy import Proxy
 from .sse_client import SSEClient
-from .test_brokers import manage_publish, publish, start, subscribed
+from .test_brokers import manage_publish, publish, start, subscribed, wait_until
 
 
 def test_each_view_thread_gets_a_fresh_connection_after_a_restart(broker, demo_db):
@@ -381,3 +381,27 @@ def take_ids_back_to(broker, event_id):
 
         with redis_py.Redis.from_url(broker.url) as admin:
             admin.set("comet:id", event_id)
+
+
+def test_a_frozen_redis_is_found_out_by_its_listener(monkeypatch):
+    """A Redis that stops answering (SIGSTOP, a paused VM) keeps its connections open,
+    and its kernel acknowledges what it is sent: the listener said it was listening
+    through the freeze (its PING went out, its answer was never waited for)."""
+    from django_comet.brokers import redis as redis_broker
+
+    monkeypatch.setattr(redis_broker, "LISTEN_PING_AFTER", 0.2)
+    monkeypatch.setattr(redis_broker, "LISTEN_REPLY_WITHIN", 0.5)
+    redis = RedisServer()
+    listener = redis_broker.RedisBroker(redis.url)
+    try:
+        listener.start_listening()  # a thread of its own, as without a loop
+        assert listener.connected.wait(10)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: not listener.connected.is_set(), timeout=20)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        assert listener.connected.wait(20)  # and back once Redis answers again
+    finally:
+        listener.close()
+        redis.destroy()

@@ -105,6 +105,14 @@ CONNECTION_OPTIONS: dict[str, Any] = {
 }
 
 
+# A listener that has heard nothing for this long sends a PING, and takes a Redis that
+# leaves it unanswered for socket_timeout for gone (an error, then a reconnect that
+# catches up): a Redis frozen (SIGSTOP, a paused VM) keeps its connections open, and its
+# kernel acknowledges the PING, so neither the TCP keepalives nor the write timeout tell.
+LISTEN_PING_AFTER = 30.0
+LISTEN_REPLY_WITHIN = float(CONNECTION_OPTIONS["socket_timeout"])
+
+
 def connection_options(url: str) -> dict[str, Any]:
     """CONNECTION_OPTIONS, without the TCP ones for a Unix socket (unix://)."""
     if url.startswith("unix:"):
@@ -190,11 +198,9 @@ class RedisBroker(ListeningBroker):
         from ..evloop.hub import hub
 
         # A listener waits on a quiet connection: TCP keepalives, and a PING when it
-        # has heard nothing for a while, find one that a NAT or a failover dropped
-        # without a word (an error, then a reconnect that catches up).
-        client = self.redis.Redis.from_url(
-            self.url, **connection_options(self.url), health_check_interval=30
-        )
+        # has heard nothing for a while (LISTEN_PING_AFTER), find one that a NAT or a
+        # failover dropped without a word, or a Redis that stopped answering.
+        client = self.redis.Redis.from_url(self.url, **connection_options(self.url))
         pubsub = client.pubsub()
         try:
             pubsub.subscribe(PUBSUB_CHANNEL)
@@ -258,10 +264,21 @@ class RedisBroker(ListeningBroker):
                         deliver(event)
                 self._caught_up_now()
             self.connected.set()
+            heard, pinged = time.monotonic(), 0.0
             while not self._closed.is_set():
                 message = pubsub.get_message(timeout=1.0)
-                if message is not None and message["type"] == "message":
-                    deliver(self._decode(message["data"]))
+                now = time.monotonic()
+                if message is not None:
+                    heard, pinged = now, 0.0  # (a PING's answer too)
+                    if message["type"] == "message":
+                        deliver(self._decode(message["data"]))
+                elif pinged and now - pinged > LISTEN_REPLY_WITHIN:
+                    raise self.redis.ConnectionError(
+                        f"no answer to a PING in {LISTEN_REPLY_WITHIN:g} s"
+                    )
+                elif not pinged and now - heard > LISTEN_PING_AFTER:
+                    pubsub.ping()
+                    pinged = now
         finally:
             pubsub.close()
             client.close()
