@@ -2,6 +2,7 @@
 serving, and nothing old is taken for new nor anything new dropped."""
 
 import json
+import os
 import signal
 from types import SimpleNamespace
 
@@ -405,3 +406,49 @@ def test_a_frozen_redis_is_found_out_by_its_listener(monkeypatch):
     finally:
         listener.close()
         redis.destroy()
+
+
+def test_a_publish_to_a_frozen_postgresql_fails_instead_of_waiting_for_ever(monkeypatch):
+    """A PostgreSQL that stops answering (SIGSTOP, a paused VM) keeps its connections
+    open, and its kernel acknowledges what it is sent: a publish on a connection made
+    before waited for as long as it stayed frozen, and its view thread with it."""
+    import subprocess
+    import threading
+
+    from django_comet.brokers import postgres
+
+    monkeypatch.setattr(postgres, "REPLY_WITHIN", 0.5)
+    server = PostgresServer()
+    publisher = postgres.PostgresBroker(postgres.conninfo_from_url(server.url))
+    warm, go, outcome = threading.Event(), threading.Event(), []
+
+    def publish_twice():  # on one thread: its connection is made by the first
+        publisher.publish("frozen", '"before"')
+        warm.set()
+        go.wait()
+        try:
+            outcome.append(publisher.publish("frozen", '"during"'))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=publish_twice, daemon=True)
+    thread.start()
+    try:
+        assert warm.wait(30)
+        with open(f"{server.datadir}/postmaster.pid") as pid_file:
+            postmaster = int(pid_file.readline())
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True)
+        frozen = [postmaster, *map(int, children.stdout.split())]  # its connections' too
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            go.set()
+            thread.join(60)  # its own new connection waits connect_timeout (5 s) too
+            assert outcome and isinstance(outcome[0], publisher.psycopg.OperationalError)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert publisher.publish("frozen", '"after"') > 0  # and on again once it answers
+    finally:
+        publisher.close()
+        server.destroy()
