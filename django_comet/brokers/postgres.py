@@ -198,14 +198,15 @@ class PostgresBroker(ListeningBroker):
         one when the database went away since (a restart leaves each thread's old
         connection dead, and only its next use finds out), or stopped answering."""
         try:
-            conn = self._conn()
-            with _watchdog.watching(conn):
-                return work(conn)
+            return self._watched(work)
         except self.psycopg.OperationalError:
             self._local.conn = None
-            conn = self._conn()
-            with _watchdog.watching(conn):
-                return work(conn)
+            return self._watched(work)
+
+    def _watched(self, work: Callable[[Any], T]) -> T:
+        conn = self._conn()
+        with _watchdog.watching(conn):
+            return work(conn)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         return self._on_conn(lambda conn: self._publish(conn, channel, data, name))
