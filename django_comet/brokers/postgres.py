@@ -29,15 +29,14 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ..evloop.hub import Event, hub
 from .base import ListeningBroker
+from .watchdog import watchdog as command_watchdog
 
 T = TypeVar("T")
 
@@ -205,7 +204,7 @@ class PostgresBroker(ListeningBroker):
 
     def _watched(self, work: Callable[[Any], T]) -> T:
         conn = self._conn()
-        with _watchdog.watching(conn):
+        with command_watchdog.watching(conn, REPLY_WITHIN):
             return work(conn)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
@@ -547,62 +546,6 @@ def _notice(payload: str) -> Event | tuple[int, str | None]:
         return int(fields[0]), fields[1]
     event_id, channel, name, data = fields
     return Event(channel, event_id, data, name)
-
-
-class _Watchdog:
-    """One thread for every publishing connection of the process: a connection still
-    busy with a command ``REPLY_WITHIN`` seconds after it began has its socket shut
-    down, which ends the wait with an error in the thread that was waiting."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._busy: dict[int, tuple[float, int]] = {}  # thread -> (deadline, socket)
-        self._thread: threading.Thread | None = None
-        self._pid = 0  # of the process whose thread it is (a fork has none)
-
-    @contextlib.contextmanager
-    def watching(self, conn: Any) -> Iterator[None]:
-        key = threading.get_ident()
-        with self._changed:
-            self._busy[key] = (time.monotonic() + REPLY_WITHIN, conn.fileno())
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._watch, name="comet-postgres-watchdog", daemon=True
-                )
-                self._thread.start()
-            elif len(self._busy) == 1:
-                self._changed.notify()  # it waits for work without a deadline
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._busy.pop(key, None)
-
-    def _watch(self) -> None:
-        with self._changed:
-            while True:
-                now = time.monotonic()
-                for key, (deadline, fd) in list(self._busy.items()):
-                    if deadline <= now:
-                        del self._busy[key]
-                        logger.warning(
-                            "PostgreSQL did not answer in %g s; cutting the connection",
-                            REPLY_WITHIN,
-                        )
-                        _shut_down(fd)
-                next_deadline = min((d for d, _ in self._busy.values()), default=None)
-                self._changed.wait(None if next_deadline is None else next_deadline - now)
-
-
-def _shut_down(fd: int) -> None:
-    """Shut a socket down under the feet of whoever waits on it (on a copy of its
-    descriptor: closing this one must not close theirs)."""
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-_watchdog = _Watchdog()
 
 
 def _close_quietly(conn: Any) -> None:
