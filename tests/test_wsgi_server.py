@@ -601,3 +601,62 @@ def test_a_stream_cut_by_its_app_still_sends_what_was_queued(wsgi_server):
     out = raw(wsgi_server, b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK")
     assert not out.endswith(b"0\r\n\r\n")  # cut: no last chunk
+
+
+SMUGGLED = b"GET /hello?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+FOLLOWING = b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("method", [b"HEAD", b"TRACE"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_a_body_evhttp_would_not_read_is_refused_not_taken_for_a_request(
+    wsgi_server, method, chunked
+):
+    """evhttp reads no body for HEAD and TRACE: the body's bytes would be parsed as the
+    next request on the connection (request smuggling).  One 400, and the connection
+    closes with the body unread."""
+    if chunked:
+        framing = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (
+            len(SMUGGLED),
+            SMUGGLED,
+        )
+    else:
+        framing = b"Content-Length: %d\r\n\r\n%b" % (len(SMUGGLED), SMUGGLED)
+    out = raw(wsgi_server, method + b" /hello HTTP/1.1\r\nHost: x\r\n" + framing + FOLLOWING)
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert out.count(b"HTTP/1.1 ") == 1, out
+
+
+@pytest.mark.parametrize("method", [b"GET", b"DELETE", b"OPTIONS", b"POST", b"PUT", b"PATCH"])
+def test_a_body_of_any_other_method_is_read_as_its_body(wsgi_server, method):
+    request = method + b" /hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (
+        len(SMUGGLED),
+        SMUGGLED,
+    )
+    out = raw(wsgi_server, request + FOLLOWING)
+    assert out.count(b"HTTP/1.1 200 ") == 2, out  # its answer and the next request's
+    assert out.count(b"HTTP/1.1 ") == 2, out
+
+
+def test_a_head_without_a_body_may_say_content_length_0(wsgi_server):
+    out = raw(
+        wsgi_server, b"HEAD /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" + FOLLOWING
+    )
+    assert out.count(b"HTTP/1.1 200 ") == 2, out
+
+
+def test_an_absolute_form_target_keeps_the_connection_alive(wsgi_server):
+    """evhttp takes an absolute-form target for an unknown host for a proxy's request
+    and would close the connection after it, without saying so."""
+    out = raw(wsgi_server, b"GET http://example.com/hello HTTP/1.1\r\nHost: x\r\n\r\n" + FOLLOWING)
+    first, _, rest = out.partition(b"Hello, world!")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in first, out
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"Hello, world!"), out
+
+
+@pytest.mark.parametrize(
+    "target", [b"http:///hello", b"https://:80/hello", b"http://user@/hello", b"http://a{b}/x"]
+)
+def test_an_absolute_form_target_without_a_valid_host_is_a_400(wsgi_server, target):
+    out = raw(wsgi_server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 "), out

@@ -330,6 +330,12 @@ class Server(Producer, Responder):
             logger.exception("Error reading a request")
             self._send_error(r, req, 500, None)
             return
+        if r.flags & ev.EVHTTP_PROXY_REQUEST:
+            # evhttp takes an absolute-form target naming a host it does not know for a
+            # proxy's request, and then closes the connection unless the response says
+            # "Proxy-Connection: keep-alive".  A server must accept that form (RFC 9112
+            # 3.2.2): answered as any request.
+            r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         connection = environ.get("HTTP_CONNECTION")
         if connection is not None and connection.lower() != "close" and asks_to_close(connection):
             # evhttp closes only on a header that is exactly "close": say it that way.

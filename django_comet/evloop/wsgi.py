@@ -362,6 +362,25 @@ DEFAULT_LIMITS = Limits()
 _LOWER_NAMES: dict[bytes, bytes] = {}  # request header names seen valid -> lower case
 
 
+# Methods whose body evhttp never reads (evhttp_method_may_have_body in libevent 2.1).
+_BODY_UNREAD = frozenset({"HEAD", "TRACE"})
+
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
+
+
+def _check_absolute_form(target: bytes) -> None:
+    """An absolute-form target's authority names the host (RFC 9112 3.2.2): it must be
+    one, and an http(s) URI with an empty host is invalid (RFC 9110 4.2.1)."""
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return  # split_target refuses it
+    host = match[2].rpartition(b"@")[2]  # never a userinfo
+    if not _HOST.match(host):
+        raise BadRequest("Invalid host in the request target")
+    if not host.partition(b":")[0] and match[1].lower() in (b"http", b"https"):
+        raise BadRequest("An http URI with an empty host (RFC 9110 4.2.1)")
+
+
 def check_request(
     method: str,
     target: bytes,
@@ -408,6 +427,12 @@ def check_request(
         raise BadRequest("Request Header Fields Too Large", 431)
     if hosts > 1 or (hosts == 0 and version == (1, 1)):
         raise BadRequest("Missing or repeated Host header (RFC 9112 3.2)")
+    if target[:1] != b"/" and target != b"*":
+        _check_absolute_form(target)
+    if method in _BODY_UNREAD and (codings or (length is not None and int(length) > 0)):
+        # A body is framed by its headers whatever the method (RFC 9112 6), but evhttp
+        # reads none for these: it would take the body's bytes for the next request.
+        raise BadRequest(f"A {method} request cannot carry a body here")
     if codings:
         if version == (1, 0):
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
