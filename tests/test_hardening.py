@@ -666,3 +666,43 @@ def test_a_close_with_the_response_still_in_the_kernel_lingers(comet):
         sock.close()
     assert end == "FIN"
     assert len(out.partition(b"\r\n\r\n")[2]) == size
+
+
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_small_items_to_clients_that_do_not_read_cost_their_bytes_not_more(threads):
+    """A body of small items (64-byte rows) to clients that read nothing: each stream
+    pauses at 1 MiB unsent, and that is about what it holds.  Handed to evhttp one by
+    one, each row took a block of 1 KiB or more: 17 MiB per client."""
+    import uuid
+
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", threads)
+    clients = []
+    try:
+        assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+        rss = rss_kib(server.proc.pid)
+        for _ in range(8):
+            tag = uuid.uuid4().hex
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((server.host, server.port))
+            sock.sendall(b"GET /rows HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode())
+            clients.append(sock)
+            # Paused: past 1 MiB of rows after the first, the app is asked for no more.
+            wait_until(
+                lambda tag=tag: (
+                    int(
+                        requests.get(
+                            server.url + "/yielded", headers={"X-Tag": tag}, timeout=10
+                        ).text
+                    )
+                    > 1024 * 1024 // 64
+                )
+            )
+        # Answered after every row handed to the loop before it: all are written.
+        assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+        grown = rss_kib(server.proc.pid) - rss
+        assert grown < 8 * 4 * 1024, f"{grown} KiB for 8 streams paused at 1 MiB each"
+    finally:
+        for sock in clients:
+            sock.close()
+        server.stop()

@@ -507,9 +507,14 @@ def test_an_empty_str_after_streaming_began_cuts_the_response(wsgi_server):
     assert line.rstrip().endswith("(cut by the server)"), line
 
 
-def test_an_error_page_after_a_yield_replaces_the_body(wsgi_server):
-    answer = requests.get(wsgi_server.url + "/exc-info-after-yield", timeout=10)
-    assert (answer.status_code, answer.content) == (500, b"error page")
+def test_an_error_page_after_a_generators_first_bytes_cuts_the_response(wsgi_server):
+    """A generator's first bytes go out as they come (PEP 3333), headers with them: an
+    error page it then starts (start_response with exc_info) is too late, and the
+    client sees the body cut short, never a clean end."""
+    out = raw(wsgi_server, b"GET /exc-info-after-yield HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out
+    assert b"body-part-one;" in out and b"error page" not in out, out
+    assert not out.endswith(b"0\r\n\r\n"), out
 
 
 def test_clients_that_stop_reading_a_stream_hold_no_thread():
@@ -660,3 +665,39 @@ def test_an_absolute_form_target_keeps_the_connection_alive(wsgi_server):
 def test_an_absolute_form_target_without_a_valid_host_is_a_400(wsgi_server, target):
     out = raw(wsgi_server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400 "), out
+
+
+def test_a_generators_item_goes_out_before_the_generator_is_asked_for_the_next(wsgi_server):
+    """PEP 3333 ("Buffering and Streaming"): the server must not delay a block.  The
+    app here gives its second item only once the client has its first."""
+    tag = uuid.uuid4().hex.encode()
+    with wsgi_server.connect() as sock:
+        sock.settimeout(30)  # (the app would give up waiting after 60 s)
+        sock.sendall(b"GET /first-then-wait HTTP/1.1\r\nHost: x\r\nX-Tag: %b\r\n\r\n" % tag)
+        out = b""
+        while b"first;" not in out:
+            more = sock.recv(65536)
+            assert more, out
+            out += more
+        released = requests.get(wsgi_server.url + "/release", headers={"X-Tag": tag}, timeout=10)
+        assert released.status_code == 200
+        while not out.endswith(b"\r\n0\r\n\r\n"):
+            more = sock.recv(65536)
+            assert more, out
+            out += more
+    assert b"second" in out
+
+
+def test_a_generator_whose_client_left_is_closed_even_if_it_never_ends(wsgi_server):
+    """An endless slow body (a heartbeat every 20 ms) whose client leaves is closed at
+    its next item: no view thread stays with it."""
+    tag = uuid.uuid4().hex
+    with wsgi_server.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(b"GET /ticks HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode())
+        out = b""
+        while b"tick" not in out:
+            more = sock.recv(65536)
+            assert more, out
+            out += more
+    assert closes(wsgi_server, tag, 1) == 1

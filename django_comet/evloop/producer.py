@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_comet.server")
 
+# Iterators of bodies whose every item is there already: iterating them never waits.
+_ALL_THERE: tuple[type, ...] = (type(iter([])), type(iter(())))
+
 
 class Producer:
     """Mixed into ``Server``; every method here may run on a worker thread and touches
@@ -72,6 +75,11 @@ class Producer:
             chunks: list[bytes] = start.written
             size = sum(map(len, chunks))
             iterator = iter(result)
+            # A body that is all there (a list, as Django's HttpResponse gives) goes out
+            # whole when small; any other may wait before its next item (a generator:
+            # rows of a query, events), and what it gave must not wait with it (PEP
+            # 3333, "Buffering and Streaming"): it streams from its first bytes.
+            limit = 0 if type(iterator) not in _ALL_THERE else self.config.stream_threshold
             for data in iterator:
                 if not isinstance(data, bytes):
                     raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
@@ -80,7 +88,7 @@ class Producer:
                         size = 0
                     chunks.append(data)
                     size += len(data)
-                if deferral is None and size > self.config.stream_threshold and first:
+                if deferral is None and size > limit and first:
                     streaming = True
                     break
             if first and start.status is None:

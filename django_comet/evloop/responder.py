@@ -32,6 +32,9 @@ logger = logging.getLogger("django_comet.server")
 
 # A whole body this small leaves with the call that hands it over (the kernel takes it).
 SMALL_BODY = 64 * 1024
+# A streamed item this small is framed in Python and copied into its connection's
+# output buffer; a larger one is handed to evhttp, which moves its blocks without a copy.
+SMALL_CHUNK = 16 * 1024
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator.\n"
 
 _date: tuple[int, bytes] = (0, b"")  # the second it is for, and the Date value
@@ -213,6 +216,8 @@ class Responder:
         if keep_length and carries_body(ex.method, start.code):
             ex.limit = start.length
         self._lib.evhttp_send_reply_start(ex.req, start.code, start.reason)
+        if not ex.deferred:
+            self._stop_reading(ex)
         if chunks:
             self._send_chunk(ex, b"".join(chunks))
         return True
@@ -289,12 +294,31 @@ class Responder:
             data = data[: ex.limit - ex.sent]
             if not data:
                 return False
-        self._lib.evbuffer_add(self._buf, data, len(data))
-        ex.sent += len(data)
-        if ex.pump is not None:
-            self._lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+        lib = self._lib
+        size = len(data)
+        drained_cb = ex.pump is not None and ex.pending > self.config.write_high_water
+        if size <= SMALL_CHUNK and not drained_cb:
+            # Straight into the connection's output buffer, framed here, as held
+            # responses' parts are: small items share its blocks.  Handed to evhttp,
+            # each took a block of its own, 1 KiB or more: a body of small items to a
+            # client that reads slowly held a thousand times its unsent bytes.
+            bev = ex.conn
+            if not bev:
+                evcon = RequestStruct.from_address(ex.req).evcon
+                if not evcon:
+                    return False
+                bev = lib.evhttp_connection_get_bufferevent(evcon)
+            ex.sent += size
+            if ex.limit is None and ex.protocol == "HTTP/1.1":
+                data = chunked(data)
+            lib.evbuffer_add(lib.bufferevent_get_output(bev), data, len(data))
+            return True
+        ex.sent += size
+        lib.evbuffer_add(self._buf, data, size)
+        if drained_cb:  # the stream pauses on this one: told when its bytes have left
+            lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
         else:
-            self._lib.evhttp_send_reply_chunk(ex.req, self._buf)
+            lib.evhttp_send_reply_chunk(ex.req, self._buf)
         if not ex.deferred:
             self._stop_reading(ex)
         self._check_handed_over(ex)
@@ -334,16 +358,15 @@ class Responder:
 
     def _on_drained(self, _evcon: int, key: int) -> None:
         ex = self._exchanges.get(key)
-        if ex is None:
-            return
+        if ex is None or ex.pump is None:
+            return  # (small chunks written since leave evhttp's callback set: not paused)
         ex.pending = 0
-        if ex.pump is not None:
-            if self._pool is None:
-                self._pump(ex)
-            else:  # a paused body: a worker takes it up again
-                iterator, result = ex.pump
-                ex.pump = None
-                self._pool.submit(self._resume_stream, ex, iterator, result)
+        if self._pool is None:
+            self._pump(ex)
+        else:  # a paused body: a worker takes it up again
+            iterator, result = ex.pump
+            ex.pump = None
+            self._pool.submit(self._resume_stream, ex, iterator, result)
 
     def _end(self, ex: Exchange) -> None:
         """The last chunk: a clean end of the response."""

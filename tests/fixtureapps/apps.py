@@ -4,6 +4,7 @@ import collections
 import gc
 import json
 import os
+import threading
 import time
 
 
@@ -167,7 +168,7 @@ def app(environ, start_response):
     if path == "/empty-str-later":  # "" after streaming began: not bytes, an error
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _Body([b"s" * 300_000, "", b"tail"])
-    if path == "/exc-info-after-yield":  # its error page replaces what it had yielded
+    if path == "/exc-info-after-yield":  # its error page comes after bytes went out
 
         def gen():
             start_response("200 OK", [("Content-Type", "text/plain")])
@@ -208,11 +209,54 @@ def app(environ, start_response):
         body = str(len(environ["wsgi.input"].read())).encode()
         start_response("200 OK", [("Content-Length", str(len(body)))])
         return [body]
+    if path == "/rows":  # small items, as a CSV export yields them; counted as yielded
+        start_response("200 OK", [("Content-Type", "text/csv")])
+        return _Body(_rows(environ.get("HTTP_X_TAG", "")), environ)
+    if path == "/yielded":  # how many rows the /rows bodies of this X-Tag yielded
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(yielded[environ.get("HTTP_X_TAG", "")]).encode()]
+    if path == "/first-then-wait":  # a first item, then nothing until /release
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _first_then_wait(_released(environ))
+    if path == "/release":
+        _released(environ).set()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"released"]
+    if path == "/ticks":  # a line now and then for ever, as an event stream's heartbeat
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Body(_ticks(), environ)
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
     start_response("404 Not Found", [("Content-Type", "text/plain")])
     return [b"not found: " + path.encode("latin-1")]
+
+
+yielded: collections.Counter[str] = collections.Counter()
+_releases: dict[str, threading.Event] = {}
+
+
+def _rows(tag):
+    while True:
+        yielded[tag] += 1
+        yield b"%063d\n" % yielded[tag]
+
+
+def _released(environ) -> threading.Event:
+    return _releases.setdefault(environ.get("HTTP_X_TAG", ""), threading.Event())
+
+
+def _first_then_wait(released):
+    yield b"first;"
+    released.wait(60)
+    yield b"second"
+
+
+def _ticks():
+    never = threading.Event()
+    while True:
+        yield b"tick\n"
+        never.wait(0.02)
 
 
 class _Touchy(list):
