@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .evloop.config import ServerConfig
+from .evloop.config import MAX_BYTES, MAX_THREADS, MIN_PERIOD, ServerConfig
 from .evloop.deferral import MAX_SECONDS
 from .evloop.wsgi import is_ip_address
 
@@ -91,6 +91,22 @@ _AT_LEAST_ONE = frozenset(
 )
 
 
+# Byte limits handed to libevent, which cannot take more than MAX_BYTES.
+_BYTES = frozenset(
+    {
+        "COMET_MAX_HEADER_SIZE",
+        "COMET_MAX_REQUEST_LINE",
+        "COMET_MAX_BODY_SIZE",
+        "COMET_MAX_PENDING_OUTPUT",
+    }
+)
+
+# Periods where a tiny value breaks serving (MIN_PERIOD); 0 turns off all but the first.
+_PERIODS = frozenset(
+    {"COMET_TIMEOUT", "COMET_SSE_HEARTBEAT", "COMET_HEADER_TIMEOUT", "COMET_MAX_HOLD"}
+)
+
+
 class Settings:
     """``comet_settings.THREADS`` reads ``settings.COMET_THREADS`` or its default."""
 
@@ -112,6 +128,18 @@ class Settings:
                 bad.append(f"{key} cannot be negative ({value!r})")
             elif key in _AT_LEAST_ONE and isinstance(value, int) and value < 1:
                 bad.append(f"{key} must be at least 1 ({value!r} would refuse everything)")
+            elif key in _BYTES and isinstance(value, int) and value > MAX_BYTES:
+                bad.append(f"{key} must be at most {MAX_BYTES} (1 TiB), not {value!r}")
+            elif key == "COMET_THREADS" and isinstance(value, int) and value > MAX_THREADS:
+                bad.append(f"{key} must be at most {MAX_THREADS}, not {value!r}")
+            elif (
+                key in _PERIODS and isinstance(value, (int, float)) and 0 < value < MIN_PERIOD
+            ) or (key == "COMET_TIMEOUT" and value == 0):
+                bad.append(
+                    f"{key} must be at least {MIN_PERIOD:g} seconds"
+                    + ("" if key == "COMET_TIMEOUT" else " (or 0: none)")
+                    + f", not {value!r}"
+                )
             elif (
                 key in _SECONDS and isinstance(value, (int, float)) and not value <= MAX_SECONDS
             ):  # NaN

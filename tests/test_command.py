@@ -2,6 +2,7 @@
 
 import contextlib
 import socket
+import sys
 from io import StringIO
 
 import pytest
@@ -55,7 +56,8 @@ def test_bad_address_is_one_line():
     "args, env, message",
     [
         (("127.0.0.1:99999",), {}, 'CommandError: "99999" is not a valid port number.'),
-        (("--threads=-1", "0"), {}, "CommandError: --threads must be 0 or more."),
+        (("--threads=-1", "0"), {}, "CommandError: --threads must be from 0 to 1024."),
+        (("--threads=5000", "0"), {}, "CommandError: --threads must be from 0 to 1024."),
         (
             ("--threads=4", "--nothreading", "0"),
             {},
@@ -80,6 +82,7 @@ def test_bad_address_is_one_line():
     ids=[
         "port-out-of-range",
         "negative-threads",
+        "too-many-threads",
         "threads-and-nothreading",
         "bad-setting",
         "no-libevent",
@@ -257,3 +260,49 @@ def test_a_limit_of_0_that_would_refuse_everything_is_a_settings_error(name):
 
     with override_settings(**{name: 0}):
         assert [e for e in comet_settings.errors() if name in e and "at least 1" in e]
+
+
+@pytest.mark.parametrize(
+    "name, value, said",
+    [
+        ("COMET_MAX_BODY_SIZE", 2**64 + 10, "at most 1099511627776"),  # wrapped to 10 bytes
+        ("COMET_MAX_HEADER_SIZE", sys.maxsize, "at most 1099511627776"),
+        ("COMET_MAX_REQUEST_LINE", 2**63, "at most 1099511627776"),
+        ("COMET_MAX_PENDING_OUTPUT", 2**41, "at most 1099511627776"),
+        ("COMET_THREADS", 10**9, "at most 1024"),
+        ("COMET_SSE_HEARTBEAT", 1e-9, "at least 0.1 seconds (or 0: none)"),
+        ("COMET_HEADER_TIMEOUT", 0.01, "at least 0.1 seconds (or 0: none)"),
+        ("COMET_MAX_HOLD", 1e-5, "at least 0.1 seconds (or 0: none)"),
+        ("COMET_TIMEOUT", 1e-5, "at least 0.1 seconds, not"),
+        ("COMET_TIMEOUT", 0, "at least 0.1 seconds, not"),
+    ],
+)
+def test_a_value_that_would_break_serving_is_a_settings_error(name, value, said):
+    """Sizes past what libevent takes (ctypes wrapped them: 2**64 + 10 was a 10-byte
+    body limit), a billion threads (built before any ran), periods so short that
+    every connection timed out or a stream got nothing but heartbeats."""
+    from django.test import override_settings
+
+    from django_comet.conf import comet_settings
+
+    with override_settings(**{name: value}):
+        assert [e for e in comet_settings.errors() if name in e and said in e], (
+            comet_settings.errors()
+        )
+
+
+@pytest.mark.parametrize("name, value", [("COMET_SSE_HEARTBEAT", 0), ("COMET_MAX_HOLD", 0)])
+def test_0_still_turns_a_period_off(name, value):
+    from django.test import override_settings
+
+    from django_comet.conf import comet_settings
+
+    with override_settings(**{name: value}):
+        assert not comet_settings.errors()
+
+
+def test_a_host_that_does_not_resolve_is_named_in_one_line():
+    result = manage("runcomet", "--noreload", "no-such-host.invalid:0")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("CommandError: Cannot resolve 'no-such-host.invalid': "), line

@@ -21,7 +21,9 @@ from .sse_client import SSEClient
 from .test_hardening import wait_until
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["term", "int", "hup"]
+)
 def test_signal_drains_in_flight_requests_and_exits_0(demo_db, signum):
     server = runcomet(db=demo_db)
     try:
@@ -114,10 +116,13 @@ def test_workers_dying_on_start_are_restarted_ever_more_slowly():
     assert restart_pause(5.0, lived=60) == 0.0  # it had served: replace it at once
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "systemd", "hangup"]
+)
 def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(demo_db, signum):
     """Ctrl-C reaches the whole process group: the parent and every worker; so does
-    systemd's SIGTERM (KillMode=control-group), or `kill -- -PGID`.  Each worker must
+    systemd's SIGTERM (KillMode=control-group), or `kill -- -PGID`, or the SIGHUP of a
+    terminal that closes.  Each worker must
     drain once, not take the parent's SIGTERM as a second signal."""
     import psutil
 
@@ -412,3 +417,44 @@ def test_a_successor_can_bind_while_workers_drain(demo_db):
             old.stop()
     finally:
         broker.destroy()
+
+
+def start_view_holding_the_loop(server, tmp_path):
+    """A view sleeping a minute in the loop thread (--threads 0); returns the socket of
+    its request once the view runs."""
+    started = tmp_path / "started"
+    client = server.connect()
+    client.sendall(
+        b"GET /t/sleep/?s=60&started=%b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % bytes(started)
+    )
+    wait_until(started.exists)
+    return client
+
+
+def test_with_threads_0_a_second_signal_stops_a_view_holding_the_loop(demo_db, tmp_path):
+    """The loop thread runs the views: a second signal cuts the one that holds it (a
+    handler raises into it), where it used to wait for the view to return."""
+    server = runcomet("--threads", "0", db=demo_db)
+    try:
+        client = start_view_holding_the_loop(server, tmp_path)
+        server.signal(signal.SIGTERM)
+        server.signal(signal.SIGINT)  # (two SIGTERMs could arrive as one)
+        assert server.proc.wait(30) == 0
+        assert server.logged("Stopped at once: a view held the loop thread")
+        client.settimeout(10)
+        assert b"slept" not in client.recv(4096)  # closed, the view never finished
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_with_threads_0_the_grace_period_ends_a_view_holding_the_loop(demo_db, tmp_path):
+    server = runcomet("--threads", "0", db=demo_db, env={"TEST_GRACE_PERIOD": "1"})
+    try:
+        client = start_view_holding_the_loop(server, tmp_path)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert server.logged("Stopped at once: a view held the loop thread")
+        client.close()
+    finally:
+        server.stop()

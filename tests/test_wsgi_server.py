@@ -456,7 +456,8 @@ def test_a_client_that_half_closes_gets_the_whole_response(wsgi_server, target, 
         (["nosuchmodule:app", "0"], "error: cannot import 'nosuchmodule'"),
         (["tests.fixtureapps.apps:nope", "0"], "error: 'tests.fixtureapps.apps' has no 'nope'"),
         (["tests.fixtureapps.apps:app", "::1"], "an IPv6 address goes in brackets"),
-        (["tests.fixtureapps.apps:app", "0", "--threads", "-1"], "'-1' is not 0 or more"),
+        (["tests.fixtureapps.apps:app", "0", "--threads", "-1"], "'-1' is not from 0 to 1024"),
+        (["tests.fixtureapps.apps:app", "0", "--threads", "2000"], "'2000' is not from 0 to 1024"),
     ],
 )
 def test_bad_command_lines_are_one_line(args, message):

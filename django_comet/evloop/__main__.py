@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .config import ServerConfig
+from .config import MAX_THREADS, ServerConfig
 from .listen import unix_path
 from .server import Server
 
@@ -36,8 +36,8 @@ def parse_addrport(value: str) -> tuple[str, int] | str:
 
 
 def threads_count(value: str) -> int:
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r} is not 0 or more")
+    if not value.isdigit() or int(value) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not from 0 to {MAX_THREADS}")
     return int(value)
 
 

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+# The most view threads: more would each take a stack and a share of the GIL for
+# nothing a second worker process would not do better (--workers).
+MAX_THREADS = 1024
+# The largest byte limit (head sizes, body, pending output): 1 TiB is "no limit" in
+# practice, and keeps 2 x (head + line) within a C ssize_t.
+MAX_BYTES = 2**40
+# The shortest period for a timeout or a heartbeat: below it a server serves nothing
+# (every connection times out) or only heartbeats.
+MIN_PERIOD = 0.1
+
 
 @dataclasses.dataclass
 class ServerConfig:
@@ -27,8 +37,9 @@ class ServerConfig:
     # Request body, in bytes, after de-chunking; over it: 413.  libevent buffers a body
     # whole before the application sees it, so this also bounds memory per request.
     max_body_size: int = 32 * 1024 * 1024
-    # A response body larger than this (or produced lazily past it) is streamed chunk by
-    # chunk instead of being sent at once with a Content-Length.
+    # A response body that is all there (a list) and larger than this is streamed chunk
+    # by chunk instead of being sent at once with a Content-Length (any other streams
+    # from its first bytes: producer.py).
     stream_threshold: int = 256 * 1024
     # A streaming response's producer thread waits while this many bytes are unsent.
     write_high_water: int = 1024 * 1024

@@ -231,6 +231,8 @@ class Loop:
         batch, self._after_pass = self._after_pass, []
         for callback, args in batch:
             self._run(callback, args)
+            if self._fatal is not None:
+                return  # stopping: run() raises it
 
     def _on_wake(self) -> None:
         try:
@@ -247,6 +249,8 @@ class Loop:
             callback, args = ready.popleft()
             self._ran += 1  # (taken: let_catch_up counts what is still queued)
             self._run(callback, args)
+            if self._fatal is not None:
+                break  # stopping: run() raises it
         if self._catching_up:
             self._tell_caught_up()
 

@@ -23,7 +23,7 @@ logger = logging.getLogger("django_comet.server")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # (SIGHUP: a closed terminal)
 
 
 class Supervisor:
@@ -43,7 +43,7 @@ class Supervisor:
         self._stopping = False
 
     def handle_signals(self) -> None:
-        """Take SIGTERM and SIGINT over: call this before the server is announced, since
+        """Take the stop signals over: call this before the server is announced, since
         a stop signal from then on must stop it (the default action killed the parent,
         leaving its workers to the kernel's SIGTERM and its files behind)."""
         for signum in STOP_SIGNALS:
@@ -77,7 +77,7 @@ class Supervisor:
         return 0
 
     def _spawn(self, number: int) -> None:
-        """Fork worker ``number``, unless stopping.  SIGTERM and SIGINT wait (blocked)
+        """Fork worker ``number``, unless stopping.  The stop signals wait (blocked)
         from the check to the new pid's entry in ``children``: the stop handler, run in
         between, would not forward the stop to that worker (it would serve until the
         SIGKILL), and after it the parent's socket is closed (a worker forked then
@@ -96,7 +96,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _child(self, number: int, parent: int, mask: set[int | signal.Signals]) -> NoReturn:
-        """In the new worker, with SIGTERM and SIGINT still blocked: the parent's
+        """In the new worker, with the stop signals still blocked: the parent's
         handlers (the stop handler of this Supervisor's copy) must never run here.
         Unblocked once the worker's own handling is in place, so that a stop sent in
         the meantime, pending, ends the worker then (the default action: it serves

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .content_coding import without_content_coding
 from .deferral import claim
 from .files import Descriptor, FileWrapper
+from .interrupt import StopNow
 from .wsgi import AppError, StartResponse, carries_body
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Producer:
         start = StartResponse()
         try:
             result = self.app(ex.environ, start)
+        except StopNow:
+            raise
         except BaseException:  # SystemExit from a view too: an app error
             logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
             self._to_loop(self._reply_error, ex)
@@ -109,6 +112,8 @@ class Producer:
                 self._to_loop(self._start_deferred, ex, start, chunks, deferral)
             else:
                 self._to_loop(self._reply_whole, ex, start, chunks)
+        except StopNow:
+            raise
         except BaseException:
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             if start.headers_sent or not first:
@@ -212,6 +217,8 @@ class Producer:
                     return
             else:
                 self._end(ex)
+        except StopNow:
+            raise
         except BaseException:  # even SystemExit from the app: the client must not wait
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             self._abort(ex)
@@ -233,6 +240,8 @@ class Producer:
             return
         try:
             result = resume(*args)
+        except StopNow:
+            raise
         except BaseException:
             logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
             self._to_loop(self._abort, ex)
@@ -258,5 +267,7 @@ def _close(ex: Exchange, result: Iterable[bytes]) -> None:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+    except StopNow:
+        raise
     except BaseException:
         logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)

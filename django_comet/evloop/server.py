@@ -17,8 +17,10 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any
 
 from . import libevent_ctypes as ev
@@ -28,6 +30,7 @@ from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
+from .interrupt import StopNow, cut_after, in_app_code
 from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
@@ -49,6 +52,10 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 VIEW_BACKLOG_HIGH = 64
 VIEW_BACKLOG_LOW = 16
 VIEW_BACKLOG_CHECK = 0.005
+
+# A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
+# which removes what the server made (its Unix socket file, the workers' figures).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Server(Producer, Responder):
@@ -80,6 +87,7 @@ class Server(Producer, Responder):
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
         self._handling_signals = False
+        self._stop_signals = 0
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._buf = self._lib.evbuffer_new()
@@ -153,24 +161,39 @@ class Server(Producer, Responder):
     # -- running -----------------------------------------------------------------------
 
     def handle_signals(self, *, worker: bool = False) -> None:
-        """Main thread: stop on SIGINT/SIGTERM from now on.  Call it before announcing the
-        server (a banner, a readiness probe): a signal sent between the two would find
-        the default action, and kill the process before it removed its socket file.
-        A pre-forked ``worker`` ignores SIGINT, and SIGTERMs after the first: Ctrl-C
-        reaches the whole process group, and the parent turns it into one SIGTERM per
-        worker (two signals would cut)."""
+        """Main thread: stop on SIGINT, SIGTERM or SIGHUP from now on.  Call it before
+        announcing the server (a banner, a readiness probe): a signal sent between the
+        two would find the default action, and kill the process before it removed its
+        socket file.  A pre-forked ``worker`` ignores SIGINT and SIGHUP, and SIGTERMs
+        after the first: Ctrl-C reaches the whole process group, and the parent turns
+        it into one SIGTERM per worker (two signals would cut)."""
         if self._handling_signals:
             return
         self._handling_signals = True
         if worker:
             self.loop.add_signal_handler(signal.SIGTERM, self._drain_once)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the parent's, as SIGINT's)
+        elif self._pool is None:  # views run in the loop thread: see interrupt.py
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._on_stop_signal)
         else:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self.loop.add_signal_handler(signum, self.shutdown)
 
+    def _on_stop_signal(self, _signum: int, frame: FrameType | None) -> None:
+        """Main thread, ``--threads 0``: stop as with a thread pool, and if a view holds
+        the loop thread, cut it short (``StopNow``) at a second signal, or once the grace
+        period is over."""
+        self.loop.call_soon(self.shutdown)
+        self._stop_signals += 1
+        if self._stop_signals == 1:
+            cut_after(self.config.grace + 0.5, threading.get_ident(), lambda: bool(self._http))
+        elif in_app_code(frame):
+            raise StopNow("a view held the loop thread")
+
     def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
-        """Serve until SIGINT/SIGTERM (or ``shutdown()``); a second signal cuts the drain.
+        """Serve until a stop signal (or ``shutdown()``); a second signal cuts the drain.
         See ``handle_signals`` for ``worker``."""
         if handle_signals:
             self.handle_signals(worker=worker)
@@ -180,6 +203,8 @@ class Server(Producer, Responder):
         gc.freeze()
         try:
             self.loop.run()
+        except StopNow as stop:
+            logger.warning("Stopped at once: %s.", stop)
         finally:
             self.close()
 

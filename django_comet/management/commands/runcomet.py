@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from django.utils import autoreload
 from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
-from ...evloop.config import ServerConfig
+from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.prefork import Supervisor
 
@@ -97,8 +98,8 @@ class Command(RunserverCommand):
             if threads not in (None, 0):
                 raise CommandError("--nothreading is --threads 0: give one or the other.")
             threads = 0
-        if threads is not None and threads < 0:
-            raise CommandError("--threads must be 0 or more.")
+        if threads is not None and not 0 <= threads <= MAX_THREADS:
+            raise CommandError(f"--threads must be from 0 to {MAX_THREADS}.")
         return comet_settings.server_config(
             host=self.addr,
             port=int(self.port),
@@ -188,6 +189,8 @@ class Command(RunserverCommand):
             sock = listen_socket(config)
         except libevent_ctypes.LibeventMissing as exc:
             self._fail(str(exc))
+        except socket.gaierror as exc:  # (an OSError whose errno is no errno)
+            self._fail(f"Cannot resolve {config.host!r}: {exc.strerror or exc}")
         except OSError as exc:
             if config.unix_socket:
                 self._fail(f"Cannot listen on unix:{config.unix_socket}: {exc.strerror or exc}")
