@@ -702,3 +702,22 @@ def test_a_generator_whose_client_left_is_closed_even_if_it_never_ends(wsgi_serv
             assert more, out
             out += more
     assert closes(wsgi_server, tag, 1) == 1
+
+
+@pytest.mark.parametrize("request_line", [b"HEAD /large", b"GET /large?304", b"HEAD /generator"])
+def test_a_streamed_answer_without_a_body_keeps_an_http10_connection_alive(
+    wsgi_server, request_line
+):
+    """Only a body of unknown length must end an HTTP/1.0 connection: none goes out in
+    an answer to HEAD, nor in a 304."""
+    with wsgi_server.connect() as sock:
+        sock.settimeout(10)
+        f = sock.makefile("rb")
+        for _ in range(2):
+            sock.sendall(request_line + b" HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            status = f.readline()
+            assert status.startswith((b"HTTP/1.0 200 ", b"HTTP/1.0 304 ")), status
+            head = b""
+            while (line := f.readline()) != b"\r\n":
+                head += line
+            assert b"Connection: close" not in head, head

@@ -207,6 +207,7 @@ class Responder:
             (r.major, r.minor) < (1, 1)
             and not (keep_length and start.length is not None)
             and not (start.close or self._draining)  # (said so already)
+            and carries_body(ex.method, start.code)  # (a HEAD's, a 304's: none goes out)
         ):
             # HTTP/1.0 has no chunked coding: a body of unknown length ends with the
             # connection.  (evhttp would otherwise answer a keep-alive 1.0 request with a
