@@ -440,7 +440,7 @@ def test_with_threads_0_a_second_signal_stops_a_view_holding_the_loop(demo_db, t
         server.signal(signal.SIGTERM)
         server.signal(signal.SIGINT)  # (two SIGTERMs could arrive as one)
         assert server.proc.wait(30) == 0
-        assert server.logged("Stopped at once: a view held the loop thread")
+        assert server.logged("Stopped at once: a second stop signal came while a view ran")
         client.settimeout(10)
         assert b"slept" not in client.recv(4096)  # closed, the view never finished
         client.close()
@@ -454,7 +454,35 @@ def test_with_threads_0_the_grace_period_ends_a_view_holding_the_loop(demo_db, t
         client = start_view_holding_the_loop(server, tmp_path)
         server.signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
-        assert server.logged("Stopped at once: a view held the loop thread")
+        assert server.logged("Stopped at once: the grace period is over, and a view held the loop")
         client.close()
+    finally:
+        server.stop()
+
+
+def test_with_threads_0_a_view_resumed_by_libevent_is_stopped_too():
+    """A streamed body that paused is taken up again from libevent's callback for its
+    drained output, not from the loop's own dispatch: the exception that stops it must
+    reach the loop from there too (ctypes would print it and drop it)."""
+    from .processes import evloop
+
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "0")
+    try:
+        with server.connect() as client:
+            client.settimeout(30)
+            client.sendall(b"GET /big-then-wait HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            # Past the first pause (1 MiB unsent): the rest is taken up from libevent's
+            # callback once these have left, and then the body waits (and, in the loop
+            # thread, everything with it).
+            while got.count(b"B") < 16 * 65536:
+                more = client.recv(1 << 20)
+                assert more, got[-200:]
+                got += more
+            server.signal(signal.SIGTERM)
+            server.signal(signal.SIGINT)
+            assert server.proc.wait(30) == 0
+        assert server.logged("Stopped at once: ")
+        assert not [line for line in server.output if "Exception ignored" in line]
     finally:
         server.stop()

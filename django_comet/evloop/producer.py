@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_comet.server")
 
+_END = object()  # a body's end, from next()
+
+# What a streamed item adds to the connection's buffer beside its bytes (a chunk's size
+# line and CRLF), counted in its unsent bytes: a body of tiny items holds its bound too.
+CHUNK_FRAMING = 8
+
 # Iterators of bodies whose every item is there already: iterating them never waits.
 _ALL_THERE: tuple[type, ...] = (type(iter([])), type(iter(())))
 
@@ -35,6 +41,7 @@ class Producer:
     config: ServerConfig
     _pool: ThreadPool | None
     _to_loop: Callable[..., None]
+    _in_app: bool  # see interrupt.py
     # Loop-thread methods of Server that results are handed to.
     _reply_whole: Callable[..., None]
     _reply_error: Callable[..., None]
@@ -50,14 +57,18 @@ class Producer:
 
     def _run_app(self, ex: Exchange) -> None:
         start = StartResponse()
+        self._in_app = True
         try:
             result = self.app(ex.environ, start)
         except StopNow:
             raise
         except BaseException:  # SystemExit from a view too: an app error
+            self._in_app = False
             logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
             self._to_loop(self._reply_error, ex)
             return
+        finally:
+            self._in_app = False
         self._produce(ex, start, result, first=True)
 
     def _produce(
@@ -77,23 +88,30 @@ class Producer:
                     return  # closing the result closes the app's file: the range has its own
             chunks: list[bytes] = start.written
             size = sum(map(len, chunks))
-            iterator = iter(result)
-            # A body that is all there (a list, as Django's HttpResponse gives) goes out
-            # whole when small; any other may wait before its next item (a generator:
-            # rows of a query, events), and what it gave must not wait with it (PEP
-            # 3333, "Buffering and Streaming"): it streams from its first bytes.
-            limit = 0 if type(iterator) not in _ALL_THERE else self.config.stream_threshold
-            for data in iterator:
-                if not isinstance(data, bytes):
-                    raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
-                if data:
-                    if not chunks:  # none yet, or an error page replaced them (exc_info)
-                        size = 0
-                    chunks.append(data)
-                    size += len(data)
-                if deferral is None and size > limit and first:
-                    streaming = True
-                    break
+            self._in_app = True
+            try:
+                iterator = iter(result)
+                # A body that is all there (a list, as Django's HttpResponse gives) goes
+                # out whole when small; any other may wait before its next item (a
+                # generator: rows of a query, events), and what it gave must not wait
+                # with it (PEP 3333, "Buffering and Streaming"): it streams from its
+                # first bytes.
+                limit = 0 if type(iterator) not in _ALL_THERE else self.config.stream_threshold
+                for data in iterator:
+                    if not isinstance(data, bytes):
+                        raise AppError(
+                            f"response iterable yielded {type(data).__name__}, not bytes"
+                        )
+                    if data:
+                        if not chunks:  # none yet, or an error page replaced them (exc_info)
+                            size = 0
+                        chunks.append(data)
+                        size += len(data)
+                    if deferral is None and size > limit and first:
+                        streaming = True
+                        break
+            finally:
+                self._in_app = False
             if first and start.status is None:
                 raise AppError("the application returned without calling start_response()")
             if streaming:
@@ -122,7 +140,7 @@ class Producer:
                 self._to_loop(self._reply_error, ex)
         finally:
             if not pumped:
-                _close(ex, result)
+                self._close_body(ex, result)
         if pumped and self._pool is None:
             self._pump(ex)
 
@@ -167,7 +185,7 @@ class Producer:
                 raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
             if not data:
                 continue
-            ex.pending += len(data)
+            ex.pending += len(data) + CHUNK_FRAMING
             if ex.pending > high:
                 # One loop-thread step, after the chunks queued before it: the rest of
                 # the body is the loop's from here (to resume, or to close).
@@ -189,7 +207,7 @@ class Producer:
             self._to_loop(self._abort, ex)
         finally:
             if not paused:
-                _close(ex, result)
+                self._close_body(ex, result)
 
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
@@ -200,14 +218,22 @@ class Producer:
         high = self.config.write_high_water
         paused = False
         try:
-            for data in iterator:
+            while True:
+                self._in_app = True
+                try:
+                    data = next(iterator, _END)
+                finally:
+                    self._in_app = False
+                if data is _END:
+                    self._end(ex)
+                    break
                 if ex.dead:
                     break
                 if not isinstance(data, bytes):
                     raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
                 if not data:
                     continue
-                ex.pending += len(data)
+                ex.pending += len(data) + CHUNK_FRAMING
                 if not self._send_chunk(ex, data):  # gone, or past its Content-Length
                     if not ex.dead:
                         self._end(ex)
@@ -215,8 +241,6 @@ class Producer:
                 if ex.pending > high:
                     paused = True  # the rest waits in the iterator, not in memory
                     return
-            else:
-                self._end(ex)
         except StopNow:
             raise
         except BaseException:  # even SystemExit from the app: the client must not wait
@@ -230,7 +254,22 @@ class Producer:
         if ex.pump is not None:
             result = ex.pump[1]
             ex.pump = None
-            _close(ex, result)
+            self._close_body(ex, result)
+
+    def _close_body(self, ex: Exchange, result: Iterable[bytes]) -> None:
+        """Call the response's close(), as PEP 3333 requires whatever happened."""
+        try:
+            close = getattr(result, "close", None)
+            if close is not None:
+                self._in_app = True
+                try:
+                    close()
+                finally:
+                    self._in_app = False
+        except StopNow:
+            raise
+        except BaseException:
+            logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
 
     def _run_stage(
         self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
@@ -238,14 +277,18 @@ class Producer:
         if ex.dead:  # its client left while the stage waited for a thread: no view runs
             self._to_loop(self._stage_done, ex, [], None)
             return
+        self._in_app = True
         try:
             result = resume(*args)
         except StopNow:
             raise
         except BaseException:
+            self._in_app = False
             logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
             self._to_loop(self._abort, ex)
             return
+        finally:
+            self._in_app = False
         self._produce(ex, StartResponse(), result, first=False)
 
 
@@ -259,15 +302,3 @@ def _with_writes(iterator: Iterator[bytes], written: list[bytes]) -> Iterator[by
         yield data
     if written:
         yield b"".join(written)
-
-
-def _close(ex: Exchange, result: Iterable[bytes]) -> None:
-    """Call the response's close(), as PEP 3333 requires whatever happened."""
-    try:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    except StopNow:
-        raise
-    except BaseException:
-        logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -30,7 +29,7 @@ from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
-from .interrupt import StopNow, cut_after, in_app_code
+from .interrupt import StopNow
 from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
@@ -88,6 +87,7 @@ class Server(Producer, Responder):
         self._draining = False
         self._handling_signals = False
         self._stop_signals = 0
+        self._in_app = False  # the application's code runs in the loop thread (interrupt.py)
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._buf = self._lib.evbuffer_new()
@@ -118,8 +118,10 @@ class Server(Producer, Responder):
         )
         # C callbacks, referenced for as long as the evhttp object lives.
         self._request_cb = ev.evhttp_request_cb(self._on_request)
-        self._close_cb = ev.evhttp_connection_cb(self._on_close)
-        self._drained_cb = ev.evhttp_connection_cb(self._on_drained)
+        # These two may run the application's code (a body's next items, its close()):
+        # a StopNow raised there goes to the loop, not to ctypes (interrupt.py).
+        self._close_cb = ev.evhttp_connection_cb(self.loop.passing_fatal(self._on_close))
+        self._drained_cb = ev.evhttp_connection_cb(self.loop.passing_fatal(self._on_drained))
         self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
         self._complete_cb = ev.evhttp_request_cb(self._on_complete)
         self._limits = Limits(
@@ -177,20 +179,26 @@ class Server(Producer, Responder):
         elif self._pool is None:  # views run in the loop thread: see interrupt.py
             for signum in STOP_SIGNALS:
                 signal.signal(signum, self._on_stop_signal)
+            signal.signal(signal.SIGALRM, self._on_grace_over)
         else:
             for signum in STOP_SIGNALS:
                 self.loop.add_signal_handler(signum, self.shutdown)
 
-    def _on_stop_signal(self, _signum: int, frame: FrameType | None) -> None:
-        """Main thread, ``--threads 0``: stop as with a thread pool, and if a view holds
-        the loop thread, cut it short (``StopNow``) at a second signal, or once the grace
-        period is over."""
+    def _on_stop_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        """Main thread, ``--threads 0``: stop as with a thread pool; a view that holds the
+        loop thread is cut short (``StopNow``) at a second signal, or once the grace
+        period is over (and half a second: by then a loop that runs has stopped).  No
+        lock is taken here: a second signal may run this inside the first."""
         self.loop.call_soon(self.shutdown)
         self._stop_signals += 1
         if self._stop_signals == 1:
-            cut_after(self.config.grace + 0.5, threading.get_ident(), lambda: bool(self._http))
-        elif in_app_code(frame):
-            raise StopNow("a view held the loop thread")
+            signal.setitimer(signal.ITIMER_REAL, self.config.grace + 0.5)
+        elif self._in_app:
+            raise StopNow("a second stop signal came while a view ran in the loop thread")
+
+    def _on_grace_over(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._in_app:
+            raise StopNow("the grace period is over, and a view held the loop thread")
 
     def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
         """Serve until a stop signal (or ``shutdown()``); a second signal cuts the drain.

@@ -222,6 +222,9 @@ def app(environ, start_response):
         _released(environ).set()
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"released"]
+    if path == "/big-then-wait":  # 2 MiB (it pauses once on the way), then nothing
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return _big_then_wait()
     if path == "/ticks":  # a line now and then for ever, as an event stream's heartbeat
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _Body(_ticks(), environ)
@@ -250,6 +253,13 @@ def _first_then_wait(released):
     yield b"first;"
     released.wait(60)
     yield b"second"
+
+
+def _big_then_wait():
+    for _ in range(32):
+        yield b"B" * 65536
+    threading.Event().wait(60)
+    yield b"late"
 
 
 def _ticks():
