@@ -217,6 +217,15 @@ def test_two_browsers_chat_over_sse(comet, new_browser):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert bob_page.save_screenshot(str(SCREENSHOT))
 
+    # A CSRF refusal (the cookie changed: a sign-in in another tab) says what to do,
+    # not Django's HTML page.
+    bob_page.delete_cookie("csrftoken")
+    say(bob_page, "Bob", "after the cookie went")
+    refusal = "not sent: refused (HTTP 403): reload the page and try again"
+    WebDriverWait(bob_page, 20).until(
+        lambda d: d.execute_script("return document.getElementById('error').textContent") == refusal
+    )
+
 
 def send_with_requests(base_url: str, name: str, text: str) -> int:
     """POST to /chat/send/ as a non-browser client: the CSRF cookie from GET /chat/,

@@ -439,3 +439,81 @@ def test_the_network_coming_back_reconnects_at_once(comet, new_browser, mode):
     assert page.execute_script("return window.got") == [published]
     live = "live (sse)" if mode == "sse" else "live (long-poll)"
     assert page.execute_script("return window.states") == ["reconnecting…", live]
+
+
+LIVE_THEN_BUFFERED = """
+window.got = [];
+window.states = [];
+Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],
+                 poll: '/t/fastpoll/?channel=' + arguments[0],
+                 openTimeout: 500, streamAgain: 600000, shareTabs: false,
+                 onEvent: function (event) { window.got.push(event.id); },
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_page_whose_streams_worked_falls_back_when_a_proxy_starts_buffering(beating, new_browser):
+    """A live page whose network starts buffering streams (a laptop moved behind such a
+    proxy): its stream stalls, and the streams it opens next give no frame; three of
+    them switch it to long-poll, as they do a page that never streamed."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    channel = unique("rebuffered-").replace(" ", "")
+    proxy = Proxy(beating.port)
+    try:
+        page = new_browser("buffering-later")
+        page.get(f"http://127.0.0.1:{proxy.port}/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(LIVE_THEN_BUFFERED, channel)
+        WebDriverWait(page, 30).until(
+            lambda d: (d.execute_script("return window.states") or [""])[-1] == "live (sse)"
+        )
+        proxy.buffer_answer_to = b"/t/stream/"
+        proxy.freeze()  # the live stream goes silent; the next ones are held back
+        WebDriverWait(page, 60).until(
+            lambda d: (d.execute_script("return window.states") or [""])[-1] == "live (long-poll)"
+        )
+        published = requests.post(
+            beating.url + "/t/publish/", data={"channel": channel, "data": '"polled"'}, timeout=30
+        ).json()["id"]
+        WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.got"))
+        assert page.execute_script("return window.got") == [published]
+    finally:
+        proxy.close()
+
+
+MUTED_POLL = """
+window.got = [];
+window.states = [];
+Comet.subscribe({poll: '/t/mutepoll/?timeout=30&channel=' + arguments[0], forcePoll: true,
+                 pollTimeout: 60000, openTimeout: 1000, shareTabs: false,
+                 onEvent: function (event) { window.got.push(event.id); },
+                 onState: function (state) { window.states.push(state); }});
+"""
+
+
+def test_a_poll_that_gets_no_first_byte_is_retried_at_once(demo_db, new_browser):
+    """poll_response answers with a space at once.  A poll that gets none (sent on a
+    connection that died without a word: the browser reuses idle ones after a network
+    blip) is retried after openTimeout, not after pollTimeout (a minute, and as long
+    again if the retry also went out on a dead one)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = runcomet(db=demo_db, env={"TEST_GRACE_PERIOD": "1"})
+    channel = unique("muted-").replace(" ", "")
+    try:
+        page = new_browser("muted-poll")
+        page.get(server.url + "/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(MUTED_POLL, channel)
+        server.wait_for_status(lambda s: s["channels"].get(channel) == 1)  # waiting
+        publish = server.url + "/t/publish/"
+        first = requests.post(publish, data={"channel": channel, "data": "1"}, timeout=30)
+        WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.got"))
+        # The next poll (after the first id) gets no byte for 20 s: it is given up.
+        second = requests.post(publish, data={"channel": channel, "data": "2"}, timeout=30)
+        WebDriverWait(page, 15).until(lambda d: len(d.execute_script("return window.got")) == 2)
+        ids = [first.json()["id"], second.json()["id"]]
+        assert page.execute_script("return window.got") == ids
+    finally:
+        server.stop()

@@ -35,6 +35,7 @@ urlpatterns = [
     path("t/poll/", views.poll_view, name="poll"),
     path("t/poll/answer/", views.poll_answer, name="poll_answer"),
     path("t/fastpoll/", views.fast_poll_view, name="fast_poll"),
+    path("t/mutepoll/", views.mute_once_poll_view, name="mute_once_poll"),
     path("t/brokenpoll/", views.broken_poll_view),
     path("t/poll-twice/", views.poll_twice, name="poll_twice"),
     path("t/poll-again/", views.poll_again, name="poll_again"),

@@ -372,3 +372,18 @@ def readme_deliver(request, response_prev=None, event=None):
         since, events = 0, history("readme")
     last_id = events[-1]["id"] if events else since
     return JsonResponse({"events": events, "last_id": last_id})
+
+
+_mute_once: set[str] = set()
+
+
+def mute_once_poll_view(request):
+    """fast_poll_view, except that the first poll with a cursor above 0 on a channel
+    gets no byte at all (it waits, then fails): a poll sent on a connection that died
+    without a word, as a browser's pooled one after a network blip."""
+    channel = request.GET["channel"]
+    if request.GET.get("since", "0") != "0" and channel not in _mute_once:
+        _mute_once.add(channel)
+        time.sleep(float(request.GET.get("mute", "20")))
+        return HttpResponse(status=504)
+    return fast_poll_view(request)

@@ -13,6 +13,7 @@ from django_comet import event_stream, poll_response, publish
 CHANNEL = "chat"
 MAX_NAME = 40
 MAX_TEXT = 2000
+PLAIN = "text/plain; charset=utf-8"  # the page shows a refusal's reason if plain text
 
 
 @require_safe
@@ -26,9 +27,11 @@ def send(request: HttpRequest) -> HttpResponseBase:
     name = request.POST.get("name", "").strip()[:MAX_NAME] or "anonymous"
     text = request.POST.get("text", "").strip()
     if not text:
-        return HttpResponseBadRequest("Empty message.")
+        return HttpResponseBadRequest("Empty message.", content_type=PLAIN)
     if len(text) > MAX_TEXT:
-        return HttpResponseBadRequest(f"Messages are at most {MAX_TEXT} characters.")
+        return HttpResponseBadRequest(
+            f"Messages are at most {MAX_TEXT} characters.", content_type=PLAIN
+        )
     event_id = publish(CHANNEL, {"name": name, "text": text})
     return JsonResponse({"id": event_id}, status=201)
 

@@ -34,9 +34,12 @@
  * otherwise look live and show nothing.  A stream that stays silent for three of the
  * server's heartbeat intervals (it says how long they are) is taken for stalled, a
  * connection that died without closing, and reopened from the last id.  After three
- * failures with no frame ever, the subscription falls back to long-poll, and tries a
- * stream again after streamAgain, then after twice as long each time (up to ten
- * minutes).
+ * failures with no frame ever, or three streams in a row that give no frame in time (a
+ * proxy that holds them back, even on a page whose streams worked before), the
+ * subscription falls back to long-poll, and tries a stream again after streamAgain,
+ * then after twice as long each time (up to ten minutes).  A poll whose endpoint
+ * answers with a first byte at once (poll_response does) and that gets none within
+ * openTimeout is on a dead connection: it is retried at once.
  */
 (function (global) {
   'use strict';
@@ -52,9 +55,11 @@
     var closed = false;
     var sseFailures = 0;  // across EventSources: errors since the last successful open
     var sseOpened = false;  // whether a stream ever gave a frame, since the last fallback
+    var sseStalls = 0;  // streams in a row that gave no frame in time, and no error either
     var source = null;
     var gotFrame = false;  // whether the stream's connection gave a frame yet
     var openTimeout = options.openTimeout || 10000;
+    var pollsSayHello = false;  // the poll endpoint sends a first byte at once
     var fallbacks = 0;  // to long-poll, so far: each one waits longer to try streams again
     var polling = 0;  // the running poll loop's number (0: none); an old loop's callbacks stop
     var connected = false;  // this tab connects (unshared, or holding the lock)
@@ -137,7 +142,7 @@
     // Any frame: the stream flows (a head alone may come from a proxy that buffers).
     function frame() {
       if (!gotFrame) {
-        gotFrame = true; sseOpened = true; sseFailures = 0;
+        gotFrame = true; sseOpened = true; sseFailures = 0; sseStalls = 0;
         stopPolling();  // a stream tried again while polling went on: it works now
         onState('live (sse)');
       }
@@ -153,14 +158,18 @@
       source.close();
       source = null;
       sseFailures += 1;
+      if (!gotFrame) { sseStalls += 1; }
       if (!polling) { onState('reconnecting…'); }  // (while it polls, it is live)
       retrySSE(sseFailures < 2 ? 0 : backoff(sseFailures));
     }
 
-    // After a failure: a stream again after ``delay`` ms, or, when streams never gave a
-    // frame, long-poll.
+    // After a failure: a stream again after ``delay`` ms, or long-poll when streams never
+    // gave a frame, or when they open but stay silent, even on a page whose streams once
+    // worked (a proxy that took to buffering them: a laptop on another network).  Errors
+    // alone, after streams worked, are the server away (a restart): streams again.
     function retrySSE(delay) {
-      if (!sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL && options.poll) {
+      var blocked = !sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL;
+      if ((blocked || sseStalls >= SSE_FAILURES_BEFORE_POLL) && options.poll) {
         if (polling) { streamAgainLater(); } else { startPoll(); }  // (a trial that failed)
       } else if (!delay) {
         startSSE();
@@ -223,11 +232,32 @@
         pollNow = next;
         if (closed || polling !== loop) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
+        var opening = null;
         xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
         xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
         // Answering (the server sends a first byte at once): live, though it may wait.
         xhr.onprogress = function () {
-          if (xhr.status === 200 && polling === loop) { onState('live (long-poll)'); }
+          if (opening) { clearTimeout(opening); opening = null; }
+          if (xhr.status === 200 && polling === loop) {
+            // Whitespace before the JSON: this endpoint answers with a first byte at
+            // once (poll_response does), so a poll that gives none is on a dead
+            // connection (the browser reuses idle ones after a network blip).
+            if (!xhr.responseText.trim()) { pollsSayHello = true; }
+            onState('live (long-poll)');
+          }
+        };
+        if (pollsSayHello) {
+          opening = setTimeout(function () {
+            opening = null;
+            if (closed || polling !== loop) { return; }
+            xhr.abort();  // (calls none of the handlers below)
+            failures += 1;
+            onState('reconnecting…');
+            pollTimer = setTimeout(next, failures < 2 ? 0 : backoff(failures));
+          }, openTimeout);
+        }
+        xhr.onloadend = function () {
+          if (opening) { clearTimeout(opening); opening = null; }
         };
         xhr.onload = function () {
           if (closed || polling !== loop) { return; }
@@ -282,7 +312,7 @@
       var loop = polling;
       setTimeout(function () {
         if (closed || !polling || polling !== loop || source) { return; }
-        sseFailures = 0; sseOpened = false;
+        sseFailures = 0; sseOpened = false; sseStalls = 0;
         startSSE();
       }, wait);
     }
