@@ -116,6 +116,41 @@ def test_workers_dying_on_start_are_restarted_ever_more_slowly():
     assert restart_pause(5.0, lived=60) == 0.0  # it had served: replace it at once
 
 
+CRASH_LOOP = """
+import os, sys
+from django_comet.evloop import prefork
+prefork.restart_pause = lambda pause, lived: 3600.0  # a worker that keeps dying
+def child(number):
+    os._exit(1)
+sys.exit(prefork.Supervisor(1, child, grace=1.0).run())
+"""
+
+
+def test_a_stop_during_a_restart_pause_stops_the_parent_at_once():
+    """The parent of workers that keep dying waits longer and longer before the next
+    one (up to 5 s); a stop meanwhile ends that wait (time.sleep resumed after the
+    handler: the stop waited out the pause)."""
+    import subprocess
+
+    from .processes import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_LOOP],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Logged as the pause begins.
+        assert b"starting another" in proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "systemd", "hangup"]
 )

@@ -71,10 +71,16 @@ class Supervisor:
                 "Worker %d (pid %d) died (%s); starting another.", number, pid, _describe(status)
             )
             pause = restart_pause(pause, lived)
-            time.sleep(pause)
+            self._sleep_unless_stopped(pause)
             if not self._stopping:
                 self._spawn(number)
         return 0
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        """A restart's pause, cut short by a stop (time.sleep resumes after a handler)."""
+        until = time.monotonic() + seconds
+        while not self._stopping and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
 
     def _spawn(self, number: int) -> None:
         """Fork worker ``number``, unless stopping.  The stop signals wait (blocked)
