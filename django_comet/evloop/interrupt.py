@@ -11,8 +11,8 @@ server's own code, which may be between two libevent calls.
 
 ``StopNow`` passes every ``except BaseException`` of the server (producer.py) up to the
 loop, which stops; a callback libevent makes straight into Python (not through
-``Loop._run``) hands it to the loop with ``Loop.fail``, since ctypes would print it and
-drop it.
+``Loop._run``) is wrapped to hand it to the loop too (``Loop.guarded``): ctypes would
+print it and drop it.
 """
 
 from __future__ import annotations

@@ -204,22 +204,12 @@ class Loop:
             self._fatal = exc
             self._lib.event_base_loopbreak(self._base)
 
-    def passing_fatal(self, callback: Callable[..., None]) -> Callable[..., None]:
-        """``callback`` for libevent to call directly (not through ``_dispatch``): a
-        KeyboardInterrupt or SystemExit from it stops the loop and is re-raised from
-        ``run()``, as from any callback of the loop's, instead of being printed and
-        dropped by ctypes."""
-
-        def passing(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception:
-                raise  # (ctypes prints it; the server's callbacks log their own)
-            except BaseException as exc:
-                self._fatal = exc
-                self._lib.event_base_loopbreak(self._base)
-
-        return passing
+    def guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` for libevent to call directly (not through ``_dispatch``), run as
+        the loop's own callbacks are (``_run``): an error is logged, and a BaseException
+        (KeyboardInterrupt, SystemExit, StopNow) stops the loop and is re-raised from
+        ``run()``, where ctypes would print it and drop it."""
+        return lambda *args: self._run(callback, args)
 
     # -- cross-thread wake-up ----------------------------------------------------------
 

@@ -120,8 +120,8 @@ class Server(Producer, Responder):
         self._request_cb = ev.evhttp_request_cb(self._on_request)
         # These two may run the application's code (a body's next items, its close()):
         # a StopNow raised there goes to the loop, not to ctypes (interrupt.py).
-        self._close_cb = ev.evhttp_connection_cb(self.loop.passing_fatal(self._on_close))
-        self._drained_cb = ev.evhttp_connection_cb(self.loop.passing_fatal(self._on_drained))
+        self._close_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_close))
+        self._drained_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_drained))
         self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
         self._complete_cb = ev.evhttp_request_cb(self._on_complete)
         self._limits = Limits(
