@@ -16,7 +16,7 @@ import requests
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import read_chunked, runcomet
+from .processes import ROOT, evloop, read_chunked, runcomet
 from .sse_client import SSEClient
 from .test_hardening import wait_until
 
@@ -132,8 +132,6 @@ def test_a_stop_during_a_restart_pause_stops_the_parent_at_once():
     handler: the stop waited out the pause)."""
     import subprocess
 
-    from .processes import ROOT
-
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASH_LOOP],
         cwd=ROOT,
@@ -157,8 +155,8 @@ def test_a_stop_during_a_restart_pause_stops_the_parent_at_once():
 def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(demo_db, signum):
     """Ctrl-C reaches the whole process group: the parent and every worker; so does
     systemd's SIGTERM (KillMode=control-group), or `kill -- -PGID`, or the SIGHUP of a
-    terminal that closes.  Each worker must
-    drain once, not take the parent's SIGTERM as a second signal."""
+    terminal that closes.  Each worker must drain once, not take the parent's SIGTERM
+    as a second signal."""
     import psutil
 
     from .brokers import RedisServer
@@ -499,8 +497,6 @@ def test_with_threads_0_a_view_resumed_by_libevent_is_stopped_too():
     """A streamed body that paused is taken up again from libevent's callback for its
     drained output, not from the loop's own dispatch: the exception that stops it must
     reach the loop from there too (ctypes would print it and drop it)."""
-    from .processes import evloop
-
     server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "0")
     try:
         with server.connect() as client:

@@ -250,7 +250,7 @@
           opening = setTimeout(function () {
             opening = null;
             if (closed || polling !== loop) { return; }
-            xhr.abort();  // (calls none of the handlers below)
+            xhr.abort();  // (of the handlers below, calls onloadend only)
             failures += 1;
             onState('reconnecting…');
             pollTimer = setTimeout(next, failures < 2 ? 0 : backoff(failures));
