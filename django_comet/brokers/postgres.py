@@ -30,6 +30,8 @@ import logging
 import os
 import queue
 import threading
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -71,6 +73,14 @@ REPLY_WITHIN = 20.0
 # stall inside it (a paused VM or process, a partition), PostgreSQL ends it after this
 # long, rather than every publish of every process waiting for as long as it stalls.
 STALLED_PUBLISHER = "SET LOCAL idle_in_transaction_session_timeout = '5s'"
+# A LISTEN connection that has heard nothing for this long checks that its server still
+# answers, and takes one that leaves it unanswered for LISTEN_REPLY_WITHIN for gone (a
+# reconnect that catches up): a server frozen (SIGSTOP, a paused VM) keeps its
+# connections open and its kernel acknowledges them, so the keepalives never tell.  Under
+# runcomet the check is a NOTIFY, sent on another connection, that must come back on the
+# LISTEN one (the loop thread never waits on a query); without a loop, a query on it.
+LISTEN_PING_AFTER = 30.0
+LISTEN_REPLY_WITHIN = 10.0
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
 # %(keep)s rows, and records the newest id removed from each as its lost_id; one
@@ -165,6 +175,13 @@ class PostgresBroker(ListeningBroker):
         # read the event again).
         self._generation = 0
         self._reads: ReadQueue = queue.SimpleQueue()  # the reader thread's
+        # Loop thread: the LISTEN connection's health check (see LISTEN_PING_AFTER): when
+        # it last heard from its server, its timer (the next check, or the deadline of
+        # the ping in flight), and that ping's channel (one per connection) and payload.
+        self._heard = 0.0
+        self._health: Any = None
+        self._ping_channel = ""
+        self._pings = 0
         self.unreachable = (self.psycopg.OperationalError,)
         # The tables are made by the first connection, not here: a database that is
         # down when the server starts must not stop it (the listener retries).
@@ -268,11 +285,12 @@ class PostgresBroker(ListeningBroker):
             self._connect_for_loop()
 
     def _start_reader(self) -> None:
-        """A reader thread for large events, with a queue of its own.  A daemon: a read
-        stuck on the network must not keep the process alive (nor the next reader)."""
+        """A reader thread for large events (and the health check's pings), with a queue
+        of its own.  A daemon: a read stuck on the network must not keep the process
+        alive (nor the next reader)."""
         self._reads = queue.SimpleQueue()
         threading.Thread(
-            target=self._read_large_events,
+            target=self._run_reads,
             args=(self._reads,),
             name="comet-postgres-read",
             daemon=True,
@@ -308,14 +326,48 @@ class PostgresBroker(ListeningBroker):
         self._watcher = self._loop.add_reader(
             conn.fileno(), lambda: self._readable(conn), background=True
         )
+        self._health = self._loop.call_later(LISTEN_PING_AFTER, self._check_health, background=True)
         self._readable(conn)  # some may have arrived during the catch-up
 
     def _readable(self, conn: Any) -> None:
+        self._heard = time.monotonic()
         try:
             for notify in conn.notifies(timeout=0):  # what has arrived; never waits
-                self._notified(notify.payload)
+                if notify.channel == NOTIFY_CHANNEL:
+                    self._notified(notify.payload)
+                elif notify.payload == str(self._pings):
+                    self._answered()
         except Exception as exc:  # the server went away: watch a new connection
             self._reconnect(f"PostgreSQL connection lost ({exc})")
+
+    def _check_health(self) -> None:
+        """Loop thread: after LISTEN_PING_AFTER without a word from the server, a ping
+        (a NOTIFY sent by the reader thread) that must come back in time."""
+        quiet = time.monotonic() - self._heard
+        if quiet < LISTEN_PING_AFTER:
+            self._health = self._loop.call_later(
+                LISTEN_PING_AFTER - quiet, self._check_health, background=True
+            )
+            return
+        self._pings += 1
+        self._reads.put(functools.partial(self._ping, self._ping_channel, str(self._pings)))
+        self._health = self._loop.call_later(
+            LISTEN_REPLY_WITHIN,
+            self._reconnect,
+            f"PostgreSQL left a health check unanswered for {LISTEN_REPLY_WITHIN:g} s",
+            background=True,
+        )
+
+    def _answered(self) -> None:
+        self._health.cancel()
+        self._health = self._loop.call_later(LISTEN_PING_AFTER, self._check_health, background=True)
+
+    def _ping(self, channel: str, payload: str) -> None:
+        """Reader thread: notify the LISTEN connection's own channel."""
+        try:
+            self._on_conn(lambda conn: conn.execute("SELECT pg_notify(%s, %s)", (channel, payload)))
+        except Exception as exc:  # the loop reconnects when the ping's deadline passes
+            logger.warning("PostgreSQL health check not sent (%s)", exc)
 
     def _reconnect(self, why: str) -> None:
         """Loop thread: give up the LISTEN connection and what waits on it; the next one
@@ -325,6 +377,7 @@ class PostgresBroker(ListeningBroker):
         for slot in self._in_order:
             slot.settle()
         self._in_order.clear()
+        self._health.cancel()
         self._watcher.cancel()
         self._loop.close_unwatched(functools.partial(_close_quietly, self._listen_conn))
         if not self._closed.is_set():
@@ -335,8 +388,16 @@ class PostgresBroker(ListeningBroker):
 
     def _listen(self, deliver: Callable[[Event], None]) -> None:
         with self._listening_connection(deliver) as conn:
+            heard = time.monotonic()
             while not self._closed.is_set():
+                if time.monotonic() - heard > LISTEN_PING_AFTER:  # a frozen server?
+                    # Cut if unanswered: the error reconnects.  (Notifications that
+                    # arrive meanwhile wait in psycopg's backlog for notifies().)
+                    with command_watchdog.watching(conn, LISTEN_REPLY_WITHIN):
+                        conn.execute("SELECT 1")
+                    heard = time.monotonic()
                 for notify in conn.notifies(timeout=1.0):
+                    heard = time.monotonic()
                     notice = _notice(notify.payload)
                     if isinstance(notice, Event):
                         deliver(notice)
@@ -353,6 +414,9 @@ class PostgresBroker(ListeningBroker):
         conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
         try:
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # in effect from here: autocommit
+            if self._loop is not None:  # the health check's pings come back here
+                self._ping_channel = f"comet_ping_{uuid.uuid4().hex}"
+                conn.execute(f"LISTEN {self._ping_channel}")
             self._catch_up(conn, deliver)
         except BaseException:  # (not left to the garbage collector)
             _close_quietly(conn)
@@ -428,7 +492,7 @@ class PostgresBroker(ListeningBroker):
             STUCK_AFTER, lambda: self._stuck(slot, generation, event_id), background=True
         )
         self._in_order.append(slot)
-        self._reads.put((slot, event_id, generation))
+        self._reads.put(functools.partial(self._read_for_loop, slot, event_id, generation))
 
     def _stuck(self, slot: _Notified, generation: int, event_id: int) -> None:
         slot.watchdog = None
@@ -438,17 +502,19 @@ class PostgresBroker(ListeningBroker):
             stuck.put(None)  # that thread ends once its read returns, if ever
             self._reconnect(f"Reading event {event_id} took over {STUCK_AFTER:.0f} s")
 
-    def _read_large_events(self, reads: ReadQueue) -> None:
-        """Reader thread: read each large event and hand it back to the loop thread."""
-        while (item := reads.get()) is not None:
-            slot, event_id, generation = item
-            try:
-                event, error = self._read(event_id, READ_TIMEOUT), None
-            except Exception as exc:
-                event, error = None, exc
-            self._loop.call_soon_threadsafe(
-                self._was_read, slot, generation, event_id, event, error
-            )
+    @staticmethod
+    def _run_reads(reads: ReadQueue) -> None:
+        """Reader thread: the loop thread's queries, one after another."""
+        while (query := reads.get()) is not None:
+            query()
+
+    def _read_for_loop(self, slot: _Notified, event_id: int, generation: int) -> None:
+        """Reader thread: read a large event and hand it back to the loop thread."""
+        try:
+            event, error = self._read(event_id, READ_TIMEOUT), None
+        except Exception as exc:
+            event, error = None, exc
+        self._loop.call_soon_threadsafe(self._was_read, slot, generation, event_id, event, error)
 
     def _was_read(
         self,
@@ -533,7 +599,7 @@ class _Notified:
             self.watchdog = None
 
 
-ReadQueue = queue.SimpleQueue[tuple[_Notified, int, int] | None]
+ReadQueue = queue.SimpleQueue[Callable[[], None] | None]
 
 
 def _notice(payload: str) -> Event | tuple[int, str | None]:
