@@ -17,6 +17,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
+from .deferred import head_request
 from .events import bounded_replay, check_channel, refusal, replay
 from .evloop.deferral import Stream
 from .evloop.holding import jittered_retry
@@ -79,11 +80,12 @@ class EventStreamResponse(StreamingHttpResponse):
         self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)
         self.comet_deferral = Stream(self.channels, self._cursor, told_gap=gap)
+        self._head = head_request()
         self.streaming_content = self._frames()
 
     def _frames(self) -> Iterator[bytes]:
         yield self._first
-        if self.comet_deferral.claimed:
+        if self.comet_deferral.claimed or self._head:
             return  # runcomet writes the events from its loop
         # Any other server: one blocked thread per stream, ended as runcomet ends it:
         # after COMET_MAX_HOLD, with a jittered retry.
@@ -111,13 +113,14 @@ class EventStreamResponse(StreamingHttpResponse):
 
 
 def _parse_event_id(value: int | str | None) -> int | None:
-    if value is None or value == "":
+    """An event id as the server writes them (digits only, as a poll's ``since``);
+    anything else is not one of ours: start fresh rather than fail."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()):
         return None
-    try:
-        event_id = int(value)
-    except (TypeError, ValueError):
-        return None  # not one of ours: start fresh rather than fail
-    return event_id if event_id >= 0 else None
+    digits = value.lstrip("0")
+    return int(digits or "0") if len(digits) <= 20 else 10**20  # past every id
 
 
 def event_stream(

@@ -67,11 +67,15 @@ def test_replay_after_last_event_id_header_and_query(comet):
         comet, "/t/stream/?channels=replay", headers=b"Last-Event-ID: %d\r\n" % ids[1]
     ) as client:
         assert [client.next_event()["data"] for _ in range(2)] == ["2", "3"]
-    # A header that is none of ours (a proxy's) leaves the query's cursor in force.
-    with SSEClient(
-        comet, f"/t/stream/?channels=replay&lastEventId={ids[2]}", headers=b"Last-Event-ID: x\r\n"
-    ) as client:
-        assert client.next_event() == {"id": str(ids[3]), "data": "3"}
+    # A header that is none of ours (a proxy's) leaves the query's cursor in force; ours
+    # are written in digits only, as a poll's since= is.
+    for foreign in ("x", f"+{ids[0]}"):
+        with SSEClient(
+            comet,
+            f"/t/stream/?channels=replay&lastEventId={ids[2]}",
+            headers=f"Last-Event-ID: {foreign}\r\n".encode(),
+        ) as client:
+            assert client.next_event() == {"id": str(ids[3]), "data": "3"}
     with SSEClient(comet, f"/t/stream/?channels=replay&lastEventId={ids[2]}") as client:
         assert client.next_event() == {"id": str(ids[3]), "data": "3"}
         subscribed(comet, "replay", 1)
