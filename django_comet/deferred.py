@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from decimal import Decimal
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
@@ -38,6 +41,7 @@ from django.urls import (
     resolve,
     reverse,
 )
+from django.utils.functional import Promise
 from django.utils.http import parse_http_date_safe
 
 from .evloop.deferral import ChannelWait, Deferral
@@ -76,8 +80,30 @@ class StageError(RuntimeError):
 def _request_environ(caller: str) -> dict[str, Any]:
     environ = _current.get()
     if environ is None:
-        raise RuntimeError(f"{caller}() can only be used while a view handles a request")
+        raise RuntimeError(
+            f"{caller}() can only be used while a view handles a request through WSGI "
+            f"(runcomet, or any WSGI server or Django's test client)"
+        )
     return environ  # type: ignore[no-any-return]
+
+
+def head_request() -> bool:
+    """Whether the request being handled is a HEAD: a blocking stream (any server but
+    runcomet) then ends after its first content instead of waiting for what no one
+    reads (runserver iterates a HEAD's whole body before it answers)."""
+    environ = _current.get()
+    return environ is not None and environ.get("REQUEST_METHOD") == "HEAD"
+
+
+def _seconds(value: Any, caller: str, name: str) -> float:
+    """A number of seconds as a float (a Decimal or a Fraction too: the loop's deadlines
+    add floats), refused with the caller's name when it is not a finite one >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
+        raise TypeError(f"{caller}(): {name} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{caller}(): {name} must be a finite number >= 0, not {value!r}")
+    return seconds
 
 
 def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> DeferredResponse:
@@ -86,10 +112,9 @@ def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> De
     ``target`` is a path ("/stage/"), a URL name ("django_comet:stage") or a view.
     """
     environ = _request_environ("defer_in_time")
-    if seconds < 0:
-        raise ValueError(f"defer_in_time(): seconds must be >= 0, not {seconds!r}")
+    delay = _seconds(seconds, "defer_in_time", "seconds")
     next_stage = NextStage(response, _target_path(target, environ), environ)
-    return DeferredResponse(response, Deferral(next_stage, delay=seconds))
+    return DeferredResponse(response, Deferral(next_stage, delay=delay))
 
 
 def defer_until(
@@ -112,6 +137,7 @@ def defer_until(
     from .events import check_channel, replay
 
     environ = _request_environ("defer_until")
+    timeout = _seconds(timeout, "defer_until", "timeout")
     names = [channel] if isinstance(channel, str) else channel
     channels = list(dict.fromkeys(check_channel(c) for c in names))
     if not channels:  # nothing could end the wait but its timeout
@@ -155,6 +181,8 @@ def _stage_kwargs(request: HttpRequest, kwargs: dict[str, Any]) -> dict[str, Any
 
 def _target_path(target: Any, environ: dict[str, Any]) -> str:
     """Resolve now, in the view, so that a bad target fails loudly where it was written."""
+    if isinstance(target, Promise):  # reverse_lazy(), as redirect() takes
+        target = str(target)
     if callable(target):
         return _reverse_view(target)
     if not isinstance(target, str) or not target:
@@ -204,6 +232,10 @@ class DeferredResponse(StreamingHttpResponse):
     the deferral that says when and how the next stage comes."""
 
     def __init__(self, response: HttpResponseBase, deferral: Deferral | ChannelWait):
+        if not getattr(response, "is_rendered", True):
+            # A TemplateResponse: Django renders only the response the view returns,
+            # which is this one.
+            response.render()  # type: ignore[attr-defined]
         super().__init__(status=response.status_code, reason=response.reason_phrase)
         for name, value in response.items():
             if name.lower() != "content-length":  # later stages add to the body
@@ -211,12 +243,19 @@ class DeferredResponse(StreamingHttpResponse):
         self.cookies = response.cookies
         self.response_prev = response
         self.comet_deferral = deferral
+        self._head = head_request()
         self.streaming_content = self._stages()
+        # What the first response holds (a file, a generator) is let go with this one;
+        # not by its close(), which would tell Django that a request finished (twice).
+        closers = getattr(response, "_resource_closers", None)  # Django's, since 3.0
+        if closers:
+            self._resource_closers.extend(closers)  # type: ignore[attr-defined]
+            closers.clear()
 
     def _stages(self) -> Iterator[bytes]:
         yield from _content(self.response_prev)
         deferral = self.comet_deferral
-        if deferral.claimed:
+        if deferral.claimed or self._head:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).
         next_stage = deferral.resume
@@ -330,7 +369,7 @@ class NextStage:
 
 def _content(response: HttpResponseBase) -> Iterator[bytes]:
     if response.streaming:
-        yield from response.streaming_content  # type: ignore[attr-defined]
+        yield from response  # (an async iterator too: Django's __iter__ consumes it)
     else:
         yield response.content  # type: ignore[attr-defined]
 

@@ -18,6 +18,7 @@ from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpRespon
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
+from .deferred import head_request
 from .events import bounded_replay, refusal, replay
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
@@ -57,6 +58,7 @@ class PollResponse(StreamingHttpResponse):
             # Only an answer from the history can have a gap; one rendering per waiter then.
             render=functools.partial(render_events, gap=True) if gap else render_events,
         )
+        self._head = head_request()
         self.streaming_content = self._body()
 
     def _body(self) -> Iterator[bytes]:
@@ -64,7 +66,7 @@ class PollResponse(StreamingHttpResponse):
         # A first byte at once (JSON may start with whitespace): browsers tell a script
         # that the answer has begun (comet.js: "live") only once some body has come.
         yield b" "
-        if wait.claimed:
+        if wait.claimed or self._head:
             return  # runcomet answers from its loop
         if wait.ready:
             yield render_events(wait.ready, wait.after, self.gap)

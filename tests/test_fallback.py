@@ -1,11 +1,17 @@
 """The deferred views without runcomet: Django's test client gets a blocking stream."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import requests
 from django.test import Client
 
 from django_comet import defer_in_time
+
+from .brokers import free_port, wait_for_port
+from .processes import ROOT
 
 
 def test_staged_view_under_test_client():
@@ -47,3 +53,62 @@ def test_defer_in_time_outside_a_request():
 
     with pytest.raises(RuntimeError, match="while a view handles a request"):
         defer_in_time(HttpResponse("x"), 1, "/stage/")
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume asynchronous")
+@pytest.mark.parametrize("kind", ["template", "async", "file", "lazy", "decimal"])
+def test_any_first_response_under_test_client(kind):
+    from . import views
+
+    response = Client().get(f"/t/first-kinds/?kind={kind}&delay=0")
+    body = b"".join(response.streaming_content)
+    assert body.startswith(b"first") or kind == "file"
+    assert body.endswith(b"end;")
+    if kind == "file":  # what the first response held is let go with the stream
+        assert views.first_files[-1].closed
+
+
+@pytest.mark.parametrize("seconds", ["1", True, float("nan"), float("inf"), -1])
+def test_defer_in_time_refuses_what_is_not_a_delay(rf, seconds):
+    from django.http import HttpResponse
+
+    from django_comet.deferred import _current
+
+    handling = _current.set(rf.get("/").META)  # as while a view runs
+    try:
+        with pytest.raises((TypeError, ValueError), match="seconds"):
+            defer_in_time(HttpResponse("x"), seconds, "/stage/")
+    finally:
+        _current.reset(handling)
+
+
+def test_head_under_runserver_answers_without_waiting(demo_db):
+    """runserver reads a HEAD's whole body before it answers: the blocking streams end
+    after their first content for one instead of waiting for stages, events or the
+    end of an SSE stream, which no one would read."""
+    port = free_port()
+    manage_py = str(ROOT / "demo_site" / "manage.py")
+    runserver = subprocess.Popen(
+        [sys.executable, manage_py, "runserver", "--noreload", f"127.0.0.1:{port}"],
+        env={
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "DEMO_DB": demo_db,
+            "PATH": "/usr/bin:/bin",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        for path in (
+            "/t/quick-stages/?delay=600",
+            "/t/poll/?channel=head&timeout=600",
+            "/t/fastpoll/?channel=head&timeout=600",
+            "/t/stream/?channels=head",
+        ):
+            answer = requests.head(f"http://127.0.0.1:{port}{path}", timeout=60)
+            assert answer.status_code == 200, path
+    finally:
+        runserver.terminate()
+        runserver.wait(30)

@@ -164,6 +164,22 @@ def test_exception_in_close_is_logged_and_the_response_stands(target):
     assert target.logged("close() failed")
 
 
+def test_a_deferral_the_server_cannot_hold_cuts_its_response(target):
+    """An application's deferral built wrong (a delay that is not a number) was left
+    held, the connection open and silent for good; it is cut, and the server goes on."""
+    fds = fd_count(target.proc.pid)
+    with target.connect() as sock:
+        sock.settimeout(60)
+        sock.sendall(b"GET /bad-deferral HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    assert b"first;" in received and not received.endswith(b"0\r\n\r\n")  # cut, not ended
+    assert target.logged("could not hold the response")
+    assert requests.get(target.url + "/hello", timeout=10).status_code == 200
+    wait_until(lambda: fd_count(target.proc.pid) <= fds)  # nothing of it left behind
+
+
 def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
     server = evloop(
         "tests.fixtureapps.apps:dispatch", "--no-access-log", prefix=("prlimit", "--nofile=64:64")

@@ -1,6 +1,7 @@
 """The 2007 staged response through a real runcomet, over sockets."""
 
 import json
+import os
 import socket
 import threading
 
@@ -8,6 +9,7 @@ import pytest
 import requests
 
 from .processes import read_chunked, runcomet
+from .test_brokers import wait_until
 
 
 def get_staged(server, path="/", headers=b""):
@@ -319,3 +321,53 @@ def test_a_staged_response_whose_client_reads_nothing_is_cut_after_the_write_tim
         if sock is not None:
             sock.close()
         assert server.stop() == 0, "".join(server.output)
+
+
+@pytest.mark.parametrize(
+    "kind, first",
+    [
+        ("template", b"first template;"),  # rendered, as Django renders a view's own
+        ("async", b"first async;"),  # an async StreamingHttpResponse
+        ("file", None),
+        ("lazy", b"first lazy;"),  # target=reverse_lazy(...)
+        ("decimal", b"first decimal;"),  # seconds=Decimal(...)
+    ],
+)
+def test_any_first_response_a_view_may_give(comet, kind, first):
+    from .views import pattern
+
+    head, chunks = get_staged(comet, f"/t/first-kinds/?kind={kind}")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    assert b"".join(chunks) == (first or pattern(1000)) + b"end;"
+
+
+def test_the_first_response_is_closed_once_sent(comet):
+    """What the first response holds (here its file) is let go once its part is out,
+    not kept while the next stage waits."""
+    from .views import pattern_file
+
+    path = pattern_file(1000)
+    fds = f"/proc/{comet.proc.pid}/fd"
+
+    def holds_file():
+        return any(
+            os.readlink(f"{fds}/{fd}") == path for fd in os.listdir(fds) if _is_link(fds, fd)
+        )
+
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/first-kinds/?kind=file&delay=600 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < 1007:
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+        wait_until(lambda: not holds_file())
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def _is_link(fds, fd):
+    try:
+        os.readlink(f"{fds}/{fd}")
+    except OSError:  # closed meanwhile
+        return False
+    return True

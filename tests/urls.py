@@ -19,6 +19,8 @@ urlpatterns = [
     path("t/stage-unmatched/", views.stage_unmatched, name="stage_unmatched"),
     path("t/to-async-stage/", views.to_async_stage, name="to_async_stage"),
     path("t/async-stage/", views.async_stage, name="async_stage"),
+    path("t/first-kinds/", views.first_kinds),
+    path("t/final-stage/", views.final_stage, name="final_stage"),
     path("t/to-file-stage/", views.to_file_stage, name="to_file_stage"),
     path("t/file-stage/", views.file_stage, name="file_stage"),
     path("t/cookie-first/", views.cookie_first, name="cookie_first"),

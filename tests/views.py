@@ -7,8 +7,12 @@ import os
 import tempfile
 import threading
 import time
+from decimal import Decimal
 
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.template import engines
+from django.template.response import SimpleTemplateResponse
+from django.urls import reverse_lazy
 from django.views.decorators.csrf import csrf_exempt
 
 from django_comet import (
@@ -148,6 +152,44 @@ def to_async_stage(request):
 async def async_stage(request, response_prev=None):
     await asyncio.sleep(0)
     return HttpResponse(b"async stage;")
+
+
+first_files = []  # the files first_kinds opened, to see that they are closed
+
+
+def first_kinds(request):
+    """A first part of the kind ?kind= says, given to defer_in_time as a view may give
+    it: a TemplateResponse (unrendered), an async StreamingHttpResponse, a FileResponse;
+    or a plain one with a lazy target, or a Decimal delay.  ?delay= (default 0.01)."""
+    kind, delay = request.GET["kind"], float(request.GET.get("delay", "0.01"))
+    target = "final_stage"
+    if kind == "template":
+        first = SimpleTemplateResponse(
+            engines["django"].from_string("first {{ kind }};"), {"kind": kind}
+        )
+    elif kind == "async":
+
+        async def parts():
+            for part in (b"first ", b"async;"):
+                await asyncio.sleep(0)
+                yield part
+
+        first = StreamingHttpResponse(parts())
+    elif kind == "file":
+        first = FileResponse(open(pattern_file(1000), "rb"))  # noqa: SIM115 (closed by it)
+        first_files.append(first.file_to_stream)
+    else:
+        first = HttpResponse(f"first {kind};")
+        if kind == "lazy":
+            target = reverse_lazy("final_stage")
+        elif kind == "decimal":
+            return defer_in_time(first, Decimal(str(delay)), target)
+    return defer_in_time(first, delay, target)
+
+
+@deferred_view()
+def final_stage(request, response_prev=None):
+    return HttpResponse(b"end;")
 
 
 def to_file_stage(request):

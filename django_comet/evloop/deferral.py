@@ -35,7 +35,7 @@ class Deferral:
     __slots__ = ("claimed", "delay", "resume")
 
     def __init__(self, resume: Callable[[], Iterable[bytes]], *, delay: float):
-        if not 0 <= delay <= MAX_SECONDS:  # NaN fails too
+        if not isinstance(delay, int | float) or not 0 <= delay <= MAX_SECONDS:  # NaN too
             raise ValueError(f"a deferral's delay must be 0 to {MAX_SECONDS:g} s, not {delay!r}")
         self.delay = delay
         self.resume = resume

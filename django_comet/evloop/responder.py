@@ -243,7 +243,7 @@ class Responder:
             # The head is all a HEAD, a 204 or a 304 gets: no stages, no stream (evhttp
             # would refuse their chunks and leave them in the shared buffer).
             return self._end(ex)
-        self.holder.hold(ex, deferral)
+        self._hold(ex, deferral)
 
     def _resume(self, ex: Exchange, resume: Callable[..., Iterable[bytes]], *args: Any) -> None:
         """A held exchange's wait is over: run its next stage."""
@@ -260,9 +260,18 @@ class Responder:
         if chunks:
             self._send_part(ex, b"".join(chunks))
         if deferral is not None and not self._draining:
-            self.holder.hold(ex, deferral)
+            self._hold(ex, deferral)
         else:
             self._end(ex)
+
+    def _hold(self, ex: Exchange, deferral: AnyDeferral) -> None:
+        """Hold the response until its deferral says; a deferral the server cannot
+        hold (one its application built wrong) cuts it rather than leave it held."""
+        try:
+            self.holder.hold(ex, deferral)
+        except Exception:
+            logger.exception("%s %s: could not hold the response; cutting it", ex.method, ex.path)
+            self._abort(ex)
 
     def _pause_stream(
         self, ex: Exchange, data: bytes, iterator: Iterator[bytes], result: Iterable[bytes]

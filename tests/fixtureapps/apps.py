@@ -228,6 +228,14 @@ def app(environ, start_response):
     if path == "/ticks":  # a line now and then for ever, as an event stream's heartbeat
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _Body(_ticks(), environ)
+    if path == "/bad-deferral":  # "more later", said in a way the server cannot hold
+        from django_comet.evloop.deferral import Deferral
+
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = _Body([b"first;"], environ)
+        body.comet_deferral = Deferral(lambda: [b"never;"], delay=1)
+        body.comet_deferral.delay = "soon"  # (past the check its constructor makes)
+        return body
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
