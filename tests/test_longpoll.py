@@ -2,13 +2,18 @@
 gaps, the chat's poll protocol, many polls woken by one publish, a poll's connection
 after its answer."""
 
+import contextlib
+import fcntl
 import json
+import struct
+import termios
 
 import pytest
 import requests
 
 from .processes import read_body, read_chunked, runcomet
 from .publishing import publish, subscribed
+from .test_brokers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,41 @@ def test_a_long_poll_answer_that_fails_to_render_cuts_only_its_own_client(comet)
         assert json.loads(read_body(good))["events"] == []  # its timeout still came
     status = comet.wait_for_status(lambda s: s["held"] == 0)
     assert status["timers"] == 0
+
+
+def test_an_aborted_long_poll_whose_client_sent_much_is_freed(comet):
+    """A held response caps what it reads of its client's input (64 KiB), and reading
+    stops there.  An abort turned reading back on, but not past the cap: with nothing
+    left to write, the connection was never looked at again, and stayed held for good
+    (its client gone or not)."""
+    with comet.connect() as broken:
+        broken.sendall(poll_request("/t/brokenpoll/?channel=lp-flooded&timeout=600"))
+        subscribed(comet, "lp-flooded", 1)
+        broken.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 4 * 1024 * 1024:  # until the buffers on the way are full
+                sent += broken.send(b"X" * 65536)
+        wait_until(lambda: sent - unread(broken, comet.port) >= 64 * 1024)  # read: capped
+        publish(comet, "lp-flooded", "x")  # its answer fails to render: an abort
+        broken.setblocking(True)
+        with contextlib.suppress(ConnectionResetError):
+            assert cut_before_the_end(broken)
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+def unread(sock, server_port):
+    """Bytes sent on ``sock`` that the server has not read from its socket yet: in our
+    send queue, or in its receive queue (/proc/net/tcp)."""
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    ours = sock.getsockname()[1]
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+            if (local, remote) == (server_port, ours):
+                return outq + int(fields[4].split(":")[1], 16)
+    raise AssertionError("the server's end of the connection is not in /proc/net/tcp")
 
 
 def test_long_poll_cursor_answers_at_once_from_history(comet):

@@ -436,7 +436,8 @@ class Responder:
         that the client sees the response cut short rather than no response at all.
         libevent notices the shut-down socket by reading (on again: ``_stop_reading``
         may have turned it off, and with nothing left to write nothing else would
-        notice) and the close callback releases the exchange."""
+        notice; a held one's cap on its input too, which suspends reading once its
+        client has sent that much) and the close callback releases the exchange."""
         if ex.dead or ex.req is None:
             return self._drop(ex)
         ex.code = ex.code or 500
@@ -447,6 +448,8 @@ class Responder:
         ex.state = "aborting"  # no worker owns it now: the close callback releases it
         self.holder.release(ex)
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
+        if ex.deferred:
+            self._lib.bufferevent_setwatermark(bev, ev.EV_READ, 0, 0)  # (Holder.hold)
         self._lib.bufferevent_enable(bev, ev.EV_READ)
         fd = self._lib.bufferevent_getfd(bev)
         if fd >= 0:
