@@ -39,6 +39,7 @@ def without_content_coding(start: StartResponse, chunks: list[bytes]) -> list[by
             )
         body = _decompress(body, wbits, coding)
     start.encoded = [(n, v) for n, v in start.encoded if n.lower() != b"content-encoding"]
+    start.lines = None  # (no longer the same headers)
     return [body] if body else []
 
 

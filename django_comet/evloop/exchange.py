@@ -26,6 +26,7 @@ class Exchange:
         "deferred",
         "environ",
         "hold",
+        "keep_alive",
         "key",
         "limit",
         "method",
@@ -66,3 +67,6 @@ class Exchange:
         self.close_at_end = False  # its headers were shed and had asked to close
         self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
         self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
+        # An HTTP/1.1 request that did not ask to close: its connection stays open after
+        # a whole reply unless the reply closes it (Responder._write_whole).
+        self.keep_alive = False

@@ -79,7 +79,8 @@ class Producer:
         streaming = False
         pumped = False  # --threads 0: the loop thread goes on iterating it, then closes it
         try:
-            deferral = claim(result)  # an app's object may fail even at being asked
+            # (A list carries no attribute; an app's object may fail even at being asked.)
+            deferral = None if type(result) is list else claim(result)
             if type(result) is FileWrapper and first and self._sends_files:
                 file_range = self._file_range(start, result)
                 if file_range is not None:
@@ -87,7 +88,7 @@ class Producer:
                     self._to_loop(self._reply_file, ex, start, *file_range)
                     return  # closing the result closes the app's file: the range has its own
             chunks: list[bytes] = start.written
-            size = sum(map(len, chunks))
+            size = sum(map(len, chunks)) if chunks else 0
             self._in_app = True
             try:
                 iterator = iter(result)
@@ -128,6 +129,8 @@ class Producer:
                 chunks = without_content_coding(start, chunks)
                 start.headers_sent = True
                 self._to_loop(self._start_deferred, ex, start, chunks, deferral)
+            elif self._pool is None:  # (the loop thread: no hand-over)
+                self._reply_whole(ex, start, chunks)
             else:
                 self._to_loop(self._reply_whole, ex, start, chunks)
         except StopNow:
@@ -139,7 +142,7 @@ class Producer:
             else:
                 self._to_loop(self._reply_error, ex)
         finally:
-            if not pumped:
+            if not pumped and type(result) is not list:  # (a list has no close())
                 self._close_body(ex, result)
         if pumped and self._pool is None:
             self._pump(ex)

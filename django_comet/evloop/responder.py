@@ -19,7 +19,7 @@ from .connections import shutdown_socket
 from .deferral import AnyDeferral
 from .holding import chunked
 from .request import RequestStruct
-from .wsgi import StartResponse, carries_body
+from .wsgi import NO_BODY_STATUSES, StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -42,11 +42,22 @@ _date: tuple[int, bytes] = (0, b"")  # the second it is for, and the Date value
 
 def http_date() -> bytes:
     """The Date header's value for now (RFC 9110 5.6.7), formatted once a second."""
-    global _date
+    global _date, _date_end
     now = int(time.time())
     if _date[0] != now:
         _date = (now, formatdate(now, usegmt=True).encode("ascii"))
+        _date_end = b"Date: %s\r\n\r\n" % _date[1]
     return _date[1]
+
+
+_date_end = b""  # the Date line, and the empty line that ends a head
+
+
+def date_and_end() -> bytes:
+    """The Date line for now and the end of the head (CRLF), in one piece."""
+    if _date[0] != int(time.time()):
+        http_date()
+    return _date_end
 
 
 class Responder:
@@ -106,11 +117,14 @@ class Responder:
         assert ex.req is not None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         length = start.length
-        with_body = carries_body(ex.method, start.code)
+        code = start.code
+        # carries_body(), for a GET and for this method (start_response refuses 1xx)
+        any_body = code not in NO_BODY_STATUSES
+        with_body = any_body and ex.method != "HEAD"
         if length is None:
             # A HEAD's is the length a GET would get: known if the app gave the body
             # (a 304's is the resource's, a 205 says 0: _add_headers).
-            if carries_body("GET", start.code) and (body or ex.method != "HEAD"):
+            if any_body and (body or ex.method != "HEAD"):
                 length = len(body)
         elif with_body and length != len(body):
             logger.error(
@@ -126,9 +140,11 @@ class Responder:
         if not r.evcon:  # the client left while the app ran: free the request, send nothing
             ex.dead = True
             return self._drop(ex)
-        self._add_headers(r, start, length)
         if not with_body:
             body = b""
+        if ex.keep_alive and ex.conn and not (start.close or self._draining):
+            return self._write_whole(ex, start, length, body)
+        self._add_headers(r, start, length)
         if body:
             self._lib.evbuffer_add(self._buf, body, len(body))
         ex.code, ex.sent = start.code, len(body)
@@ -140,6 +156,46 @@ class Responder:
         self._finish(ex, req if len(body) > SMALL_BODY else None)
         self._lib.evhttp_send_reply(req, start.code, start.reason, self._buf)
         self._stop_reading(ex)
+
+    def _write_whole(
+        self, ex: Exchange, start: StartResponse, length: int | None, body: bytes
+    ) -> None:
+        """A whole reply on a keep-alive HTTP/1.1 connection, head and body written in
+        one piece straight into the connection's output buffer: what evhttp_send_reply
+        would write (its Date last), without a call per header.  evhttp stopped reading
+        when the request was complete, so writing is all there is to turn on; and
+        evhttp_send_reply_end, seeing output queued, finishes the request once it has
+        left (evhttp_send_done: the next request is read then)."""
+        lib = self._lib
+        code = start.code
+        lines = start.lines
+        if lines is not None:
+            dated = start.dated
+        else:  # (encoded was edited: content_coding.py)
+            lines = [b"%s: %s\r\n" % pair for pair in start.encoded]
+            dated = any(name.lower() == b"date" for name, _ in start.encoded)
+        if code == 205:  # (as _add_headers)
+            length = 0
+        # evhttp's Date comes last, after the Content-Length
+        end = b"\r\n" if dated else date_and_end()
+        size = len(body)
+        if length is not None and code != 204:
+            lines = [*lines, b"Content-Length: %d\r\n" % length]
+        out = lib.bufferevent_get_output(ex.conn)
+        if size <= SMALL_CHUNK:
+            data = b"".join((start.line, *lines, end, body))
+            lib.evbuffer_add(out, data, len(data))
+        else:  # not copied once more here
+            data = b"".join((start.line, *lines, end))
+            lib.evbuffer_add(out, data, len(data))
+            lib.evbuffer_add(out, body, size)
+        ex.code, ex.sent = code, size
+        if ex.bev is not None:
+            self._restore_read_timeout(ex)
+        req, ex.req = ex.req, None
+        self._finish(ex, req if size > SMALL_BODY else None)
+        lib.bufferevent_enable(ex.conn, ev.EV_WRITE)
+        lib.evhttp_send_reply_end(req)
 
     def _reply_error(self, ex: Exchange) -> None:
         start = StartResponse()

@@ -158,6 +158,7 @@ class Server(Producer, Responder):
         self.backlog_pauses = 0
         self._pauses: set[str] = set()
         self.guard = ConnectionGuard(self, http)
+        self._tracking = self.guard.tracking  # (fixed once the guard is made)
         return int(http)
 
     # -- running -----------------------------------------------------------------------
@@ -370,7 +371,8 @@ class Server(Producer, Responder):
             # 3.2.2): answered as any request.
             r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         connection = environ.get("HTTP_CONNECTION")
-        if connection is not None and connection.lower() != "close" and asks_to_close(connection):
+        closing = connection is not None and asks_to_close(connection)
+        if closing and connection.lower() != "close":  # type: ignore[union-attr]
             # evhttp closes only on a header that is exactly "close": say it that way.
             while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
                 pass
@@ -378,7 +380,8 @@ class Server(Producer, Responder):
         key = self._next_key
         self._next_key += 1
         ex = Exchange(key, req, environ)
-        if self.guard.tracking:
+        ex.keep_alive = not closing and r.minor == 1 and r.major == 1
+        if self._tracking:
             ex.conn = self.guard.request_arrived(r.evcon)
         self._exchanges[key] = ex
         if self._pool is not None:
@@ -527,17 +530,14 @@ class Server(Producer, Responder):
 
     def _done(self, ex: Exchange, aborted: bool) -> None:
         # An aborted exchange was cut by the server (an app error), or its client left.
-        how = (
-            (" (cut by the server)" if ex.state == "aborting" else " (client gone)")
-            if aborted
-            else ""
-        )
+        cut = ex.state == "aborting"
         ex.state = "done"
         ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
         if ex.deferred:
             self.held -= 1
         if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
+            how = (" (cut by the server)" if cut else " (client gone)") if aborted else ""
             duration = (time.monotonic() - ex.started) * 1000
             access_logger.info(
                 '"%s %s %s" %s %d %.1fms%s',

@@ -172,9 +172,11 @@ class EnvironBuilder:
         environ["REMOTE_ADDR"] = remote[0]
         environ["REMOTE_PORT"] = str(remote[1])
         environ["wsgi.input"] = io.BytesIO(body)
-        key_for = self._key
+        keys = self._keys
         for raw_name, raw_value in headers:
-            key = key_for(raw_name)
+            key = keys.get(raw_name, "")
+            if key == "":
+                key = self._key(raw_name)
             if key is None:
                 continue
             value = raw_value.decode("latin-1").strip(" \t")
@@ -237,7 +239,15 @@ def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
 
 
 _GOOD_NAMES: dict[str, bytes] = {}  # header names already validated -> latin-1 bytes
-_STATUSES: dict[str, tuple[int, bytes]] = {}  # status lines already validated
+# Status lines already validated -> (code, reason, the HTTP/1.1 status line).
+_STATUSES: dict[str, tuple[int, bytes, bytes]] = {}
+# Headers already validated, as the app gave them (a (name, value) tuple) -> what they
+# come to: (kind, (name, value) encoded, "name: value" CRLF), or for a Content-Length
+# (kind, its number, b"").  Apps send the same few headers again and again; the few
+# whose values vary (cookies, ETags) come and go (cleared when full).
+_HEADERS: dict[tuple[str, str], tuple[int, Any, bytes]] = {}
+_PLAIN, _DATE, _LENGTH = 0, 1, 2
+_MAX_HEADERS = 1000
 
 
 class StartResponse:
@@ -247,15 +257,20 @@ class StartResponse:
     returned or yielded its first chunk, as PEP 3333 allows.  Headers are validated and
     encoded here, once: ``encoded`` holds them ready for libevent, without
     Content-Length (kept in ``length``) and without hop-by-hop headers (framing is the
-    server's; an app's "Connection: close" is kept in ``close``).
+    server's; an app's "Connection: close" is kept in ``close``).  ``lines`` holds the
+    same headers as lines of a response head, ``line`` the HTTP/1.1 status line, and
+    ``dated`` tells whether the app gave a Date.
     """
 
     __slots__ = (
         "close",
         "code",
+        "dated",
         "encoded",
         "headers_sent",
         "length",
+        "line",
+        "lines",
         "reason",
         "status",
         "written",
@@ -265,7 +280,10 @@ class StartResponse:
         self.status: str | None = None
         self.code = 0
         self.reason = b""
+        self.line = b""
         self.encoded: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] | None = None
+        self.dated = False
         self.length: int | None = None
         self.close = False
         self.headers_sent = False
@@ -293,13 +311,31 @@ class StartResponse:
                 raise AppError(
                     f"1xx is not a final status (PEP 3333 leaves 1xx to servers): {status!r}"
                 )
-            parsed = (int(status[:3]), _latin1(status[4:], "status"))
+            code, reason = int(status[:3]), _latin1(status[4:], "status")
+            parsed = (code, reason, b"HTTP/1.1 %d %s\r\n" % (code, reason))
             if len(_STATUSES) < 200:
                 _STATUSES[status] = parsed
         encoded = []
+        lines = []
         length = None
         close = False
+        dated = False
         for header in headers:
+            try:
+                known = _HEADERS.get(header)  # type: ignore[call-overload]
+            except TypeError:  # unhashable: refused below
+                known = None
+            if known is not None:
+                kind, pair, line = known
+                if kind == _LENGTH:
+                    if length is not None and pair != length:
+                        raise AppError(f"invalid Content-Length from the application: {pair}")
+                    length = pair
+                else:
+                    encoded.append(pair)
+                    lines.append(line)
+                    dated = dated or kind == _DATE
+                continue
             if not (isinstance(header, tuple) and len(header) == 2):
                 raise AppError(f"invalid header from the application: {header!r}")
             name, value = header
@@ -320,13 +356,27 @@ class StartResponse:
                 ):
                     raise AppError(f"invalid Content-Length from the application: {value!r}")
                 length = int(digits)
+                known = (_LENGTH, length, b"")
             elif lname in HOP_BY_HOP:
                 close = close or (lname == "connection" and asks_to_close(value))
+                continue  # (not kept: rare, and one that closes must be seen each time)
             else:
-                encoded.append((bname, _latin1(value, name)))
+                pair = (bname, _latin1(value, name))
+                line = b"%s: %s\r\n" % pair
+                encoded.append(pair)
+                lines.append(line)
+                kind = _DATE if lname == "date" else _PLAIN
+                dated = dated or kind == _DATE
+                known = (kind, pair, line)
+            if type(header) is tuple and type(name) is str and type(value) is str:
+                if len(_HEADERS) >= _MAX_HEADERS:
+                    _HEADERS.clear()
+                _HEADERS[header] = known
         self.status = status
-        self.code, self.reason = parsed
+        self.code, self.reason, self.line = parsed
         self.encoded = encoded
+        self.lines = lines
+        self.dated = dated
         self.length = length
         self.close = close
         return self.write
@@ -360,6 +410,7 @@ DEFAULT_LIMITS = Limits()
 
 
 _LOWER_NAMES: dict[bytes, bytes] = {}  # request header names seen valid -> lower case
+_GOOD_HOSTS: set[bytes] = set()  # Host values seen valid (clients send the same few)
 
 
 # Methods whose body evhttp never reads (evhttp_method_may_have_body in libevent 2.1).
@@ -414,8 +465,12 @@ def check_request(
                 _LOWER_NAMES[name] = lname
         if lname == b"host":
             hosts += 1
-            if not _HOST.match(value):
-                raise BadRequest("Invalid Host header (RFC 9112 3.2)")
+            if value not in _GOOD_HOSTS:
+                if not _HOST.match(value):
+                    raise BadRequest("Invalid Host header (RFC 9112 3.2)")
+                if len(_GOOD_HOSTS) >= 1000:
+                    _GOOD_HOSTS.clear()
+                _GOOD_HOSTS.add(value)
         elif lname == b"content-length":
             value = value.strip(b" \t")
             if not value.isdigit() or (length is not None and value != length):
