@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import time
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -57,6 +58,10 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     if after is None:
         return [], False, broker.fresh_cursor(channels)
     after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
+    if broker.cut_off():
+        _unreachable("its listener lost it")
+        events, gap = broker.local_since(channels, after)
+        return events, gap and after > 0, after
     try:
         with broker.early_client():
             events, gap = broker.since(channels, after)
@@ -64,11 +69,29 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
                 events, _ = broker.since(channels, 0)
                 return events, True, 0
     except broker.unreachable as exc:
-        logger.warning("Broker unreachable (%s): replaying from this process's history", exc)
+        _unreachable(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
         events, gap = broker.local_since(channels, after)
     # Cursor 0 asks for whatever history there is: a client with no state has nothing to
     # reload (a gap would tell every new page of a busy channel that it missed something).
     return events, gap and after > 0, after
+
+
+UNREACHABLE_TOLD_EVERY = 60.0  # seconds between two warnings of the same outage
+_unreachable_told = -UNREACHABLE_TOLD_EVERY
+
+
+def _unreachable(why: str) -> None:
+    """Say that replays fall back on this process's history, once a minute at most:
+    every replay of every client does while the broker is away."""
+    global _unreachable_told
+    now = time.monotonic()
+    if now - _unreachable_told >= UNREACHABLE_TOLD_EVERY:
+        _unreachable_told = now
+        logger.warning(
+            "Broker unreachable (%s): replaying from this process's history "
+            "(said once a minute while it lasts)",
+            why,
+        )
 
 
 def bounded_replay(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:

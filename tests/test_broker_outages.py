@@ -166,6 +166,30 @@ def logged_times(server, text, count):
         )
 
 
+def test_replays_while_the_broker_is_away_read_this_process_history_at_once(demo_db):
+    """Once its listener has lost the broker, a replay (a poll's cursor, a stream's
+    Last-Event-ID) reads this process's own history without asking the broker: each
+    asked it, and waited for its timeouts (a frozen one held every view thread), and
+    each said so in the log."""
+    redis = RedisServer()
+    try:
+        server = start(redis, demo_db)
+        try:
+            kept = publish(server, "away", "kept")
+            redis.stop()
+            server.wait_for_status(lambda s: not s["broker_listening"], timeout=30)
+            for _ in range(5):
+                url = server.url + f"/t/fastpoll/?channel=away&since={kept - 1}&timeout=0.1"
+                answer = requests.get(url, timeout=30)
+                assert [e["id"] for e in answer.json()["events"]] == [kept]
+            said = [line for line in server.output if "Broker unreachable" in line]
+            assert len(said) == 1 and "its listener lost it" in said[0], said
+        finally:
+            assert server.stop() == 0, "".join(server.output)
+    finally:
+        redis.destroy()
+
+
 def test_the_reconnect_backoff_starts_short_again_after_each_recovery(demo_db):
     import redis as redis_py
 

@@ -46,6 +46,13 @@ class Broker:
         asked."""
         return hub.since(channels, after)
 
+    def cut_off(self) -> bool:
+        """Whether this process knows the broker to be out of reach right now (its
+        listener lost it): replays then read this process's own history at once, rather
+        than each wait for the broker's timeouts (a frozen one: seconds per request, on
+        a view thread)."""
+        return False
+
     def start_listening(self, loop: Any = None) -> None:
         """Begin receiving other processes' events into the hub (idempotent).  A running
         server passes its event loop, which a broker may use to watch its socket."""
@@ -91,6 +98,11 @@ class ListeningBroker(Broker):
         events, gap = hub.since(channels, after)
         floor = self._listening_from
         return events, gap or floor is None or after < floor
+
+    def cut_off(self) -> bool:
+        # (Once caught up: until its first listen a process has no history of its own.
+        # What is published before its listener is back reaches the hub by its catch-up.)
+        return self._caught_up and not self.connected.is_set()
 
     def fresh_cursor(self, channels: list[str]) -> int:
         if self._caught_up:
