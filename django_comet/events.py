@@ -61,16 +61,16 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     if broker.cut_off():
         _unreachable("its listener lost it")
         events, gap = broker.local_since(channels, after)
-        return events, gap and after > 0, after
-    try:
-        with broker.early_client():
-            events, gap = broker.since(channels, after)
-            if not events and after > hub.last_id and after > broker.newest_id():
-                events, _ = broker.since(channels, 0)
-                return events, True, 0
-    except broker.unreachable as exc:
-        _unreachable(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
-        events, gap = broker.local_since(channels, after)
+    else:
+        try:
+            with broker.early_client():
+                events, gap = broker.since(channels, after)
+                if not events and after > hub.last_id and after > broker.newest_id():
+                    events, _ = broker.since(channels, 0)
+                    return events, True, 0
+        except broker.unreachable as exc:
+            _unreachable((str(exc).strip() or repr(exc)).splitlines()[0])  # (psycopg's: lines)
+            events, gap = broker.local_since(channels, after)
     # Cursor 0 asks for whatever history there is: a client with no state has nothing to
     # reload (a gap would tell every new page of a busy channel that it missed something).
     return events, gap and after > 0, after
