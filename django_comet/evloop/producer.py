@@ -129,8 +129,6 @@ class Producer:
                 chunks = without_content_coding(start, chunks)
                 start.headers_sent = True
                 self._to_loop(self._start_deferred, ex, start, chunks, deferral)
-            elif self._pool is None:  # (the loop thread: no hand-over)
-                self._reply_whole(ex, start, chunks)
             else:
                 self._to_loop(self._reply_whole, ex, start, chunks)
         except StopNow:

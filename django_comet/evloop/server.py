@@ -158,7 +158,6 @@ class Server(Producer, Responder):
         self.backlog_pauses = 0
         self._pauses: set[str] = set()
         self.guard = ConnectionGuard(self, http)
-        self._tracking = self.guard.tracking  # (fixed once the guard is made)
         return int(http)
 
     # -- running -----------------------------------------------------------------------
@@ -381,7 +380,7 @@ class Server(Producer, Responder):
         self._next_key += 1
         ex = Exchange(key, req, environ)
         ex.keep_alive = not closing and r.minor == 1 and r.major == 1
-        if self._tracking:
+        if self.guard.tracking:
             ex.conn = self.guard.request_arrived(r.evcon)
         self._exchanges[key] = ex
         if self._pool is not None:
