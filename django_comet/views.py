@@ -83,6 +83,12 @@ _METRICS = [
         "Events received (by the worker that received most, under --workers).",
         "events_published",
     ),
+    (
+        "comet_streams_behind",
+        "gauge",
+        "Streams over their bound on unsent output, to catch up from the history.",
+        "streams_behind",
+    ),
     ("comet_dropped_slow_total", "counter", "Streams cut for reading too slowly.", "dropped_slow"),
     (
         "comet_stages_delayed_total",

@@ -314,6 +314,32 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_a_catch_up_larger_than_the_bound_reaches_streams_that_read(broker, demo_db):
+    """What a process missed while away comes in a burst when it is back: 300 KB here,
+    for a 64 KiB bound on a stream's unsent output.  Its streams take it at their pace,
+    from the history, in order (each was cut as a slow reader, and reconnected)."""
+    from django_comet.brokers import broker_from_url
+
+    publisher = broker_from_url(broker.url, history_size=1000)
+    env = {"TEST_HISTORY_SIZE": "1000", "TEST_MAX_PENDING_OUTPUT": str(64 * 1024)}
+    server = start(broker, demo_db, env=env)
+    try:
+        with SSEClient(server, "/t/stream/?channels=burst") as client:
+            subscribed(server, "burst")
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                cut_listener(broker)
+                published = [publisher.publish("burst", json.dumps("x" * 1000)) for _ in range(300)]
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert [int(client.next_event()["id"]) for _ in range(300)] == published
+            status = server.status()
+            assert status["dropped_slow"] == 0 and status["channels"]["burst"] == 1
+    finally:
+        publisher.close()
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_a_large_event_pruned_before_its_process_read_it_is_a_gap(broker, demo_db):
     """An event too large for NOTIFY is read from the table.  A process that comes to it
     after it was pruned (stopped here; far behind, in life) cannot deliver it: its streams

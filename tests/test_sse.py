@@ -205,6 +205,49 @@ def test_slow_reader_is_dropped(tight):
         sock.close()
 
 
+@pytest.fixture(scope="module")
+def bursty(demo_db):
+    """--threads 0, where a view's publishes are fanned out together, after it; a 64 KiB
+    bound on unsent output and a 1,000-event history."""
+    env = {"TEST_MAX_PENDING_OUTPUT": str(64 * 1024), "TEST_HISTORY_SIZE": "1000"}
+    server = runcomet("--threads", "0", db=demo_db, env=env)
+    yield server
+    assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_burst_larger_than_the_bound_reaches_a_client_that_reads(bursty):
+    """500 KB at once: the stream falls behind and catches up from the history as it
+    reads, in order, and stays open (it was cut as a slow reader)."""
+    with SSEClient(bursty, "/t/stream/?channels=burst") as client:
+        subscribed(bursty, "burst")
+        url = bursty.url + "/t/publish-many/?channel=burst&n=500&size=1000"
+        last = requests.get(url, timeout=60).json()["id"]
+        ids = [int(client.next_event()["id"]) for _ in range(500)]
+        assert ids == list(range(last - 499, last + 1))
+        after = publish(bursty, "burst", "live again")
+        assert client.next_event() == {"id": str(after), "data": '"live again"'}
+        status = bursty.status()
+        assert status["dropped_slow"] == 0 and status["streams_behind"] == 0
+        assert status["channels"]["burst"] == 1
+
+
+def test_a_client_that_leaves_while_behind_leaves_nothing(bursty):
+    before = bursty.status()
+    sock = socket.create_connection((bursty.host, bursty.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /t/stream/?channels=leaving-behind HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    subscribed(bursty, "leaving-behind")
+    url = bursty.url + "/t/publish-many/?channel=leaving-behind&n=500&size=1000"
+    assert requests.get(url, timeout=60).status_code == 200
+    assert bursty.wait_for_status(lambda s: s["streams_behind"] == 1)
+    sock.close()
+    status = bursty.wait_for_status(
+        lambda s: s["streams_behind"] == 0 and s["held"] == 0 and s["timers"] == before["timers"]
+    )
+    assert "leaving-behind" not in status["channels"]
+    assert status["dropped_slow"] == before["dropped_slow"]
+
+
 def test_slow_readers_of_small_events_hold_about_their_bound(demo_db):
     """What a stream that does not read holds is about COMET_MAX_PENDING_OUTPUT (1 MiB)
     whatever the events' size: small events share the output buffer's blocks (each one

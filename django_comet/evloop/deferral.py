@@ -93,7 +93,7 @@ class ChannelWait:
 
 
 class Stream:
-    __slots__ = ("backlog", "channels", "claimed", "cursor", "lost_mark", "told_gap")
+    __slots__ = ("backlog", "behind", "channels", "claimed", "cursor", "lost_mark", "told_gap")
 
     def __init__(self, channels: list[str], cursor: int, *, told_gap: bool = False):
         self.channels = list(dict.fromkeys(channels))
@@ -107,6 +107,9 @@ class Stream:
         # stream was held, allowed on top of the bound on unsent output, so that a slow
         # link catching up on a large replay is not cut at the next event, every time.
         self.backlog = 0
+        # Set by the server while the stream is over that bound: it is written nothing
+        # until it has taken half of it, then catches up from the history (holding.py).
+        self.behind = False
 
 
 AnyDeferral = Deferral | ChannelWait | Stream

@@ -7,8 +7,13 @@ Loop thread only.  A held exchange has sent its headers and first content and wa
 - as a stream (``Stream``): every event of its channels is written to it as it comes.
 
 Fan-out is one pass over a channel's subscribers with the event's frame encoded once;
-per subscriber it is a cursor check and two C calls.  A subscriber whose unsent output
-is over ``max_pending_output`` is cut (and counted), never buffered without bound.
+per subscriber it is a cursor check and two C calls.  A stream whose unsent output is
+over ``max_pending_output`` falls behind: it is written nothing more until it has taken
+half of that, then it catches up from the channels' history.  One that falls a whole
+history behind (an event it has not had is let go) is cut as a slow reader (and
+counted).  So a burst larger than the bound (a broker's catch-up, a loop publishing in a
+view under ``--threads 0``) reaches every client that reads, and nothing is ever
+buffered without bound.
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ STAGE_RECHECK_MIN = 0.1
 # hands them to its threads a few at a time instead of waking up for each.
 STAGE_GRAIN = 0.001
 
+# How often streams that fell behind are looked at, to see whether they have taken
+# half of their bound (then they catch up): 25 MiB/s for a stream at the default bound,
+# about 1% of a core per 1,000 streams behind.
+BEHIND_RECHECK = 0.02
+
 
 class Subscribers(dict["Exchange", None]):
     """A channel's subscribers (an ordered set) and the channel's name, which the held
@@ -89,6 +99,8 @@ class Holder:
         self.max_hold = server.config.max_hold
         self._subscribers: dict[str, Subscribers] = {}
         self._streams: dict[Exchange, None] = {}
+        self._behind: dict[Exchange, None] = {}  # streams over their bound (Stream.behind)
+        self._behind_check: Handle | None = None
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
         self.stages_delayed = 0  # stages held back until their client caught up
@@ -105,9 +117,10 @@ class Holder:
         self._stages.close()
         hub.remove_sink(self._sink)
         hub.remove_gap_sink(self._gap_sink)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        for handle in (self._heartbeat, self._behind_check):
+            if handle is not None:
+                handle.cancel()
+        self._heartbeat = self._behind_check = None
 
     # -- holding and releasing ---------------------------------------------------------
 
@@ -157,15 +170,11 @@ class Holder:
         # Events published between the view's replay and now are in the hub already,
         # unless so many came that the oldest are gone: the client hears of that.
         events, gap = hub.since(deferral.channels, deferral.cursor, deferral.lost_mark)
-        if gap and not deferral.told_gap:
-            self._write(ex, gap_frame(deferral.cursor, deferral.channels))
-            if ex.hold is not deferral:
-                return  # cut as a slow reader
-        for event in events:
-            self._write(ex, event.frame)
-            if ex.hold is not deferral:
-                return  # cut as a slow reader
-            ex.cursor = event.id
+        if gap and (
+            deferral.told_gap or self._write(ex, gap_frame(deferral.cursor, deferral.channels))
+        ):  # told: only later losses are news (``events`` has all the history kept)
+            deferral.lost_mark = hub.lost_mark(deferral.channels)
+        self._write_events(ex, deferral, events)
 
     def _stage_due(self, ex: Exchange, resume: Any, delay: float) -> None:
         """A stage's time has come: run it, unless its client has not taken the earlier
@@ -214,6 +223,7 @@ class Holder:
                     if not subscribers:
                         del self._subscribers[channel]
             self._streams.pop(ex, None)
+            self._behind.pop(ex, None)
             if not self._streams and self._heartbeat is not None:
                 self._heartbeat.cancel()  # no stream left: no timer left either
                 self._heartbeat = None
@@ -293,6 +303,7 @@ class Holder:
         limit = self.max_pending
         pending, add = self._lib.evbuffer_get_length, self._lib.evbuffer_add
         rendered: dict[Any, bytes] = {}
+        lost: int | None = None  # the channel's newest event let go, looked up if needed
         for ex in list(subscribers):
             if ex.cursor >= event_id:
                 continue  # already sent (replayed or caught up)
@@ -304,11 +315,17 @@ class Holder:
                 else:
                     self._wake(ex, hold, [event], ex.cursor, rendered)
                 continue
-            ex.cursor = event_id
             if type(hold) is Stream:
-                if pending(ex.outbuf) > limit + hold.backlog:
-                    self._drop_slow(ex)
+                if hold.behind:  # it catches up from the history, in order (_check_behind)
+                    if lost is None:
+                        lost = hub.lost_mark((event.channel,))
+                    if lost > max(ex.cursor, hold.lost_mark):
+                        self._drop_slow(ex)  # fallen a history behind: it never can
                     continue
+                if pending(ex.outbuf) > limit + hold.backlog:
+                    self._fall_behind(ex, hold)
+                    continue
+                ex.cursor = event_id
                 if ex.protocol == "HTTP/1.1":
                     add(ex.outbuf, chunk, chunk_size)
                 else:
@@ -327,21 +344,68 @@ class Holder:
             if ex.cursor >= through:
                 continue
             if type(hold) is Stream:
-                self._write(ex, gap_frame(ex.cursor, hold.channels))
+                # (One behind hears of it as it catches up: it has fallen a history
+                # behind, and is cut.)
+                if self._write(ex, gap_frame(ex.cursor, hold.channels)):
+                    hold.lost_mark = max(hold.lost_mark, through)
             elif type(hold) is ChannelWait:
                 hold.missed = True
 
-    def _write(self, ex: Exchange, frame: bytes) -> None:
-        """One frame to a held stream (a replayed event, a gap, a heartbeat), as a
-        stage's part is written: never through evhttp_send_reply_chunk, whose re-armed
-        write timeout a heartbeat each interval would keep from ever cutting a client
-        that reads nothing (nor its whole replay, held in memory)."""
+    def _write(self, ex: Exchange, frame: bytes) -> bool:
+        """One frame to a held stream (a gap, a heartbeat), as a stage's part is
+        written: never through evhttp_send_reply_chunk, whose re-armed write timeout a
+        heartbeat each interval would keep from ever cutting a client that reads
+        nothing.  False if not written: the stream is (or falls) behind."""
         hold = ex.hold
         assert type(hold) is Stream
+        if hold.behind:
+            return False
         if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + hold.backlog:
-            self._drop_slow(ex)
-            return
+            self._fall_behind(ex, hold)
+            return False
         self.server._send_part(ex, frame)
+        return True
+
+    def _write_events(self, ex: Exchange, stream: Stream, events: list[Event]) -> None:
+        """``events``, newer than its cursor and in order, to a stream while it is under
+        its bound; past that it falls (or stays) behind, and takes the rest later."""
+        pending, limit = self._lib.evbuffer_get_length, self.max_pending + stream.backlog
+        for event in events:
+            if pending(ex.outbuf) > limit:
+                self._fall_behind(ex, stream)
+                return
+            self.server._send_part(ex, event.frame)
+            ex.cursor = event.id
+        if stream.behind:  # caught up: events reach it as they come again
+            stream.behind = False
+            del self._behind[ex]
+
+    def _fall_behind(self, ex: Exchange, stream: Stream) -> None:
+        if not stream.behind:
+            stream.behind = True
+            self._behind[ex] = None
+            if self._behind_check is None:
+                self._behind_check = self.loop.call_later(BEHIND_RECHECK, self._check_behind)
+
+    def _check_behind(self) -> None:
+        """Streams behind: one that has taken half its bound catches up from the history,
+        unless it has fallen a history behind (an event it has not had was let go, or
+        never reached this process; the fan-out finds most of those first): that one is
+        cut as a slow reader.  One that takes nothing is cut by the write timeout."""
+        self._behind_check = None
+        pending, resume_at = self._lib.evbuffer_get_length, self.max_pending // 2
+        for ex in list(self._behind):
+            stream = ex.hold
+            assert type(stream) is Stream
+            if pending(ex.outbuf) > resume_at + stream.backlog:
+                continue
+            events, gap = hub.since(stream.channels, ex.cursor, stream.lost_mark)
+            if gap:
+                self._drop_slow(ex)
+            else:
+                self._write_events(ex, stream, events)
+        if self._behind:
+            self._behind_check = self.loop.call_later(BEHIND_RECHECK, self._check_behind)
 
     def _drop_slow(self, ex: Exchange) -> None:
         self.dropped_slow += 1
@@ -389,6 +453,7 @@ class Holder:
             "streams": len(self._streams),
             "channels": {name: len(subs) for name, subs in sorted(self._subscribers.items())},
             "events_published": hub.published,
+            "streams_behind": len(self._behind),
             "dropped_slow": self.dropped_slow,
             "stages_delayed": self.stages_delayed,
         }
