@@ -82,7 +82,12 @@ endif
 
 check: test
 
+# What bench/ needs besides the tests' packages: wrk, and the headers its C peers and
+# bjoern build against.  `make bench` runs bench/hello; the others are run by hand.
+BENCH_APT_PACKAGES := wrk gcc libevent-dev libev-dev
 bench: deps
+	@$(MAKE) -s system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(PIP) install -q -e '.[bench]'
 	$(PY) bench/hello/run.py
 
 clean:
