@@ -1,8 +1,10 @@
-"""A process forked from a view (multiprocessing's fork, os.fork) keeps a copy of every
-descriptor of the server, as pre-forked siblings keep its listening socket.  A socket the
-server closes then stays open in the copy: the server must not go on hearing of it (with
-epoll's changelist, one closed before its removal reached epoll stayed in epoll, and the
-loop spun at 100% CPU for as long as the copy lived)."""
+"""A process forked from a view (multiprocessing's fork, os.fork) closes the server's
+sockets first thing: it must keep neither the port nor a client's connection.  One that
+keeps copies of every descriptor anyway (made before the fork), as pre-forked siblings
+keep the listening socket: a socket the server closes then stays open in the copy, and
+the server must not go on hearing of it (with epoll's changelist, one closed before its
+removal reached epoll stayed in epoll, and the loop spun at 100% CPU for as long as the
+copy lived)."""
 
 import contextlib
 import os
@@ -13,6 +15,7 @@ import time
 import pytest
 import requests
 
+from .brokers import free_port
 from .processes import runcomet
 from .sse_client import SSEClient
 from .test_hardening import wait_until
@@ -119,3 +122,31 @@ def test_a_drain_forgets_the_listening_socket_another_process_keeps(demo_db, hol
             sock.close()
     finally:
         server.stop()
+
+
+def test_a_child_forked_by_a_view_keeps_neither_the_port_nor_the_connection(demo_db):
+    """A view starting a daemon with os.fork: the client reads its answer to the end
+    (the child kept the connection open after the server closed it), and once the server
+    stops, another starts on its port (the child kept the port: "already in use")."""
+    port = free_port()
+    server = runcomet(db=demo_db, addrport=f"127.0.0.1:{port}")
+    children = []
+    try:
+        with server.connect() as sock:
+            sock.settimeout(20)
+            sock.sendall(
+                b"GET /t/fork-child/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its end
+        children.append(int(answer.split(b"\r\n\r\n", 1)[1]))
+        assert server.stop() == 0
+        again = runcomet(db=demo_db, addrport=f"127.0.0.1:{port}")
+        try:
+            assert requests.get(again.url + "/t/echo/", timeout=10).status_code == 200
+        finally:
+            assert again.stop() == 0
+    finally:
+        server.stop()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -6,6 +6,7 @@ urlpatterns = [
     path("t/echo/", views.echo, name="echo"),
     path("t/sleep/", views.sleep, name="sleep"),
     path("t/fork-holder/", views.fork_holder),
+    path("t/fork-child/", views.fork_child),
     path("t/boom/", views.boom, name="boom"),
     path("t/quick-stages/", views.quick_stages, name="quick_stages"),
     path("t/endless-stages/", views.endless_stages),

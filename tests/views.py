@@ -1,9 +1,11 @@
 """Views the tests call through a real runcomet."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -59,7 +61,25 @@ def sleep(request):
 
 def fork_holder(request):
     """Fork a child that keeps a copy of every descriptor of the server (its listening
-    socket among them) until killed, as a pre-forked sibling or a view's child does."""
+    socket among them) until killed, as a pre-forked sibling does.  (A forked child
+    closes the server's sockets: the copies it keeps are made before the fork.)"""
+    copies = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own, closed by now)
+            if stat.S_ISSOCK(os.fstat(int(fd)).st_mode):  # (not the output the tests read)
+                copies.append(os.dup(int(fd)))
+    pid = forked_child()
+    for fd in copies:
+        os.close(fd)
+    return HttpResponse(str(pid))
+
+
+def fork_child(request):
+    """Fork a child that lives on (until killed), as a view starting a daemon does."""
+    return HttpResponse(str(forked_child()))
+
+
+def forked_child() -> int:
     pid = os.fork()
     if pid == 0:
         quiet = os.open(os.devnull, os.O_WRONLY)  # not the server's output: the tests read
@@ -67,7 +87,7 @@ def fork_holder(request):
         os.dup2(quiet, 2)
         time.sleep(60)
         os._exit(0)
-    return HttpResponse(str(pid))
+    return pid
 
 
 def boom(request):

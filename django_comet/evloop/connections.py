@@ -250,6 +250,13 @@ class ConnectionGuard:
         self._lingered.add(bev)
         self._release(bev)  # after a pass, as any other: its watch was just removed
 
+    def descriptors(self) -> list[int]:
+        """The sockets of the connections open now, closing ones included (one just
+        accepted may have none yet)."""
+        closing = [*self._releasing, *self._lingering, *itertools.chain(*self._dropping.values())]
+        getfd = self._lib.bufferevent_getfd
+        return [fd for bev in (*self._conns, *closing) if (fd := getfd(bev)) >= 0]
+
     def unsent(self) -> int:
         """Bytes of output libevent has not written yet, over all open connections."""
         offset = self._offset

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from . import forking
 from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
@@ -148,7 +149,8 @@ class Server(Producer, Responder):
         lib.evhttp_set_max_body_size(http, cfg.max_body_size)
         lib.evhttp_set_timeout_tv(http, self._timeout_tv)
         self.sock.setblocking(False)
-        self._bound = lib.evhttp_accept_socket_with_handle(http, self.sock.fileno())
+        self._listen_fd = self.sock.fileno()
+        self._bound = lib.evhttp_accept_socket_with_handle(http, self._listen_fd)
         if not self._bound:
             raise OSError("evhttp_accept_socket_with_handle() failed")
         self._listener = lib.evhttp_bound_socket_get_listener(self._bound)
@@ -205,6 +207,7 @@ class Server(Producer, Responder):
         See ``handle_signals`` for ``worker``."""
         if handle_signals:
             self.handle_signals(worker=worker)
+        forking.close_in_children(self._descriptors)
         # What exists now (the app, its framework, the server) lives as long as the
         # process: freeze it, so that no collection scans it again.
         gc.collect()
@@ -272,7 +275,14 @@ class Server(Producer, Responder):
 
         check()
 
+    def _descriptors(self) -> list[int]:
+        """The sockets a child forked from a view must not keep (forking.py): the
+        listening one, while it listens, and the clients' connections."""
+        listening = [self._listen_fd] if self._bound is not None else []
+        return listening + self.guard.descriptors()
+
     def close(self) -> None:
+        forking.forget(self._descriptors)
         self.holder.close()
         if self._pool is not None:
             self._pool.shutdown(timeout=1)
