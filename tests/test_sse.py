@@ -231,6 +231,24 @@ def test_a_burst_larger_than_the_bound_reaches_a_client_that_reads(bursty):
         assert status["channels"]["burst"] == 1
 
 
+def test_a_stream_cut_a_history_behind_gets_what_was_queued_first(bursty):
+    """1,500 events at once for a 1,000-event history: the stream takes its bound's
+    worth, falls behind and is cut in the same pass, the oldest it needs being gone.
+    What was queued for it still goes to the socket before the cut (it got nothing: a
+    socket bufferevent's output can be written by its own writes only, until thawed)."""
+    before = bursty.status()["dropped_slow"]
+    with SSEClient(bursty, "/t/stream/?channels=overrun") as client:
+        subscribed(bursty, "overrun")
+        url = bursty.url + "/t/publish-many/?channel=overrun&n=1500&size=1000"
+        last = requests.get(url, timeout=60).json()["id"]
+        received = []
+        with pytest.raises(ConnectionError):  # cut: no last chunk
+            while True:
+                received.append(int(client.next_event()["id"]))
+        assert received and received == list(range(last - 1499, last - 1499 + len(received)))
+    assert bursty.wait_for_status(lambda s: s["dropped_slow"] == before + 1)
+
+
 def test_a_client_that_leaves_while_behind_leaves_nothing(bursty):
     before = bursty.status()
     sock = socket.create_connection((bursty.host, bursty.port))

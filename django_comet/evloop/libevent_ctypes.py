@@ -286,6 +286,10 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "evbuffer_drain": (c_int, [evbuffer_p, c_size_t]),
     # int evbuffer_write(struct evbuffer *buffer, evutil_socket_t fd);
     "evbuffer_write": (c_int, [evbuffer_p, evutil_socket_t]),
+    # int evbuffer_freeze(struct evbuffer *buf, int at_front);
+    "evbuffer_freeze": (c_int, [evbuffer_p, c_int]),
+    # int evbuffer_unfreeze(struct evbuffer *buf, int at_front);
+    "evbuffer_unfreeze": (c_int, [evbuffer_p, c_int]),
     # int evbuffer_set_flags(struct evbuffer *buf, ev_uint64_t flags);
     "evbuffer_set_flags": (c_int, [evbuffer_p, ctypes.c_uint64]),
 }

@@ -509,5 +509,10 @@ class Responder:
         self._lib.bufferevent_enable(bev, ev.EV_READ)
         fd = self._lib.bufferevent_getfd(bev)
         if fd >= 0:
-            self._lib.evbuffer_write(self._lib.bufferevent_get_output(bev), fd)
+            # A socket bufferevent's output is drained by its own writes only: its front
+            # is frozen to anyone else (evbuffer_write fails), so thawed for this one.
+            out = self._lib.bufferevent_get_output(bev)
+            self._lib.evbuffer_unfreeze(out, 1)
+            self._lib.evbuffer_write(out, fd)
+            self._lib.evbuffer_freeze(out, 1)
         shutdown_socket(fd)
