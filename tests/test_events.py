@@ -286,3 +286,29 @@ def test_a_publish_from_a_shell_with_the_memory_broker_is_warned_about(demo_db):
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.strip().splitlines()[-1].isdigit()  # published all the same
     assert "publish('chat') with COMET_BROKER = 'memory://'" in shell.stderr
+
+
+def test_catch_up_takes_a_budget_of_the_oldest_events_in_order():
+    """What a stream behind reads, batch by batch: the oldest events newer than its
+    cursor over all its channels, in id order, up to about its budget in bytes."""
+    hub = Hub(size=1000)
+    for i in range(1, 601):  # a: odd ids, b: even ids; every frame the same size
+        hub.add(Event("a" if i % 2 else "b", i, "x" * 100))
+    frame = len(Event("a", 100, "x" * 100).frame)
+    events, fallen, gap, complete = hub.catch_up(["a", "b"], 100, 0, 10 * frame)
+    assert [e.id for e in events] == list(range(101, 112))  # ten fit, and one past them
+    assert (fallen, gap, complete) == (False, 0, False)
+    events, _, _, complete = hub.catch_up(["b"], 590, 0, 10 * frame)
+    assert [e.id for e in events] == [592, 594, 596, 598, 600] and complete
+
+
+def test_catch_up_tells_a_history_let_go_from_a_brokers_gap():
+    hub = Hub(size=3)
+    for i in range(1, 6):
+        hub.add(Event("a", i, "x"))  # 1 and 2 let go
+    _, fallen, gap, _ = hub.catch_up(["a"], 1, 0, 1000)
+    assert fallen and gap == 2
+    hub.add_gap(["a"], 6)  # an event this process will never receive
+    events, fallen, gap, _ = hub.catch_up(["a"], 2, 0, 1000)
+    assert [e.id for e in events] == [3, 4, 5] and not fallen and gap == 6
+    assert hub.catch_up(["a"], 2, 6, 1000)[2] == 0  # told already: no news

@@ -231,6 +231,26 @@ def test_a_burst_larger_than_the_bound_reaches_a_client_that_reads(bursty):
         assert status["channels"]["burst"] == 1
 
 
+def test_a_stream_behind_hears_of_a_brokers_gap_in_its_place(bursty):
+    """A gap (events this process will never receive) told while a stream is behind:
+    it gets the gap event as it catches up, between the events before and after the
+    lost one, and goes on (it was cut as fallen a history behind, never told)."""
+    with SSEClient(bursty, "/t/stream/?channels=gapped") as client:
+        subscribed(bursty, "gapped")
+        url = bursty.url + "/t/publish-around-a-gap/?channel=gapped&n=300"
+        ids = requests.get(url, timeout=60).json()
+        got = [client.next_event() for _ in range(601)]
+        assert [int(e["id"]) for e in got[:300]] == list(range(ids["first"], ids["lost"]))
+        assert got[300]["event"] == "comet-history-gap" and "id" not in got[300]
+        assert json.loads(got[300]["data"]) == {
+            "last_event_id": ids["lost"] - 1,
+            "channels": ["gapped"],
+        }
+        assert [int(e["id"]) for e in got[301:]] == list(range(ids["lost"] + 1, ids["last"] + 1))
+        status = bursty.status()
+        assert status["channels"]["gapped"] == 1 and status["streams_behind"] == 0
+
+
 def test_a_stream_cut_a_history_behind_gets_what_was_queued_first(bursty):
     """1,500 events at once for a 1,000-event history: the stream takes its bound's
     worth, falls behind and is cut in the same pass, the oldest it needs being gone.

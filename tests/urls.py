@@ -32,6 +32,7 @@ urlpatterns = [
     path("t/async-staged/", views.async_staged, name="async_staged"),
     path("t/publish/", views.publish_view, name="publish"),
     path("t/publish-many/", views.publish_many, name="publish_many"),
+    path("t/publish-around-a-gap/", views.publish_around_a_gap),
     path("t/stream/", views.stream_view, name="stream"),
     path("t/stream-204/", views.stream_204, name="stream_204"),
     path("t/stream-then-publish/", views.stream_then_publish, name="stream_then_publish"),

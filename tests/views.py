@@ -318,6 +318,27 @@ def publish_many(request):
     return JsonResponse({"id": event_id})
 
 
+def publish_around_a_gap(request):
+    """?n events on ?channel, an id this process never receives (a broker's gap: as a
+    large PostgreSQL event pruned before it was read), ?n more; the memory broker's
+    ids."""
+    from django_comet.brokers import get_broker
+    from django_comet.evloop.hub import hub
+
+    channel, n, data = request.GET["channel"], int(request.GET["n"]), "x" * 1000
+    broker = get_broker()
+    first = publish(channel, data)
+    for _ in range(n - 1):
+        publish(channel, data)
+    with broker._lock:
+        broker._last_id += 1
+        lost = broker._last_id
+        hub.add_gap([channel], lost)
+    for _ in range(n):
+        last = publish(channel, data)
+    return JsonResponse({"first": first, "lost": lost, "last": last})
+
+
 def stream_view(request):
     channels = request.GET["channels"].split(",")
     return event_stream(request, *channels)

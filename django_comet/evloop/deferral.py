@@ -93,7 +93,17 @@ class ChannelWait:
 
 
 class Stream:
-    __slots__ = ("backlog", "behind", "channels", "claimed", "cursor", "lost_mark", "told_gap")
+    __slots__ = (
+        "backlog",
+        "behind",
+        "channels",
+        "claimed",
+        "cursor",
+        "lost_mark",
+        "recheck",
+        "told_gap",
+        "unsaid_gap",
+    )
 
     def __init__(self, channels: list[str], cursor: int, *, told_gap: bool = False):
         self.channels = list(dict.fromkeys(channels))
@@ -110,6 +120,10 @@ class Stream:
         # Set by the server while the stream is over that bound: it is written nothing
         # until it has taken half of it, then catches up from the history (holding.py).
         self.behind = False
+        # Set by the server: the newest id of events lost that a stream behind is to be
+        # told of as it catches up, before the first event after them (0: none).
+        self.unsaid_gap = 0
+        self.recheck: Any = None  # set by the server while behind: its next look (Deadlines)
 
 
 AnyDeferral = Deferral | ChannelWait | Stream

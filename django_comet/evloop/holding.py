@@ -67,10 +67,12 @@ STAGE_RECHECK_MIN = 0.1
 # hands them to its threads a few at a time instead of waking up for each.
 STAGE_GRAIN = 0.001
 
-# How often streams that fell behind are looked at, to see whether they have taken
-# half of their bound (then they catch up): 25 MiB/s for a stream at the default bound,
-# about 1% of a core per 1,000 streams behind.
+# How soon a stream that fell behind is looked at, to see whether it has taken half of
+# its bound (then it catches up: 25 MiB/s at most at the default bound).  Each look that
+# finds it has not doubles the wait, up to BEHIND_RECHECK_MAX: a slow reader is followed
+# closely, and one that reads nothing costs next to nothing until the write timeout.
 BEHIND_RECHECK = 0.02
+BEHIND_RECHECK_MAX = 0.64
 
 
 class Subscribers(dict["Exchange", None]):
@@ -100,7 +102,7 @@ class Holder:
         self._subscribers: dict[str, Subscribers] = {}
         self._streams: dict[Exchange, None] = {}
         self._behind: dict[Exchange, None] = {}  # streams over their bound (Stream.behind)
-        self._behind_check: Handle | None = None
+        self._behind_checks = Deadlines(self.loop, self._check_behind, BEHIND_RECHECK / 2)
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
         self.stages_delayed = 0  # stages held back until their client caught up
@@ -117,10 +119,10 @@ class Holder:
         self._stages.close()
         hub.remove_sink(self._sink)
         hub.remove_gap_sink(self._gap_sink)
-        for handle in (self._heartbeat, self._behind_check):
-            if handle is not None:
-                handle.cancel()
-        self._heartbeat = self._behind_check = None
+        self._behind_checks.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
     # -- holding and releasing ---------------------------------------------------------
 
@@ -170,10 +172,11 @@ class Holder:
         # Events published between the view's replay and now are in the hub already,
         # unless so many came that the oldest are gone: the client hears of that.
         events, gap = hub.since(deferral.channels, deferral.cursor, deferral.lost_mark)
-        if gap and (
-            deferral.told_gap or self._write(ex, gap_frame(deferral.cursor, deferral.channels))
-        ):  # told: only later losses are news (``events`` has all the history kept)
-            deferral.lost_mark = hub.lost_mark(deferral.channels)
+        if gap:  # once told, only later losses are news (``events`` has all still kept)
+            if deferral.told_gap:
+                deferral.lost_mark = hub.lost_mark(deferral.channels)
+            else:
+                self._say_gap(ex, deferral, hub.lost_mark(deferral.channels))
         self._write_events(ex, deferral, events)
 
     def _stage_due(self, ex: Exchange, resume: Any, delay: float) -> None:
@@ -223,7 +226,8 @@ class Holder:
                     if not subscribers:
                         del self._subscribers[channel]
             self._streams.pop(ex, None)
-            self._behind.pop(ex, None)
+            if type(hold) is Stream and hold.behind:
+                self._behind_no_more(ex, hold)
             if not self._streams and self._heartbeat is not None:
                 self._heartbeat.cancel()  # no stream left: no timer left either
                 self._heartbeat = None
@@ -318,7 +322,7 @@ class Holder:
             if type(hold) is Stream:
                 if hold.behind:  # it catches up from the history, in order (_check_behind)
                     if lost is None:
-                        lost = hub.lost_mark((event.channel,))
+                        lost = hub.let_go_mark(event.channel)
                     if lost > max(ex.cursor, hold.lost_mark):
                         self._drop_slow(ex)  # fallen a history behind: it never can
                     continue
@@ -344,10 +348,7 @@ class Holder:
             if ex.cursor >= through:
                 continue
             if type(hold) is Stream:
-                # (One behind hears of it as it catches up: it has fallen a history
-                # behind, and is cut.)
-                if self._write(ex, gap_frame(ex.cursor, hold.channels)):
-                    hold.lost_mark = max(hold.lost_mark, through)
+                self._say_gap(ex, hold, through)
             elif type(hold) is ChannelWait:
                 hold.missed = True
 
@@ -366,46 +367,80 @@ class Holder:
         self.server._send_part(ex, frame)
         return True
 
-    def _write_events(self, ex: Exchange, stream: Stream, events: list[Event]) -> None:
+    def _say_gap(self, ex: Exchange, stream: Stream, through: int) -> None:
+        """Tell a stream that events up to ``through`` are lost: now, or, behind, as it
+        catches up, before the first event after them (a gap it was never told of would
+        have it cut, as fallen a history behind)."""
+        if through <= stream.lost_mark:
+            return  # told already (as it caught up past it)
+        stream.lost_mark = through
+        if not self._write(ex, gap_frame(ex.cursor, stream.channels)):
+            stream.unsaid_gap = max(stream.unsaid_gap, through)
+
+    def _write_events(
+        self, ex: Exchange, stream: Stream, events: list[Event], complete: bool = True
+    ) -> None:
         """``events``, newer than its cursor and in order, to a stream while it is under
-        its bound; past that it falls (or stays) behind, and takes the rest later."""
+        its bound; past that it falls (or stays) behind, and takes the rest later.
+        ``complete``: they are all there is, so a stream behind that takes them all has
+        caught up."""
         pending, limit = self._lib.evbuffer_get_length, self.max_pending + stream.backlog
         for event in events:
             if pending(ex.outbuf) > limit:
                 self._fall_behind(ex, stream)
                 return
+            if stream.unsaid_gap and event.id > stream.unsaid_gap:
+                self._say_unsaid_gap(ex, stream)
             self.server._send_part(ex, event.frame)
             ex.cursor = event.id
+        if not complete:
+            return
+        if stream.unsaid_gap:
+            self._say_unsaid_gap(ex, stream)
         if stream.behind:  # caught up: events reach it as they come again
-            stream.behind = False
-            del self._behind[ex]
+            self._behind_no_more(ex, stream)
+
+    def _say_unsaid_gap(self, ex: Exchange, stream: Stream) -> None:
+        stream.unsaid_gap = 0
+        self.server._send_part(ex, gap_frame(ex.cursor, stream.channels))
 
     def _fall_behind(self, ex: Exchange, stream: Stream) -> None:
         if not stream.behind:
             stream.behind = True
             self._behind[ex] = None
-            if self._behind_check is None:
-                self._behind_check = self.loop.call_later(BEHIND_RECHECK, self._check_behind)
+            stream.recheck = self._behind_checks.add(ex, BEHIND_RECHECK, BEHIND_RECHECK)
 
-    def _check_behind(self) -> None:
-        """Streams behind: one that has taken half its bound catches up from the history,
-        unless it has fallen a history behind (an event it has not had was let go, or
-        never reached this process; the fan-out finds most of those first): that one is
-        cut as a slow reader.  One that takes nothing is cut by the write timeout."""
-        self._behind_check = None
-        pending, resume_at = self._lib.evbuffer_get_length, self.max_pending // 2
-        for ex in list(self._behind):
-            stream = ex.hold
-            assert type(stream) is Stream
-            if pending(ex.outbuf) > resume_at + stream.backlog:
-                continue
-            events, gap = hub.since(stream.channels, ex.cursor, stream.lost_mark)
-            if gap:
-                self._drop_slow(ex)
-            else:
-                self._write_events(ex, stream, events)
-        if self._behind:
-            self._behind_check = self.loop.call_later(BEHIND_RECHECK, self._check_behind)
+    def _behind_no_more(self, ex: Exchange, stream: Stream) -> None:
+        stream.behind = False
+        del self._behind[ex]
+        if stream.recheck is not None:
+            self._behind_checks.discard(stream.recheck, ex)
+            stream.recheck = None
+
+    def _check_behind(self, ex: Exchange, waited: float) -> None:
+        """A stream behind: once it has taken half its bound it catches up from the
+        history, unless it has fallen a history behind (an event it has not had was let
+        go; the fan-out finds most of those first): that one is cut as a slow reader.
+        One that takes nothing is cut by the write timeout."""
+        stream = ex.hold
+        assert type(stream) is Stream
+        stream.recheck = None
+        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending // 2 + stream.backlog:
+            wait = min(2 * waited, BEHIND_RECHECK_MAX)
+            stream.recheck = self._behind_checks.add(ex, wait, wait)
+            return
+        events, fallen, gap, complete = hub.catch_up(
+            stream.channels, ex.cursor, stream.lost_mark, self.max_pending
+        )
+        if fallen:
+            self._drop_slow(ex)
+            return
+        if gap:  # a broker's: told in its place, whether or not its news came yet
+            stream.lost_mark = gap
+            stream.unsaid_gap = max(stream.unsaid_gap, gap)
+        self._write_events(ex, stream, events, complete)
+        if stream.behind:
+            stream.recheck = self._behind_checks.add(ex, BEHIND_RECHECK, BEHIND_RECHECK)
 
     def _drop_slow(self, ex: Exchange) -> None:
         self.dropped_slow += 1

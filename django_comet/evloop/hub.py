@@ -9,8 +9,12 @@ encoded once, here, and written as-is to every subscriber.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import heapq
+import itertools
 import json
+import operator
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -76,7 +80,9 @@ class Hub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: dict[str, collections.deque[Event]] = {}
-        self._lost: dict[str, int] = {}  # channel -> newest id pushed out of its history
+        # channel -> the newest id lost: pushed out of its history, or a broker's gap
+        self._lost: dict[str, int] = {}
+        self._let_go: dict[str, int] = {}  # channel -> the newest pushed out of its history
         self._lost_everywhere = 0  # newest id of events this process never received
         self._sinks: list[Callable[[Event], None]] = []
         self._gap_sinks: list[Callable[[list[str] | None, int], None]] = []
@@ -96,6 +102,7 @@ class Hub:
             history.append(event)
             while len(history) > self.size:
                 lost = history.popleft().id
+                self._let_go[event.channel] = lost
                 if lost > self._lost.get(event.channel, 0):  # a broker's gap may be newer
                     self._lost[event.channel] = lost
             self.published += 1
@@ -126,27 +133,62 @@ class Hub:
         losses newer than ``known_lost`` (a deferral's ``lost_mark``: its replay, from
         the broker, had what was lost before)."""
         with self._lock:
-            return self._since(channels, after, known_lost)
+            events, gap, _ = self._since(channels, after, known_lost)
+            return events, gap
+
+    def catch_up(
+        self, channels: list[str], after: int, known_lost: int, budget: int
+    ) -> tuple[list[Event], bool, int, bool]:
+        """For a stream behind, which takes what fits a batch at a time, however long
+        the history: the oldest events newer than ``after`` whose frames add up to
+        ``budget`` bytes (one more, at least one); whether the history let go of one of
+        them (the stream can never have it); the newest id of a broker's gap after
+        ``after`` and ``known_lost`` (0: none), whose news may still be on its way to the
+        gap sinks; and whether the events are all there is."""
+        with self._lock:
+            events, _, complete = self._since(channels, after, known_lost, budget)
+            floor = max(after, known_lost)
+            fallen = any(self._let_go.get(c, 0) > floor for c in channels)
+            lost = max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
+            return events, fallen, (lost if lost > floor else 0), complete
+
+    def let_go_mark(self, channel: str) -> int:
+        """The newest id of ``channel`` that its history let go (not a broker's gap)."""
+        with self._lock:
+            return self._let_go.get(channel, 0)
 
     def _let_go_least_recent(self) -> None:
         channel = next(iter(self._history))
         history = self._history.pop(channel)
-        if history and history[-1].id > self._lost.get(channel, 0):
-            self._lost[channel] = history[-1].id
+        if history:
+            self._let_go[channel] = history[-1].id
+            if history[-1].id > self._lost.get(channel, 0):
+                self._lost[channel] = history[-1].id
 
     def _since(
-        self, channels: Iterable[str], after: int, known_lost: int = 0
-    ) -> tuple[list[Event], bool]:
-        events: list[Event] = []
+        self, channels: Iterable[str], after: int, known_lost: int = 0, budget: int | None = None
+    ) -> tuple[list[Event], bool, bool]:
+        """Events newer than ``after``, whether some are lost, and whether these are all
+        (else ``budget`` cut them)."""
+        runs: list[list[Event]] = []
+        complete = True
         gap = after < self._lost_everywhere and self._lost_everywhere > known_lost
         for channel in channels:
             history = self._history.get(channel)
             if history and history[-1].id > after:
-                events.extend(e for e in history if e.id > after)
+                run, whole = _newer(history, after, budget)
+                runs.append(run)
+                complete = complete and whole
             lost = self._lost.get(channel, 0)
             gap = gap or (after < lost and lost > known_lost)
-        events.sort(key=lambda e: e.id)
-        return events, gap
+        if len(runs) <= 1:
+            return (runs[0] if runs else []), gap, complete
+        events = list(heapq.merge(*runs, key=_EVENT_ID))
+        if budget is not None:  # each run is cut at the budget: their merge at the same
+            taken = _within(events, budget)
+            complete = complete and taken == len(events)
+            del events[taken:]
+        return events, gap, complete
 
     def wait(
         self, channels: list[str], after: int, timeout: float | None
@@ -165,7 +207,7 @@ class Hub:
                 caught.append(event)
 
         with self._changed:
-            events, gap = self._since(channels, after)
+            events, gap, _ = self._since(channels, after)
             if events:
                 return events, gap
             # From here on every event is caught: only what was lost before counts.
@@ -215,6 +257,39 @@ class Hub:
         with self._lock:
             if sink in self._gap_sinks:
                 self._gap_sinks.remove(sink)
+
+
+_EVENT_ID = operator.attrgetter("id")
+
+
+def _newer(
+    history: collections.deque[Event], after: int, budget: int | None
+) -> tuple[list[Event], bool]:
+    """The events of one channel's history (in id order) newer than ``after``, up to
+    ``budget`` bytes, and whether that is all of them: found by bisection, not by a walk
+    through the whole history (a stream catching up asks again and again)."""
+    start = bisect.bisect_right(history, after, key=_EVENT_ID)
+    if budget is None:
+        return list(itertools.islice(history, start, None)), True
+    events: list[Event] = []
+    size = 0
+    for i in range(start, len(history)):
+        if size > budget:
+            return events, False
+        event = history[i]
+        events.append(event)
+        size += len(event.frame)
+    return events, True
+
+
+def _within(events: list[Event], budget: int) -> int:
+    """How many of ``events`` the budget takes: until their frames add up past it."""
+    size = 0
+    for count, event in enumerate(events):
+        if size > budget:
+            return count
+        size += len(event.frame)
+    return len(events)
 
 
 hub = Hub()  # the process's hub: brokers feed it, the running server drains it
