@@ -364,10 +364,35 @@ def test_large_events_notified_together_are_read_in_one_query(broker):
         reader.close()
 
 
+def test_large_events_are_read_a_megabyte_at_a_time(broker):
+    """Three events of 600 KB notified together: read in queries of about 1 MiB (two,
+    then one), each handed back to the loop as it is read, so that a slow link never
+    has one query run past its timeout, nor the loop wait on the conversion of a batch
+    of megabytes."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    from types import SimpleNamespace
+
+    from django_comet.brokers.postgres import _Notified
+
+    reader = shared_broker(broker)
+    handed = []
+    reader._loop = SimpleNamespace(call_soon_threadsafe=lambda _, *args: handed.append(args))
+    try:
+        big = json.dumps("z" * 600_000)
+        ids = [reader.publish("megabytes", big) for _ in range(3)]
+        reader._read_for_loop([_Notified(event_id, "megabytes") for event_id in ids])
+        assert [[slot.event_id for slot in batch] for batch, _, _ in handed] == [ids[:2], ids[2:]]
+        assert all(error is None for _, _, error in handed)
+        assert [sorted(events) for _, events, _ in handed] == [ids[:2], ids[2:]]
+    finally:
+        reader.close()
+
+
 # A server's read of a large event, waiting for a lock.
 READING = (
     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-    " AND query LIKE 'SELECT id, channel, name, data FROM comet_event WHERE id =%%'"
+    " AND query LIKE '%%FROM comet_event WHERE id = ANY%%'"
 )
 
 

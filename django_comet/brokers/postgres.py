@@ -51,10 +51,23 @@ PRUNE_EVERY = 50
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM comet_event"
 READ_TIMEOUT = 10.0  # seconds for reading large events under runcomet; then reconnect
 # Large events notified while the reader thread was busy are read together, this many
-# in one query at most (one each: about 1,600 a second here, a catch-up's pace).
+# at most, in queries of about READ_BATCH_BYTES each, so that each stays well within
+# READ_TIMEOUT on a slow link and holds the GIL briefly (one each: about 1,000 a second
+# here, a catch-up's pace).
 READ_BATCH = 100
-# Past this, a read that has not answered (statement_timeout is the server's, tried twice)
-# is given up on; then reconnect.
+READ_BATCH_BYTES = 1024 * 1024
+
+# Events by id, oldest first, as many as READ_BATCH_BYTES take (one at least); ids above
+# the last one returned are read by the next query (below it: pruned).
+SELECT_EVENTS = """
+SELECT id, channel, name, data FROM (
+    SELECT id, channel, name, data,
+        sum(octet_length(data)) OVER (ORDER BY id) - octet_length(data) AS before
+    FROM comet_event WHERE id = ANY(%(ids)s)
+) AS e WHERE before < %(budget)s ORDER BY id
+"""
+# Past this without a read of large events answering (statement_timeout is the server's,
+# and a read is tried twice), the reader is given up on; then reconnect.
 STUCK_AFTER = 2 * READ_TIMEOUT + 5
 # TCP keepalives for every broker connection unless the URL sets its own: a connection a
 # network dropped without a word (a NAT, a load balancer) fails in about 25 s, not hours.
@@ -178,6 +191,10 @@ class PostgresBroker(ListeningBroker):
         # read the event again).
         self._generation = 0
         self._reads: ReadQueue = queue.SimpleQueue()  # the reader thread's work
+        # Loop thread: armed while large events wait to be read, from the last read that
+        # answered (a read whose answer never comes, on a network that dropped the
+        # connection without a word, must not hold every later event back).
+        self._reads_watchdog: Any = None
         # Loop thread: the LISTEN connection's health check (see LISTEN_PING_AFTER): when
         # it last heard from its server, its timer (the next check, or the deadline of
         # the ping in flight), and that ping's channel (one per connection) and payload.
@@ -377,9 +394,10 @@ class PostgresBroker(ListeningBroker):
         catches up from the newest event delivered, in order."""
         self.connected.clear()
         self._generation += 1
-        for slot in self._in_order:
-            slot.settle()
         self._in_order.clear()
+        if self._reads_watchdog is not None:
+            self._reads_watchdog.cancel()
+            self._reads_watchdog = None
         self._health.cancel()
         self._watcher.cancel()
         self._loop.close_unwatched(functools.partial(_close_quietly, self._listen_conn))
@@ -488,19 +506,20 @@ class PostgresBroker(ListeningBroker):
             return
         event_id, channel = notice
         slot = _Notified(event_id, channel, generation=self._generation)
-        # A read whose answer never comes (a network that dropped the connection without
-        # a word) must not hold every later event back.
-        slot.watchdog = self._loop.call_later(STUCK_AFTER, self._stuck, slot, background=True)
         self._in_order.append(slot)
         self._reads.put(slot)
+        if self._reads_watchdog is None:
+            self._reads_watchdog = self._loop.call_later(STUCK_AFTER, self._stuck, background=True)
 
-    def _stuck(self, slot: _Notified) -> None:
-        slot.watchdog = None
-        if slot.generation == self._generation and not slot.read:
+    def _stuck(self) -> None:
+        self._reads_watchdog = None
+        if self._in_order and not self._in_order[0].read:
             stuck = self._reads
             self._start_reader()
             stuck.put(None)  # that thread ends once its read returns, if ever
-            self._reconnect(f"Reading event {slot.event_id} took over {STUCK_AFTER:.0f} s")
+            self._reconnect(
+                f"Reading event {self._in_order[0].event_id} took over {STUCK_AFTER:.0f} s"
+            )
 
     def _work_through(self, work: ReadQueue) -> None:
         """Reader thread: the loop thread's work, in order: large events to read (those
@@ -523,16 +542,22 @@ class PostgresBroker(ListeningBroker):
             self._read_for_loop(batch)
 
     def _read_for_loop(self, batch: list[_Notified]) -> None:
-        """Reader thread: read large events and hand them back to the loop thread."""
-        try:
-            events, error = self._read_many([slot.event_id for slot in batch], READ_TIMEOUT), None
-        except Exception as exc:
-            events, error = {}, exc
-        self._loop.call_soon_threadsafe(self._were_read, batch, events, error)
+        """Reader thread: read large events and hand them back to the loop thread, as
+        each query has read some."""
+        while batch:
+            try:
+                events, through = self._read_some([slot.event_id for slot in batch], READ_TIMEOUT)
+            except Exception as exc:
+                self._loop.call_soon_threadsafe(self._were_read, batch, {}, exc)
+                return
+            done = [slot for slot in batch if slot.event_id <= through]
+            batch = batch[len(done) :]
+            self._loop.call_soon_threadsafe(self._were_read, done, events, None)
 
     def _were_read(
         self, batch: list[_Notified], events: dict[int, Event], error: Exception | None
     ) -> None:
+        answered = False
         for slot in batch:
             if slot.generation != self._generation:
                 continue  # read for a connection since lost, whose catch-up covered it
@@ -541,10 +566,17 @@ class PostgresBroker(ListeningBroker):
                 # catch-up reads them all again, these first.
                 return self._reconnect(f"Could not read event {slot.event_id} ({error})")
             slot.read, slot.event = True, events.get(slot.event_id)
-            slot.settle()
+            answered = True
         waiting = self._in_order
         while waiting and waiting[0].read:
             self._deliver_or_gap(waiting.popleft())
+        if answered and self._reads_watchdog is not None:  # from this answer on
+            self._reads_watchdog.cancel()
+            self._reads_watchdog = (
+                self._loop.call_later(STUCK_AFTER, self._stuck, background=True)
+                if waiting
+                else None
+            )
 
     def _deliver_or_gap(self, notified: _Notified) -> None:
         if notified.event is not None:
@@ -557,19 +589,25 @@ class PostgresBroker(ListeningBroker):
 
     def _read(self, event_id: int) -> Event | None:
         """An event too large for NOTIFY (None if it was pruned first)."""
-        return self._read_many([event_id]).get(event_id)
+        return self._read_some([event_id])[0].get(event_id)
 
-    def _read_many(self, ids: list[int], timeout: float | None = None) -> dict[int, Event]:
-        """Events too large for NOTIFY, by id, read on this thread's publishing
-        connection (the listening one is busy listening), within ``timeout`` seconds if
-        given; those pruned first are missing."""
+    def _read_some(
+        self, ids: list[int], timeout: float | None = None
+    ) -> tuple[dict[int, Event], int]:
+        """Events too large for NOTIFY, by id (in id order), as many as one query of
+        READ_BATCH_BYTES takes, read on this thread's publishing connection (the
+        listening one is busy listening), within ``timeout`` seconds if given; and the
+        id up to which ``ids`` are read (those missing up to it were pruned first)."""
         try:
             rows = self._select_events(ids, timeout)
+        except self.psycopg.errors.QueryCanceled:
+            raise  # too slow, not gone: a retry would wait as long
         except self.psycopg.OperationalError:
             self._local.conn = None  # the database restarted: one fresh try
             rows = self._select_events(ids, timeout)
         events = {int(i): Event(channel, int(i), data, name) for i, channel, name, data in rows}
-        gone = [str(i) for i in ids if i not in events]  # pruned first (newer ones came)
+        through = int(rows[-1][0]) if rows else ids[-1]
+        gone = [str(i) for i in ids if i <= through and i not in events]  # newer ones came
         if len(gone) == 1:
             logger.warning(
                 "event %s was pruned before it could be read; its streams get the gap event",
@@ -580,24 +618,25 @@ class PostgresBroker(ListeningBroker):
                 "events %s were pruned before they could be read; their streams get the gap event",
                 ", ".join(gone),
             )
-        return events
+        return events, through
 
-    def _select_events(self, ids: list[int], timeout: float | None) -> Any:
+    def _select_events(self, ids: list[int], timeout: float | None) -> list[Any]:
         conn = self._conn()
         with conn.transaction():
             if timeout is not None:
                 conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
-            return conn.execute(
-                "SELECT id, channel, name, data FROM comet_event WHERE id = ANY(%s)", (ids,)
-            ).fetchall()
+            cursor = conn.execute(SELECT_EVENTS, {"ids": ids, "budget": READ_BATCH_BYTES})
+            # Row by row, not fetchall(): that converts every row holding the GIL (the
+            # loop thread waited up to half a second for a batch of large events).
+            return [row for row in cursor]
 
 
 class _Notified:
     """A notified event on its way to the hub, in id order: one too large for NOTIFY is
     not ``read`` until the reader thread has (``event`` stays None if it was pruned
-    first), and its ``watchdog`` runs meanwhile."""
+    first)."""
 
-    __slots__ = ("channel", "event", "event_id", "generation", "read", "watchdog")
+    __slots__ = ("channel", "event", "event_id", "generation", "read")
 
     def __init__(
         self,
@@ -612,13 +651,6 @@ class _Notified:
         self.read = read
         self.event = event
         self.generation = generation  # of the LISTEN connection it was notified on
-        self.watchdog: Any = None
-
-    def settle(self) -> None:
-        """Stop its watchdog: read, or given up with its connection."""
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-            self.watchdog = None
 
 
 # The reader thread's work: large events to read, health checks to send; None ends it.
