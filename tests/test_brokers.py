@@ -334,21 +334,31 @@ def test_a_large_event_is_read_off_the_loop_thread_and_in_order(pair, broker):
         assert client.next_event() == {"id": str(small[0]), "data": small[1]}
 
 
-def test_large_events_notified_together_are_read_in_one_query(broker):
-    """The reader thread's work as the loop thread queues it: three large events to
-    read, then a health check.  The three are read together (one at a time, a catch-up
-    of large events went at about 1,600 a second) and handed back to the loop in one
-    call, in order; the health check runs after them, and None ends the thread."""
+@contextlib.contextmanager
+def reader_without_a_loop(broker):
+    """This process's PostgreSQL broker client as a server's reader thread, what it
+    hands back to the loop recorded instead: ``(broker, handed)``."""
     if not isinstance(broker, PostgresServer):
         pytest.skip("NOTIFY's payload limit is PostgreSQL's")
     from types import SimpleNamespace
-
-    from django_comet.brokers.postgres import _Notified
 
     reader = shared_broker(broker)
     handed = []
     reader._loop = SimpleNamespace(call_soon_threadsafe=lambda _, *args: handed.append(args))
     try:
+        yield reader, handed
+    finally:
+        reader.close()
+
+
+def test_large_events_notified_together_are_read_in_one_query(broker):
+    """The reader thread's work as the loop thread queues it: three large events to
+    read, then a health check.  The three are read together (one at a time, a catch-up
+    of large events went at about 1,600 a second) and handed back to the loop in one
+    call, in order; the health check runs after them, and None ends the thread."""
+    from django_comet.brokers.postgres import _Notified
+
+    with reader_without_a_loop(broker) as (reader, handed):
         big = json.dumps("z" * 9000)
         ids = [reader.publish("read-together", big) for _ in range(3)]
         for event_id in ids:
@@ -360,8 +370,6 @@ def test_large_events_notified_together_are_read_in_one_query(broker):
         assert [slot.event_id for slot in batch] == ids and error is None
         assert [(events[i].id, events[i].data) for i in ids] == [(i, big) for i in ids]
         assert after == "health check"
-    finally:
-        reader.close()
 
 
 def test_large_events_are_read_a_megabyte_at_a_time(broker):
@@ -369,24 +377,15 @@ def test_large_events_are_read_a_megabyte_at_a_time(broker):
     then one), each handed back to the loop as it is read, so that a slow link never
     has one query run past its timeout, nor the loop wait on the conversion of a batch
     of megabytes."""
-    if not isinstance(broker, PostgresServer):
-        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
-    from types import SimpleNamespace
-
     from django_comet.brokers.postgres import _Notified
 
-    reader = shared_broker(broker)
-    handed = []
-    reader._loop = SimpleNamespace(call_soon_threadsafe=lambda _, *args: handed.append(args))
-    try:
+    with reader_without_a_loop(broker) as (reader, handed):
         big = json.dumps("z" * 600_000)
         ids = [reader.publish("megabytes", big) for _ in range(3)]
         reader._read_for_loop([_Notified(event_id, "megabytes") for event_id in ids])
         assert [[slot.event_id for slot in batch] for batch, _, _ in handed] == [ids[:2], ids[2:]]
         assert all(error is None for _, _, error in handed)
         assert [sorted(events) for _, events, _ in handed] == [ids[:2], ids[2:]]
-    finally:
-        reader.close()
 
 
 # A server's read of a large event, waiting for a lock.

@@ -424,6 +424,8 @@ class PostgresBroker(ListeningBroker):
                         deliver(notice)
                     else:
                         event_id, channel = notice
+                        if event_id <= hub.last_id:
+                            continue  # delivered by the catch-up (notified during it)
                         self._deliver_or_gap(
                             _Notified(event_id, channel, read=True, event=self._read(event_id))
                         )
@@ -505,6 +507,8 @@ class PostgresBroker(ListeningBroker):
             self._in_order.append(_Notified(notice.id, notice.channel, read=True, event=notice))
             return
         event_id, channel = notice
+        if event_id <= hub.last_id:
+            return  # delivered by the catch-up it was notified during: not read again
         slot = _Notified(event_id, channel, generation=self._generation)
         self._in_order.append(slot)
         self._reads.put(slot)

@@ -70,6 +70,7 @@ class Responder:
     _buf: int
     _exchanges: dict[int, Exchange]
     _draining: bool
+    _let_go: int
     _pool: ThreadPool | None
     _close_cb: Any
     _drained_cb: Any
@@ -513,6 +514,8 @@ class Responder:
             # is frozen to anyone else (evbuffer_write fails), so thawed for this one.
             out = self._lib.bufferevent_get_output(bev)
             self._lib.evbuffer_unfreeze(out, 1)
-            self._lib.evbuffer_write(out, fd)
+            # Let go of here as much as the close lets go of what is left (the socket
+            # may take megabytes: libevent's own writes take 16 KiB a pass).
+            self._let_go += max(0, self._lib.evbuffer_write(out, fd))
             self._lib.evbuffer_freeze(out, 1)
         shutdown_socket(fd)
