@@ -183,12 +183,12 @@ class Hub:
             gap = gap or (after < lost and lost > known_lost)
         if len(runs) <= 1:
             return (runs[0] if runs else []), gap, complete
-        events = list(heapq.merge(*runs, key=_EVENT_ID))
-        if budget is not None:  # each run is cut at the budget: their merge at the same
-            taken = _within(events, budget)
-            complete = complete and taken == len(events)
-            del events[taken:]
-        return events, gap, complete
+        merged = heapq.merge(*runs, key=_EVENT_ID)
+        if budget is None:
+            return list(merged), gap, complete
+        # Each run is cut at the budget: their merge is, at the same.
+        events, whole = _take(merged, budget)
+        return events, gap, complete and whole
 
     def wait(
         self, channels: list[str], after: int, timeout: float | None
@@ -268,28 +268,23 @@ def _newer(
     """The events of one channel's history (in id order) newer than ``after``, up to
     ``budget`` bytes, and whether that is all of them: found by bisection, not by a walk
     through the whole history (a stream catching up asks again and again)."""
-    start = bisect.bisect_right(history, after, key=_EVENT_ID)
+    newer = itertools.islice(history, bisect.bisect_right(history, after, key=_EVENT_ID), None)
     if budget is None:
-        return list(itertools.islice(history, start, None)), True
-    events: list[Event] = []
-    size = 0
-    for i in range(start, len(history)):
-        if size > budget:
-            return events, False
-        event = history[i]
-        events.append(event)
-        size += len(event.frame)
-    return events, True
+        return list(newer), True
+    return _take(newer, budget)
 
 
-def _within(events: list[Event], budget: int) -> int:
-    """How many of ``events`` the budget takes: until their frames add up past it."""
+def _take(events: Iterable[Event], budget: int) -> tuple[list[Event], bool]:
+    """The first ``events`` until their frames add up past ``budget`` bytes, and whether
+    that is all of them."""
+    taken: list[Event] = []
     size = 0
-    for count, event in enumerate(events):
+    for event in events:
         if size > budget:
-            return count
+            return taken, False
+        taken.append(event)
         size += len(event.frame)
-    return len(events)
+    return taken, True
 
 
 hub = Hub()  # the process's hub: brokers feed it, the running server drains it
