@@ -312,18 +312,3 @@ def test_catch_up_tells_a_history_let_go_from_a_brokers_gap():
     events, fallen, gap, _ = hub.catch_up(["a"], 2, 0, 1000)
     assert [e.id for e in events] == [3, 4, 5] and not fallen and gap == 6
     assert hub.catch_up(["a"], 2, 6, 1000)[2] == 0  # told already: no news
-
-
-def test_the_hub_keeps_the_lost_marks_of_a_bounded_number_of_channels():
-    """A channel per user or per object, each let go in turn: their lost marks are kept
-    for ten times ``channels`` at most, beyond which they become one mark for every
-    channel without one (a replay from before it is told of a gap)."""
-    hub = Hub(size=10, channels=2)
-    for i in range(1, 101):
-        hub.add(Event(f"user-{i}", i, "x"))
-    assert len(hub._lost) <= 20 and len(hub._let_go) <= 20
-    assert hub.since(["user-1"], 0) == ([], True)  # folded: still a gap from before it
-    assert hub.since(["user-1"], 80) == ([], False)  # a client that had it missed nothing
-    assert hub.since(["user-95"], 94) == ([], True)  # kept: its own mark
-    assert hub.since(["user-95"], 95) == ([], False)
-    assert hub.newest_id(["user-1"]) >= 1 and hub.lost_mark(["user-95"]) == 95

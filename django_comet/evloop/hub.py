@@ -83,12 +83,6 @@ class Hub:
         # channel -> the newest id lost: pushed out of its history, or a broker's gap
         self._lost: dict[str, int] = {}
         self._let_go: dict[str, int] = {}  # channel -> the newest pushed out of its history
-        # Those two keep the marks of this many channels at most (the least recently
-        # marked go first, unless still in the history): beyond, what they marked is
-        # folded into one mark for every channel without one (``_forgotten``), so that a
-        # channel per user or per object does not grow memory for ever either.
-        self.marks = 10 * channels
-        self._forgotten = 0
         self._lost_everywhere = 0  # newest id of events this process never received
         self._sinks: list[Callable[[Event], None]] = []
         self._gap_sinks: list[Callable[[list[str] | None, int], None]] = []
@@ -104,13 +98,13 @@ class Hub:
                 history = collections.deque()
                 if len(self._history) >= self.channels:
                     self._let_go_least_recent()
-                if self._forgotten and event.channel not in self._lost:
-                    # Perhaps one whose marks were folded: what came before is gone.
-                    self._mark(event.channel, self._forgotten, let_go=True)
             self._history[event.channel] = history
             history.append(event)
             while len(history) > self.size:
-                self._mark(event.channel, history.popleft().id, let_go=True)
+                lost = history.popleft().id
+                self._let_go[event.channel] = lost
+                if lost > self._lost.get(event.channel, 0):  # a broker's gap may be newer
+                    self._lost[event.channel] = lost
             self.published += 1
             self.last_id = max(self.last_id, event.id)
             for sink in self._sinks:  # under the lock, so sinks see ids in order
@@ -127,7 +121,7 @@ class Hub:
                 self._lost_everywhere = max(self._lost_everywhere, through)
             else:
                 for channel in channels:
-                    self._mark(channel, through)
+                    self._lost[channel] = max(self._lost.get(channel, 0), through)
             for sink in self._gap_sinks:
                 sink(channels, through)
 
@@ -154,48 +148,22 @@ class Hub:
         with self._lock:
             events, _, complete = self._since(channels, after, known_lost, budget)
             floor = max(after, known_lost)
-            fallen = any(self._let_go_of(c) > floor for c in channels)
-            lost = max(self._lost_everywhere, *(self._lost_of(c) for c in channels), 0)
+            fallen = any(self._let_go.get(c, 0) > floor for c in channels)
+            lost = max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
             return events, fallen, (lost if lost > floor else 0), complete
 
     def let_go_mark(self, channel: str) -> int:
         """The newest id of ``channel`` that its history let go (not a broker's gap)."""
         with self._lock:
-            return self._let_go_of(channel)
+            return self._let_go.get(channel, 0)
 
     def _let_go_least_recent(self) -> None:
         channel = next(iter(self._history))
         history = self._history.pop(channel)
         if history:
-            self._mark(channel, history[-1].id, let_go=True)
-
-    def _mark(self, channel: str, lost: int, *, let_go: bool = False) -> None:
-        """Events of ``channel`` up to ``lost`` are gone: ``let_go`` by its history, else
-        never received (a broker's gap).  The mark moves to the end (the most recent)."""
-        if let_go:
-            self._let_go[channel] = max(lost, self._let_go.get(channel, 0))
-        self._lost[channel] = max(lost, self._lost.pop(channel, 0))  # a gap may be newer
-        while len(self._lost) > self.marks:
-            oldest = next(iter(self._lost))
-            mark = self._lost.pop(oldest)
-            if oldest in self._history:  # still published to: kept, as the most recent
-                self._lost[oldest] = mark
-                continue
-            self._let_go.pop(oldest, None)
-            self._forgotten = max(self._forgotten, mark)
-
-    def _lost_of(self, channel: str) -> int:
-        """The newest id of ``channel`` lost (0: none)."""
-        mark = self._lost.get(channel)
-        if mark is not None:
-            return mark
-        return 0 if channel in self._history else self._forgotten
-
-    def _let_go_of(self, channel: str) -> int:
-        mark = self._let_go.get(channel)
-        if mark is not None:
-            return mark
-        return 0 if channel in self._history else self._forgotten
+            self._let_go[channel] = history[-1].id
+            if history[-1].id > self._lost.get(channel, 0):
+                self._lost[channel] = history[-1].id
 
     def _since(
         self, channels: Iterable[str], after: int, known_lost: int = 0, budget: int | None = None
@@ -211,7 +179,7 @@ class Hub:
                 run, whole = _newer(history, after, budget)
                 runs.append(run)
                 complete = complete and whole
-            lost = self._lost_of(channel)
+            lost = self._lost.get(channel, 0)
             gap = gap or (after < lost and lost > known_lost)
         if len(runs) <= 1:
             return (runs[0] if runs else []), gap, complete
@@ -255,7 +223,7 @@ class Hub:
         received): a deferral notes it when made, so that the server tells a client only
         of losses after that (its replay, from the broker, had all before)."""
         with self._lock:
-            return max(self._lost_everywhere, *(self._lost_of(c) for c in channels), 0)
+            return max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
 
     def newest_id(self, channels: Iterable[str]) -> int:
         """The newest id seen on ``channels``, kept in the history or not: the cursor of
@@ -264,7 +232,7 @@ class Hub:
             newest = self._lost_everywhere
             for channel in channels:
                 history = self._history.get(channel)
-                newest = max(newest, history[-1].id if history else 0, self._lost_of(channel))
+                newest = max(newest, history[-1].id if history else 0, self._lost.get(channel, 0))
             return newest
 
     @property
