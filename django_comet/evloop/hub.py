@@ -82,7 +82,10 @@ class Hub:
         self._history: dict[str, collections.deque[Event]] = {}
         # channel -> the newest id lost: pushed out of its history, or a broker's gap
         self._lost: dict[str, int] = {}
-        self._let_go: dict[str, int] = {}  # channel -> the newest pushed out of its history
+        # channel -> the newest id of a broker's gap: where it is the lost mark, the
+        # history's own losses are no news (a few channels; a mark per channel let go
+        # is already 125 bytes each, for every channel ever let go).
+        self._gapped: dict[str, int] = {}
         self._lost_everywhere = 0  # newest id of events this process never received
         self._sinks: list[Callable[[Event], None]] = []
         self._gap_sinks: list[Callable[[list[str] | None, int], None]] = []
@@ -102,7 +105,6 @@ class Hub:
             history.append(event)
             while len(history) > self.size:
                 lost = history.popleft().id
-                self._let_go[event.channel] = lost
                 if lost > self._lost.get(event.channel, 0):  # a broker's gap may be newer
                     self._lost[event.channel] = lost
             self.published += 1
@@ -122,6 +124,7 @@ class Hub:
             else:
                 for channel in channels:
                     self._lost[channel] = max(self._lost.get(channel, 0), through)
+                    self._gapped[channel] = max(self._gapped.get(channel, 0), through)
             for sink in self._gap_sinks:
                 sink(channels, through)
 
@@ -148,22 +151,26 @@ class Hub:
         with self._lock:
             events, _, complete = self._since(channels, after, known_lost, budget)
             floor = max(after, known_lost)
-            fallen = any(self._let_go.get(c, 0) > floor for c in channels)
+            fallen = any(self._let_go_of(c) > floor for c in channels)
             lost = max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
             return events, fallen, (lost if lost > floor else 0), complete
 
     def let_go_mark(self, channel: str) -> int:
         """The newest id of ``channel`` that its history let go (not a broker's gap)."""
         with self._lock:
-            return self._let_go.get(channel, 0)
+            return self._let_go_of(channel)
+
+    def _let_go_of(self, channel: str) -> int:
+        """The newest id of ``channel`` its history let go, unless a broker's gap is
+        newer (then 0: the gap, told, covers it)."""
+        lost = self._lost.get(channel, 0)
+        return 0 if self._gapped.get(channel, 0) >= lost else lost
 
     def _let_go_least_recent(self) -> None:
         channel = next(iter(self._history))
         history = self._history.pop(channel)
-        if history:
-            self._let_go[channel] = history[-1].id
-            if history[-1].id > self._lost.get(channel, 0):
-                self._lost[channel] = history[-1].id
+        if history and history[-1].id > self._lost.get(channel, 0):
+            self._lost[channel] = history[-1].id
 
     def _since(
         self, channels: Iterable[str], after: int, known_lost: int = 0, budget: int | None = None

@@ -242,6 +242,7 @@ class Server(Producer, Responder):
         def close_listener() -> None:  # pre-forked siblings share the socket: see Loop
             if self._http:  # else evhttp_free did
                 self._lib.evhttp_del_accept_socket(self._http, bound)  # closes the fd too
+                self._listen_fd = -1
 
         self.loop.close_unwatched(close_listener)
         if self._own_path:
@@ -277,8 +278,8 @@ class Server(Producer, Responder):
 
     def _descriptors(self) -> list[int]:
         """The sockets a child forked from a view must not keep (forking.py): the
-        listening one, while it listens, and the clients' connections."""
-        listening = [self._listen_fd] if self._bound is not None else []
+        listening one, until it is closed, and the clients' connections."""
+        listening = [self._listen_fd] if self._listen_fd >= 0 else []
         return listening + self.guard.descriptors()
 
     def close(self) -> None:
@@ -297,6 +298,7 @@ class Server(Producer, Responder):
             # reported if another process shares the socket (see Loop._new_base).
             self._lib.evhttp_free(self._http)
             self._http = 0
+            self._listen_fd = -1
             if self._bound is not None:
                 self.sock.detach()  # libevent owned and closed the fd
         if self._own_path:
