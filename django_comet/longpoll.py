@@ -10,7 +10,6 @@ publish wakes thousands of long-polls as cheaply as it feeds SSE streams.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator
 
@@ -55,8 +54,8 @@ class PollResponse(StreamingHttpResponse):
             after=after,
             timeout=timeout,
             ready=ready,
-            # Only an answer from the history can have a gap; one rendering per waiter then.
-            render=functools.partial(render_events, gap=True) if gap else render_events,
+            render=render_events,
+            gap=gap,
         )
         self._head = head_request()
         self.streaming_content = self._body()
@@ -72,7 +71,10 @@ class PollResponse(StreamingHttpResponse):
             yield render_events(wait.ready, wait.after, self.gap)
         else:
             events, gap = hub.wait(self.channels, wait.after, wait.timeout)
-            yield render_events(events, wait.after, self.gap or gap)
+            after = wait.after
+            if self.gap and not events:  # (see Holder._wait_timed_out)
+                events, after = hub.since_or_newest(self.channels, after)
+            yield render_events(events, after, self.gap or gap)
 
 
 def poll_response(

@@ -49,6 +49,21 @@ def test_a_long_poll_woken_after_its_events_left_the_history_gets_them_and_the_g
     forgetful.wait_for_status(lambda s: s["held"] == 0)
 
 
+def test_a_gap_with_no_event_after_it_is_told_once_not_at_every_poll(forgetful):
+    """A channel whose events are all gone (no history kept here): a poll from before
+    them is told of the gap on its timeout, and its cursor moves past it, so that the
+    next poll is not told again (it was, every poll, with last_id where it was)."""
+    seen = publish(forgetful, "emptied", "seen")
+    gone = publish(forgetful, "emptied", "gone")
+    url = forgetful.url + f"/t/fastpoll/?channel=emptied&since={seen}&timeout=0.2"
+    first = requests.get(url)
+    assert first.json()["gap"] is True and first.json()["events"] == []
+    assert first.json()["last_id"] >= gone
+    since = first.json()["last_id"]
+    url = forgetful.url + f"/t/fastpoll/?channel=emptied&since={since}&timeout=0.2"
+    assert requests.get(url).json() == {"events": [], "last_id": since}
+
+
 def test_long_poll_waits_then_answers_with_the_event(comet):
     with comet.connect() as sock:
         sock.sendall(b"GET /t/poll/?channel=lp&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

@@ -46,14 +46,15 @@ class ChannelWait:
     """With ``render`` instead of ``resume``, no stage runs: the server answers in the
     loop thread with ``render(events, after)`` (bytes, the rest of the body), or
     ``render(events, after, gap=True)`` when some events newer than ``after`` are gone
-    from the history, and ends the response; waiters with the same cursor share one
-    rendering per event."""
+    from the history (``gap``: the view's replay found so), and ends the response;
+    waiters with the same cursor share one rendering per event."""
 
     __slots__ = (
         "after",
         "channels",
         "claimed",
         "due",
+        "gap",
         "lost_mark",
         "missed",
         "ready",
@@ -71,6 +72,7 @@ class ChannelWait:
         timeout: float,
         ready: list[Any] | None = None,
         render: Callable[..., bytes] | None = None,
+        gap: bool = False,
     ):
         if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_SECONDS:  # NaN too
             raise ValueError(
@@ -79,6 +81,7 @@ class ChannelWait:
         if (resume is None) == (render is None):
             raise ValueError("a channel wait needs either resume or render")
         self.render = render
+        self.gap = gap
         self.resume = resume
         self.channels = list(dict.fromkeys(channels))  # a channel named twice counts once
         self.after = after

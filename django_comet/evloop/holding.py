@@ -244,7 +244,15 @@ class Holder:
         wait = ex.hold
         assert type(wait) is ChannelWait
         self.release(ex)
-        self._wake(ex, wait, [], wait.after, {})
+        events: list[Event] = []
+        after = wait.after
+        if wait.gap and wait.render is not None:
+            # The answer tells of a gap with no event after it: from the same cursor,
+            # the client's next poll would hear of it again, at every poll.  Its cursor
+            # moves on to the newest id, past what is gone (an event whose fan-out is
+            # still queued is answered now instead).
+            events, after = hub.since_or_newest(wait.channels, after)
+        self._wake(ex, wait, events, after, {})
 
     def _wake(
         self,
@@ -268,7 +276,7 @@ class Holder:
             self.server._resume(ex, wait.resume, events[0] if events else None)
             return
         assert wait.render is not None
-        key = (wait.render, *wait.channels, after, wait.missed)
+        key = (wait.render, *wait.channels, after, wait.missed, wait.gap)
         body = rendered.get(key)
         if body is None:
             if events is None:
@@ -281,7 +289,11 @@ class Holder:
                     # go); before it, what a broker's gap took while it waited.
                     gap = wait.missed or hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
             try:
-                body = wait.render(events, after, gap=True) if gap else wait.render(events, after)
+                body = (
+                    wait.render(events, after, gap=True)
+                    if gap or wait.gap
+                    else wait.render(events, after)
+                )
             except Exception:  # the other waiters of this event are still answered
                 logger.exception("Error rendering a long-poll's answer for %s", ex.path)
                 self.server._abort(ex)

@@ -225,6 +225,14 @@ class Hub:
                 self._sinks.remove(catch)
         return caught, gap and bool(caught)
 
+    def since_or_newest(self, channels: Iterable[str], after: int) -> tuple[list[Event], int]:
+        """Events of ``channels`` newer than ``after``, and ``after``; or, with none,
+        none and the newest id this process has seen (a cursor past everything it has,
+        and has not, of those channels)."""
+        with self._lock:
+            events, _, _ = self._since(channels, after)
+            return events, (after if events else max(after, self.last_id))
+
     def lost_mark(self, channels: Iterable[str]) -> int:
         """The newest id known lost on ``channels`` (let go by the history, or never
         received): a deferral notes it when made, so that the server tells a client only
