@@ -101,7 +101,7 @@ class Holder:
         self.max_hold = server.config.max_hold
         self._subscribers: dict[str, Subscribers] = {}
         self._streams: dict[Exchange, None] = {}
-        self._behind: dict[Exchange, None] = {}  # streams over their bound (Stream.behind)
+        self.streams_behind = 0  # streams over their bound (Stream.behind)
         self._behind_checks = Deadlines(self.loop, self._check_behind, BEHIND_RECHECK / 2)
         self._heartbeat: Handle | None = None
         self.dropped_slow = 0
@@ -246,7 +246,7 @@ class Holder:
         self.release(ex)
         events: list[Event] = []
         after = wait.after
-        if wait.gap and wait.render is not None:
+        if wait.gap:  # (a render's only: see longpoll.py)
             # The answer tells of a gap with no event after it: from the same cursor,
             # the client's next poll would hear of it again, at every poll.  Its cursor
             # moves on to the newest id, past what is gone (an event whose fan-out is
@@ -419,12 +419,12 @@ class Holder:
     def _fall_behind(self, ex: Exchange, stream: Stream) -> None:
         if not stream.behind:
             stream.behind = True
-            self._behind[ex] = None
+            self.streams_behind += 1
             stream.recheck = self._behind_checks.add(ex, BEHIND_RECHECK, BEHIND_RECHECK)
 
     def _behind_no_more(self, ex: Exchange, stream: Stream) -> None:
         stream.behind = False
-        del self._behind[ex]
+        self.streams_behind -= 1
         if stream.recheck is not None:
             self._behind_checks.discard(stream.recheck, ex)
             stream.recheck = None
@@ -500,7 +500,7 @@ class Holder:
             "streams": len(self._streams),
             "channels": {name: len(subs) for name, subs in sorted(self._subscribers.items())},
             "events_published": hub.published,
-            "streams_behind": len(self._behind),
+            "streams_behind": self.streams_behind,
             "dropped_slow": self.dropped_slow,
             "stages_delayed": self.stages_delayed,
         }
