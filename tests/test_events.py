@@ -2,6 +2,7 @@
 the blocking fallback of streams and polls (no runcomet: Django's test client)."""
 
 import threading
+import tracemalloc
 
 import pytest
 from django.http import HttpResponseForbidden
@@ -215,6 +216,45 @@ def test_the_hub_keeps_the_histories_of_its_most_recently_published_channels():
     assert hub.since(["b"], 2) == ([], False)  # a client that had it missed nothing
     assert hub.newest_id(["b"]) == 2
     assert [e.id for e in hub.since(["a"], 0)[0]] == [1, 3]
+
+
+def test_what_stays_of_channels_let_go_is_bounded_however_many_there_were():
+    """A channel per user, for months: the marks of channels let go are kept for as many
+    channels as there are histories, then folded into a fixed table."""
+    hub = Hub(size=1, channels=100)
+    tracemalloc.start()
+    try:
+        for i in range(1, 20_001):
+            hub.add(Event(f"user-{i}", i, "1"))
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_001, 60_001):
+            hub.add(Event(f"user-{i}", i, "1"))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 20_000  # exact marks for all: about 4.7 MB more here
+    assert len(hub._let_go) == 100
+
+
+def test_a_channel_whose_mark_was_folded_away_is_still_told_its_gap():
+    hub = Hub(size=1, channels=2)
+    hub.add(Event("old", 1, "1"))
+    hub.add(Event("old", 2, "2"))  # 1 let go by its history
+    for i in range(3, 10):  # let old go, then fold its mark away
+        hub.add(Event(f"other-{i}", i, "1"))
+    assert "old" not in hub._let_go
+    assert hub.since(["old"], 1) == ([], True)  # missed 2: never silent
+    assert hub.since(["old"], 0)[1]
+    assert hub.newest_id(["old"]) >= 2
+    # A client that had everything may be told of a gap that did not happen only when
+    # later marks raised both of its slots: not the newest channel folded away.
+    assert "other-5" not in hub._let_go and "other-5" not in hub._history
+    assert hub.since(["other-5"], 5) == ([], False)
+    # Back with a history: the bound is told as a gap to replays, and is no reason to
+    # cut a stream behind (that is for events its own history let go).
+    hub.add(Event("old", 10, "3"))
+    assert hub.since(["old"], 1) == ([hub._history["old"][0]], True)
+    assert hub.let_go_mark("old") == 0
 
 
 def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkeypatch, caplog):

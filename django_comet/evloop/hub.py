@@ -9,6 +9,7 @@ encoded once, here, and written as-is to every subscriber.
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import heapq
@@ -80,11 +81,18 @@ class Hub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._history: dict[str, collections.deque[Event]] = {}
-        # channel -> the newest id lost: pushed out of its history, or a broker's gap
+        # A channel's lost mark: the newest id lost, pushed out of its history, or a
+        # broker's gap.  Kept for the channels with a history ...
         self._lost: dict[str, int] = {}
-        # channel -> the newest id of a broker's gap: where it is the lost mark, the
-        # history's own losses are no news (a few channels; a mark per channel let go
-        # is already 125 bytes each, for every channel ever let go).
+        # ... and, exactly, for as many channels let go (their newest id), the least
+        # recently let go first out: a channel per user must not grow memory for ever.
+        self._let_go: dict[str, int] = {}
+        # Marks past that are folded into a fixed table (``_Forgotten``): a bound above
+        # each channel's mark, never below, so a gap is never missed; one may be told
+        # that did not happen, to a client whose cursor is older than marks folded since.
+        self._forgotten: _Forgotten | None = None
+        # channel -> the newest id of a broker's gap (or a forgotten mark): where it is
+        # the lost mark, the history's own losses are no news (a few channels).
         self._gapped: dict[str, int] = {}
         self._lost_everywhere = 0  # newest id of events this process never received
         self._sinks: list[Callable[[Event], None]] = []
@@ -101,6 +109,7 @@ class Hub:
                 history = collections.deque()
                 if len(self._history) >= self.channels:
                     self._let_go_least_recent()
+                self._bring_back(event.channel)
             self._history[event.channel] = history
             history.append(event)
             while len(history) > self.size:
@@ -123,8 +132,10 @@ class Hub:
                 self._lost_everywhere = max(self._lost_everywhere, through)
             else:
                 for channel in channels:
-                    self._lost[channel] = max(self._lost.get(channel, 0), through)
+                    marks = self._lost if channel in self._history else self._let_go
+                    marks[channel] = max(self._mark(channel), through)
                     self._gapped[channel] = max(self._gapped.get(channel, 0), through)
+                self._forget_beyond_bound()
             for sink in self._gap_sinks:
                 sink(channels, through)
 
@@ -152,7 +163,7 @@ class Hub:
             events, _, complete = self._since(channels, after, known_lost, budget)
             floor = max(after, known_lost)
             fallen = any(self._let_go_of(c) > floor for c in channels)
-            lost = max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
+            lost = max(self._lost_everywhere, *(self._mark(c) for c in channels), 0)
             return events, fallen, (lost if lost > floor else 0), complete
 
     def let_go_mark(self, channel: str) -> int:
@@ -163,14 +174,45 @@ class Hub:
     def _let_go_of(self, channel: str) -> int:
         """The newest id of ``channel`` its history let go, unless a broker's gap is
         newer (then 0: the gap, told, covers it)."""
-        lost = self._lost.get(channel, 0)
+        lost = self._mark(channel)
         return 0 if self._gapped.get(channel, 0) >= lost else lost
+
+    def _mark(self, channel: str) -> int:
+        """``channel``'s lost mark (0: nothing lost)."""
+        if channel in self._history:
+            return self._lost.get(channel, 0)
+        mark = self._let_go.get(channel)
+        if mark is None:
+            return self._forgotten.mark(channel) if self._forgotten else 0
+        return mark
 
     def _let_go_least_recent(self) -> None:
         channel = next(iter(self._history))
         history = self._history.pop(channel)
-        if history and history[-1].id > self._lost.get(channel, 0):
-            self._lost[channel] = history[-1].id
+        mark = max(history[-1].id if history else 0, self._lost.pop(channel, 0))
+        if mark:
+            self._let_go[channel] = mark
+            self._forget_beyond_bound()
+
+    def _bring_back(self, channel: str) -> None:
+        """A channel gets a history again: its mark, if it had one, moves along."""
+        mark = self._let_go.pop(channel, None)
+        if mark is None and self._forgotten:
+            # A bound, maybe another channel's: told as a gap, never taken for events
+            # this channel's history let go (a stream behind is not cut for it).
+            mark = self._forgotten.mark(channel)
+            if mark:
+                self._gapped[channel] = max(self._gapped.get(channel, 0), mark)
+        if mark:
+            self._lost[channel] = mark
+
+    def _forget_beyond_bound(self) -> None:
+        while len(self._let_go) > self.channels:
+            channel = next(iter(self._let_go))
+            if self._forgotten is None:
+                self._forgotten = _Forgotten(self.channels)
+            self._forgotten.fold(channel, self._let_go.pop(channel))
+            self._gapped.pop(channel, None)
 
     def _since(
         self, channels: Iterable[str], after: int, known_lost: int = 0, budget: int | None = None
@@ -186,7 +228,7 @@ class Hub:
                 run, whole = _newer(history, after, budget)
                 runs.append(run)
                 complete = complete and whole
-            lost = self._lost.get(channel, 0)
+            lost = self._mark(channel)
             gap = gap or (after < lost and lost > known_lost)
         if len(runs) <= 1:
             return (runs[0] if runs else []), gap, complete
@@ -238,7 +280,7 @@ class Hub:
         received): a deferral notes it when made, so that the server tells a client only
         of losses after that (its replay, from the broker, had all before)."""
         with self._lock:
-            return max(self._lost_everywhere, *(self._lost.get(c, 0) for c in channels), 0)
+            return max(self._lost_everywhere, *(self._mark(c) for c in channels), 0)
 
     def newest_id(self, channels: Iterable[str]) -> int:
         """The newest id seen on ``channels``, kept in the history or not: the cursor of
@@ -247,7 +289,7 @@ class Hub:
             newest = self._lost_everywhere
             for channel in channels:
                 history = self._history.get(channel)
-                newest = max(newest, history[-1].id if history else 0, self._lost.get(channel, 0))
+                newest = max(newest, history[-1].id if history else 0, self._mark(channel))
             return newest
 
     @property
@@ -275,6 +317,31 @@ class Hub:
 
 
 _EVENT_ID = operator.attrgetter("id")
+
+
+class _Forgotten:
+    """Lost marks folded into a fixed table: each channel's mark raises two of its slots
+    (chosen by hashing the name), and a channel's bound is the lower of its two.  A
+    channel's bound is never below its own mark; it is above it only when both slots
+    were raised by other channels' newer marks (as in a Bloom filter, a second slot makes
+    that far rarer than one)."""
+
+    def __init__(self, channels: int):
+        self._size = max(1024, 2 * channels)
+        self._slots = array.array("q", bytes(8 * self._size))
+
+    def fold(self, channel: str, mark: int) -> None:
+        for i in self._indexes(channel):
+            if mark > self._slots[i]:
+                self._slots[i] = mark
+
+    def mark(self, channel: str) -> int:
+        i, j = self._indexes(channel)
+        return min(self._slots[i], self._slots[j])
+
+    def _indexes(self, channel: str) -> tuple[int, int]:
+        h = hash(channel)
+        return h % self._size, (h // self._size) % self._size
 
 
 def _newer(
