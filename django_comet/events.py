@@ -94,13 +94,27 @@ def _unreachable(why: str) -> None:
         )
 
 
-def bounded_replay(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
-    """``replay``'s events and gap, bounded: the newest events that fit in
-    COMET_MAX_PENDING_OUTPUT (the newest always), and a gap for those left out too (not
-    for a cursor of 0, which asks for whatever there is).  A replay is bounded like the
-    rest of a connection's unsent output: one request for many channels' history from
-    their start must not pin a copy of all of it for as long as its client reads
-    slowly."""
+def oldest_that_fit(events: list[Event]) -> tuple[list[Event], bool]:
+    """The oldest of a replay's ``events`` that fit in COMET_MAX_PENDING_OUTPUT (the
+    oldest always), and whether they are all of them.  A replay is taken a bound at a
+    time, in order: a poll's next answer is the next batch (its ``last_id`` is the
+    batch's), a stream's held response takes the rest from this process's history as it
+    reads (one request for many channels' history from their start must not pin a copy
+    of all of it for as long as its client reads slowly)."""
+    budget = comet_settings.MAX_PENDING_OUTPUT
+    total = 0
+    for i, event in enumerate(events):
+        total += len(event.frame)
+        if total > budget and i:
+            return events[:i], False
+    return events, True
+
+
+def newest_that_fit(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
+    """A replay cut from the other end, for a stream whose process cannot take the rest
+    from its own history: the newest events that fit in COMET_MAX_PENDING_OUTPUT (the
+    newest always), and a gap for those left out too (not for a cursor of 0, which asks
+    for whatever there is)."""
     budget = comet_settings.MAX_PENDING_OUTPUT
     total = 0
     for i in range(len(events) - 1, 0, -1):

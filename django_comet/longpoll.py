@@ -18,7 +18,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .deferred import head_request
-from .events import bounded_replay, refusal, replay
+from .events import oldest_that_fit, refusal, replay
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
 
@@ -45,7 +45,7 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
-        ready, gap = bounded_replay(ready, gap, since)
+        ready, _ = oldest_that_fit(ready)  # the client's next poll takes the next batch
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(

@@ -18,7 +18,7 @@ from django.http.response import HttpResponseBase
 from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import head_request
-from .events import bounded_replay, check_channel, refusal, replay
+from .events import check_channel, newest_that_fit, oldest_that_fit, refusal, replay
 from .evloop.deferral import Stream
 from .evloop.holding import jittered_retry
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
@@ -73,7 +73,12 @@ class EventStreamResponse(StreamingHttpResponse):
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
         first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
         events, gap, cursor = replay(broker, self.channels, after)
-        events, gap = bounded_replay(events, gap, after)
+        batch, whole = oldest_that_fit(events)
+        if not whole and broker.local_since(self.channels, batch[-1].id)[1]:
+            # The rest is not all in this process's history (it started listening
+            # since, or let the channel go), where the held stream would take it from.
+            batch, gap = newest_that_fit(events, gap, after)
+        events = batch
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels))
         first.extend(e.frame for e in events)

@@ -84,6 +84,33 @@ def test_ids_grow_across_processes_and_replay_elsewhere(pair):
         assert [client.next_event()["id"] for _ in range(3)] == [str(i) for i in ids[1:]]
 
 
+def test_a_replay_too_large_for_the_bound_from_a_process_that_has_not_all_of_it(
+    broker, demo_db, pair
+):
+    """A process that began listening after the events were published reads a replay
+    from the broker, and cannot take what does not fit in COMET_MAX_PENDING_OUTPUT (64
+    KiB here) from a history of its own: a stream gets the newest and the gap event,
+    while polls take the broker's history a batch at a time, all of it."""
+    a, _ = pair
+    ids = [publish(a, "far-back", "x" * 30_000) for _ in range(5)]
+    late = start(broker, demo_db, env={"TEST_MAX_PENDING_OUTPUT": str(64 * 1024)})
+    try:
+        cursor = ids[0] - 1
+        with SSEClient(late, f"/t/stream/?channels=far-back&lastEventId={cursor}") as client:
+            assert client.next_event()["event"] == "comet-history-gap"
+            assert [client.next_event()["id"] for _ in range(2)] == [str(ids[3]), str(ids[4])]
+        polled, since = [], cursor
+        for _ in range(3):
+            url = late.url + f"/t/fastpoll/?channel=far-back&since={since}"
+            answer = requests.get(url, timeout=30).json()
+            assert "gap" not in answer
+            polled += [e["id"] for e in answer["events"]]
+            since = answer["last_id"]
+        assert polled == ids
+    finally:
+        assert late.stop() == 0
+
+
 def test_long_poll_cursor_answers_from_shared_history(pair):
     a, b = pair
     first = publish(a, "lp-shared", "x")
