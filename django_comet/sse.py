@@ -28,10 +28,9 @@ __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 # Without heartbeats, how long a stream outside runcomet stays silent before a comment.
 IDLE_COMMENT_SECONDS = 60.0
 
-# GAP_EVENT is sent (without an id) when some events newer than the client's
-# Last-Event-ID are gone from the history; its data is {"last_event_id": <the client's>,
-# "channels": [...]}.  The client should then reload whatever state it derives from the
-# stream.
+# GAP_EVENT is sent when some events newer than the client's Last-Event-ID are gone
+# from the history (hub.py says what it holds): the client should then reload whatever
+# state it derives from the stream.
 
 
 class EventStreamResponse(StreamingHttpResponse):
@@ -79,8 +78,14 @@ class EventStreamResponse(StreamingHttpResponse):
             # since, or let the channel go), where the held stream would take it from.
             batch, gap = newest_that_fit(events, gap, after)
         events = batch
+        moved_on = None
+        if gap and not events:  # nothing after the gap: go on from past it (hub.py)
+            events, moved_on = hub.since_or_newest(self.channels, cursor)
+            if events:  # (published since the replay)
+                moved_on = None
+            cursor = moved_on or cursor
         if gap:  # (a new client, with no cursor, is never told one)
-            first.append(gap_frame(after or 0, self.channels))
+            first.append(gap_frame(after or 0, self.channels, moved_on))
         first.extend(e.frame for e in events)
         self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)

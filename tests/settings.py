@@ -8,6 +8,7 @@ ROOT_URLCONF = "tests.urls"
 
 # A server started with these variables gets small bounds, so tests can reach them.
 COMET_HISTORY_SIZE = int(os.environ.get("TEST_HISTORY_SIZE", "100"))
+COMET_HISTORY_CHANNELS = int(os.environ.get("TEST_HISTORY_CHANNELS", "10000"))
 COMET_SSE_HEARTBEAT = float(os.environ.get("TEST_SSE_HEARTBEAT", "15"))
 COMET_MAX_PENDING_OUTPUT = int(os.environ.get("TEST_MAX_PENDING_OUTPUT", str(1024 * 1024)))
 COMET_AUTHORIZE = "tests.views.authorize"

@@ -200,7 +200,7 @@ def replay(server, channels, last_id):
             got.append(event)
     gaps = [e for e in got if e.get("event") == GAP]
     assert len(gaps) <= 1 and (not gaps or got[0] is gaps[0]), got
-    return bool(gaps), [int(e["id"]) for e in got if "id" in e]
+    return bool(gaps), [int(e["id"]) for e in got if "id" in e and e not in gaps]
 
 
 def stored(broker, channel):

@@ -160,6 +160,45 @@ def test_a_stream_failing_twice_in_a_row_is_retried_with_backoff(comet, new_brow
     assert len(result["delays"]) == 1 and 1000 <= result["delays"][0] <= 2000, result
 
 
+GAP_WITH_A_CURSOR = """
+var retries = [];
+var setTimeoutBefore = window.setTimeout;
+window.setTimeout = function (callback, ms) {  // (the first-frame watchdog aside)
+    if (ms !== 12345) { retries.push(callback); }
+    return 0;
+};
+window.EventSource = window.FakeEventSource;
+window.FakeEventSource.prototype.addEventListener = function (name, listener) {
+    (this.listeners = this.listeners || {})[name] = listener;
+};
+try {
+    var gaps = 0;
+    Comet.subscribe({sse: '/s/', poll: '/p/', lastId: 5, onEvent: function () {},
+                     onGap: function () { gaps += 1; }, shareTabs: false, openTimeout: 12345});
+    var first = window.FakeEventSource.last;
+    first.readyState = 1; first.onopen();
+    var info = {last_event_id: 5, channels: ['c'], cursor: 42};
+    first.listeners['comet-history-gap']({data: JSON.stringify(info), lastEventId: '42'});
+    first.readyState = 2; first.onerror();  // closed: comet.js opens the next stream
+    retries.forEach(function (retry) { retry(); });
+    return {first: first.url, next: window.FakeEventSource.last.url, gaps: gaps};
+} finally {
+    window.setTimeout = setTimeoutBefore;
+}
+"""
+
+
+def test_a_gap_with_a_cursor_moves_the_next_streams_cursor(comet, new_browser):
+    """A gap with no event after it says where to go on from: the next stream asks from
+    there, or it would be told of the same gap again (test_sse's told-once test)."""
+    page = new_browser("gap-cursor")
+    page.get(comet.url + "/t/echo/")
+    page.execute_script(FAKE_EVENTSOURCE)
+    assert page.execute_async_script(LOAD_COMET_JS)
+    result = page.execute_script(GAP_WITH_A_CURSOR)
+    assert result == {"first": "/s/?lastEventId=5", "next": "/s/?lastEventId=42", "gaps": 1}
+
+
 def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
     """Seven chat tabs of one browser: over HTTP/1.1 a stream each would take all six
     connections to the site, and the seventh would not even load."""

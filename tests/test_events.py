@@ -257,6 +257,25 @@ def test_a_channel_whose_mark_was_folded_away_is_still_told_its_gap():
     assert hub.let_go_mark("old") == 0
 
 
+def test_a_bound_from_the_table_is_told_as_a_gap_never_as_events_let_go():
+    """A stream behind is cut as a slow reader only for events its channels' histories
+    let go: not for the table's bound of a channel folded away or never published to
+    (another channel's mark, maybe), which is told as a gap instead."""
+    hub = Hub(size=100, channels=2)
+    hub.add(Event("room", 1, "1"))
+    for i in range(2, 2000):  # a channel per user, folded away by the thousand
+        hub.add(Event(f"user-{i}", i, "1"))
+    hub.add(Event("room", 2000, "2"))
+    forgotten = "user-3"
+    bound = hub._forgotten.mark(forgotten)
+    assert bound >= 3
+    for channels in (["room", forgotten], ["room", "never-published"]):
+        assert not hub.catch_up(channels, 1, 0, 1_000_000)[1]  # not fallen
+    assert hub.catch_up(["room", forgotten], 1, 0, 1_000_000)[2] >= 3  # told, though
+    hub.add_gap([forgotten], 2)  # a broker's gap below its bound: still not a cut
+    assert hub.let_go_mark(forgotten) == 0 and hub.since([forgotten], 2)[1]
+
+
 def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkeypatch, caplog):
     """The memory broker in a process that has served no request and runs no server (a
     shell, a command, a task worker): the event reaches no browser, and that is said."""

@@ -127,6 +127,36 @@ def test_a_stream_hears_of_events_lost_before_the_server_held_it(tight):
         assert info["last_event_id"] < int(events[0]["id"]) - 3  # the first 3 are gone
 
 
+def test_a_gap_with_no_event_after_it_is_told_once(demo_db):
+    """A quiet channel whose history the process let go (it keeps 2 here): a client that
+    missed its last event is told of the gap, and the gap's id moves its cursor past
+    what is gone, or it would be told again at every reconnect (comet.js takes the same
+    cursor from the gap's data)."""
+    server = runcomet(db=demo_db, env={"TEST_HISTORY_CHANNELS": "2"})
+    try:
+        missed = publish(server, "quiet-room", "gone")
+        newest = [publish(server, f"busy-{i}", i) for i in range(2)][-1]  # lets it go
+        headers = b"Last-Event-ID: %d\r\n" % (missed - 1)
+        with SSEClient(server, "/t/stream/?channels=quiet-room", headers=headers) as client:
+            gap = client.next_event()
+            assert gap["event"] == "comet-history-gap"
+            assert gap["id"] == str(newest)
+            info = json.loads(gap["data"])
+            assert info == {
+                "last_event_id": missed - 1,
+                "channels": ["quiet-room"],
+                "cursor": newest,
+            }
+            subscribed(server, "quiet-room", 1)
+            later = publish(server, "quiet-room", "later")
+            assert client.next_event() == {"id": str(later), "data": '"later"'}
+        headers = b"Last-Event-ID: %d\r\n" % newest  # back, from the gap's id
+        with SSEClient(server, "/t/stream/?channels=quiet-room", headers=headers) as client:
+            assert client.next_event() == {"id": str(later), "data": '"later"'}
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
     """The memory broker's ids follow the clock across restarts; a client back with a
     cursor from the old process missed that process's later events, whatever the new one

@@ -111,8 +111,11 @@
 
     // Some events are gone.  The cursor stays (a reconnect asks from there, not for the
     // whole history), but the next event is taken even with a lower id: after a gap the
-    // ids may have restarted (a reset database).
+    // ids may have restarted (a reset database).  A gap with no event after it says
+    // where to go on from instead (its "cursor"), past what is gone: from the same
+    // cursor, every reconnect would hear of it again.
     function gap(info) {
+      if (info && typeof info.cursor === 'number') { lastId = info.cursor; }
       afterGap = true;
       if (options.onGap) { call(options.onGap, info); }
       // What follows the gap is all a tab can pass on: a tab at the cursor the gap was
