@@ -20,8 +20,8 @@ from .conf import comet_settings
 from .deferred import head_request
 from .events import check_channel, newest_that_fit, oldest_that_fit, refusal, replay
 from .evloop.deferral import Stream
-from .evloop.holding import jittered_retry
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
+from .evloop.streams import jittered_retry
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 

@@ -7,42 +7,30 @@ Loop thread only.  A held exchange has sent its headers and first content and wa
 - as a stream (``Stream``): every event of its channels is written to it as it comes.
 
 Fan-out is one pass over a channel's subscribers with the event's frame encoded once;
-per subscriber it is a cursor check and two C calls.  A stream whose unsent output is
-over ``max_pending_output`` falls behind: it is written nothing more until it has taken
-half of that, then it catches up from the channels' history.  One that falls a whole
-history behind (an event it has not had is let go) is cut as a slow reader (and
-counted).  So a burst larger than the bound (a broker's catch-up, a loop publishing in a
-view under ``--threads 0``) reaches every client that reads, and nothing is ever
-buffered without bound.
+per subscriber it is a cursor check and two C calls.  What a stream is written, and
+what happens when its client reads slower than events come, is streams.py's.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
 from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .hub import Event, gap_frame, heartbeat_frame, hub
+from .hub import Event, hub
 from .libevent_ctypes import EV_READ
 from .request import RequestStruct
+from .streams import Streams
 from .wsgi import asks_to_close
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .loop import Handle
     from .server import Server
 
 logger = logging.getLogger("django_comet.server")
-
-
-def jittered_retry() -> bytes:
-    """The last frame of a stream the server ends: reconnect in 1-5 s, spread out so
-    that the clients of a stopping server do not all come back at once."""
-    return b"retry: %d\n\n" % random.randint(1000, 5000)
 
 
 def chunked(frame: bytes) -> bytes:
@@ -67,13 +55,6 @@ STAGE_RECHECK_MIN = 0.1
 # hands them to its threads a few at a time instead of waking up for each.
 STAGE_GRAIN = 0.001
 
-# How soon a stream that fell behind is looked at, to see whether it has taken half of
-# its bound (then it catches up: 25 MiB/s at most at the default bound).  Each look that
-# finds it has not doubles the wait, up to BEHIND_RECHECK_MAX: a slow reader is followed
-# closely, and one that reads nothing costs next to nothing until the write timeout.
-BEHIND_RECHECK = 0.02
-BEHIND_RECHECK_MAX = 0.64
-
 
 class Subscribers(dict["Exchange", None]):
     """A channel's subscribers (an ordered set) and the channel's name, which the held
@@ -93,18 +74,9 @@ class Holder:
         self._lib = server._lib
         self._buf = server._buf
         self.max_pending = server.config.max_pending_output
-        # One timer for all streams: heartbeat events, and the end of streams held
-        # longer than max_hold (swept every minute when heartbeats are off).
-        self.heartbeat_interval = server.config.heartbeat or 60.0
-        self.send_heartbeat = server.config.heartbeat > 0
-        self.heartbeat = heartbeat_frame(self.heartbeat_interval)  # encoded once
         self.max_hold = server.config.max_hold
         self._subscribers: dict[str, Subscribers] = {}
-        self._streams: dict[Exchange, None] = {}
-        self.streams_behind = 0  # streams over their bound (Stream.behind)
-        self._behind_checks = Deadlines(self.loop, self._check_behind, BEHIND_RECHECK / 2)
-        self._heartbeat: Handle | None = None
-        self.dropped_slow = 0
+        self.streams = Streams(server)
         self.stages_delayed = 0  # stages held back until their client caught up
         self._timeouts = Deadlines(self.loop, self._wait_timed_out)  # long-polls'
         self._stages = Deadlines(self.loop, self._stage_due, STAGE_GRAIN)  # staged responses'
@@ -119,10 +91,7 @@ class Holder:
         self._stages.close()
         hub.remove_sink(self._sink)
         hub.remove_gap_sink(self._gap_sink)
-        self._behind_checks.close()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        self.streams.close()
 
     # -- holding and releasing ---------------------------------------------------------
 
@@ -166,18 +135,7 @@ class Holder:
         ex.cursor = deferral.cursor
         deferral.backlog = self._lib.evbuffer_get_length(ex.outbuf)
         self._subscribe(ex, deferral.channels)
-        self._streams[ex] = None
-        if self._heartbeat is None:
-            self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
-        # Events published between the view's replay and now are in the hub already,
-        # unless so many came that the oldest are gone: the client hears of that.
-        events, gap = hub.since(deferral.channels, deferral.cursor, deferral.lost_mark)
-        if gap:  # once told, only later losses are news (``events`` has all still kept)
-            if deferral.told_gap:
-                deferral.lost_mark = hub.lost_mark(deferral.channels)
-            else:
-                self._say_gap(ex, deferral, hub.lost_mark(deferral.channels))
-        self._write_events(ex, deferral, events)
+        self.streams.start(ex, deferral)
 
     def _stage_due(self, ex: Exchange, resume: Any, delay: float) -> None:
         """A stage's time has come: run it, unless its client has not taken the earlier
@@ -225,12 +183,8 @@ class Holder:
                     subscribers.pop(ex, None)
                     if not subscribers:
                         del self._subscribers[channel]
-            self._streams.pop(ex, None)
-            if type(hold) is Stream and hold.behind:
-                self._behind_no_more(ex, hold)
-            if not self._streams and self._heartbeat is not None:
-                self._heartbeat.cancel()  # no stream left: no timer left either
-                self._heartbeat = None
+            if type(hold) is Stream:
+                self.streams.stop(ex, hold)
 
     def _subscribe(self, ex: Exchange, channels: list[str]) -> None:
         for i, channel in enumerate(channels):
@@ -332,14 +286,14 @@ class Holder:
                     self._wake(ex, hold, [event], ex.cursor, rendered)
                 continue
             if type(hold) is Stream:
-                if hold.behind:  # it catches up from the history, in order (_check_behind)
+                if hold.behind:  # it catches up from the history, in order (streams.py)
                     if lost is None:
                         lost = hub.let_go_mark(event.channel)
                     if lost > max(ex.cursor, hold.lost_mark):
-                        self._drop_slow(ex)  # fallen a history behind: it never can
+                        self.streams.drop_slow(ex)  # fallen a history behind: it never can
                     continue
                 if pending(ex.outbuf) > limit + hold.backlog:
-                    self._fall_behind(ex, hold)
+                    self.streams.fall_behind(ex, hold)
                     continue
                 ex.cursor = event_id
                 if ex.protocol == "HTTP/1.1":
@@ -360,114 +314,9 @@ class Holder:
             if ex.cursor >= through:
                 continue
             if type(hold) is Stream:
-                self._say_gap(ex, hold, through)
+                self.streams.say_gap(ex, hold, through)
             elif type(hold) is ChannelWait:
                 hold.missed = True
-
-    def _write(self, ex: Exchange, frame: bytes) -> bool:
-        """One frame to a held stream (a gap, a heartbeat), as a stage's part is
-        written: never through evhttp_send_reply_chunk, whose re-armed write timeout a
-        heartbeat each interval would keep from ever cutting a client that reads
-        nothing.  False if not written: the stream is (or falls) behind."""
-        hold = ex.hold
-        assert type(hold) is Stream
-        if hold.behind:
-            return False
-        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending + hold.backlog:
-            self._fall_behind(ex, hold)
-            return False
-        self.server._send_part(ex, frame)
-        return True
-
-    def _say_gap(self, ex: Exchange, stream: Stream, through: int) -> None:
-        """Tell a stream that events up to ``through`` are lost: now, or, behind, as it
-        catches up, before the first event after them (a gap it was never told of would
-        have it cut, as fallen a history behind)."""
-        if through <= stream.lost_mark:
-            return  # told already (as it caught up past it)
-        stream.lost_mark = through
-        if not self._write(ex, gap_frame(ex.cursor, stream.channels)):
-            stream.unsaid_gap = max(stream.unsaid_gap, through)
-
-    def _write_events(
-        self, ex: Exchange, stream: Stream, events: list[Event], complete: bool = True
-    ) -> None:
-        """``events``, newer than its cursor and in order, to a stream while it is under
-        its bound; past that it falls (or stays) behind, and takes the rest later.
-        ``complete``: they are all there is, so a stream behind that takes them all has
-        caught up."""
-        pending, limit = self._lib.evbuffer_get_length, self.max_pending + stream.backlog
-        for event in events:
-            if pending(ex.outbuf) > limit:
-                self._fall_behind(ex, stream)
-                return
-            if stream.unsaid_gap and event.id > stream.unsaid_gap:
-                self._say_unsaid_gap(ex, stream)
-            self.server._send_part(ex, event.frame)
-            ex.cursor = event.id
-        if not complete:
-            return
-        if stream.unsaid_gap:
-            self._say_unsaid_gap(ex, stream)
-        if stream.behind:  # caught up: events reach it as they come again
-            self._behind_no_more(ex, stream)
-
-    def _say_unsaid_gap(self, ex: Exchange, stream: Stream) -> None:
-        stream.unsaid_gap = 0
-        self.server._send_part(ex, gap_frame(ex.cursor, stream.channels))
-
-    def _fall_behind(self, ex: Exchange, stream: Stream) -> None:
-        if not stream.behind:
-            stream.behind = True
-            self.streams_behind += 1
-            stream.recheck = self._behind_checks.add(ex, BEHIND_RECHECK, BEHIND_RECHECK)
-
-    def _behind_no_more(self, ex: Exchange, stream: Stream) -> None:
-        stream.behind = False
-        self.streams_behind -= 1
-        if stream.recheck is not None:
-            self._behind_checks.discard(stream.recheck, ex)
-            stream.recheck = None
-
-    def _check_behind(self, ex: Exchange, waited: float) -> None:
-        """A stream behind: once it has taken half its bound it catches up from the
-        history, unless it has fallen a history behind (an event it has not had was let
-        go; the fan-out finds most of those first): that one is cut as a slow reader.
-        One that takes nothing is cut by the write timeout."""
-        stream = ex.hold
-        assert type(stream) is Stream
-        stream.recheck = None
-        if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending // 2 + stream.backlog:
-            wait = min(2 * waited, BEHIND_RECHECK_MAX)
-            stream.recheck = self._behind_checks.add(ex, wait, wait)
-            return
-        events, fallen, gap, complete = hub.catch_up(
-            stream.channels, ex.cursor, stream.lost_mark, self.max_pending
-        )
-        if fallen:
-            self._drop_slow(ex)
-            return
-        if gap:  # a broker's: told in its place, whether or not its news came yet
-            stream.lost_mark = gap
-            stream.unsaid_gap = max(stream.unsaid_gap, gap)
-        self._write_events(ex, stream, events, complete)
-        if stream.behind:
-            stream.recheck = self._behind_checks.add(ex, BEHIND_RECHECK, BEHIND_RECHECK)
-
-    def _drop_slow(self, ex: Exchange) -> None:
-        self.dropped_slow += 1
-        self.server._abort(ex)
-
-    def _beat(self) -> None:
-        self._heartbeat = None
-        too_old = time.monotonic() - self.max_hold if self.max_hold else None
-        for ex in list(self._streams):
-            if too_old is not None and ex.started < too_old:
-                self._end_stream(ex)
-            elif self.send_heartbeat and not self._lib.evbuffer_get_length(ex.outbuf):
-                self._write(ex, self.heartbeat)  # (a stream with bytes to send is not idle)
-        if self._streams:
-            self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
 
     # -- shutdown and figures ----------------------------------------------------------
 
@@ -484,23 +333,19 @@ class Holder:
         a long-poll with what it has (usually nothing, as on its timeout), stages after
         the part already sent."""
         if type(deferral) is Stream:
-            self._end_stream(ex)
+            self.streams.end(ex)
         elif type(deferral) is ChannelWait:
             self.release(ex)
             self._wake(ex, deferral, deferral.ready or None, deferral.after, {})
         else:
             self.server._end(ex)
 
-    def _end_stream(self, ex: Exchange) -> None:
-        self.server._send_chunk(ex, jittered_retry())
-        self.server._end(ex)
-
     def stats(self) -> dict[str, Any]:
         return {
-            "streams": len(self._streams),
+            "streams": len(self.streams),
             "channels": {name: len(subs) for name, subs in sorted(self._subscribers.items())},
             "events_published": hub.published,
-            "streams_behind": self.streams_behind,
-            "dropped_slow": self.dropped_slow,
+            "streams_behind": self.streams.behind,
+            "dropped_slow": self.streams.dropped_slow,
             "stages_delayed": self.stages_delayed,
         }
