@@ -16,6 +16,7 @@ from django.utils.module_loading import import_string
 from .brokers import get_broker
 from .brokers.base import Broker, logger
 from .conf import comet_settings
+from .evloop import hub as hub_module
 from .evloop.hub import Event, hub
 
 __all__ = ["history", "may_listen", "publish"]
@@ -101,27 +102,16 @@ def oldest_that_fit(events: list[Event]) -> tuple[list[Event], bool]:
     batch's), a stream's held response takes the rest from this process's history as it
     reads (one request for many channels' history from their start must not pin a copy
     of all of it for as long as its client reads slowly)."""
-    budget = comet_settings.MAX_PENDING_OUTPUT
-    total = 0
-    for i, event in enumerate(events):
-        total += len(event.frame)
-        if total > budget and i:
-            return events[:i], False
-    return events, True
+    return hub_module.oldest_that_fit(events, comet_settings.MAX_PENDING_OUTPUT)
 
 
 def newest_that_fit(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
-    """A replay cut from the other end, for a stream whose process cannot take the rest
-    from its own history: the newest events that fit in COMET_MAX_PENDING_OUTPUT (the
-    newest always), and a gap for those left out too (not for a cursor of 0, which asks
-    for whatever there is)."""
-    budget = comet_settings.MAX_PENDING_OUTPUT
-    total = 0
-    for i in range(len(events) - 1, 0, -1):
-        total += len(events[i].frame)
-        if total + len(events[i - 1].frame) > budget:
-            return events[i:], gap or bool(after)
-    return events, gap
+    """A replay cut from the other end, for a client that reloads (a gap), or a stream
+    whose process cannot take the rest from its own history: the newest events that fit
+    in COMET_MAX_PENDING_OUTPUT (the newest always), and a gap for those left out too
+    (not for a cursor of 0, which asks for whatever there is)."""
+    events, whole = hub_module.newest_that_fit(events, comet_settings.MAX_PENDING_OUTPUT)
+    return events, gap or (not whole and bool(after))
 
 
 def as_dict(event: Event) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .deferred import head_request
-from .events import oldest_that_fit, refusal, replay
+from .events import newest_that_fit, oldest_that_fit, refusal, replay
 from .evloop.deferral import ChannelWait
 from .evloop.hub import Event, hub
 
@@ -45,7 +45,10 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
-        ready, _ = oldest_that_fit(ready)  # the client's next poll takes the next batch
+        if gap:  # the client reloads: the newest, or each next batch would say it again
+            ready, gap = newest_that_fit(ready, gap, since)
+        else:  # the client's next poll takes the next batch
+            ready, _ = oldest_that_fit(ready)
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(
@@ -74,7 +77,9 @@ class PollResponse(StreamingHttpResponse):
             after = wait.after
             if self.gap and not events:  # (see Holder._wait_timed_out)
                 events, after = hub.since_or_newest(self.channels, after)
-            yield render_events(events, after, self.gap or gap)
+            gap = self.gap or gap
+            events = newest_that_fit(events, gap, after)[0] if gap else oldest_that_fit(events)[0]
+            yield render_events(events, after, gap)
 
 
 def poll_response(

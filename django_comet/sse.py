@@ -71,6 +71,8 @@ class EventStreamResponse(StreamingHttpResponse):
         # reach no script).
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
         first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
+        # Taken before the replay: a loss after it, past what the replay sends, is news.
+        lost_mark = hub.lost_mark(self.channels)
         events, gap, cursor = replay(broker, self.channels, after)
         batch, whole = oldest_that_fit(events)
         if not whole and broker.local_since(self.channels, batch[-1].id)[1]:
@@ -89,7 +91,7 @@ class EventStreamResponse(StreamingHttpResponse):
         first.extend(e.frame for e in events)
         self._cursor = events[-1].id if events else cursor
         self._first = b"".join(first)
-        self.comet_deferral = Stream(self.channels, self._cursor, told_gap=gap)
+        self.comet_deferral = Stream(self.channels, self._cursor, lost_mark=lost_mark)
         self._head = head_request()
         self.streaming_content = self._frames()
 
@@ -100,7 +102,7 @@ class EventStreamResponse(StreamingHttpResponse):
         # Any other server: one blocked thread per stream, ended as runcomet ends it:
         # after COMET_MAX_HOLD, with a jittered retry.
         cursor = self._cursor
-        told_gap = self.comet_deferral.told_gap  # by the first content, until it moves on
+        known_lost = self.comet_deferral.lost_mark
         heartbeat = comet_settings.SSE_HEARTBEAT
         max_hold = comet_settings.MAX_HOLD
         ends = time.monotonic() + max_hold if max_hold else None
@@ -108,16 +110,16 @@ class EventStreamResponse(StreamingHttpResponse):
             wait = heartbeat or IDLE_COMMENT_SECONDS
             if ends is not None:
                 wait = min(wait, max(0.0, ends - time.monotonic()))
-            events, gap = hub.wait(self.channels, cursor, wait)
-            if gap and not told_gap:
+            events, gap = hub.wait(self.channels, cursor, wait, known_lost)
+            if gap:
                 yield gap_frame(cursor, self.channels)
+                known_lost = hub.lost_mark(self.channels)
             if not events and (ends is None or time.monotonic() < ends):
                 # A blocked thread hears of its client leaving only by writing to it:
                 # without heartbeats, a comment each idle minute.
                 yield heartbeat_frame(heartbeat) if heartbeat else b":\n\n"
             for event in events:
                 cursor = event.id
-                told_gap = False
                 yield event.frame
         yield jittered_retry()
 

@@ -92,6 +92,7 @@ def test_a_replay_too_large_for_the_bound_from_a_process_that_has_not_all_of_it(
     KiB here) from a history of its own: a stream gets the newest and the gap event,
     while polls take the broker's history a batch at a time, all of it."""
     a, _ = pair
+    publish(a, "before-far-back", 0)  # so that ids[0] - 1 is a cursor, not 0
     ids = [publish(a, "far-back", "x" * 30_000) for _ in range(5)]
     late = start(broker, demo_db, env={"TEST_MAX_PENDING_OUTPUT": str(64 * 1024)})
     try:

@@ -272,8 +272,11 @@ def test_a_bound_from_the_table_is_told_as_a_gap_never_as_events_let_go():
     for channels in (["room", forgotten], ["room", "never-published"]):
         assert not hub.catch_up(channels, 1, 0, 1_000_000)[1]  # not fallen
     assert hub.catch_up(["room", forgotten], 1, 0, 1_000_000)[2] >= 3  # told, though
+    told = []
+    hub.add_gap_sink(lambda channels, through: told.append((channels, through)))
     hub.add_gap([forgotten], 2)  # a broker's gap below its bound: still not a cut
     assert hub.let_go_mark(forgotten) == 0 and hub.since([forgotten], 2)[1]
+    assert told == [([forgotten], 2)]  # live streams hear of the gap as it was
 
 
 def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkeypatch, caplog):

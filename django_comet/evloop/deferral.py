@@ -104,17 +104,15 @@ class Stream:
         "cursor",
         "lost_mark",
         "recheck",
-        "told_gap",
         "unsaid_gap",
     )
 
-    def __init__(self, channels: list[str], cursor: int, *, told_gap: bool = False):
+    def __init__(self, channels: list[str], cursor: int, *, lost_mark: int | None = None):
         self.channels = list(dict.fromkeys(channels))
         self.cursor = cursor  # the newest event id already in the response's first content
-        # The first content announced a gap already: events lost before the server holds
-        # the stream are the same news, told once.
-        self.told_gap = told_gap
-        self.lost_mark = hub.lost_mark(self.channels)  # losses after this are news
+        # Losses after this are news: the hub's mark when the view read its replay (its
+        # first content told of the losses before, if they concerned it).
+        self.lost_mark = hub.lost_mark(self.channels) if lost_mark is None else lost_mark
         self.claimed = False
         # Set by the server: bytes of the first content (a replay) still unsent when the
         # stream was held, allowed on top of the bound on unsent output, so that a slow

@@ -146,13 +146,14 @@ class Hub:
                 self._lost_everywhere = max(self._lost_everywhere, through)
             else:
                 for channel in channels:
+                    mark = through
                     if channel in self._history:
-                        self._lost[channel] = max(self._lost.get(channel, 0), through)
+                        self._lost[channel] = max(self._lost.get(channel, 0), mark)
                     else:
                         if channel not in self._let_go:
-                            through = max(through, self._mark(channel))  # a bound, a gap
-                        self._let_go[channel] = max(self._let_go.get(channel, 0), through)
-                    self._gapped[channel] = max(self._gapped.get(channel, 0), through)
+                            mark = max(mark, self._mark(channel))  # a bound, told as a gap
+                        self._let_go[channel] = max(self._let_go.get(channel, 0), mark)
+                    self._gapped[channel] = max(self._gapped.get(channel, 0), mark)
                 self._forget_beyond_bound()
             for sink in self._gap_sinks:
                 sink(channels, through)
@@ -265,12 +266,13 @@ class Hub:
         return events, gap, complete and whole
 
     def wait(
-        self, channels: list[str], after: int, timeout: float | None
+        self, channels: list[str], after: int, timeout: float | None, known_lost: int = 0
     ) -> tuple[list[Event], bool]:
         """Block (up to ``timeout``) until an event newer than ``after`` exists, for
         servers without an event loop, where a deferral degrades to a blocking wait; the
-        events and whether some before them are gone, as ``since``.  Events published
-        while it waits are caught as they come, however small the history (0 keeps none).
+        events and whether some before them are gone, as ``since`` (with ``known_lost``).
+        Events published while it waits are caught as they come, however small the
+        history (0 keeps none).
         A gap is told with the events after it, never alone: a caller that cannot move
         its cursor past the lost events would hear of them again and again."""
         wanted = set(channels)
@@ -281,7 +283,7 @@ class Hub:
                 caught.append(event)
 
         with self._changed:
-            events, gap, _ = self._since(channels, after)
+            events, gap, _ = self._since(channels, after, known_lost)
             if events:
                 return events, gap
             # From here on every event is caught: only what was lost before counts.
@@ -385,6 +387,28 @@ def _newer(
     if budget is None:
         return list(newer), True
     return _take(newer, budget)
+
+
+def oldest_that_fit(events: list[Event], budget: int) -> tuple[list[Event], bool]:
+    """The oldest of ``events`` whose frames fit in ``budget`` bytes (the oldest always),
+    and whether they are all of them."""
+    total = 0
+    for i, event in enumerate(events):
+        total += len(event.frame)
+        if total > budget and i:
+            return events[:i], False
+    return events, True
+
+
+def newest_that_fit(events: list[Event], budget: int) -> tuple[list[Event], bool]:
+    """The newest of ``events`` whose frames fit in ``budget`` bytes (the newest always),
+    and whether they are all of them."""
+    total = 0
+    for i in range(len(events) - 1, 0, -1):
+        total += len(events[i].frame)
+        if total + len(events[i - 1].frame) > budget:
+            return events[i:], False
+    return events, True
 
 
 def _take(events: Iterable[Event], budget: int) -> tuple[list[Event], bool]:

@@ -71,17 +71,15 @@ class Streams:
 
     def start(self, ex: Exchange, stream: Stream) -> None:
         """A stream held (its exchange subscribed to its channels): events published
-        between the view's replay and now are in the hub already, unless so many came
-        that the oldest are gone: the client hears of that."""
+        between the view's replay and now, and those of a replay too large for its
+        first content, are in the hub already, unless so many came that some are gone:
+        the client hears of that (past its first content, any loss is news)."""
         self._streams[ex] = None
         if self._heartbeat is None:
             self._heartbeat = self.loop.call_later(self.heartbeat_interval, self._beat)
         events, gap = hub.since(stream.channels, stream.cursor, stream.lost_mark)
-        if gap:  # once told, only later losses are news (``events`` has all still kept)
-            if stream.told_gap:
-                stream.lost_mark = hub.lost_mark(stream.channels)
-            else:
-                self.say_gap(ex, stream, hub.lost_mark(stream.channels))
+        if gap:  # (``events`` has all still kept)
+            self.say_gap(ex, stream, hub.lost_mark(stream.channels))
         self.write_events(ex, stream, events)
 
     def stop(self, ex: Exchange, stream: Stream) -> None:
