@@ -17,10 +17,11 @@ from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpRespon
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
+from .conf import comet_settings
 from .deferred import head_request
-from .events import newest_that_fit, oldest_that_fit, refusal, replay
+from .events import refusal, replay
 from .evloop.deferral import ChannelWait
-from .evloop.hub import Event, hub
+from .evloop.hub import Event, hub, poll_batch
 
 __all__ = ["poll_response", "render_events"]
 
@@ -45,10 +46,7 @@ class PollResponse(StreamingHttpResponse):
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
-        if gap:  # the client reloads: the newest, or each next batch would say it again
-            ready, gap = newest_that_fit(ready, gap, since)
-        else:  # the client's next poll takes the next batch
-            ready, _ = oldest_that_fit(ready)
+        ready = poll_batch(ready, gap, comet_settings.MAX_PENDING_OUTPUT)
         self.channels = channels
         self.gap = gap
         self.comet_deferral = ChannelWait(
@@ -78,7 +76,7 @@ class PollResponse(StreamingHttpResponse):
             if self.gap and not events:  # (see Holder._wait_timed_out)
                 events, after = hub.since_or_newest(self.channels, after)
             gap = self.gap or gap
-            events = newest_that_fit(events, gap, after)[0] if gap else oldest_that_fit(events)[0]
+            events = poll_batch(events, gap, comet_settings.MAX_PENDING_OUTPUT)
             yield render_events(events, after, gap)
 
 

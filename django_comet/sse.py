@@ -80,12 +80,11 @@ class EventStreamResponse(StreamingHttpResponse):
             # since, or let the channel go), where the held stream would take it from.
             batch, gap = newest_that_fit(events, gap, after)
         events = batch
-        moved_on = None
-        if gap and not events:  # nothing after the gap: go on from past it (hub.py)
-            events, moved_on = hub.since_or_newest(self.channels, cursor)
-            if events:  # (published since the replay)
-                moved_on = None
-            cursor = moved_on or cursor
+        moved_on = None  # told with a gap that has no event after it (hub.py)
+        if gap and not events:
+            events, newest = hub.since_or_newest(self.channels, cursor)
+            if not events:  # (else published since the replay: they follow the gap)
+                cursor = moved_on = newest
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels, moved_on))
         first.extend(e.frame for e in events)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .hub import Event, hub, newest_that_fit, oldest_that_fit
+from .hub import Event, hub, poll_batch
 from .libevent_ctypes import EV_READ
 from .request import RequestStruct
 from .streams import Streams
@@ -242,12 +242,7 @@ class Holder:
                     # lost after it counts (a short one may have let the trigger itself
                     # go); before it, what a broker's gap took while it waited.
                     gap = wait.missed or hub.since(wait.channels, trigger.id, wait.lost_mark)[1]
-            # One answer holds what fits in the bound on unsent output: the oldest, and
-            # the next poll takes the next; told a gap, the client reloads: the newest.
-            if gap or wait.gap:
-                events = newest_that_fit(events, self.max_pending)[0]
-            else:
-                events = oldest_that_fit(events, self.max_pending)[0]
+            events = poll_batch(events, gap or wait.gap, self.max_pending)  # (a burst)
             try:
                 body = (
                     wait.render(events, after, gap=True)

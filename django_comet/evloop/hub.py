@@ -411,6 +411,13 @@ def newest_that_fit(events: list[Event], budget: int) -> tuple[list[Event], bool
     return events, True
 
 
+def poll_batch(events: list[Event], gap: bool, budget: int) -> list[Event]:
+    """A long-poll answer's events: the oldest that fit in ``budget`` (the next poll
+    takes the next), or, with a gap, the newest (the client reloads: each next batch
+    would tell it of the gap again)."""
+    return (newest_that_fit if gap else oldest_that_fit)(events, budget)[0]
+
+
 def _take(events: Iterable[Event], budget: int) -> tuple[list[Event], bool]:
     """The first ``events`` until their frames add up past ``budget`` bytes, and whether
     that is all of them."""
