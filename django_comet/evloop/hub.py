@@ -203,6 +203,10 @@ class Hub:
         """``channel``'s lost mark (0: nothing lost)."""
         if channel in self._history:
             return self._lost.get(channel, 0)
+        return self._mark_without_history(channel)
+
+    def _mark_without_history(self, channel: str) -> int:
+        """The lost mark of a channel with no history: exact, or the table's bound."""
         mark = self._let_go.get(channel)
         if mark is None:
             return self._forgotten.mark(channel) if self._forgotten else 0
@@ -252,9 +256,7 @@ class Hub:
                     complete = complete and whole
                 lost = self._lost.get(channel, 0)
             else:
-                lost = self._let_go.get(channel, -1)
-                if lost < 0:
-                    lost = self._forgotten.mark(channel) if self._forgotten else 0
+                lost = self._mark_without_history(channel)
             gap = gap or (after < lost and lost > known_lost)
         if len(runs) <= 1:
             return (runs[0] if runs else []), gap, complete
