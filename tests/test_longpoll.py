@@ -2,6 +2,7 @@
 gaps, the chat's poll protocol, many polls woken by one publish, a poll's connection
 after its answer."""
 
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -334,3 +335,51 @@ def test_a_poll_gets_only_events_of_its_own_channels(comet_inline):
             sock.close()
     assert [e["id"] for e in both["events"]] == [last - 1, last]
     assert [e["id"] for e in one["events"]] == [last - 1]  # never own-b's
+
+
+@pytest.fixture(scope="module")
+def bounded(demo_db):
+    """A server with a 5-event history and a 64 KiB output bound."""
+    env = {"TEST_HISTORY_SIZE": "5", "TEST_MAX_PENDING_OUTPUT": str(64 * 1024)}
+    server = runcomet(db=demo_db, env=env)
+    yield server
+    assert server.stop() == 0
+
+
+def test_paging_a_long_poll_from_before_a_gap_tells_it_once(bounded):
+    """Two channels, each missing its oldest events: the answer is the newest that fit,
+    with the gap (the client reloads), not the first of many batches that would each
+    say it again."""
+    for channel in ("page-a", "page-b"):
+        for _ in range(7):  # the history keeps 5
+            publish(bounded, channel, "x" * 30_000)
+    url = bounded.url + "/t/fastpoll/?channel=page-a,page-b&timeout=0.2&since="
+    answer = requests.get(url + "1").json()
+    assert answer["gap"] is True
+    answers = []
+    while answer["events"]:
+        answer = requests.get(url + str(answer["last_id"])).json()
+        answers.append(answer)
+    assert not any(a.get("gap") for a in answers)
+
+
+def test_a_woken_long_polls_answer_is_bounded_too(bounded):
+    """A burst that wakes a waiting poll: its answer holds what fits in the bound (64
+    KiB here), the oldest first, and its next polls take the rest."""
+    since = publish(bounded, "burst", "before")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        url = bounded.url + "/t/fastpoll/?channel=burst&timeout=30&since="
+        waiting = pool.submit(lambda: requests.get(url + str(since), timeout=60).json())
+        subscribed(bounded, "burst", 1)
+        newest = requests.get(
+            bounded.url + "/t/publish-many/?channel=burst&n=5&size=30000", timeout=30
+        ).json()["id"]
+        answer = waiting.result()
+    got = []
+    while True:
+        assert "gap" not in answer and 1 <= len(answer["events"]) <= 2  # 2 fit in 64 KiB
+        got += [e["id"] for e in answer["events"]]
+        if answer["last_id"] == newest:
+            break
+        answer = requests.get(url + str(answer["last_id"]), timeout=60).json()
+    assert len(got) == 5 and got == sorted(got) and got[-1] == newest

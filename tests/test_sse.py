@@ -2,7 +2,6 @@
 fan-out to 1,000 clients, authorization, slow readers, disconnects (long-polls:
 test_longpoll.py)."""
 
-import concurrent.futures
 import json
 import socket
 
@@ -495,45 +494,6 @@ def test_the_rest_of_a_large_replay_lost_before_the_stream_is_held_is_told(tight
         rest = [client.next_event() for _ in range(5)]
         assert [e["id"] for e in rest[:2]] == [str(ids[5]), str(ids[6])]
         assert [e["data"] for e in rest[2:]] == ["0", "1", "2"]
-
-
-def test_paging_a_long_poll_from_before_a_gap_tells_it_once(tight):
-    """Two channels, each missing its oldest events: the answer is the newest that fit,
-    with the gap (the client reloads), not the first of many batches that would each
-    say it again."""
-    for channel in ("page-a", "page-b"):
-        for _ in range(7):  # the history keeps 5
-            publish(tight, channel, "x" * 30_000)
-    url = tight.url + "/t/fastpoll/?channel=page-a,page-b&timeout=0.2&since="
-    answer = requests.get(url + "1").json()
-    assert answer["gap"] is True
-    answers = []
-    while answer["events"]:
-        answer = requests.get(url + str(answer["last_id"])).json()
-        answers.append(answer)
-    assert not any(a.get("gap") for a in answers)
-
-
-def test_a_woken_long_polls_answer_is_bounded_too(tight):
-    """A burst that wakes a waiting poll: its answer holds what fits in the bound (64
-    KiB here), the oldest first, and its next polls take the rest."""
-    since = publish(tight, "burst", "before")
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        url = tight.url + "/t/fastpoll/?channel=burst&timeout=30&since="
-        waiting = pool.submit(lambda: requests.get(url + str(since), timeout=60).json())
-        subscribed(tight, "burst", 1)
-        newest = requests.get(
-            tight.url + "/t/publish-many/?channel=burst&n=5&size=30000", timeout=30
-        ).json()["id"]
-        answer = waiting.result()
-    got = []
-    while True:
-        assert "gap" not in answer and 1 <= len(answer["events"]) <= 2  # 2 fit in 64 KiB
-        got += [e["id"] for e in answer["events"]]
-        if answer["last_id"] == newest:
-            break
-        answer = requests.get(url + str(answer["last_id"]), timeout=60).json()
-    assert len(got) == 5 and got == sorted(got) and got[-1] == newest
 
 
 def test_a_stream_that_reads_nothing_is_cut_after_the_write_timeout(demo_db):
