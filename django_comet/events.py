@@ -63,6 +63,8 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
         _unreachable("its listener lost it")
         events, gap = broker.local_since(channels, after)
     else:
+        # Read before the broker is: every id up to it was handed out before the read.
+        complete_after = broker.hub_has_all_after()
         try:
             with broker.early_client():
                 events, gap = broker.since(channels, after)
@@ -72,6 +74,12 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
         except broker.unreachable as exc:
             _unreachable((str(exc).strip() or repr(exc)).splitlines()[0])  # (psycopg's: lines)
             events, gap = broker.local_since(channels, after)
+        else:
+            if gap and not events and after > 0 and complete_after is not None:
+                # Nothing of these channels is left up to it, and all after it reaches
+                # the hub: past the gap (else a process that has received nothing
+                # newer than the cursor would tell the gap again at every reconnect).
+                return events, True, max(after, complete_after)
     # Cursor 0 asks for whatever history there is: a client with no state has nothing to
     # reload (a gap would tell every new page of a busy channel that it missed something).
     return events, gap and after > 0, after

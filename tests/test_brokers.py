@@ -40,10 +40,9 @@ def pair(broker, demo_db):
     assert b.stop() == 0
 
 
-def manage_publish(broker, channel, data):
-    result = manage(
-        "comet_publish", channel, json.dumps(data), check=True, env={"COMET_BROKER": broker.url}
-    )
+def manage_publish(broker, channel, data, **env):
+    env["COMET_BROKER"] = broker.url
+    result = manage("comet_publish", channel, json.dumps(data), check=True, env=env)
     return int(result.stdout.strip())
 
 
@@ -261,6 +260,28 @@ def test_a_history_size_of_0_keeps_no_history(broker, demo_db):
 
             with redis.Redis.from_url(broker.url) as client:
                 assert client.llen("comet:log") <= LOG_MIN
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_fresh_process_moves_a_cursor_past_a_gap_with_nothing_after_it(broker, demo_db):
+    """A process that has received nothing newer than a client's cursor: the broker has
+    nothing left after it, and everything since this process began listening reaches
+    it, so the gap's cursor moves there; else the client hears it at every reconnect."""
+    ids = [manage_publish(broker, "kept-none", n, TEST_HISTORY_SIZE="0") for n in range(2)]
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "0"})
+    try:
+        headers = b"Last-Event-ID: %d\r\n" % ids[0]
+        with SSEClient(server, "/t/stream/?channels=kept-none", headers=headers) as client:
+            gap = client.next_event()
+        assert gap["event"] == GAP and int(gap["id"]) >= ids[-1], gap
+        assert json.loads(gap["data"])["cursor"] == int(gap["id"])
+        assert replay(server, "kept-none", gap["id"]) == (False, [])
+        url = server.url + "/t/fastpoll/?channel=kept-none&timeout=0.1&since="
+        answer = requests.get(url + str(ids[0]), timeout=30).json()
+        assert answer["gap"] is True and answer["last_id"] >= ids[-1], answer
+        again = requests.get(url + str(answer["last_id"]), timeout=30).json()
+        assert "gap" not in again and again["events"] == [], again
     finally:
         assert server.stop() == 0, "".join(server.output)
 

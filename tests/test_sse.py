@@ -180,6 +180,35 @@ def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
         assert new.stop() == 0
 
 
+def test_a_gap_from_before_a_restart_is_told_once_before_anything_is_published(demo_db):
+    """The new process has published nothing, so no event carries the client's cursor
+    past the old process's: the gap's own id does (a cursor newer than any id is from
+    another epoch: 0, all there is), or the client would hear of it at every reconnect."""
+    old = runcomet(db=demo_db)
+    try:
+        before = publish(old, "restarted", "old")
+    finally:
+        assert old.stop() == 0
+    new = runcomet(db=demo_db)
+    try:
+        headers = b"Last-Event-ID: %d\r\n" % before
+        with SSEClient(new, "/t/stream/?channels=restarted", headers=headers) as client:
+            gap = client.next_event()
+        assert gap["event"] == "comet-history-gap", gap
+        url = new.url + "/t/fastpoll/?channel=restarted&timeout=0.1&since="
+        answer = requests.get(url + str(before), timeout=30).json()
+        assert answer["gap"] is True and answer["events"] == [], answer
+        again = requests.get(url + str(answer["last_id"]), timeout=30).json()
+        assert "gap" not in again and again["events"] == [], again
+        headers = b"Last-Event-ID: %s\r\n" % gap["id"].encode()
+        with SSEClient(new, "/t/stream/?channels=restarted", headers=headers) as client:
+            subscribed(new, "restarted", 1)
+            fresh = publish(new, "restarted", "new")
+            assert client.next_event() == {"id": str(fresh), "data": '"new"'}
+    finally:
+        assert new.stop() == 0
+
+
 def test_heartbeat_events_tell_their_interval(tight):
     """An event, not a comment, so that a browser's script can watch for it."""
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:

@@ -34,6 +34,12 @@ class Broker:
         newest id this process has seen, on any channel (one counter for all of them)."""
         return max(hub.last_id, hub.newest_id(channels))
 
+    def hub_has_all_after(self) -> int | None:
+        """An id after which every event of the broker reaches this process's hub, or
+        None if none is known yet: a client told of a gap with no event after it may
+        move its cursor there (past what is gone), or it would be told it again."""
+        return None
+
     def early_client(self) -> contextlib.AbstractContextManager[int | None]:
         """Around the broker reads that give a client its cursor (see ListeningBroker)."""
         return contextlib.nullcontext()
@@ -103,6 +109,9 @@ class ListeningBroker(Broker):
         # (Once caught up: until its first listen a process has no history of its own.
         # What is published before its listener is back reaches the hub by its catch-up.)
         return self._caught_up and not self.connected.is_set()
+
+    def hub_has_all_after(self) -> int | None:
+        return self._listening_from if self._caught_up else None
 
     def fresh_cursor(self, channels: list[str]) -> int:
         if self._caught_up:
