@@ -525,6 +525,37 @@ def test_the_rest_of_a_large_replay_lost_before_the_stream_is_held_is_told(tight
         assert [e["data"] for e in rest[2:]] == ["0", "1", "2"]
 
 
+def test_the_access_log_counts_what_left_of_a_stream_cut_short(demo_db):
+    """A client that stops reading, cut by the write timeout (2 s here) with a bound's
+    worth still queued: its line counts the event bytes that reached the client, not
+    less by the chunked framing of what never left (the server counts that framing's
+    share of the unsent bytes: exact for events of one size, to a few bytes)."""
+    env = {"TEST_TIMEOUT": "2", "TEST_HISTORY_SIZE": "100000"}
+    server = runcomet(db=demo_db, env=env)
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /t/stream/?channels=stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            subscribed(server, "stalled", 1)
+            # 10 MB: more than the kernel's buffers take, the rest queued in the server's.
+            url = server.url + "/t/publish-many/?channel=stalled&n=10000&size=1000"
+            assert requests.get(url, timeout=60).status_code == 200
+            server.wait_for_status(lambda s: "stalled" not in s["channels"], timeout=30)
+            received = b"".join(iter(lambda: sock.recv(1 << 16), b""))  # to the end
+        body = received.partition(b"\r\n\r\n")[2]
+        payload = 0
+        while body:  # chunks, the last one cut short
+            size_line, _, body = body.partition(b"\r\n")
+            payload += min(int(size_line, 16), len(body))
+            body = body[int(size_line, 16) + 2 :]
+        assert 0 < payload < 10000 * 1000
+        assert server.logged("/t/stream/?channels=stalled HTTP/1.1")
+        line = next(line for line in server.output if "channels=stalled HTTP/1.1" in line)
+        logged = int(line.split('" 200 ')[1].split()[0])
+        assert abs(logged - payload) <= 8, (payload, line)  # the framing of 64 KiB: 450
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_stream_that_reads_nothing_is_cut_after_the_write_timeout(demo_db):
     """A client that never reads a big replay is cut once COMET_TIMEOUT (2 s here) passes
     with no progress, heartbeats (every 0.2 s) notwithstanding: they used to re-arm the

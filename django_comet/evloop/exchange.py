@@ -25,6 +25,7 @@ class Exchange:
         "dead",
         "deferred",
         "environ",
+        "framing",
         "hold",
         "keep_alive",
         "key",
@@ -51,7 +52,8 @@ class Exchange:
         self.protocol: str = environ["SERVER_PROTOCOL"]
         self.started = time.monotonic()
         self.code = 0
-        self.sent = 0
+        self.sent = 0  # body bytes, as the access log counts them
+        self.framing = 0  # the chunked framing written around them (see Server._on_close)
         self.state = "app"
         self.dead = False
         self.stage_due: Due | None = None  # held for a time: the tick of its next stage

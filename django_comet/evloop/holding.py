@@ -271,6 +271,7 @@ class Holder:
         # through evhttp, which set the connection writing.
         chunk = chunked(frame)  # HTTP/1.1; HTTP/1.0 streams get it raw
         chunk_size = len(chunk)
+        framing = chunk_size - size
         limit = self.max_pending
         pending, add = self._lib.evbuffer_get_length, self._lib.evbuffer_add
         rendered: dict[Any, bytes] = {}
@@ -299,6 +300,7 @@ class Holder:
                 ex.cursor = event_id
                 if ex.protocol == "HTTP/1.1":
                     add(ex.outbuf, chunk, chunk_size)
+                    ex.framing += framing
                 else:
                     add(ex.outbuf, frame, size)
                 ex.sent += size

@@ -378,9 +378,12 @@ class Responder:
             ex.sent += size
             if ex.limit is None and ex.protocol == "HTTP/1.1":
                 data = chunked(data)
+                ex.framing += len(data) - size
             lib.evbuffer_add(lib.bufferevent_get_output(bev), data, len(data))
             return True
         ex.sent += size
+        if ex.limit is None and ex.protocol == "HTTP/1.1":
+            ex.framing += len(b"%x" % size) + 4  # evhttp's: the size line, the CRLF after
         lib.evbuffer_add(self._buf, data, size)
         if drained_cb:  # the stream pauses on this one: told when its bytes have left
             lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
@@ -404,6 +407,7 @@ class Responder:
         framed = chunked(data) if ex.protocol == "HTTP/1.1" else data
         self._lib.evbuffer_add(ex.outbuf, framed, len(framed))
         ex.sent += len(data)
+        ex.framing += len(framed) - len(data)
 
     def _stop_reading(self, ex: Exchange) -> None:
         """After each hand-over of a response that is not held: evhttp reads on while it

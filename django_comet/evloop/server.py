@@ -453,8 +453,10 @@ class Server(Producer, Responder):
             lib = self._lib
             bev = ex.conn or lib.evhttp_connection_get_bufferevent(evcon)
             unsent = lib.evbuffer_get_length(lib.bufferevent_get_output(bev))
-            ex.sent = max(0, ex.sent - unsent)
             self._let_go += unsent
+            if ex.framing:  # chunked: the unsent bytes hold their share of its framing
+                unsent = unsent * ex.sent // (ex.sent + ex.framing)
+            ex.sent = max(0, ex.sent - unsent)
         if self.guard.tracking:
             self.guard.closing(evcon)
         if ex is None:
