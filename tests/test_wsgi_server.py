@@ -371,13 +371,20 @@ def test_a_204_goes_out_without_length_or_body(wsgi_server):
 
 
 @pytest.mark.parametrize(
-    "headers", [b"Connection: TE, close\r\n", b"Connection: TE\r\nConnection: close\r\n"]
+    "headers",
+    [
+        b"Connection: TE, close\r\n",
+        b"Connection: TE\r\nConnection: close\r\n",
+        b"Connection:\tclose\r\n",  # evhttp strips spaces only: it saw "\tclose"
+    ],
 )
 def test_close_among_connection_options_closes(wsgi_server, headers):
     with wsgi_server.connect() as sock:
-        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n" + headers + b"TE: trailers\r\n\r\n")
+        request = b"GET /hello HTTP/1.1\r\nHost: x\r\n" + headers + b"TE: trailers\r\n\r\n"
+        sock.sendall(request + b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")  # never answered
         answer = b"".join(iter(lambda: sock.recv(65536), b""))  # a hang fails: it must close
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"Hello, world!")
+    assert answer.count(b"HTTP/1.1") == 1 and b"\r\nConnection: close\r\n" in answer
 
 
 def test_an_apps_close_among_connection_options_closes(wsgi_server):

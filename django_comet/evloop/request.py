@@ -66,6 +66,15 @@ def read_headers(queue: ev.evkeyvalq) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def evhttp_closes(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether evhttp itself closes after the response: its first Connection header,
+    as evhttp stored it (leading spaces stripped, a tab kept), is exactly "close"."""
+    for name, value in headers:
+        if name.lower() == b"connection":
+            return value.lower() == b"close"
+    return False
+
+
 def read_request(
     r: RequestStruct, lib: ctypes.CDLL, limits: Limits
 ) -> tuple[str, str, str, list[tuple[bytes, bytes]], bytes, tuple[str, int]]:

@@ -35,7 +35,7 @@ from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
 from .producer import Producer
-from .request import RequestStruct, read_request
+from .request import RequestStruct, evhttp_closes, read_request
 from .responder import Responder
 from .workers import ThreadPool
 from .wsgi import BadRequest, EnvironBuilder, Limits, apply_forwarded, asks_to_close
@@ -383,8 +383,9 @@ class Server(Producer, Responder):
             r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         connection = environ.get("HTTP_CONNECTION")
         closing = connection is not None and asks_to_close(connection)
-        if closing and connection.lower() != "close":  # type: ignore[union-attr]
-            # evhttp closes only on a header that is exactly "close": say it that way.
+        if closing and not evhttp_closes(headers):
+            # evhttp closes only on a first Connection header that is exactly "close"
+            # (past the spaces it strips: not a tab): say it that way.
             while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
                 pass
             self._lib.evhttp_add_header(r.input_headers, b"Connection", b"close")
