@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django_comet.management.commands.runcomet import Command
 
 from .brokers import free_port
-from .processes import manage, runcomet
+from .processes import ROOT, manage, runcomet
 from .test_hardening import wait_until
 
 
@@ -183,6 +183,34 @@ def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
         assert result.returncode == 1, result
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
         assert "unknown scheme" in result.stderr, result
+
+
+@pytest.mark.parametrize(
+    ("url", "library", "extra"),
+    [
+        ("redis://127.0.0.1:1/0", "redis", "redis"),
+        ("postgres://x@127.0.0.1/db", "psycopg", "postgres"),
+    ],
+)
+def test_a_broker_whose_library_is_missing_says_which_extra_to_install(
+    url, library, extra, tmp_path
+):
+    """A system check error, and one line from the commands, not a traceback."""
+    (tmp_path / library).mkdir()
+    (tmp_path / library / "__init__.py").write_text(f"raise ImportError('No module {library}')")
+    env = {"COMET_BROKER": url, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    check = manage("check", env=env)
+    assert check.returncode == 1
+    said = f"pip install 'django-comet[{extra}]'"
+    assert "django_comet.E002" in check.stderr and said in check.stderr, check.stderr
+    for command in (
+        ("runcomet", "--noreload", "--skip-checks", "127.0.0.1:0"),
+        ("comet_publish", "chat", '"hi"'),
+    ):
+        result = manage(*command, env=env)
+        assert result.returncode == 1, result
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
+        assert said in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

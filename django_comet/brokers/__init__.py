@@ -34,6 +34,9 @@ def url_error(url: str) -> str | None:
         return (
             f"COMET_BROKER has an unknown scheme {scheme!r}: use memory://, postgres:// or redis://"
         )
+    missing = _missing_driver(scheme)
+    if missing is not None:
+        return missing
     if url.rstrip("/") in ("postgres:", "postgresql:"):
         from django.db import connections
 
@@ -48,6 +51,22 @@ def url_error(url: str) -> str | None:
     return None
 
 
+def _missing_driver(scheme: str) -> str | None:
+    """What to install for a broker whose client library is not there (an extra)."""
+    try:
+        if scheme in ("postgres", "postgresql"):
+            from .postgres import _psycopg
+
+            _psycopg()
+        elif scheme != "memory":
+            from .redis import _redis
+
+            _redis()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def _postgres_url_error(url: str) -> str | None:
     """What libpq would refuse in a postgres:// URL, before a server starts on it (its
     listener would otherwise retry it for ever, and every publish fail)."""
@@ -55,7 +74,7 @@ def _postgres_url_error(url: str) -> str | None:
         from psycopg.conninfo import conninfo_to_dict
         from psycopg.errors import ProgrammingError
     except ImportError:
-        return None  # said when the broker is made: psycopg is the extra it needs
+        return None  # (_missing_driver says so)
     try:
         given = conninfo_to_dict(url)
     except ProgrammingError as exc:
