@@ -119,6 +119,12 @@ _METRICS = [
         "backlog_pauses",
     ),
     (
+        "comet_connection_pauses_total",
+        "counter",
+        "Times accepting paused because COMET_MAX_CONNECTIONS connections were open.",
+        "connection_pauses",
+    ),
+    (
         "comet_broker_listening",
         "gauge",
         "1 when the answering process receives the broker's events.",

@@ -436,7 +436,8 @@ def test_connection_limit_pauses_accepting_then_recovers(demo_db):
         answer = waiting.recv(100)  # served once connections drop below the limit
         waiting.close()
         assert answer.startswith(b"HTTP/1.1 200 ")
-        assert server.status()["connections"] <= 2
+        status = server.status()
+        assert status["connections"] <= 2 and status["connection_pauses"] == 1, status
     finally:
         for sock in idle:
             sock.close()

@@ -108,6 +108,7 @@ class ConnectionGuard:
         self.max_connections = server.config.max_connections
         self.timed_out = 0
         self.paused = False
+        self.pauses = 0  # times accepting paused at max_connections
         self._conns: dict[int, float] = {}  # bufferevent -> deadline for a request, or 0
         self._releasing: list[int] = []  # disabled: our reference goes in two passes
         # Batches disabled a pass ago or more, each dropped at a later pass.
@@ -323,6 +324,7 @@ class ConnectionGuard:
     def _pause(self) -> None:
         if not self.paused:
             self.paused = True
+            self.pauses += 1
             logger.warning("%d connections open: not accepting more for now.", len(self._conns))
             self.server._accepting(False)
 

@@ -34,6 +34,7 @@ COUNTERS = (
     "header_timeouts",
     "accept_pauses",
     "backlog_pauses",
+    "connection_pauses",
 )
 # Figures shown for each worker too, to see how evenly the load is spread.
 PER_WORKER = ("held", "requests", "in_flight", "connections", "streams")

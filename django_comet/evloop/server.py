@@ -321,6 +321,7 @@ class Server(Producer, Responder):
             "header_timeouts": self.guard.timed_out,
             "accept_pauses": self.accept_pauses,
             "backlog_pauses": self.backlog_pauses,
+            "connection_pauses": self.guard.pauses,
             **self.holder.stats(),
         }
 
