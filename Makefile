@@ -43,16 +43,20 @@ $(VENV_NEWEST)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages the tests use, installed only when missing (needs root, as in CI).
-# Elsewhere (macOS: `brew install libevent`) they are yours to install.
+# Elsewhere (macOS: `brew install libevent`) they are yours to install.  Debian 13 and
+# Ubuntu 24.04 renamed libraries with a "t64" suffix (libevent-2.1-7t64): either counts,
+# and the new name is installed where apt has it.
 system-deps:
 	@command -v dpkg-query >/dev/null || { echo "Not Debian: install $(APT_PACKAGES) yourself."; exit 0; }; \
 	missing=""; for p in $(APT_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	  dpkg-query -W -f='$${Status}\n' $$p $${p}t64 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  $$SUDO apt-get update -qq && \
+	  missing=$$(for p in $$missing; do apt-cache show $${p}t64 >/dev/null 2>&1 && echo $${p}t64 || echo $$p; done) && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
 # `make demo DEMO_ADDR=0.0.0.0:8080` to serve it elsewhere.

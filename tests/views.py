@@ -11,7 +11,14 @@ import threading
 import time
 from decimal import Decimal
 
-from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpResponse,
+    HttpResponseForbidden,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.template import engines
 from django.template.response import SimpleTemplateResponse
 from django.urls import reverse_lazy
@@ -442,6 +449,8 @@ def broken_poll_view(request):
 
 # The README's long-poll in the 2007 style, as printed there (channel "readme").
 def wait_for_chat(request):
+    if not may_listen(request, "readme"):  # COMET_AUTHORIZE: your own views must ask it
+        return HttpResponseForbidden()
     response = HttpResponse(content_type="application/json")
     response.since = int(request.GET.get("since", 0))
     return defer_until(response, "readme", readme_deliver, timeout=25, since=response.since)
