@@ -419,6 +419,26 @@ def test_ids_that_go_back_go_on_past_what_was_seen(broker, demo_db):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_ids_that_go_back_go_on_past_cursors_a_process_handed_out(broker, demo_db):
+    """A process that received no event still handed out cursors up to where it began
+    listening (a fresh stream's, a gap's): ids going back below them must move past
+    them too, or the stream would take the next events for ones it had."""
+    before = [manage_publish(broker, "handed-out", n) for n in range(5)]
+    server = start(broker, demo_db)
+    try:
+        with SSEClient(server, "/t/stream/?channels=handed-out") as client:
+            subscribed(server, "handed-out")
+            take_ids_back_to(broker, before[1])
+            cut_listener(broker)
+            assert server.logged("newest event id went back")
+            server.wait_for_status(lambda s: s["broker_listening"], timeout=30)
+            again = manage_publish(broker, "handed-out", "again")
+            assert again > before[-1]
+            assert client.next_event() == {"id": str(again), "data": '"again"'}
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def take_ids_back_to(broker, event_id):
     """What a failover to a broker that lagged does: events after ``event_id`` gone, and
     the next id handed out right after it."""

@@ -113,6 +113,12 @@ class ListeningBroker(Broker):
     def hub_has_all_after(self) -> int | None:
         return self._listening_from if self._caught_up else None
 
+    def _newest_known(self) -> int:
+        """The newest id this process received or handed out as a cursor (every id up
+        to where it began listening may be one): ids the broker hands out again below
+        it would be taken for old ones (see the listeners' checks for ids gone back)."""
+        return max(hub.last_id, self._listening_from or 0)
+
     def fresh_cursor(self, channels: list[str]) -> int:
         if self._caught_up:
             # Every id above where it began listening reaches this hub: that is a cursor

@@ -394,8 +394,9 @@ class PostgresBroker(ListeningBroker):
         # came before them is read from the table when a client asks, not loaded into
         # the hub); a reconnection, from the newest event it had.
         newest = int(conn.execute(NEWEST_ID).fetchone()[0])
-        if newest < hub.last_id:
-            self._move_ids_past(conn, newest, hub.last_id)
+        known = self._newest_known()
+        if newest < known:
+            self._move_ids_past(conn, newest, known)
         after = self._catch_up_from(newest)
         if after is None:
             return

@@ -213,7 +213,8 @@ class RedisBroker(ListeningBroker):
             marks.get(PREFIX + "id")
             marks.get(PREFIX + "epoch")
             newest, epoch = (int(mark or 0) for mark in marks.execute())
-            if hub.last_id > 0 and (newest == 0 or hub.last_id < epoch):
+            known = self._newest_known()
+            if known > 0 and (newest == 0 or known < epoch):
                 # Its counter is gone, or began again after what this process saw: what
                 # was published that this process had not received yet is gone with it.
                 if newest == 0:  # started here, as the next publish would: a cursor
@@ -229,16 +230,16 @@ class RedisBroker(ListeningBroker):
                         "gets the gap event"
                     )
                     hub.add_gap(None, epoch)
-            elif newest < hub.last_id:
+            elif newest < known:
                 # A failover to a replica that lagged: ids handed out again would be
                 # taken for old ones, and dropped, by every process that saw the first.
-                client.eval(_MOVE_IDS_PAST, 1, PREFIX + "id", hub.last_id)
+                client.eval(_MOVE_IDS_PAST, 1, PREFIX + "id", known)
                 logger.error(
                     "Redis's newest event id went back from %d to %d (a failover?); "
                     "events above it are gone: the ids go on from %d",
-                    hub.last_id,
+                    known,
                     newest,
-                    hub.last_id,
+                    known,
                 )
             # A first connection catches up only for the clients that came before it
             # (what came before them is read from the histories when a client asks,
