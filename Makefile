@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := libevent-2.1-7 chromium chromium-driver redis-server postgresql-15
+APT_PACKAGES := libevent-2.1-7 chromium chromium-driver redis-server postgresql
 SHELL := /bin/bash
 
 .PHONY: demo test test-newest lint check deps system-deps bench clean

@@ -108,8 +108,10 @@ def _psycopg() -> Any:
     try:
         import psycopg
     except ImportError as exc:
+        # (Installed but broken, as without libpq: its own reason says what to fix.)
+        why = "" if exc.name == "psycopg" else f" (psycopg failed to load: {exc})"
         raise ImportError(
-            "COMET_BROKER postgres:// needs psycopg 3: pip install 'django-comet[postgres]'"
+            f"COMET_BROKER postgres:// needs psycopg 3: pip install 'django-comet[postgres]'{why}"
         ) from exc
     return psycopg
 

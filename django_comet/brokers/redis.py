@@ -124,8 +124,9 @@ def _redis() -> Any:
     try:
         import redis
     except ImportError as exc:
+        why = "" if exc.name == "redis" else f" (redis-py failed to load: {exc})"
         raise ImportError(
-            "COMET_BROKER redis:// needs redis-py: pip install 'django-comet[redis]'"
+            f"COMET_BROKER redis:// needs redis-py: pip install 'django-comet[redis]'{why}"
         ) from exc
     return redis
 
