@@ -175,14 +175,19 @@ def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
     assert check.returncode == 1
     assert "django_comet.E002" in check.stderr and "unknown scheme 'bogus'" in check.stderr
     assert "secret" not in check.stderr
+    refused_in_one_line(bogus, "unknown scheme")
+
+
+def refused_in_one_line(env, said):
+    """runcomet and comet_publish refuse the broker setting in ``env`` in one line."""
     for command in (
         ("runcomet", "--noreload", "--skip-checks", "127.0.0.1:0"),
         ("comet_publish", "chat", '"hi"'),
     ):
-        result = manage(*command, env=bogus)
+        result = manage(*command, env=env)
         assert result.returncode == 1, result
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
-        assert "unknown scheme" in result.stderr, result
+        assert said in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -203,14 +208,7 @@ def test_a_broker_whose_library_is_missing_says_which_extra_to_install(
     assert check.returncode == 1
     said = f"pip install 'django-comet[{extra}]'"
     assert "django_comet.E002" in check.stderr and said in check.stderr, check.stderr
-    for command in (
-        ("runcomet", "--noreload", "--skip-checks", "127.0.0.1:0"),
-        ("comet_publish", "chat", '"hi"'),
-    ):
-        result = manage(*command, env=env)
-        assert result.returncode == 1, result
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
-        assert said in result.stderr, result.stderr
+    refused_in_one_line(env, said)
 
 
 @pytest.mark.parametrize(
