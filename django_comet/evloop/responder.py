@@ -363,6 +363,7 @@ class Responder:
                 return False
         lib = self._lib
         size = len(data)
+        chunking = ex.limit is None and ex.protocol == "HTTP/1.1"
         drained_cb = ex.pump is not None and ex.pending > self.config.write_high_water
         if size <= SMALL_CHUNK and not drained_cb:
             # Straight into the connection's output buffer, framed here, as held
@@ -376,13 +377,13 @@ class Responder:
                     return False
                 bev = lib.evhttp_connection_get_bufferevent(evcon)
             ex.sent += size
-            if ex.limit is None and ex.protocol == "HTTP/1.1":
+            if chunking:
                 data = chunked(data)
                 ex.framing += len(data) - size
             lib.evbuffer_add(lib.bufferevent_get_output(bev), data, len(data))
             return True
         ex.sent += size
-        if ex.limit is None and ex.protocol == "HTTP/1.1":
+        if chunking:
             ex.framing += len(b"%x" % size) + 4  # evhttp's: the size line, the CRLF after
         lib.evbuffer_add(self._buf, data, size)
         if drained_cb:  # the stream pauses on this one: told when its bytes have left
