@@ -2,11 +2,13 @@
 ``path("", include("django_comet.status_urls"))`` serves ``comet/status/`` (JSON) and
 ``comet/metrics`` (Prometheus), without the demo's staged views of ``django_comet.urls``."""
 
-from django.urls import path
+from django.urls import path, re_path
 
 from . import views
 
 urlpatterns = [
     path("comet/status/", views.status, name="status"),
-    path("comet/metrics", views.metrics, name="metrics"),
+    # Prometheus' convention is /metrics; a scrape config written the Django way (with
+    # the slash) is served too, rather than a 404 that looks like a dead target.
+    re_path(r"^comet/metrics/?$", views.metrics, name="metrics"),
 ]

@@ -57,6 +57,8 @@ def test_bad_address_is_one_line():
     [
         (("127.0.0.1:99999",), {}, 'CommandError: "99999" is not a valid port number.'),
         (("--threads=-1", "0"), {}, "CommandError: --threads must be from 0 to 1024."),
+        (("--threads", "-1", "0"), {}, "CommandError: --threads must be from 0 to 1024."),
+        (("--workers", "-2", "0"), {}, "CommandError: --workers must be 1 or more."),
         (("--threads=5000", "0"), {}, "CommandError: --threads must be from 0 to 1024."),
         (
             ("--threads=4", "--nothreading", "0"),
@@ -82,6 +84,8 @@ def test_bad_address_is_one_line():
     ids=[
         "port-out-of-range",
         "negative-threads",
+        "negative-threads-apart",
+        "negative-workers-apart",
         "too-many-threads",
         "threads-and-nothreading",
         "bad-setting",

@@ -125,6 +125,8 @@ def test_metrics_carry_every_figure_of_the_status(comet):
         if key not in ("requests", "in_flight", "connections"):  # (the two requests differ)
             assert int(samples[name]) == int(value), (key, samples[name], value)
     assert samples["comet_broker_listening"] == "1"
+    slashed = requests.get(comet.url + "/comet/metrics/", timeout=10)
+    assert slashed.status_code == 200 and "comet_requests_total" in slashed.text
 
 
 def test_a_client_gone_before_its_answer_leaves_the_next_answers_intact(comet):

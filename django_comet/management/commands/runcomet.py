@@ -92,6 +92,9 @@ class Command(RunserverCommand):
             help="Do not log one line per request.",
         )
 
+    def run_from_argv(self, argv: list[str]) -> None:
+        super().run_from_argv(_negative_values_attached(argv))
+
     def server_config(self, **options: Any) -> Any:
         threads = options.get("threads")
         if not options.get("use_threading", True):  # runserver's --nothreading
@@ -289,6 +292,22 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--threads -1`` as ``--threads=-1``: runserver's ``-6`` option makes argparse
+    take any ``-<digits>`` for an option, so the value was "missing" instead of refused
+    with the option's own message."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in _NUMERIC_OPTIONS and arg[:1] == "-" and arg[1:].isdigit():
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
+_NUMERIC_OPTIONS = ("--threads", "--workers")
 
 
 def _refusing_escapes(handler: Any) -> Any:
