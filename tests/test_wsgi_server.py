@@ -312,6 +312,29 @@ def test_body_over_the_limit_is_413(wsgi_server):
     assert out.startswith(b"HTTP/1.1 413 ")
 
 
+def test_expect_100_continue(wsgi_server):
+    """A client that asks before sending its body (curl does, over 1 KiB) is told to go
+    on, and its body reaches the app; one whose body is over the limit is refused before
+    it sends it; an expectation the server does not know is a 417."""
+    with wsgi_server.connect() as sock:
+        head = b"POST /body-length HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        sock.sendall(head + b"Content-Length: 5\r\n\r\n")
+        f = sock.makefile("rb")
+        assert f.readline() + f.readline() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+        while f.readline() != b"\r\n":
+            pass
+        assert f.read(1) == b"5"
+    too_big = b"POST /body-length HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    out = raw(wsgi_server, too_big + b"Content-Length: 40000000\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413 "), out
+    unknown = b"POST /body-length HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n"
+    out = raw(wsgi_server, unknown + b"Content-Length: 1\r\nConnection: close\r\n\r\na")
+    assert out.startswith(b"HTTP/1.1 417 "), out
+    assert requests.get(wsgi_server.url + "/hello").status_code == 200
+
+
 def test_head_limits_get_their_own_status(wsgi_server):
     big_header = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
     assert raw(wsgi_server, big_header).startswith(b"HTTP/1.1 431 ")
