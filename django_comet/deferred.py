@@ -404,11 +404,10 @@ def _with_cookies(header: str, cookies: SimpleCookie, path: str) -> str:
     """The Cookie header a client sends to ``path`` after receiving ``cookies``: those
     set for that path added or replaced, those deleted (max-age of 0 or less, or an
     expiry past) gone; the others as the client sent them, byte for byte."""
-    pairs = {}  # name -> "name=value" as received
-    for part in header.split(";"):
-        name, sep, _ = part.partition("=")
-        if part.strip():
-            pairs[name.strip() if sep else ""] = part.strip()
+    # "name=value" as received, each (a name twice, for two paths, stays twice)
+    received = [part.strip() for part in header.split(";") if part.strip()]
+    names = [part.partition("=")[0].strip() if "=" in part else None for part in received]
+    parts: list[str | None] = list(received)
     for name, morsel in cookies.items():
         cookie_path = morsel["path"] or "/"
         if not (
@@ -416,11 +415,15 @@ def _with_cookies(header: str, cookies: SimpleCookie, path: str) -> str:
             or path.startswith(cookie_path if cookie_path.endswith("/") else cookie_path + "/")
         ):
             continue  # a browser would not send it there
-        if _deleted(morsel):
-            pairs.pop(name, None)
-        else:
-            pairs[name] = f"{name}={morsel.coded_value}"
-    return "; ".join(pairs.values())
+        new = None if _deleted(morsel) else f"{name}={morsel.coded_value}"
+        places = [i for i, seen in enumerate(names) if seen == name]
+        if places:  # replaced where it was (once: its other paths' copies are unknown)
+            parts[places[0]] = new
+            for i in places[1:]:
+                parts[i] = None
+        elif new is not None:
+            parts.append(new)
+    return "; ".join(part for part in parts if part is not None)
 
 
 def _deleted(morsel: Morsel[str]) -> bool:

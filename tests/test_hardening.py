@@ -13,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .processes import evloop, read_chunked, runcomet
+from .processes import evloop, read_body, read_chunked, runcomet
 from .sse_client import SSEClient
 
 
@@ -233,6 +233,42 @@ def test_held_connections_end_after_max_hold(demo_db):
             _, chunks = read_chunked(sock)
             assert json.loads(b"".join(chunks))["events"] == []
         server.wait_for_status(lambda s: s["held"] == 0)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["poll", "stream"])
+def test_a_wait_a_stage_asks_for_past_max_hold_ends_as_its_kind_does(demo_db, kind):
+    """A stage run past COMET_MAX_HOLD (here as its wait's last answer) that returns a
+    long-poll or a stream: the response ends as that wait does (a poll's answer, a
+    stream's retry:), not cut after the wait's first bytes (a space, a heartbeat)."""
+    from .test_stopping import ended_as_its_kind_does
+
+    server = runcomet(db=demo_db, env={"TEST_MAX_HOLD": "0.3"})
+    try:
+        with server.connect() as sock:
+            target = f"/t/wait-after-stage/?kind={kind}&channel=aged&first=never"
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            body = read_body(sock)
+        assert body.startswith(b"first;")
+        assert ended_as_its_kind_does(kind, body.removeprefix(b"first;")), body
+        server.wait_for_status(lambda s: s["held"] == 0)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_stage_due_past_max_hold_is_not_waited_for(demo_db):
+    """A stage whose delay reaches past COMET_MAX_HOLD: the response ends when the hold
+    is over, without the stage (it was held for the whole delay, then the stage ran)."""
+    server = runcomet(db=demo_db, env={"TEST_MAX_HOLD": "0.3"})
+    try:
+        before = requests.get(server.url + "/t/count/").json()["stages"]
+        with server.connect() as sock:
+            sock.settimeout(60)  # (not the 600 s of the delay)
+            sock.sendall(b"GET /t/counted/?delay=600 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_body(sock) == b"first;"
+        assert requests.get(server.url + "/t/count/").json()["stages"] == before
+        server.wait_for_status(lambda s: s["held"] == 0 and s["timers"] == 0)
     finally:
         assert server.stop() == 0
 

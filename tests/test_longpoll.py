@@ -383,3 +383,24 @@ def test_a_woken_long_polls_answer_is_bounded_too(bounded):
             break
         answer = requests.get(url + str(answer["last_id"]), timeout=60).json()
     assert len(got) == 5 and got == sorted(got) and got[-1] == newest
+
+
+@pytest.mark.parametrize("threads", ["0", "2"])
+def test_a_chain_of_waits_answered_from_the_history_goes_to_its_end(demo_db, threads):
+    """defer_until stages, each answered at once from the history: with --threads 0 each
+    ran inside the one before, until RecursionError cut the response (after about 120)."""
+    server = runcomet("--threads", threads, db=demo_db, env={"TEST_HISTORY_SIZE": "400"})
+    try:
+        since = publish(server, "chain", "start")
+        url = server.url + "/t/publish-many/?channel=chain&n=300"
+        last = requests.get(url, timeout=30).json()["id"]
+        with server.connect() as sock:
+            target = f"/t/chain-of-polls/?channel=chain&since={since}&timeout=0.2"
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            *ids, end = read_body(sock).split(b";")
+        assert end == b"end"
+        ids = [int(i) for i in ids]
+        assert len(ids) == 300 and ids == sorted(set(ids)) and ids[-1] == last
+        server.wait_for_status(lambda s: s["held"] == 0)
+    finally:
+        assert server.stop() == 0

@@ -269,6 +269,23 @@ def test_a_stage_gets_the_cookie_header_a_browser_would_send():
     assert "adm" not in parse_cookie(_with_cookies("", first.cookies, "/administrator/"))
 
 
+def test_the_clients_own_cookies_reach_a_stage_byte_for_byte():
+    """A name sent twice (a cookie of two paths) and parts without "=" were collapsed
+    into one each; only the names the first response set are replaced (once)."""
+    from django.http import HttpResponse
+
+    from django_comet.deferred import _with_cookies
+
+    header = "a=0; z=9; a=2; flag; x; z=9"
+    first = HttpResponse()
+    first.set_cookie("sessionid", "abc")
+    assert _with_cookies(header, first.cookies, "/") == f"{header}; sessionid=abc"
+    first.set_cookie("a", "1")
+    assert _with_cookies(header, first.cookies, "/") == "a=1; z=9; flag; x; z=9; sessionid=abc"
+    first.set_cookie("a", "", max_age=0)
+    assert _with_cookies(header, first.cookies, "/") == "z=9; flag; x; z=9; sessionid=abc"
+
+
 def test_a_chain_of_stages_waits_for_a_slow_reader_instead_of_piling_up(demo_db):
     """Stages that write faster than their client reads: once more than
     COMET_MAX_PENDING_OUTPUT is unsent, the next stage waits for the client (counted in

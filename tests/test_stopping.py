@@ -16,7 +16,8 @@ import requests
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import ROOT, evloop, read_chunked, runcomet
+from .processes import ROOT, evloop, read_body, read_chunked, runcomet
+from .publishing import publish
 from .sse_client import SSEClient
 from .test_hardening import wait_until
 
@@ -415,6 +416,63 @@ def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
         assert server.proc.wait(30) == 0
         for sock in (first, second, slow):
             sock.close()
+    finally:
+        server.stop()
+
+
+def ended_as_its_kind_does(kind: str, rest: bytes) -> bool:
+    """Whether ``rest``, what a wait returned by a stage added to a body, is the ending
+    of that kind of wait: a poll's answer as on its timeout, a stream's ``retry:``, or
+    a defer_until's stage run with no event."""
+    if kind == "poll":
+        return json.loads(rest)["events"] == []
+    if kind == "stream":
+        return rest.rstrip(b"\n").split(b"\n\n")[-1].startswith(b"retry: ")
+    return rest == b'waiting;{"event": null}'
+
+
+@pytest.mark.parametrize("kind", ["poll", "stream", "until"])
+def test_a_wait_a_running_stage_returns_during_the_stop_ends_as_its_kind_does(
+    demo_db, tmp_path, kind
+):
+    """A stage still running when the stop came, which then returns a wait (in the view
+    threads): it was ended with no last part (a poll's body was a space, a stream had no
+    retry:, a defer_until's stage never ran)."""
+    gate = tmp_path / "gate"
+    server = runcomet(db=demo_db)
+    try:
+        with server.connect() as sock:
+            target = f"/t/wait-after-stage/?kind={kind}&channel=stopped&gate={gate}"
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            wait_until(lambda: os.path.exists(f"{gate}.started"))
+            server.signal(signal.SIGTERM)
+            server.wait_until_refused()
+            gate.touch()
+            body = read_body(sock)
+        assert body.startswith(b"first;")
+        assert ended_as_its_kind_does(kind, body.removeprefix(b"first;")), body
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+
+
+def test_a_poll_in_a_gap_answered_by_the_stop_moves_past_the_gap(demo_db):
+    """A long-poll whose cursor is before events gone from the history, answered by the
+    stop: as on its timeout, its last_id moves past the gap, so that its next poll (to
+    another server) is not told of it again."""
+    server = runcomet(db=demo_db, env={"TEST_HISTORY_SIZE": "0"})
+    try:
+        seen = publish(server, "emptied", "seen")
+        gone = publish(server, "emptied", "gone")
+        with server.connect() as sock:
+            target = f"/t/fastpoll/?channel=emptied&since={seen}&timeout=60"
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            server.wait_for_status(lambda s: s["held"] == 1)
+            server.signal(signal.SIGTERM)
+            answer = json.loads(read_body(sock))
+        assert answer["gap"] is True and answer["events"] == []
+        assert answer["last_id"] >= gone
+        assert server.proc.wait(20) == 0
     finally:
         server.stop()
 

@@ -479,3 +479,56 @@ def mute_once_poll_view(request):
         time.sleep(float(request.GET.get("mute", "20")))
         return HttpResponse(status=504)
     return fast_poll_view(request)
+
+
+def wait_after_stage(request):
+    """A response whose stage returns the wait named by ?kind= (poll: poll_response,
+    stream: an SSE stream, until: defer_until) on ?channel=.  The stage comes after a wait
+    for an event of ?first= (30 s: ended sooner by COMET_MAX_HOLD), or, with ?gate=PATH,
+    at once, but its view runs only once the file PATH exists (it creates PATH.started
+    when it runs): a stage still running when the server is told to stop."""
+    response = HttpResponse(b"first;")
+    response.kind, response.channel = request.GET["kind"], request.GET["channel"]
+    response.gate = request.GET.get("gate")
+    if response.gate:
+        return defer_in_time(response, 0, waiting_stage)
+    return defer_until(response, request.GET["first"], waiting_stage, timeout=30)
+
+
+@deferred_view()
+def waiting_stage(request, response_prev=None, event=None):
+    gate = response_prev.gate
+    if gate:
+        open(gate + ".started", "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    kind, channel = response_prev.kind, response_prev.channel
+    if kind == "poll":
+        return poll_response(request, channel, timeout=30)
+    if kind == "stream":
+        return event_stream(request, channel)
+    response = HttpResponse(b"waiting;")
+    return defer_until(response, channel, poll_answer, timeout=30)
+
+
+def chain_of_polls(request):
+    """defer_until stages, one per event of ?channel= after ?since=, each answered at
+    once while the history has newer ones, until a wait of ?timeout= s has none."""
+    response = HttpResponse(b"")
+    response.timeout = float(request.GET.get("timeout", "0.2"))
+    since = int(request.GET["since"])
+    return defer_until(
+        response, request.GET["channel"], next_in_chain, timeout=response.timeout, since=since
+    )
+
+
+@deferred_view()
+def next_in_chain(request, response_prev=None, event=None):
+    if event is None:
+        return HttpResponse(b"end")
+    response = HttpResponse(f"{event['id']};".encode())
+    response.timeout = response_prev.timeout
+    return defer_until(
+        response, event["channel"], next_in_chain, timeout=response.timeout, since=event["id"]
+    )

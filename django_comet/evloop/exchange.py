@@ -24,6 +24,7 @@ class Exchange:
         "cursor",
         "dead",
         "deferred",
+        "ending",
         "environ",
         "framing",
         "hold",
@@ -63,6 +64,9 @@ class Exchange:
         # loop thread to pump, with --threads 0).
         self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None
         self.deferred = False  # counted in Server.held until done
+        # Given its last answer (the server stopping, COMET_MAX_HOLD): a wait its last
+        # stage asks for is not held but ends the response (Holder.hold).
+        self.ending = False
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
         self.outbuf: int | None = None  # held: the connection's output evbuffer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .deadlines import Deadlines
@@ -97,11 +98,13 @@ class Holder:
 
     def hold(self, ex: Exchange, deferral: AnyDeferral) -> None:
         server = self.server
-        if self.max_hold and time.monotonic() - ex.started > self.max_hold:
-            server._end(ex)  # a chain of stages that outlived its welcome
-            return
-        if server._draining:  # stopping: a response that would wait ends now instead
-            self._end_now(ex, deferral)
+        # Stopping, or a response that outlived COMET_MAX_HOLD: one that would wait ends
+        # now instead, with the ending its kind of wait has (_end_now).
+        if server._draining or (self.max_hold and time.monotonic() - ex.started > self.max_hold):
+            if ex.ending and type(deferral) is ChannelWait and deferral.resume is not None:
+                server._end(ex)  # its last stage, run as on a timeout, would wait again
+            else:
+                self._end_now(ex, deferral)
             return
         ex.state = "held"
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
@@ -113,7 +116,13 @@ class Holder:
             self._shed_headers(ex)
         if isinstance(deferral, Deferral):
             delay = deferral.delay
-            ex.stage_due = self._stages.add(ex, delay, deferral.resume, delay)
+            resume: Callable[[], Iterable[bytes]] | None = deferral.resume
+            if self.max_hold:
+                left = ex.started + self.max_hold - time.monotonic()
+                if delay > left:  # its stage would come past COMET_MAX_HOLD: end then
+                    resume = None
+                    delay = max(0.0, left)
+            ex.stage_due = self._stages.add(ex, delay, resume, delay)
             return
         if isinstance(deferral, ChannelWait):
             if deferral.ready:  # the view found newer events: answer at once
@@ -143,6 +152,10 @@ class Holder:
         it, checking again after another delay: a chain of stages to a slow reader holds
         that much at most (and the next part), and goes on at the reader's pace; one that
         reads nothing is cut by the write timeout, since nothing is written meanwhile."""
+        if resume is None:  # COMET_MAX_HOLD came first
+            ex.stage_due = None
+            self.server._end(ex)
+            return
         if self._lib.evbuffer_get_length(ex.outbuf) > self.max_pending:
             self.stages_delayed += 1
             again = max(delay, STAGE_RECHECK_MIN)
@@ -198,6 +211,12 @@ class Holder:
         wait = ex.hold
         assert type(wait) is ChannelWait
         self.release(ex)
+        if self.max_hold and time.monotonic() - ex.started >= self.max_hold:
+            ex.ending = True  # the timeout was COMET_MAX_HOLD's: this is its last answer
+        self._answer_empty(ex, wait)
+
+    def _answer_empty(self, ex: Exchange, wait: ChannelWait) -> None:
+        """Answer a wait that has no event (its timeout, or the server stopping)."""
         events: list[Event] = []
         after = wait.after
         if wait.gap:  # (a render's only: see longpoll.py)
@@ -339,7 +358,13 @@ class Holder:
             self.streams.end(ex)
         elif type(deferral) is ChannelWait:
             self.release(ex)
-            self._wake(ex, deferral, deferral.ready or None, deferral.after, {})
+            ex.ending = True  # (for a stage run as on a timeout, that may wait again)
+            if deferral.ready:
+                self._wake(ex, deferral, deferral.ready, deferral.after, {})
+            elif deferral.gap:
+                self._answer_empty(ex, deferral)
+            else:  # (published since its view looked: answered with those)
+                self._wake(ex, deferral, None, deferral.after, {})
         else:
             self.server._end(ex)
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .exchange import Exchange
     from .files import Descriptor
     from .holding import Holder
+    from .loop import Loop
     from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")
@@ -66,12 +67,14 @@ class Responder:
     config: ServerConfig
     holder: Holder
     held: int
+    loop: Loop
     _lib: Any
     _buf: int
     _exchanges: dict[int, Exchange]
     _draining: bool
     _let_go: int
     _pool: ThreadPool | None
+    _resuming = False  # --threads 0: a stage runs in the loop thread right now
     _close_cb: Any
     _drained_cb: Any
     _file_sent_cb: Any
@@ -308,15 +311,24 @@ class Responder:
         ex.state = "app"
         if self._pool is not None:
             self._pool.submit(self._run_stage, ex, resume, args)
+        elif self._resuming:
+            # A wait over at once (its events in the history) asked for by a stage run
+            # here: its stage runs from the loop, not deeper in this stack, where a chain
+            # of them recursed until RecursionError.
+            self.loop.call_soon(self._run_stage, ex, resume, args)
         else:
-            self._run_stage(ex, resume, args)
+            self._resuming = True
+            try:
+                self._run_stage(ex, resume, args)
+            finally:
+                self._resuming = False
 
     def _stage_done(self, ex: Exchange, chunks: list[bytes], deferral: AnyDeferral | None) -> None:
         if ex.dead:
             return self._drop(ex)
         if chunks:
             self._send_part(ex, b"".join(chunks))
-        if deferral is not None and not self._draining:
+        if deferral is not None:  # (stopping, it ends as its kind of wait does: Holder.hold)
             self._hold(ex, deferral)
         else:
             self._end(ex)
