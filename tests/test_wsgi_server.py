@@ -549,8 +549,9 @@ def test_an_error_page_after_a_generators_first_bytes_cuts_the_response(wsgi_ser
 
 
 def test_clients_that_stop_reading_a_stream_hold_no_thread():
-    """A streamed body pauses while its client does not read; its worker thread goes
-    back to the pool meanwhile, so a few such clients cannot stall every view."""
+    """A streamed body pauses while its client does not read, in its worker thread; a
+    spare thread runs views in its place meanwhile, so a few such clients cannot stall
+    every view."""
     server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "2")
     stalled = []
     try:
@@ -564,6 +565,36 @@ def test_clients_that_stop_reading_a_stream_hold_no_thread():
     finally:
         for sock in stalled:
             sock.close()
+        server.stop()
+
+
+def test_a_paused_body_goes_on_and_is_closed_in_the_thread_that_began_it():
+    """A Django body's database connection, translation and time zone are its view
+    thread's: a body paused for a slow reader used to go on in whichever worker was free
+    (a QuerySet.iterator() then found its connection closed by the requests its first
+    thread had served meanwhile), and was closed in the loop thread if its client left."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "4")
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /thread-names?256 HTTP/1.1\r\nHost: x\r\nX-Tag: t1\r\n\r\n")
+            for _ in range(20):  # other views meanwhile, in the other threads
+                assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+            _, chunks = read_chunked(sock)
+        body = b"".join(chunks)
+        assert len(body) == 256 * 65536
+        names = {body[i : i + 65536].rstrip(b".") for i in range(0, len(body), 65536)}
+        assert len(names) == 1, names
+        (name,) = names
+
+        def closed_in():
+            response = requests.get(server.url + "/closed-in", headers={"X-Tag": "t1"})
+            return response.content
+
+        deadline = time.monotonic() + 10
+        while not closed_in() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert closed_in() == name
+    finally:
         server.stop()
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .deadlines import Due
+
+if TYPE_CHECKING:
+    from .producer import DrainGate
 
 
 class Exchange:
@@ -60,9 +63,9 @@ class Exchange:
         self.stage_due: Due | None = None  # held for a time: the tick of its next stage
         self.bev: int | None = None  # set while held: its read timeout is lifted
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
-        # A streamed body's rest while it waits for its unsent bytes to leave (for the
-        # loop thread to pump, with --threads 0).
-        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | None = None
+        # A streamed body paused while its unsent bytes leave: its rest, for the loop
+        # thread to pump (--threads 0), or where its worker waits to go on.
+        self.pump: tuple[Iterator[bytes], Iterable[bytes]] | DrainGate | None = None
         self.deferred = False  # counted in Server.held until done
         # Given its last answer (the server stopping, COMET_MAX_HOLD): a wait its last
         # stage asks for is not held but ends the response (Holder.hold).

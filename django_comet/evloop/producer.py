@@ -6,6 +6,7 @@ code runs in the loop thread and hands over by a direct call.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -172,49 +173,43 @@ class Producer:
         if self._pool is None:
             ex.pump = (iterator, result)
             return True
-        return self._stream_on(ex, iterator, result)
+        self._stream_on(ex, iterator)
+        return False
 
-    def _stream_on(self, ex: Exchange, iterator: Iterator[bytes], result: Iterable[bytes]) -> bool:
-        """Worker: pass chunks until more than ``write_high_water`` bytes are unsent,
-        then pause (True): the rest waits in the iterator, and a worker takes it up again
-        once they have left (``_resume_stream``).  No thread waits for a slow client."""
+    def _stream_on(self, ex: Exchange, iterator: Iterator[bytes]) -> None:
+        """Worker: pass chunks, pausing while more than ``write_high_water`` bytes are
+        unsent, so that a slow client never makes the server hold the whole body.
+
+        The body pauses in this thread, the one that ran the view: a Django body goes on
+        with the view's database connection, translation and time zone, which are the
+        thread's (resumed in another, a ``QuerySet.iterator()`` found its connection
+        closed by the requests its first thread had served meanwhile).  A spare thread
+        runs views in its place while it waits (``ThreadPool.stand_in``)."""
+        assert self._pool is not None
         high = self.config.write_high_water
         for data in iterator:
             if ex.dead:
-                return False
+                return
             if not isinstance(data, bytes):
                 raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
             if not data:
                 continue
             ex.pending += len(data) + CHUNK_FRAMING
             if ex.pending > high:
-                # One loop-thread step, after the chunks queued before it: the rest of
-                # the body is the loop's from here (to resume, or to close).
-                self._to_loop(self._pause_stream, ex, data, iterator, result)
-                return True
+                gate = DrainGate()
+                self._pool.stand_in()
+                self._to_loop(self._pause_stream, ex, data, gate)
+                if not gate.wait():  # its client left, or the body is not to go on
+                    return
+                continue
             self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
-        return False
-
-    def _resume_stream(
-        self, ex: Exchange, iterator: Iterator[bytes], result: Iterable[bytes]
-    ) -> None:
-        """Worker: a paused body goes on once its unsent bytes have left."""
-        paused = False
-        try:
-            paused = self._stream_on(ex, iterator, result)
-        except BaseException:
-            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
-            self._to_loop(self._abort, ex)
-        finally:
-            if not paused:
-                self._close_body(ex, result)
 
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
         ``write_high_water`` bytes are unsent; ``Server._on_drained`` calls again once
         they have left.  The body is closed when it ends, fails or its client leaves."""
-        assert ex.pump is not None
+        assert isinstance(ex.pump, tuple)
         iterator = ex.pump[0]
         high = self.config.write_high_water
         paused = False
@@ -252,10 +247,13 @@ class Producer:
                 self._stop_pump(ex)
 
     def _stop_pump(self, ex: Exchange) -> None:
-        if ex.pump is not None:
-            result = ex.pump[1]
-            ex.pump = None
-            self._close_body(ex, result)
+        """Loop thread: a paused body is not to go on: closed here (``--threads 0``),
+        or its worker told to stop (and close it, in its own thread)."""
+        pump, ex.pump = ex.pump, None
+        if isinstance(pump, tuple):
+            self._close_body(ex, pump[1])
+        elif pump is not None:
+            pump.open(False)
 
     def _close_body(self, ex: Exchange, result: Iterable[bytes]) -> None:
         """Call the response's close(), as PEP 3333 requires whatever happened."""
@@ -291,6 +289,25 @@ class Producer:
         finally:
             self._in_app = False
         self._produce(ex, StartResponse(), result, first=False)
+
+
+class DrainGate:
+    """Where a worker waits while its streamed body is paused, until the loop thread
+    lets it go on (the unsent bytes have left) or tells it to stop."""
+
+    __slots__ = ("_event", "_go_on")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._go_on = False
+
+    def wait(self) -> bool:
+        self._event.wait()
+        return self._go_on
+
+    def open(self, go_on: bool) -> None:
+        self._go_on = go_on
+        self._event.set()
 
 
 def _with_writes(iterator: Iterator[bytes], written: list[bytes]) -> Iterator[bytes]:

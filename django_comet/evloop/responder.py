@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .files import Descriptor
     from .holding import Holder
     from .loop import Loop
+    from .producer import DrainGate
     from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")
@@ -84,7 +85,6 @@ class Responder:
     _restore_read_timeout: Callable[[Exchange], None]
     _run_stage: Callable[..., None]
     _pump: Callable[[Exchange], None]
-    _resume_stream: Callable[..., None]
     _stop_pump: Callable[[Exchange], None]
 
     def _add_headers(self, r: RequestStruct, start: StartResponse, length: int | None) -> None:
@@ -342,13 +342,12 @@ class Responder:
             logger.exception("%s %s: could not hold the response; cutting it", ex.method, ex.path)
             self._abort(ex)
 
-    def _pause_stream(
-        self, ex: Exchange, data: bytes, iterator: Iterator[bytes], result: Iterable[bytes]
-    ) -> None:
+    def _pause_stream(self, ex: Exchange, data: bytes, gate: DrainGate) -> None:
         """Send the chunk that took a streamed body past the write high-water mark; its
-        drain hands the rest to a worker (``_on_drained``).  If it cannot go out (the
-        client left, the body reached its Content-Length), the body ends here."""
-        ex.pump = (iterator, result)
+        drain lets the worker waiting at ``gate`` go on (``_on_drained``).  If it cannot
+        go out (the client left, the body reached its Content-Length), the body ends
+        here."""
+        ex.pump = gate
         if not self._send_chunk(ex, data):
             if not ex.dead and ex.req is not None:
                 self._end(ex)  # closes the connection if the body was cut short
@@ -445,12 +444,11 @@ class Responder:
         if ex is None or ex.pump is None:
             return  # (small chunks written since leave evhttp's callback set: not paused)
         ex.pending = 0
-        if self._pool is None:
+        if isinstance(ex.pump, tuple):  # (--threads 0)
             self._pump(ex)
-        else:  # a paused body: a worker takes it up again
-            iterator, result = ex.pump
-            ex.pump = None
-            self._pool.submit(self._resume_stream, ex, iterator, result)
+        else:  # a paused body: its worker goes on
+            gate, ex.pump = ex.pump, None
+            gate.open(True)
 
     def _end(self, ex: Exchange) -> None:
         """The last chunk: a clean end of the response."""

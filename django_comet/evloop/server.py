@@ -103,7 +103,13 @@ class Server(Producer, Responder):
         threads = self.config.threads
         # A view thread lets the loop send what is done before it starts more.
         self._pool = (
-            ThreadPool(threads, before_each=self.loop.let_catch_up) if threads > 0 else None
+            ThreadPool(
+                threads,
+                before_each=self.loop.let_catch_up,
+                spares=SPARE_THREADS_PER_THREAD * threads,
+            )
+            if threads > 0
+            else None
         )
         # From a worker, hand a result to the loop thread; inline, just call it.
         self._to_loop: Callable[..., None] = (
@@ -285,6 +291,8 @@ class Server(Producer, Responder):
     def close(self) -> None:
         forking.forget(self._descriptors)
         self.holder.close()
+        for ex in self._exchanges.values():
+            self._stop_pump(ex)  # paused bodies' workers wait for bytes that will not leave
         if self._pool is not None:
             self._pool.shutdown(timeout=1)
         for ex in list(self._exchanges.values()):
@@ -580,6 +588,12 @@ CONNECTION_BYTES = 4096  # about what a held connection takes (bench/fanout)
 BURST_REQUESTS = 1000  # arrived since the last release
 QUIET_REQUESTS = 50  # arrived in the last second
 
+
+# Threads that may stand in for view threads waiting on slow readers (a streamed body
+# paused in the thread that ran its view: Producer._stream_on), per --threads.  Beyond
+# them, such bodies wait holding view threads, until their client reads or the write
+# timeout cuts it.
+SPARE_THREADS_PER_THREAD = 4
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
 FLUSH_PATIENCE = 1.0

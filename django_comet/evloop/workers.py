@@ -26,21 +26,46 @@ class ThreadPool:
         size: int,
         name: str = "comet-worker",
         before_each: Callable[[], None] | None = None,
+        spares: int = 0,
     ):
         if size < 1:
             raise ValueError("a thread pool needs at least one thread")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._before_each = before_each  # called by a thread before it takes a call
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._name = name
+        self._started = 0
+        self._lock = threading.Lock()
+        self._spares_left = spares  # see stand_in
+        self._stepping_aside = threading.local()
+        self._threads: list[threading.Thread] = []
+        for _ in range(size):
+            self._start_thread()
 
     @property
     def size(self) -> int:
+        """Threads right now: spares standing in included."""
         return len(self._threads)
+
+    def stand_in(self) -> None:
+        """Worker thread: its call is about to wait long for something other than the
+        application (a client that reads slowly), and must wait in this thread.  A spare
+        thread takes calls in its place meanwhile, while there are spares left, and this
+        thread leaves the pool once its call is over; without spares it waits holding its
+        place.  Once per call."""
+        with self._lock:
+            if self._spares_left <= 0 or getattr(self._stepping_aside, "yes", False):
+                return
+            self._spares_left -= 1
+            self._start_thread()
+        self._stepping_aside.yes = True
+
+    def _start_thread(self) -> None:  # (under the lock, or before the pool is shared)
+        thread = threading.Thread(
+            target=self._work, name=f"{self._name}-{self._started}", daemon=True
+        )
+        self._started += 1
+        self._threads.append(thread)
+        thread.start()
 
     @property
     def backlog(self) -> int:
@@ -63,11 +88,19 @@ class ThreadPool:
                 fn(*args)
             except BaseException:  # a thread that died would shrink the pool for good
                 logger.exception("Uncaught error in worker thread running %r", fn)
+            if getattr(self._stepping_aside, "yes", False):  # a spare took its place
+                with self._lock:
+                    self._spares_left += 1
+                    self._threads.remove(threading.current_thread())
+                return
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""
-        for _ in self._threads:
+        with self._lock:
+            self._spares_left = 0  # none started from now on
+            threads = list(self._threads)
+        for _ in threads:
             self._queue.put(_STOP)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in self._threads:  # one deadline for all, not one each
+        for thread in threads:  # one deadline for all, not one each
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -236,6 +236,12 @@ def app(environ, start_response):
         body.comet_deferral = Deferral(lambda: [b"never;"], delay=1)
         body.comet_deferral.delay = "soon"  # (past the check its constructor makes)
         return body
+    if path == "/thread-names":  # ?n pieces of 64 KiB, each naming the thread it came from
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return _thread_names(int(environ["QUERY_STRING"]), environ.get("HTTP_X_TAG", ""))
+    if path == "/closed-in":  # the thread that closed the /thread-names body of this X-Tag
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [closed_in.get(environ.get("HTTP_X_TAG", ""), "").encode()]
     if path == "/endless":  # 64 KiB pieces for as long as the client reads them
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return iter(lambda: b"E" * 65536, None)
@@ -243,6 +249,15 @@ def app(environ, start_response):
     return [b"not found: " + path.encode("latin-1")]
 
 
+def _thread_names(n, tag):
+    try:
+        for _ in range(n):
+            yield threading.current_thread().name.encode().ljust(65536, b".")
+    finally:
+        closed_in[tag] = threading.current_thread().name  # close() too: the same thread
+
+
+closed_in: dict[str, str] = {}  # X-Tag -> the thread that closed a /thread-names body
 yielded: collections.Counter[str] = collections.Counter()
 _releases: dict[str, threading.Event] = {}
 
