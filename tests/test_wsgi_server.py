@@ -279,6 +279,9 @@ def test_bad_requests_get_4xx_and_server_lives(wsgi_server):
         b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET /x HTTP/1.1\r\n\r\n",  # no Host
+        b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",  # a space inside the target
+        b"GET /a\tb HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /x HTTP/2.0\r\nHost: x\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
         b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
