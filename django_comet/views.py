@@ -98,7 +98,7 @@ _METRICS = [
     ),
     ("comet_in_flight", "gauge", "Requests being answered.", "in_flight"),
     ("comet_timers", "gauge", "Pending loop timers and watchers.", "timers"),
-    ("comet_threads", "gauge", "Threads that run views.", "threads"),
+    ("comet_threads", "gauge", "View threads, with spares standing in.", "threads"),
     ("comet_connections", "gauge", "Client connections open.", "connections"),
     (
         "comet_header_timeouts_total",

@@ -273,6 +273,40 @@ def test_a_stage_due_past_max_hold_is_not_waited_for(demo_db):
         assert server.stop() == 0
 
 
+def test_trickling_readers_past_the_spare_threads_do_not_stall_every_view(demo_db):
+    """A streamed body paused for its client waits in its view thread, and a spare runs
+    views in its place (4 per thread).  Past the spares, a client that trickles (so that
+    libevent's write timeout never fires) is cut once it has taken nothing of the
+    paused bytes within COMET_TIMEOUT: views go on."""
+    server = runcomet("--threads", "1", db=demo_db, env={"TEST_TIMEOUT": "3"})
+    stop = threading.Event()
+    socks = []
+
+    def trickle(sock):
+        # 160 kB/s: bytes leave all the time (libevent's write timeout never fires),
+        # but a paused MiB takes more than the 3 s.  (The client's pace, not a wait.)
+        while not stop.wait(0.1):
+            try:
+                if not sock.recv(16384):
+                    return
+            except OSError:
+                return
+
+    try:
+        for _ in range(5):  # the one thread and its 4 spares
+            sock = server.connect()
+            sock.sendall(b"GET /t/big/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(sock)
+            threading.Thread(target=trickle, args=(sock,), daemon=True).start()
+        assert requests.get(server.url + "/t/echo/", timeout=30).status_code == 200
+        assert server.logged("with every view thread busy; cutting the response")
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
+        assert server.stop() == 0
+
+
 def test_storm_of_vanishing_stream_clients(comet):
     """5,000 streams reset at once, twice.  What the first storm leaves in RSS is the
     heap's fragmentation (about 3 KiB a connection, in use by libevent's per-descriptor

@@ -12,6 +12,8 @@ from django_comet.evloop.files import Descriptor
 from django_comet.evloop.loop import Loop
 from django_comet.evloop.workers import ThreadPool
 
+from .test_hardening import wait_until
+
 
 @pytest.fixture
 def loop():
@@ -270,3 +272,50 @@ def test_a_thread_pool_calls_its_hook_before_each_call():
     finally:
         pool.shutdown(10)
     assert order[:7] == ["hook", 0, "hook", 1, "hook", 2, "hook"]
+
+
+def test_a_thread_pool_stands_in_spares_then_retires_them():
+    """A call about to wait on a client gets a spare thread in its place, while spares
+    are left; its thread leaves once the call is over, and the spare goes back."""
+    pool = ThreadPool(1, spares=1)
+    release, answers = threading.Event(), []
+
+    def waits_on_a_client():
+        answers.append(pool.stand_in())
+        answers.append(pool.stand_in())  # (again in the same call: the same spare)
+        release.wait(10)
+
+    try:
+        pool.submit(waits_on_a_client)
+        done = threading.Event()
+        pool.submit(done.set)
+        assert done.wait(10)  # served by the spare while the first call waits
+        assert answers == [True, True]
+        wait_until(lambda: pool.size == 2)
+        second = threading.Event()
+        pool.submit(lambda: (answers.append(pool.stand_in()), second.set()))
+        assert second.wait(10)
+        assert answers[-1] is False  # no spare left: it would wait holding its place
+        release.set()
+        wait_until(lambda: pool.size == 1)  # the first thread retired
+    finally:
+        release.set()
+        pool.shutdown(10)
+
+
+def test_a_spare_that_cannot_start_leaves_the_pool_as_it_was(monkeypatch):
+    pool = ThreadPool(1, spares=2)
+    answers = []
+    done = threading.Event()
+    try:
+
+        def refuse(self):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        pool.submit(lambda: (answers.append(pool.stand_in()), done.set()))
+        assert done.wait(10)
+        monkeypatch.undo()
+        assert answers == [False] and pool.size == 1
+    finally:
+        pool.shutdown(10)  # (it raised: a thread never started was joined)

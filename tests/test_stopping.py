@@ -477,6 +477,26 @@ def test_a_poll_in_a_gap_answered_by_the_stop_moves_past_the_gap(demo_db):
         server.stop()
 
 
+def test_a_body_cut_by_the_grace_period_is_closed_by_its_worker(demo_db, tmp_path):
+    """A streamed body still going when the grace period is over, its worker between two
+    pauses: it used to wait at its next pause for a loop that had stopped, for ever, and
+    the body was never closed."""
+    closed = tmp_path / "closed"
+    server = runcomet(db=demo_db, env={"TEST_GRACE_PERIOD": "1"})
+    try:
+        with server.connect() as sock:
+            target = f"/t/paced-big/?closed={closed}"
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            server.signal(signal.SIGTERM)
+            while sock.recv(1 << 20):  # read on, to the cut
+                pass
+        assert server.proc.wait(20) == 0
+        assert closed.read_text() == "closed"
+    finally:
+        server.stop()
+
+
 def test_a_successor_can_bind_while_workers_drain(demo_db):
     """A restart: while the old workers finish a slow request, a new server binds the
     same port (the parent let go of its copy of the listening socket)."""

@@ -27,6 +27,7 @@ urlpatterns = [
     path("t/cookie-first/", views.cookie_first, name="cookie_first"),
     path("t/cookie-stage/", views.cookie_stage, name="cookie_stage"),
     path("t/big/", views.big, name="big"),
+    path("t/paced-big/", views.paced_big, name="paced_big"),
     path("t/file/", views.file_view, name="file"),
     path("t/async/", views.async_view, name="async"),
     path("t/async-staged/", views.async_staged, name="async_staged"),

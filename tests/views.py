@@ -532,3 +532,19 @@ def next_in_chain(request, response_prev=None, event=None):
     return defer_until(
         response, event["channel"], next_in_chain, timeout=response.timeout, since=event["id"]
     )
+
+
+def paced_big(request):
+    """2 MiB items, one every 0.3 s, for a minute; the file ?closed= is written when the
+    body is closed."""
+
+    def items():
+        try:
+            for _ in range(200):
+                time.sleep(0.3)
+                yield b"p" * (2 * 1024 * 1024)
+        finally:
+            with open(request.GET["closed"], "w") as f:
+                f.write("closed")
+
+    return StreamingHttpResponse(items())

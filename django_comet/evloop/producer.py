@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_comet.server")
 
 _END = object()  # a body's end, from next()
+
+# Seconds between a paused body's worker's looks at whether its exchange is still on.
+GATE_SLICE = 0.25
 
 # What a streamed item adds to the connection's buffer beside its bytes (a chunk's size
 # line and CRLF), counted in its unsent bytes: a body of tiny items holds its bound too.
@@ -184,7 +188,10 @@ class Producer:
         with the view's database connection, translation and time zone, which are the
         thread's (resumed in another, a ``QuerySet.iterator()`` found its connection
         closed by the requests its first thread had served meanwhile).  A spare thread
-        runs views in its place while it waits (``ThreadPool.stand_in``)."""
+        runs views in its place while it waits (``ThreadPool.stand_in``); with none
+        left, it holds a view thread, and a client that has not taken the paused bytes
+        within the write timeout is cut (a trickle of bytes keeps libevent's own write
+        timeout from firing: a few such clients would hold every view thread)."""
         assert self._pool is not None
         high = self.config.write_high_water
         for data in iterator:
@@ -197,13 +204,33 @@ class Producer:
             ex.pending += len(data) + CHUNK_FRAMING
             if ex.pending > high:
                 gate = DrainGate()
-                self._pool.stand_in()
+                spare = self._pool.stand_in()
                 self._to_loop(self._pause_stream, ex, data, gate)
-                if not gate.wait():  # its client left, or the body is not to go on
+                if not self._wait_at(gate, ex, None if spare else self.config.timeout):
                     return
                 continue
             self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
+
+    def _wait_at(self, gate: DrainGate, ex: Exchange, timeout: float | None) -> bool:
+        """Worker: whether the paused body goes on.  Waits in slices, so that a server
+        that stopped (it marks every exchange dead, whether or not its worker had got to
+        its gate) lets its worker go to close the body."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not gate.wait(GATE_SLICE):
+            if ex.dead:
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning(
+                    "%s %s: its client took nothing in %g s, with every view thread busy; "
+                    "cutting the response",
+                    ex.method,
+                    ex.path,
+                    timeout,
+                )
+                self._to_loop(self._abort, ex)
+                return False
+        return gate.go_on
 
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
@@ -295,18 +322,18 @@ class DrainGate:
     """Where a worker waits while its streamed body is paused, until the loop thread
     lets it go on (the unsent bytes have left) or tells it to stop."""
 
-    __slots__ = ("_event", "_go_on")
+    __slots__ = ("_event", "go_on")
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._go_on = False
+        self.go_on = False
 
-    def wait(self) -> bool:
-        self._event.wait()
-        return self._go_on
+    def wait(self, timeout: float) -> bool:
+        """Whether the gate opened (either way: see ``go_on``) within ``timeout``."""
+        return self._event.wait(timeout)
 
     def open(self, go_on: bool) -> None:
-        self._go_on = go_on
+        self.go_on = go_on
         self._event.set()
 
 

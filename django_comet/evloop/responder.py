@@ -348,9 +348,14 @@ class Responder:
         go out (the client left, the body reached its Content-Length), the body ends
         here."""
         ex.pump = gate
-        if not self._send_chunk(ex, data):
-            if not ex.dead and ex.req is not None:
+        try:
+            sent = self._send_chunk(ex, data)
+            if not sent and not ex.dead and ex.req is not None:
                 self._end(ex)  # closes the connection if the body was cut short
+        except BaseException:
+            self._stop_pump(ex)  # its worker must not wait for a drain that never comes
+            raise
+        if not sent:
             self._stop_pump(ex)
 
     def _send_chunk(self, ex: Exchange, data: bytes) -> bool:

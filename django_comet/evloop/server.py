@@ -292,7 +292,10 @@ class Server(Producer, Responder):
         forking.forget(self._descriptors)
         self.holder.close()
         for ex in self._exchanges.values():
-            self._stop_pump(ex)  # paused bodies' workers wait for bytes that will not leave
+            # Paused bodies' workers wait for bytes that will not leave now, or are about
+            # to (Producer._wait_at): they go on to close their bodies.
+            ex.dead = True
+            self._stop_pump(ex)
         if self._pool is not None:
             self._pool.shutdown(timeout=1)
         for ex in list(self._exchanges.values()):

@@ -36,6 +36,7 @@ class ThreadPool:
         self._started = 0
         self._lock = threading.Lock()
         self._spares_left = spares  # see stand_in
+        self._closed = False
         self._stepping_aside = threading.local()
         self._threads: list[threading.Thread] = []
         for _ in range(size):
@@ -46,26 +47,33 @@ class ThreadPool:
         """Threads right now: spares standing in included."""
         return len(self._threads)
 
-    def stand_in(self) -> None:
+    def stand_in(self) -> bool:
         """Worker thread: its call is about to wait long for something other than the
         application (a client that reads slowly), and must wait in this thread.  A spare
         thread takes calls in its place meanwhile, while there are spares left, and this
-        thread leaves the pool once its call is over; without spares it waits holding its
-        place.  Once per call."""
+        thread leaves the pool once its call is over.  True: a spare stands in (asked
+        again in the same call, still True); False: the call waits holding its place."""
+        if getattr(self._stepping_aside, "yes", False):
+            return True
         with self._lock:
-            if self._spares_left <= 0 or getattr(self._stepping_aside, "yes", False):
-                return
+            if self._spares_left <= 0 or self._closed:
+                return False
+            try:
+                self._start_thread()
+            except RuntimeError:  # "can't start new thread": out of memory, a pids limit
+                logger.warning("Could not start a spare view thread", exc_info=True)
+                return False
             self._spares_left -= 1
-            self._start_thread()
         self._stepping_aside.yes = True
+        return True
 
     def _start_thread(self) -> None:  # (under the lock, or before the pool is shared)
         thread = threading.Thread(
             target=self._work, name=f"{self._name}-{self._started}", daemon=True
         )
+        thread.start()  # (first: a thread that failed to start is not the pool's)
         self._started += 1
         self._threads.append(thread)
-        thread.start()
 
     @property
     def backlog(self) -> int:
@@ -90,14 +98,15 @@ class ThreadPool:
                 logger.exception("Uncaught error in worker thread running %r", fn)
             if getattr(self._stepping_aside, "yes", False):  # a spare took its place
                 with self._lock:
-                    self._spares_left += 1
+                    if not self._closed:
+                        self._spares_left += 1
                     self._threads.remove(threading.current_thread())
                 return
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""
         with self._lock:
-            self._spares_left = 0  # none started from now on
+            self._closed = True  # no spare started from now on
             threads = list(self._threads)
         for _ in threads:
             self._queue.put(_STOP)
