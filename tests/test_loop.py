@@ -280,9 +280,12 @@ def test_a_thread_pool_stands_in_spares_then_retires_them():
     pool = ThreadPool(1, spares=1)
     release, answers = threading.Event(), []
 
+    asked = threading.Event()
+
     def waits_on_a_client():
         answers.append(pool.stand_in())
         answers.append(pool.stand_in())  # (again in the same call: the same spare)
+        asked.set()
         release.wait(10)
 
     try:
@@ -290,7 +293,7 @@ def test_a_thread_pool_stands_in_spares_then_retires_them():
         done = threading.Event()
         pool.submit(done.set)
         assert done.wait(10)  # served by the spare while the first call waits
-        assert answers == [True, True]
+        assert asked.wait(10) and answers == [True, True]
         wait_until(lambda: pool.size == 2)
         second = threading.Event()
         pool.submit(lambda: (answers.append(pool.stand_in()), second.set()))

@@ -57,6 +57,7 @@ class Producer:
     _stage_done: Callable[..., None]
     _send_chunk: Callable[..., bool]
     _pause_stream: Callable[..., None]
+    _give_up: Callable[..., None]
     _end: Callable[..., None]
     _abort: Callable[..., None]
 
@@ -194,6 +195,7 @@ class Producer:
         timeout from firing: a few such clients would hold every view thread)."""
         assert self._pool is not None
         high = self.config.write_high_water
+        holding_until = None  # waiting without a spare: a view thread's, until then in all
         for data in iterator:
             if ex.dead:
                 return
@@ -204,32 +206,27 @@ class Producer:
             ex.pending += len(data) + CHUNK_FRAMING
             if ex.pending > high:
                 gate = DrainGate()
-                spare = self._pool.stand_in()
+                if not self._pool.stand_in() and holding_until is None:
+                    holding_until = time.monotonic() + self.config.timeout
                 self._to_loop(self._pause_stream, ex, data, gate)
-                if not self._wait_at(gate, ex, None if spare else self.config.timeout):
+                if not self._wait_at(gate, ex, holding_until):
                     return
                 continue
             self._to_loop(self._send_chunk, ex, data)
         self._to_loop(self._end, ex)
 
-    def _wait_at(self, gate: DrainGate, ex: Exchange, timeout: float | None) -> bool:
+    def _wait_at(self, gate: DrainGate, ex: Exchange, until: float | None) -> bool:
         """Worker: whether the paused body goes on.  Waits in slices, so that a server
         that stopped (it marks every exchange dead, whether or not its worker had got to
-        its gate) lets its worker go to close the body."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        its gate) lets its worker go to close the body.  Past ``until``, the loop is
+        asked to cut the response, unless the bytes left meanwhile (``_give_up``)."""
+        gave_up = False
         while not gate.wait(GATE_SLICE):
             if ex.dead:
                 return False
-            if deadline is not None and time.monotonic() > deadline:
-                logger.warning(
-                    "%s %s: its client took nothing in %g s, with every view thread busy; "
-                    "cutting the response",
-                    ex.method,
-                    ex.path,
-                    timeout,
-                )
-                self._to_loop(self._abort, ex)
-                return False
+            if until is not None and not gave_up and time.monotonic() > until:
+                gave_up = True
+                self._to_loop(self._give_up, ex, gate)
         return gate.go_on
 
     def _pump(self, ex: Exchange) -> None:

@@ -353,10 +353,29 @@ class Responder:
             if not sent and not ex.dead and ex.req is not None:
                 self._end(ex)  # closes the connection if the body was cut short
         except BaseException:
-            self._stop_pump(ex)  # its worker must not wait for a drain that never comes
+            # Its worker must not wait for a drain that never comes, nor its client for
+            # bytes that never come.
+            self._stop_pump(ex)
+            self._abort(ex)
             raise
         if not sent:
             self._stop_pump(ex)
+
+    def _give_up(self, ex: Exchange, gate: DrainGate) -> None:
+        """A paused body holding a view thread (no spare was left) has waited for its
+        client ``COMET_TIMEOUT`` in all: cut it, unless its bytes have left meanwhile
+        (decided here, where the drain is: its worker goes on then)."""
+        if ex.pump is not gate:
+            return
+        logger.warning(
+            "%s %s: its client was %g s behind in all, with no view thread to spare; "
+            "cutting the response",
+            ex.method,
+            ex.path,
+            self.config.timeout,
+        )
+        self._stop_pump(ex)
+        self._abort(ex)
 
     def _send_chunk(self, ex: Exchange, data: bytes) -> bool:
         """Hand ``data`` to evhttp as the next chunk; False if none of it can go."""

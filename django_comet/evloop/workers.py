@@ -37,6 +37,7 @@ class ThreadPool:
         self._lock = threading.Lock()
         self._spares_left = spares  # see stand_in
         self._closed = False
+        self._start_failed = False  # (logged once)
         self._stepping_aside = threading.local()
         self._threads: list[threading.Thread] = []
         for _ in range(size):
@@ -60,8 +61,10 @@ class ThreadPool:
                 return False
             try:
                 self._start_thread()
-            except RuntimeError:  # "can't start new thread": out of memory, a pids limit
-                logger.warning("Could not start a spare view thread", exc_info=True)
+            except RuntimeError as exc:  # "can't start new thread": memory, a pids limit
+                if not self._start_failed:
+                    self._start_failed = True
+                    logger.warning("Could not start a spare view thread (%s)", exc)
                 return False
             self._spares_left -= 1
         self._stepping_aside.yes = True
