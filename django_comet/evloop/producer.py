@@ -190,9 +190,10 @@ class Producer:
         thread's (resumed in another, a ``QuerySet.iterator()`` found its connection
         closed by the requests its first thread had served meanwhile).  A spare thread
         runs views in its place while it waits (``ThreadPool.stand_in``); with none
-        left, it holds a view thread, and a client that has not taken the paused bytes
-        within the write timeout is cut (a trickle of bytes keeps libevent's own write
-        timeout from firing: a few such clients would hold every view thread)."""
+        left, it holds a view thread, and is cut once its client has kept it waiting
+        the write timeout in all (bytes that keep leaving, however slowly, keep
+        libevent's own write timeout from firing: a few such clients would hold every
+        view thread)."""
         assert self._pool is not None
         high = self.config.write_high_water
         holding_until = None  # waiting without a spare: a view thread's, until then in all

@@ -594,8 +594,8 @@ QUIET_REQUESTS = 50  # arrived in the last second
 
 # Threads that may stand in for view threads waiting on slow readers (a streamed body
 # paused in the thread that ran its view: Producer._stream_on), per --threads.  Beyond
-# them, such bodies wait holding view threads, until their client reads or the write
-# timeout cuts it.
+# them, such a body waits holding its view thread, the write timeout in all at most
+# (Responder._give_up).
 SPARE_THREADS_PER_THREAD = 4
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
