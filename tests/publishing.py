@@ -20,3 +20,14 @@ def publish(server, channel, data, event=""):
 def subscribed(server, channel, count=1):
     """Wait until ``count`` clients listen on ``channel`` (the status view's figures)."""
     return server.wait_for_status(lambda s: s["channels"].get(channel, 0) == count)
+
+
+def ended_as_its_kind_does(kind: str, rest: bytes) -> bool:
+    """Whether ``rest``, what a wait returned by a stage added to a body, is the ending
+    of that kind of wait: a poll's answer as on its timeout, a stream's ``retry:``, or
+    a defer_until's stage run with no event."""
+    if kind == "poll":
+        return json.loads(rest)["events"] == []
+    if kind == "stream":
+        return rest.rstrip(b"\n").split(b"\n\n")[-1].startswith(b"retry: ")
+    return rest == b'waiting;{"event": null}'

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .processes import evloop, read_body, read_chunked, runcomet
+from .publishing import ended_as_its_kind_does
 from .sse_client import SSEClient
 
 
@@ -242,8 +243,6 @@ def test_a_wait_a_stage_asks_for_past_max_hold_ends_as_its_kind_does(demo_db, ki
     """A stage run past COMET_MAX_HOLD (here as its wait's last answer) that returns a
     long-poll or a stream: the response ends as that wait does (a poll's answer, a
     stream's retry:), not cut after the wait's first bytes (a space, a heartbeat)."""
-    from .test_stopping import ended_as_its_kind_does
-
     server = runcomet(db=demo_db, env={"TEST_MAX_HOLD": "0.3"})
     try:
         with server.connect() as sock:

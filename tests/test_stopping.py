@@ -17,7 +17,7 @@ import requests
 from django_comet.management.commands.runcomet import Command
 
 from .processes import ROOT, evloop, read_body, read_chunked, runcomet
-from .publishing import publish
+from .publishing import ended_as_its_kind_does, publish
 from .sse_client import SSEClient
 from .test_hardening import wait_until
 
@@ -418,17 +418,6 @@ def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
             sock.close()
     finally:
         server.stop()
-
-
-def ended_as_its_kind_does(kind: str, rest: bytes) -> bool:
-    """Whether ``rest``, what a wait returned by a stage added to a body, is the ending
-    of that kind of wait: a poll's answer as on its timeout, a stream's ``retry:``, or
-    a defer_until's stage run with no event."""
-    if kind == "poll":
-        return json.loads(rest)["events"] == []
-    if kind == "stream":
-        return rest.rstrip(b"\n").split(b"\n\n")[-1].startswith(b"retry: ")
-    return rest == b'waiting;{"event": null}'
 
 
 @pytest.mark.parametrize("kind", ["poll", "stream", "until"])

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from .processes import ROOT, evloop, read_chunked
+from .test_hardening import wait_until
 
 
 def raw(server, data: bytes, *, until_close: bool = True) -> bytes:
@@ -593,10 +594,7 @@ def test_a_paused_body_goes_on_and_is_closed_in_the_thread_that_began_it():
             response = requests.get(server.url + "/closed-in", headers={"X-Tag": "t1"})
             return response.content
 
-        deadline = time.monotonic() + 10
-        while not closed_in() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert closed_in() == name
+        wait_until(lambda: closed_in() == name)
     finally:
         server.stop()
 
