@@ -1,9 +1,12 @@
 """Django requests through a real runcomet: bodies, methods, errors, status."""
 
 import io
+import socket
 
 import pytest
 import requests
+
+from .processes import read_body, runcomet
 
 
 def test_urlencoded_post(comet):
@@ -139,3 +142,20 @@ def test_a_client_gone_before_its_answer_leaves_the_next_answers_intact(comet):
     comet.wait_for_status(lambda s: s["in_flight"] == 1)  # only this status request
     for _ in range(3):
         assert requests.get(comet.url + "/t/echo/").json()["method"] == "GET"
+
+
+def test_a_database_cursor_streamed_to_a_slow_reader_reaches_its_last_row(demo_db):
+    """A body reading rows as it goes pauses once it is 1 MiB ahead of its client; the
+    requests served meanwhile must not share its thread, since each closes its thread's
+    database connection when it ends (it once broke such a body after a few MiB)."""
+    server = runcomet("--threads", "1", db=demo_db)
+    try:
+        with socket.create_connection((server.host, server.port)) as sock:
+            sock.sendall(b"GET /t/db-rows/?rows=16384 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert sock.recv(12) == b"HTTP/1.1 200"
+            for _ in range(10):  # the other views, while the body waits for its reader
+                assert requests.get(server.url + "/t/echo/", timeout=10).status_code == 200
+            body = read_body(sock)
+        assert body.splitlines() == [b"%08d%s" % (i, b"." * 1015) for i in range(1, 16385)]
+    finally:
+        assert server.stop() == 0, "".join(server.output)

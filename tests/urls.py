@@ -28,6 +28,7 @@ urlpatterns = [
     path("t/cookie-stage/", views.cookie_stage, name="cookie_stage"),
     path("t/big/", views.big, name="big"),
     path("t/paced-big/", views.paced_big, name="paced_big"),
+    path("t/db-rows/", views.db_rows),
     path("t/file/", views.file_view, name="file"),
     path("t/async/", views.async_view, name="async"),
     path("t/async-staged/", views.async_staged, name="async_staged"),

@@ -11,6 +11,7 @@ import threading
 import time
 from decimal import Decimal
 
+from django.db import connection
 from django.http import (
     FileResponse,
     Http404,
@@ -548,3 +549,22 @@ def paced_big(request):
                 f.write("closed")
 
     return StreamingHttpResponse(items())
+
+
+def db_rows(request):
+    """?rows= numbered lines of 1 KiB, read from the database as the body goes: the
+    cursor needs its view thread's connection until the last row."""
+    count = int(request.GET["rows"])
+    numbers = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < %s) "
+        "SELECT i FROM n"
+    )
+
+    def lines():
+        with connection.cursor() as cursor:
+            cursor.execute(numbers, [count])
+            while rows := cursor.fetchmany(100):
+                for (i,) in rows:
+                    yield b"%08d%s\n" % (i, b"." * 1015)
+
+    return StreamingHttpResponse(lines())
