@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(
@@ -206,26 +207,35 @@ def evloop(
     )
 
 
-def read_chunked(sock: socket.socket) -> tuple[bytes, list[bytes]]:
+def read_chunked(sock: socket.socket | BinaryIO) -> tuple[bytes, list[bytes]]:
     """Read one chunked response: (head, [chunk, ...]) with the framing checked."""
-    f = sock.makefile("rb")
+    f = sock.makefile("rb") if isinstance(sock, socket.socket) else sock
+    head = read_head(f)
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while (chunk := read_chunk(f)) is not None:
+        chunks.append(chunk)
+    return head, chunks
+
+
+def read_head(f: BinaryIO) -> bytes:
     head = b""
     while not head.endswith(b"\r\n\r\n"):
         line = f.readline()
         if not line:
             raise AssertionError("connection closed inside the head: %r" % head)
         head += line
-    assert b"transfer-encoding: chunked" in head.lower(), head
-    chunks = []
-    while True:
-        size_line = f.readline()
-        assert size_line.endswith(b"\r\n"), size_line
-        size = int(size_line, 16)
-        data = f.read(size)
-        assert f.read(2) == b"\r\n"
-        if size == 0:
-            return head, chunks
-        chunks.append(data)
+    return head
+
+
+def read_chunk(f: BinaryIO) -> bytes | None:
+    """The next chunk of a chunked body, its framing checked; None for the last."""
+    size_line = f.readline()
+    assert size_line.endswith(b"\r\n"), size_line
+    size = int(size_line, 16)
+    data = f.read(size)
+    assert f.read(2) == b"\r\n"
+    return data if size else None
 
 
 def read_body(sock: socket.socket) -> bytes:

@@ -31,6 +31,7 @@ class Exchange:
         "environ",
         "framing",
         "hold",
+        "holding_until",
         "keep_alive",
         "key",
         "limit",
@@ -66,6 +67,9 @@ class Exchange:
         # A streamed body paused while its unsent bytes leave: its rest, for the loop
         # thread to pump (--threads 0), or where its worker waits to go on.
         self.pump: tuple[Iterator[bytes], Iterable[bytes]] | DrainGate | None = None
+        # Paused with no spare thread to stand in: its worker holds a view thread until
+        # then in all (Producer._pass_on).
+        self.holding_until: float | None = None
         self.deferred = False  # counted in Server.held until done
         # Given its last answer (the server stopping, COMET_MAX_HOLD): a wait its last
         # stage asks for is not held but ends the response (Holder.hold).

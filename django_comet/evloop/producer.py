@@ -5,6 +5,8 @@ code runs in the loop thread and hands over by a direct call.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -62,20 +64,39 @@ class Producer:
     _abort: Callable[..., None]
 
     def _run_app(self, ex: Exchange) -> None:
-        start = StartResponse()
+        start = StartResponse(functools.partial(self._send_written, ex))
         self._in_app = True
         try:
             result = self.app(ex.environ, start)
         except StopNow:
             raise
+        except ClientGone:  # from write(): the response is over already
+            self._in_app = False
+            self._to_loop(self._abort, ex)
+            return
         except BaseException:  # SystemExit from a view too: an app error
             self._in_app = False
             logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
-            self._to_loop(self._reply_error, ex)
+            # (Once write() has sent the head, the client must see the response cut.)
+            self._to_loop(self._abort if start.headers_sent else self._reply_error, ex)
             return
         finally:
             self._in_app = False
         self._produce(ex, start, result, first=True)
+
+    def _send_written(self, ex: Exchange, start: StartResponse, data: bytes) -> None:
+        """write() (PEP 3333): the first sends the head, and the bytes go out while the
+        app goes on, as a streamed body's items do: paused in the app's thread while
+        more than ``write_high_water`` bytes are unsent (with ``--threads 0``, queued:
+        they leave once the app hands the loop thread back).  Raises ClientGone once
+        the response is over (its client left, it was cut), so that the app stops."""
+        if not start.headers_sent:
+            start.headers_sent = True
+            # What the body yielded before (write() inside its generator) goes first.
+            chunks, start.written = start.written, []
+            self._to_loop(self._start_stream, ex, start, chunks)
+        if data and carries_body(ex.method, start.code) and not self._pass_on(ex, data):
+            raise ClientGone(f"{ex.method} {ex.path}: the response is over (client gone or cut)")
 
     def _produce(
         self, ex: Exchange, start: StartResponse, result: Iterable[bytes], first: bool
@@ -93,8 +114,8 @@ class Producer:
                     start.headers_sent = True
                     self._to_loop(self._reply_file, ex, start, *file_range)
                     return  # closing the result closes the app's file: the range has its own
-            chunks: list[bytes] = start.written
-            size = sum(map(len, chunks)) if chunks else 0
+            size = sum(map(len, start.written))
+            after_writes: list[bytes] = []  # an item yielded after write() sent the head
             self._in_app = True
             try:
                 iterator = iter(result)
@@ -109,10 +130,13 @@ class Producer:
                         raise AppError(
                             f"response iterable yielded {type(data).__name__}, not bytes"
                         )
+                    if start.headers_sent:  # write() began the stream: the rest follows
+                        after_writes.append(data)
+                        break
                     if data:
-                        if not chunks:  # none yet, or an error page replaced them (exc_info)
+                        if not start.written:  # none yet, or an error page replaced them
                             size = 0
-                        chunks.append(data)
+                        start.written.append(data)
                         size += len(data)
                     if deferral is None and size > limit and first:
                         streaming = True
@@ -121,13 +145,14 @@ class Producer:
                 self._in_app = False
             if first and start.status is None:
                 raise AppError("the application returned without calling start_response()")
-            if streaming:
+            chunks, start.written = start.written, []
+            if start.headers_sent and first:  # by write()
+                streaming = True
+                iterator = itertools.chain(after_writes, iterator)
+            elif streaming:
                 start.headers_sent = True
-                # What the app passes to write() from now on joins the stream in order;
-                # the list handed to the loop thread is no longer the one it appends to.
-                start.written = []
-                iterator = _with_writes(iterator, start.written)
                 self._to_loop(self._start_stream, ex, start, chunks)
+            if streaming:
                 pumped = self._stream_rest(ex, start, result, iterator)
             elif not first:
                 self._to_loop(self._stage_done, ex, chunks, deferral)
@@ -139,6 +164,8 @@ class Producer:
                 self._to_loop(self._reply_whole, ex, start, chunks)
         except StopNow:
             raise
+        except ClientGone:  # from write(), inside the body: the response is over already
+            self._to_loop(self._abort, ex)
         except BaseException:
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             if start.headers_sent or not first:
@@ -156,7 +183,7 @@ class Producer:
         start: StartResponse, wrapper: FileWrapper
     ) -> tuple[Descriptor, int, int] | None:
         """The file to send by descriptor, when the response is nothing but a regular file."""
-        if start.status is None or start.written:
+        if start.status is None or start.written or start.headers_sent:
             return None
         return wrapper.file_range(start.length)
 
@@ -194,27 +221,35 @@ class Producer:
         the write timeout in all (bytes that keep leaving, however slowly, keep
         libevent's own write timeout from firing: a few such clients would hold every
         view thread)."""
-        assert self._pool is not None
-        high = self.config.write_high_water
-        holding_until = None  # waiting without a spare: a view thread's, until then in all
         for data in iterator:
-            if ex.dead:
-                return
             if not isinstance(data, bytes):
                 raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
-            if not data:
-                continue
-            ex.pending += len(data) + CHUNK_FRAMING
-            if ex.pending > high:
-                gate = DrainGate()
-                if not self._pool.stand_in() and holding_until is None:
-                    holding_until = time.monotonic() + self.config.timeout
-                self._to_loop(self._pause_stream, ex, data, gate)
-                if not self._wait_at(gate, ex, holding_until):
-                    return
-                continue
-            self._to_loop(self._send_chunk, ex, data)
+            if not self._pass_on(ex, data):
+                return
         self._to_loop(self._end, ex)
+
+    def _pass_on(self, ex: Exchange, data: bytes) -> bool:
+        """Hand the next piece of a streamed body to the loop thread; on a worker,
+        pausing while more than ``write_high_water`` bytes are unsent (with ``--threads
+        0``, the loop thread pumping the body pauses it: ``_pump``).  False: the body is
+        not to go on."""
+        if ex.dead:
+            return False
+        if not data:
+            return True
+        ex.pending += len(data) + CHUNK_FRAMING
+        if self._pool is None:
+            self._send_chunk(ex, data)
+            return not ex.dead
+        if ex.pending > self.config.write_high_water:
+            gate = DrainGate()
+            if not self._pool.stand_in() and ex.holding_until is None:
+                # Waiting without a spare: a view thread's, until then in all.
+                ex.holding_until = time.monotonic() + self.config.timeout
+            self._to_loop(self._pause_stream, ex, data, gate)
+            return self._wait_at(gate, ex, ex.holding_until)
+        self._to_loop(self._send_chunk, ex, data)
+        return True
 
     def _wait_at(self, gate: DrainGate, ex: Exchange, until: float | None) -> bool:
         """Worker: whether the paused body goes on.  Waits in slices, so that a server
@@ -264,6 +299,8 @@ class Producer:
                     return
         except StopNow:
             raise
+        except ClientGone:  # from write(), inside the body: the response is over already
+            self._abort(ex)
         except BaseException:  # even SystemExit from the app: the client must not wait
             logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
             self._abort(ex)
@@ -316,6 +353,11 @@ class Producer:
         self._produce(ex, StartResponse(), result, first=False)
 
 
+class ClientGone(ConnectionError):
+    """Raised by write() once its response is over: the client left, or the response
+    was cut (the server stopping, a client too slow); the app has nobody to write to."""
+
+
 class DrainGate:
     """Where a worker waits while its streamed body is paused, until the loop thread
     lets it go on (the unsent bytes have left) or tells it to stop."""
@@ -333,15 +375,3 @@ class DrainGate:
     def open(self, go_on: bool) -> None:
         self.go_on = go_on
         self._event.set()
-
-
-def _with_writes(iterator: Iterator[bytes], written: list[bytes]) -> Iterator[bytes]:
-    """The rest of a streamed body, with the bytes the app passed to write() while it
-    produced each item going out before that item (PEP 3333's legacy write())."""
-    for data in iterator:
-        if written:
-            yield b"".join(written)
-            written.clear()
-        yield data
-    if written:
-        yield b"".join(written)

@@ -536,6 +536,8 @@ class Responder:
         client has sent that much) and the close callback releases the exchange."""
         if ex.dead or ex.req is None:
             return self._drop(ex)
+        if ex.state == "aborting":
+            return  # (cut already: write() raising ClientGone after a cut asks again)
         ex.code = ex.code or 500
         evcon = RequestStruct.from_address(ex.req).evcon
         if not evcon:  # the client left already

@@ -263,6 +263,10 @@ class StartResponse:
     server's; an app's "Connection: close" is kept in ``close``).  ``lines`` holds the
     same headers as lines of a response head, ``line`` the HTTP/1.1 status line, and
     ``dated`` tells whether the app gave a Date.
+
+    ``send``, given by the server, takes what the app passes to write(): it goes out
+    while the app goes on (PEP 3333).  Without it (a deferred stage), write() keeps the
+    bytes in ``written``, before the iterable's output.
     """
 
     __slots__ = (
@@ -275,11 +279,13 @@ class StartResponse:
         "line",
         "lines",
         "reason",
+        "send",
         "status",
         "written",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[[StartResponse, bytes], None] | None = None) -> None:
+        self.send = send
         self.status: str | None = None
         self.code = 0
         self.reason = b""
@@ -302,7 +308,7 @@ class StartResponse:
             finally:
                 exc_info = None  # break the traceback cycle (PEP 3333)
             # Nothing went out yet: the error page replaces the response whole, body
-            # included (what was yielded or written so far is still buffered here).
+            # included (what was yielded so far is still buffered here).
             self.written.clear()
         elif self.status is not None:
             raise AppError("start_response() called twice without exc_info")
@@ -385,12 +391,15 @@ class StartResponse:
         return self.write
 
     def write(self, data: bytes) -> None:
-        """The legacy write() callable: buffered before the iterable's output."""
+        """The legacy write() callable."""
         if self.status is None:
             raise AppError("write() called before start_response()")
         if not isinstance(data, bytes):
             raise AppError(f"write() needs bytes, got {type(data).__name__}")
-        self.written.append(data)
+        if self.send is not None:
+            self.send(self, data)
+        elif data:
+            self.written.append(data)
 
 
 def _latin1(value: str, what: str) -> bytes:

@@ -4,6 +4,7 @@ import collections
 import gc
 import json
 import os
+import sys
 import threading
 import time
 
@@ -58,6 +59,36 @@ def app(environ, start_response):
             write(b"END;")
 
         return body()
+    if path == "/write-then-wait":  # written bytes, then nothing until /release
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"early;")
+        _released(environ).wait(60)
+        return [b"late"]
+    if path == "/write-many":  # ?n writes of 1 MiB, counted as written under X-Tag
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        for _ in range(int(environ["QUERY_STRING"])):
+            write(b"W" * (1024 * 1024))
+            yielded[environ.get("HTTP_X_TAG", "")] += 1
+        return []
+    if path == "/write-then-fail":  # exc_info once write() has sent the head: re-raised
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"partial;")
+        try:
+            raise ValueError("after the head")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"never"]
+    if path == "/write-forever":  # until write() raises; its exception kept under X-Tag
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        try:
+            while True:
+                write(b"F" * 65536)
+        except Exception as exc:
+            write_ended[environ.get("HTTP_X_TAG", "")] = type(exc).__name__
+            raise
+    if path == "/write-ended":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [write_ended.get(environ.get("HTTP_X_TAG", ""), "").encode()]
     if path == "/generator":
 
         def gen():
@@ -109,8 +140,6 @@ def app(environ, start_response):
         try:
             raise ValueError("late error")
         except ValueError:
-            import sys
-
             start_response(
                 "503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info()
             )
@@ -176,8 +205,6 @@ def app(environ, start_response):
             try:
                 raise ValueError("late")
             except ValueError:
-                import sys
-
                 start_response("500 Oops", [("Content-Type", "text/plain")], sys.exc_info())
             yield b"error page"
 
@@ -259,6 +286,7 @@ def _thread_names(n, tag):
 
 closed_in: dict[str, str] = {}  # X-Tag -> the thread that closed a /thread-names body
 yielded: collections.Counter[str] = collections.Counter()
+write_ended: dict[str, str] = {}  # X-Tag -> the exception /write-forever's write() raised
 _releases: dict[str, threading.Event] = {}
 
 
