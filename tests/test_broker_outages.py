@@ -425,6 +425,41 @@ def test_ids_that_go_back_go_on_past_what_was_seen(broker, demo_db, seen):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_tables_dropped_under_running_processes_are_made_again(broker, demo_db):
+    """A database recreated, or restored without the broker's tables: the processes
+    make them again, as on first use (every publish was a 500, and the listener retried
+    for ever), and their ids go on past those they saw."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("Redis has no tables")
+    channel = "tables-gone"
+    server = start(broker, demo_db)
+    try:
+        with SSEClient(server, f"/t/stream/?channels={channel}") as client:
+            subscribed(server, channel)
+            first = publish(server, channel, 1)
+            assert client.next_event()["id"] == str(first)
+            drop_tables(broker)
+            again = publish(server, channel, 2)  # on a view thread's connection
+            assert again > first
+            assert client.next_event() == {"id": str(again), "data": "2"}
+            drop_tables(broker)
+            cut_listener(broker)  # its catch-up finds no table
+            assert server.logged("making the tables again")
+            server.wait_for_status(lambda s: s["broker_listening"], timeout=30)
+            last = manage_publish(broker, channel, 3)
+            assert last > again
+            assert client.next_event() == {"id": str(last), "data": "3"}
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def drop_tables(broker):
+    import psycopg
+
+    with psycopg.connect(broker.url, autocommit=True) as conn:
+        conn.execute("DROP TABLE comet_event, comet_channel")
+
+
 def take_ids_back_to(broker, event_id):
     """What a failover to a broker that lagged does: events after ``event_id`` gone, and
     the next id handed out right after it."""

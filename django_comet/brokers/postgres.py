@@ -162,8 +162,19 @@ class PostgresBroker(ListeningBroker):
             # together on a new database would fail on each other's table.
             with _locked(conn):
                 conn.execute(SCHEMA)
+                # Tables made again (a database recreated or restored without them)
+                # start their ids at 1: those seen here would be taken for old ones.
+                if known := self._newest_known():
+                    conn.execute(MOVE_IDS_PAST, {"seen": known})
             self._schema_made = True
         return conn
+
+    def _tables_gone(self) -> None:
+        """The tables went away under a running process (a database recreated, or
+        restored without them): the next connection makes them again."""
+        logger.error("PostgreSQL has no comet_event table any more; making the tables again")
+        self._schema_made = False
+        self._local.conn = None
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -179,6 +190,9 @@ class PostgresBroker(ListeningBroker):
             return self._watched(work)
         except self.psycopg.OperationalError:
             self._local.conn = None
+            return self._watched(work)
+        except self.psycopg.errors.UndefinedTable:
+            self._tables_gone()
             return self._watched(work)
 
     def _watched(self, work: Callable[[Any], T]) -> T:
@@ -383,8 +397,10 @@ class PostgresBroker(ListeningBroker):
                 self._ping_channel = f"comet_ping_{uuid.uuid4().hex}"
                 conn.execute(f"LISTEN {self._ping_channel}")
             self._catch_up(conn, deliver)
-        except BaseException:  # (not left to the garbage collector)
+        except BaseException as exc:  # (not left to the garbage collector)
             _close_quietly(conn)
+            if isinstance(exc, self.psycopg.errors.UndefinedTable):
+                self._tables_gone()  # made by the retry's connection
             raise
         # Listening once caught up, not before: a catch-up that fails would otherwise
         # leave the status saying so through the outage that follows.
