@@ -264,6 +264,19 @@ def test_a_history_size_of_0_keeps_no_history(broker, demo_db):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_a_lowered_history_size_holds_for_the_history_kept_before(broker, small):
+    """Events kept under a larger COMET_HISTORY_SIZE (before a restart with a smaller
+    one): a replay gets the newest the size says, and a gap (Redis gave them all, and
+    its lists never shrank back)."""
+    seen = manage_publish(broker, "lowered", "seen", TEST_HISTORY_SIZE="20")
+    ids = [manage_publish(broker, "lowered", n, TEST_HISTORY_SIZE="20") for n in range(12)]
+    assert replay(small, "lowered", seen) == (True, ids[-5:])
+    ids.append(publish(small, "lowered", 12))
+    assert replay(small, "lowered", seen) == (True, ids[-5:])
+    if not isinstance(broker, PostgresServer):  # (PostgreSQL prunes every 50th id)
+        assert stored(broker, "lowered") == 5
+
+
 def test_a_fresh_process_moves_a_cursor_past_a_gap_with_nothing_after_it(broker, demo_db):
     """A process that has received nothing newer than a client's cursor: the broker has
     nothing left after it, and everything since this process began listening reaches

@@ -44,7 +44,9 @@ local id = redis.call('INCR', KEYS[1])
 local payload = '[' .. string.format('%d', id) .. ',' .. cjson.encode(ARGV[1]) .. ','
     .. cjson.encode(ARGV[2]) .. ',' .. cjson.encode(ARGV[3]) .. ']'
 local key = KEYS[2] .. ARGV[1]
-if redis.call('RPUSH', key, payload) > tonumber(ARGV[4]) then
+-- Down to the history size, however long the list was (the size may have been lowered).
+local over = redis.call('RPUSH', key, payload) - tonumber(ARGV[4])
+for _ = 1, over do
     local dropped = cjson.decode(redis.call('LPOP', key))
     redis.call('SET', KEYS[3] .. ARGV[1], string.format('%d', dropped[1]))
 end
@@ -187,8 +189,14 @@ class RedisBroker(ListeningBroker):
         # what followed it is gone.
         gap = 0 < after < int(epoch or 0)
         for payloads, lost in zip(results[::2], results[1::2], strict=True):
-            events.extend(e for e in map(self._decode, payloads) if e.id > after)
+            newer = [e for e in map(self._decode, payloads) if e.id > after]
             gap = gap or (lost is not None and after < int(lost))
+            # A list longer than the history size (it was larger until a restart):
+            # its newest, as the size says, and the rest is a gap.
+            if len(newer) > self.history_size:
+                del newer[: len(newer) - max(self.history_size, 0)]
+                gap = True
+            events.extend(newer)
         events.sort(key=lambda e: e.id)
         return events, gap
 
