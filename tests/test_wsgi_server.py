@@ -301,6 +301,33 @@ def test_a_written_head_answers_head_without_a_body(wsgi_server):
     assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"Hello, world!")
 
 
+@pytest.mark.parametrize("server_name", ["wsgi_server", "wsgi_inline"])
+def test_a_whole_answer_to_a_chunked_upload_ends_at_its_length(request, server_name):
+    """The request's own chunked coding is not the answer's: evhttp ended a whole
+    answer to a chunked upload with a last chunk, five bytes that a keep-alive client
+    took for the start of its next answer."""
+    server = request.getfixturevalue(server_name)
+    out = raw(
+        server,
+        b"POST /body-length HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"5\r\nhello\r\n0\r\n\r\n"
+        + b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    first, _, rest = out.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"Content-Length: 1\r\n" in first + b"\r\n"
+    assert rest.startswith(b"5HTTP/1.1 200"), rest
+    assert rest.endswith(b"Hello, world!")
+
+
+def test_a_refused_absolute_form_request_says_it_closes(wsgi_server):
+    """RFC 9112 9.6: a server that closes says so.  evhttp took such a request for a
+    proxy's, and left "Connection: close" out."""
+    out = raw(wsgi_server, b"GET http://a/x HTTP/1.1\r\nHost: a\r\nX : b\r\n\r\n")
+    head = out.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"\r\nConnection: close" in head, head
+
+
 def test_close_is_always_called(wsgi_server):
     tag = uuid.uuid4().hex
     requests.get(wsgi_server.url + "/close-counter", headers={"X-Tag": tag})

@@ -7,6 +7,7 @@ fields are read directly: one ctypes structure view instead of a dozen calls per
 from __future__ import annotations
 
 import ctypes
+import sys
 from ctypes import (
     POINTER,
     Structure,
@@ -51,6 +52,11 @@ class RequestStruct(Structure):
         ("ntoread", c_int64),
         ("bits", c_uint),  # chunked:1, userdone:1
     ]
+
+
+# RequestStruct.bits: the "chunked" bit-field, the first declared (the lowest bit where
+# the ABI is little-endian, the highest where it is big-endian).
+REQUEST_CHUNKED = 1 if sys.byteorder == "little" else 1 << 31
 
 
 _PROTOCOLS = {(1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0"}

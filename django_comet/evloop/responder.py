@@ -18,7 +18,7 @@ from . import libevent_ctypes as ev
 from .connections import shutdown_socket
 from .deferral import AnyDeferral
 from .holding import chunked
-from .request import RequestStruct
+from .request import REQUEST_CHUNKED, RequestStruct
 from .wsgi import NO_BODY_STATUSES, StartResponse, carries_body
 
 if TYPE_CHECKING:
@@ -199,6 +199,11 @@ class Responder:
         req, ex.req = ex.req, None
         self._finish(ex, req if size > SMALL_BODY else None)
         lib.bufferevent_enable(ex.conn, ev.EV_WRITE)
+        # evhttp_send_reply_end ends a chunked response with its last chunk, and takes
+        # the request's own "chunked" (a chunked upload's) for the response's when
+        # evhttp_send_reply_start was not called: five bytes after the body.
+        assert req is not None
+        RequestStruct.from_address(req).bits &= ~REQUEST_CHUNKED
         lib.evhttp_send_reply_end(req)
 
     def _reply_error(self, ex: Exchange) -> None:

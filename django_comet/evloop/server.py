@@ -426,6 +426,9 @@ class Server(Producer, Responder):
             # To a CONNECT, evhttp sends no length and never closes (a tunnel would
             # follow): answered as to a GET, the page is framed and the connection ends.
             r.type = ev.EVHTTP_REQ_GET
+        # An absolute-form target's request is a proxy's to evhttp (see _on_request),
+        # whose answer says Proxy-Connection in place of "Connection: close".
+        r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         self._lib.evhttp_send_error(req, status, reason)
 
     def _accept_when_views_caught_up(self) -> None:
