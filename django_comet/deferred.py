@@ -44,7 +44,7 @@ from django.urls import (
 from django.utils.functional import Promise
 from django.utils.http import parse_http_date_safe
 
-from .evloop.deferral import ChannelWait, Deferral
+from .evloop.deferral import ChannelWait, Deferral, blocking_through
 from .evloop.hub import hub
 
 __all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
@@ -258,6 +258,7 @@ class DeferredResponse(StreamingHttpResponse):
         if deferral.claimed or self._head:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).
+        blocking_through("A deferred response")
         next_stage = deferral.resume
         assert isinstance(next_stage, NextStage)  # what defer_in_time/defer_until set
         if isinstance(deferral, Deferral):

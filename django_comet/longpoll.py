@@ -20,7 +20,7 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import head_request
 from .events import refusal, replay
-from .evloop.deferral import ChannelWait
+from .evloop.deferral import ChannelWait, blocking_through
 from .evloop.hub import Event, hub, poll_batch
 
 __all__ = ["poll_response", "render_events"]
@@ -68,6 +68,7 @@ class PollResponse(StreamingHttpResponse):
         yield b" "
         if wait.claimed or self._head:
             return  # runcomet answers from its loop
+        blocking_through("A long-poll")
         if wait.ready:
             yield render_events(wait.ready, wait.after, self.gap)
         else:

@@ -19,7 +19,7 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import head_request
 from .events import check_channel, newest_that_fit, oldest_that_fit, refusal, replay
-from .evloop.deferral import Stream
+from .evloop.deferral import Stream, blocking_through
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
 from .evloop.streams import jittered_retry
 
@@ -98,6 +98,7 @@ class EventStreamResponse(StreamingHttpResponse):
         yield self._first
         if self.comet_deferral.claimed or self._head:
             return  # runcomet writes the events from its loop
+        blocking_through("An event stream")
         # Any other server: one blocked thread per stream, ended as runcomet ends it:
         # after COMET_MAX_HOLD, with a jittered retry.
         cursor = self._cursor

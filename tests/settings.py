@@ -38,5 +38,8 @@ if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, th
         "loggers": {"myapp": {"handlers": ["console"], "level": "INFO"}},
     }
 
+if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hides held responses from the server
+    WSGI_APPLICATION = "tests.wrapped_wsgi.application"
+
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405

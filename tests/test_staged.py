@@ -35,6 +35,19 @@ def test_demo_five_chunks_in_order(request, server_name):
     ]
 
 
+def test_a_middleware_that_hides_a_held_response_is_told_of(demo_db):
+    """A WSGI middleware that hands on an iterable of its own hides the deferral from
+    runcomet: the response still works, blocking its view thread as under any other
+    server, and the log says why and what to do (it said nothing)."""
+    server = runcomet(db=demo_db, env={"TEST_WRAPPED_WSGI": "1"})
+    try:
+        _, chunks = get_staged(server, "/t/quick-stages/")
+        assert b"".join(chunks) == b"s0;s1:-;s2:-;s3:-;s4:-;"
+        assert server.logged("A deferred response waits in its view thread")
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_only_first_headers_sent_and_cookies_reach_every_stage(comet):
     head, chunks = get_staged(comet, "/t/quick-stages/", b"Cookie: flavour=mint\r\n")
     assert b"X-First: yes" in head

@@ -22,6 +22,7 @@ implement it for Django.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -128,6 +129,33 @@ class Stream:
 
 
 AnyDeferral = Deferral | ChannelWait | Stream
+
+
+_claiming = False  # a server that claims deferrals runs in this process
+_told_hidden = False
+
+
+def claiming() -> None:
+    """Server side: say that a server claiming deferrals runs in this process."""
+    global _claiming
+    _claiming = True
+
+
+def blocking_through(what: str) -> None:
+    """Held-response side: ``what`` is about to block its thread through its stages,
+    since no server claimed it.  Where one runs, something hid the response from it:
+    said once, with what to do."""
+    global _told_hidden
+    if _claiming and not _told_hidden:
+        _told_hidden = True
+        logging.getLogger("django_comet.server").warning(
+            "%s waits in its view thread: the server never saw its response (a WSGI "
+            "middleware around the application returned another iterable in its place?). "
+            "Return the application's response as it is, or copy its %s attribute; "
+            "said once",
+            what,
+            ATTRIBUTE,
+        )
 
 
 def claim(result: Any) -> AnyDeferral | None:

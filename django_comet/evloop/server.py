@@ -26,6 +26,7 @@ from . import forking
 from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
+from .deferral import claiming
 from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
@@ -72,6 +73,7 @@ class Server(Producer, Responder):
     ):
         self.app = app
         self.config = config or ServerConfig()
+        claiming()  # (a held response that blocks in its thread here was hidden from it)
         self._own_loop = loop is None  # closed with the server; a loop passed in is not
         self.loop = loop or Loop(changelist=can_track_connections())
         self._lib = ev.lib()
