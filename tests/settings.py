@@ -38,6 +38,16 @@ if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, th
         "loggers": {"myapp": {"handlers": ["console"], "level": "INFO"}},
     }
 
+if os.environ.get("TEST_WATCHED_FILE"):  # the autoreloader restarts on edits to this file
+    from pathlib import Path
+
+    from django.utils.autoreload import autoreload_started
+
+    def _watch(sender, **kwargs):
+        sender.extra_files.add(Path(os.environ["TEST_WATCHED_FILE"]))
+
+    autoreload_started.connect(_watch)
+
 if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hides held responses from the server
     WSGI_APPLICATION = "tests.wrapped_wsgi.application"
 

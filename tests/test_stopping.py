@@ -84,6 +84,42 @@ def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
         server.stop()
 
 
+def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tmp_path):
+    """The restart after an edit ends held responses as a stop does, before the process
+    goes (they were cut: no retry:, no last chunk, and no access log line)."""
+    watched = tmp_path / "watched.py"
+    watched.write_text("# edited below\n")
+    server = runcomet(db=demo_db, reload=True, env={"TEST_WATCHED_FILE": str(watched)})
+    try:
+        stream = SSEClient(server, "/t/stream/?channels=reloading")
+        poll = server.connect()
+        poll.sendall(
+            b"GET /t/fastpoll/?channel=reloading&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        server.wait_for_status(lambda s: s["held"] == 2)
+
+        def edited():
+            # Again until seen: an edit before the autoreloader's first look is not one.
+            stat = watched.stat()
+            os.utime(watched, (stat.st_atime, stat.st_mtime + 10))
+            return server.logged("watched.py changed, reloading", timeout=1)
+
+        wait_until(edited, 30)
+        frames = list(stream.frames())
+        assert frames[-1].startswith(b"retry: "), frames
+        assert stream.ended  # a last chunk, not a cut
+        _, chunks = read_chunked(poll)
+        assert json.loads(b"".join(chunks))["events"] == []  # as on a timeout: poll again
+        stream.close()
+        poll.close()
+        # The access log has them: they ended, rather than died with the process.
+        assert server.logged("GET /t/stream/?channels=reloading")
+        assert server.logged("GET /t/fastpoll/?channel=reloading")
+        wait_until(lambda: "".join(server.output).count("Starting comet server") == 2, 60)
+    finally:
+        server.stop()
+
+
 def test_a_request_during_the_drain_is_served_and_closes_its_connection(demo_db):
     server = runcomet(db=demo_db)
     try:

@@ -234,10 +234,10 @@ class Server(Producer, Responder):
         if not self._draining:
             self.shutdown()
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace: float | None = None) -> None:
         """Loop thread: stop accepting, end held responses, let in-flight ones finish
-        within ``config.grace`` seconds (each response from now on closes its keep-alive
-        connection), then stop the loop."""
+        within ``grace`` seconds (``config.grace`` by default; each response from now on
+        closes its keep-alive connection), then stop the loop."""
         if self._draining:
             logger.warning("Second stop request: closing now.")
             self.loop.stop()
@@ -256,7 +256,7 @@ class Server(Producer, Responder):
         if self._own_path:
             remove_unix_socket(self._own_path, self._own_id)
         self.holder.end_all()
-        deadline = time.monotonic() + self.config.grace
+        deadline = time.monotonic() + (self.config.grace if grace is None else grace)
         flushing = [float("inf"), time.monotonic()]  # unsent bytes, when they last fell
 
         def flushed(now: float) -> bool:

@@ -41,6 +41,9 @@ else:  # pragma: no cover - demo_site and tests have staticfiles
         Command as RunserverCommand,
     )
 
+# Seconds an edit under the autoreloader gives requests in flight before the restart.
+RELOAD_GRACE = 2.0
+
 _ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
     errno.EADDRINUSE: "That port is already in use.",
@@ -212,13 +215,21 @@ class Command(RunserverCommand):
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
         # banner on.
+        reload = _Reload(server)
         if in_main_thread:
             server.handle_signals()
+        else:
+            autoreload.file_changed.connect(reload.drain_first, weak=False)
         self.on_bind(server.address[1], server)
-        server.serve_forever(handle_signals=in_main_thread)
+        try:
+            server.serve_forever(handle_signals=in_main_thread)
+        finally:
+            reload.stopped.set()
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
             self._socket_id = None
+        if reload.asked:
+            return  # the autoreloader's thread ends the process, for its restart
         self.stdout.write("Stopped.")
         if not in_main_thread:
             os._exit(0)
@@ -292,6 +303,24 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
+
+
+class _Reload:
+    """Under the autoreloader, an edit ends held responses as a stop does (a stream's
+    ``retry:``, a poll's answer) and lets requests in flight finish, briefly, before the
+    process restarts: they were all cut."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.asked = False
+        self.stopped = threading.Event()
+
+    def drain_first(self, **_kwargs: Any) -> None:
+        """django.utils.autoreload.file_changed, in the autoreloader's thread: returning
+        None lets the reload go on (True would cancel it)."""
+        self.asked = True
+        self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE)
+        self.stopped.wait(RELOAD_GRACE + 1)
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:
