@@ -240,6 +240,8 @@ def test_chat_poll_protocol(comet):
 def test_a_poll_cursor_that_is_not_an_event_id_is_a_400(comet, since):
     """poll_response takes the query string's text as it came (it was a 500 in the
     README's example, which called int() on it)."""
+    readme = requests.get(comet.url + f"/t/readme-wait/?since={since}", timeout=30)
+    assert readme.status_code == 400  # the README's own view, as printed
     for path in ("/chat/poll/", "/t/fastpoll/?channel=chat&"):
         url = comet.url + path + ("&" if "?" in path else "?") + f"since={since}"
         response = requests.get(url.replace("&&", "&"), timeout=30)

@@ -16,6 +16,7 @@ from django.http import (
     FileResponse,
     Http404,
     HttpResponse,
+    HttpResponseBadRequest,
     HttpResponseForbidden,
     JsonResponse,
     StreamingHttpResponse,
@@ -452,8 +453,11 @@ def broken_poll_view(request):
 def wait_for_chat(request):
     if not may_listen(request, "readme"):  # COMET_AUTHORIZE: your own views must ask it
         return HttpResponseForbidden()
+    since = request.GET.get("since", "0")
+    if not (since.isascii() and since.isdigit() and len(since) < 19):  # (a bigint)
+        return HttpResponseBadRequest("since: an event id")
     response = HttpResponse(content_type="application/json")
-    response.since = int(request.GET.get("since", 0))
+    response.since = int(since)
     return defer_until(response, "readme", readme_deliver, timeout=25, since=response.since)
 
 

@@ -275,7 +275,9 @@ class Server(Producer, Responder):
             now = time.monotonic()
             if now >= deadline:
                 if self._exchanges:
-                    logger.warning("Grace period over: cutting %d responses.", len(self._exchanges))
+                    logger.warning(
+                        "Grace period over: cutting %d response(s).", len(self._exchanges)
+                    )
                 self.loop.stop()
             elif not self._exchanges and flushed(now):
                 self.loop.stop()
