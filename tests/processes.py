@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(
@@ -205,6 +206,16 @@ def evloop(
         env=env,
         cwd=cwd,
     )
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """``condition()``'s first true value, polled until a deadline (what it waits for
+    happens in another process, which tells nothing when it does)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+    return value
 
 
 def read_chunked(sock: socket.socket | BinaryIO) -> tuple[bytes, list[bytes]]:

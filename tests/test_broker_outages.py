@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from .brokers import PostgresServer, RedisServer, free_port
-from .processes import read_body, runcomet
+from .processes import read_body, runcomet, wait_until
 from .proxy import Proxy
 from .sse_client import SSEClient
-from .test_brokers import manage_publish, publish, start, subscribed, wait_until
+from .test_brokers import manage_publish, publish, start, subscribed
 
 
 def test_each_view_thread_gets_a_fresh_connection_after_a_restart(broker, demo_db):

@@ -14,7 +14,7 @@ from django_comet.brokers.postgres import PRUNE_EVERY
 from django_comet.brokers.redis import LOG_MIN
 
 from .brokers import PostgresServer, RedisServer
-from .processes import manage, runcomet
+from .processes import manage, runcomet, wait_until
 from .publishing import publish, subscribed
 from .sse_client import SSEClient
 
@@ -172,15 +172,6 @@ def small(broker, demo_db):
     server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
     yield server
     assert server.stop() == 0, "".join(server.output)
-
-
-def wait_until(condition, timeout=10.0):
-    """``condition()``'s first true value, polled until a deadline."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.02)
-    return value
 
 
 def replay(server, channels, last_id):

@@ -12,8 +12,7 @@ from django.core.management import call_command
 from django_comet.management.commands.runcomet import Command
 
 from .brokers import free_port
-from .processes import ROOT, manage, runcomet
-from .test_hardening import wait_until
+from .processes import ROOT, manage, runcomet, wait_until
 
 
 def parsed(*args):

@@ -15,8 +15,8 @@ from django.core.files import File
 
 from django_comet.evloop.files import FileWrapper
 
-from .processes import runcomet
-from .test_hardening import fd_count, wait_until
+from .processes import runcomet, wait_until
+from .test_hardening import fd_count
 from .views import pattern
 
 MIB = 1024 * 1024

@@ -16,9 +16,8 @@ import pytest
 import requests
 
 from .brokers import free_port
-from .processes import runcomet
+from .processes import runcomet, wait_until
 from .sse_client import SSEClient
-from .test_hardening import wait_until
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .processes import evloop, read_body, read_chunked, runcomet
+from .processes import evloop, read_body, read_chunked, runcomet, wait_until
 from .publishing import ended_as_its_kind_does
 from .sse_client import SSEClient
 
@@ -28,16 +28,6 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def wait_until(predicate, timeout=20.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def exchange(server, data: bytes, timeout: float = 10.0) -> bytes:

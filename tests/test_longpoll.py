@@ -12,9 +12,8 @@ import termios
 import pytest
 import requests
 
-from .processes import read_body, read_chunked, runcomet
+from .processes import read_body, read_chunked, runcomet, wait_until
 from .publishing import publish, subscribed
-from .test_brokers import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from django_comet.evloop.files import Descriptor
 from django_comet.evloop.loop import Loop
 from django_comet.evloop.workers import ThreadPool
 
-from .test_hardening import wait_until
+from .processes import wait_until
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import threading
 import pytest
 import requests
 
-from .processes import read_chunked, runcomet
-from .test_brokers import wait_until
+from .processes import read_chunked, runcomet, wait_until
 
 
 def get_staged(server, path="/", headers=b""):

@@ -16,10 +16,9 @@ import requests
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import ROOT, evloop, read_body, read_chunked, runcomet
+from .processes import ROOT, evloop, read_body, read_chunked, runcomet, wait_until
 from .publishing import ended_as_its_kind_does, publish
 from .sse_client import SSEClient
-from .test_hardening import wait_until
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import psutil
 import pytest
 import requests
 
-from .processes import manage
+from .processes import manage, wait_until
 from .sse_client import SSEClient
-from .test_brokers import manage_publish, start, wait_until
+from .test_brokers import manage_publish, start
 
 
 def test_workers_refused_with_the_memory_broker(demo_db):

@@ -11,8 +11,7 @@ import uuid
 import pytest
 import requests
 
-from .processes import ROOT, evloop, read_chunk, read_chunked, read_head
-from .test_hardening import wait_until
+from .processes import ROOT, evloop, read_chunk, read_chunked, read_head, wait_until
 
 
 def raw(server, data: bytes, *, until_close: bool = True) -> bytes:
