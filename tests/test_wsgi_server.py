@@ -213,6 +213,13 @@ def test_write_callable_and_generator(wsgi_server):
     assert requests.get(wsgi_server.url + "/generator").content == b"ab"
 
 
+def send_tagged(sock: socket.socket, target: str, tag: str) -> None:
+    """A GET of ``target`` whose X-Tag names what the app records of it."""
+    sock.sendall(
+        b"GET %s HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % (target.encode(), tag.encode())
+    )
+
+
 def test_written_bytes_go_out_while_the_app_goes_on(wsgi_server):
     """PEP 3333: write()'s bytes are sent, or buffered for transmission while the app
     proceeds; the head goes out at the first write().  (They waited for the app to
@@ -220,9 +227,7 @@ def test_written_bytes_go_out_while_the_app_goes_on(wsgi_server):
     tag = uuid.uuid4().hex
     with wsgi_server.connect() as sock:
         sock.settimeout(10)  # a hang fails
-        sock.sendall(
-            b"GET /write-then-wait HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode()
-        )
+        send_tagged(sock, "/write-then-wait", tag)
         f = sock.makefile("rb")
         head = read_head(f)
         assert head.startswith(b"HTTP/1.1 200")
@@ -241,9 +246,7 @@ def test_write_waits_for_a_slow_client_in_its_own_thread():
     tag = uuid.uuid4().hex
     try:
         with server.connect() as sock:
-            sock.sendall(
-                b"GET /write-many?64 HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode()
-            )
+            send_tagged(sock, "/write-many?64", tag)
             f = sock.makefile("rb")
             assert read_head(f).startswith(b"HTTP/1.1 200")
             # Served by a spare while the writer waits for this client: with the one
@@ -276,9 +279,7 @@ def test_write_raises_once_the_client_is_gone():
     tag = uuid.uuid4().hex
     try:
         with server.connect() as sock:
-            sock.sendall(
-                b"GET /write-forever HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode()
-            )
+            send_tagged(sock, "/write-forever", tag)
             assert sock.recv(12) == b"HTTP/1.1 200"
 
         def ended():
