@@ -314,6 +314,33 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_a_catch_up_reads_as_many_events_as_redis_log_keeps(broker, demo_db):
+    """A process away while many channels got events: its catch-up reads the newest 10
+    x COMET_HISTORY_SIZE (at least 100), as Redis' log keeps, and what is older is a gap
+    on every channel (PostgreSQL's table, which keeps a history per channel, was read
+    whole, into memory at once)."""
+    from django_comet.brokers import broker_from_url
+
+    publisher = broker_from_url(broker.url, history_size=5)
+    server = start(broker, demo_db, env={"TEST_HISTORY_SIZE": "5"})
+    try:
+        with SSEClient(server, "/t/stream/?channels=spread-0") as client:
+            subscribed(server, "spread-0")
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                cut_listener(broker)
+                for n in range(120):  # one event on each of 120 channels: none pruned
+                    publisher.publish(f"spread-{n}", str(n))
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert client.next_event()["event"] == "comet-history-gap"
+            if isinstance(broker, PostgresServer):
+                assert server.logged("missed more than 100 events")
+    finally:
+        publisher.close()
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_a_catch_up_larger_than_the_bound_reaches_streams_that_read(broker, demo_db):
     """What a process missed while away comes in a burst when it is back: 300 KB here,
     for a 64 KiB bound on a stream's unsent output.  Its streams take it at their pace,

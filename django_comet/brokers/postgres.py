@@ -57,6 +57,7 @@ logger = logging.getLogger("django_comet.broker")
 
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
+CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
 READ_TIMEOUT = 10.0  # seconds for reading large events under runcomet; then reconnect
 # Large events notified while the reader thread was busy are read together, this many
 # at most, in queries of about READ_BATCH_BYTES each, so that each stays well within
@@ -418,10 +419,16 @@ class PostgresBroker(ListeningBroker):
         after = self._catch_up_from(newest)
         if after is None:
             return
+        # The newest events at most, as many as Redis' log keeps: the table keeps a
+        # history per channel, and many channels' worth would be loaded at once.
+        bound = max(self.history_size * 10, CATCH_UP_MIN)
         missed = conn.execute(
-            "SELECT id, channel, name, data FROM comet_event WHERE id > %s ORDER BY id",
-            (after,),
+            "SELECT id, channel, name, data FROM comet_event WHERE id > %s "
+            "ORDER BY id DESC LIMIT %s",
+            (after, bound + 1),
         ).fetchall()
+        missed.reverse()
+        left_out = missed.pop(0)[0] if len(missed) > bound else None
         # Read after the events: a prune in between makes a gap told too many, never one
         # missed.
         lost = conn.execute(
@@ -435,6 +442,13 @@ class PostgresBroker(ListeningBroker):
             )
             for channel, lost_id in lost:
                 hub.add_gap([channel], int(lost_id))
+        if left_out is not None:  # on any channel, as Redis' log does
+            logger.warning(
+                "This process missed more than %d events while away from PostgreSQL; "
+                "every stream gets the gap event",
+                bound,
+            )
+            hub.add_gap(None, int(left_out))
         for i, channel, name, data in missed:
             deliver(Event(channel, int(i), data, name))
         self._caught_up_now()
