@@ -48,6 +48,18 @@ if os.environ.get("TEST_WATCHED_FILE"):  # the autoreloader restarts on edits to
 
     autoreload_started.connect(_watch)
 
+if os.environ.get("TEST_TEMPLATE_DIR"):  # one more template directory, and what the
+    # autoreloader sees of it (DEBUG: "first seen", "notified as changed")
+    TEMPLATES = [
+        {**TEMPLATES[0], "DIRS": [os.environ["TEST_TEMPLATE_DIR"]]},  # noqa: F405
+    ]
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        "loggers": {"django.utils.autoreload": {"handlers": ["console"], "level": "DEBUG"}},
+    }
+
 if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hides held responses from the server
     WSGI_APPLICATION = "tests.wrapped_wsgi.application"
 

@@ -17,7 +17,7 @@ import requests
 from django_comet.management.commands.runcomet import Command
 
 from .processes import ROOT, evloop, read_body, read_chunked, runcomet, wait_until
-from .publishing import ended_as_its_kind_does, publish
+from .publishing import ended_as_its_kind_does, publish, subscribed
 from .sse_client import SSEClient
 
 
@@ -115,6 +115,24 @@ def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tm
         assert server.logged("GET /t/stream/?channels=reloading")
         assert server.logged("GET /t/fastpoll/?channel=reloading")
         wait_until(lambda: "".join(server.output).count("Starting comet server") == 2, 60)
+    finally:
+        server.stop()
+
+
+def test_a_template_edit_under_the_autoreloader_leaves_the_server_serving(demo_db, tmp_path):
+    """Django's autoreloader does not restart for a template (it resets the template
+    loaders): the server goes on (it drained on any edit, and stayed down)."""
+    (tmp_path / "edited.html").write_text("edited below")
+    server = runcomet(db=demo_db, reload=True, env={"TEST_TEMPLATE_DIR": str(tmp_path)})
+    try:
+        with SSEClient(server, "/t/stream/?channels=templates") as stream:
+            subscribed(server, "templates")
+            assert server.logged("edited.html first seen", timeout=30)
+            stat = (tmp_path / "edited.html").stat()
+            os.utime(tmp_path / "edited.html", (stat.st_atime, stat.st_mtime + 10))
+            assert server.logged("edited.html notified as changed")
+            event_id = publish(server, "templates", "still here")
+            assert stream.next_event() == {"id": str(event_id), "data": '"still here"'}
     finally:
         server.stop()
 

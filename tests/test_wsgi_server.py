@@ -290,6 +290,44 @@ def test_write_raises_once_the_client_is_gone():
         server.stop()
 
 
+def test_an_app_that_writes_on_past_clientgone_ends_cleanly():
+    """write() past the Content-Length: the bytes are cut there, and once the response
+    is over write() raises; an app that catches it and returns normally must not end
+    the response twice (the loop thread's _end failed on it)."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "2")
+    tag = uuid.uuid4().hex
+    try:
+        with server.connect() as sock:
+            send_tagged(sock, "/write-past-length", tag)
+            f = sock.makefile("rb")
+            assert b"Content-Length: 10\r\n" in read_head(f)
+            assert f.read() == b"x" * 10  # and the connection closes
+        assert closes(server, tag, 1) == 1
+        assert requests.get(server.url + "/write-ended", headers={"X-Tag": tag}).content == (
+            b"ClientGone"
+        )
+        # (The loop ran the worker's hand-overs before it answered these; its error log
+        # comes before this request's line.)
+        assert requests.get(server.url + "/hello").status_code == 200
+        assert server.logged('"GET /hello HTTP/1.1" 200')
+        assert "Unhandled error" not in "".join(server.output)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("server_name", ["wsgi_server", "wsgi_inline"])
+def test_write_from_another_thread_is_refused(request, server_name):
+    """Its bytes would race the app's own, and with --threads 0 reach libevent from
+    outside the loop thread."""
+    server = request.getfixturevalue(server_name)
+    tag = uuid.uuid4().hex
+    response = requests.get(server.url + "/write-from-thread", headers={"X-Tag": tag})
+    assert response.content == b"mine"
+    assert requests.get(server.url + "/write-ended", headers={"X-Tag": tag}).content == (
+        b"AppError"
+    )
+
+
 def test_a_written_head_answers_head_without_a_body(wsgi_server):
     out = raw(
         wsgi_server,

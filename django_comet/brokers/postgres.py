@@ -175,7 +175,9 @@ class PostgresBroker(ListeningBroker):
         restored without them): the next connection makes them again."""
         logger.error("PostgreSQL has no comet_event table any more; making the tables again")
         self._schema_made = False
-        self._local.conn = None
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            _close_quietly(conn)
 
     def _conn(self) -> Any:
         conn = getattr(self._local, "conn", None)

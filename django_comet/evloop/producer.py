@@ -64,7 +64,7 @@ class Producer:
     _abort: Callable[..., None]
 
     def _run_app(self, ex: Exchange) -> None:
-        start = StartResponse(functools.partial(self._send_written, ex))
+        start = StartResponse(functools.partial(self._send_written, ex, threading.get_ident()))
         self._in_app = True
         try:
             result = self.app(ex.environ, start)
@@ -84,19 +84,34 @@ class Producer:
             self._in_app = False
         self._produce(ex, start, result, first=True)
 
-    def _send_written(self, ex: Exchange, start: StartResponse, data: bytes) -> None:
+    def _send_written(self, ex: Exchange, thread: int, start: StartResponse, data: bytes) -> None:
         """write() (PEP 3333): the first sends the head, and the bytes go out while the
         app goes on, as a streamed body's items do: paused in the app's thread while
         more than ``write_high_water`` bytes are unsent (with ``--threads 0``, queued:
         they leave once the app hands the loop thread back).  Raises ClientGone once
-        the response is over (its client left, it was cut), so that the app stops."""
-        if not start.headers_sent:
-            start.headers_sent = True
-            # What the body yielded before (write() inside its generator) goes first.
-            chunks, start.written = start.written, []
-            self._to_loop(self._start_stream, ex, start, chunks)
-        if data and carries_body(ex.method, start.code) and not self._pass_on(ex, data):
+        the response is over (its client left, it was cut), so that the app stops.
+
+        Only from the thread running the app (and its body): from another, the bytes
+        would race the app's own, and with ``--threads 0`` reach libevent from outside
+        the loop thread."""
+        if threading.get_ident() != thread:
+            raise AppError("write() called from a thread other than the application's")
+        if start.over:
             raise ClientGone(f"{ex.method} {ex.path}: the response is over (client gone or cut)")
+        in_app, self._in_app = self._in_app, False  # the server's own work (interrupt.py)
+        try:
+            if not start.headers_sent:
+                start.headers_sent = True
+                # What the body yielded before (write() inside its generator) goes first.
+                chunks, start.written = start.written, []
+                self._to_loop(self._start_stream, ex, start, chunks)
+            if data and carries_body(ex.method, start.code) and not self._pass_on(ex, data):
+                start.over = True
+                raise ClientGone(
+                    f"{ex.method} {ex.path}: the response is over (client gone or cut)"
+                )
+        finally:
+            self._in_app = in_app
 
     def _produce(
         self, ex: Exchange, start: StartResponse, result: Iterable[bytes], first: bool
@@ -145,6 +160,8 @@ class Producer:
                 self._in_app = False
             if first and start.status is None:
                 raise AppError("the application returned without calling start_response()")
+            if start.over:  # write() raised ClientGone, and the app went on: it is over
+                return  # (the body is closed below)
             chunks, start.written = start.written, []
             if start.headers_sent and first:  # by write()
                 streaming = True

@@ -481,7 +481,7 @@ class Responder:
 
     def _end(self, ex: Exchange) -> None:
         """The last chunk: a clean end of the response."""
-        if ex.dead:
+        if ex.dead or ex.req is None:  # (ended already: a body that went on past its end)
             return self._drop(ex)
         if ex.limit is not None and ex.sent < ex.limit:
             # Kept open, the client would wait for the missing bytes (or read the next

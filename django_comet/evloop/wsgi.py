@@ -278,6 +278,7 @@ class StartResponse:
         "length",
         "line",
         "lines",
+        "over",
         "reason",
         "send",
         "status",
@@ -296,6 +297,7 @@ class StartResponse:
         self.length: int | None = None
         self.close = False
         self.headers_sent = False
+        self.over = False  # write() found the response over: it raises from then on
         self.written: list[bytes] = []
 
     def __call__(

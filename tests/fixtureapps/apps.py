@@ -86,6 +86,27 @@ def app(environ, start_response):
         except Exception as exc:
             write_ended[environ.get("HTTP_X_TAG", "")] = type(exc).__name__
             raise
+    if path == "/write-past-length":  # writes on past its length, and past ClientGone
+        write = start_response("200 OK", [("Content-Length", "10")])
+        try:
+            for _ in range(400):
+                write(b"x" * 8192)
+        except ConnectionError as exc:  # the response is over: the app returns normally
+            write_ended[environ.get("HTTP_X_TAG", "")] = type(exc).__name__
+        return _Body([], environ)
+    if path == "/write-from-thread":  # write() from a thread of the app's own: refused
+
+        def other():
+            try:
+                write(b"from another thread")
+            except Exception as exc:
+                write_ended[environ.get("HTTP_X_TAG", "")] = type(exc).__name__
+
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        return [b"mine"]
     if path == "/write-ended":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [write_ended.get(environ.get("HTTP_X_TAG", ""), "").encode()]

@@ -219,7 +219,7 @@ class Command(RunserverCommand):
         if in_main_thread:
             server.handle_signals()
         else:
-            autoreload.file_changed.connect(reload.drain_first, weak=False)
+            reload.before_each_restart()
         self.on_bind(server.address[1], server)
         try:
             server.serve_forever(handle_signals=in_main_thread)
@@ -315,12 +315,20 @@ class _Reload:
         self.asked = False
         self.stopped = threading.Event()
 
-    def drain_first(self, **_kwargs: Any) -> None:
-        """django.utils.autoreload.file_changed, in the autoreloader's thread: returning
-        None lets the reload go on (True would cancel it)."""
-        self.asked = True
-        self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE)
-        self.stopped.wait(RELOAD_GRACE + 1)
+    def before_each_restart(self) -> None:
+        """Drain in the autoreloader's thread when it restarts the process: in its
+        trigger_reload, called once the edit is known to restart it (file_changed comes
+        before that: Django's own receivers cancel the restart for a template or a
+        translation, and the server must then go on)."""
+        restart = autoreload.trigger_reload
+
+        def drain_then_restart(filename: str) -> None:
+            self.asked = True
+            self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE)
+            self.stopped.wait(RELOAD_GRACE + 1)
+            restart(filename)
+
+        autoreload.trigger_reload = drain_then_restart
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:
