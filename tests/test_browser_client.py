@@ -199,6 +199,38 @@ def test_a_gap_with_a_cursor_moves_the_next_streams_cursor(comet, new_browser):
     assert result == {"first": "/s/?lastEventId=5", "next": "/s/?lastEventId=42", "gaps": 1}
 
 
+STALE_GAP = """
+window.EventSource = window.FakeEventSource;
+window.FakeEventSource.prototype.addEventListener = function (name, listener) {
+    (this.listeners = this.listeners || {})[name] = listener;
+};
+var got = [], gaps = 0;
+Comet.subscribe({sse: '/s/', poll: '/p/', lastId: 5, onEvent: function (e) { got.push(e.id); },
+                 onGap: function () { gaps += 1; }, shareTabs: false, openTimeout: 60000});
+var source = window.FakeEventSource.last;
+source.readyState = 1; source.onopen();
+function send(id) { source.listeners.message({data: '"x"', lastEventId: String(id)}); }
+[6, 7, 8, 9, 10, 11].forEach(send);
+// A gap told for cursor 5, which this subscription went past (a stream tried again
+// while polling went on, its head held back): the replay after it is old news.
+var info = {last_event_id: 5, channels: ['c']};
+source.listeners['comet-history-gap']({data: JSON.stringify(info), lastEventId: ''});
+[7, 8, 12].forEach(send);
+return {got: got, gaps: gaps};
+"""
+
+
+def test_a_gap_told_for_a_cursor_already_passed_changes_nothing(comet, new_browser):
+    """It set the subscription to take the next event whatever its id (ids restart
+    after some gaps): the replay that followed was delivered a second time, and the
+    page told of a gap it had not had."""
+    page = new_browser("stale-gap")
+    page.get(comet.url + "/t/echo/")
+    page.execute_script(FAKE_EVENTSOURCE)
+    assert page.execute_async_script(LOAD_COMET_JS)
+    assert page.execute_script(STALE_GAP) == {"got": [6, 7, 8, 9, 10, 11, 12], "gaps": 0}
+
+
 def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
     """Seven chat tabs of one browser: over HTTP/1.1 a stream each would take all six
     connections to the site, and the seventh would not even load."""
@@ -273,6 +305,78 @@ def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_brow
     seen = page.execute_script("return window.__seen")
     assert seen == {"one": [text], "two": [text]}, seen
     assert page.execute_script("return window.__errors") == []
+
+
+MUTATING_ON_EVENT = """
+var channel = arguments[0];
+var done = arguments[arguments.length - 1];
+var seen = {one: [], two: []};
+window.__seen = seen;
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
+var url = {sse: '/t/stream/?channels=' + channel, poll: '/t/fastpoll/?channel=' + channel};
+Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function (e) {
+    seen.one.push(e.data.text);
+    e.data.row = document.createElement('li');  // what a page may well do with it
+}, onState: function (mode) { if (mode === 'live (sse)') { done(true); } }});
+Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function (e) {
+    seen.two.push(JSON.stringify(e.data));
+}});
+"""
+
+
+def test_what_a_page_does_to_an_events_data_stays_in_that_subscription(beating, new_browser):
+    """The connected subscription passed on the very object its page had just been
+    handed: an element put in it could not be cloned, and the other subscriptions
+    got nothing (or got the page's changes)."""
+    page = new_browser("mutating")
+    page.get(beating.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    channel = unique("mutating-").replace(" ", "")
+    assert page.execute_async_script(MUTATING_ON_EVENT, channel)
+    texts = [unique("mutated:") for _ in range(2)]
+    for text in texts:
+        response = requests.post(
+            beating.url + "/t/publish/",
+            data={"channel": channel, "data": f'{{"name": "P", "text": "{text}"}}'},
+            timeout=30,
+        )
+        assert response.status_code == 200
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 20).until(
+        lambda d: d.execute_script("return window.__seen.two.length") == 2
+    )
+    seen = page.execute_script("return window.__seen")
+    assert seen["one"] == texts
+    assert seen["two"] == [f'{{"name":"P","text":"{text}"}}' for text in texts]
+    assert page.execute_script("return window.__errors") == []
+
+
+QUEUED_AND_CLOSED = """
+var channel = arguments[0];
+var done = arguments[arguments.length - 1];
+var url = {sse: '/t/stream/?channels=' + channel, poll: '/t/fastpoll/?channel=' + channel};
+Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function () {},
+                 onState: function (mode) {
+    if (mode !== 'live (sse)' || window.started) { return; }
+    window.started = true;
+    for (var n = 0; n < 20; n++) {  // each waits for the lock the first one holds
+        Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function () {}}).close();
+    }
+    navigator.locks.query().then(function (state) { done(state.pending.length); });
+}});
+"""
+
+
+def test_a_closed_subscription_leaves_no_lock_request_queued(comet, new_browser):
+    """A subscription closed while another held the stream left its request for the
+    lock queued, holding it (and what it kept) until that one let go."""
+    page = new_browser("queued")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    channel = unique("queued-").replace(" ", "")
+    assert page.execute_async_script(QUEUED_AND_CLOSED, channel) == 0
 
 
 BUFFERED = """
@@ -399,6 +503,65 @@ def test_a_tab_joining_with_an_older_cursor_hears_of_the_gap(comet, new_browser)
 
     WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.joiner.gaps"))
     assert page.execute_script("return window.joiner") == {"events": ids[5:], "gaps": 1}
+
+
+JOINER_AFTER = """
+var channel = arguments[0], firstLastId = arguments[1], joinerLastId = arguments[2];
+var done = arguments[arguments.length - 1];
+window.joiner = {events: [], gaps: 0};
+Comet.subscribe({sse: '/t/stream/?channels=' + channel, poll: '/nowhere/',
+                 lastId: firstLastId, onEvent: function () {}, onState: function (mode) {
+    if (mode !== 'live (sse)' || window.joinerStarted) { return; }
+    window.joinerStarted = true;
+    Comet.subscribe({sse: '/t/stream/?channels=' + channel, poll: '/nowhere/',
+                     lastId: joinerLastId,
+                     onEvent: function (e) { window.joiner.events.push(e.id); },
+                     onGap: function () { window.joiner.gaps += 1; }});
+    setTimeout(function () { done(true); }, 0);
+}});
+"""
+
+
+def published(server, channel, count):
+    return [
+        requests.post(
+            server.url + "/t/publish/", data={"channel": channel, "data": str(n)}, timeout=30
+        ).json()["id"]
+        for n in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "joiner", "expected"),
+    [
+        # From 0 the connected tab has the history, no further: one older is a gap (the
+        # tab said it had seen everything since 0).
+        ("zero", "older", {"events": "history", "gaps": 1}),
+        # A cursor read back from storage is text: the gap it got made its own mark ten
+        # times too large, and a tab joining up to date was told of a gap.
+        ("text", "newest", {"events": [], "gaps": 0}),
+    ],
+)
+def test_a_joining_tab_hears_of_a_gap_only_when_it_missed_events(
+    comet, new_browser, first, joiner, expected
+):
+    channel = unique("joiner-").replace(" ", "")
+    ids = published(comet, channel, 103)  # the history keeps 100
+    page = new_browser("joiner-" + first)
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    first_last_id = 0 if first == "zero" else str(ids[0])
+    joiner_last_id = ids[1] if joiner == "older" else ids[-1]
+    assert page.execute_async_script(JOINER_AFTER, channel, first_last_id, joiner_last_id)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # Then one more event: once the joiner has it, it has had all it is to get.
+    later = published(comet, channel, 1)
+    WebDriverWait(page, 30).until(
+        lambda d: later[0] in d.execute_script("return window.joiner.events")
+    )
+    events = (ids[3:] if expected["events"] == "history" else []) + later
+    assert page.execute_script("return window.joiner") == {**expected, "events": events}
 
 
 WAITING_POLL = """

@@ -8,8 +8,9 @@
  *                                    //   {"events": [{"id", "data"}], "last_id", "gap"?}
  *     onEvent: function (event) {},  // {id, data (parsed JSON), event (name)}; each id once
  *     onGap: function (info) {},     // history no longer reaches back: reload your state
- *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…'
- *     events: ['message'],           // SSE event names to listen to
+ *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…',
+ *                                    //   'failed' (a stream URL refused, and no poll)
+ *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
  *     openTimeout: 10000,            // ms for a stream's first frame to arrive
@@ -51,7 +52,7 @@
   var SSE_AGAIN_MAX = 600000;  // ms in long-poll before a stream is tried again, at most
 
   function subscribe(options) {
-    var lastId = options.lastId || 0;
+    var lastId = Number(options.lastId) || 0;  // (one read back from storage is text)
     var closed = false;
     var sseFailures = 0;  // across EventSources: errors since the last successful open
     var sseOpened = false;  // whether a stream ever gave a frame, since the last fallback
@@ -65,6 +66,7 @@
     var connected = false;  // this tab connects (unshared, or holding the lock)
     var pollNow = null;  // asks the running poll loop for its next poll at once
     var timer = null;  // the pending stream retry
+    var againTimer = null;  // long-polling after a fallback: the next stream trial
     var pollTimer = null;  // the next poll
     var pollRequest = null;
     var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
@@ -78,7 +80,9 @@
     var joined = false;  // a follower got the connected tab's welcome
     var pending = [];  // what a follower heard before its welcome
     var recent = [];  // the connected tab's latest events, for tabs that join
-    var coveredFrom = lastId;  // recent has every event after this id (as this tab saw them)
+    // recent has every event after this id (as this tab saw them); from 0, the first
+    // event tells (what was before it is out of the history).
+    var coveredFrom = lastId || null;
     var releaseLock = null;
     var afterGap = false;  // the next event is taken whatever its id (ids may restart)
     var tab = Math.random().toString(36).slice(2);
@@ -93,13 +97,20 @@
       if (closed) { return; }
       if (id && id <= lastId && !afterGap) { return; }  // seen (reconnects, mode switches)
       if (id) { lastId = id; afterGap = false; }
-      call(options.onEvent, { id: id, data: data, event: name || 'message' });
-      if (closed) { return; }  // closed by onEvent
       if (shared) {  // kept by every tab: any may come to welcome the others
-        recent.push({ id: id, data: data, name: name });
+        // A copy, passed on before the page sees it: what its onEvent does to the data
+        // (an element put in it, say) must not reach the other tabs, nor stop this one.
+        var kept = { id: id, data: copy(data), name: name };
+        if (coveredFrom === null) { coveredFrom = id - 1; }
+        recent.push(kept);
         if (recent.length > RECENT_FOR_TABS) { coveredFrom = Math.max(coveredFrom, recent.shift().id); }
-        if (leading) { shared.postMessage({ kind: 'event', id: id, data: data, name: name }); }
+        if (leading) { shared.postMessage({ kind: 'event', id: id, data: kept.data, name: name }); }
       }
+      call(options.onEvent, { id: id, data: data, event: name || 'message' });
+    }
+
+    function copy(data) {  // (parsed JSON, or the text that was not JSON)
+      return typeof data === 'object' && data !== null ? JSON.parse(JSON.stringify(data)) : data;
     }
 
     function onState(mode) {
@@ -115,6 +126,9 @@
     // where to go on from instead (its "cursor"), past what is gone: from the same
     // cursor, every reconnect would hear of it again.
     function gap(info) {
+      if (info && typeof info.last_event_id === 'number' && info.last_event_id < lastId) {
+        return;  // told for a cursor this tab went past (a stream tried while polling)
+      }
       if (info && typeof info.cursor === 'number') { lastId = info.cursor; }
       afterGap = true;
       if (options.onGap) { call(options.onGap, info); }
@@ -236,7 +250,8 @@
         if (closed || polling !== loop) { return; }
         var xhr = pollRequest = new XMLHttpRequest();
         var opening = null;
-        xhr.open('GET', options.poll + sep(options.poll) + 'since=' + lastId);
+        var since = lastId;
+        xhr.open('GET', options.poll + sep(options.poll) + 'since=' + since);
         xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
         // Answering (the server sends a first byte at once): live, though it may wait.
         xhr.onprogress = function () {
@@ -269,9 +284,13 @@
             try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
           }
           if (body && Array.isArray(body.events)) {
-            var restarted = body.last_id < lastId;  // the ids restarted: take what there is
-            if (restarted) { lastId = body.last_id; }
-            if (restarted || body.gap) { gap(body); }
+            // (An answer for a cursor this tab went past meanwhile, a stream tried again
+            // having delivered newer events, says nothing of gaps or restarts.)
+            if (since === lastId) {
+              var restarted = body.last_id < lastId;  // the ids restarted: take what there is
+              if (restarted) { lastId = body.last_id; }
+              if (restarted || body.gap) { gap(body); }
+            }
             body.events.forEach(function (e) {
               var name = e.event || 'message';
               if (names.indexOf(name) !== -1) { deliver(e.id, e.data, name); }
@@ -313,7 +332,9 @@
       var first = options.streamAgain || 60000;
       var wait = Math.min(Math.max(first, SSE_AGAIN_MAX), first * Math.pow(2, fallbacks - 1));
       var loop = polling;
-      setTimeout(function () {
+      if (againTimer) { clearTimeout(againTimer); }
+      againTimer = setTimeout(function () {
+        againTimer = null;
         if (closed || !polling || polling !== loop || source) { return; }
         sseFailures = 0; sseOpened = false; sseStalls = 0;
         startSSE();
@@ -323,13 +344,13 @@
     // The network is back: reconnect now rather than at the end of a backoff.
     function online() {
       if (closed || !connected || state.indexOf('live') === 0) { return; }
-      if (timer) { clearTimeout(timer); timer = null; }
-      if (polling) {
+      if (polling) {  // (a stream trial's retry, if pending, stays)
         if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
         if (pollRequest) { pollRequest.abort(); }  // (an aborted request calls nothing)
         pollNow();
         return;
       }
+      if (timer) { clearTimeout(timer); timer = null; }
       if (source) { source.close(); source = null; }
       startSSE();
     }
@@ -380,7 +401,7 @@
       var events = recent.filter(function (e) { return e.id > m.lastId; });
       // From before what this tab has seen all of: gone (a tab new to it, at 0, takes
       // what there is, as a new connection would).
-      var missed = m.lastId > 0 && m.lastId < coveredFrom;
+      var missed = m.lastId > 0 && coveredFrom !== null && m.lastId < coveredFrom;
       shared.postMessage({
         kind: 'welcome', tab: m.tab, events: events, state: state,
         gap: missed ? { last_event_id: m.lastId } : null
@@ -405,7 +426,10 @@
         connect();
         return new Promise(function (resolve) { releaseLock = resolve; });
       };
-      locks.request(key, lead).catch(function () {
+      // Aborted by close(): a request left queued behind another tab's would keep this
+      // subscription (and what it holds) until that tab let go.
+      var queued = global.AbortController ? new global.AbortController() : null;
+      locks.request(key, queued ? { signal: queued.signal } : {}, lead).catch(function () {
         // Refused (a sandboxed or opaque origin): connect on our own, unshared.
         if (!leading && !closed) { lead(); }
       });
@@ -417,11 +441,12 @@
       close: function () {
         closed = true;
         if (connected && global.removeEventListener) { global.removeEventListener('online', online); }
-        if (releaseLock) { releaseLock(); }
+        if (releaseLock) { releaseLock(); } else if (queued) { queued.abort(); }
         if (shared) { shared.close(); }
         if (source) { source.close(); }
         if (watchdog) { clearTimeout(watchdog); }
         if (timer) { clearTimeout(timer); }
+        if (againTimer) { clearTimeout(againTimer); }
         if (pollTimer) { clearTimeout(pollTimer); }
         if (pollRequest) { pollRequest.abort(); }
       },
