@@ -78,7 +78,6 @@
     var shared = null;  // the BroadcastChannel, when sharing
     var leading = false;  // this tab holds the lock and the connection
     var joined = false;  // a follower got the connected tab's welcome
-    var pending = [];  // what a follower heard before its welcome
     var recent = [];  // the connected tab's latest events, for tabs that join
     // recent has every event after this id (as this tab saw them); from 0, the first
     // event tells (what was before it is out of the history).
@@ -371,7 +370,6 @@
       if (m.kind === 'welcome') {
         if (m.tab !== tab || joined) { return; }
         joined = true;
-        pending = [];  // sent before the welcome, by the same tab: in it already
         if (m.gap) { gap(m.gap); }
         m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
         if (m.state) { state = m.state; call(userOnState, m.state); }
@@ -381,11 +379,9 @@
         if (!joined) { shared.postMessage({ kind: 'hello', tab: tab, lastId: lastId }); }
       } else if (m.kind === 'hello') {
         return;
-      } else if (!joined) {
-        pending.push(m);
-      } else {
+      } else if (joined) {
         follow(m);
-      }
+      }  // (before the welcome: what the connected tab sent before it is in it)
     }
 
     function follow(m) {
@@ -421,7 +417,6 @@
         if (closed) { return null; }
         leading = true;
         joined = true;
-        pending = [];  // what was passed on before is in the replay from lastId
         shared.postMessage({ kind: 'leader' });
         connect();
         return new Promise(function (resolve) { releaseLock = resolve; });
