@@ -97,7 +97,7 @@ class Producer:
         if threading.get_ident() != thread:
             raise AppError("write() called from a thread other than the application's")
         if start.over:
-            raise ClientGone(f"{ex.method} {ex.path}: the response is over (client gone or cut)")
+            raise ClientGone(ex)
         in_app, self._in_app = self._in_app, False  # the server's own work (interrupt.py)
         try:
             if not start.headers_sent:
@@ -107,9 +107,7 @@ class Producer:
                 self._to_loop(self._start_stream, ex, start, chunks)
             if data and carries_body(ex.method, start.code) and not self._pass_on(ex, data):
                 start.over = True
-                raise ClientGone(
-                    f"{ex.method} {ex.path}: the response is over (client gone or cut)"
-                )
+                raise ClientGone(ex)
         finally:
             self._in_app = in_app
 
@@ -373,6 +371,9 @@ class Producer:
 class ClientGone(ConnectionError):
     """Raised by write() once its response is over: the client left, or the response
     was cut (the server stopping, a client too slow); the app has nobody to write to."""
+
+    def __init__(self, ex: Exchange):
+        super().__init__(f"{ex.method} {ex.path}: the response is over (client gone or cut)")
 
 
 class DrainGate:
