@@ -43,9 +43,12 @@ def test_split_target(target, expected):
     assert split_target(target) == expected
 
 
-def test_split_target_refuses_nonsense():
+@pytest.mark.parametrize("target", ["relative/path", "?://h/p", "x?://h/p", "1x://h/p"])
+def test_split_target_refuses_nonsense(target):
+    """Only a URI with a scheme is absolute-form: "?://h/p" was taken for one, routed
+    to /p where a front proxy saw no path at all."""
     with pytest.raises(BadRequest):
-        split_target("relative/path")
+        split_target(target)
 
 
 def test_pep3333_basics():

@@ -366,6 +366,23 @@ def test_a_refused_absolute_form_request_says_it_closes(wsgi_server):
     assert b"\r\nConnection: close" in head, head
 
 
+def test_a_target_with_no_scheme_before_its_slashes_is_a_400(wsgi_server):
+    """It was taken for absolute-form and routed to its path, where a front proxy or a
+    firewall saw no path (or another one)."""
+    out = raw(wsgi_server, b"GET ?://127.0.0.1/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400"), out[:100]
+
+
+def test_the_access_log_escapes_what_would_forge_its_fields(wsgi_server):
+    """A quote in the request-target (nginx passes one on) ended the quoted field early,
+    so that a client could write the rest of its own log line."""
+    raw(
+        wsgi_server,
+        b'GET /hello?a"b\\c%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' % b"\x85",
+    )
+    assert wsgi_server.logged('"GET /hello?a\\"b\\\\c\\x85 HTTP/1.1" 200')
+
+
 def test_close_is_always_called(wsgi_server):
     tag = uuid.uuid4().hex
     requests.get(wsgi_server.url + "/close-counter", headers={"X-Tag": tag})

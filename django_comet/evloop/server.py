@@ -575,7 +575,7 @@ class Server(Producer, Responder):
             access_logger.info(
                 '"%s %s %s" %s %d %.1fms%s',
                 ex.method,
-                ex.path,
+                ex.path.translate(_LOGGED_AS),
                 ex.protocol,
                 ex.code or "-",
                 ex.sent,
@@ -607,6 +607,12 @@ SPARE_THREADS_PER_THREAD = 4
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
 FLUSH_PATIENCE = 1.0
+
+
+# The request-target in the access log, between quotes: a quote or a backslash in it is
+# escaped (as Apache does), and so are C1 controls (the target is decoded as latin-1),
+# so that a client cannot forge the fields of its own line.
+_LOGGED_AS = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
 
 
 def _server_name(host: str) -> str:

@@ -79,6 +79,9 @@ class AppError(Exception):
     """The application broke the WSGI contract (bad status, bad header, no start_response)."""
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")  # (RFC 3986 3.1)
+
+
 def split_target(target: str) -> tuple[str, str]:
     """request-target -> (raw path, query): origin form, absolute form or '*'."""
     target = target.partition("#")[0]  # a fragment is the client's own, never sent
@@ -86,7 +89,7 @@ def split_target(target: str) -> tuple[str, str]:
         path, _, query = target.partition("?")
     elif target == "*":
         return "*", ""
-    elif "://" in target[:10]:  # absolute-form (RFC 9112 3.2.2): keep path and query only
+    elif _SCHEME.match(target):  # absolute-form (RFC 9112 3.2.2): keep path and query only
         rest = target.split("://", 1)[1]
         slash = rest.find("/")
         query_at = rest.find("?")
@@ -437,8 +440,8 @@ def _check_absolute_form(target: bytes) -> None:
     """An absolute-form target's authority names the host (RFC 9112 3.2.2): it must be
     one, and an http(s) URI with an empty host is invalid (RFC 9110 4.2.1)."""
     match = _ABSOLUTE_FORM.match(target)
-    if match is None:
-        return  # split_target refuses it
+    if match is None:  # (a front proxy would see no path, or another one, in it)
+        raise BadRequest("Invalid request target")
     host = match[2].rpartition(b"@")[2]  # never a userinfo
     if not _HOST.match(host):
         raise BadRequest("Invalid host in the request target")
