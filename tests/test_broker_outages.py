@@ -260,6 +260,18 @@ def cut_listener(broker):
             admin.client_kill_filter(_type="pubsub")
 
 
+@contextlib.contextmanager
+def away_from(broker, server):
+    """For the block, ``server`` is away from ``broker``: stopped (it cannot even
+    reconnect), its listener's connection cut."""
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        cut_listener(broker)
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
 def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_db):
     """A process away from the broker for longer than its catch-up reaches back (the
     table's history, Redis' log) cannot deliver what it missed: its streams are told,
@@ -279,15 +291,11 @@ def test_streams_hear_of_events_lost_while_their_process_was_away(broker, demo_d
                 b"Host: 127.0.0.1\r\n\r\n" % before
             )
             subscribed(server, "away", 2)
-            server.proc.send_signal(signal.SIGSTOP)  # away: it cannot even reconnect
-            try:
-                cut_listener(broker)
+            with away_from(broker, server):
                 for n in range(300):
                     last_away = publisher.publish("away", str(n))
                 for n in range(300):  # pruned further: each channel has its own mark
                     publisher.publish("busy", str(n))
-            finally:
-                server.proc.send_signal(signal.SIGCONT)
             assert client.next_event()["event"] == "comet-history-gap"
             assert server.logged("the gap event")
             # The catch-up's events after the gap answer it, or (none left: Redis' one
@@ -326,13 +334,9 @@ def test_a_catch_up_reads_as_many_events_as_redis_log_keeps(broker, demo_db):
     try:
         with SSEClient(server, "/t/stream/?channels=spread-0") as client:
             subscribed(server, "spread-0")
-            server.proc.send_signal(signal.SIGSTOP)
-            try:
-                cut_listener(broker)
+            with away_from(broker, server):
                 for n in range(120):  # one event on each of 120 channels: none pruned
                     publisher.publish(f"spread-{n}", str(n))
-            finally:
-                server.proc.send_signal(signal.SIGCONT)
             assert client.next_event()["event"] == "comet-history-gap"
             if isinstance(broker, PostgresServer):
                 assert server.logged("missed more than 100 events")
@@ -353,12 +357,8 @@ def test_a_catch_up_larger_than_the_bound_reaches_streams_that_read(broker, demo
     try:
         with SSEClient(server, "/t/stream/?channels=burst") as client:
             subscribed(server, "burst")
-            server.proc.send_signal(signal.SIGSTOP)
-            try:
-                cut_listener(broker)
+            with away_from(broker, server):
                 published = [publisher.publish("burst", json.dumps("x" * 1000)) for _ in range(300)]
-            finally:
-                server.proc.send_signal(signal.SIGCONT)
             assert [int(client.next_event()["id"]) for _ in range(300)] == published
             status = server.status()
             assert status["dropped_slow"] == 0 and status["channels"]["burst"] == 1

@@ -11,6 +11,7 @@ import requests
 
 from .processes import runcomet
 from .proxy import Proxy
+from .publishing import publish
 from .test_browser_chat import new_browser, open_chat, say, unique, wait_for_message
 
 __all__ = ["new_browser"]  # a fixture, used by name
@@ -33,12 +34,7 @@ def test_a_stream_that_stalls_without_closing_is_reopened(beating, new_browser):
         open_chat(page, f"http://127.0.0.1:{proxy.port}", "live (sse)")
         proxy.freeze()  # the stream's connection (and any idle one) goes silent
         text = unique("sent while the stream was stalled:")
-        response = requests.post(
-            beating.url + "/t/publish/",
-            data={"channel": "chat", "data": f'{{"name": "Probe", "text": "{text}"}}'},
-            timeout=30,
-        )
-        assert response.status_code == 200
+        publish(beating, "chat", {"name": "Probe", "text": text})
         wait_for_message(page, "Probe", text)  # through a connection opened since
     finally:
         proxy.close()
@@ -262,13 +258,19 @@ def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
     beating.wait_for_status(lambda s: s["channels"].get("chat") == 1)
 
 
-TWO_SUBSCRIPTIONS = """
+# Two subscriptions' events (window.__seen) and the page's uncaught errors.
+RECORDING = """
 var channel = arguments[0];
 var done = arguments[arguments.length - 1];
 var seen = {one: [], two: []};
 window.__seen = seen;
 window.__errors = [];
 window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
+"""
+
+TWO_SUBSCRIPTIONS = (
+    RECORDING
+    + """
 function subscribe(name) {
     var sub = Comet.subscribe({
         sse: '/t/stream/?channels=' + channel, poll: '/t/fastpoll/?channel=' + channel,
@@ -279,6 +281,7 @@ function subscribe(name) {
 subscribe('one');
 subscribe('two');  // says hello before 'one' holds the lock
 """
+)
 
 
 def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_browser):
@@ -291,12 +294,7 @@ def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_brow
     channel = unique("twice-").replace(" ", "")
     assert page.execute_async_script(TWO_SUBSCRIPTIONS, channel)
     text = unique("to both subscriptions:")
-    response = requests.post(
-        beating.url + "/t/publish/",
-        data={"channel": channel, "data": f'{{"name": "Probe", "text": "{text}"}}'},
-        timeout=30,
-    )
-    assert response.status_code == 200
+    publish(beating, channel, {"name": "Probe", "text": text})
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(page, 20).until(
@@ -307,13 +305,9 @@ def test_a_second_subscription_to_the_same_stream_hears_it_too(beating, new_brow
     assert page.execute_script("return window.__errors") == []
 
 
-MUTATING_ON_EVENT = """
-var channel = arguments[0];
-var done = arguments[arguments.length - 1];
-var seen = {one: [], two: []};
-window.__seen = seen;
-window.__errors = [];
-window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });
+MUTATING_ON_EVENT = (
+    RECORDING
+    + """
 var url = {sse: '/t/stream/?channels=' + channel, poll: '/t/fastpoll/?channel=' + channel};
 Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function (e) {
     seen.one.push(e.data.text);
@@ -323,6 +317,7 @@ Comet.subscribe({sse: url.sse, poll: url.poll, onEvent: function (e) {
     seen.two.push(JSON.stringify(e.data));
 }});
 """
+)
 
 
 def test_what_a_page_does_to_an_events_data_stays_in_that_subscription(beating, new_browser):
@@ -336,12 +331,7 @@ def test_what_a_page_does_to_an_events_data_stays_in_that_subscription(beating, 
     assert page.execute_async_script(MUTATING_ON_EVENT, channel)
     texts = [unique("mutated:") for _ in range(2)]
     for text in texts:
-        response = requests.post(
-            beating.url + "/t/publish/",
-            data={"channel": channel, "data": f'{{"name": "P", "text": "{text}"}}'},
-            timeout=30,
-        )
-        assert response.status_code == 200
+        publish(beating, channel, {"name": "P", "text": text})
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(page, 20).until(
