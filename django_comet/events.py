@@ -72,7 +72,7 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
                     events, _ = broker.since(channels, 0)
                     return events, True, 0
         except broker.unreachable as exc:
-            _unreachable((str(exc).strip() or repr(exc)).splitlines()[0])  # (psycopg's: lines)
+            _unreachable(_first_line(exc))
             events, gap = broker.local_since(channels, after)
         else:
             if gap and not events and after > 0 and complete_after is not None:
@@ -87,6 +87,10 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
 
 UNREACHABLE_TOLD_EVERY = 60.0  # seconds between two warnings of the same outage
 _unreachable_told = -UNREACHABLE_TOLD_EVERY
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip() or repr(exc)).splitlines()[0]  # (psycopg's messages: lines)
 
 
 def _unreachable(why: str) -> None:
@@ -133,8 +137,19 @@ def as_dict(event: Event) -> dict[str, Any]:
 
 def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     """Recent events of ``channel`` newer than ``after``, oldest first (at most
-    COMET_HISTORY_SIZE of them), from the broker's shared history."""
-    events, _ = get_broker().since([check_channel(channel)], after)
+    COMET_HISTORY_SIZE of them), from the broker's shared history; while the broker is
+    unreachable, from this process's own, as replays do (a view that reads the history
+    keeps answering through an outage)."""
+    channels, broker = [check_channel(channel)], get_broker()
+    if broker.cut_off():
+        _unreachable("its listener lost it")
+        events, _ = broker.local_since(channels, after)
+    else:
+        try:
+            events, _ = broker.since(channels, after)
+        except broker.unreachable as exc:
+            _unreachable(_first_line(exc))
+            events, _ = broker.local_since(channels, after)
     return [as_dict(e) for e in events]
 
 

@@ -398,11 +398,13 @@ def test_a_large_event_pruned_before_its_process_read_it_is_a_gap(broker, demo_d
 
 def test_replays_come_from_this_processs_history_while_the_broker_is_down(broker, demo_db):
     """Kept last in this module: it stops the module's broker (a Redis loses its data)."""
+    manage_publish(broker, "down-replay", "earlier")  # (so that early - 1 is not 0)
     early = manage_publish(broker, "down-replay", "early")  # before the server listens
     server = start(broker, demo_db)
     try:
         with SSEClient(server, "/t/stream/?channels=down-replay") as client:
             subscribed(server, "down-replay")
+            told = publish(server, "readme", "told")  # delivered in order, before ids
             ids = [publish(server, "down-replay", n) for n in range(3)]
             assert [client.next_event()["id"] for _ in ids] == [str(i) for i in ids]
         broker.stop()
@@ -418,6 +420,10 @@ def test_replays_come_from_this_processs_history_while_the_broker_is_down(broker
             before = requests.get(url.format(early - 1), timeout=30)
             assert before.status_code == 200, before.text
             assert before.json()["gap"] is True
+            # A view of your own that reads history() (the README's) answers too.
+            readme = requests.get(server.url + f"/t/readme-wait/?since={told - 1}", timeout=30)
+            assert readme.status_code == 200, readme.text
+            assert [(e["id"], e["data"]) for e in readme.json()["events"]] == [(told, "told")]
             assert server.logged("replaying from this process's history")
         finally:
             broker.start()
