@@ -30,7 +30,8 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_HISTORY_CHANNELS": 10_000,
     # Seconds between SSE heartbeat comments (proxies close idle streams otherwise).
     "COMET_SSE_HEARTBEAT": ServerConfig.heartbeat,
-    # Unsent bytes a stream may pile up before it is cut as a slow reader.
+    # Unsent bytes a held response may pile up: beyond it a stream falls behind (and
+    # catches up from the history), a chain of stages waits for its reader.
     "COMET_MAX_PENDING_OUTPUT": ServerConfig.max_pending_output,
     # None, or a callable (or its dotted path) (request, channel) -> bool.
     "COMET_AUTHORIZE": None,

@@ -240,6 +240,9 @@ class DeferredResponse(StreamingHttpResponse):
         for name, value in response.items():
             if name.lower() != "content-length":  # later stages add to the body
                 self[name] = value
+        # A proxy that buffers (nginx does by default) would hold every stage back
+        # until the last; unless the view said otherwise.
+        self.setdefault("X-Accel-Buffering", "no")
         self.cookies = response.cookies
         self.response_prev = response
         self.comet_deferral = deferral

@@ -51,6 +51,7 @@ def test_only_first_headers_sent_and_cookies_reach_every_stage(comet):
     head, chunks = get_staged(comet, "/t/quick-stages/", b"Cookie: flavour=mint\r\n")
     assert b"X-First: yes" in head
     assert b"X-Ignored" not in head
+    assert b"X-Accel-Buffering: no" in head  # nginx would hold the stages back
     assert chunks == [b"s0;", b"s1:mint;", b"s2:mint;", b"s3:mint;", b"s4:mint;"]
 
 

@@ -454,7 +454,7 @@ def wait_for_chat(request):
     if not may_listen(request, "readme"):  # COMET_AUTHORIZE: your own views must ask it
         return HttpResponseForbidden()
     since = request.GET.get("since", "0")
-    if not (since.isascii() and since.isdigit() and len(since) < 19):  # (a bigint)
+    if not (since.isascii() and since.isdigit() and len(since) <= 19 and int(since) < 2**63):
         return HttpResponseBadRequest("since: an event id")
     response = HttpResponse(content_type="application/json")
     response.since = int(since)

@@ -46,7 +46,8 @@ class ServerConfig:
     # Seconds between SSE heartbeat events, so that proxies keep idle streams open and
     # clients can tell a quiet stream from a dead connection.
     heartbeat: float = 15.0
-    # Unsent bytes a held stream may have before it is cut as a slow reader.
+    # Unsent bytes a held response may have: beyond it a stream falls behind (it is cut
+    # only a whole history behind), a chain of stages waits for its reader.
     max_pending_output: int = 1024 * 1024
     # Seconds a new connection has to deliver its first complete request head; a slower
     # sender is disconnected (slowloris).  0: no deadline.
