@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "EventStreamResponse",
+    "StageError",
     "defer_in_time",
     "defer_until",
     "deferred_view",
@@ -19,6 +20,7 @@ __all__ = [
     "publish",
 ]
 _HOMES = {
+    "StageError": "deferred",
     "defer_in_time": "deferred",
     "defer_until": "deferred",
     "deferred_view": "deferred",

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import math
 import numbers
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -28,7 +30,12 @@ from urllib.parse import unquote, unquote_to_bytes
 
 from asgiref.sync import iscoroutinefunction
 from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import request_finished, request_started
+from django.core.signals import (
+    got_request_exception,
+    request_finished,
+    request_started,
+    setting_changed,
+)
 from django.db import connections
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -48,6 +55,8 @@ from .evloop.deferral import ChannelWait, Deferral, blocking_through
 from .evloop.hub import hub
 
 __all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
+
+logger = logging.getLogger("django_comet.deferred")
 
 RESPONSE_PREV_KEY = "django_comet.response_prev"
 EVENT_KEY = "django_comet.event"
@@ -74,7 +83,23 @@ request_finished.connect(_forget_environ, dispatch_uid="django_comet.deferred")
 
 
 class StageError(RuntimeError):
-    """A deferred stage did not answer 2xx; the stream is cut rather than ended cleanly."""
+    """A deferred stage did not answer 2xx; the stream is cut rather than ended cleanly.
+    When the stage raised, that exception is its ``__cause__`` (Django's handler made
+    it a 500, and outside DEBUG logs it nowhere a test would show)."""
+
+
+# The exception Django's handler caught in the stage running in this context, if any.
+_stage_exception: ContextVar[BaseException | None] = ContextVar(
+    "django_comet_stage_exception", default=None
+)
+
+
+def _note_stage_exception(sender: Any, **kwargs: Any) -> None:
+    if _stage_exception.get() is not None:  # a stage runs here: keep what it raised
+        _stage_exception.set(sys.exc_info()[1])
+
+
+got_request_exception.connect(_note_stage_exception, dispatch_uid="django_comet.deferred")
 
 
 def _request_environ(caller: str) -> dict[str, Any]:
@@ -138,6 +163,8 @@ def defer_until(
 
     environ = _request_environ("defer_until")
     timeout = _seconds(timeout, "defer_until", "timeout")
+    if not timeout:
+        raise ValueError("defer_until(): timeout must be over 0 (defer_in_time() waits 0 s)")
     names = [channel] if isinstance(channel, str) else channel
     channels = list(dict.fromkeys(check_channel(c) for c in names))
     if not channels:  # nothing could end the wait but its timeout
@@ -188,6 +215,11 @@ def _target_path(target: Any, environ: dict[str, Any]) -> str:
     if not isinstance(target, str) or not target:
         raise TypeError(f"defer_in_time(): target must be a path, URL name or view, not {target!r}")
     if not target.startswith("/"):
+        if "/" in target:  # a relative path, a URL: not a name
+            raise ValueError(
+                f"defer_in_time(): a target path starts with / (an absolute path on this "
+                f"site, no scheme or host): {target!r}"
+            )
         return reverse(target)
     path = unquote(target.partition("?")[0])
     script_name = environ.get("SCRIPT_NAME", "")
@@ -355,12 +387,17 @@ class NextStage:
             from .events import as_dict
 
             environ[EVENT_KEY] = as_dict(event[0]) if event[0] is not None else None
-        response: HttpResponseBase = _handler()(environ, _ignore_start_response)
+        noted = _stage_exception.set(_NOTHING_RAISED)
+        try:
+            response: HttpResponseBase = _handler()(environ, _ignore_start_response)
+            raised = _stage_exception.get()
+        finally:
+            _stage_exception.reset(noted)
         if not 200 <= response.status_code < 300:
             response.close()
             raise StageError(
                 f"deferred stage {self.path} answered {response.status_code}; cutting the stream"
-            )
+            ) from (None if raised is _NOTHING_RAISED else raised)
         if response.has_header("Content-Encoding"):
             response.close()
             raise StageError(
@@ -368,7 +405,29 @@ class NextStage:
                 f"{response['Content-Encoding']}; a stage adds to a body already started "
                 f"and cannot encode its part on its own"
             )
+        if response.cookies:
+            _tell_stage_cookies(self.path, response)
         return response
+
+
+_NOTHING_RAISED = StageError("(no exception)")  # the context variable's "a stage runs here"
+_told_stage_cookies = False
+
+
+def _tell_stage_cookies(path: str, response: HttpResponseBase) -> None:
+    """A stage's cookies never reach the client (only the first response's headers are
+    sent): said once, since what depends on them fails later, far from here (a session
+    saved under a key no one holds, a CSRF token the form's POST is refused for)."""
+    global _told_stage_cookies
+    if not _told_stage_cookies:
+        _told_stage_cookies = True
+        logger.warning(
+            "Deferred stage %s set cookies (%s) that are never sent: only the first "
+            "response's headers go out. Set them in the first view (for a session, "
+            "modify it there; for a CSRF token, call get_token() there). Said once.",
+            path,
+            ", ".join(sorted(response.cookies)),
+        )
 
 
 def _content(response: HttpResponseBase) -> Iterator[bytes]:
@@ -474,6 +533,16 @@ def _handler() -> WSGIHandler:
     if _handler_instance is None:
         _handler_instance = WSGIHandler()
     return _handler_instance
+
+
+def _forget_handler(sender: Any, setting: str, **kwargs: Any) -> None:
+    """A test's override_settings(MIDDLEWARE=...) reaches the stages too."""
+    global _handler_instance
+    if setting == "MIDDLEWARE":
+        _handler_instance = None
+
+
+setting_changed.connect(_forget_handler, dispatch_uid="django_comet.deferred")
 
 
 def _ignore_start_response(

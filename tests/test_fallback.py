@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import requests
-from django.test import Client
+from django.conf import settings
+from django.test import Client, override_settings
 
-from django_comet import defer_in_time
+from django_comet import StageError, defer_in_time
 
 from .brokers import free_port, wait_for_port
 from .processes import ROOT
@@ -39,6 +40,44 @@ def test_async_and_file_stages_under_test_client(path, stage):
 
     body = b"".join(Client().get(path).streaming_content)
     assert body == b"first;" + (stage or pattern(100_000))
+
+
+def test_a_stage_that_raises_is_the_cause_of_its_stage_error_under_test_client():
+    """Outside DEBUG Django logs a view's exception nowhere a test shows: a test saw
+    'answered 500' and nothing of why."""
+    response = Client().get("/t/stage-raises/")
+    with pytest.raises(StageError, match="answered 500") as caught:
+        b"".join(response.streaming_content)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert str(caught.value.__cause__) == "stage boom"
+
+
+def test_override_settings_middleware_reaches_stages_run_before():
+    """The stages' handler (kept from the first stage on) is made again when a test
+    overrides MIDDLEWARE: it kept the middleware of whatever test ran a stage first."""
+    assert b"".join(Client().get("/t/marked/").streaming_content) == b"first:-;stage:-;"
+    marking = [*settings.MIDDLEWARE, "tests.views.marking_middleware"]
+    with override_settings(MIDDLEWARE=marking):
+        body = b"".join(Client().get("/t/marked/").streaming_content)
+    assert body == b"first:marked;stage:marked;"
+    assert b"".join(Client().get("/t/marked/").streaming_content) == b"first:-;stage:-;"
+
+
+def test_defer_until_and_defer_in_time_name_what_is_wrong(rf):
+    from django.http import HttpResponse
+
+    from django_comet import defer_until
+    from django_comet.deferred import _current
+
+    handling = _current.set(rf.get("/").META)  # as while a view runs
+    try:
+        with pytest.raises(ValueError, match="timeout must be over 0"):
+            defer_until(HttpResponse("x"), "chat", "/stage/", timeout=0)
+        for target in ("stage/", "http://testserver/stage/"):
+            with pytest.raises(ValueError, match="starts with /"):
+                defer_in_time(HttpResponse("x"), 1, target)
+    finally:
+        _current.reset(handling)
 
 
 def test_demo_root_under_test_client():

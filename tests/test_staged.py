@@ -55,6 +55,13 @@ def test_only_first_headers_sent_and_cookies_reach_every_stage(comet):
     assert chunks == [b"s0;", b"s1:mint;", b"s2:mint;", b"s3:mint;", b"s4:mint;"]
 
 
+def test_cookies_a_stage_sets_are_said_to_be_never_sent(comet):
+    head, chunks = get_staged(comet, "/t/stage-sets-cookie/")
+    assert chunks == [b"first;", b"stage;"]
+    assert b"late=" not in head
+    assert comet.logged("Deferred stage /t/stage-sets-cookie/answer/ set cookies (late)")
+
+
 def test_stage_error_cuts_the_stream(comet):
     with comet.connect() as sock:
         sock.sendall(b"GET /t/stage-404/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

@@ -252,6 +252,47 @@ def cookie_stage(request, response_prev=None):
     return HttpResponse(json.dumps(seen).encode())
 
 
+def stage_raises(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/stage-raises/answer/")
+
+
+@deferred_view()
+def raising_stage(request, response_prev=None):
+    raise RuntimeError("stage boom")
+
+
+def stage_sets_cookie(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/stage-sets-cookie/answer/")
+
+
+@deferred_view()
+def cookie_setting_stage(request, response_prev=None):
+    response = HttpResponse(b"stage;")
+    response.set_cookie("late", "never-sent")
+    return response
+
+
+def marking_middleware(get_response):
+    """Marks each request it sees: tests add it with override_settings(MIDDLEWARE=...)."""
+
+    def middleware(request):
+        request.marked = True
+        return get_response(request)
+
+    return middleware
+
+
+def marked_first(request):
+    mark = b"marked" if getattr(request, "marked", False) else b"-"
+    return defer_in_time(HttpResponse(b"first:" + mark + b";"), 0.01, "/t/marked/stage/")
+
+
+@deferred_view()
+def marked_stage(request, response_prev=None):
+    mark = b"marked" if getattr(request, "marked", False) else b"-"
+    return HttpResponse(b"stage:" + mark + b";")
+
+
 def big(request):
     """A lazily produced 4 MiB body (streamed, no Content-Length)."""
     size = int(request.GET.get("mb", "4"))
