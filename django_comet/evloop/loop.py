@@ -92,6 +92,11 @@ class Loop:
         self._catching_up = 0  # threads waiting in let_catch_up
         self._running = False
         self._wake_r, self._wake_w = os.pipe()
+        # Held by a wake-up's write and by close(): a thread calling in late (a view
+        # that outlived the stop, a broker's helper) must not write to the descriptor
+        # once closed, nor to another that took its number since.
+        self._wake_lock = threading.Lock()
+        self._closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_handle = self.add_reader(self._wake_r, self._on_wake, background=True)
@@ -214,15 +219,23 @@ class Loop:
     # -- cross-thread wake-up ----------------------------------------------------------
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
-        """Any thread: run ``callback(*args)`` on the loop thread soon, in call order."""
+        """Any thread: run ``callback(*args)`` on the loop thread soon, in call order.
+        Once the loop is closed, dropped: it would never run, and what it holds (a file
+        on its way out) would be kept until the loop is collected."""
+        if self._closed:
+            return
         self._ready.append((callback, args))
         if not self._woken:
-            self._woken = True
-            self._woken_at = time.monotonic()
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full, so the loop is going to wake anyway
+            with self._wake_lock:
+                if self._closed:
+                    self._ready.clear()
+                    return
+                self._woken = True
+                self._woken_at = time.monotonic()
+                try:
+                    os.write(self._wake_w, b"\0")
+                except BlockingIOError:
+                    pass  # the pipe is full, so the loop is going to wake anyway
 
     call_soon = call_soon_threadsafe
 
@@ -349,7 +362,8 @@ class Loop:
         """Free every event, then the base (events before their base).  Callables still
         queued never run: dropping them releases what they hold (a file on its way out
         closes its descriptor)."""
-        self._woken = True  # a thread calling in late writes to no descriptor (reused by now)
+        with self._wake_lock:  # a thread calling in late writes to no descriptor from now
+            self._closed = self._woken = True
         self._ready.clear()
         self._after_pass.clear()
         for handle in list(self._handles.values()):

@@ -62,8 +62,12 @@ class Producer:
     _give_up: Callable[..., None]
     _end: Callable[..., None]
     _abort: Callable[..., None]
+    _drop: Callable[..., None]
 
     def _run_app(self, ex: Exchange) -> None:
+        if ex.dead:  # its client left while it waited for a thread, or the server stopped
+            self._to_loop(self._drop, ex)  # (no view runs: its answer could go nowhere)
+            return
         start = StartResponse(functools.partial(self._send_written, ex, threading.get_ident()))
         self._in_app = True
         try:

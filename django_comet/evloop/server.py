@@ -88,6 +88,7 @@ class Server(Producer, Responder):
         self.requests = 0  # exchanges finished since start
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
+        self._drain_check: Any = None  # the drain's next look (shutdown)
         self._handling_signals = False
         self._stop_signals = 0
         self._in_app = False  # the application's code runs in the loop thread (interrupt.py)
@@ -282,7 +283,7 @@ class Server(Producer, Responder):
             elif not self._exchanges and flushed(now):
                 self.loop.stop()
             else:
-                self.loop.call_later(0.05, check)
+                self._drain_check = self.loop.call_later(0.05, check)
 
         check()
 
@@ -293,6 +294,9 @@ class Server(Producer, Responder):
         return listening + self.guard.descriptors()
 
     def close(self) -> None:
+        if self._drain_check is not None:  # a drain cut short: not on a loop that goes on
+            self._drain_check.cancel()
+            self._drain_check = None
         forking.forget(self._descriptors)
         self.holder.close()
         for ex in self._exchanges.values():
