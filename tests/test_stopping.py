@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from io import StringIO
@@ -52,6 +53,56 @@ def test_signal_drains_in_flight_requests_and_exits_0(demo_db, signum):
         server.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/t/echo/", timeout=2)
+
+
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_a_server_started_under_nohup_outlives_its_terminal(demo_db, threads):
+    """nohup ignores SIGHUP so that the server outlives the terminal (an ssh session
+    lost): it is left ignored, as runserver leaves it, and the SIGTERM after it is the
+    first stop, not the second."""
+    server = runcomet("--threads", threads, db=demo_db, prefix=("nohup",))
+    server.signal(signal.SIGHUP)
+    server.signal(signal.SIGTERM)
+    assert server.stop() == 0
+    assert "Stopped.\n" in server.output
+    assert not [line for line in server.output if "Second stop request" in line]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_exits_0_when_no_one_reads_stdout_any_more(demo_db, workers):
+    """A log shipper that died, or `| head`: the server serves on (its log is stderr),
+    and its last word, "Stopped.", going nowhere must not make a clean stop exit 1."""
+    from .brokers import RedisServer
+
+    broker = RedisServer() if workers != "1" else None
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DEMO_DB": demo_db,
+        **({"COMET_BROKER": broker.url} if broker else {}),
+    }
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload"]
+    proc = subprocess.Popen(
+        [*argv, "--workers", workers, "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        while "CONTROL-C" not in (line := proc.stdout.readline()):  # the banner's end
+            assert line, "runcomet ended before its banner"
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if broker:
+            broker.destroy()
 
 
 def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
@@ -237,6 +288,22 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(demo_db, s
             assert server.proc.wait(20) == 0
         finally:
             server.stop()
+    finally:
+        broker.destroy()
+
+
+def test_workers_started_under_nohup_outlive_their_terminal(demo_db):
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        env = {"COMET_BROKER": broker.url}
+        server = runcomet("--workers", "2", db=demo_db, env=env, prefix=("nohup",))
+        server.signal(signal.SIGHUP)
+        server.signal(signal.SIGTERM)
+        assert server.stop() == 0
+        assert "Stopped.\n" in server.output
+        assert not [line for line in server.output if "Second stop request" in line]
     finally:
         broker.destroy()
 

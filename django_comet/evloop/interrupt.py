@@ -1,4 +1,5 @@
-"""Stopping a server whose loop thread is inside a view (``--threads 0``).
+"""The signals that stop a server, and stopping one whose loop thread is inside a view
+(``--threads 0``).
 
 There the loop runs the views itself: a view that blocks (a slow query, a sleep) keeps
 the loop from the stop a signal asks for, from its grace period's end, and from a second
@@ -16,6 +17,19 @@ print it and drop it.
 """
 
 from __future__ import annotations
+
+import signal
+
+# A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
+# which removes what the server made (its Unix socket file, the workers' figures).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """STOP_SIGNALS but those the process was started ignoring, left ignored as
+    runserver leaves them: ``nohup`` ignores SIGHUP, so that the server outlives the
+    terminal; a shell's background job ignores SIGINT (Ctrl-C is the foreground's)."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
 
 
 class StopNow(BaseException):

@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from .interrupt import STOP_SIGNALS, stop_signals
+
 logger = logging.getLogger("django_comet.server")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # (SIGHUP: a closed terminal)
 
 
 class Supervisor:
@@ -41,12 +42,15 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker number
         self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
+        self._handled: tuple[int, ...] = ()  # the stop signals taken over (not ignored)
 
     def handle_signals(self) -> None:
         """Take the stop signals over: call this before the server is announced, since
         a stop signal from then on must stop it (the default action killed the parent,
         leaving its workers to the kernel's SIGTERM and its files behind)."""
-        for signum in STOP_SIGNALS:
+        if not self._handled:  # (again: ignored by now, since taken over)
+            self._handled = stop_signals()
+        for signum in self._handled:
             signal.signal(signum, self._on_stop)
 
     def run(self) -> int:
@@ -109,7 +113,7 @@ class Supervisor:
         nothing yet); the server's handlers take over when it serves."""
         code = 0
         try:
-            for signum in STOP_SIGNALS:
+            for signum in self._handled:  # (one ignored, by nohup, stays so)
                 signal.signal(signum, signal.SIG_DFL)
             stop_when_orphaned(parent)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -124,6 +128,7 @@ class Supervisor:
 
     def _on_stop(self, signum: int, frame: object) -> None:
         if self._stopping:  # second signal: no more patience
+            logger.warning("Second stop request: killing the workers.")
             for pid in list(self.children):
                 _kill(pid, signal.SIGKILL)
             return
@@ -136,6 +141,12 @@ class Supervisor:
         signal.setitimer(signal.ITIMER_REAL, self.grace + 5)
 
     def _kill_stragglers(self, signum: int, frame: object) -> None:
+        if self.children:
+            logger.warning(
+                "%d worker(s) still running %g s after the stop: killing them.",
+                len(self.children),
+                self.grace + 5,
+            )
         for pid in list(self.children):
             _kill(pid, signal.SIGKILL)
 

@@ -31,7 +31,7 @@ from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
-from .interrupt import StopNow
+from .interrupt import StopNow, stop_signals
 from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
@@ -53,10 +53,6 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 VIEW_BACKLOG_HIGH = 64
 VIEW_BACKLOG_LOW = 16
 VIEW_BACKLOG_CHECK = 0.005
-
-# A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
-# which removes what the server made (its Unix socket file, the workers' figures).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Server(Producer, Responder):
@@ -188,11 +184,11 @@ class Server(Producer, Responder):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the parent's, as SIGINT's)
         elif self._pool is None:  # views run in the loop thread: see interrupt.py
-            for signum in STOP_SIGNALS:
+            for signum in stop_signals():
                 signal.signal(signum, self._on_stop_signal)
             signal.signal(signal.SIGALRM, self._on_grace_over)
         else:
-            for signum in STOP_SIGNALS:
+            for signum in stop_signals():
                 self.loop.add_signal_handler(signum, self.shutdown)
 
     def _on_stop_signal(self, _signum: int, _frame: FrameType | None) -> None:
@@ -244,6 +240,8 @@ class Server(Producer, Responder):
             self.loop.stop()
             return
         self._draining = True
+        grace = self.config.grace if grace is None else grace
+        logger.warning("Stopping: no new connections; responses in flight have up to %g s.", grace)
         self._lib.evconnlistener_disable(self._listener)
         bound, self._bound = self._bound, None
         self.sock.detach()
@@ -257,7 +255,7 @@ class Server(Producer, Responder):
         if self._own_path:
             remove_unix_socket(self._own_path, self._own_id)
         self.holder.end_all()
-        deadline = time.monotonic() + (self.config.grace if grace is None else grace)
+        deadline = time.monotonic() + grace
         flushing = [float("inf"), time.monotonic()]  # unsent bytes, when they last fell
 
         def flushed(now: float) -> bool:

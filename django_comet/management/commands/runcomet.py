@@ -230,7 +230,7 @@ class Command(RunserverCommand):
             self._socket_id = None
         if reload.asked:
             return  # the autoreloader's thread ends the process, for its restart
-        self.stdout.write("Stopped.")
+        self._say_stopped()
         if not in_main_thread:
             os._exit(0)
 
@@ -263,7 +263,18 @@ class Command(RunserverCommand):
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
             self._socket_id = None
-        self.stdout.write("Stopped.")
+        self._say_stopped()
+
+    def _say_stopped(self) -> None:
+        """The last word of a clean stop, unless no one reads it any more (stdout a pipe
+        whose reader is gone: a log shipper that died, ``| head``), which is no failure
+        of the server's: it still exits 0."""
+        try:
+            self.stdout.write("Stopped.")
+            self.stdout.flush()
+        except (BrokenPipeError, ValueError):  # (ValueError: a stream closed)
+            with contextlib.suppress(OSError):  # what is left unflushed goes nowhere
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def _fail(self, message: str) -> None:
         if threading.current_thread() is threading.main_thread():
