@@ -5,6 +5,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,6 +69,44 @@ def test_a_server_started_under_nohup_outlives_its_terminal(demo_db, threads):
     assert not [line for line in server.output if "Second stop request" in line]
 
 
+def piped_runcomet(demo_db, *args, env=None):
+    """runcomet with stdout and stderr pipes of the test's own (ServerProcess reads its
+    output all the time), once its banner is out on stdout."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DEMO_DB": demo_db,
+        **(env or {}),
+    }
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload"]
+    proc = subprocess.Popen(
+        [*argv, *args, "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while "CONTROL-C" not in (line := proc.stdout.readline()):  # the banner's end
+        assert line, "runcomet ended before its banner"
+        if match := re.search(r"http://127\.0\.0\.1:(\d+)/", line):
+            proc.url = match.group(0).rstrip("/")
+    return proc
+
+
+@contextlib.contextmanager
+def stopped_at_the_end(proc, broker=None):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if broker:
+            broker.destroy()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_stop_exits_0_when_no_one_reads_stdout_any_more(demo_db, workers):
     """A log shipper that died, or `| head`: the server serves on (its log is stderr),
@@ -75,34 +114,28 @@ def test_a_stop_exits_0_when_no_one_reads_stdout_any_more(demo_db, workers):
     from .brokers import RedisServer
 
     broker = RedisServer() if workers != "1" else None
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "PYTHONPATH": str(ROOT),
-        "PYTHONUNBUFFERED": "1",
-        "DEMO_DB": demo_db,
-        **({"COMET_BROKER": broker.url} if broker else {}),
-    }
-    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload"]
-    proc = subprocess.Popen(
-        [*argv, "--workers", workers, "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        while "CONTROL-C" not in (line := proc.stdout.readline()):  # the banner's end
-            assert line, "runcomet ended before its banner"
+    env = {"COMET_BROKER": broker.url} if broker else {}
+    with stopped_at_the_end(piped_runcomet(demo_db, "--workers", workers, env=env), broker) as proc:
         proc.stdout.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if broker:
-            broker.destroy()
+
+
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads):
+    """Docker's blocking log mode, a stalled journald, `| less`: the access log's lines
+    fill the pipe, and the loop thread, which wrote them, stopped every connection and
+    the stop signals with them."""
+    with stopped_at_the_end(piped_runcomet(demo_db, "--threads", threads)) as proc:
+        target = "/t/echo/?" + "x" * 4000  # a 4 KiB access-log line each
+        with requests.Session() as session:
+            for _ in range(100):  # 400 KiB of log, where a pipe holds 64
+                assert session.get(proc.url + target, timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)  # handled too, the pipe still full
+        log = proc.stderr.read()  # (to the end: the process exits meanwhile)
+        assert proc.wait(30) == 0
+        assert log.count('"GET /t/echo/?xxxx') == 100  # kept, and written once read
+        assert "Stopping: no new connections" in log
 
 
 def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..evloop.hub import Event, hub
+from ..evloop.interrupt import start_without_signals
 
 logger = logging.getLogger("django_comet.broker")
 
@@ -189,7 +190,7 @@ class ListeningBroker(Broker):
         self._listener = threading.Thread(
             target=self._listen_forever, name=f"comet-{type(self).__name__}", daemon=True
         )
-        self._listener.start()
+        start_without_signals(self._listener)
 
     def close(self) -> None:
         self._closed.set()

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ..evloop.hub import Event, hub
+from ..evloop.interrupt import start_without_signals
 from .base import ListeningBroker
 from .postgres_sql import (
     LOCK_KEY,
@@ -268,12 +269,14 @@ class PostgresBroker(ListeningBroker):
         of its own.  A daemon: a read stuck on the network must not keep the process
         alive (nor the next reader)."""
         self._reads = queue.SimpleQueue()
-        threading.Thread(
-            target=self._work_through,
-            args=(self._reads,),
-            name="comet-postgres-read",
-            daemon=True,
-        ).start()
+        start_without_signals(
+            threading.Thread(
+                target=self._work_through,
+                args=(self._reads,),
+                name="comet-postgres-read",
+                daemon=True,
+            )
+        )
 
     def close(self) -> None:
         super().close()
@@ -296,7 +299,9 @@ class PostgresBroker(ListeningBroker):
                     self._loop.call_soon_threadsafe(self._watch, conn)
                     return
 
-        threading.Thread(target=connect, name="comet-postgres-connect", daemon=True).start()
+        start_without_signals(
+            threading.Thread(target=connect, name="comet-postgres-connect", daemon=True)
+        )
 
     def _watch(self, conn: Any) -> None:
         """Loop thread: read notifications whenever the socket is readable."""

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ..evloop.interrupt import start_without_signals
+
 logger = logging.getLogger("django_comet.broker")
 
 
@@ -40,7 +42,7 @@ class Watchdog:
                 self._thread = threading.Thread(
                     target=self._watch, name="comet-broker-watchdog", daemon=True
                 )
-                self._thread.start()
+                start_without_signals(self._thread)
             elif len(self._busy) == 1:
                 self._changed.notify()  # it waits for work without a deadline
         try:

@@ -14,6 +14,7 @@ import sys
 
 from .config import MAX_THREADS, ServerConfig
 from .listen import unix_path
+from .logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
 from .server import Server
 
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # as runcomet
+    logging.root.setLevel(logging.INFO)  # as runcomet's: from a thread of their own
+    log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
     app = load_app(args.app)
     config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
     if isinstance(args.addrport, str):

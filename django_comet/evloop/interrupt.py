@@ -19,6 +19,7 @@ print it and drop it.
 from __future__ import annotations
 
 import signal
+import threading
 
 # A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
 # which removes what the server made (its Unix socket file, the workers' figures).
@@ -30,6 +31,23 @@ def stop_signals() -> tuple[int, ...]:
     runserver leaves them: ``nohup`` ignores SIGHUP, so that the server outlives the
     terminal; a shell's background job ignores SIGINT (Ctrl-C is the foreground's)."""
     return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+# The signals sent to the process as a whole that the server handles or should see.
+_LEFT_TO_THE_MAIN_THREAD = {*STOP_SIGNALS, signal.SIGALRM, signal.SIGQUIT, signal.SIGCHLD}
+
+
+def start_without_signals(thread: threading.Thread) -> None:
+    """Start ``thread`` with the process's signals blocked in it (a thread takes the
+    mask of the one that starts it), so that the kernel delivers them to the main
+    thread.  Python runs handlers only there: one delivered to another thread waited
+    for the main thread's next bytecode, and with ``--threads 0`` a view blocked there
+    (waiting on a lock) was neither stopped nor cut until its wait ended."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _LEFT_TO_THE_MAIN_THREAD)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class StopNow(BaseException):

@@ -94,8 +94,9 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe()
         # Held by a wake-up's write and by close(): a thread calling in late (a view
         # that outlived the stop, a broker's helper) must not write to the descriptor
-        # once closed, nor to another that took its number since.
-        self._wake_lock = threading.Lock()
+        # once closed, nor to another that took its number since.  Re-entrant: a signal
+        # handler (--threads 0) calls in from the loop thread, perhaps while it holds it.
+        self._wake_lock = threading.RLock()
         self._closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

@@ -124,6 +124,7 @@ class Supervisor:
             logger.exception("Worker %d failed", number)
             code = 1
         finally:
+            logging.shutdown()  # (what waits to be logged: no atexit after os._exit)
             os._exit(code)
 
     def _on_stop(self, signum: int, frame: object) -> None:

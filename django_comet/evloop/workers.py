@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .interrupt import start_without_signals
+
 _STOP = object()
 
 logger = logging.getLogger("django_comet.server")
@@ -74,7 +76,7 @@ class ThreadPool:
         thread = threading.Thread(
             target=self._work, name=f"{self._name}-{self._started}", daemon=True
         )
-        thread.start()  # (first: a thread that failed to start is not the pool's)
+        start_without_signals(thread)  # (first: a thread that failed to start is not the pool's)
         self._started += 1
         self._threads.append(thread)
 

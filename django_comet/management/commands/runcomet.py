@@ -30,6 +30,7 @@ from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
+from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
 from ...evloop.prefork import Supervisor
 
 if apps.is_installed("django.contrib.staticfiles"):
@@ -232,6 +233,7 @@ class Command(RunserverCommand):
             return  # the autoreloader's thread ends the process, for its restart
         self._say_stopped()
         if not in_main_thread:
+            logging.shutdown()  # (what waits to be logged: no atexit after os._exit)
             os._exit(0)
 
     def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
@@ -280,6 +282,7 @@ class Command(RunserverCommand):
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
+        logging.shutdown()
         os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
 
     def on_bind(  # type: ignore[override]
@@ -409,7 +412,5 @@ def _configure_logging(access_log: bool) -> None:
         logger.setLevel(logging.INFO if access_log else logging.WARNING)
     if logger.hasHandlers():  # the project's root handlers (LOGGING's "root"): to them
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%d/%b/%Y %H:%M:%S"))
-    logger.addHandler(handler)
+    log_to_stderr(logger, LOG_FORMAT, LOG_DATE_FORMAT)  # (never waits: logwriter.py)
     logger.propagate = False

@@ -1,0 +1,143 @@
+"""Log lines written by a thread of their own: the loop thread never waits on stderr.
+
+A server's stderr may be a pipe that nobody reads for a while (Docker's blocking log
+mode, a stalled journald, ``| less``).  Written from the loop thread, the access log's
+next line then stopped every connection, and the stop signals with them (their
+handlers run in the loop thread).  ``StderrHandler`` takes the records and a
+daemon thread writes them; while the pipe stays full, at most ``MAX_WAITING`` records
+wait, the others are counted and dropped, and the count is logged once the writer
+can go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+
+from .interrupt import start_without_signals
+
+LOG_FORMAT, LOG_DATE_FORMAT = "[%(asctime)s] %(message)s", "%d/%b/%Y %H:%M:%S"  # runserver's
+MAX_WAITING = 10_000  # log records held while stderr is not read (about 1 KiB each)
+FLUSH_WAIT = 2.0  # seconds a flush (at exit) waits for the writer, at most
+
+_exceptions = logging.Formatter()
+
+
+class StderrHandler(logging.Handler):
+    """Hands each record to a thread that writes it to stderr."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING):
+        super().__init__()
+        self.max_waiting = max_waiting
+        self._start()
+
+    def _start(self) -> None:
+        # (Again in a forked child: the writer thread did not come along, and the lock
+        # may have been held by some thread of the parent's at the fork.)
+        self._pid = os.getpid()
+        self._waiting: collections.deque[logging.LogRecord] = collections.deque()
+        # (Re-entrant: a signal handler that logs may run while this thread holds it.)
+        self._changed = threading.Condition(threading.RLock())
+        self._writing = False
+        self._dropped = 0
+        self._closed = False
+        start_without_signals(threading.Thread(target=self._write, name="comet-log", daemon=True))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pid != os.getpid():
+            self._start()
+        try:
+            # What the record says, as text now: its arguments may change, or hold a
+            # request, by the time the writer gets to it.
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = record.exc_text or _exceptions.formatException(record.exc_info)
+                record.exc_info = None  # (its frames hold everything they saw)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._changed:
+            if len(self._waiting) >= self.max_waiting:
+                self._dropped += 1
+                return
+            self._waiting.append(record)
+            self._changed.notify_all()
+
+    def _write(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed)
+                if not self._waiting:
+                    return
+                record = self._waiting.popleft()
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            try:
+                if dropped:
+                    _write_line(self.format(_dropped_record(dropped)))
+                _write_line(self.format(record))
+            except Exception:  # (a stderr closed: nowhere to say so either)
+                pass
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait (``FLUSH_WAIT`` at most: stderr may never be read again) until what
+        was logged has been written."""
+        if self._pid != os.getpid():
+            return
+        deadline = time.monotonic() + FLUSH_WAIT
+        with self._changed:
+            while self._waiting or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self.flush()
+        if self._pid == os.getpid():
+            with self._changed:
+                self._closed = True
+                self._changed.notify_all()
+        super().close()
+
+
+def _write_line(text: str) -> None:
+    """To stderr's descriptor, with no lock of Python's held while it waits: the
+    interpreter takes stderr's own to flush it at exit, and logging.shutdown() each
+    handler's (a writer stuck in a write holding one hung the exit)."""
+    stream = sys.stderr
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # (not a file: a test's capture)
+        stream.write(text + "\n")
+        stream.flush()
+        return
+    data = (text + "\n").encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _dropped_record(count: int) -> logging.LogRecord:
+    return logging.LogRecord(
+        "django_comet",
+        logging.WARNING,
+        __file__,
+        0,
+        "%d log line(s) dropped: stderr was not read meanwhile" % count,
+        None,
+        None,
+    )
+
+
+def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> None:
+    """``logger``'s records to stderr, written by a thread of their own."""
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    logger.addHandler(handler)
