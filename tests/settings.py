@@ -65,3 +65,15 @@ if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hides held responses fro
 
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405
+
+if os.environ.get("TEST_WORKERS_CANNOT_START"):  # each pre-forked worker fails as it starts
+    import django_comet.evloop.server as _server
+
+    _parent, _init = os.getpid(), _server.Server.__init__
+
+    def _init_unless_a_worker(self, *args, **kwargs):
+        if os.getpid() != _parent:
+            raise OSError(24, "Too many open files (TEST_WORKERS_CANNOT_START)")
+        _init(self, *args, **kwargs)
+
+    _server.Server.__init__ = _init_unless_a_worker

@@ -341,6 +341,28 @@ def test_workers_started_under_nohup_outlive_their_terminal(demo_db):
         broker.destroy()
 
 
+def test_workers_that_cannot_start_stop_the_server_with_one_error(demo_db):
+    """Out of descriptors, say: the parent restarted them for ever (each failing the
+    same way, a traceback each time) while, to its supervisor, the server looked up."""
+    from .brokers import RedisServer
+
+    broker = RedisServer()
+    try:
+        env = {"COMET_BROKER": broker.url, "TEST_WORKERS_CANNOT_START": "1"}
+        server = runcomet("--workers", "2", db=demo_db, env=env)
+        assert server.proc.wait(30) == 1
+        server.stop()
+        output = "".join(server.output)
+        assert "could not start; stopping the server." in output
+        assert "OSError: [Errno 24] Too many open files (TEST_WORKERS_CANNOT_START)" in output
+        assert output.rstrip().endswith(
+            "CommandError: A worker could not start (its error is above); the server stopped."
+        )
+        assert "starting another" not in output
+    finally:
+        broker.destroy()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_workers_stop_when_their_parent_is_killed(demo_db):
     """A parent killed outright (SIGKILL, the OOM killer) must not leave its workers

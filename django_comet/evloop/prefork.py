@@ -25,6 +25,9 @@ logger = logging.getLogger("django_comet.server")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STABLE_SECONDS = 10.0  # a worker that lived this long did not die of starting
+# A worker's exit status for "could not start" (gunicorn's): the server stops, since
+# its replacements would fail the same way for ever while the server looked up.
+BOOT_FAILED = 3
 
 
 class Supervisor:
@@ -42,6 +45,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker number
         self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
+        self.boot_failed = False  # a worker could not start: the server stopped for it
         self._handled: tuple[int, ...] = ()  # the stop signals taken over (not ignored)
 
     def handle_signals(self) -> None:
@@ -70,6 +74,11 @@ class Supervisor:
             number = self.children.pop(pid)
             lived = time.monotonic() - self._born.pop(pid)
             if self._stopping:
+                continue
+            if os.waitstatus_to_exitcode(status) == BOOT_FAILED:
+                logger.error("Worker %d could not start; stopping the server.", number)
+                self.boot_failed = True
+                self._on_stop(signal.SIGTERM, None)
                 continue
             logger.warning(
                 "Worker %d (pid %d) died (%s); starting another.", number, pid, _describe(status)

@@ -31,7 +31,7 @@ from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
-from ...evloop.prefork import Supervisor
+from ...evloop.prefork import BOOT_FAILED, Supervisor
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -243,7 +243,13 @@ class Command(RunserverCommand):
         parent = os.getpid()
 
         def child(number: int) -> None:
-            server = self.comet_server_cls(handler, config, sock=sock)
+            try:
+                server = self.comet_server_cls(handler, config, sock=sock)
+            except Exception:  # (out of descriptors, of memory): its siblings would be too
+                logging.getLogger("django_comet.server").exception(
+                    "Worker %d could not start", number
+                )
+                sys.exit(BOOT_FAILED)
             server.share_figures(figures, number)
             get_broker().start_listening(server.loop)
             server.serve_forever(handle_signals=True, worker=True)
@@ -265,6 +271,8 @@ class Command(RunserverCommand):
         if config.unix_socket:
             remove_unix_socket(config.unix_socket, self._socket_id)
             self._socket_id = None
+        if supervisor.boot_failed:
+            self._fail("A worker could not start (its error is above); the server stopped.")
         self._say_stopped()
 
     def _say_stopped(self) -> None:
