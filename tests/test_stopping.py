@@ -657,6 +657,9 @@ def test_a_body_cut_by_the_grace_period_is_closed_by_its_worker(demo_db, tmp_pat
                 pass
         assert server.proc.wait(20) == 0
         assert closed.read_text() == "closed"
+        server.stop()  # (its output read to the end)
+        cut = [line for line in server.output if "GET /t/paced-big/" in line]
+        assert len(cut) == 1 and cut[0].rstrip().endswith("(cut by the server)"), cut
     finally:
         server.stop()
 

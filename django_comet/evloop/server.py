@@ -305,6 +305,8 @@ class Server(Producer, Responder):
         if self._pool is not None:
             self._pool.shutdown(timeout=1)
         for ex in list(self._exchanges.values()):
+            ex.state = "aborting"  # (its access-log line says: cut by the server)
+            self._done(ex, aborted=True)
             self._forget(ex)
         self.guard.close()
         if self.shared_figures is not None:
