@@ -43,6 +43,7 @@ class StderrHandler(logging.Handler):
         # (Re-entrant: a signal handler that logs may run while this thread holds it.)
         self._changed = threading.Condition(threading.RLock())
         self._writing = False
+        self._idle = False  # the writer waits for records (to be woken)
         self._dropped = 0
         self._closed = False
         start_without_signals(threading.Thread(target=self._write, name="comet-log", daemon=True))
@@ -65,21 +66,27 @@ class StderrHandler(logging.Handler):
                 self._dropped += 1
                 return
             self._waiting.append(record)
-            self._changed.notify_all()
+            if self._idle:  # (else it takes this one with the others: no wake-up each)
+                self._changed.notify_all()
 
     def _write(self) -> None:
+        """All the records waiting, in one write each time (a busy server's access log:
+        one system call, and one hand-over of the interpreter, for many lines)."""
         while True:
             with self._changed:
+                self._idle = True
                 self._changed.wait_for(lambda: self._waiting or self._closed)
+                self._idle = False
                 if not self._waiting:
                     return
-                record = self._waiting.popleft()
+                records = list(self._waiting)
+                self._waiting.clear()
                 dropped, self._dropped = self._dropped, 0
                 self._writing = True
             try:
                 if dropped:
-                    _write_line(self.format(_dropped_record(dropped)))
-                _write_line(self.format(record))
+                    records.insert(0, _dropped_record(dropped))
+                _write_text("".join(self.format(record) + "\n" for record in records))
             except Exception:  # (a stderr closed: nowhere to say so either)
                 pass
             with self._changed:
@@ -108,7 +115,7 @@ class StderrHandler(logging.Handler):
         super().close()
 
 
-def _write_line(text: str) -> None:
+def _write_text(text: str) -> None:
     """To stderr's descriptor, with no lock of Python's held while it waits: the
     interpreter takes stderr's own to flush it at exit, and logging.shutdown() each
     handler's (a writer stuck in a write holding one hung the exit)."""
@@ -116,10 +123,10 @@ def _write_line(text: str) -> None:
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # (not a file: a test's capture)
-        stream.write(text + "\n")
+        stream.write(text)
         stream.flush()
         return
-    data = (text + "\n").encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+    data = text.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
     while data:
         data = data[os.write(fd, data) :]
 
