@@ -411,16 +411,17 @@ class NextStage:
 
 
 _NOTHING_RAISED = StageError("(no exception)")  # the context variable's "a stage runs here"
-_told_stage_cookies = False
+_told_stage_cookies: set[str] = set()  # stage paths (the first hundred)
 
 
 def _tell_stage_cookies(path: str, response: HttpResponseBase) -> None:
     """A stage's cookies never reach the client (only the first response's headers are
-    sent): said once, since what depends on them fails later, far from here (a session
-    saved under a key no one holds, a CSRF token the form's POST is refused for)."""
-    global _told_stage_cookies
-    if not _told_stage_cookies:
-        _told_stage_cookies = True
+    sent): said once per stage path, since what depends on them fails later, far from
+    here (a session saved under a key no one holds, a CSRF token the form's POST is
+    refused for)."""
+    path = path.partition("?")[0]
+    if path not in _told_stage_cookies and len(_told_stage_cookies) < 100:
+        _told_stage_cookies.add(path)
         logger.warning(
             "Deferred stage %s set cookies (%s) that are never sent: only the first "
             "response's headers go out. Set them in the first view (for a session, "

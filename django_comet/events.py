@@ -138,8 +138,9 @@ def as_dict(event: Event) -> dict[str, Any]:
 def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     """Recent events of ``channel`` newer than ``after``, oldest first (at most
     COMET_HISTORY_SIZE of them), from the broker's shared history; while the broker is
-    unreachable, from this process's own, as replays do (a view that reads the history
-    keeps answering through an outage)."""
+    unreachable, in a process that listens to it (a server's), from its own, as replays
+    do (a view that reads the history keeps answering through an outage); elsewhere the
+    broker's error is raised."""
     channels, broker = [check_channel(channel)], get_broker()
     if broker.cut_off():
         _unreachable("its listener lost it")
@@ -148,6 +149,8 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
         try:
             events, _ = broker.since(channels, after)
         except broker.unreachable as exc:
+            if broker.hub_has_all_after() is None:
+                raise  # (a shell, a task: no history of its own to answer from)
             _unreachable(_first_line(exc))
             events, _ = broker.local_since(channels, after)
     return [as_dict(e) for e in events]

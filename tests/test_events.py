@@ -374,3 +374,20 @@ def test_catch_up_tells_a_history_let_go_from_a_brokers_gap():
     events, fallen, gap, _ = hub.catch_up(["a"], 2, 0, 1000)
     assert [e.id for e in events] == [3, 4, 5] and not fallen and gap == 6
     assert hub.catch_up(["a"], 2, 6, 1000)[2] == 0  # told already: no news
+
+
+def test_history_outside_a_server_raises_the_brokers_error_while_it_is_unreachable():
+    """A shell's or a task's process has no history of its own to answer from: an
+    outage must not look like a channel without events."""
+    from django.test import override_settings
+
+    from django_comet import history
+    from django_comet.brokers import get_broker
+
+    from .brokers import free_port
+
+    with (
+        override_settings(COMET_BROKER=f"redis://127.0.0.1:{free_port()}/0"),
+        pytest.raises(get_broker().unreachable),  # (the overriding broker's)
+    ):
+        history("outside")

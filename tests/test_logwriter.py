@@ -4,6 +4,7 @@ import logging
 import os
 import threading
 
+from django_comet.evloop import logwriter
 from django_comet.evloop.logwriter import StderrHandler
 
 from .processes import wait_until
@@ -56,6 +57,54 @@ def test_a_records_arguments_are_taken_as_text_when_it_is_logged(monkeypatch, ca
     err = capfd.readouterr().err
     assert "state: ['before']" in err
     assert "ValueError: boom" in err
+
+
+def test_other_handlers_see_the_record_as_it_was_logged():
+    """The handler makes text of a copy: a handler after it (LOGGING's, on the same
+    logger) still gets the arguments and the exception."""
+    seen = []
+    capture = logging.Handler()
+    capture.emit = seen.append
+    logger = logging.Logger("logwriter-test")
+    logger.addHandler(StderrHandler())
+    logger.addHandler(capture)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("state: %s", "arg")
+    assert seen[0].args == ("arg",)
+    assert seen[0].exc_info[0] is ValueError
+
+
+def test_a_flush_that_found_stderr_stuck_does_not_wait_again(monkeypatch):
+    """logging.shutdown() flushes each handler, then closes it, which flushes too: the
+    exit waited twice for a stderr nobody read."""
+    monkeypatch.setattr(logwriter, "FLUSH_WAIT", 0.05)
+    read_end, write_end = os.pipe()
+    stderr = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stderr", stderr)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.emit(logging.makeLogRecord({"msg": "x" * 200_000}))  # more than a pipe holds
+        wait_until(lambda: handler._writing)
+        handler.flush()  # gives up
+        waits = []
+        monkeypatch.setattr(handler._changed, "wait", lambda *a: waits.append(a))
+        handler.close()
+        assert waits == []
+    finally:
+        os.close(read_end)  # (the writer's write fails, and it goes)
+        stderr.close()
+
+
+def test_a_record_logged_after_the_handler_closed_is_written_at_once(capfd):
+    """At exit, after logging.shutdown(): no writer thread waits any more."""
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.close()
+    handler.handle(logging.makeLogRecord({"msg": "late line"}))
+    assert capfd.readouterr().err == "late line\n"
 
 
 def _read_all(fd):

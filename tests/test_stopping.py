@@ -198,6 +198,7 @@ def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tm
         # The access log has them: they ended, rather than died with the process.
         assert server.logged("GET /t/stream/?channels=reloading")
         assert server.logged("GET /t/fastpoll/?channel=reloading")
+        assert server.logged("Reloading: no new connections")  # (not "Stopping")
         wait_until(lambda: "".join(server.output).count("Starting comet server") == 2, 60)
     finally:
         server.stop()
@@ -416,7 +417,7 @@ def test_workers_whose_parent_is_killed_remove_the_figures_directory(demo_db, tm
             parent.kill()
             _, alive = psutil.wait_procs(workers, timeout=20)
             assert alive == []
-            assert not os.path.exists(figures), os.listdir(figures)
+            assert not os.path.exists(figures), (os.listdir(figures), "".join(server.output))
         finally:
             for worker in workers:
                 with contextlib.suppress(psutil.NoSuchProcess):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -81,6 +82,13 @@ def test_keep_alive_reuses_the_connection(wsgi_server):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             assert f.read(length) == b"Hello, world!"
+
+
+def test_a_process_a_view_starts_can_be_stopped(wsgi_server):
+    """It inherits the signal mask of the view's thread: one that blocked the stop
+    signals (left to the main thread) made every child ignore SIGTERM."""
+    answer = requests.get(wsgi_server.url + "/child-terminated", timeout=30)
+    assert answer.text == str(-signal.SIGTERM)
 
 
 def test_pipelined_requests_answered_in_order(wsgi_server):

@@ -42,7 +42,9 @@ def start_without_signals(thread: threading.Thread) -> None:
     mask of the one that starts it), so that the kernel delivers them to the main
     thread.  Python runs handlers only there: one delivered to another thread waited
     for the main thread's next bytecode, and with ``--threads 0`` a view blocked there
-    (waiting on a lock) was neither stopped nor cut until its wait ended."""
+    (waiting on a lock) was neither stopped nor cut until its wait ended.  For the
+    server's own threads only: a process started from such a thread would inherit the
+    mask, and ignore SIGTERM (never the view threads)."""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _LEFT_TO_THE_MAIN_THREAD)
     try:
         thread.start()

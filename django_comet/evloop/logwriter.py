@@ -12,6 +12,7 @@ can go on.
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ class StderrHandler(logging.Handler):
         self._idle = False  # the writer waits for records (to be woken)
         self._dropped = 0
         self._closed = False
+        self._gave_up = False  # a flush found stderr stuck: the next ones do not wait
         start_without_signals(threading.Thread(target=self._write, name="comet-log", daemon=True))
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -53,13 +55,18 @@ class StderrHandler(logging.Handler):
             self._start()
         try:
             # What the record says, as text now: its arguments may change, or hold a
-            # request, by the time the writer gets to it.
+            # request, by the time the writer gets to it.  (A copy: other handlers may
+            # see the record after this one.)
+            record = copy.copy(record)
             record.msg, record.args = record.getMessage(), None
             if record.exc_info:
                 record.exc_text = record.exc_text or _exceptions.formatException(record.exc_info)
                 record.exc_info = None  # (its frames hold everything they saw)
         except Exception:
             self.handleError(record)
+            return
+        if self._closed:  # (at exit, after logging.shutdown(): no writer any more)
+            self._write_now(record)
             return
         with self._changed:
             if len(self._waiting) >= self.max_waiting:
@@ -93,16 +100,23 @@ class StderrHandler(logging.Handler):
                 self._writing = False
                 self._changed.notify_all()
 
+    def _write_now(self, record: logging.LogRecord) -> None:
+        try:
+            _write_text(self.format(record) + "\n")
+        except Exception:
+            pass
+
     def flush(self) -> None:
         """Wait (``FLUSH_WAIT`` at most: stderr may never be read again) until what
-        was logged has been written."""
-        if self._pid != os.getpid():
+        was logged has been written; once it was found stuck, not again."""
+        if self._pid != os.getpid() or self._gave_up:
             return
         deadline = time.monotonic() + FLUSH_WAIT
         with self._changed:
             while self._waiting or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._gave_up = True
                     break
                 self._changed.wait(left)
 

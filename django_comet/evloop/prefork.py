@@ -178,6 +178,21 @@ def stop_when_orphaned(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def parent_gone(parent: int) -> bool:
+    """Whether this worker's parent is dead or dying.  Its pid may still be the one
+    getppid() gives for a while: the kernel's SIGTERM (PR_SET_PDEATHSIG) comes when the
+    thread that forked exits, and the children go to one of the parent's threads still
+    exiting (its log writer) before they go to init."""
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False  # (no /proc: getppid() has the last word)
+    return state in ("Z", "X")  # a zombie: its main thread is gone
+
+
 def restart_pause(previous: float, lived: float) -> float:
     """Seconds to wait before replacing a worker that died after ``lived`` seconds:
     workers that keep dying on start are restarted ever more slowly (0.1 s doubling up

@@ -231,7 +231,7 @@ class Server(Producer, Responder):
         if not self._draining:
             self.shutdown()
 
-    def shutdown(self, grace: float | None = None) -> None:
+    def shutdown(self, grace: float | None = None, what: str = "Stopping") -> None:
         """Loop thread: stop accepting, end held responses, let in-flight ones finish
         within ``grace`` seconds (``config.grace`` by default; each response from now on
         closes its keep-alive connection), then stop the loop."""
@@ -241,7 +241,7 @@ class Server(Producer, Responder):
             return
         self._draining = True
         grace = self.config.grace if grace is None else grace
-        logger.warning("Stopping: no new connections; responses in flight have up to %g s.", grace)
+        logger.warning("%s: no new connections; responses in flight have up to %g s.", what, grace)
         self._lib.evconnlistener_disable(self._listener)
         bound, self._bound = self._bound, None
         self.sock.detach()

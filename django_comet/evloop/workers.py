@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .interrupt import start_without_signals
-
 _STOP = object()
 
 logger = logging.getLogger("django_comet.server")
@@ -76,7 +74,10 @@ class ThreadPool:
         thread = threading.Thread(
             target=self._work, name=f"{self._name}-{self._started}", daemon=True
         )
-        start_without_signals(thread)  # (first: a thread that failed to start is not the pool's)
+        # Signals are not blocked here: a process a view starts would inherit the mask
+        # (and ignore SIGTERM).  With a pool the loop thread is the main one, and the
+        # wake-up descriptor brings it any signal a view thread received.
+        thread.start()  # (first: a thread that failed to start is not the pool's)
         self._started += 1
         self._threads.append(thread)
 

@@ -4,6 +4,7 @@ import collections
 import gc
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -249,6 +250,17 @@ def app(environ, start_response):
     if path == "/app-close":  # the app asks to close
         start_response("200 OK", [("Content-Length", "5"), ("Connection", "close")])
         return [b"hello"]
+    if path == "/child-terminated":  # how a process this view starts ends at SIGTERM
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        child.terminate()
+        try:
+            body = str(child.wait(10)).encode()
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            body = b"ignored SIGTERM"
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     if path == "/sleep":  # ?seconds: a view that blocks its thread
         time.sleep(float(environ["QUERY_STRING"]))
         start_response("200 OK", [("Content-Length", "5")])

@@ -31,7 +31,7 @@ from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
-from ...evloop.prefork import BOOT_FAILED, Supervisor
+from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -253,7 +253,7 @@ class Command(RunserverCommand):
             server.share_figures(figures, number)
             get_broker().start_listening(server.loop)
             server.serve_forever(handle_signals=True, worker=True)
-            if os.getppid() != parent:  # orphaned: the parent cannot remove the directory
+            if parent_gone(parent):  # orphaned: the parent cannot remove the directory
                 _leave_figures(figures, number)
 
         # Once stopping, the parent lets go of the socket: when the workers have too, a
@@ -346,7 +346,7 @@ class _Reload:
 
         def drain_then_restart(filename: str) -> None:
             self.asked = True
-            self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE)
+            self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE, "Reloading")
             self.stopped.wait(RELOAD_GRACE + 1)
             restart(filename)
 
