@@ -48,7 +48,9 @@ class StderrHandler(logging.Handler):
         self._dropped = 0
         self._closed = False
         self._gave_up = False  # a flush found stderr stuck: the next ones do not wait
-        start_without_signals(threading.Thread(target=self._write, name="comet-log", daemon=True))
+        # Started with the first record: a process that forks its workers before it
+        # logs anything (runcomet --workers) forks with no thread of this one's.
+        self._started = False
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._pid != os.getpid():
@@ -73,7 +75,11 @@ class StderrHandler(logging.Handler):
                 self._dropped += 1
                 return
             self._waiting.append(record)
-            if self._idle:  # (else it takes this one with the others: no wake-up each)
+            if not self._started:
+                self._started = True
+                writer = threading.Thread(target=self._write, name="comet-log", daemon=True)
+                start_without_signals(writer)
+            elif self._idle:  # (else it takes this one with the others: no wake-up each)
                 self._changed.notify_all()
 
     def _write(self) -> None:
