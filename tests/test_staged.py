@@ -261,7 +261,7 @@ def test_an_async_view_can_defer(comet):
 def test_a_held_stage_keeps_no_request_body():
     from django.http import HttpResponse
 
-    from django_comet.deferred import NextStage
+    from django_comet.stages import NextStage
 
     environ = {"PATH_INFO": "/", "wsgi.input": object(), "HTTP_COOKIE": "a=b"}
     stage = NextStage(HttpResponse(), "/next/", environ)
@@ -272,7 +272,7 @@ def test_a_stage_gets_the_cookie_header_a_browser_would_send():
     from django.http import HttpResponse
     from django.http.cookie import parse_cookie
 
-    from django_comet.deferred import _with_cookies
+    from django_comet.stages import _with_cookies
 
     quoted = HttpResponse()
     quoted.set_cookie("pref", "a;b c")  # quoted by Django: kept byte for byte
@@ -294,7 +294,7 @@ def test_the_clients_own_cookies_reach_a_stage_byte_for_byte():
     into one each; only the names the first response set are replaced (once)."""
     from django.http import HttpResponse
 
-    from django_comet.deferred import _with_cookies
+    from django_comet.stages import _with_cookies
 
     header = "a=0; z=9; a=2; flag; x; z=9"
     first = HttpResponse()
