@@ -88,7 +88,9 @@ def piped_runcomet(demo_db, *args, env=None):
         stderr=subprocess.PIPE,
         text=True,
     )
-    while "CONTROL-C" not in (line := proc.stdout.readline()):  # the banner's end
+    # To the banner's last line (its warning): a reader gone while the banner is being
+    # written fails the start, as under runserver.
+    while "not been reviewed" not in (line := proc.stdout.readline()):
         assert line, "runcomet ended before its banner"
         if match := re.search(r"http://127\.0\.0\.1:(\d+)/", line):
             proc.url = match.group(0).rstrip("/")
