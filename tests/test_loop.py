@@ -238,6 +238,25 @@ def test_closing_the_loop_drops_queued_calls_and_closes_the_files_they_carry(tmp
         os.fstat(fd)
 
 
+def test_a_call_queued_as_the_loop_closes_is_dropped_too(tmp_path):
+    """Another thread passes the closed check, the loop closes, then the thread
+    appends: the call stayed queued on the closed loop, its file kept open."""
+    loop = Loop()
+    loop.call_soon_threadsafe(lambda: None)  # the loop is woken: no lock taken below
+    fd = os.open(tmp_path / "queued", os.O_CREAT | os.O_RDONLY)
+
+    class ClosingAsItAppends(type(loop._ready)):
+        def append(self, item):
+            loop.close()  # the loop thread, between the caller's check and its append
+            super().append(item)
+
+    loop._ready = ClosingAsItAppends()
+    loop.call_soon_threadsafe(lambda file: file.release(), Descriptor(fd))
+    assert not loop._ready
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
 def test_epolls_changelist_is_for_a_server_that_tracks_its_connections():
     """The changelist is safe only when every watched descriptor closes a pass after its
     watch was removed: the server's connection guard sees to that (tests/

@@ -226,17 +226,20 @@ class Loop:
         if self._closed:
             return
         self._ready.append((callback, args))
-        if not self._woken:
-            with self._wake_lock:
-                if self._closed:
-                    self._ready.clear()
-                    return
-                self._woken = True
-                self._woken_at = time.monotonic()
-                try:
-                    os.write(self._wake_w, b"\0")
-                except BlockingIOError:
-                    pass  # the pipe is full, so the loop is going to wake anyway
+        if self._woken:
+            if self._closed:  # closed between the check above and the append
+                self._ready.clear()
+            return
+        with self._wake_lock:
+            if self._closed:
+                self._ready.clear()
+                return
+            self._woken = True
+            self._woken_at = time.monotonic()
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is going to wake anyway
 
     call_soon = call_soon_threadsafe
 
