@@ -294,10 +294,11 @@ def marked_stage(request, response_prev=None):
 
 
 def big(request):
-    """A lazily produced 4 MiB body (streamed, no Content-Length)."""
-    size = int(request.GET.get("mb", "4"))
-    chunk = b"x" * (1024 * 1024)
-    return StreamingHttpResponse(chunk for _ in range(size))
+    """A lazily produced 4 MiB body (streamed, no Content-Length), in items of 1 MiB
+    (?kib= another size)."""
+    size = int(request.GET.get("mb", "4")) * 1024 * 1024
+    item = int(request.GET.get("kib", "1024")) * 1024
+    return StreamingHttpResponse(b"x" * item for _ in range(size // item))
 
 
 def pattern(size):

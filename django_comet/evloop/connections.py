@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 from . import libevent_ctypes as ev
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .loop import Handle
     from .server import Server
 
@@ -113,7 +115,9 @@ class ConnectionGuard:
         self._releasing: list[int] = []  # disabled: our reference goes in two passes
         # Batches disabled a pass ago or more, each dropped at a later pass.
         self._dropping: dict[int, list[int]] = {}
-        self._batches = itertools.count()
+        self._next_batch = 0
+        # after_released: (the last batch to wait for, what to call once it is dropped).
+        self._after_release: list[tuple[int, Callable[[], None]]] = []
         # Closing in stages: bufferevent -> (its reader, its deadline).
         self._lingering: dict[int, tuple[Handle, Handle]] = {}
         self._lingered: set[int] = set()  # done lingering: on their way to be let go
@@ -187,15 +191,21 @@ class ConnectionGuard:
         if len(self._releasing) == 1:
             self.server.loop.call_later(0, self._a_pass_began, background=True)
 
-    @property
-    def releasing(self) -> bool:
-        """Whether closed connections wait for our reference to go (those closing in
-        stages are not counted: they may take seconds)."""
-        return bool(self._releasing or self._dropping)
+    def after_released(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the connections closed by now have had our reference
+        dropped (at once if none wait; those closing in stages are not waited for: they
+        may take seconds).  Connections closed later are not waited for either: under
+        steady traffic on short connections there is always one on its way out."""
+        if not (self._releasing or self._dropping):
+            callback()
+            return
+        last = self._next_batch if self._releasing else max(self._dropping)
+        self._after_release.append((last, callback))
 
     def _a_pass_began(self) -> None:
         batch, self._releasing = self._releasing, []
-        key = next(self._batches)
+        key = self._next_batch
+        self._next_batch += 1
         self._dropping[key] = batch
         self.server.loop.close_unwatched(functools.partial(self._drop_released, key))
 
@@ -207,6 +217,12 @@ class ConnectionGuard:
                 self._linger(bev)
                 continue
             self._lib.bufferevent_decref(bev)
+        if self._after_release:
+            oldest = min(self._dropping, default=self._next_batch)
+            due = [callback for last, callback in self._after_release if last < oldest]
+            self._after_release = [item for item in self._after_release if item[0] >= oldest]
+            for callback in due:
+                callback()
 
     def _should_linger(self, bev: int) -> bool:
         """Whether the client sent bytes not read, or has not taken the whole response
@@ -344,6 +360,7 @@ class ConnectionGuard:
         self._conns.clear()
         self._releasing.clear()
         self._dropping.clear()
+        self._after_release.clear()
         self._arriving.clear()
         self._lingering.clear()
         self._lingered.clear()

@@ -90,6 +90,7 @@ class Server(Producer, Responder):
         self._in_app = False  # the application's code runs in the loop thread (interrupt.py)
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
+        self._trim_due = False  # a trim waits for closed connections' release
         self._buf = self._lib.evbuffer_new()
         # The read and write timeout of every connection, made once: held responses
         # lift and restore it, and a publish ends thousands of them at a time.
@@ -522,12 +523,17 @@ class Server(Producer, Responder):
             and arrived - self._arrived_at_sweep < QUIET_REQUESTS
         )
         self._arrived_at_sweep = arrived
-        # Not while closed connections wait for their release (a pass or two): their
-        # memory is not free yet, and trimming before it is would leave it to glibc.
-        if (self._let_go > RELEASE_AFTER_BYTES or burst_over) and not self.guard.releasing:
+        if (self._let_go > RELEASE_AFTER_BYTES or burst_over) and not self._trim_due:
             self._let_go = 0
             self._arrived_at_release = arrived
-            return_free_memory()
+            # Once the connections closed by now are released (a pass or two): their
+            # memory is not free before, and trimming then would leave it to glibc.
+            self._trim_due = True
+            self.guard.after_released(self._trim)
+
+    def _trim(self) -> None:
+        self._trim_due = False
+        return_free_memory()
 
     def _lift_read_timeout(self, ex: Exchange) -> None:
         assert ex.req is not None
