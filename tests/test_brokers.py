@@ -54,6 +54,39 @@ def test_event_published_on_one_server_reaches_the_other(pair):
         assert client.next_event() == {"id": str(event_id), "data": '{"from":"b"}'}
 
 
+def other_installation(broker):
+    """A URL for another installation on the same broker server: Redis's database 1,
+    PostgreSQL's schema "other" (tables of its own, ids of its own)."""
+    if isinstance(broker, RedisServer):
+        return broker.url.rsplit("/", 1)[0] + "/1"
+    import psycopg
+
+    with psycopg.connect(broker.url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS other")
+    return broker.url + "?options=-csearch_path%3Dother"
+
+
+def test_installations_sharing_a_broker_server_never_hear_each_other(pair, broker):
+    """Pub/sub spans Redis's databases, NOTIFY a PostgreSQL database's schemas: another
+    installation's events reached this one's streams, and, their ids being ahead, this
+    one's own were taken for old ones and dropped (found by a review)."""
+    a, b = pair
+    other = other_installation(broker)
+    with SSEClient(a, "/t/stream/?channels=neighbours") as client:
+        subscribed(a, "neighbours")
+        for n in range(3):
+            result = manage(
+                "comet_publish",
+                "neighbours",
+                json.dumps(f"theirs {n}"),
+                check=True,
+                env={"COMET_BROKER": other},
+            )
+            assert int(result.stdout)
+        mine = publish(b, "neighbours", "mine")
+        assert client.next_event() == {"id": str(mine), "data": '"mine"'}
+
+
 def test_a_brokers_own_watchers_are_not_counted_as_request_timers(pair):
     """`timers` in the status is what requests hold: 0 once they are gone, whatever the
     broker (PostgreSQL's listener socket watcher showed as one timer left)."""

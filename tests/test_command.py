@@ -219,10 +219,12 @@ def test_a_broker_whose_library_is_missing_says_which_extra_to_install(
     [
         ("postgresql://comet:secret@127.0.0.1:99999/db", "invalid port number '99999'"),
         ("postgres://comet:secret@127.0.0.1/db?sslmod=require", 'parameter: "sslmod"'),
+        ("redis://:secret@127.0.0.1:6379/O", "must be a number (redis://host:port/0), not 'O'"),
     ],
 )
-def test_a_postgres_broker_url_libpq_would_refuse_is_refused_at_startup(url, said):
-    """It used to start: its listener retried the URL every 5 s, and publishes failed."""
+def test_a_broker_url_its_client_would_refuse_or_misread_is_refused_at_startup(url, said):
+    """It used to start: its listener retried a URL libpq refused every 5 s, and
+    publishes failed; redis-py took a database that is not a number for database 0."""
     check = manage("check", env={"COMET_BROKER": url})
     assert check.returncode == 1
     assert "django_comet.E002" in check.stderr and said in check.stderr, check.stderr

@@ -48,6 +48,13 @@ def url_error(url: str) -> str | None:
             )
     elif scheme in ("postgres", "postgresql"):
         return _postgres_url_error(url)
+    elif scheme in ("redis", "rediss"):
+        database = urlsplit(url).path.strip("/")
+        if database and not database.isdigit():  # redis-py would use database 0
+            return (
+                f"COMET_BROKER's Redis database must be a number (redis://host:port/0), "
+                f"not {database!r}"
+            )
     return None
 
 

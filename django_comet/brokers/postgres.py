@@ -49,6 +49,7 @@ from .postgres_sql import (
     SELECT_EVENTS,
     SINCE,
     STALLED_PUBLISHER,
+    installation_names,
 )
 from .watchdog import watchdog as command_watchdog
 
@@ -97,12 +98,12 @@ LISTEN_REPLY_WITHIN = 10.0
 
 
 @contextlib.contextmanager
-def _locked(conn: Any) -> Iterator[None]:
+def _locked(conn: Any, key: int) -> Iterator[None]:
     """A transaction holding the publishers' advisory lock (ids commit, and so are
     notified, in id order), ended by PostgreSQL if its client stalls inside it."""
     with conn.transaction():
         conn.execute(STALLED_PUBLISHER)
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
         yield
 
 
@@ -150,6 +151,9 @@ class PostgresBroker(ListeningBroker):
         # The tables are made by the first connection, not here: a database that is
         # down when the server starts must not stop it (the listener retries).
         self._schema_made = False
+        # Those of the schema the tables are in (installation_names), known from the
+        # first connection on.
+        self._notify_channel, self._lock_key = NOTIFY_CHANNEL, LOCK_KEY
 
     def _connect(self, application_name: str | None = None) -> Any:
         given = self.psycopg.conninfo.conninfo_to_dict(self.conninfo)
@@ -160,9 +164,11 @@ class PostgresBroker(ListeningBroker):
             options["application_name"] = application_name
         conn = self.psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **options)
         if not self._schema_made:
+            schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            self._notify_channel, self._lock_key = installation_names(schema)
             # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
             # together on a new database would fail on each other's table.
-            with _locked(conn):
+            with _locked(conn, self._lock_key):
                 conn.execute(SCHEMA)
                 # Tables made again (a database recreated or restored without them)
                 # start their ids at 1: those seen here would be taken for old ones.
@@ -208,7 +214,7 @@ class PostgresBroker(ListeningBroker):
         return self._on_conn(lambda conn: self._publish(conn, channel, data, name))
 
     def _publish(self, conn: Any, channel: str, data: str, name: str | None) -> int:
-        with _locked(conn):
+        with _locked(conn, self._lock_key):
             row = conn.execute(
                 "INSERT INTO comet_event (channel, name, data) VALUES (%s, %s, %s) RETURNING id",
                 (channel, name, data),
@@ -219,7 +225,7 @@ class PostgresBroker(ListeningBroker):
                 # Listeners read it from the table; the channel tells them whom it
                 # concerns if it was pruned before they could.
                 payload = json.dumps([event_id, channel])
-            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+            conn.execute("SELECT pg_notify(%s, %s)", (self._notify_channel, payload))
             if event_id % PRUNE_EVERY == 0:
                 # The newest row of a channel stays even with no history (size 0): a
                 # large event is read from it, and since() tells a gap by it.
@@ -317,7 +323,7 @@ class PostgresBroker(ListeningBroker):
         self._heard = time.monotonic()
         try:
             for notify in conn.notifies(timeout=0):  # what has arrived; never waits
-                if notify.channel == NOTIFY_CHANNEL:
+                if notify.channel == self._notify_channel:
                     self._notified(notify.payload)
                 elif notify.payload == str(self._pings):
                     self._answered()
@@ -400,7 +406,7 @@ class PostgresBroker(ListeningBroker):
         # Named, so that its backend can be told apart in pg_stat_activity.
         conn = self._connect(application_name=f"django_comet listen {os.getpid()}")
         try:
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # in effect from here: autocommit
+            conn.execute(f"LISTEN {self._notify_channel}")  # in effect from here: autocommit
             if self._loop is not None:  # the health check's pings come back here
                 self._ping_channel = f"comet_ping_{uuid.uuid4().hex}"
                 conn.execute(f"LISTEN {self._ping_channel}")
@@ -466,7 +472,7 @@ class PostgresBroker(ListeningBroker):
         for old ones, and dropped, by every process that saw the first ones: the
         sequence moves past what this process saw (under the publishers' lock, never
         back)."""
-        with _locked(conn):
+        with _locked(conn, self._lock_key):
             conn.execute(MOVE_IDS_PAST, {"seen": seen})
         logger.error(
             "PostgreSQL's newest event id went back from %d to %d (a failover, a "

@@ -1,7 +1,21 @@
 """The PostgreSQL broker's tables and statements (postgres.py uses them)."""
 
+import hashlib
+
 NOTIFY_CHANNEL = "comet_events"
 LOCK_KEY = 0x636F6D6574  # "comet": the publishers' advisory lock
+
+
+def installation_names(schema: str | None) -> tuple[str, int]:
+    """The NOTIFY channel and the publishers' advisory lock key of the tables made in
+    ``schema``: NOTIFY channels and advisory locks span the whole database, and the
+    tables of each schema are an installation of their own (events from another one
+    would be delivered, and their ids taken for this one's)."""
+    if schema in (None, "public"):
+        return NOTIFY_CHANNEL, LOCK_KEY
+    digest = hashlib.sha256(schema.encode()).hexdigest()
+    return f"{NOTIFY_CHANNEL}_{digest[:16]}", int(digest[16:31], 16)
+
 
 # Prunes every channel with an event among the ids above %(since)s down to its newest
 # %(keep)s rows, and records the newest id removed from each as its lost_id; one

@@ -27,7 +27,9 @@ from ..evloop.hub import Event
 from .base import ListeningBroker, logger
 
 PREFIX = "comet:"
-PUBSUB_CHANNEL = PREFIX + "events"
+# Pub/sub spans a server's databases: each database's channel is its own, so that two
+# installations on two databases of one Redis never hear each other's events.
+PUBSUB_CHANNEL = PREFIX + "events:{db}"
 LOG_MIN = 100  # events kept in the global log at the least
 
 _PUBLISH = """
@@ -140,6 +142,8 @@ class RedisBroker(ListeningBroker):
         self.url = url
         self.history_size = history_size
         self.client = self.redis.Redis.from_url(url, **connection_options(url))
+        database = self.client.connection_pool.connection_kwargs.get("db") or 0
+        self.pubsub_channel = PUBSUB_CHANNEL.format(db=database)
         self._script = self.client.register_script(_PUBLISH)
         self._told_epoch = 0  # the data loss this process's streams were told of
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
@@ -162,7 +166,7 @@ class RedisBroker(ListeningBroker):
             # The global log, for catching up after a reconnect: never 0, even with no
             # per-channel history (the script's LTRIM from -0 failed every publish).
             max(self.history_size * 10, LOG_MIN),
-            PUBSUB_CHANNEL,
+            self.pubsub_channel,
             _clock(),  # where the counter starts, in a Redis that lost its data
         ]
         try:
@@ -212,7 +216,7 @@ class RedisBroker(ListeningBroker):
         client = self.redis.Redis.from_url(self.url, **connection_options(self.url))
         pubsub = client.pubsub()
         try:
-            pubsub.subscribe(PUBSUB_CHANNEL)
+            pubsub.subscribe(self.pubsub_channel)
             # Redis may run another connection's commands before this one's SUBSCRIBE:
             # its confirmation first, then the reads a catch-up starts from.
             confirmed = pubsub.get_message(timeout=5)
