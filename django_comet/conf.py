@@ -88,6 +88,7 @@ _AT_LEAST_ONE = frozenset(
         "COMET_MAX_HEADER_COUNT",
         "COMET_HISTORY_CHANNELS",
         "COMET_MAX_PENDING_OUTPUT",
+        "COMET_MAX_BODY_SIZE",  # (every POST refused: no form would work)
     }
 )
 

@@ -141,6 +141,11 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     unreachable, in a process that listens to it (a server's), from its own, as replays
     do (a view that reads the history keeps answering through an outage); elsewhere the
     broker's error is raised."""
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise TypeError(
+            f"history(): after must be an event id (an int, 0 or more), not {after!r}; "
+            f"poll_response() takes the query string's text"
+        )
     channels, broker = [check_channel(channel)], get_broker()
     if broker.cut_off():
         _unreachable("its listener lost it")

@@ -220,6 +220,7 @@ def test_a_broker_whose_library_is_missing_says_which_extra_to_install(
         ("postgresql://comet:secret@127.0.0.1:99999/db", "invalid port number '99999'"),
         ("postgres://comet:secret@127.0.0.1/db?sslmod=require", 'parameter: "sslmod"'),
         ("redis://:secret@127.0.0.1:6379/O", "must be a number (redis://host:port/0), not 'O'"),
+        ("redis://:secret@127.0.0.1:abc/0", "Port could not be cast to integer value as 'abc'"),
     ],
 )
 def test_a_broker_url_its_client_would_refuse_or_misread_is_refused_at_startup(url, said):
@@ -282,6 +283,7 @@ def test_comet_publish_with_the_broker_down_is_one_line(scheme, path):
         "COMET_MAX_HEADER_COUNT",
         "COMET_HISTORY_CHANNELS",
         "COMET_MAX_PENDING_OUTPUT",
+        "COMET_MAX_BODY_SIZE",
     ],
 )
 def test_a_limit_of_0_that_would_refuse_everything_is_a_settings_error(name):

@@ -391,3 +391,11 @@ def test_history_outside_a_server_raises_the_brokers_error_while_it_is_unreachab
         pytest.raises(get_broker().unreachable),  # (the overriding broker's)
     ):
         history("outside")
+
+
+@pytest.mark.parametrize("after", ["5", None, -1, 2.5])
+def test_history_wants_an_event_id_and_says_so(after):
+    from django_comet import history
+
+    with pytest.raises(TypeError, match="after must be an event id"):
+        history("anything", after=after)

@@ -17,10 +17,10 @@ from .sse_client import SSEClient
 from .test_brokers import manage_publish, start
 
 
-def test_workers_refused_with_the_memory_broker(demo_db):
-    result = manage(
-        "runcomet", "--noreload", "--workers", "2", "127.0.0.1:0", env={"DEMO_DB": demo_db}
-    )
+@pytest.mark.parametrize("url", ["memory://", "Memory://"])  # (schemes know no case)
+def test_workers_refused_with_the_memory_broker(demo_db, url):
+    env = {"DEMO_DB": demo_db, "COMET_BROKER": url}
+    result = manage("runcomet", "--noreload", "--workers", "2", "127.0.0.1:0", env=env)
     assert result.returncode == 1
     assert "needs a shared broker" in result.stderr
 

@@ -48,13 +48,8 @@ def url_error(url: str) -> str | None:
             )
     elif scheme in ("postgres", "postgresql"):
         return _postgres_url_error(url)
-    elif scheme in ("redis", "rediss"):
-        database = urlsplit(url).path.strip("/")
-        if database and not database.isdigit():  # redis-py would use database 0
-            return (
-                f"COMET_BROKER's Redis database must be a number (redis://host:port/0), "
-                f"not {database!r}"
-            )
+    elif scheme != "memory":
+        return _redis_url_error(url)
     return None
 
 
@@ -93,6 +88,28 @@ def _postgres_url_error(url: str) -> str | None:
     for port in str(given.get("port") or "").split(","):  # libpq takes one per host
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             return f"COMET_BROKER has an invalid port number {port!r}"
+    return None
+
+
+def _redis_url_error(url: str) -> str | None:
+    """What redis-py would refuse in a redis://, rediss:// or unix:// URL (at the first
+    publish, with a traceback), or misread (a database that is not a number is 0)."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        message, password = str(exc), urlsplit(url).password
+        if password:
+            message = message.replace(password, "***")
+        return f"COMET_BROKER is not a Redis URL redis-py can read ({message})"
+    split = urlsplit(url)
+    database = split.path.strip("/") if split.scheme != "unix" else ""
+    if database and not database.isdigit():
+        return (
+            f"COMET_BROKER's Redis database must be a number (redis://host:port/0), "
+            f"not {database!r}"
+        )
     return None
 
 

@@ -17,6 +17,7 @@ import tempfile
 import threading
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.apps import apps
 from django.conf import settings
@@ -123,7 +124,7 @@ class Command(RunserverCommand):
         if workers > 1:
             if options["use_reloader"]:
                 raise CommandError("--workers needs --noreload (the autoreloader cannot fork).")
-            if comet_settings.BROKER.startswith("memory:"):
+            if urlsplit(str(comet_settings.BROKER)).scheme == "memory":  # (case-blind)
                 raise CommandError(
                     "--workers above 1 needs a shared broker: with COMET_BROKER = 'memory://' "
                     "events published in one worker would never reach the others. Set "
