@@ -691,3 +691,29 @@ def test_a_listener_cut_during_its_catch_up_is_not_listening(broker):
         assert opened and opened[0].closed
     finally:
         listener.close()
+
+
+def test_closing_a_postgres_broker_closes_every_threads_connection(broker):
+    """Each thread publishes on a connection of its own; they outlived the broker's
+    close(): under `manage.py test` a bare postgres:// broker's kept the test database
+    from being destroyed (found by a review)."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("PostgreSQL's per-thread connections")
+    import threading
+
+    import psycopg
+
+    publisher = shared_broker(broker)
+    publisher.publish("threads", '"main"')
+    other = threading.Thread(target=publisher.publish, args=("threads", '"other"'))
+    other.start()
+    other.join()
+    with psycopg.connect(broker.url, autocommit=True) as admin:
+
+        def backends():
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            return admin.execute(query).fetchone()[0] - 1  # (not this one)
+
+        assert backends() >= 2
+        publisher.close()
+        wait_until(lambda: backends() == 0)

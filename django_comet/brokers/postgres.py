@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -126,6 +127,10 @@ class PostgresBroker(ListeningBroker):
         self.conninfo = conninfo
         self.history_size = history_size
         self._local = threading.local()  # one publishing connection per thread
+        # All of them, so that close() closes them: a thread's connection outlived the
+        # broker (under `manage.py test`, a bare postgres:// one kept the test database
+        # from being destroyed).
+        self._publishing: weakref.WeakSet[Any] = weakref.WeakSet()
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
         self._listen_conn: Any = None  # the LISTEN connection the loop watches
@@ -190,6 +195,7 @@ class PostgresBroker(ListeningBroker):
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = self._local.conn = self._connect()
+            self._publishing.add(conn)
         return conn
 
     def _on_conn(self, work: Callable[[Any], T]) -> T:
@@ -287,6 +293,8 @@ class PostgresBroker(ListeningBroker):
     def close(self) -> None:
         super().close()
         self._reads.put(None)
+        for conn in list(self._publishing):
+            _close_quietly(conn)
 
     def _connect_for_loop(self) -> None:
         """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
