@@ -103,6 +103,7 @@ class Stream:
         "channels",
         "claimed",
         "cursor",
+        "gap_told_at",
         "lost_mark",
         "recheck",
         "unsaid_gap",
@@ -125,6 +126,9 @@ class Stream:
         # Set by the server: the newest id of events lost that a stream behind is to be
         # told of as it catches up, before the first event after them (0: none).
         self.unsaid_gap = 0
+        # Set by the server: the stream's cursor when it was last written a gap event
+        # (the next one, with no event between, would say the same).
+        self.gap_told_at = -1
         self.recheck: Any = None  # set by the server while behind: its next look (Deadlines)
 
 

@@ -113,7 +113,11 @@ class Streams:
         if through <= stream.lost_mark:
             return  # told already (as it caught up past it)
         stream.lost_mark = through
-        if not self.write(ex, gap_frame(ex.cursor, stream.channels)):
+        if stream.gap_told_at == ex.cursor:
+            return  # its last gap event, with no event since, says it (a run of losses)
+        if self.write(ex, gap_frame(ex.cursor, stream.channels)):
+            stream.gap_told_at = ex.cursor
+        else:
             stream.unsaid_gap = max(stream.unsaid_gap, through)
 
     def write_events(
@@ -141,7 +145,9 @@ class Streams:
 
     def _say_unsaid_gap(self, ex: Exchange, stream: Stream) -> None:
         stream.unsaid_gap = 0
-        self.server._send_part(ex, gap_frame(ex.cursor, stream.channels))
+        if stream.gap_told_at != ex.cursor:
+            stream.gap_told_at = ex.cursor
+            self.server._send_part(ex, gap_frame(ex.cursor, stream.channels))
 
     def fall_behind(self, ex: Exchange, stream: Stream) -> None:
         if not stream.behind:
