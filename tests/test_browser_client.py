@@ -192,7 +192,11 @@ def test_a_gap_with_a_cursor_moves_the_next_streams_cursor(comet, new_browser):
     page.execute_script(FAKE_EVENTSOURCE)
     assert page.execute_async_script(LOAD_COMET_JS)
     result = page.execute_script(GAP_WITH_A_CURSOR)
-    assert result == {"first": "/s/?lastEventId=5", "next": "/s/?lastEventId=42", "gaps": 1}
+    assert result == {  # (the endpoints as resolved against the page)
+        "first": comet.url + "/s/?lastEventId=5",
+        "next": comet.url + "/s/?lastEventId=42",
+        "gaps": 1,
+    }
 
 
 STALE_GAP = """
@@ -455,6 +459,42 @@ def test_subscriptions_with_different_share_keys_do_not_share_a_stream(comet, ne
     channel = unique("keyed-").replace(" ", "")
     page.execute_script(SHARE_KEYS, channel)
     comet.wait_for_status(lambda s: s["channels"].get(channel) == 2)
+
+
+ROOM = """
+var done = arguments[arguments.length - 1];
+window.got = [];
+Comet.subscribe({sse: 'events/', poll: 'poll/',
+                 onEvent: function (event) { window.got.push(event.data); },
+                 onState: function (mode) { if (mode === 'live (sse)') { done(true); } }});
+"""
+
+
+def test_tabs_whose_relative_endpoints_name_other_streams_do_not_share_them(comet, new_browser):
+    """Two rooms' pages subscribe with the same relative URLs ("events/"), which name
+    two streams: the second room's tab was handed the first one's stream, and got that
+    room's events, never its own."""
+    rooms = [unique("room-").replace(" ", "") for _ in range(2)]
+    page = new_browser("rooms")
+    tabs = []
+    for n, room in enumerate(rooms):
+        if n:
+            page.switch_to.new_window("tab")
+        tabs.append(page.current_window_handle)
+        page.get(f"{comet.url}/t/rooms/{room}/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        assert page.execute_async_script(ROOM)
+    texts = [unique(f"to {room}:") for room in rooms]
+    for room, text in zip(rooms, texts, strict=True):
+        publish(comet, room, text)
+    for handle, text in zip(tabs, texts, strict=True):
+        page.switch_to.window(handle)
+        deadline = time.monotonic() + 30
+        while text not in page.execute_script("return window.got"):
+            assert time.monotonic() < deadline, page.execute_script("return window.got")
+            time.sleep(0.05)
+        assert page.execute_script("return window.got") == [text]
+    assert all(comet.status()["channels"].get(room) == 1 for room in rooms)
 
 
 OLDER_JOINER = """

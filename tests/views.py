@@ -479,6 +479,16 @@ def fast_poll_view(request):
     )
 
 
+def room_stream(request, room):
+    """An event stream of the channel the path names: the pages of two rooms subscribe
+    with the same relative URLs, "events/" and "poll/"."""
+    return event_stream(request, room)
+
+
+def room_poll(request, room):
+    return poll_response(request, room, since=request.GET.get("since"))
+
+
 def broken_poll_view(request):
     """fast_poll_view whose answer fails to render, as a third-party ``render`` with a
     bug would."""

@@ -25,10 +25,11 @@
  * six connections to a site, and a stream per tab would take them all.  The tab holding
  * the lock connects and passes every event on; the others listen, and a tab that joins
  * gets what the connected tab has seen.  When that tab closes, the next one takes the
- * lock and connects from its own last id.  Tabs share only what has the same endpoints,
- * event names and shareKey: an endpoint whose events depend on who is signed in must
- * pass something that tells users apart (the user's id, say) or shareTabs: false, or a
- * tab signed in as one user would be handed the stream opened for another.
+ * lock and connects from its own last id.  Tabs share only what has the same endpoints
+ * (resolved against the page), event names and shareKey: an endpoint whose events
+ * depend on who is signed in must pass something that tells users apart (the user's
+ * id, say) or shareTabs: false, or a tab signed in as one user would be handed the
+ * stream opened for another.
  *
  * A stream counts as open when its first frame arrives (the server sends one at once),
  * not when its head does: a proxy that passes the head and buffers the body would
@@ -85,6 +86,15 @@
     var releaseLock = null;
     var afterGap = false;  // the next event is taken whatever its id (ids may restart)
     var tab = Math.random().toString(36).slice(2);
+    // The endpoints as the browser resolves them against the page: "events/" on two
+    // pages may be two streams, which tabs must not share.
+    var sseUrl = resolve(options.sse);
+    var pollUrl = resolve(options.poll);
+
+    function resolve(url) {
+      if (!url) { return url; }
+      try { return new global.URL(url, global.location.href).href; } catch (e) { return url; }
+    }
 
     // A callback that throws must not stop the subscription (nor the rest of a batch).
     function call(callback, value) {
@@ -185,7 +195,7 @@
     // alone, after streams worked, are the server away (a restart): streams again.
     function retrySSE(delay) {
       var blocked = !sseOpened && sseFailures >= SSE_FAILURES_BEFORE_POLL;
-      if ((blocked || sseStalls >= SSE_FAILURES_BEFORE_POLL) && options.poll) {
+      if ((blocked || sseStalls >= SSE_FAILURES_BEFORE_POLL) && pollUrl) {
         if (polling) { streamAgainLater(); } else { startPoll(); }  // (a trial that failed)
       } else if (!delay) {
         startSSE();
@@ -196,13 +206,13 @@
 
     function startSSE() {
       // lastEventId=0 asks for the history too, so that SSE and long-poll start alike.
-      var url = options.sse + sep(options.sse) + 'lastEventId=' + lastId;
+      var url = sseUrl + sep(sseUrl) + 'lastEventId=' + lastId;
       var own;
       try {
         own = source = new global.EventSource(url);
       } catch (e) {  // a URL the browser refuses: long-poll, if there is one
         setTimeout(function () { throw e; }, 0);
-        if (options.poll) { startPoll(); } else { onState('failed'); }
+        if (pollUrl) { startPoll(); } else { onState('failed'); }
         return;
       }
       gotFrame = false;
@@ -250,7 +260,7 @@
         var xhr = pollRequest = new XMLHttpRequest();
         var opening = null;
         var since = lastId;
-        xhr.open('GET', options.poll + sep(options.poll) + 'since=' + since);
+        xhr.open('GET', pollUrl + sep(pollUrl) + 'since=' + since);
         xhr.timeout = options.pollTimeout || 60000;  // a stalled connection: retry
         // Answering (the server sends a first byte at once): live, though it may wait.
         xhr.onprogress = function () {
@@ -326,7 +336,7 @@
     // while only.  Later, a stream is tried again, while polling goes on until the
     // stream's first frame (events are told apart by id).
     function streamAgainLater() {
-      if (!(options.sse && global.EventSource && !options.forcePoll)) { return; }
+      if (!(sseUrl && global.EventSource && !options.forcePoll)) { return; }
       fallbacks += 1;
       var first = options.streamAgain || 60000;
       var wait = Math.min(Math.max(first, SSE_AGAIN_MAX), first * Math.pow(2, fallbacks - 1));
@@ -359,7 +369,7 @@
     function connect() {
       connected = true;
       if (global.addEventListener) { global.addEventListener('online', online); }
-      if (options.sse && global.EventSource && !options.forcePoll) { startSSE(); }
+      if (sseUrl && global.EventSource && !options.forcePoll) { startSSE(); }
       else { startPoll(); }
     }
 
@@ -407,7 +417,7 @@
     var locks = global.navigator && global.navigator.locks;
     if (options.shareTabs !== false && locks && global.BroadcastChannel) {
       var key = 'django-comet ' + JSON.stringify(
-        [options.sse, options.poll, names, !!options.forcePoll, String(options.shareKey || '')]);
+        [sseUrl, pollUrl, names, !!options.forcePoll, String(options.shareKey || '')]);
       shared = new global.BroadcastChannel(key);
       shared.onmessage = function (message) {
         if (leading) { welcome(message); } else { heard(message); }
