@@ -441,6 +441,37 @@ def test_a_long_poll_that_is_refused_says_it_is_reconnecting(comet, new_browser)
     assert page.execute_script("return window.states")[0] == "reconnecting…"
 
 
+STREAM_ONLY = """
+window.states = [];
+window.thrown = [];
+try {
+    Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0], shareTabs: arguments[1],
+                     onEvent: function () {},
+                     onState: function (state) { window.states.push(state); }});
+} catch (e) {
+    window.thrown.push(String(e));
+}
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_stream_only_subscription_without_eventsource_says_it_failed(comet, new_browser, shared):
+    """No EventSource and no poll endpoint: shared, the subscription did nothing and
+    said nothing; unshared, it threw a TypeError (it polled "undefined")."""
+    from .test_browser_chat import NO_EVENTSOURCE
+
+    page = new_browser(f"stream-only-{shared}")
+    page.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": NO_EVENTSOURCE})
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(STREAM_ONLY, unique("stream-only-").replace(" ", ""), shared)
+    deadline = time.monotonic() + 10
+    while not page.execute_script("return window.states.length || window.thrown.length"):
+        assert time.monotonic() < deadline, "the subscription said nothing"
+        time.sleep(0.05)
+    assert page.execute_script("return [window.states, window.thrown]") == [["failed"], []]
+
+
 SHARE_KEYS = """
 var channel = arguments[0];
 ['alice', 'bob'].forEach(function (user) {

@@ -9,7 +9,7 @@
  *     onEvent: function (event) {},  // {id, data (parsed JSON), event (name)}; each id once
  *     onGap: function (info) {},     // history no longer reaches back: reload your state
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…',
- *                                    //   'failed' (a stream URL refused, and no poll)
+ *                                    //   'failed' (no stream it can open, and no poll)
  *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
@@ -370,7 +370,8 @@
       connected = true;
       if (global.addEventListener) { global.addEventListener('online', online); }
       if (sseUrl && global.EventSource && !options.forcePoll) { startSSE(); }
-      else { startPoll(); }
+      else if (pollUrl) { startPoll(); }
+      else { onState('failed'); }  // no stream this browser can open, and no poll
     }
 
     // A follower: what the connected tab passes on, in the order it sent it.
