@@ -528,6 +528,57 @@ def test_tabs_whose_relative_endpoints_name_other_streams_do_not_share_them(come
     assert all(comet.status()["channels"].get(room) == 1 for room in rooms)
 
 
+TAB = """
+var done = arguments[arguments.length - 1];
+window.marker = 'not reloaded';
+window.got = [];
+Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],
+                 poll: '/t/fastpoll/?channel=' + arguments[0],
+                 onEvent: function (event) { window.got.push(event.data); },
+                 onState: function (mode) { if (mode === 'live (sse)') { done(true); } }});
+"""
+
+
+def test_a_tab_in_the_back_forward_cache_lets_the_others_take_over(comet, new_browser):
+    """The connected tab, put in the back/forward cache by a link the user followed,
+    kept the lock: the other tabs heard nothing until the browser evicted it.  It lets
+    go, and when the user comes back, subscribes again from its last id."""
+    channel = unique("bfcache-").replace(" ", "")
+    page = new_browser("bfcache")
+    tabs = []
+    for n in range(2):
+        if n:
+            page.switch_to.new_window("tab")
+        tabs.append(page.current_window_handle)
+        page.get(comet.url + "/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        assert page.execute_async_script(TAB, channel)
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)  # the first tab's
+
+    def wait_for(handle, text, timeout=30.0):
+        page.switch_to.window(handle)
+        deadline = time.monotonic() + timeout
+        while text not in page.execute_script("return window.got"):
+            assert time.monotonic() < deadline, page.execute_script("return window.got")
+            time.sleep(0.05)
+
+    texts = [unique(when) for when in ("before:", "while away:", "after coming back:")]
+    publish(comet, channel, texts[0])
+    wait_for(tabs[1], texts[0])
+    page.switch_to.window(tabs[0])
+    page.get(comet.url + "/t/echo/?away")  # into the back/forward cache
+    publish(comet, channel, texts[1])
+    wait_for(tabs[1], texts[1], timeout=15)  # not after Chromium evicts the page
+    page.switch_to.window(tabs[0])
+    page.back()
+    assert page.execute_script("return window.marker") == "not reloaded"  # from the cache
+    publish(comet, channel, texts[2])
+    for handle in tabs:
+        wait_for(handle, texts[2])
+        assert page.execute_script("return window.got") == texts
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)
+
+
 OLDER_JOINER = """
 var channel = arguments[0], ids = arguments[1];
 var done = arguments[arguments.length - 1];

@@ -24,8 +24,9 @@
  * BroadcastChannel, where the browser has both): over HTTP/1.1 a browser opens at most
  * six connections to a site, and a stream per tab would take them all.  The tab holding
  * the lock connects and passes every event on; the others listen, and a tab that joins
- * gets what the connected tab has seen.  When that tab closes, the next one takes the
- * lock and connects from its own last id.  Tabs share only what has the same endpoints
+ * gets what the connected tab has seen.  When that tab closes, or goes into the
+ * back/forward cache (it subscribes again if shown again), the next one takes the lock
+ * and connects from its own last id.  Tabs share only what has the same endpoints
  * (resolved against the page), event names and shareKey: an endpoint whose events
  * depend on who is signed in must pass something that tells users apart (the user's
  * id, say) or shareTabs: false, or a tab signed in as one user would be handed the
@@ -416,45 +417,83 @@
     }
 
     var locks = global.navigator && global.navigator.locks;
-    if (options.shareTabs !== false && locks && global.BroadcastChannel) {
-      var key = 'django-comet ' + JSON.stringify(
-        [sseUrl, pollUrl, names, !!options.forcePoll, String(options.shareKey || '')]);
-      shared = new global.BroadcastChannel(key);
-      shared.onmessage = function (message) {
+    var sharing = options.shareTabs !== false && locks && global.BroadcastChannel;
+    var key = 'django-comet ' + JSON.stringify(
+      [sseUrl, pollUrl, names, !!options.forcePoll, String(options.shareKey || '')]);
+    var queued = null;  // the lock request, while it waits behind another tab's
+    var visits = 0;  // starts and stops: a lock granted to a stopped start leads nothing
+    var hidden = false;  // in the back/forward cache
+
+    function start() {
+      var visit = visits += 1;
+      if (!sharing) { connect(); return; }
+      var channel = shared = new global.BroadcastChannel(key);
+      channel.onmessage = function (message) {
         if (leading) { welcome(message); } else { heard(message); }
       };
-      shared.postMessage({ kind: 'hello', tab: tab, lastId: lastId });
+      channel.postMessage({ kind: 'hello', tab: tab, lastId: lastId });
       var lead = function () {
-        if (closed) { return null; }
+        if (closed || visit !== visits) { return null; }
         leading = true;
         joined = true;
-        shared.postMessage({ kind: 'leader' });
+        channel.postMessage({ kind: 'leader' });
         connect();
         return new Promise(function (resolve) { releaseLock = resolve; });
       };
-      // Aborted by close(): a request left queued behind another tab's would keep this
+      // Aborted by stop(): a request left queued behind another tab's would keep this
       // subscription (and what it holds) until that tab let go.
-      var queued = global.AbortController ? new global.AbortController() : null;
+      queued = global.AbortController ? new global.AbortController() : null;
       locks.request(key, queued ? { signal: queued.signal } : {}, lead).catch(function () {
         // Refused (a sandboxed or opaque origin): connect on our own, unshared.
-        if (!leading && !closed) { lead(); }
+        if (!leading && !closed && visit === visits) { lead(); }
       });
-    } else {
-      connect();
     }
+
+    // Lets go of the lock (or its queued request), the channel and the connection.
+    function stop() {
+      visits += 1;
+      if (connected && global.removeEventListener) { global.removeEventListener('online', online); }
+      connected = false; leading = false; joined = false;
+      if (releaseLock) { releaseLock(); releaseLock = null; } else if (queued) { queued.abort(); }
+      queued = null;
+      if (shared) { shared.close(); shared = null; }
+      if (source) { source.close(); source = null; }
+      stopPolling();
+      if (watchdog) { clearTimeout(watchdog); watchdog = null; }
+      if (timer) { clearTimeout(timer); timer = null; }
+      if (againTimer) { clearTimeout(againTimer); againTimer = null; }
+      if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
+      if (pollRequest) { pollRequest.abort(); pollRequest = null; }
+    }
+
+    // A page put in the back/forward cache (the user followed a link) would keep the
+    // lock, and the other tabs would hear nothing until the browser evicted it: it lets
+    // go, and subscribes again from its last id if it is shown again.
+    function pagehide(event) {
+      if (event.persisted && !closed && !hidden) { hidden = true; stop(); }
+    }
+
+    function pageshow(event) {
+      if (!event.persisted || closed || !hidden) { return; }
+      hidden = false;
+      onState('reconnecting…');
+      start();
+    }
+
+    if (global.addEventListener) {
+      global.addEventListener('pagehide', pagehide);
+      global.addEventListener('pageshow', pageshow);
+    }
+    start();
 
     return {
       close: function () {
         closed = true;
-        if (connected && global.removeEventListener) { global.removeEventListener('online', online); }
-        if (releaseLock) { releaseLock(); } else if (queued) { queued.abort(); }
-        if (shared) { shared.close(); }
-        if (source) { source.close(); }
-        if (watchdog) { clearTimeout(watchdog); }
-        if (timer) { clearTimeout(timer); }
-        if (againTimer) { clearTimeout(againTimer); }
-        if (pollTimer) { clearTimeout(pollTimer); }
-        if (pollRequest) { pollRequest.abort(); }
+        if (global.removeEventListener) {
+          global.removeEventListener('pagehide', pagehide);
+          global.removeEventListener('pageshow', pageshow);
+        }
+        stop();
       },
       get lastId() { return lastId; }
     };
