@@ -79,11 +79,13 @@ def new_browser(tmp_path) -> Iterator[NewBrowser]:
 
     drivers: list[Browser] = []
 
-    def start(name: str, *, window: str = "720,720") -> Browser:
+    def start(name: str, *, window: str = "720,720", prefs: dict | None = None) -> Browser:
         profile = tmp_path / f"profile-{name}"
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         add_flags(options, profile, window)
+        if prefs:
+            options.add_experimental_option("prefs", prefs)
         service = Service(CHROMEDRIVER, log_output=subprocess.DEVNULL)
         driver = webdriver.Chrome(service=service, options=options)
         drivers.append(driver)
@@ -287,3 +289,23 @@ def test_long_poll_fallback_without_eventsource(comet, new_browser):
     assert ours == [outside_id, int(from_sse_id), int(from_poll_id)]
     assert at_poll["state"] == "live (long-poll)", at_poll
     assert at_poll["eventSource"] == "undefined", at_poll
+
+
+def test_a_browser_that_blocks_site_data_still_chats(comet, new_browser):
+    """Where the user blocks sites' data, reading localStorage throws: the page's script
+    stopped before it subscribed (the chat said "connecting…" for ever), and a send
+    did nothing at all."""
+    blocked = {"profile.default_content_setting_values.cookies": 2}
+    page = new_browser("no-site-data", prefs=blocked)
+    open_chat(page, comet.url, "live (sse)")
+    text = unique("to a page without site data:")
+    send_with_requests(comet.url, "Robot", text)
+    wait_for_message(page, "Robot", text)
+    # No CSRF cookie either: the send is refused, and says so.
+    say(page, "Nobody", "not without a cookie")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    refusal = "not sent: refused (HTTP 403): reload the page and try again"
+    WebDriverWait(page, 20).until(
+        lambda d: d.execute_script("return document.getElementById('error').textContent") == refusal
+    )
