@@ -199,8 +199,9 @@ def evloop(
     cwd: Path = ROOT,
     prefix: tuple[str, ...] = (),
     addrport: str = "127.0.0.1:0",
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
-    env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     return ServerProcess(
         [*prefix, sys.executable, "-m", "django_comet.evloop", app, addrport, *args],
         env=env,

@@ -415,6 +415,22 @@ def test_system_exit_in_an_app_is_an_app_error_and_the_server_lives(threads):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_django_served_by_evloop_prints_each_error_once(demo_db):
+    """`python -m django_comet.evloop` prints the app's logging (from the root logger);
+    Django's `django` logger has a console handler of its own under DEBUG, and each
+    error's traceback was printed twice (found by a review)."""
+    server = evloop("demo_site.wsgi:application", cwd=ROOT / "demo_site", env={"DEMO_DB": demo_db})
+    try:
+        assert requests.get(server.url + "/t/boom/", timeout=10).status_code == 500
+        assert server.logged("RuntimeError: boom")
+        assert requests.get(server.url + "/t/echo/", timeout=10).status_code == 200
+        assert server.logged('"GET /t/echo/ HTTP/1.1" 200')  # (logged after the error's)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+    output = "".join(server.output)
+    assert output.count("RuntimeError: boom") == 1, output
+
+
 def test_an_ipv6_server_name_is_bracketed():
     """Without a Host header, SERVER_NAME and SERVER_PORT stand for it: an IPv6 literal
     must be bracketed, or ``::1:8000`` cannot be split into host and port."""

@@ -62,6 +62,18 @@ def load_app(spec: str) -> object:
     return app
 
 
+def not_printed_on_the_way(record: logging.LogRecord) -> bool:
+    """Whether a record has met no console handler on its way up to the root logger,
+    where this command prints the app's logging too: Django's `django` logger has one of
+    its own under DEBUG, and each error was printed twice."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None and logger is not logging.root:
+        if any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+            return False
+        logger = logger.parent if logger.propagate else None
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m django_comet.evloop", description=__doc__)
     parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
@@ -81,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
     logging.root.setLevel(logging.INFO)  # as runcomet's: from a thread of their own
-    log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
+    handler = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
+    handler.addFilter(not_printed_on_the_way)
     app = load_app(args.app)
     config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
     if isinstance(args.addrport, str):

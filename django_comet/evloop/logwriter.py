@@ -163,8 +163,9 @@ def _dropped_record(count: int) -> logging.LogRecord:
     )
 
 
-def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> None:
+def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> logging.Handler:
     """``logger``'s records to stderr, written by a thread of their own."""
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter(fmt, datefmt))
     logger.addHandler(handler)
+    return handler
