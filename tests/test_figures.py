@@ -51,3 +51,22 @@ def test_what_a_dead_worker_received_stays_and_is_carried_on():
     assert kept == {"requests": 7, "events_published": 9}
     total = combine([record(0, 10, events_published=3), {**gone, "figures": kept, "gone": True}])
     assert total["events_published"] == 9
+
+
+def test_the_status_urls_leave_the_projects_url_names_alone():
+    """Included without a namespace, their names are the project's: as `status`, the
+    figures took the place of a project's own `reverse("status")` (found by a review)."""
+    import types
+
+    from django.test import override_settings
+    from django.urls import include, path, reverse
+
+    urlconf = types.ModuleType("project_urls")
+    urlconf.urlpatterns = [  # type: ignore[attr-defined]
+        path("health/", lambda request: None, name="status"),
+        path("", include("django_comet.status_urls")),
+    ]
+    with override_settings(ROOT_URLCONF=urlconf):
+        assert reverse("status") == "/health/"
+        assert reverse("comet-status") == "/comet/status/"
+        assert reverse("comet-metrics") == "/comet/metrics"
