@@ -629,3 +629,18 @@ def frozen(server):
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_broker_that_refuses_the_configuration_says_so_as_an_error(broker, demo_db):
+    """A database that does not exist (a typo in the URL) was logged every few seconds
+    as a connection lost, as if the broker were down (found by a review); it is an
+    error now, which says what to check."""
+    base = broker.url.rsplit("/", 1)[0]
+    url = f"{base}/99" if isinstance(broker, RedisServer) else f"{base}/no_such_database"
+    server = runcomet(db=demo_db, env={"COMET_BROKER": url})
+    try:
+        assert server.logged("check COMET_BROKER")
+        said = next(line for line in server.output if "check COMET_BROKER" in line)
+        assert "refused" in said and "lost" not in said, said
+    finally:
+        assert server.stop() == 0, "".join(server.output)

@@ -48,6 +48,18 @@ class Broker:
     # What the broker's client raises when the broker cannot be reached.
     unreachable: tuple[type[Exception], ...] = ()
 
+    def refused(self, exc: Exception) -> bool:
+        """Whether ``exc``, from connecting, is the broker refusing this configuration
+        (a wrong password, a database that does not exist): retrying will not mend it,
+        and the log says so as an error, not as an outage."""
+        return False
+
+    def retry_message(self, exc: Exception, what: str) -> tuple[int, str]:
+        """The log level and text for a listener's failed connection, retried."""
+        if self.refused(exc):
+            return logging.ERROR, f"{what} refused: {exc}; check COMET_BROKER"
+        return logging.WARNING, f"{what} lost ({exc})"
+
     def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """As ``since``, from this process's own history, for when the broker cannot be
         asked."""
@@ -206,9 +218,8 @@ class ListeningBroker(Broker):
                 self.connected.clear()
                 if self._closed.is_set():
                     return
-                logger.warning(
-                    "%s connection lost (%s); retrying in %.1fs", type(self).__name__, exc, backoff
-                )
+                level, said = self.retry_message(exc, f"{type(self).__name__} connection")
+                logger.log(level, "%s; retrying in %.1fs", said, backoff)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
             else:

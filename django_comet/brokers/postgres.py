@@ -58,6 +58,15 @@ T = TypeVar("T")
 
 logger = logging.getLogger("django_comet.broker")
 
+# What a connection refused by the server's configuration says (rather than a server down,
+# starting or full): retried all the same, but logged as errors.
+REFUSALS = (
+    "does not exist",  # the database or the role
+    "authentication failed",
+    "pg_hba.conf",
+    "permission denied",
+    "not permitted to log in",
+)
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
 CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
@@ -181,6 +190,12 @@ class PostgresBroker(ListeningBroker):
                     conn.execute(MOVE_IDS_PAST, {"seen": known})
             self._schema_made = True
         return conn
+
+    def refused(self, exc: Exception) -> bool:
+        # libpq says why in its message only (no SQLSTATE for a failed connection).
+        return isinstance(exc, self.psycopg.OperationalError) and any(
+            reason in str(exc) for reason in REFUSALS
+        )
 
     def _tables_gone(self) -> None:
         """The tables went away under a running process (a database recreated, or
@@ -306,7 +321,13 @@ class PostgresBroker(ListeningBroker):
                 try:
                     conn = self._listening_connection(self._deliver)
                 except Exception as exc:  # down, or not yet writable (a standby): retry
-                    logger.warning("PostgreSQL unreachable (%s); retrying in %.1fs", exc, backoff)
+                    if self.refused(exc):
+                        said = f"PostgreSQL refused the connection: {exc}; check COMET_BROKER"
+                        logger.error("%s; retrying in %.1fs", said, backoff)
+                    else:
+                        logger.warning(
+                            "PostgreSQL unreachable (%s); retrying in %.1fs", exc, backoff
+                        )
                     self._closed.wait(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
                 else:

@@ -148,6 +148,11 @@ class RedisBroker(ListeningBroker):
         self._told_epoch = 0  # the data loss this process's streams were told of
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
+    def refused(self, exc: Exception) -> bool:
+        # A wrong password (or user), a database index out of range.
+        exceptions = self.redis.exceptions
+        return isinstance(exc, (exceptions.AuthenticationError, exceptions.ResponseError))
+
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         keys = [
             PREFIX + "id",
