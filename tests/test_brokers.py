@@ -569,17 +569,17 @@ def test_a_publisher_stalled_inside_its_transaction_does_not_stop_the_others(bro
     locked, resume = threading.Event(), threading.Event()
 
     def publish_and_stall():
-        conn = stalled._conn()  # this thread's connection
-        execute = conn.execute
+        with stalled._lent() as conn:  # the pool's only one: the publish's, below
+            execute = conn.execute
 
-        def execute_then_stall(query, *args, **kwargs):
-            result = execute(query, *args, **kwargs)
-            if "pg_advisory_xact_lock" in str(query) and not locked.is_set():
-                locked.set()
-                resume.wait(60)  # the client stops here, the lock held
-            return result
+            def execute_then_stall(query, *args, **kwargs):
+                result = execute(query, *args, **kwargs)
+                if "pg_advisory_xact_lock" in str(query) and not locked.is_set():
+                    locked.set()
+                    resume.wait(60)  # the client stops here, the lock held
+                return result
 
-        conn.execute = execute_then_stall
+            conn.execute = execute_then_stall
         with contextlib.suppress(Exception):  # (its session is ended under it: expected)
             stalled.publish("stall", '"1"')
 
@@ -693,27 +693,43 @@ def test_a_listener_cut_during_its_catch_up_is_not_listening(broker):
         listener.close()
 
 
-def test_closing_a_postgres_broker_closes_every_threads_connection(broker):
-    """Each thread publishes on a connection of its own; they outlived the broker's
-    close(): under `manage.py test` a bare postgres:// broker's kept the test database
-    from being destroyed (found by a review)."""
+def test_a_postgres_broker_holds_a_few_connections_and_closes_them(broker):
+    """Publishing threads share a small pool: a connection per thread that had ever
+    published (up to five per view thread) ran PostgreSQL out of connections under
+    --workers; and they outlived the broker's close(): under `manage.py test` a bare
+    postgres:// broker's kept the test database from being destroyed (found by
+    reviews)."""
     if not isinstance(broker, PostgresServer):
-        pytest.skip("PostgreSQL's per-thread connections")
+        pytest.skip("PostgreSQL's connections")
     import threading
 
     import psycopg
 
+    from django_comet.brokers.postgres import POOL_SIZE
+
     publisher = shared_broker(broker)
-    publisher.publish("threads", '"main"')
-    other = threading.Thread(target=publisher.publish, args=("threads", '"other"'))
-    other.start()
-    other.join()
+    ids = []
+    together = threading.Barrier(16)
+
+    def publish_some():
+        together.wait()
+        ids.extend(publisher.publish("threads", '"x"') for _ in range(5))
+
+    threads = [threading.Thread(target=publish_some) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 80
+    # (The module's servers have connections of their own to the same database.)
+    pids = [conn.info.backend_pid for conn in publisher._publishing if not conn.closed]
+    assert 1 <= len(pids) <= POOL_SIZE
     with psycopg.connect(broker.url, autocommit=True) as admin:
 
         def backends():
-            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            return admin.execute(query).fetchone()[0] - 1  # (not this one)
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+            return admin.execute(query, (pids,)).fetchone()[0]
 
-        assert backends() >= 2
+        assert backends() == len(pids)
         publisher.close()
         wait_until(lambda: backends() == 0)

@@ -67,6 +67,8 @@ REFUSALS = (
     "permission denied",
     "not permitted to log in",
 )
+POOL_SIZE = 4  # connections per process for publishes (one at a time under the lock, in
+# every process: more would only wait), replays and reads of large events
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
 CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
@@ -135,10 +137,16 @@ class PostgresBroker(ListeningBroker):
         self.psycopg = _psycopg()
         self.conninfo = conninfo
         self.history_size = history_size
-        self._local = threading.local()  # one publishing connection per thread
-        # All of them, so that close() closes them: a thread's connection outlived the
-        # broker (under `manage.py test`, a bare postgres:// one kept the test database
-        # from being destroyed).
+        # Connections for publishes, replays and reads of large events, each lent to one
+        # thread for one command: at most POOL_SIZE (one per thread held up to five per
+        # view thread, and --workers ran PostgreSQL out of connections).
+        self._idle: list[Any] = []
+        self._idle_lock = threading.Lock()
+        self._lendable = threading.BoundedSemaphore(POOL_SIZE)
+        self._pool_pid = os.getpid()
+        # All of them, so that close() closes them: one outliving the broker (under
+        # `manage.py test`, a bare postgres:// one) kept the test database from being
+        # destroyed.
         self._publishing: weakref.WeakSet[Any] = weakref.WeakSet()
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
@@ -202,33 +210,55 @@ class PostgresBroker(ListeningBroker):
         restored without them): the next connection makes them again."""
         logger.error("PostgreSQL has no comet_event table any more; making the tables again")
         self._schema_made = False
-        conn, self._local.conn = getattr(self._local, "conn", None), None
-        if conn is not None:
+        self._drop_idle()
+
+    @contextlib.contextmanager
+    def _lent(self) -> Iterator[Any]:
+        """An idle connection of the pool (a new one if none is), this thread's alone
+        until the block ends; one the block ends with an error is closed, not given
+        back (broken, or in an unknown state)."""
+        self._lendable.acquire()
+        try:
+            with self._idle_lock:
+                if self._pool_pid != os.getpid():  # a forked child: the parent's sockets
+                    self._idle, self._pool_pid = [], os.getpid()
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = self._connect()
+                self._publishing.add(conn)
+            try:
+                yield conn
+            except BaseException:
+                _close_quietly(conn)
+                raise
+            if not conn.closed:
+                with self._idle_lock:
+                    self._idle.append(conn)
+        finally:
+            self._lendable.release()
+
+    def _drop_idle(self) -> None:
+        """Close the idle connections: the database went away since they were made (a
+        restart leaves them all dead, and only their next use would find out)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             _close_quietly(conn)
 
-    def _conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = self._local.conn = self._connect()
-            self._publishing.add(conn)
-        return conn
-
     def _on_conn(self, work: Callable[[Any], T]) -> T:
-        """``work(connection)`` on this thread's connection, tried once more on a fresh
-        one when the database went away since (a restart leaves each thread's old
-        connection dead, and only its next use finds out), or stopped answering."""
+        """``work(connection)`` on a connection of the pool, tried once more on a fresh
+        one when the database went away since, or stopped answering."""
         try:
             return self._watched(work)
         except self.psycopg.OperationalError:
-            self._local.conn = None
+            self._drop_idle()
             return self._watched(work)
         except self.psycopg.errors.UndefinedTable:
             self._tables_gone()
             return self._watched(work)
 
     def _watched(self, work: Callable[[Any], T]) -> T:
-        conn = self._conn()
-        with command_watchdog.watching(conn, REPLY_WITHIN):
+        with self._lent() as conn, command_watchdog.watching(conn, REPLY_WITHIN):
             return work(conn)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
@@ -614,7 +644,7 @@ class PostgresBroker(ListeningBroker):
         self, ids: list[int], timeout: float | None = None
     ) -> tuple[dict[int, Event], int]:
         """Events too large for NOTIFY, by id (in id order), as many as one query of
-        READ_BATCH_BYTES takes, read on this thread's publishing connection (the
+        READ_BATCH_BYTES takes, read on a connection of the pool (the
         listening one is busy listening), within ``timeout`` seconds if given; and the
         id up to which ``ids`` are read (those missing up to it were pruned first)."""
         try:
@@ -622,7 +652,7 @@ class PostgresBroker(ListeningBroker):
         except self.psycopg.errors.QueryCanceled:
             raise  # too slow, not gone: a retry would wait as long
         except self.psycopg.OperationalError:
-            self._local.conn = None  # the database restarted: one fresh try
+            self._drop_idle()  # the database restarted: one fresh try
             rows = self._select_events(ids, timeout)
         events = {int(i): Event(channel, int(i), data, name) for i, channel, name, data in rows}
         through = int(rows[-1][0]) if rows else ids[-1]
@@ -640,8 +670,7 @@ class PostgresBroker(ListeningBroker):
         return events, through
 
     def _select_events(self, ids: list[int], timeout: float | None) -> list[Any]:
-        conn = self._conn()
-        with conn.transaction():
+        with self._lent() as conn, conn.transaction():
             if timeout is not None:
                 conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
             cursor = conn.execute(SELECT_EVENTS, {"ids": ids, "budget": READ_BATCH_BYTES})
