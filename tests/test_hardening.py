@@ -627,6 +627,16 @@ def test_a_request_waiting_for_a_thread_holds_its_body_once():
         server.stop()
 
 
+def slow_reader(server, target, headers=""):
+    """A connection that asked for ``target`` and reads nothing, with a small receive
+    buffer: the kernel takes little of the answer, the server holds the rest."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((server.host, server.port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+    return sock
+
+
 def peak_rss_kib(pid):
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
@@ -641,12 +651,7 @@ def test_output_let_go_by_dropped_slow_readers_goes_back_to_the_system(demo_db):
         pid = server.proc.pid
         requests.post(server.url + "/t/publish/", data={"channel": "fat", "data": '"warm"'})
         rss = rss_kib(pid)
-        for _ in range(100):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(b"GET /t/stream/?channels=fat HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            readers.append(sock)
+        readers.extend(slow_reader(server, "/t/stream/?channels=fat") for _ in range(100))
         server.wait_for_status(lambda s: s["channels"].get("fat") == 100, timeout=30)
         fat = json.dumps("x" * 60_000)
         while server.status()["dropped_slow"] < 100:
@@ -683,12 +688,7 @@ def test_memory_goes_back_to_the_system_under_steady_traffic_on_short_connection
         pid = server.proc.pid
         rss = rss_kib(pid)
         traffic.start()
-        for _ in range(150):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(b"GET /t/big/?mb=25&kib=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            downloads.append(sock)
+        downloads.extend(slow_reader(server, "/t/big/?mb=25&kib=64") for _ in range(150))
         wait_until(lambda: rss_kib(pid) > rss + 100 * 1024, timeout=60)  # KiB
         for sock in downloads:
             sock.close()
@@ -800,11 +800,7 @@ def test_small_items_to_clients_that_do_not_read_cost_their_bytes_not_more(threa
         rss = rss_kib(server.proc.pid)
         for _ in range(8):
             tag = uuid.uuid4().hex
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect((server.host, server.port))
-            sock.sendall(b"GET /rows HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode())
-            clients.append(sock)
+            clients.append(slow_reader(server, "/rows", f"X-Tag: {tag}\r\n"))
             # Paused: past 1 MiB of rows after the first, the app is asked for no more.
             wait_until(
                 lambda tag=tag: (
