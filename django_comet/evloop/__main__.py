@@ -63,13 +63,21 @@ def load_app(spec: str) -> object:
 
 
 def not_printed_on_the_way(record: logging.LogRecord) -> bool:
-    """Whether a record has met no console handler on its way up to the root logger,
+    """Whether no console handler printed a record on its way up to the root logger,
     where this command prints the app's logging too: Django's `django` logger has one of
-    its own under DEBUG, and each error was printed twice."""
+    its own under DEBUG, and each error was printed twice.  (Under DEBUG = False that
+    handler prints nothing, and neither does a handler whose level or filter refuses the
+    record, or one that writes to a file: the record is printed here.)"""
     logger: logging.Logger | None = logging.getLogger(record.name)
+    consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
     while logger is not None and logger is not logging.root:
-        if any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-            return False
+        for handler in logger.handlers:
+            if (
+                getattr(handler, "stream", None) in consoles
+                and record.levelno >= handler.level
+                and handler.filter(record)
+            ):
+                return False
         logger = logger.parent if logger.propagate else None
     return True
 
