@@ -28,8 +28,9 @@ from .base import ListeningBroker, logger
 
 PREFIX = "comet:"
 # Pub/sub spans a server's databases: each database's channel is its own, so that two
-# installations on two databases of one Redis never hear each other's events.
-PUBSUB_CHANNEL = PREFIX + "events:{db}"
+# installations on two databases of one Redis never hear each other's events (database
+# 0 keeps the name it always had: processes of an older version still hear it).
+PUBSUB_CHANNEL = PREFIX + "events"
 LOG_MIN = 100  # events kept in the global log at the least
 
 _PUBLISH = """
@@ -143,15 +144,18 @@ class RedisBroker(ListeningBroker):
         self.history_size = history_size
         self.client = self.redis.Redis.from_url(url, **connection_options(url))
         database = self.client.connection_pool.connection_kwargs.get("db") or 0
-        self.pubsub_channel = PUBSUB_CHANNEL.format(db=database)
+        self.pubsub_channel = f"{PUBSUB_CHANNEL}:{database}" if database else PUBSUB_CHANNEL
         self._script = self.client.register_script(_PUBLISH)
         self._told_epoch = 0  # the data loss this process's streams were told of
         self.unreachable = (self.redis.ConnectionError, self.redis.TimeoutError)
 
     def refused(self, exc: Exception) -> bool:
-        # A wrong password (or user), a database index out of range.
+        # A wrong password (or user), an ACL that says no, a database index out of range
+        # (not READONLY, OOM, BUSY...: a failover or a load, which pass).
         exceptions = self.redis.exceptions
-        return isinstance(exc, (exceptions.AuthenticationError, exceptions.ResponseError))
+        return isinstance(exc, (exceptions.AuthenticationError, exceptions.NoPermissionError)) or (
+            isinstance(exc, exceptions.ResponseError) and "DB index" in str(exc)
+        )
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         keys = [
