@@ -528,6 +528,28 @@ def test_tabs_whose_relative_endpoints_name_other_streams_do_not_share_them(come
     assert all(comet.status()["channels"].get(room) == 1 for room in rooms)
 
 
+def test_relative_endpoints_are_resolved_as_the_browser_does_against_a_base(comet, new_browser):
+    """A page with <base href>: EventSource and XHR resolve "events/" against it; comet.js
+    resolved it against the page's own address, and subscribed to another stream."""
+    page_room, base_room = (unique("room-").replace(" ", "") for _ in range(2))
+    page = new_browser("base")
+    page.get(f"{comet.url}/t/rooms/{page_room}/")
+    page.execute_script(
+        "var base = document.createElement('base');"
+        "base.href = arguments[0]; document.head.appendChild(base);",
+        f"/t/rooms/{base_room}/",
+    )
+    assert page.execute_async_script(LOAD_COMET_JS)
+    assert page.execute_async_script(ROOM)
+    publish(comet, page_room, "to the page's room")
+    publish(comet, base_room, "to the base's room")
+    deadline = time.monotonic() + 30
+    while not page.execute_script("return window.got"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert page.execute_script("return window.got") == ["to the base's room"]
+
+
 TAB = """
 var done = arguments[arguments.length - 1];
 window.marker = 'not reloaded';

@@ -94,7 +94,9 @@
 
     function resolve(url) {
       if (!url) { return url; }
-      try { return new global.URL(url, global.location.href).href; } catch (e) { return url; }
+      // Against the document's base URL, as EventSource and XHR resolve them (a <base>).
+      var base = (global.document && global.document.baseURI) || global.location.href;
+      try { return new global.URL(url, base).href; } catch (e) { return url; }
     }
 
     // A callback that throws must not stop the subscription (nor the rest of a batch).
