@@ -404,6 +404,44 @@ def test_a_large_event_pruned_before_its_process_read_it_is_a_gap(broker, demo_d
         assert server.stop() == 0, "".join(server.output)
 
 
+def lose_a_large_event(broker, channel):
+    """An event too large for NOTIFY, deleted before any process could read it (as the
+    pruning does to a process far behind); its id."""
+    import psycopg
+
+    from django_comet.brokers.postgres_sql import LOCK_KEY, NOTIFY_CHANNEL
+
+    with psycopg.connect(broker.url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        event_id = conn.execute(
+            "INSERT INTO comet_event (channel, data) VALUES (%s, %s) RETURNING id",
+            (channel, json.dumps("z" * 9000)),
+        ).fetchone()[0]
+        conn.execute("DELETE FROM comet_event WHERE id = %s", (event_id,))
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, json.dumps([event_id, channel])))
+    return event_id
+
+
+def test_a_loss_after_the_gap_a_stream_was_told_of_is_told_too(broker, demo_db):
+    """A run of losses known when a gap event is written is that one gap event; a loss
+    of an event published later is news (the page reloaded its state meanwhile), and
+    was left untold when no event came between (found by a review)."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("NOTIFY's payload limit is PostgreSQL's")
+    server = start(broker, demo_db)
+    try:
+        with SSEClient(server, "/t/stream/?channels=losses") as client:
+            subscribed(server, "losses")
+            lose_a_large_event(broker, "losses")
+            assert client.next_event()["event"] == "comet-history-gap"
+            lose_a_large_event(broker, "losses")
+            after = publish(server, "losses", "after")
+            assert client.next_event()["event"] == "comet-history-gap"
+            assert client.next_event()["id"] == str(after)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_replays_come_from_this_processs_history_while_the_broker_is_down(broker, demo_db):
     """Kept last in this module: it stops the module's broker (a Redis loses its data)."""
     manage_publish(broker, "down-replay", "earlier")  # (so that early - 1 is not 0)

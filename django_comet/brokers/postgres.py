@@ -545,6 +545,7 @@ class PostgresBroker(ListeningBroker):
         """Loop thread: deliver a notified event, in id order.  One too large for NOTIFY
         is read on the reader thread; the events after it wait until it has been."""
         notice = _notice(payload)
+        hub.heard_id = max(hub.heard_id, notice.id if isinstance(notice, Event) else notice[0])
         if isinstance(notice, Event):
             if not self._in_order:
                 self._deliver(notice)

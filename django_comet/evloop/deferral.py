@@ -104,6 +104,7 @@ class Stream:
         "claimed",
         "cursor",
         "gap_told_at",
+        "gap_told_through",
         "lost_mark",
         "recheck",
         "unsaid_gap",
@@ -126,9 +127,13 @@ class Stream:
         # Set by the server: the newest id of events lost that a stream behind is to be
         # told of as it catches up, before the first event after them (0: none).
         self.unsaid_gap = 0
-        # Set by the server: the stream's cursor when it was last written a gap event
-        # (the next one, with no event between, would say the same).
+        # Set by the server when it writes the stream a gap event: the stream's cursor,
+        # and the newest id published then, as far as this process knew.  A loss of an
+        # event no newer, with no event written since, is a loss that gap event told
+        # of (a process far behind comes to a run of them); a newer one is news (the
+        # client reloaded its state since).
         self.gap_told_at = -1
+        self.gap_told_through = 0
         self.recheck: Any = None  # set by the server while behind: its next look (Deadlines)
 
 

@@ -112,6 +112,9 @@ class Hub:
         self._gap_sinks: list[Callable[[list[str] | None, int], None]] = []
         self.published = 0
         self.last_id = 0
+        # The newest id a broker has told of, delivered or not yet (PostgreSQL reads an
+        # event too large for NOTIFY before it delivers it and those after it).
+        self.heard_id = 0
 
     def add(self, event: Event) -> None:
         """Any thread, in id order: remember ``event`` and pass it to every sink."""

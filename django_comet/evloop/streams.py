@@ -113,12 +113,17 @@ class Streams:
         if through <= stream.lost_mark:
             return  # told already (as it caught up past it)
         stream.lost_mark = through
-        if stream.gap_told_at == ex.cursor:
-            return  # its last gap event, with no event since, says it (a run of losses)
+        if stream.gap_told_at == ex.cursor and through <= stream.gap_told_through:
+            return  # its last gap event told of it (a run of losses known then)
         if self.write(ex, gap_frame(ex.cursor, stream.channels)):
-            stream.gap_told_at = ex.cursor
+            self._told_gap(ex, stream, through)
         else:
             stream.unsaid_gap = max(stream.unsaid_gap, through)
+
+    @staticmethod
+    def _told_gap(ex: Exchange, stream: Stream, through: int) -> None:
+        stream.gap_told_at = ex.cursor
+        stream.gap_told_through = max(through, hub.last_id, hub.heard_id)
 
     def write_events(
         self, ex: Exchange, stream: Stream, events: list[Event], complete: bool = True
@@ -144,9 +149,9 @@ class Streams:
             self._behind_no_more(ex, stream)
 
     def _say_unsaid_gap(self, ex: Exchange, stream: Stream) -> None:
-        stream.unsaid_gap = 0
-        if stream.gap_told_at != ex.cursor:
-            stream.gap_told_at = ex.cursor
+        through, stream.unsaid_gap = stream.unsaid_gap, 0
+        if stream.gap_told_at != ex.cursor or through > stream.gap_told_through:
+            self._told_gap(ex, stream, through)
             self.server._send_part(ex, gap_frame(ex.cursor, stream.channels))
 
     def fall_behind(self, ex: Exchange, stream: Stream) -> None:
