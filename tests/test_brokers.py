@@ -5,6 +5,8 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from django_comet.brokers.postgres import PRUNE_EVERY
 from django_comet.brokers.redis import LOG_MIN
 
 from .brokers import PostgresServer, RedisServer
-from .processes import manage, runcomet, wait_until
+from .processes import ROOT, manage, runcomet, wait_until
 from .publishing import publish, subscribed
 from .sse_client import SSEClient
 
@@ -458,6 +460,70 @@ def test_large_events_notified_together_are_read_in_one_query(broker):
         assert [slot.event_id for slot in batch] == ids and error is None
         assert [(events[i].id, events[i].data) for i in ids] == [(i, big) for i in ids]
         assert after == "health check"
+
+
+def test_the_reader_does_not_wait_behind_publishes_for_a_connection(broker):
+    """Publishes waiting for the publishers' lock (another process's publisher stalled)
+    may hold every connection of the pool; reading a large event needs no lock, and
+    every event after it waited for the lock's holder (found by a review)."""
+    import threading
+
+    from django_comet.brokers.postgres import POOL_SIZE, _Notified
+
+    with reader_without_a_loop(broker) as (reader, handed):
+        event_id = reader.publish("read-meanwhile", json.dumps("z" * 9000))
+        for _ in range(POOL_SIZE):  # every connection lent, its publish waiting
+            reader._lendable.acquire()
+        try:
+            reader._reads.put(_Notified(event_id, "read-meanwhile"))
+            reader._reads.put(None)
+            thread = threading.Thread(target=reader._work_through, args=(reader._reads,))
+            thread.start()
+            thread.join(20)
+            assert not thread.is_alive(), "the read waited for a connection of the pool"
+            [(_, events, error)] = handed
+            assert error is None and events[event_id].id == event_id
+        finally:
+            for _ in range(POOL_SIZE):
+                reader._lendable.release()
+            thread.join()
+
+
+FORKED_PUBLISHER = """
+import os, select, sys
+from django_comet.brokers.postgres import POOL_SIZE, PostgresBroker, conninfo_from_url
+
+broker = PostgresBroker(conninfo_from_url(sys.argv[1]))
+broker.publish("forked", '"parent"')
+for _ in range(POOL_SIZE):  # every connection lent, as to publishes in flight
+    broker._lendable.acquire()
+broker._idle_lock.acquire()  # and a thread in the middle of taking one
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(write, str(broker.publish("forked", '"child"')).encode())
+    os._exit(0)
+os.close(write)
+ready, _, _ = select.select([read], [], [], 20)
+print(os.read(read, 100).decode() if ready else "the child is stuck")
+if not ready:
+    os.kill(child, 9)
+"""
+
+
+def test_a_process_forked_while_the_pool_is_lent_publishes_on_a_pool_of_its_own(broker):
+    """The child inherited the pool's semaphore and lock as the fork found them, taken
+    by threads it does not have: its publish waited for ever (found by a review)."""
+    if not isinstance(broker, PostgresServer):
+        pytest.skip("PostgreSQL's pool")
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_PUBLISHER, broker.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.stdout.strip().isdigit(), (result.stdout, result.stderr)
 
 
 def test_large_events_are_read_a_megabyte_at_a_time(broker):

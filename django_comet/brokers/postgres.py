@@ -137,17 +137,18 @@ class PostgresBroker(ListeningBroker):
         self.psycopg = _psycopg()
         self.conninfo = conninfo
         self.history_size = history_size
-        # Connections for publishes, replays and reads of large events, each lent to one
-        # thread for one command: at most POOL_SIZE (one per thread held up to five per
-        # view thread, and --workers ran PostgreSQL out of connections).
-        self._idle: list[Any] = []
-        self._idle_lock = threading.Lock()
-        self._lendable = threading.BoundedSemaphore(POOL_SIZE)
-        self._pool_pid = os.getpid()
-        # All of them, so that close() closes them: one outliving the broker (under
-        # `manage.py test`, a bare postgres:// one) kept the test database from being
-        # destroyed.
-        self._publishing: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._new_pool()
+
+        # A forked child (a view's, a --workers worker) starts with a pool of its own:
+        # the parent's connections are the parent's, and its locks may be held there.
+        this = weakref.ref(self)  # (a broker let go must not live on in the hook)
+
+        def new_pool_in_child() -> None:
+            broker = this()
+            if broker is not None:
+                broker._new_pool()
+
+        os.register_at_fork(after_in_child=new_pool_in_child)
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
         self._listen_conn: Any = None  # the LISTEN connection the loop watches
@@ -212,16 +213,40 @@ class PostgresBroker(ListeningBroker):
         self._schema_made = False
         self._drop_idle()
 
+    def _new_pool(self) -> None:
+        # Connections for publishes and replays, each lent to one thread for one
+        # command: at most POOL_SIZE (one per thread held up to five per view thread,
+        # and --workers ran PostgreSQL out of connections).
+        self._idle: list[Any] = []
+        self._idle_lock = threading.Lock()
+        self._lendable = threading.BoundedSemaphore(POOL_SIZE)
+        # The reader thread's own connection (outside the pool: its reads and pings
+        # take no lock, and must not wait behind publishes waiting for the lock).
+        self._reader = threading.local()
+        # All of them, so that close() closes them: one outliving the broker (under
+        # `manage.py test`, a bare postgres:// one) kept the test database from being
+        # destroyed.
+        self._publishing: weakref.WeakSet[Any] = weakref.WeakSet()
+
     @contextlib.contextmanager
     def _lent(self) -> Iterator[Any]:
         """An idle connection of the pool (a new one if none is), this thread's alone
-        until the block ends; one the block ends with an error is closed, not given
-        back (broken, or in an unknown state)."""
+        until the block ends (on the reader thread, its own); one the block ends with an
+        error is closed, not given back (broken, or in an unknown state)."""
+        if getattr(self._reader, "reading", False):
+            conn = getattr(self._reader, "conn", None)
+            if conn is None or conn.closed:
+                conn = self._reader.conn = self._connect()
+                self._publishing.add(conn)
+            try:
+                yield conn
+            except BaseException:
+                _close_quietly(conn)
+                raise
+            return
         self._lendable.acquire()
         try:
             with self._idle_lock:
-                if self._pool_pid != os.getpid():  # a forked child: the parent's sockets
-                    self._idle, self._pool_pid = [], os.getpid()
                 conn = self._idle.pop() if self._idle else None
             if conn is None or conn.closed:
                 conn = self._connect()
@@ -574,6 +599,7 @@ class PostgresBroker(ListeningBroker):
     def _work_through(self, work: ReadQueue) -> None:
         """Reader thread: the loop thread's work, in order: large events to read (those
         waiting together in one query, up to READ_BATCH) and health checks."""
+        self._reader.reading = True  # on a connection of its own (_lent)
         later: deque[_Notified | Callable[[], None] | None] = deque()
         while (job := later.popleft() if later else work.get()) is not None:
             if not isinstance(job, _Notified):
