@@ -68,7 +68,7 @@ REFUSALS = (
     "not permitted to log in",
 )
 POOL_SIZE = 4  # connections per process for publishes (one at a time under the lock, in
-# every process: more would only wait), replays and reads of large events
+# every process: more would only wait) and replays
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
 CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
