@@ -28,6 +28,9 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_HISTORY_SIZE": 100,
     # Channels whose history a process keeps (the least recently published let go).
     "COMET_HISTORY_CHANNELS": 10_000,
+    # Channels one stream or wait may name: each is a subscription held, and a replay
+    # reads each one's history.
+    "COMET_MAX_CHANNELS": 32,
     # Seconds between SSE heartbeat comments (proxies close idle streams otherwise).
     "COMET_SSE_HEARTBEAT": ServerConfig.heartbeat,
     # Unsent bytes a held response may pile up: beyond it a stream falls behind (and
@@ -58,6 +61,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_BROKER": (str,),
     "COMET_HISTORY_SIZE": (int,),
     "COMET_HISTORY_CHANNELS": (int,),
+    "COMET_MAX_CHANNELS": (int,),
     "COMET_SSE_HEARTBEAT": (int, float),
     "COMET_MAX_PENDING_OUTPUT": (int,),
     "COMET_MAX_HOLD": (int, float),
@@ -87,6 +91,7 @@ _AT_LEAST_ONE = frozenset(
         "COMET_MAX_REQUEST_LINE",
         "COMET_MAX_HEADER_COUNT",
         "COMET_HISTORY_CHANNELS",
+        "COMET_MAX_CHANNELS",
         "COMET_MAX_PENDING_OUTPUT",
         "COMET_MAX_BODY_SIZE",  # (every POST refused: no form would work)
     }

@@ -125,16 +125,14 @@ def defer_until(
     lost between two polls; without it, only events published from now on count.
     """
     from .brokers import get_broker
-    from .events import check_channel, replay
+    from .events import check_channels, replay
 
     environ = _request_environ("defer_until")
     timeout = _seconds(timeout, "defer_until", "timeout")
     if not timeout:
         raise ValueError("defer_until(): timeout must be over 0 (defer_in_time() waits 0 s)")
     names = [channel] if isinstance(channel, str) else channel
-    channels = list(dict.fromkeys(check_channel(c) for c in names))
-    if not channels:  # nothing could end the wait but its timeout
-        raise ValueError("defer_until() needs at least one channel")
+    channels = check_channels(names, "defer_until()")  # (none: only the timeout could end it)
     broker = get_broker()
     broker.start_listening()
     # The shared history answers for events this process has not seen.

@@ -6,6 +6,7 @@ import inspect
 import json
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -30,6 +31,19 @@ def check_channel(channel: str) -> str:
     if not isinstance(channel, str) or not _CHANNEL.match(channel):
         raise ValueError(f"invalid channel name {channel!r}: use 1-200 letters, digits and _ . : -")
     return channel
+
+
+def check_channels(channels: Iterable[str], caller: str) -> list[str]:
+    """``channels`` once each, checked, and no more than COMET_MAX_CHANNELS of them."""
+    checked = list(dict.fromkeys(check_channel(c) for c in channels))
+    if not checked:
+        raise ValueError(f"{caller} needs at least one channel")
+    if len(checked) > comet_settings.MAX_CHANNELS:
+        raise ValueError(
+            f"{caller}: {len(checked)} channels, more than COMET_MAX_CHANNELS "
+            f"({comet_settings.MAX_CHANNELS})"
+        )
+    return checked
 
 
 def publish(channel: str, data: Any, *, event: str | None = None) -> int:
@@ -169,6 +183,11 @@ def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase
     if not channels:  # (from an empty query string, say): nothing to wait for
         return HttpResponseBadRequest(
             "No channel to listen to.", content_type="text/plain; charset=utf-8"
+        )
+    if len(set(channels)) > comet_settings.MAX_CHANNELS:  # each costs memory and reads
+        return HttpResponseBadRequest(
+            f"At most {comet_settings.MAX_CHANNELS} channels at once.",
+            content_type="text/plain; charset=utf-8",
         )
     for channel in channels:
         if not isinstance(channel, str) or not _CHANNEL.match(channel):

@@ -18,7 +18,7 @@ from django.http.response import HttpResponseBase
 from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import head_request
-from .events import check_channel, newest_that_fit, oldest_that_fit, refusal, replay
+from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
 from .evloop.deferral import Stream, blocking_through
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
 from .evloop.streams import jittered_retry
@@ -58,9 +58,7 @@ class EventStreamResponse(StreamingHttpResponse):
         self["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         if isinstance(channels, str):
             channels = [channels]  # one channel, not one per letter
-        self.channels = list(dict.fromkeys(check_channel(c) for c in channels))
-        if not self.channels:
-            raise ValueError("EventStreamResponse needs at least one channel")
+        self.channels = check_channels(channels, "EventStreamResponse")
         broker = get_broker()
         broker.start_listening()
         after = _parse_event_id(last_event_id)

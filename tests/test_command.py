@@ -284,6 +284,7 @@ def test_comet_publish_with_the_broker_down_is_one_line(scheme, path):
         "COMET_HISTORY_CHANNELS",
         "COMET_MAX_PENDING_OUTPUT",
         "COMET_MAX_BODY_SIZE",
+        "COMET_MAX_CHANNELS",
     ],
 )
 def test_a_limit_of_0_that_would_refuse_everything_is_a_settings_error(name):

@@ -136,6 +136,31 @@ def test_a_long_poll_on_no_channel_is_refused_in_the_view():
         _current.reset(token)
 
 
+def test_a_stream_or_wait_names_at_most_max_channels():
+    """One request naming hundreds of channels (a 8 KB query string holds about 720)
+    held a subscription each and read every one's history: 273 KiB per held poll, and
+    hundreds of MB for a few replays (found by a security review)."""
+    from django.http import HttpResponse
+
+    from django_comet import EventStreamResponse, defer_until
+    from django_comet.deferred import _current
+
+    request = RequestFactory().get("/")
+    allowed = [f"c{n}" for n in range(comet_settings.MAX_CHANNELS)]
+    too_many = [*allowed, "one-more"]
+    assert event_stream(request, *too_many).status_code == 400
+    assert poll_response(request, *too_many).status_code == 400
+    assert poll_response(request, *allowed, *allowed).status_code == 200  # (once each)
+    with pytest.raises(ValueError, match="more than COMET_MAX_CHANNELS"):
+        EventStreamResponse(too_many)
+    token = _current.set(request.environ)  # as within a request
+    try:
+        with pytest.raises(ValueError, match="more than COMET_MAX_CHANNELS"):
+            defer_until(HttpResponse(), too_many, "/t/readme-deliver/")
+    finally:
+        _current.reset(token)
+
+
 class WatchedSinks(list):
     """A hub's sink list that says when a waiter has joined it."""
 
