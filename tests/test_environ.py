@@ -254,3 +254,11 @@ def test_the_scheme_is_the_one_the_nearest_proxy_set():
     env = environ(headers=[(b"X-Forwarded-Proto", b"https, http")])
     apply_forwarded(env, frozenset({"10.0.0.1"}))
     assert env["wsgi.url_scheme"] == "http"
+
+
+def test_an_absolute_form_targets_host_ends_where_its_checked_authority_does():
+    """The server checks the authority up to a "#" (a fragment); the host was taken
+    past it, after an "@": "http://good#@evil{}/" gave Django "evil{}" (found by a
+    security review)."""
+    env = environ("http://good.example#@evil{}<x>/x", headers=[(b"Host", b"other")])
+    assert env["HTTP_HOST"] == "good.example"

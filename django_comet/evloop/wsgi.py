@@ -195,7 +195,9 @@ class EnvironBuilder:
         if target[0] != "/" and target != "*":
             # absolute-form: the target's authority, not the Host header, names the host
             # (RFC 9112 3.2.2); Django reads HTTP_HOST.
-            authority = target.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+            # (The fragment first: the authority checked ends at a "#", as here.)
+            rest = target.partition("#")[0].split("://", 1)[1]
+            authority = rest.split("/", 1)[0].split("?", 1)[0]
             environ["HTTP_HOST"] = authority.rpartition("@")[2]  # never a userinfo
         return environ
 
