@@ -838,3 +838,16 @@ def test_a_streamed_answer_without_a_body_keeps_an_http10_connection_alive(
             while (line := f.readline()) != b"\r\n":
                 head += line
             assert b"Connection: close" not in head, head
+
+
+def test_a_request_refused_before_the_app_has_its_access_log_line(wsgi_server):
+    """Refusals of the server's own (a second Host, a control character in the target)
+    left no trace in the log: probes and smuggling attempts went unseen (found by a
+    security review).  The target is escaped: a terminal's escapes stay text."""
+    tag = uuid.uuid4().hex
+    out = raw(wsgi_server, f"GET /{tag} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert wsgi_server.logged(f'"GET /{tag}" 400 - (refused)')
+    out = raw(wsgi_server, f"GET /{tag}\x1b[2J HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert wsgi_server.logged(f'"GET /{tag}\\x1b[2J" 400 - (refused)')

@@ -390,6 +390,7 @@ class Server(Producer, Responder):
         except BadRequest as exc:
             if exc.status == 505:  # evhttp answers in the request's version: in ours
                 r.major, r.minor = 1, 1
+            self._log_refused(r, exc.status)
             self._send_error(r, req, exc.status, str(exc).encode("latin-1"))
             return
         except Exception:  # a bug of ours: the client still gets an answer
@@ -428,6 +429,19 @@ class Server(Producer, Responder):
                 )
         else:
             self.loop.call_after_pass(self._run_app, ex)
+
+    def _log_refused(self, r: RequestStruct, status: int) -> None:
+        """An access-log line for a request refused before any app saw it (a probe, a
+        smuggling attempt leaves a trace): its method and target as far as they were
+        read, cut to LOGGED_TARGET characters."""
+        if not (self.config.access_log and access_logger.isEnabledFor(logging.INFO)):
+            return
+        uri = r.uri
+        method = ev.EVHTTP_METHODS.get(r.type, "-") if uri is not None else "-"
+        target = uri.decode("latin-1") if uri is not None else "-"
+        if len(target) > LOGGED_TARGET:
+            target = target[:LOGGED_TARGET] + "..."
+        access_logger.info('"%s %s" %d - (refused)', method, target.translate(_REFUSED_AS), status)
 
     def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
         """Refuse a request with an error page and close its connection."""
@@ -622,7 +636,11 @@ FLUSH_PATIENCE = 1.0
 # The request-target in the access log, between quotes: a quote or a backslash in it is
 # escaped (as Apache does), and so are C1 controls (the target is decoded as latin-1),
 # so that a client cannot forge the fields of its own line.
+LOGGED_TARGET = 200  # characters of a refused request's target in its log line
 _LOGGED_AS = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+# A refused target may hold what a served one cannot: control characters (a terminal's
+# escapes) too.
+_REFUSED_AS = _LOGGED_AS | {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 
 
 def _server_name(host: str) -> str:
