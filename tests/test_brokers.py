@@ -468,12 +468,13 @@ def test_the_reader_does_not_wait_behind_publishes_for_a_connection(broker):
     every event after it waited for the lock's holder (found by a review)."""
     import threading
 
-    from django_comet.brokers.postgres import POOL_SIZE, _Notified
+    from django_comet.brokers.pool import SIZE as POOL_SIZE
+    from django_comet.brokers.postgres import _Notified
 
     with reader_without_a_loop(broker) as (reader, handed):
         event_id = reader.publish("read-meanwhile", json.dumps("z" * 9000))
         for _ in range(POOL_SIZE):  # every connection lent, its publish waiting
-            reader._lendable.acquire()
+            reader._pool._lendable.acquire()
         try:
             reader._reads.put(_Notified(event_id, "read-meanwhile"))
             reader._reads.put(None)
@@ -485,19 +486,20 @@ def test_the_reader_does_not_wait_behind_publishes_for_a_connection(broker):
             assert error is None and events[event_id].id == event_id
         finally:
             for _ in range(POOL_SIZE):
-                reader._lendable.release()
+                reader._pool._lendable.release()
             thread.join()
 
 
 FORKED_PUBLISHER = """
 import os, select, sys
-from django_comet.brokers.postgres import POOL_SIZE, PostgresBroker, conninfo_from_url
+from django_comet.brokers.pool import SIZE as POOL_SIZE
+from django_comet.brokers.postgres import PostgresBroker, conninfo_from_url
 
 broker = PostgresBroker(conninfo_from_url(sys.argv[1]))
 broker.publish("forked", '"parent"')
 for _ in range(POOL_SIZE):  # every connection lent, as to publishes in flight
-    broker._lendable.acquire()
-broker._idle_lock.acquire()  # and a thread in the middle of taking one
+    broker._pool._lendable.acquire()
+broker._pool._idle_lock.acquire()  # and a thread in the middle of taking one
 read, write = os.pipe()
 child = os.fork()
 if child == 0:
@@ -635,7 +637,7 @@ def test_a_publisher_stalled_inside_its_transaction_does_not_stop_the_others(bro
     locked, resume = threading.Event(), threading.Event()
 
     def publish_and_stall():
-        with stalled._lent() as conn:  # the pool's only one: the publish's, below
+        with stalled._pool.lent() as conn:  # the pool's only one: the publish's, below
             execute = conn.execute
 
             def execute_then_stall(query, *args, **kwargs):
@@ -771,7 +773,7 @@ def test_a_postgres_broker_holds_a_few_connections_and_closes_them(broker):
 
     import psycopg
 
-    from django_comet.brokers.postgres import POOL_SIZE
+    from django_comet.brokers.pool import SIZE as POOL_SIZE
 
     publisher = shared_broker(broker)
     ids = []
@@ -788,7 +790,7 @@ def test_a_postgres_broker_holds_a_few_connections_and_closes_them(broker):
         thread.join()
     assert len(set(ids)) == 80
     # (The module's servers have connections of their own to the same database.)
-    pids = [conn.info.backend_pid for conn in publisher._publishing if not conn.closed]
+    pids = [conn.info.backend_pid for conn in publisher._pool.open_connections()]
     assert 1 <= len(pids) <= POOL_SIZE
     with psycopg.connect(broker.url, autocommit=True) as admin:
 

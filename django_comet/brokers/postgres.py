@@ -32,7 +32,6 @@ import queue
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -40,6 +39,7 @@ from typing import Any, TypeVar
 from ..evloop.hub import Event, hub
 from ..evloop.interrupt import start_without_signals
 from .base import ListeningBroker
+from .pool import ConnectionPool
 from .postgres_sql import (
     LOCK_KEY,
     MOVE_IDS_PAST,
@@ -67,8 +67,6 @@ REFUSALS = (
     "permission denied",
     "not permitted to log in",
 )
-POOL_SIZE = 4  # connections per process for publishes (one at a time under the lock, in
-# every process: more would only wait) and replays
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
 CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
@@ -137,18 +135,7 @@ class PostgresBroker(ListeningBroker):
         self.psycopg = _psycopg()
         self.conninfo = conninfo
         self.history_size = history_size
-        self._new_pool()
-
-        # A forked child (a view's, a --workers worker) starts with a pool of its own:
-        # the parent's connections are the parent's, and its locks may be held there.
-        this = weakref.ref(self)  # (a broker let go must not live on in the hook)
-
-        def new_pool_in_child() -> None:
-            broker = this()
-            if broker is not None:
-                broker._new_pool()
-
-        os.register_at_fork(after_in_child=new_pool_in_child)
+        self._pool = ConnectionPool(self._connect)
         self._loop: Any = None
         self._watcher: Any = None  # the loop's watcher of the LISTEN connection
         self._listen_conn: Any = None  # the LISTEN connection the loop watches
@@ -211,64 +198,7 @@ class PostgresBroker(ListeningBroker):
         restored without them): the next connection makes them again."""
         logger.error("PostgreSQL has no comet_event table any more; making the tables again")
         self._schema_made = False
-        self._drop_idle()
-
-    def _new_pool(self) -> None:
-        # Connections for publishes and replays, each lent to one thread for one
-        # command: at most POOL_SIZE (one per thread held up to five per view thread,
-        # and --workers ran PostgreSQL out of connections).
-        self._idle: list[Any] = []
-        self._idle_lock = threading.Lock()
-        self._lendable = threading.BoundedSemaphore(POOL_SIZE)
-        # The reader thread's own connection (outside the pool: its reads and pings
-        # take no lock, and must not wait behind publishes waiting for the lock).
-        self._reader = threading.local()
-        # All of them, so that close() closes them: one outliving the broker (under
-        # `manage.py test`, a bare postgres:// one) kept the test database from being
-        # destroyed.
-        self._publishing: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    @contextlib.contextmanager
-    def _lent(self) -> Iterator[Any]:
-        """An idle connection of the pool (a new one if none is), this thread's alone
-        until the block ends (on the reader thread, its own); one the block ends with an
-        error is closed, not given back (broken, or in an unknown state)."""
-        if getattr(self._reader, "reading", False):
-            conn = getattr(self._reader, "conn", None)
-            if conn is None or conn.closed:
-                conn = self._reader.conn = self._connect()
-                self._publishing.add(conn)
-            try:
-                yield conn
-            except BaseException:
-                _close_quietly(conn)
-                raise
-            return
-        self._lendable.acquire()
-        try:
-            with self._idle_lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
-                conn = self._connect()
-                self._publishing.add(conn)
-            try:
-                yield conn
-            except BaseException:
-                _close_quietly(conn)
-                raise
-            if not conn.closed:
-                with self._idle_lock:
-                    self._idle.append(conn)
-        finally:
-            self._lendable.release()
-
-    def _drop_idle(self) -> None:
-        """Close the idle connections: the database went away since they were made (a
-        restart leaves them all dead, and only their next use would find out)."""
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            _close_quietly(conn)
+        self._pool.drop_idle()
 
     def _on_conn(self, work: Callable[[Any], T]) -> T:
         """``work(connection)`` on a connection of the pool, tried once more on a fresh
@@ -276,14 +206,14 @@ class PostgresBroker(ListeningBroker):
         try:
             return self._watched(work)
         except self.psycopg.OperationalError:
-            self._drop_idle()
+            self._pool.drop_idle()
             return self._watched(work)
         except self.psycopg.errors.UndefinedTable:
             self._tables_gone()
             return self._watched(work)
 
     def _watched(self, work: Callable[[Any], T]) -> T:
-        with self._lent() as conn, command_watchdog.watching(conn, REPLY_WITHIN):
+        with self._pool.lent() as conn, command_watchdog.watching(conn, REPLY_WITHIN):
             return work(conn)
 
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
@@ -363,8 +293,7 @@ class PostgresBroker(ListeningBroker):
     def close(self) -> None:
         super().close()
         self._reads.put(None)
-        for conn in list(self._publishing):
-            _close_quietly(conn)
+        self._pool.close()
 
     def _connect_for_loop(self) -> None:
         """Connect (blocking, with backoff) on a helper thread, catch up, then hand the
@@ -599,7 +528,7 @@ class PostgresBroker(ListeningBroker):
     def _work_through(self, work: ReadQueue) -> None:
         """Reader thread: the loop thread's work, in order: large events to read (those
         waiting together in one query, up to READ_BATCH) and health checks."""
-        self._reader.reading = True  # on a connection of its own (_lent)
+        self._pool.read_here()  # on a connection of its own
         later: deque[_Notified | Callable[[], None] | None] = deque()
         while (job := later.popleft() if later else work.get()) is not None:
             if not isinstance(job, _Notified):
@@ -679,7 +608,7 @@ class PostgresBroker(ListeningBroker):
         except self.psycopg.errors.QueryCanceled:
             raise  # too slow, not gone: a retry would wait as long
         except self.psycopg.OperationalError:
-            self._drop_idle()  # the database restarted: one fresh try
+            self._pool.drop_idle()  # the database restarted: one fresh try
             rows = self._select_events(ids, timeout)
         events = {int(i): Event(channel, int(i), data, name) for i, channel, name, data in rows}
         through = int(rows[-1][0]) if rows else ids[-1]
@@ -697,7 +626,7 @@ class PostgresBroker(ListeningBroker):
         return events, through
 
     def _select_events(self, ids: list[int], timeout: float | None) -> list[Any]:
-        with self._lent() as conn, conn.transaction():
+        with self._pool.lent() as conn, conn.transaction():
             if timeout is not None:
                 conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
             cursor = conn.execute(SELECT_EVENTS, {"ids": ids, "budget": READ_BATCH_BYTES})
