@@ -54,11 +54,11 @@ class Broker:
         and the log says so as an error, not as an outage."""
         return False
 
-    def retry_message(self, exc: Exception, what: str) -> tuple[int, str]:
+    def retry_message(self, exc: Exception, what: str, lost: str = "lost") -> tuple[int, str]:
         """The log level and text for a listener's failed connection, retried."""
         if self.refused(exc):
             return logging.ERROR, f"{what} refused: {exc}; check COMET_BROKER"
-        return logging.WARNING, f"{what} lost ({exc})"
+        return logging.WARNING, f"{what} {lost} ({exc})"
 
     def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """As ``since``, from this process's own history, for when the broker cannot be

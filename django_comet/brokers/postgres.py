@@ -305,13 +305,8 @@ class PostgresBroker(ListeningBroker):
                 try:
                     conn = self._listening_connection(self._deliver)
                 except Exception as exc:  # down, or not yet writable (a standby): retry
-                    if self.refused(exc):
-                        said = f"PostgreSQL refused the connection: {exc}; check COMET_BROKER"
-                        logger.error("%s; retrying in %.1fs", said, backoff)
-                    else:
-                        logger.warning(
-                            "PostgreSQL unreachable (%s); retrying in %.1fs", exc, backoff
-                        )
+                    level, said = self.retry_message(exc, "PostgreSQL", lost="unreachable")
+                    logger.log(level, "%s; retrying in %.1fs", said, backoff)
                     self._closed.wait(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
                 else:
@@ -600,7 +595,7 @@ class PostgresBroker(ListeningBroker):
         self, ids: list[int], timeout: float | None = None
     ) -> tuple[dict[int, Event], int]:
         """Events too large for NOTIFY, by id (in id order), as many as one query of
-        READ_BATCH_BYTES takes, read on a connection of the pool (the
+        READ_BATCH_BYTES takes, read on the reader thread's own connection (the
         listening one is busy listening), within ``timeout`` seconds if given; and the
         id up to which ``ids`` are read (those missing up to it were pruned first)."""
         try:
