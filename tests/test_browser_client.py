@@ -231,16 +231,23 @@ def test_a_gap_told_for_a_cursor_already_passed_changes_nothing(comet, new_brows
     assert page.execute_script(STALE_GAP) == {"got": [6, 7, 8, 9, 10, 11, 12], "gaps": 0}
 
 
+def in_tabs(page, items, load):
+    """``load(item)`` for each item, each in a tab of its own (the first in the page's
+    current one); the tabs' handles."""
+    tabs = []
+    for n, item in enumerate(items):
+        if n:
+            page.switch_to.new_window("tab")
+        tabs.append(page.current_window_handle)
+        load(item)
+    return tabs
+
+
 def test_the_tabs_of_one_browser_share_one_stream(beating, new_browser):
     """Seven chat tabs of one browser: over HTTP/1.1 a stream each would take all six
     connections to the site, and the seventh would not even load."""
     page = new_browser("tabs")
-    tabs = []
-    for n in range(7):
-        if n:
-            page.switch_to.new_window("tab")
-        tabs.append(page.current_window_handle)
-        open_chat(page, beating.url, "live (sse)")
+    tabs = in_tabs(page, range(7), lambda _: open_chat(page, beating.url, "live (sse)"))
     beating.wait_for_status(lambda s: s["channels"].get("chat") == 1)  # one for all
     text = unique("to every tab:")
     say(page, "Seventh", text)
@@ -507,14 +514,13 @@ def test_tabs_whose_relative_endpoints_name_other_streams_do_not_share_them(come
     room's events, never its own."""
     rooms = [unique("room-").replace(" ", "") for _ in range(2)]
     page = new_browser("rooms")
-    tabs = []
-    for n, room in enumerate(rooms):
-        if n:
-            page.switch_to.new_window("tab")
-        tabs.append(page.current_window_handle)
+
+    def subscribe_in_room(room):
         page.get(f"{comet.url}/t/rooms/{room}/")
         assert page.execute_async_script(LOAD_COMET_JS)
         assert page.execute_async_script(ROOM)
+
+    tabs = in_tabs(page, rooms, subscribe_in_room)
     texts = [unique(f"to {room}:") for room in rooms]
     for room, text in zip(rooms, texts, strict=True):
         publish(comet, room, text)
@@ -567,14 +573,13 @@ def test_a_tab_in_the_back_forward_cache_lets_the_others_take_over(comet, new_br
     go, and when the user comes back, subscribes again from its last id."""
     channel = unique("bfcache-").replace(" ", "")
     page = new_browser("bfcache")
-    tabs = []
-    for n in range(2):
-        if n:
-            page.switch_to.new_window("tab")
-        tabs.append(page.current_window_handle)
+
+    def subscribe(_):
         page.get(comet.url + "/t/echo/")
         assert page.execute_async_script(LOAD_COMET_JS)
         assert page.execute_async_script(TAB, channel)
+
+    tabs = in_tabs(page, range(2), subscribe)
     comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)  # the first tab's
 
     def wait_for(handle, text, timeout=30.0):
