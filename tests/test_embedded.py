@@ -6,7 +6,7 @@ import threading
 
 from django_comet.evloop.config import ServerConfig
 from django_comet.evloop.loop import Loop
-from django_comet.evloop.server import Server
+from django_comet.evloop.server import VIEW_BACKLOG_HIGH, Server
 
 from .processes import wait_until
 
@@ -115,5 +115,48 @@ def test_a_drain_cut_short_leaves_nothing_on_the_programs_own_loop():
 
         loop.call_later(0.02, cut_short)
         server.serve_forever(handle_signals=False)
-    assert loop.foreground_handles == 0
+    assert loop.pending_handles == 1  # the wake-up pipe's watcher, the loop's own
     loop.close()
+
+
+def test_a_stop_during_a_backlog_pause_leaves_nothing_on_the_programs_own_loop():
+    """The check that resumes accepting once the views caught up went on re-arming
+    itself every 5 ms on the program's loop after the server had closed."""
+    release = threading.Event()
+
+    def app(environ, start_response):
+        release.wait(30)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    loop = Loop()
+    server = Server(app, ServerConfig(port=0, threads=1, access_log=False), loop=loop)
+    clients = []
+
+    def connect_many():
+        for _ in range(VIEW_BACKLOG_HIGH + 10):
+            client = socket.create_connection(("127.0.0.1", server.address[1]), timeout=10)
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+
+    connecting = threading.Thread(target=connect_many)
+    connecting.start()
+
+    def stop_once_paused():
+        if server.backlog_pauses == 0:
+            loop.call_later(0.01, stop_once_paused)
+            return
+        server.shutdown()
+        server.shutdown()  # cut short: the views' backlog is still there
+
+    loop.call_later(0.01, stop_once_paused)
+    try:
+        server.serve_forever(handle_signals=False)
+        assert server.backlog_pauses == 1
+        assert loop.pending_handles == 1  # the wake-up pipe's watcher, the loop's own
+    finally:
+        release.set()
+        connecting.join()
+        for client in clients:
+            client.close()
+        loop.close()

@@ -189,6 +189,26 @@ def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
         server.stop()
 
 
+def test_an_accept_pause_is_counted_and_holds_no_timer_of_a_request(demo_db):
+    """The status figures during an EMFILE pause: ``timers`` counts requests' timers
+    (0 when nothing is held, which the leak checks rely on), not the pause's own."""
+    server = runcomet(db=demo_db, prefix=("prlimit", "--nofile=64:64"))
+    try:
+        status = requests.Session()  # its connection is open before the descriptors run out
+        assert status.get(server.url + "/comet/status/", timeout=10).json()["accept_pauses"] == 0
+        socks = []
+        for _ in range(90):
+            socks.append(socket.create_connection((server.host, server.port), timeout=10))
+        assert server.logged("accept() failed (EMFILE: Too many open files)")
+        figures = status.get(server.url + "/comet/status/", timeout=10).json()
+        assert figures["accept_pauses"] >= 1
+        assert (figures["held"], figures["timers"]) == (0, 0)
+        for sock in socks:
+            sock.close()
+    finally:
+        assert server.stop() == 0
+
+
 def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
     headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     assert (

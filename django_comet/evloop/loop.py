@@ -185,10 +185,10 @@ class Loop:
         self._lib.event_add(handle._event, None)
         return handle
 
-    def close_unwatched(self, close: Callable[[], Any]) -> None:
+    def close_unwatched(self, close: Callable[[], Any]) -> Handle:
         """Call ``close()``, which closes a descriptor no longer watched, once that removal
         has reached the kernel: on the next pass (see _new_base)."""
-        self.call_later(0, close, background=True)
+        return self.call_later(0, close, background=True)
 
     def _dispatch(self, fd: int, what: int, key: int) -> None:
         """The one C-to-Python trampoline for every timer and watcher."""

@@ -165,6 +165,9 @@ class Server(Producer, Responder):
         self.accept_pauses = 0
         self.backlog_pauses = 0
         self._pauses: set[str] = set()
+        # The server's pending timers, cancelled by close(): a pause's reason -> the timer
+        # that lifts it, and "closing", the listener's closing at a stop.
+        self._own_timers: dict[str, Any] = {}
         self.guard = ConnectionGuard(self, http)
         return int(http)
 
@@ -252,7 +255,7 @@ class Server(Producer, Responder):
                 self._lib.evhttp_del_accept_socket(self._http, bound)  # closes the fd too
                 self._listen_fd = -1
 
-        self.loop.close_unwatched(close_listener)
+        self._own_timers["closing"] = self.loop.close_unwatched(close_listener)
         if self._own_path:
             remove_unix_socket(self._own_path, self._own_id)
         self.holder.end_all()
@@ -282,7 +285,7 @@ class Server(Producer, Responder):
             elif not self._exchanges and flushed(now):
                 self.loop.stop()
             else:
-                self._drain_check = self.loop.call_later(0.05, check)
+                self._drain_check = self.loop.call_later(0.05, check, background=True)
 
         check()
 
@@ -296,6 +299,10 @@ class Server(Producer, Responder):
         if self._drain_check is not None:  # a drain cut short: not on a loop that goes on
             self._drain_check.cancel()
             self._drain_check = None
+        # Nor a pause's check, nor the listener's closing (evhttp_free closes it then).
+        for handle in self._own_timers.values():
+            handle.cancel()
+        self._own_timers.clear()
         forking.forget(self._descriptors)
         self.holder.close()
         for ex in self._exchanges.values():
@@ -363,7 +370,14 @@ class Server(Producer, Responder):
             f"{errno.errorcode.get(err, err)}: {os.strerror(err)}" if err else "errno ?",
         )
         self._accepting(False, "accept-error")
-        self.loop.call_later(0.5, lambda: self._accepting(True, "accept-error"))
+        if "accept-error" not in self._own_timers:
+            self._own_timers["accept-error"] = self.loop.call_later(
+                0.5, self._resume_after_accept_error, background=True
+            )
+
+    def _resume_after_accept_error(self) -> None:
+        del self._own_timers["accept-error"]
+        self._accepting(True, "accept-error")
 
     def _accepting(self, on: bool, reason: str = "connections") -> None:
         """Pause or resume accepting; accepting resumes when no reason to pause is left."""
@@ -424,7 +438,7 @@ class Server(Producer, Responder):
             if self._pool.backlog > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
                 self.backlog_pauses += 1
                 self._accepting(False, "views")
-                self.loop.call_later(
+                self._own_timers["views"] = self.loop.call_later(
                     VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
                 )
         else:
@@ -456,10 +470,13 @@ class Server(Producer, Responder):
 
     def _accept_when_views_caught_up(self) -> None:
         assert self._pool is not None
+        del self._own_timers["views"]
+        if self._draining:  # accepting is over: nothing to resume
+            return
         if self._pool.backlog <= VIEW_BACKLOG_LOW:
             self._accepting(True, "views")
         else:
-            self.loop.call_later(
+            self._own_timers["views"] = self.loop.call_later(
                 VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
             )
 
