@@ -1,6 +1,8 @@
 """Real broker servers for the tests: a throwaway PostgreSQL cluster and redis-server.
 
 Both listen on free loopback ports in temporary directories and are stopped at the end.
+A port found free may be taken before the server binds it: each checks that it is the
+server answering there, and redis-server starts again on another port if not.
 PostgreSQL refuses to run as root, so as root (CI) the cluster runs as the `postgres`
 system user that Debian's package creates.
 """
@@ -22,16 +24,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30) -> None:
+class PortTaken(RuntimeError):
+    """The server exited at startup: the free port was taken before it bound it."""
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    """Until something accepts on ``port``; given the server's ``proc``, until it is that
+    server (one that exited lost the race for the port: PortTaken)."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise PortTaken(f"{proc.args[0]} exited with status {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+            continue
+        if proc is None or proc.poll() is None:
+            return
 
 
 def _pg_bindir() -> str | None:
@@ -105,10 +117,16 @@ class RedisServer:
         if self.binary is None:
             raise RuntimeError("redis-server was not found (apt-get install redis-server)")
         self.root = tempfile.mkdtemp(prefix="comet-redis-")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(5):  # free_port() can race another process for the port
+            self.port = free_port()
+            try:
+                self.start()
+                break
+            except PortTaken:
+                if attempt == 4:
+                    raise
+        self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -128,7 +146,19 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port)
+        try:
+            wait_for_port(self.port, self.proc)
+            try:  # and it is this redis-server that answers
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                    sock.sendall(b"PING\r\n")
+                    answer = sock.recv(64)
+            except OSError:
+                answer = b""
+            if not answer.startswith(b"+PONG"):
+                raise PortTaken(f"another server answers on port {self.port}")
+        except PortTaken:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:

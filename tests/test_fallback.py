@@ -11,7 +11,7 @@ from django.test import Client, override_settings
 
 from django_comet import StageError, defer_in_time
 
-from .brokers import free_port, wait_for_port
+from .brokers import PortTaken, free_port, wait_for_port
 from .processes import ROOT
 
 
@@ -125,21 +125,35 @@ def test_head_under_runserver_answers_without_waiting(demo_db):
     """runserver reads a HEAD's whole body before it answers: the blocking streams end
     after their first content for one instead of waiting for stages, events or the
     end of an SSE stream, which no one would read."""
-    port = free_port()
     manage_py = str(ROOT / "demo_site" / "manage.py")
-    runserver = subprocess.Popen(
-        [sys.executable, manage_py, "runserver", "--noreload", f"127.0.0.1:{port}"],
-        env={
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": str(ROOT),
-            "DEMO_DB": demo_db,
-            "PATH": "/usr/bin:/bin",
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    for attempt in range(5):  # free_port() can race another process for the port
+        port = free_port()
+        runserver = subprocess.Popen(
+            [sys.executable, manage_py, "runserver", "--noreload", f"127.0.0.1:{port}"],
+            env={
+                "DJANGO_SETTINGS_MODULE": "tests.settings",
+                "PYTHONPATH": str(ROOT),
+                "DEMO_DB": demo_db,
+                "PATH": "/usr/bin:/bin",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(port, runserver)
+            try:  # and it is this runserver that answers
+                server = requests.get(f"http://127.0.0.1:{port}/t/echo/", timeout=10)
+            except requests.RequestException as exc:
+                raise PortTaken(f"another server answers on port {port}") from exc
+            if not server.headers.get("Server", "").startswith("WSGIServer/"):
+                raise PortTaken(f"another server answers on port {port}")
+            break
+        except PortTaken:
+            runserver.kill()
+            runserver.wait(30)
+            if attempt == 4:
+                raise
     try:
-        wait_for_port(port)
         for path in (
             "/t/quick-stages/?delay=600",
             "/t/poll/?channel=head&timeout=600",

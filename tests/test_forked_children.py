@@ -15,7 +15,6 @@ import time
 import pytest
 import requests
 
-from .brokers import free_port
 from .processes import runcomet, wait_until
 from .sse_client import SSEClient
 
@@ -127,8 +126,8 @@ def test_a_child_forked_by_a_view_keeps_neither_the_port_nor_the_connection(demo
     """A view starting a daemon with os.fork: the client reads its answer to the end
     (the child kept the connection open after the server closed it), and once the server
     stops, another starts on its port (the child kept the port: "already in use")."""
-    port = free_port()
-    server = runcomet(db=demo_db, addrport=f"127.0.0.1:{port}")
+    server = runcomet(db=demo_db)
+    port = server.port
     children = []
     try:
         with server.connect() as sock:
