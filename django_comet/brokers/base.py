@@ -81,7 +81,8 @@ class Broker:
 
 
 class ListeningBroker(Broker):
-    """A broker whose events arrive on a connection that one thread waits on.
+    """A broker whose events arrive on a connection that one thread waits on (or, where
+    the broker can, the loop watches: PostgreSQL's under runcomet).
 
     The thread blocks on the broker's socket (no busy polling) and hands each event to
     the hub, whose sink wakes the event loop through its thread-safe wake-up; only the

@@ -1,9 +1,10 @@
 """An ``Exchange``: one request and its response, as the server tracks it.
 
 Its life: ``app`` (running the application) -> ``held`` (waiting on a deferral, headers
-sent) or ``streaming`` (a worker produces chunks) -> ``done``.  A client that disconnects
-marks it ``dead``: its next stage is forgotten at once and its request freed; a worker that
-comes back with output for a dead exchange drops it.
+sent) or ``streaming`` (a worker produces chunks) -> ``done``; or, cut by the server after
+its head went out (an app error, a stop), ``aborting`` until its connection closes.  A
+client that disconnects marks it ``dead``: its next stage is forgotten at once and its
+request freed; a worker that comes back with output for a dead exchange drops it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class Exchange:
         self.hold: Any = None  # the ChannelWait or Stream it is subscribed for
         self.cursor = 0  # newest event id it was sent (streams) or waits past (long-polls)
         self.outbuf: int | None = None  # held: the connection's output evbuffer
-        self.close_at_end = False  # its headers were shed and had asked to close
+        # Its connection closes after it: its shed headers asked to, or its body ran past
+        # or short of its Content-Length.
+        self.close_at_end = False
         self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
         self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
         # An HTTP/1.1 request that did not ask to close: its connection stays open after

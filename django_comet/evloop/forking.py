@@ -30,6 +30,9 @@ def forget(descriptors: Descriptors) -> None:
 
 
 def _in_child() -> None:
+    # The one thread a child has reads the descriptors (from libevent's structures, for
+    # the connections): the loop thread, the only one that may touch libevent, is not
+    # in the child, and the child never runs the loop.
     sources = list(_sources)
     _sources.clear()  # the child serves nothing
     for descriptors in sources:

@@ -75,8 +75,10 @@ class ThreadPool:
             target=self._work, name=f"{self._name}-{self._started}", daemon=True
         )
         # Signals are not blocked here: a process a view starts would inherit the mask
-        # (and ignore SIGTERM).  With a pool the loop thread is the main one, and the
-        # wake-up descriptor brings it any signal a view thread received.
+        # (and ignore SIGTERM).  Where the server handles signals its loop thread is the
+        # main one (under the autoreloader a signal ends the process, as it does
+        # runserver), and the wake-up descriptor brings it any signal a view thread
+        # received.
         thread.start()  # (first: a thread that failed to start is not the pool's)
         self._started += 1
         self._threads.append(thread)
