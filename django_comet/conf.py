@@ -10,7 +10,7 @@ from django.utils.module_loading import import_string
 
 from .evloop.config import MAX_BYTES, MAX_THREADS, MIN_PERIOD, ServerConfig
 from .evloop.deferral import MAX_SECONDS
-from .evloop.wsgi import is_ip_address
+from .evloop.environ import is_ip_address
 
 _DEFAULTS: dict[str, Any] = {
     # Worker threads for views; None means ServerConfig's measured default.

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from django_comet.evloop.content_coding import without_content_coding
-from django_comet.evloop.wsgi import AppError, StartResponse
+from django_comet.evloop.start_response import AppError, StartResponse
 
 from .processes import read_chunked, runcomet
 from .publishing import publish

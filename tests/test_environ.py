@@ -1,28 +1,16 @@
-"""Environ building and start_response, in memory (no socket)."""
+"""Environ building, request checks and start_response, in memory (no socket)."""
 
 import pytest
 
-from django_comet.evloop.wsgi import (
-    AppError,
-    BadRequest,
-    StartResponse,
-    build_environ,
-    check_request,
-    split_target,
-)
+from django_comet.evloop.environ import EnvironBuilder, split_target
+from django_comet.evloop.request_checks import BadRequest, check_request
+from django_comet.evloop.start_response import AppError, StartResponse
 
 
 def environ(target="/", headers=(), body=b"", method="GET", **kw):
-    return build_environ(
-        method,
-        target,
-        "HTTP/1.1",
-        list(headers),
-        body,
-        remote=("10.0.0.1", 5555),
-        server=("127.0.0.1", 8000),
-        **kw,
-    )
+    """The environ of one request, from a one-off EnvironBuilder."""
+    builder = EnvironBuilder(server=("127.0.0.1", 8000), **kw)
+    return builder.build(method, target, "HTTP/1.1", list(headers), body, ("10.0.0.1", 5555))
 
 
 @pytest.mark.parametrize(
@@ -217,7 +205,7 @@ def test_start_response_keeps_framing_to_itself():
 
 
 def test_forwarded_headers_from_a_trusted_proxy():
-    from django_comet.evloop.wsgi import apply_forwarded
+    from django_comet.evloop.environ import apply_forwarded
 
     env = environ(
         headers=[(b"X-Forwarded-For", b"198.51.100.1, 10.0.0.2"), (b"X-Forwarded-Proto", b"HTTPS")]
@@ -228,7 +216,7 @@ def test_forwarded_headers_from_a_trusted_proxy():
 
 
 def test_a_forwarded_hop_that_is_no_address_leaves_the_peers():
-    from django_comet.evloop.wsgi import apply_forwarded
+    from django_comet.evloop.environ import apply_forwarded
 
     env = environ(headers=[(b"X-Forwarded-For", b"unknown, <script>")])
     before = env["REMOTE_ADDR"]
@@ -249,7 +237,7 @@ def test_trusted_proxies_must_be_ip_addresses():
 
 def test_the_scheme_is_the_one_the_nearest_proxy_set():
     """A proxy that appends to X-Forwarded-Proto leaves the client's value first."""
-    from django_comet.evloop.wsgi import apply_forwarded
+    from django_comet.evloop.environ import apply_forwarded
 
     env = environ(headers=[(b"X-Forwarded-Proto", b"https, http")])
     apply_forwarded(env, frozenset({"10.0.0.1"}))

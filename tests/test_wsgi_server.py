@@ -480,7 +480,7 @@ def test_close_among_connection_options_closes(wsgi_server, headers):
 
 
 def test_an_apps_close_among_connection_options_closes(wsgi_server):
-    from django_comet.evloop.wsgi import StartResponse
+    from django_comet.evloop.start_response import StartResponse
 
     for value, closes in (("close", True), ("Foo, Close", True), ("keep-alive", False)):
         start = StartResponse()

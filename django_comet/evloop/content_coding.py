@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 
-from .wsgi import AppError, StartResponse
+from .start_response import AppError, StartResponse
 
 # zlib's wbits for each coding (RFC 9110 8.4.1): gzip framing, or zlib framing.
 _WBITS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}

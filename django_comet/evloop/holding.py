@@ -24,8 +24,8 @@ from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
 from .hub import Event, hub, poll_batch
 from .libevent_ctypes import EV_READ
 from .request import RequestStruct
+from .start_response import asks_to_close
 from .streams import Streams
-from .wsgi import asks_to_close
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -283,11 +283,11 @@ class Holder:
         if not subscribers:
             return
         frame, size, event_id = event.frame, len(event.frame), event.id
-        # Written straight into each stream's output buffer, framed here once: one C
-        # call per stream, and consecutive events share the buffer's blocks (each one
-        # handed to evhttp_send_reply_chunk took blocks of its own: a slow reader of
-        # small events held many times its byte count).  A stream's first chunk went
-        # through evhttp, which set the connection writing.
+        # Written straight into each stream's output buffer, framed here once: two C
+        # calls per stream (its unsent length, the write), and consecutive events share
+        # the buffer's blocks (each one handed to evhttp_send_reply_chunk took blocks of
+        # its own: a slow reader of small events held many times its byte count).  A
+        # stream's first chunk went through evhttp, which set the connection writing.
         chunk = chunked(frame)  # HTTP/1.1; HTTP/1.0 streams get it raw
         chunk_size = len(chunk)
         framing = chunk_size - size

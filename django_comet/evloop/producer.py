@@ -17,7 +17,7 @@ from .content_coding import without_content_coding
 from .deferral import claim
 from .files import Descriptor, FileWrapper
 from .interrupt import StopNow
-from .wsgi import AppError, StartResponse, carries_body
+from .start_response import AppError, StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig

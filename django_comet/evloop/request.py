@@ -22,7 +22,7 @@ from ctypes import (
 )
 
 from . import libevent_ctypes as ev
-from .wsgi import BadRequest, Limits, check_request
+from .request_checks import BadRequest, Limits, check_request
 
 
 class RequestStruct(Structure):

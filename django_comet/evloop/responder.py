@@ -19,7 +19,7 @@ from .connections import shutdown_socket
 from .deferral import AnyDeferral
 from .holding import chunked
 from .request import REQUEST_CHUNKED, RequestStruct
-from .wsgi import NO_BODY_STATUSES, StartResponse, carries_body
+from .start_response import NO_BODY_STATUSES, StartResponse, carries_body
 
 if TYPE_CHECKING:
     from .config import ServerConfig

@@ -27,6 +27,7 @@ from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
 from .deferral import claiming
+from .environ import EnvironBuilder, apply_forwarded
 from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
@@ -37,9 +38,10 @@ from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, u
 from .loop import Loop, timeval_of
 from .producer import Producer
 from .request import RequestStruct, evhttp_closes, read_request
+from .request_checks import BadRequest, Limits
 from .responder import Responder
+from .start_response import asks_to_close
 from .workers import ThreadPool
-from .wsgi import BadRequest, EnvironBuilder, Limits, apply_forwarded, asks_to_close
 
 logger = logging.getLogger("django_comet.server")
 access_logger = logging.getLogger("django_comet.access")
@@ -131,9 +133,7 @@ class Server(Producer, Responder):
         self._drained_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_drained))
         self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
         self._complete_cb = ev.evhttp_request_cb(self._on_complete)
-        self._limits = Limits(
-            self.config.max_request_line, self.config.max_header_size, self.config.max_header_count
-        )
+        self._limits = Limits.of(self.config)
         self._http = self._make_evhttp()
         self.holder = Holder(self)
         self.shared_figures: WorkerFigures | None = None  # under --workers
