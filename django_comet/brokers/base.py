@@ -80,6 +80,13 @@ class Broker:
         """Release connections and threads."""
 
 
+def catch_up_bound(history_size: int) -> int:
+    """The events a process catches up on after it lost its broker connection, at the
+    most: ten channels' history, and never 0 (Redis keeps a log this long, PostgreSQL's
+    catch-up reads as many)."""
+    return max(history_size * 10, 100)
+
+
 class ListeningBroker(Broker):
     """A broker whose events arrive on a connection that one thread waits on (or, where
     the broker can, the loop watches: PostgreSQL's under runcomet).

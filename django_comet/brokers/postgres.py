@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from ..evloop.hub import Event, hub
 from ..evloop.interrupt import start_without_signals
-from .base import ListeningBroker
+from .base import ListeningBroker, catch_up_bound
 from .pool import ConnectionPool
 from .postgres_sql import (
     LOCK_KEY,
@@ -69,7 +69,6 @@ REFUSALS = (
 )
 MAX_PAYLOAD = 7900  # NOTIFY refuses payloads of 8000 bytes and more
 PRUNE_EVERY = 50
-CATCH_UP_MIN = 100  # events a reconnection's catch-up reads at the least (Redis' LOG_MIN)
 READ_TIMEOUT = 10.0  # seconds for reading large events under runcomet; then reconnect
 # Large events notified while the reader thread was busy are read together, this many
 # at most, in queries of about READ_BATCH_BYTES each, so that each stays well within
@@ -442,7 +441,7 @@ class PostgresBroker(ListeningBroker):
             return
         # The newest events at most, as many as Redis' log keeps: the table keeps a
         # history per channel, and many channels' worth would be loaded at once.
-        bound = max(self.history_size * 10, CATCH_UP_MIN)
+        bound = catch_up_bound(self.history_size)
         missed = conn.execute(
             "SELECT id, channel, name, data FROM comet_event WHERE id > %s "
             "ORDER BY id DESC LIMIT %s",

@@ -23,15 +23,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..evloop.hub import Event
-from .base import ListeningBroker, logger
+from ..evloop.hub import Event, hub
+from .base import ListeningBroker, catch_up_bound, logger
 
 PREFIX = "comet:"
 # Pub/sub spans a server's databases: each database's channel is its own, so that two
 # installations on two databases of one Redis never hear each other's events (database
 # 0 keeps the name it always had: processes of an older version still hear it).
 PUBSUB_CHANNEL = PREFIX + "events"
-LOG_MIN = 100  # events kept in the global log at the least
 
 _PUBLISH = """
 local done = redis.call('GET', KEYS[7])
@@ -174,7 +173,7 @@ class RedisBroker(ListeningBroker):
             self.history_size,
             # The global log, for catching up after a reconnect: never 0, even with no
             # per-channel history (the script's LTRIM from -0 failed every publish).
-            max(self.history_size * 10, LOG_MIN),
+            catch_up_bound(self.history_size),
             self.pubsub_channel,
             _clock(),  # where the counter starts, in a Redis that lost its data
         ]
@@ -217,8 +216,6 @@ class RedisBroker(ListeningBroker):
         return int(self.client.get(PREFIX + "id") or 0)
 
     def _listen(self, deliver: Callable[[Event], None]) -> None:
-        from ..evloop.hub import hub
-
         # A listener waits on a quiet connection: TCP keepalives, and a PING when it
         # has heard nothing for a while (LISTEN_PING_AFTER), find one that a NAT or a
         # failover dropped without a word, or a Redis that stopped answering.
@@ -278,7 +275,7 @@ class RedisBroker(ListeningBroker):
                     logger.warning(
                         "Events were lost while this process was away from Redis (the "
                         "catch-up log keeps %d); every stream gets the gap event",
-                        max(self.history_size * 10, LOG_MIN),
+                        catch_up_bound(self.history_size),
                     )
                     hub.add_gap(None, log_lost)
                 for payload in log:  # missed while away

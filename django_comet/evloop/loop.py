@@ -100,7 +100,7 @@ class Loop:
         self._closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._wake_handle = self.add_reader(self._wake_r, self._on_wake, background=True)
+        self.add_reader(self._wake_r, self._on_wake, background=True)
         self._stopping = False
         self._fatal: BaseException | None = None
         self.thread_id: int | None = None
