@@ -31,6 +31,18 @@ if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
         "root": {"handlers": ["file"], "level": "WARNING"},
     }
 
+if os.environ.get("TEST_CONSOLE_LOG"):  # the project's own console handler (Docker's usual)
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        **(
+            {"root": {"handlers": ["console"], "level": "INFO"}}
+            if os.environ["TEST_CONSOLE_LOG"] == "root"
+            else {"loggers": {"django_comet": {"handlers": ["console"], "level": "INFO"}}}
+        ),
+    }
+
 if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults
     LOGGING = {
         "version": 1,

@@ -123,12 +123,16 @@ def test_a_stop_exits_0_when_no_one_reads_stdout_any_more(demo_db, workers):
         assert proc.wait(30) == 0
 
 
-@pytest.mark.parametrize("threads", ["8", "0"])
-def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads):
+@pytest.mark.parametrize(
+    "threads, console_log", [("8", ""), ("0", ""), ("8", "root"), ("0", "named")]
+)
+def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads, console_log):
     """Docker's blocking log mode, a stalled journald, `| less`: the access log's lines
     fill the pipe, and the loop thread, which wrote them, stopped every connection and
-    the stop signals with them."""
-    with stopped_at_the_end(piped_runcomet(demo_db, "--threads", threads)) as proc:
+    the stop signals with them.  So did the project's own console handler (LOGGING's,
+    on the root logger or on django_comet's) when the server's records went to it."""
+    env = {"TEST_CONSOLE_LOG": console_log}
+    with stopped_at_the_end(piped_runcomet(demo_db, "--threads", threads, env=env)) as proc:
         target = "/t/echo/?" + "x" * 4000  # a 4 KiB access-log line each
         with requests.Session() as session:
             for _ in range(100):  # 400 KiB of log, where a pipe holds 64

@@ -434,6 +434,25 @@ def test_django_served_by_evloop_prints_each_error_once(demo_db, debug):
     assert output.count("RuntimeError: boom") == 1, output
 
 
+@pytest.mark.parametrize("logging_setting", ["TEST_APP_LOGGING", "TEST_CONSOLE_LOG"])
+def test_django_served_by_evloop_keeps_its_log_under_the_projects_logging(demo_db, logging_setting):
+    """The project's LOGGING, applied as its wsgi.py is imported, disabled the server's
+    loggers (disable_existing_loggers) or replaced the root logger's handlers: no access
+    log, no errors, no "Stopping" (found by a review)."""
+    env = {
+        "DEMO_DB": demo_db,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        logging_setting: "root",
+    }
+    server = evloop("demo_site.wsgi:application", cwd=ROOT / "demo_site", env=env)
+    try:
+        assert requests.get(server.url + "/t/echo/", timeout=10).status_code == 200
+        assert server.logged('"GET /t/echo/ HTTP/1.1" 200')
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+    assert "Stopping: no new connections" in "".join(server.output)
+
+
 def test_an_ipv6_server_name_is_bracketed():
     """Without a Host header, SERVER_NAME and SERVER_PORT stand for it: an IPv6 literal
     must be bracketed, or ``::1:8000`` cannot be split into host and port."""

@@ -14,7 +14,13 @@ import sys
 
 from .config import MAX_THREADS, ServerConfig
 from .listen import unix_path
-from .logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
+from .logwriter import (
+    LOG_DATE_FORMAT,
+    LOG_FORMAT,
+    StderrHandler,
+    handle_in_background,
+    log_to_stderr,
+)
 from .server import Server
 
 
@@ -82,6 +88,28 @@ def not_printed_on_the_way(record: logging.LogRecord) -> bool:
     return True
 
 
+def keep_server_logs(stderr: StderrHandler) -> None:
+    """The app's import may have configured logging (a Django project's LOGGING): its
+    ``dictConfig`` disables the loggers it does not name, the server's among them, and
+    closes every handler, ``stderr`` too, which would then write from the caller's
+    thread (the loop's).  The server's loggers log again, from a thread of their own:
+    to the handlers the configuration gave the root logger, or else to stderr."""
+    for name, each in list(logging.root.manager.loggerDict.items()):
+        if name.partition(".")[0] == "django_comet" and isinstance(each, logging.Logger):
+            each.disabled = False
+    if stderr in logging.root.handlers:
+        if not stderr.closed:
+            return  # (no configuration since)
+        logging.root.removeHandler(stderr)
+    if logging.root.handlers:  # the project's
+        server = logging.getLogger("django_comet")
+        if server.level == logging.NOTSET:
+            server.setLevel(logging.INFO)  # (the access log: --no-access-log turns it off)
+        handle_in_background(server)
+    else:
+        log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT).addFilter(not_printed_on_the_way)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m django_comet.evloop", description=__doc__)
     parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
@@ -104,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     handler = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
     handler.addFilter(not_printed_on_the_way)
     app = load_app(args.app)
+    keep_server_logs(handler)
     config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
     if isinstance(args.addrport, str):
         config.unix_socket = args.addrport

@@ -6,7 +6,9 @@ next line then stopped every connection, and the stop signals with them (their
 handlers run in the loop thread).  ``StderrHandler`` takes the records and a
 daemon thread writes them; while the pipe stays full, at most ``MAX_WAITING`` records
 wait, the others are counted and dropped, and the count is logged once the writer
-can go on.
+can go on.  Where the project's logging configuration has handlers for the server's
+records (a console handler on the root logger, say), ``ForwardingHandler`` hands them
+to those from such a thread, with the same bound.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ FLUSH_WAIT = 2.0  # seconds a flush (at exit) waits for the writer, at most
 _exceptions = logging.Formatter()
 
 
-class StderrHandler(logging.Handler):
-    """Hands each record to a thread that writes it to stderr."""
+class BackgroundHandler(logging.Handler):
+    """Hands each record to a thread of its own, which ``_deliver``s what waits."""
 
     def __init__(self, max_waiting: int = MAX_WAITING):
         super().__init__()
@@ -99,16 +101,25 @@ class StderrHandler(logging.Handler):
             try:
                 if dropped:
                     records.insert(0, _dropped_record(dropped))
-                _write_text("".join(self.format(record) + "\n" for record in records))
+                self._deliver(records)
             except Exception:  # (a stderr closed: nowhere to say so either)
                 pass
             with self._changed:
                 self._writing = False
                 self._changed.notify_all()
 
+    def _deliver(self, records: list[logging.LogRecord]) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        """Closed (by ``logging.shutdown()``, or a ``dictConfig`` replacing every
+        handler): it then delivers each record at once, in the caller's thread."""
+        return self._closed
+
     def _write_now(self, record: logging.LogRecord) -> None:
         try:
-            _write_text(self.format(record) + "\n")
+            self._deliver([record])
         except Exception:
             pass
 
@@ -133,6 +144,46 @@ class StderrHandler(logging.Handler):
                 self._closed = True
                 self._changed.notify_all()
         super().close()
+
+
+class StderrHandler(BackgroundHandler):
+    """Hands each record to a thread that writes it to stderr."""
+
+    def _deliver(self, records: list[logging.LogRecord]) -> None:
+        _write_text("".join(self.format(record) + "\n" for record in records))
+
+
+class ForwardingHandler(BackgroundHandler):
+    """Hands each record to a thread that passes it on to ``handlers`` (each one that
+    takes its level), then, if ``parent`` is given, to the handlers above it (as
+    propagation does)."""
+
+    def __init__(self, handlers: list[logging.Handler], parent: logging.Logger | None):
+        self.handlers, self.parent = handlers, parent
+        super().__init__()
+
+    def _deliver(self, records: list[logging.LogRecord]) -> None:
+        for record in records:
+            for handler in self.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            if self.parent is not None:
+                self.parent.callHandlers(record)
+
+
+def handle_in_background(logger: logging.Logger) -> None:
+    """Have ``logger``'s records reach the handlers they reach now (its own, and its
+    ancestors' while it propagates) from a thread of their own: a console handler on a
+    stderr that nobody reads must not stop the loop thread."""
+    if any(isinstance(handler, BackgroundHandler) for handler in logger.handlers):
+        return
+    forwarding = ForwardingHandler(
+        list(logger.handlers), logger.parent if logger.propagate else None
+    )
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(forwarding)
+    logger.propagate = False
 
 
 def _write_text(text: str) -> None:
@@ -163,7 +214,7 @@ def _dropped_record(count: int) -> logging.LogRecord:
     )
 
 
-def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> logging.Handler:
+def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> StderrHandler:
     """``logger``'s records to stderr, written by a thread of their own."""
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter(fmt, datefmt))

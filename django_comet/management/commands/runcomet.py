@@ -31,7 +31,7 @@ from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
-from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, log_to_stderr
+from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, handle_in_background, log_to_stderr
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
 
 if apps.is_installed("django.contrib.staticfiles"):
@@ -405,21 +405,21 @@ def _leave_figures(directory: str, number: int) -> None:
 
 def _configure_logging(access_log: bool) -> None:
     """Send django_comet's logs to stderr like runserver's, unless LOGGING gave them handlers
-    (its own, or the root logger's: then they go there)."""
+    (its own, or the root logger's: then they go there).  Either way they are handled by
+    a thread of their own (logwriter.py), never by the loop thread."""
     logger = logging.getLogger("django_comet")
     named = getattr(settings, "LOGGING", {}).get("loggers", {})
-    for name, each in logging.root.manager.loggerDict.items():
-        if (
-            name.partition(".")[0] == "django_comet"
-            and isinstance(each, logging.Logger)
-            and name not in named
-        ):
+    for name, each in list(logging.root.manager.loggerDict.items()):
+        if name.partition(".")[0] != "django_comet" or not isinstance(each, logging.Logger):
+            continue
+        if name not in named:
             each.disabled = False  # LOGGING did not mean these: it does not name them
-    if logger.handlers:
-        return
-    if logger.level == logging.NOTSET:
+        elif each is not logger and each.handlers:  # (django_comet's own: below)
+            handle_in_background(each)
+    if not logger.handlers and logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO if access_log else logging.WARNING)
-    if logger.hasHandlers():  # the project's root handlers (LOGGING's "root"): to them
+    if logger.hasHandlers():  # LOGGING's, the logger's own or the root logger's: to them
+        handle_in_background(logger)
         return
     log_to_stderr(logger, LOG_FORMAT, LOG_DATE_FORMAT)  # (never waits: logwriter.py)
     logger.propagate = False
