@@ -69,6 +69,52 @@ def test_a_server_started_under_nohup_outlives_its_terminal(demo_db, threads):
     assert not [line for line in server.output if "Second stop request" in line]
 
 
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_a_second_sigterm_is_the_same_stop(demo_db, threads, tmp_path):
+    """GNU timeout sends its SIGTERM to the process, then to its process group: the
+    second must not cut the drain the first began (with --threads 0, a view running)."""
+    server = runcomet("--threads", threads, db=demo_db)
+    try:
+        result = {}
+        started = tmp_path / "started"
+
+        def slow():
+            url = f"{server.url}/t/sleep/?s=2&started={started}"
+            result["response"] = requests.get(url, timeout=30)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        wait_until(started.exists)
+        server.signal(signal.SIGTERM)
+        if threads != "0":  # (there the loop, which closes the port, runs the view)
+            server.wait_until_refused()  # the first was handled
+        server.signal(signal.SIGTERM)
+        thread.join()
+        assert result["response"].text == "slept"
+        assert server.proc.wait(20) == 0
+        assert not [line for line in server.output if "Second stop request" in line]
+    finally:
+        server.stop()
+
+
+def test_a_stop_signal_repeated_is_the_same_request_unless_it_is_ctrl_c():
+    from django_comet.evloop.interrupt import StopRequests
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        requests_ = StopRequests()
+        assert requests_.new(signum)
+        assert not requests_.new(signum)  # the same request again (GNU timeout)
+        assert requests_.count == 1
+    requests_ = StopRequests()
+    assert requests_.new(signal.SIGINT)
+    assert requests_.new(signal.SIGINT)  # a second Ctrl-C: now
+    for first, second in [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)]:
+        requests_ = StopRequests()  # (two signals pending at once arrive lowest first)
+        assert requests_.new(first)
+        assert requests_.new(second)
+        assert requests_.count == 2
+
+
 def piped_runcomet(demo_db, *args, env=None):
     """runcomet with stdout and stderr pipes of the test's own (ServerProcess reads its
     output all the time), once its banner is out on stdout."""

@@ -100,6 +100,44 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(redis, dem
         server.stop()
 
 
+def test_a_second_sigterm_drains_and_a_sigint_after_it_cuts(redis, demo_db):
+    """GNU timeout sends its SIGTERM to the parent, then to the process group: the same
+    stop twice, whose second the parent took for "kill the workers", cutting the
+    requests in flight.  A Ctrl-C after it still cuts."""
+    server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
+    try:
+        result = {}
+
+        def slow():
+            result["response"] = requests.get(server.url + "/t/sleep/?s=3", timeout=30)
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        server.wait_for_status(lambda s: s["in_flight"] >= 2)
+        server.signal(signal.SIGTERM)
+        server.wait_until_refused()  # the first was handled
+        server.signal(signal.SIGTERM)
+        thread.join()
+        assert result["response"].text == "slept"
+        assert server.proc.wait(20) == 0
+        assert not [line for line in server.output if "Second stop request" in line]
+    finally:
+        server.stop()
+    server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /t/sleep/?s=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            server.wait_for_status(lambda s: s["in_flight"] >= 2)
+            server.signal(signal.SIGTERM)
+            server.wait_until_refused()
+            server.signal(signal.SIGINT)  # a new request: now
+            assert server.logged("Second stop request: killing the workers.")
+            sock.settimeout(30)
+            assert sock.recv(4096) == b""  # cut, never answered
+    finally:
+        server.stop()
+
+
 def test_workers_started_under_nohup_outlive_their_terminal(redis, demo_db):
     env = {"COMET_BROKER": redis.url}
     server = runcomet("--workers", "2", db=demo_db, env=env, prefix=("nohup",))

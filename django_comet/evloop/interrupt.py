@@ -26,6 +26,28 @@ import threading
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class StopRequests:
+    """The first stop signal asks for a graceful stop, and a second for a stop at once,
+    unless it is the same SIGTERM or SIGHUP again: GNU ``timeout`` sends its signal to
+    the process and then to the process group, which the process is in, and the second,
+    taken as "stop now", cut what the first had let finish.  (systemd, Docker and
+    Kubernetes follow a SIGTERM with SIGKILL once their stop timeout is over, not with
+    another SIGTERM.)  A second Ctrl-C (SIGINT) always asks to stop at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last = 0
+
+    def new(self, signum: int) -> bool:
+        """Whether ``signum`` is a new stop request (then counted)."""
+        again = self.count > 0 and signum == self._last and signum != signal.SIGINT
+        self._last = signum
+        if again:
+            return False
+        self.count += 1
+        return True
+
+
 def stop_signals() -> tuple[int, ...]:
     """STOP_SIGNALS but those the process was started ignoring, left ignored as
     runserver leaves them: ``nohup`` ignores SIGHUP, so that the server outlives the

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from .interrupt import STOP_SIGNALS, stop_signals
+from .interrupt import STOP_SIGNALS, StopRequests, stop_signals
 
 logger = logging.getLogger("django_comet.server")
 
@@ -45,6 +45,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker number
         self._born: dict[int, float] = {}  # pid -> when it was forked
         self._stopping = False
+        self._stop_requests = StopRequests()
         self.boot_failed = False  # a worker could not start: the server stopped for it
         self._handled: tuple[int, ...] = ()  # the stop signals taken over (not ignored)
 
@@ -137,6 +138,8 @@ class Supervisor:
             os._exit(code)
 
     def _on_stop(self, signum: int, frame: object) -> None:
+        if not self._stop_requests.new(signum):  # the same request again (interrupt.py)
+            return
         if self._stopping:  # second signal: no more patience
             logger.warning("Second stop request: killing the workers.")
             for pid in list(self.children):

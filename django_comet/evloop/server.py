@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import gc
 import logging
 import os
@@ -32,7 +33,7 @@ from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
-from .interrupt import StopNow, stop_signals
+from .interrupt import StopNow, StopRequests, stop_signals
 from .libc import c_errno, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
@@ -88,7 +89,7 @@ class Server(Producer, Responder):
         self._draining = False
         self._drain_check: Any = None  # the drain's next look (shutdown)
         self._handling_signals = False
-        self._stop_signals = 0
+        self._stop_requests = StopRequests()
         self._in_app = False  # the application's code runs in the loop thread (interrupt.py)
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
@@ -193,16 +194,21 @@ class Server(Producer, Responder):
             signal.signal(signal.SIGALRM, self._on_grace_over)
         else:
             for signum in stop_signals():
-                self.loop.add_signal_handler(signum, self.shutdown)
+                self.loop.add_signal_handler(signum, functools.partial(self._on_stop, signum))
 
-    def _on_stop_signal(self, _signum: int, _frame: FrameType | None) -> None:
+    def _on_stop(self, signum: int) -> None:
+        if self._stop_requests.new(signum):  # (not the same again: interrupt.py)
+            self.shutdown()
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         """Main thread, ``--threads 0``: stop as with a thread pool; a view that holds the
         loop thread is cut short (``StopNow``) at a second signal, or once the grace
         period is over (and half a second: by then a loop that runs has stopped).  No
         lock is taken here: a second signal may run this inside the first."""
+        if not self._stop_requests.new(signum):  # the same request again (interrupt.py)
+            return
         self.loop.call_soon(self.shutdown)
-        self._stop_signals += 1
-        if self._stop_signals == 1:
+        if self._stop_requests.count == 1:
             signal.setitimer(signal.ITIMER_REAL, self.config.grace + 0.5)
         elif self._in_app:
             raise StopNow("a second stop signal came while a view ran in the loop thread")
