@@ -169,6 +169,28 @@ def test_a_stop_exits_0_when_no_one_reads_stdout_any_more(demo_db, workers):
         assert proc.wait(30) == 0
 
 
+def test_a_stop_exits_0_when_its_terminal_closed(demo_db):
+    """A terminal that closes sends SIGHUP, a clean stop; "Stopped." written to it then
+    failed (EIO) with a traceback, and the process exited 1."""
+    terminal, its_end = os.openpty()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "DEMO_DB": demo_db,
+    }
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload"]
+    proc = subprocess.Popen([*argv, "127.0.0.1:0"], env=env, stdout=its_end, stderr=its_end)
+    os.close(its_end)
+    with stopped_at_the_end(proc):
+        seen = b""
+        while b"Quit the server" not in seen:
+            seen += os.read(terminal, 4096)
+        os.close(terminal)  # the terminal goes: writes to it fail from now on
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+
+
 @pytest.mark.parametrize(
     "threads, console_log", [("8", ""), ("0", ""), ("8", "root"), ("0", "named")]
 )

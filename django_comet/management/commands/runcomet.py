@@ -278,12 +278,13 @@ class Command(RunserverCommand):
 
     def _say_stopped(self) -> None:
         """The last word of a clean stop, unless no one reads it any more (stdout a pipe
-        whose reader is gone: a log shipper that died, ``| head``), which is no failure
-        of the server's: it still exits 0."""
+        whose reader is gone: a log shipper that died, ``| head``; a terminal that
+        closed, which sent the SIGHUP that stopped it: EIO), which is no failure of the
+        server's: it still exits 0."""
         try:
             self.stdout.write("Stopped.")
             self.stdout.flush()
-        except (BrokenPipeError, ValueError):  # (ValueError: a stream closed)
+        except (OSError, ValueError):  # (ValueError: a stream closed)
             with contextlib.suppress(OSError):  # what is left unflushed goes nowhere
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
