@@ -243,7 +243,9 @@ def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
 
 def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tmp_path):
     """The restart after an edit ends held responses as a stop does, before the process
-    goes (they were cut: no retry:, no last chunk, and no access log line)."""
+    goes (they were cut: no retry:, no last chunk, and no access log line).  A request
+    still running when the reload's grace is over is cut, and logged as cut (the
+    process went before the line was written)."""
     watched = tmp_path / "watched.py"
     watched.write_text("# edited below\n")
     server = runcomet(db=demo_db, reload=True, env={"TEST_WATCHED_FILE": str(watched)})
@@ -253,7 +255,9 @@ def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tm
         poll.sendall(
             b"GET /t/fastpoll/?channel=reloading&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         )
-        server.wait_for_status(lambda s: s["held"] == 2)
+        slow = server.connect()
+        slow.sendall(b"GET /t/sleep/?s=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        server.wait_for_status(lambda s: s["held"] == 2 and s["in_flight"] == 4)  # (+ itself)
 
         def edited():
             # Again until seen: an edit before the autoreloader's first look is not one.
@@ -273,6 +277,12 @@ def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tm
         assert server.logged("GET /t/stream/?channels=reloading")
         assert server.logged("GET /t/fastpoll/?channel=reloading")
         assert server.logged("Reloading: no new connections")  # (not "Stopping")
+        slow.settimeout(30)
+        assert slow.recv(4096) == b""  # cut
+        slow.close()
+        assert server.logged("(cut by the server)")
+        cut = [line for line in server.output if "(cut by the server)" in line]
+        assert len(cut) == 1 and '"GET /t/sleep/?s=30 HTTP/1.1"' in cut[0], cut
         wait_until(lambda: "".join(server.output).count("Starting comet server") == 2, 60)
     finally:
         server.stop()

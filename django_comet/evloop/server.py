@@ -56,6 +56,8 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 VIEW_BACKLOG_HIGH = 64
 VIEW_BACKLOG_LOW = 16
 VIEW_BACKLOG_CHECK = 0.005
+# Seconds a closing server waits for its view threads (those still in a view are left).
+POOL_SHUTDOWN_WAIT = 1.0
 
 
 class Server(Producer, Responder):
@@ -317,7 +319,7 @@ class Server(Producer, Responder):
             ex.dead = True
             self._stop_pump(ex)
         if self._pool is not None:
-            self._pool.shutdown(timeout=1)
+            self._pool.shutdown(timeout=POOL_SHUTDOWN_WAIT)
         for ex in list(self._exchanges.values()):
             ex.state = "aborting"  # (its access-log line says: cut by the server)
             self._done(ex, aborted=True)

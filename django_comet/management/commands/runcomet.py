@@ -33,6 +33,7 @@ from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, handle_in_background, log_to_stderr
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
+from ...evloop.server import POOL_SHUTDOWN_WAIT
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -349,7 +350,9 @@ class _Reload:
         def drain_then_restart(filename: str) -> None:
             self.asked = True
             self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE, "Reloading")
-            self.stopped.wait(RELOAD_GRACE + 1)
+            # The grace, then the server's closing (its view threads), with room to spare:
+            # a response cut then must still get its access-log line.
+            self.stopped.wait(RELOAD_GRACE + POOL_SHUTDOWN_WAIT + 2)
             restart(filename)
 
         autoreload.trigger_reload = drain_then_restart
