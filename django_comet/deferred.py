@@ -43,7 +43,7 @@ from django.urls import (
 )
 from django.utils.functional import Promise
 
-from .evloop.deferral import ChannelWait, Deferral, blocking_through
+from .evloop.deferral import ChannelWait, Deferral, announce, blocking_through, withdraw
 from .evloop.hub import hub
 from .stages import EVENT_KEY, RESPONSE_PREV_KEY, NextStage, StageError
 
@@ -76,6 +76,12 @@ def _request_environ(caller: str) -> dict[str, Any]:
             f"(runcomet, or any WSGI server or Django's test client)"
         )
     return environ  # type: ignore[no-any-return]
+
+
+def request_environ() -> dict[str, Any] | None:
+    """The environ of the request being handled, if any: where a held response
+    announces its deferral (evloop/deferral.py) as its content starts."""
+    return _current.get()
 
 
 def head_request() -> bool:
@@ -243,7 +249,7 @@ class DeferredResponse(StreamingHttpResponse):
         self.response_prev = response
         self.comet_deferral = deferral
         self._head = head_request()
-        self.streaming_content = self._stages()
+        self.streaming_content = self._stages(request_environ())
         # What the first response holds (a file, a generator) is let go with this one;
         # not by its close(), which would tell Django that a request finished (twice).
         closers = getattr(response, "_resource_closers", None)  # Django's, since 3.0
@@ -251,9 +257,11 @@ class DeferredResponse(StreamingHttpResponse):
             self._resource_closers.extend(closers)  # type: ignore[attr-defined]
             closers.clear()
 
-    def _stages(self) -> Iterator[bytes]:
-        yield from _content(self.response_prev)
+    def _stages(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         deferral = self.comet_deferral
+        announce(environ, deferral)  # (for a server that a middleware hid it from)
+        yield from _content(self.response_prev)
+        withdraw(environ, deferral)
         if deferral.claimed or self._head:
             return  # a comet server runs the next stage when the delay is over
         # Any other server: block through the stages (the degraded, threaded way).

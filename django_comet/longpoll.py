@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .deferred import head_request
+from .deferred import head_request, request_environ
 from .events import refusal, replay
-from .evloop.deferral import ChannelWait, blocking_through
+from .evloop.deferral import ChannelWait, announce, blocking_through, withdraw
 from .evloop.hub import Event, hub, poll_batch
 
 __all__ = ["poll_response", "render_events"]
@@ -59,13 +60,15 @@ class PollResponse(StreamingHttpResponse):
             gap=gap,
         )
         self._head = head_request()
-        self.streaming_content = self._body()
+        self.streaming_content = self._body(request_environ())
 
-    def _body(self) -> Iterator[bytes]:
+    def _body(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         wait = self.comet_deferral
+        announce(environ, wait)  # (for a server that a middleware hid it from)
         # A first byte at once (JSON may start with whitespace): browsers tell a script
         # that the answer has begun (comet.js: "live") only once some body has come.
         yield b" "
+        withdraw(environ, wait)
         if wait.claimed or self._head:
             return  # runcomet answers from its loop
         blocking_through("A long-poll")

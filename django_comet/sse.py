@@ -17,9 +17,9 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .deferred import head_request
+from .deferred import head_request, request_environ
 from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
-from .evloop.deferral import Stream, blocking_through
+from .evloop.deferral import Stream, announce, blocking_through, withdraw
 from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
 from .evloop.streams import jittered_retry
 
@@ -90,10 +90,12 @@ class EventStreamResponse(StreamingHttpResponse):
         self._first = b"".join(first)
         self.comet_deferral = Stream(self.channels, self._cursor, lost_mark=lost_mark)
         self._head = head_request()
-        self.streaming_content = self._frames()
+        self.streaming_content = self._frames(request_environ())
 
-    def _frames(self) -> Iterator[bytes]:
+    def _frames(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
+        announce(environ, self.comet_deferral)  # (for a server that a middleware hid it from)
         yield self._first
+        withdraw(environ, self.comet_deferral)
         if self.comet_deferral.claimed or self._head:
             return  # runcomet writes the events from its loop
         blocking_through("An event stream")

@@ -13,23 +13,26 @@ import io
 import logging
 import sys
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from http.cookies import Morsel, SimpleCookie
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from django.core.handlers.wsgi import WSGIHandler
-from django.core.signals import got_request_exception, setting_changed
+from django.core.handlers.wsgi import WSGIHandler, get_script_name
+from django.core.signals import got_request_exception, request_started, setting_changed
 from django.http.response import HttpResponseBase
+from django.urls import set_script_prefix
 from django.utils.http import parse_http_date_safe
+
+from .evloop.deferral import ANNOUNCED
 
 logger = logging.getLogger("django_comet.deferred")
 
 RESPONSE_PREV_KEY = "django_comet.response_prev"
 EVENT_KEY = "django_comet.event"
 # What a stage's request gets from the stage before it, never from further back.
-_STAGE_KEYS = frozenset({RESPONSE_PREV_KEY, EVENT_KEY, "wsgi.input"})
+# (Nor a deferral its response announced: the server's, evloop/deferral.py.)
+_STAGE_KEYS = frozenset({RESPONSE_PREV_KEY, EVENT_KEY, "wsgi.input", ANNOUNCED})
 
 
 class StageError(RuntimeError):
@@ -103,7 +106,7 @@ class NextStage:
             environ[EVENT_KEY] = as_dict(event[0]) if event[0] is not None else None
         noted = _stage_exception.set(_NOTHING_RAISED)
         try:
-            response: HttpResponseBase = _handler()(environ, _ignore_start_response)
+            response = _get_response(environ)
             raised = _stage_exception.get()
         finally:
             _stage_exception.reset(noted)
@@ -253,7 +256,14 @@ def _forget_handler(sender: Any, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget_handler, dispatch_uid="django_comet.deferred")
 
 
-def _ignore_start_response(
-    status: str, headers: Any, exc_info: Any = None
-) -> Callable[[bytes], None]:
-    return lambda data: None
+def _get_response(environ: dict[str, Any]) -> HttpResponseBase:
+    """What ``WSGIHandler.__call__`` does, up to the response object: a stage's is read
+    here, never sent.  Not through ``__call__`` itself, which an APM may have replaced
+    on the class with a WSGI middleware of its own (sentry-sdk's Django integration
+    does: it returned an iterable of its own, with no ``status_code``)."""
+    handler = _handler()
+    set_script_prefix(get_script_name(environ))
+    request_started.send(sender=handler.__class__, environ=environ)
+    response: HttpResponseBase = handler.get_response(handler.request_class(environ))
+    response._handler_class = handler.__class__  # type: ignore[attr-defined]
+    return response

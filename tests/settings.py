@@ -72,8 +72,13 @@ if os.environ.get("TEST_TEMPLATE_DIR"):  # one more template directory, and what
         "loggers": {"django.utils.autoreload": {"handlers": ["console"], "level": "DEBUG"}},
     }
 
-if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hides held responses from the server
-    WSGI_APPLICATION = "tests.wrapped_wsgi.application"
+if os.environ.get("TEST_WRAPPED_WSGI"):  # a middleware hands on an iterable of its own
+    WSGI_APPLICATION = "tests.wrapped_wsgi." + os.environ["TEST_WRAPPED_WSGI"]
+
+if os.environ.get("TEST_PATCHED_HANDLER"):  # an APM's (sentry-sdk's) WSGIHandler.__call__
+    from tests.wrapped_wsgi import patch_wsgi_handler
+
+    patch_wsgi_handler()
 
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405

@@ -9,6 +9,8 @@ import pytest
 import requests
 
 from .processes import read_chunked, runcomet, wait_until
+from .publishing import publish
+from .sse_client import SSEClient
 
 
 def get_staged(server, path="/", headers=b""):
@@ -34,14 +36,49 @@ def test_demo_five_chunks_in_order(request, server_name):
     ]
 
 
-def test_a_middleware_that_hides_a_held_response_is_told_of(demo_db):
-    """A WSGI middleware that hands on an iterable of its own hides the deferral from
-    runcomet: the response still works, blocking its view thread as under any other
-    server, and the log says why and what to do (it said nothing)."""
-    server = runcomet(db=demo_db, env={"TEST_WRAPPED_WSGI": "1"})
+@pytest.mark.parametrize(
+    "env",
+    [{"TEST_WRAPPED_WSGI": "application"}, {"TEST_PATCHED_HANDLER": "1"}],
+    ids=["wsgi-middleware", "patched-handler"],
+)
+def test_held_responses_work_behind_a_middlewares_own_iterable(demo_db, env):
+    """A WSGI middleware that hands on an iterable of its own around the application's
+    (timing, an APM: sentry-sdk replaces WSGIHandler.__call__ with one) hid the deferral
+    from runcomet: every held response waited in a view thread, and with the patched
+    handler every stage failed (its iterable has no status_code)."""
+    server = runcomet(db=demo_db, env=env)
     try:
         _, chunks = get_staged(server, "/t/quick-stages/")
-        assert b"".join(chunks) == b"s0;s1:-;s2:-;s3:-;s4:-;"
+        assert chunks == [b"s0;", b"s1:-;", b"s2:-;", b"s3:-;", b"s4:-;"]
+        staged = server.connect()
+        staged.sendall(b"GET /t/quick-stages/?delay=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        poll = server.connect()
+        poll.sendall(
+            b"GET /t/fastpoll/?channel=wrapped&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        with SSEClient(server, "/t/stream/?channels=wrapped") as stream:
+            # Held by the loop, each: none waits in a view thread.
+            server.wait_for_status(lambda s: s["held"] == 3 and s["channels"] == {"wrapped": 2})
+            event_id = publish(server, "wrapped", "news")
+            assert stream.next_event() == {"id": str(event_id), "data": '"news"'}
+            _, chunks = read_chunked(poll)
+            assert json.loads(b"".join(chunks))["events"][0]["id"] == event_id
+        staged.close()
+        poll.close()
+        server.wait_for_status(lambda s: s["held"] == 0)
+        assert not any("waits in its view thread" in line for line in server.output)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_middleware_that_collects_a_held_response_is_told_of(demo_db):
+    """One that collects the whole body before it hands any on (no content comes from the
+    response until then): the response still works, blocking its view thread as under
+    any other server, and the log says why and what to do."""
+    server = runcomet(db=demo_db, env={"TEST_WRAPPED_WSGI": "collecting_application"})
+    try:
+        response = requests.get(server.url + "/t/quick-stages/", timeout=30)
+        assert response.content == b"s0;s1:-;s2:-;s3:-;s4:-;"
         assert server.logged("A deferred response waits in its view thread")
     finally:
         assert server.stop() == 0, "".join(server.output)

@@ -12,9 +12,18 @@ A WSGI application's result may carry a ``comet_deferral`` attribute holding one
 
 A server that understands it (this one) sets ``claimed`` before iterating, so the
 iterable yields only the content of the current stage; the server sends that as a chunk
-and keeps the connection.  The iterable ``resume()`` returns is the next stage: its
-content is the next chunk and it may carry a deferral of its own.  A server that knows
-nothing of this just iterates, and the iterable blocks through its stages by itself.
+and keeps the connection.  A WSGI middleware may return an iterable of its own around
+the application's (Sentry's and New Relic's do), which hides the attribute: so the
+iterable also ``announce``s its deferral in the request's environ when it starts, before
+its first item, and a server that found no attribute claims it from there once it has
+that item, before it asks for the next (the content checks ``claimed`` only then, and
+``withdraw``s it, claimed or not: a middleware that collects the body has taken more,
+and the environ must not keep it).  A response that a middleware replaced is never
+iterated, and announces nothing.
+
+The iterable ``resume()`` returns is the next stage: its content is the next chunk and
+it may carry a deferral of its own.  A server that knows nothing of this just iterates,
+and the iterable blocks through its stages by itself.
 
 This module defines the protocol only; ``django_comet.deferred`` and ``django_comet.sse``
 implement it for Django.
@@ -29,6 +38,7 @@ from typing import Any
 from .hub import hub
 
 ATTRIBUTE = "comet_deferral"
+ANNOUNCED = "comet.deferral"  # the environ key of a deferral announced (see above)
 MAX_SECONDS = 1e7  # about 115 days: a longer delay or timeout is a mistake
 
 
@@ -171,6 +181,29 @@ def claim(result: Any) -> AnyDeferral | None:
     """Server side: take the deferral a response iterable carries, if any."""
     deferral = getattr(result, ATTRIBUTE, None)
     if isinstance(deferral, (Deferral, ChannelWait, Stream)):
+        deferral.claimed = True
+        return deferral
+    return None
+
+
+def announce(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
+    """Held-response side: as the iterable starts, before its first item."""
+    if environ is not None:
+        environ[ANNOUNCED] = deferral
+
+
+def withdraw(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
+    """Held-response side, once the first item was taken and ``claimed`` read: too late
+    for a server to claim it now."""
+    if environ is not None and environ.get(ANNOUNCED) is deferral:
+        del environ[ANNOUNCED]
+
+
+def claim_announced(environ: dict[str, Any]) -> AnyDeferral | None:
+    """Server side, after the first item of an iterable that carried no deferral: take
+    the one its content announced, if any."""
+    deferral = environ.pop(ANNOUNCED, None)
+    if isinstance(deferral, (Deferral, ChannelWait, Stream)) and not deferral.claimed:
         deferral.claimed = True
         return deferral
     return None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .content_coding import without_content_coding
-from .deferral import claim
+from .deferral import ANNOUNCED, claim, claim_announced
 from .files import Descriptor, FileWrapper
 from .interrupt import StopNow
 from .start_response import AppError, StartResponse, carries_body
@@ -155,9 +155,12 @@ class Producer:
                             size = 0
                         start.written.append(data)
                         size += len(data)
-                    if deferral is None and size > limit and first:
-                        streaming = True
-                        break
+                    if deferral is None and first:
+                        # Hidden by a middleware's iterable, announced by its content.
+                        deferral = claim_announced(ex.environ) if ANNOUNCED in ex.environ else None
+                        if deferral is None and size > limit:
+                            streaming = True
+                            break
             finally:
                 self._in_app = False
             if first and start.status is None:
