@@ -41,6 +41,7 @@ from django.urls import (
     resolve,
     reverse,
 )
+from django.utils.cache import add_never_cache_headers
 from django.utils.functional import Promise
 
 from .evloop.deferral import ChannelWait, Deferral, announce, blocking_through, withdraw
@@ -149,24 +150,37 @@ def defer_until(
 
 
 def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a stage view: it receives ``response_prev`` (None outside a deferral)."""
+    """Decorate a stage view: it receives ``response_prev`` (None outside a deferral).
+
+    Its responses are never cached (``Cache-Control: private, no-store``...): a stage is
+    a GET of the view's URL, which Django's per-site cache answered with a stage it had
+    stored there (the chain jumped to its end, ``response_prev`` unseen).  Requested
+    directly too, so that no copy of that URL is ever stored."""
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         if iscoroutinefunction(view):  # Django must see an async view as async
 
             @functools.wraps(view)
             async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-                return await view(request, *args, **_stage_kwargs(request, kwargs))
+                response = await view(request, *args, **_stage_kwargs(request, kwargs))
+                return _never_cached(response)
 
             return async_wrapper
 
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-            return view(request, *args, **_stage_kwargs(request, kwargs))
+            response = view(request, *args, **_stage_kwargs(request, kwargs))
+            return _never_cached(response)
 
         return wrapper
 
     return decorator
+
+
+def _never_cached(response: Any) -> Any:
+    if isinstance(response, HttpResponseBase):
+        add_never_cache_headers(response)
+    return response
 
 
 def _stage_kwargs(request: HttpRequest, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -80,8 +80,16 @@ if os.environ.get("TEST_PATCHED_HANDLER"):  # an APM's (sentry-sdk's) WSGIHandle
 
     patch_wsgi_handler()
 
+if os.environ.get("TEST_SITE_CACHE"):  # Django's per-site cache around everything
+    MIDDLEWARE = [
+        "django.middleware.cache.UpdateCacheMiddleware",
+        *MIDDLEWARE,  # noqa: F405
+        "django.middleware.cache.FetchFromCacheMiddleware",
+    ]
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
-    MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]  # noqa: F405
+    MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]
 
 if os.environ.get("TEST_WORKERS_CANNOT_START"):  # each pre-forked worker fails as it starts
     import django_comet.evloop.server as _server

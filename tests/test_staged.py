@@ -84,6 +84,18 @@ def test_a_middleware_that_collects_a_held_response_is_told_of(demo_db):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_the_site_cache_never_answers_a_stage(demo_db):
+    """Django's per-site cache stored a stage's plain answer under the stage's URL, and
+    answered the next response's first stage with it: the chain jumped to its end."""
+    server = runcomet(db=demo_db, env={"TEST_SITE_CACHE": "1"})
+    try:
+        for _ in range(2):
+            _, chunks = get_staged(server, "/t/quick-stages/")
+            assert chunks == [b"s0;", b"s1:-;", b"s2:-;", b"s3:-;", b"s4:-;"]
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_only_first_headers_sent_and_cookies_reach_every_stage(comet):
     head, chunks = get_staged(comet, "/t/quick-stages/", b"Cookie: flavour=mint\r\n")
     assert b"X-First: yes" in head
