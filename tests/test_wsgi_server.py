@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from .processes import ROOT, evloop, read_chunked, wait_until
+from .sse_client import SSEClient
 
 
 def raw(server, data: bytes, *, until_close: bool = True) -> bytes:
@@ -451,6 +452,25 @@ def test_django_served_by_evloop_keeps_its_log_under_the_projects_logging(demo_d
     finally:
         assert server.stop() == 0, "".join(server.output)
     assert "Stopping: no new connections" in "".join(server.output)
+
+
+def test_django_served_by_evloop_takes_the_projects_comet_settings(demo_db):
+    """A stream's first frame announces the project's heartbeat interval; the server beat
+    at its default (15 s), and comet.js, going by the first frame, reopened the stream
+    every three announced intervals (found by a review)."""
+    env = {
+        "DEMO_DB": demo_db,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "TEST_SSE_HEARTBEAT": "0.2",
+    }
+    server = evloop("demo_site.wsgi:application", cwd=ROOT / "demo_site", env=env)
+    try:
+        with SSEClient(server, "/t/stream/?channels=quiet", timeout=5) as client:
+            frames = client.frames()
+            assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"  # announced
+            assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"  # and kept
+    finally:
+        assert server.stop() == 0, "".join(server.output)
 
 
 def test_an_ipv6_server_name_is_bracketed():

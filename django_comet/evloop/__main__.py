@@ -13,6 +13,7 @@ import os
 import sys
 
 from .config import MAX_THREADS, ServerConfig
+from .libevent_ctypes import LibeventMissing
 from .listen import unix_path
 from .logwriter import (
     LOG_DATE_FORMAT,
@@ -110,8 +111,33 @@ def keep_server_logs(stderr: StderrHandler) -> None:
         log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT).addFilter(not_printed_on_the_way)
 
 
+def project_config() -> ServerConfig:
+    """The server's options from the COMET_* settings when the app is a Django project
+    with django_comet installed (its side of a held response reads them: a stream's
+    first frame announced the project's heartbeat interval while the server beat at the
+    default, and comet.js reopened the stream every three announced intervals); else
+    the defaults.  (Django is imported here only when the app imported it already.)"""
+    conf = sys.modules.get("django.conf")
+    if conf is None or not conf.settings.configured:
+        return ServerConfig()
+    from django.apps import apps
+
+    if not apps.ready or not apps.is_installed("django_comet"):
+        return ServerConfig()
+    from ..conf import comet_settings
+
+    errors = comet_settings.errors()
+    if errors:
+        raise SystemExit(f"error: {errors[0]}")
+    return comet_settings.server_config()
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m django_comet.evloop", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m django_comet.evloop",
+        description="Serve any WSGI callable on libevent (the current directory is "
+        "importable, as with gunicorn).",
+    )
     parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
     parser.add_argument(
         "addrport",
@@ -123,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=threads_count,
-        default=ServerConfig.threads,
-        help="worker threads for the application (0: run it in the loop thread)",
+        help=f"worker threads for the application (0: run it in the loop thread; default "
+        f"{ServerConfig.threads}, or a Django project's COMET_THREADS)",
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
@@ -133,17 +159,23 @@ def main(argv: list[str] | None = None) -> None:
     handler.addFilter(not_printed_on_the_way)
     app = load_app(args.app)
     keep_server_logs(handler)
-    config = ServerConfig(threads=args.threads, access_log=not args.no_access_log)
+    config = project_config()
+    config.access_log = not args.no_access_log
+    if args.threads is not None:
+        config.threads = args.threads
     if isinstance(args.addrport, str):
         config.unix_socket = args.addrport
         where = f"unix:{config.unix_socket}"
     else:
         config.host, config.port = args.addrport
-        where = f"{config.host}:{config.port}"
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        where = f"{host}:{config.port}"
     try:
         server = Server(app, config)  # type: ignore[arg-type]
     except OSError as exc:
         raise SystemExit(f"error: cannot listen on {where}: {exc.strerror or exc}") from None
+    except LibeventMissing as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not server.unix:
         host = f"[{config.host}]" if ":" in config.host else config.host
         where = f"http://{host}:{server.address[1]}/"
