@@ -44,6 +44,9 @@ class PollResponse(StreamingHttpResponse):
     def __init__(self, channels: list[str], since: int | None, timeout: float):
         super().__init__(content_type="application/json")
         self["Cache-Control"] = "no-cache"
+        # Its first byte goes out at once (a poll shows as live): a proxy that buffers
+        # (nginx does by default) would hold it back until the answer.
+        self["X-Accel-Buffering"] = "no"
         broker = get_broker()
         broker.start_listening()
         ready, gap, after = replay(broker, channels, since)
