@@ -44,6 +44,8 @@ def test_runcomet_serves_django_and_a_staged_response_on_a_unix_socket(demo_db, 
     server = runcomet(db=demo_db, addrport=f"unix:{sock_path}")
     try:
         assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        # Open to all who reach it (a proxy of another user's): the directory decides.
+        assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o666
         with server.connect() as sock:
             head, body = request(sock, "/t/echo/?x=1")
             assert head.startswith(b"HTTP/1.1 200 OK"), head

@@ -62,7 +62,10 @@ def bind_socket(host: str, port: int, backlog: int = 1024, *, ipv6: bool = False
 
 
 def bind_unix_socket(path: str, backlog: int = 1024) -> socket.socket:
-    """A listening Unix socket at ``path`` (its permissions follow the umask)."""
+    """A listening Unix socket at ``path``, open to every user who may reach it: the
+    directory's permissions decide who may connect (connecting needs write permission
+    on the socket file, which the umask would give its owner only, so that a proxy of
+    another user's got "permission denied"), as with a port on loopback."""
     if not path:
         raise OSError(errno.EINVAL, "a Unix socket needs a path")
     if not unix_peers_supported():
@@ -75,6 +78,7 @@ def bind_unix_socket(path: str, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        os.chmod(path, 0o666)
         sock.listen(backlog)
     except BaseException:
         sock.close()
