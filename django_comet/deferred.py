@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from asgiref.sync import iscoroutinefunction
+from django.conf import settings
 from django.core.signals import (
     request_finished,
     request_started,
@@ -41,6 +42,7 @@ from django.urls import (
     resolve,
     reverse,
 )
+from django.utils import translation
 from django.utils.cache import add_never_cache_headers
 from django.utils.functional import Promise
 
@@ -209,14 +211,30 @@ def _target_path(target: Any, environ: dict[str, Any]) -> str:
     script_name = environ.get("SCRIPT_NAME", "")
     if script_name and path.startswith(script_name + "/"):
         path = path[len(script_name) :]
-    try:
-        resolve(path)
-    except Resolver404:
+    if not _resolves(path):
         raise ValueError(
             f"no URL pattern matches the deferred target {target!r} (a stage is not "
             f"redirected: give the path its URL pattern has, slash included)"
-        ) from None
+        )
     return target
+
+
+def _resolves(path: str) -> bool:
+    """Whether a URL pattern matches ``path``, in the active language or, for an
+    unprefixed path under ``i18n_patterns(prefix_default_language=False)``, in the
+    default one (which the stage's LocaleMiddleware takes for such a path)."""
+    try:
+        resolve(path)
+        return True
+    except Resolver404:
+        if translation.get_language() == settings.LANGUAGE_CODE:
+            return False
+    with translation.override(settings.LANGUAGE_CODE):
+        try:
+            resolve(path)
+            return True
+        except Resolver404:
+            return False
 
 
 def _reverse_view(view: Callable[..., Any]) -> str:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import requests
 from django.conf import settings
-from django.test import Client, override_settings
+from django.test import Client, modify_settings, override_settings
 
 from django_comet import StageError, defer_in_time
 
@@ -105,6 +105,20 @@ def test_any_first_response_under_test_client(kind):
     assert body.endswith(b"end;")
     if kind == "file":  # what the first response held is let go with the stream
         assert views.first_files[-1].closed
+
+
+@override_settings(
+    ROOT_URLCONF="tests.i18n_urls",
+    LANGUAGE_CODE="en",
+    LANGUAGES=[("en", "English"), ("fr", "French")],
+)
+@modify_settings(MIDDLEWARE={"append": "django.middleware.locale.LocaleMiddleware"})
+def test_an_unprefixed_target_of_the_default_language_is_found_from_another():
+    """i18n_patterns(prefix_default_language=False): "/st/" is the default language's
+    path, which a stage reaches (LocaleMiddleware takes an unprefixed path for it); a
+    view in French resolved it in French, and refused it."""
+    response = Client().get("/fr/page/")
+    assert b"".join(response.streaming_content) == b"first(fr);stage(en)"
 
 
 @pytest.mark.parametrize("seconds", ["1", True, float("nan"), float("inf"), -1])
