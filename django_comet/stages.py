@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
 from django.core.signals import got_request_exception, request_started, setting_changed
+from django.http import parse_cookie
 from django.http.response import HttpResponseBase
 from django.urls import set_script_prefix
 from django.utils.http import parse_http_date_safe
@@ -123,7 +124,7 @@ class NextStage:
                 f"and cannot encode its part on its own"
             )
         if response.cookies:
-            _tell_stage_cookies(self.path, response)
+            _tell_stage_cookies(self.path, response, environ.get("HTTP_COOKIE", ""))
         return response
 
 
@@ -131,20 +132,30 @@ _NOTHING_RAISED = StageError("(no exception)")  # the context variable's "a stag
 _told_stage_cookies: set[str] = set()  # stage paths (the first hundred)
 
 
-def _tell_stage_cookies(path: str, response: HttpResponseBase) -> None:
+def _tell_stage_cookies(path: str, response: HttpResponseBase, sent: str) -> None:
     """A stage's cookies never reach the client (only the first response's headers are
     sent): said once per stage path, since what depends on them fails later, far from
     here (a session saved under a key no one holds, a CSRF token the form's POST is
-    refused for)."""
+    refused for, messages shown again whose cookie the stage deleted).  Not for a
+    cookie set again to the value the stage's request has (Django renews a CSRF
+    cookie, and a session's with SESSION_SAVE_EVERY_REQUEST): the client has it."""
     path = path.partition("?")[0]
-    if path not in _told_stage_cookies and len(_told_stage_cookies) < 100:
+    if path in _told_stage_cookies or len(_told_stage_cookies) >= 100:
+        return
+    has = parse_cookie(sent)
+    changed = [
+        name
+        for name, morsel in response.cookies.items()
+        if (name in has if _deleted(morsel) else has.get(name) != morsel.value)
+    ]
+    if changed:
         _told_stage_cookies.add(path)
         logger.warning(
             "Deferred stage %s set cookies (%s) that are never sent: only the first "
             "response's headers go out. Set them in the first view (for a session, "
             "modify it there; for a CSRF token, call get_token() there). Said once.",
             path,
-            ", ".join(sorted(response.cookies)),
+            ", ".join(sorted(changed)),
         )
 
 

@@ -22,6 +22,8 @@ urlpatterns = [
     path("t/stage-raises/answer/", views.raising_stage),
     path("t/stage-sets-cookie/", views.stage_sets_cookie),
     path("t/stage-sets-cookie/answer/", views.cookie_setting_stage),
+    path("t/stage-renews-cookie/", views.stage_renews_cookie),
+    path("t/stage-renews-cookie/answer/", views.cookie_renewing_stage),
     path("t/marked/", views.marked_first),
     path("t/marked/stage/", views.marked_stage),
     path("t/to-async-stage/", views.to_async_stage, name="to_async_stage"),

@@ -272,6 +272,19 @@ def cookie_setting_stage(request, response_prev=None):
     return response
 
 
+def stage_renews_cookie(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/stage-renews-cookie/answer/")
+
+
+@deferred_view()
+def cookie_renewing_stage(request, response_prev=None):
+    """Sets a cookie again to the value the client sent (as Django renews a CSRF
+    cookie): nothing the client lacks."""
+    response = HttpResponse(b"stage;")
+    response.set_cookie("flavour", request.COOKIES["flavour"])
+    return response
+
+
 def marking_middleware(get_response):
     """Marks each request it sees: tests add it with override_settings(MIDDLEWARE=...)."""
 
