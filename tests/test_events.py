@@ -61,6 +61,19 @@ def test_authorize_setting_is_checked_at_startup(authorize, message):
     assert len(errors) == 1 and message in errors[0], errors
 
 
+def test_a_tests_new_memory_broker_starts_with_an_empty_history():
+    """Events one test published reached the next test's polls and streams: the memory
+    broker's history is the process's, and lived on."""
+    from django_comet import history
+
+    with override_settings(COMET_BROKER="memory://"):
+        first = publish("isolated", "from one test")
+        assert [(e["id"], e["data"]) for e in history("isolated")] == [(first, "from one test")]
+    with override_settings(COMET_BROKER="memory://"):
+        assert history("isolated") == []
+        assert publish("isolated", "from the next") > first  # ids still grow
+
+
 def test_a_stream_of_one_channel_given_as_a_string():
     assert EventStreamResponse("chat").channels == ["chat"]
 

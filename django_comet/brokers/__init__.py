@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
+from ..evloop.hub import hub
 from .base import Broker
 from .memory import MemoryBroker
 
@@ -141,12 +142,17 @@ def get_broker() -> Broker:
 
 
 def _reset(*, setting: str, **kwargs: Any) -> None:
+    """A test's override_settings(COMET_BROKER=...): a new broker, and, in a process
+    that serves nothing (the test client's), an empty history: events of one test must
+    not reach another's polls and streams."""
     global _broker
     if setting == "COMET_BROKER":
         with _lock:
             if _broker is not None:
                 _broker.close()
             _broker = None
+            if not hub.serving:
+                hub.forget()
 
 
 setting_changed.connect(_reset, dispatch_uid="django_comet.brokers")

@@ -116,6 +116,17 @@ class Hub:
         # event too large for NOTIFY before it delivers it and those after it).
         self.heard_id = 0
 
+    def forget(self) -> None:
+        """Let go of every channel's history and marks (a test's new broker starts
+        afresh); ids go on growing from the last."""
+        with self._lock:
+            self._history.clear()
+            self._lost.clear()
+            self._let_go.clear()
+            self._forgotten = None
+            self._gapped.clear()
+            self._lost_everywhere = 0
+
     def add(self, event: Event) -> None:
         """Any thread, in id order: remember ``event`` and pass it to every sink."""
         with self._lock:
