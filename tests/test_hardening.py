@@ -189,6 +189,28 @@ def test_running_out_of_file_descriptors_pauses_accepting_and_recovers():
         server.stop()
 
 
+def open_files_limit(pid):
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    return int(line.split()[3])  # the soft limit
+
+
+@pytest.mark.parametrize("launch", ["runcomet", "evloop"])
+def test_the_open_files_limit_is_raised_to_the_hard_one(demo_db, launch):
+    """A shell's soft limit (1,024) held a server to about that many connections, where
+    the hard limit allows far more; one still below COMET_MAX_CONNECTIONS is said."""
+    prefix = ("prlimit", "--nofile=64:4096")
+    if launch == "runcomet":
+        server = runcomet(db=demo_db, prefix=prefix)
+    else:
+        server = evloop("tests.fixtureapps.apps:dispatch", prefix=prefix)
+    try:
+        assert open_files_limit(server.proc.pid) == 4096
+        assert server.logged("Open files are limited to 4096 (ulimit -n, hard limit 4096)")
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_an_accept_pause_is_counted_and_holds_no_timer_of_a_request(demo_db):
     """The status figures during an EMFILE pause: ``timers`` counts requests' timers
     (0 when nothing is held, which the leak checks rely on), not the pause's own."""

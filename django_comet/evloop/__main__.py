@@ -13,6 +13,7 @@ import os
 import sys
 
 from .config import MAX_THREADS, ServerConfig
+from .fdlimit import raise_open_files_limit
 from .libevent_ctypes import LibeventMissing
 from .listen import unix_path
 from .logwriter import (
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     config.access_log = not args.no_access_log
     if args.threads is not None:
         config.threads = args.threads
+    raise_open_files_limit(config.max_connections)
     if isinstance(args.addrport, str):
         config.unix_socket = args.addrport
         where = f"unix:{config.unix_socket}"

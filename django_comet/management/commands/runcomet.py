@@ -30,6 +30,7 @@ from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
+from ...evloop.fdlimit import raise_open_files_limit
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, handle_in_background, log_to_stderr
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
@@ -193,6 +194,7 @@ class Command(RunserverCommand):
         # which applies LOGGING again and, by default, disables every logger it does not
         # name, ours included (the access log, the server's errors).
         _configure_logging(config.access_log)
+        raise_open_files_limit(config.max_connections)
         try:
             libevent_ctypes.load()
             sock = listen_socket(config)
