@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from . import forking
+from . import accesslog, forking
 from . import libevent_ctypes as ev
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
@@ -45,7 +45,6 @@ from .start_response import asks_to_close
 from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")
-access_logger = logging.getLogger("django_comet.access")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -455,15 +454,12 @@ class Server(Producer, Responder):
     def _log_refused(self, r: RequestStruct, status: int) -> None:
         """An access-log line for a request refused before any app saw it (a probe, a
         smuggling attempt leaves a trace): its method and target as far as they were
-        read, cut to LOGGED_TARGET characters."""
-        if not (self.config.access_log and access_logger.isEnabledFor(logging.INFO)):
+        read (accesslog.py)."""
+        if not (self.config.access_log and accesslog.enabled()):
             return
         uri = r.uri
         method = ev.EVHTTP_METHODS.get(r.type, "-") if uri is not None else "-"
-        target = uri.decode("latin-1") if uri is not None else "-"
-        if len(target) > LOGGED_TARGET:
-            target = target[:LOGGED_TARGET] + "..."
-        access_logger.info('"%s %s" %d - (refused)', method, target.translate(_REFUSED_AS), status)
+        accesslog.refused(method, uri.decode("latin-1") if uri is not None else "-", status)
 
     def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
         """Refuse a request with an error page and close its connection."""
@@ -618,19 +614,10 @@ class Server(Producer, Responder):
         self.requests += 1
         if ex.deferred:
             self.held -= 1
-        if self.config.access_log and access_logger.isEnabledFor(logging.INFO):
-            how = (" (cut by the server)" if cut else " (client gone)") if aborted else ""
-            duration = (time.monotonic() - ex.started) * 1000
-            access_logger.info(
-                '"%s %s %s" %s %d %.1fms%s',
-                ex.method,
-                ex.path.translate(_LOGGED_AS),
-                ex.protocol,
-                ex.code or "-",
-                ex.sent,
-                duration,
-                how,
-            )
+        if self.config.access_log and accesslog.enabled():
+            how = ("cut by the server" if cut else "client gone") if aborted else ""
+            ms = (time.monotonic() - ex.started) * 1000
+            accesslog.served(ex.method, ex.path, ex.protocol, ex.code, ex.sent, ms, how)
 
 
 # Memory let go by closed connections (their unsent output, and their own structures)
@@ -656,16 +643,6 @@ SPARE_THREADS_PER_THREAD = 4
 
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
 FLUSH_PATIENCE = 1.0
-
-
-# The request-target in the access log, between quotes: a quote or a backslash in it is
-# escaped (as Apache does), and so are C1 controls (the target is decoded as latin-1),
-# so that a client cannot forge the fields of its own line.
-LOGGED_TARGET = 200  # characters of a refused request's target in its log line
-_LOGGED_AS = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
-# A refused target may hold what a served one cannot: control characters (a terminal's
-# escapes) too.
-_REFUSED_AS = _LOGGED_AS | {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 
 
 def _server_name(host: str) -> str:

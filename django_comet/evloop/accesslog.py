@@ -1,0 +1,46 @@
+"""The access log: one line per request (logger ``django_comet.access``).
+
+``"METHOD target PROTOCOL" status bytes duration`` and, for a response that did not
+end cleanly, ``(cut by the server)`` or ``(client gone)``; a request refused before any
+app saw it gets ``"METHOD target" status - (refused)``.  The target is between quotes:
+a quote or a backslash in it is escaped (as Apache does), and so are C1 controls (it is
+decoded as latin-1), so that a client cannot forge the fields of its own line; a
+refused target may hold what a served one cannot (control characters: a terminal's
+escapes), escaped too, and is cut to ``LOGGED_TARGET`` characters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("django_comet.access")
+
+LOGGED_TARGET = 200  # characters of a refused request's target in its log line
+_LOGGED_AS = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+_REFUSED_AS = _LOGGED_AS | {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def enabled() -> bool:
+    return logger.isEnabledFor(logging.INFO)
+
+
+def served(
+    method: str, path: str, protocol: str, code: int, sent: int, ms: float, how: str
+) -> None:
+    """``how``: "" for a clean end, else what ended it ("cut by the server", ...)."""
+    logger.info(
+        '"%s %s %s" %s %d %.1fms%s',
+        method,
+        path.translate(_LOGGED_AS),
+        protocol,
+        code or "-",
+        sent,
+        ms,
+        f" ({how})" if how else "",
+    )
+
+
+def refused(method: str, target: str, status: int) -> None:
+    if len(target) > LOGGED_TARGET:
+        target = target[:LOGGED_TARGET] + "..."
+    logger.info('"%s %s" %d - (refused)', method, target.translate(_REFUSED_AS), status)
