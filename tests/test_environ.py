@@ -117,6 +117,18 @@ def test_check_request_refuses(version, headers, status):
     assert info.value.status == status
 
 
+@pytest.mark.parametrize("method", ["HEAD", "TRACE"])
+def test_a_head_with_a_body_of_any_length_is_refused_and_one_of_zeros_is_not(method):
+    """A length of over 4,300 digits is beyond Python's int(): it raised, a 500 and a
+    traceback of the server's (found by a fuzzing review)."""
+    for length in (b"1", b"1" * 5000, b"0" * 4300 + b"1"):
+        with pytest.raises(BadRequest) as info:
+            check_request(method, b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", length)])
+        assert info.value.status == 400
+    for length in (b"0", b"0" * 5000):
+        check_request(method, b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", length)])
+
+
 def test_check_request_refuses_connect():
     """CONNECT asks for a tunnel: this is no proxy (501, as for methods it does not know)."""
     with pytest.raises(BadRequest) as info:

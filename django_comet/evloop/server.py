@@ -416,6 +416,7 @@ class Server(Producer, Responder):
             return
         except Exception:  # a bug of ours: the client still gets an answer
             logger.exception("Error reading a request")
+            self._log_refused(r, 500)
             self._send_error(r, req, 500, None)
             return
         if r.flags & ev.EVHTTP_PROXY_REQUEST:
