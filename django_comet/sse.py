@@ -20,8 +20,8 @@ from .conf import comet_settings
 from .deferred import head_request, request_environ
 from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
 from .evloop.deferral import Stream, announce, blocking_through, withdraw
-from .evloop.hub import GAP_EVENT, gap_frame, heartbeat_frame, hub
-from .evloop.streams import jittered_retry
+from .evloop.frames import GAP_EVENT, gap_frame, heartbeat_frame, jittered_retry
+from .evloop.hub import hub
 
 __all__ = ["GAP_EVENT", "EventStreamResponse", "event_stream"]
 

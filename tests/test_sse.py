@@ -8,7 +8,7 @@ import socket
 import pytest
 import requests
 
-from django_comet.evloop.hub import sse_frame
+from django_comet.evloop.frames import sse_frame
 
 from .processes import runcomet
 from .publishing import publish, subscribed

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
+from .frames import chunked
 from .hub import Event, hub, poll_batch
 from .libevent_ctypes import EV_READ
 from .request import RequestStruct
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 logger = logging.getLogger("django_comet.server")
-
-
-def chunked(frame: bytes) -> bytes:
-    """``frame`` as one chunk of HTTP/1.1's chunked coding."""
-    return b"%x\r\n%b\r\n" % (len(frame), frame)
 
 
 NO_ENVIRON: dict[str, Any] = {}  # what a held exchange keeps of its environ: nothing

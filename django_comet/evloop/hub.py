@@ -4,7 +4,7 @@ A broker (memory, PostgreSQL, Redis) gives every event its id and calls ``Hub.ad
 order, from any thread.  The hub keeps the last ``size`` events of each channel (for
 Last-Event-ID replay and long-poll cursors) and passes each event to its sinks: the
 running server's fan-out, scheduled onto the loop thread.  The SSE frame of an event is
-encoded once, here, and written as-is to every subscriber.
+encoded once, as its ``Event`` is made (frames.py), and written as-is to every subscriber.
 """
 
 from __future__ import annotations
@@ -14,51 +14,11 @@ import bisect
 import collections
 import heapq
 import itertools
-import json
 import operator
-import re
 import threading
 from collections.abc import Callable, Iterable
 
-_NEWLINES = re.compile(r"\r\n|\r|\n")
-_FIELD_JUNK = re.compile(r"[\r\n\0]")
-
-
-def sse_frame(event_id: int | None, name: str | None, data: str) -> bytes:
-    """One Server-Sent Events frame: ``id:``, ``event:``, one ``data:`` line per line."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    if name:
-        lines.append("event: " + _FIELD_JUNK.sub("", name))
-    lines.extend("data: " + line for line in _NEWLINES.split(data))
-    return ("\n".join(lines) + "\n\n").encode("utf-8")
-
-
-# The event a stream gets when some events newer than its cursor are gone from the
-# history; its data is {"last_event_id": <the cursor>, "channels": [...]}.  The client
-# should then reload whatever state it derives from the stream.  A replay that has no
-# event after the gap gives it an id, also in its data as "cursor": the stream goes on
-# from there, past what is gone (from the same cursor, a client on a quiet channel would
-# be told of the same gap at every reconnect).
-GAP_EVENT = "comet-history-gap"
-
-
-# Sent on idle streams every COMET_SSE_HEARTBEAT seconds, so that proxies keep them and
-# clients can tell a quiet stream from a dead connection; its data is the interval in
-# seconds.  An event, not a comment: EventSource passes comments to no script.
-HEARTBEAT_EVENT = "comet-heartbeat"
-
-
-def heartbeat_frame(interval: float) -> bytes:
-    return sse_frame(None, HEARTBEAT_EVENT, f"{interval:g}")
-
-
-def gap_frame(after: int, channels: list[str], cursor: int | None = None) -> bytes:
-    info: dict[str, object] = {"last_event_id": after, "channels": channels}
-    if cursor is not None:
-        info["cursor"] = cursor
-    return sse_frame(cursor, GAP_EVENT, json.dumps(info))
+from .frames import sse_frame
 
 
 class Event:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import libevent_ctypes as ev
 from .connections import shutdown_socket
 from .deferral import AnyDeferral
-from .holding import chunked
+from .frames import chunked
 from .request import REQUEST_CHUNKED, RequestStruct
 from .start_response import NO_BODY_STATUSES, StartResponse, carries_body
 

@@ -14,24 +14,18 @@ and one timer beats for all streams.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING
 
 from .deadlines import Deadlines
 from .deferral import Stream
-from .hub import Event, gap_frame, heartbeat_frame, hub
+from .frames import gap_frame, heartbeat_frame, jittered_retry
+from .hub import Event, hub
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .loop import Handle
     from .server import Server
-
-
-def jittered_retry() -> bytes:
-    """The last frame of a stream the server ends: reconnect in 1-5 s, spread out so
-    that the clients of a stopping server do not all come back at once."""
-    return b"retry: %d\n\n" % random.randint(1000, 5000)
 
 
 # How soon a stream that fell behind is looked at, to see whether it has taken half of
