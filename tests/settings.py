@@ -43,6 +43,20 @@ if os.environ.get("TEST_CONSOLE_LOG"):  # the project's own console handler (Doc
         ),
     }
 
+if os.environ.get("TEST_EXCEPTION_LOG"):  # a handler that reads exc_info (AdminEmailHandler)
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {
+            "types": {
+                "()": "tests.log_handlers.ExceptionTypes",
+                "filename": os.environ["TEST_EXCEPTION_LOG"],
+                "level": "ERROR",
+            }
+        },
+        "root": {"handlers": ["types"], "level": "INFO"},
+    }
+
 if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults
     LOGGING = {
         "version": 1,

@@ -122,6 +122,23 @@ def test_logs_reach_the_projects_root_handlers(demo_db, tmp_path):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_the_projects_handlers_get_the_servers_errors_whole(demo_db, tmp_path):
+    """Handed to the project's handlers by a thread of their own, the server's records
+    lost their exc_info (Django's AdminEmailHandler mailed "Traceback: None")."""
+    log = tmp_path / "types.log"
+    server = runcomet(db=demo_db, env={"TEST_EXCEPTION_LOG": str(log)})
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /t/stage-raises/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            sock.settimeout(10)
+            while sock.recv(65536):  # to the cut
+                pass
+        wait_until(lambda: log.exists() and "django_comet" in log.read_text())
+        assert "django_comet.server StageError" in log.read_text().splitlines()
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_the_access_log_survives_a_logging_setting_that_names_other_loggers(demo_db):
     """LOGGING's default disable_existing_loggers=True, applied again when the project's
     wsgi.py is imported, disabled django_comet's loggers: no access log, no errors."""

@@ -58,14 +58,7 @@ class BackgroundHandler(logging.Handler):
         if self._pid != os.getpid():
             self._start()
         try:
-            # What the record says, as text now: its arguments may change, or hold a
-            # request, by the time the writer gets to it.  (A copy: other handlers may
-            # see the record after this one.)
-            record = copy.copy(record)
-            record.msg, record.args = record.getMessage(), None
-            if record.exc_info:
-                record.exc_text = record.exc_text or _exceptions.formatException(record.exc_info)
-                record.exc_info = None  # (its frames hold everything they saw)
+            record = self._kept(record)
         except Exception:
             self.handleError(record)
             return
@@ -107,6 +100,17 @@ class BackgroundHandler(logging.Handler):
             with self._changed:
                 self._writing = False
                 self._changed.notify_all()
+
+    def _kept(self, record: logging.LogRecord) -> logging.LogRecord:
+        """What waits for the thread: a copy (other handlers may see the record after
+        this one), as text now: its arguments may change, or hold a request, by the
+        time the writer gets to it."""
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = record.exc_text or _exceptions.formatException(record.exc_info)
+            record.exc_info = None  # (its frames hold everything they saw)
+        return record
 
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         raise NotImplementedError
@@ -161,6 +165,11 @@ class ForwardingHandler(BackgroundHandler):
     def __init__(self, handlers: list[logging.Handler], parent: logging.Logger | None):
         self.handlers, self.parent = handlers, parent
         super().__init__()
+
+    def _kept(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The record as it came (a copy): the project's handlers may want all of it,
+        ``exc_info`` included (Django's AdminEmailHandler mails its traceback)."""
+        return copy.copy(record)
 
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         for record in records:
