@@ -212,6 +212,45 @@ def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads,
         assert "Stopping: no new connections" in log
 
 
+@pytest.mark.parametrize(
+    "launch, console_log", [("runcomet", "root"), ("evloop", "root"), ("evloop", "named")]
+)
+def test_a_stop_exits_while_the_projects_console_handler_is_stuck(demo_db, launch, console_log):
+    """The project's console handler, stuck on a stderr nobody reads, holds its lock:
+    logging.shutdown() at exit waited for it for ever (and with LOGGING naming
+    django_comet, evloop's loop thread wrote the log itself, and stalled)."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "DEMO_DB": demo_db,
+        "TEST_CONSOLE_LOG": console_log,
+    }
+    if launch == "runcomet":
+        argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "--noreload"]
+    else:
+        argv = [sys.executable, "-m", "django_comet.evloop", "demo_site.wsgi:application"]
+    proc = subprocess.Popen(
+        [*argv, "127.0.0.1:0"],
+        cwd=ROOT / "demo_site",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # never read until the process is gone
+        text=True,
+    )
+    with stopped_at_the_end(proc):
+        while not (match := re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())):
+            assert proc.poll() is None, "the server ended before its banner"
+        url = match.group(0).rstrip("/")
+        target = "/t/echo/?" + "x" * 4000  # a 4 KiB access-log line each
+        with requests.Session() as session:
+            for _ in range(100):  # 400 KiB of log, where a pipe holds 64
+                assert session.get(url + target, timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stderr.close()
+
+
 def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
     """Nothing in flight but held responses: each still gets its proper end before the
     process exits (the loop used to stop before their last bytes had left)."""

@@ -20,7 +20,8 @@ from .logwriter import (
     LOG_DATE_FORMAT,
     LOG_FORMAT,
     StderrHandler,
-    handle_in_background,
+    exit_if_stuck,
+    forward_in_background,
     log_to_stderr,
 )
 from .server import Server
@@ -79,13 +80,14 @@ def not_printed_on_the_way(record: logging.LogRecord) -> bool:
     logger: logging.Logger | None = logging.getLogger(record.name)
     consoles = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
     while logger is not None and logger is not logging.root:
-        for handler in logger.handlers:
-            if (
-                getattr(handler, "stream", None) in consoles
-                and record.levelno >= handler.level
-                and handler.filter(record)
-            ):
-                return False
+        for each in logger.handlers:
+            for handler in getattr(each, "handlers", [each]):  # (a ForwardingHandler's)
+                if (
+                    getattr(handler, "stream", None) in consoles
+                    and record.levelno >= handler.level
+                    and handler.filter(record)
+                ):
+                    return False
         logger = logger.parent if logger.propagate else None
     return True
 
@@ -99,17 +101,23 @@ def keep_server_logs(stderr: StderrHandler) -> None:
     for name, each in list(logging.root.manager.loggerDict.items()):
         if name.partition(".")[0] == "django_comet" and isinstance(each, logging.Logger):
             each.disabled = False
-    if stderr in logging.root.handlers:
-        if not stderr.closed:
-            return  # (no configuration since)
-        logging.root.removeHandler(stderr)
-    if logging.root.handlers:  # the project's
-        server = logging.getLogger("django_comet")
-        if server.level == logging.NOTSET:
-            server.setLevel(logging.INFO)  # (the access log: --no-access-log turns it off)
-        handle_in_background(server)
+    if stderr in logging.root.handlers and not stderr.closed:
+        ours = True  # (no configuration since)
     else:
-        log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT).addFilter(not_printed_on_the_way)
+        logging.root.removeHandler(stderr)
+        ours = not logging.root.handlers
+        if ours:  # (the configuration gave the root logger none)
+            stderr = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
+            stderr.addFilter(not_printed_on_the_way)
+    server = logging.getLogger("django_comet")
+    if not ours and server.level == logging.NOTSET:
+        server.setLevel(logging.INFO)  # (the access log: --no-access-log turns it off)
+    if not ours or any(
+        isinstance(each, logging.Logger) and each.handlers
+        for name, each in logging.root.manager.loggerDict.items()
+        if name.partition(".")[0] == "django_comet"
+    ):
+        forward_in_background(server)  # the project's handlers: from a thread
 
 
 def project_config() -> ServerConfig:
@@ -184,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     server.handle_signals()  # before the banner: a stop signal from then on drains
     print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
+    exit_if_stuck(0)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ to those from such a thread, with the same bound.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import os
 import sys
 import threading
 import time
+import weakref
 
 from .interrupt import start_without_signals
 
@@ -165,6 +167,7 @@ class ForwardingHandler(BackgroundHandler):
     def __init__(self, handlers: list[logging.Handler], parent: logging.Logger | None):
         self.handlers, self.parent = handlers, parent
         super().__init__()
+        _forwarders.add(self)
 
     def _kept(self, record: logging.LogRecord) -> logging.LogRecord:
         """The record as it came (a copy): the project's handlers may want all of it,
@@ -180,6 +183,26 @@ class ForwardingHandler(BackgroundHandler):
                 self.parent.callHandlers(record)
 
 
+_forwarders: weakref.WeakSet[ForwardingHandler] = weakref.WeakSet()
+
+
+def exit_if_stuck(status: int) -> None:
+    """At the end: end the process now (``os._exit``) when a thread handing records to
+    the project's handlers is stuck in one of them, after ``FLUSH_WAIT`` for it (a
+    console handler on a stderr nobody reads): ``logging.shutdown()`` would wait for
+    ever for that handler's lock, and the interpreter's exit for stderr's.  Else
+    return, for the exit to take its course."""
+    stuck = False
+    for forwarder in list(_forwarders):
+        if forwarder._pid == os.getpid():
+            forwarder.flush()
+            stuck = stuck or forwarder._gave_up
+    if stuck:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(status)
+
+
 def handle_in_background(logger: logging.Logger) -> None:
     """Have ``logger``'s records reach the handlers they reach now (its own, and its
     ancestors' while it propagates) from a thread of their own: a console handler on a
@@ -193,6 +216,18 @@ def handle_in_background(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
     logger.addHandler(forwarding)
     logger.propagate = False
+
+
+def forward_in_background(top: logging.Logger) -> None:
+    """``top`` and the loggers under it: each with handlers of its own (a project's
+    logging configuration gave them) hands its records to them from a thread of its
+    own, and so does ``top`` if its records reach any handler above it."""
+    prefix = top.name + "."
+    for name, each in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(prefix) and isinstance(each, logging.Logger) and each.handlers:
+            handle_in_background(each)
+    if top.hasHandlers():
+        handle_in_background(top)
 
 
 def _write_text(text: str) -> None:

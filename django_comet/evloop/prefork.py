@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from .interrupt import STOP_SIGNALS, StopRequests, stop_signals
+from .logwriter import exit_if_stuck
 
 logger = logging.getLogger("django_comet.server")
 
@@ -134,6 +135,7 @@ class Supervisor:
             logger.exception("Worker %d failed", number)
             code = 1
         finally:
+            exit_if_stuck(code)
             logging.shutdown()  # (what waits to be logged: no atexit after os._exit)
             os._exit(code)
 

@@ -32,7 +32,13 @@ from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.fdlimit import raise_open_files_limit
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
-from ...evloop.logwriter import LOG_DATE_FORMAT, LOG_FORMAT, handle_in_background, log_to_stderr
+from ...evloop.logwriter import (
+    LOG_DATE_FORMAT,
+    LOG_FORMAT,
+    exit_if_stuck,
+    forward_in_background,
+    log_to_stderr,
+)
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
 from ...evloop.server import POOL_SHUTDOWN_WAIT
 
@@ -290,11 +296,13 @@ class Command(RunserverCommand):
         except (OSError, ValueError):  # (ValueError: a stream closed)
             with contextlib.suppress(OSError):  # what is left unflushed goes nowhere
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        exit_if_stuck(0)  # (the project's log handlers stuck on a stderr nobody reads)
 
     def _fail(self, message: str) -> None:
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
+        exit_if_stuck(1)
         logging.shutdown()
         os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
 
@@ -415,17 +423,17 @@ def _configure_logging(access_log: bool) -> None:
     a thread of their own (logwriter.py), never by the loop thread."""
     logger = logging.getLogger("django_comet")
     named = getattr(settings, "LOGGING", {}).get("loggers", {})
-    for name, each in list(logging.root.manager.loggerDict.items()):
-        if name.partition(".")[0] != "django_comet" or not isinstance(each, logging.Logger):
-            continue
-        if name not in named:
+    for name, each in logging.root.manager.loggerDict.items():
+        if (
+            name.partition(".")[0] == "django_comet"
+            and isinstance(each, logging.Logger)
+            and name not in named
+        ):
             each.disabled = False  # LOGGING did not mean these: it does not name them
-        elif each is not logger and each.handlers:  # (django_comet's own: below)
-            handle_in_background(each)
     if not logger.handlers and logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO if access_log else logging.WARNING)
     if logger.hasHandlers():  # LOGGING's, the logger's own or the root logger's: to them
-        handle_in_background(logger)
+        forward_in_background(logger)
         return
     log_to_stderr(logger, LOG_FORMAT, LOG_DATE_FORMAT)  # (never waits: logwriter.py)
     logger.propagate = False
