@@ -220,16 +220,18 @@ def _target_path(target: Any, environ: dict[str, Any]) -> str:
 
 
 def _resolves(path: str) -> bool:
-    """Whether a URL pattern matches ``path``, in the active language or, for an
-    unprefixed path under ``i18n_patterns(prefix_default_language=False)``, in the
-    default one (which the stage's LocaleMiddleware takes for such a path)."""
+    """Whether a URL pattern matches ``path``, in the active language or in the one the
+    stage's LocaleMiddleware will take for it (under ``i18n_patterns``, from a view in
+    French: ``/de/...`` in German, and an unprefixed path, with
+    ``prefix_default_language=False``, in the default language)."""
     try:
         resolve(path)
         return True
     except Resolver404:
-        if translation.get_language() == settings.LANGUAGE_CODE:
+        language = translation.get_language_from_path(path) or settings.LANGUAGE_CODE
+        if language == translation.get_language():
             return False
-    with translation.override(settings.LANGUAGE_CODE):
+    with translation.override(language):
         try:
             resolve(path)
             return True

@@ -8,7 +8,8 @@ from django_comet import defer_in_time, deferred_view
 
 
 def page(request):
-    return defer_in_time(HttpResponse(f"first({request.LANGUAGE_CODE});"), 0, "/st/")
+    target = request.GET.get("to", "/st/")
+    return defer_in_time(HttpResponse(f"first({request.LANGUAGE_CODE});"), 0, target)
 
 
 @deferred_view()

@@ -110,15 +110,17 @@ def test_any_first_response_under_test_client(kind):
 @override_settings(
     ROOT_URLCONF="tests.i18n_urls",
     LANGUAGE_CODE="en",
-    LANGUAGES=[("en", "English"), ("fr", "French")],
+    LANGUAGES=[("en", "English"), ("fr", "French"), ("de", "German")],
 )
 @modify_settings(MIDDLEWARE={"append": "django.middleware.locale.LocaleMiddleware"})
-def test_an_unprefixed_target_of_the_default_language_is_found_from_another():
+def test_a_target_in_another_language_than_the_views_is_found():
     """i18n_patterns(prefix_default_language=False): "/st/" is the default language's
     path, which a stage reaches (LocaleMiddleware takes an unprefixed path for it); a
     view in French resolved it in French, and refused it."""
     response = Client().get("/fr/page/")
     assert b"".join(response.streaming_content) == b"first(fr);stage(en)"
+    response = Client().get("/fr/page/?to=/de/st/")  # a third language's
+    assert b"".join(response.streaming_content) == b"first(fr);stage(de)"
 
 
 @pytest.mark.parametrize("seconds", ["1", True, float("nan"), float("inf"), -1])
