@@ -263,7 +263,30 @@ def _names_of(view: Callable[..., Any], resolver: URLResolver, prefix: str) -> I
             yield prefix + pattern.name
 
 
-class DeferredResponse(StreamingHttpResponse):
+class HeldResponse(StreamingHttpResponse):
+    """A response that carries a deferral (``comet_deferral``) and announces it in the
+    request's environ whenever its content is taken: by the server that iterates it, or
+    by a middleware that wraps its content before (GZipMiddleware's compressor yields
+    its header before it takes the content's first part).  So a server that a WSGI
+    middleware's own iterable hid the response from finds it all the same
+    (evloop/deferral.py).  The content withdraws it once it has run its first part."""
+
+    comet_deferral: Any
+
+    @property  # type: ignore[override]
+    def streaming_content(self) -> Any:
+        announce(request_environ(), self.comet_deferral)
+        return _STREAMING_CONTENT.fget(self)
+
+    @streaming_content.setter
+    def streaming_content(self, value: Any) -> None:
+        _STREAMING_CONTENT.fset(self, value)
+
+
+_STREAMING_CONTENT: Any = vars(StreamingHttpResponse)["streaming_content"]  # the property
+
+
+class DeferredResponse(HeldResponse):
     """The first stage's status, headers and cookies, streaming its content, carrying
     the deferral that says when and how the next stage comes."""
 
@@ -293,7 +316,6 @@ class DeferredResponse(StreamingHttpResponse):
 
     def _stages(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         deferral = self.comet_deferral
-        announce(environ, deferral)  # (for a server that a middleware hid it from)
         yield from _content(self.response_prev)
         withdraw(environ, deferral)
         if deferral.claimed or self._head:

@@ -14,14 +14,14 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from django.http import HttpRequest, HttpResponseBadRequest, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponseBadRequest
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .deferred import head_request, request_environ
+from .deferred import HeldResponse, head_request, request_environ
 from .events import refusal, replay
-from .evloop.deferral import ChannelWait, announce, blocking_through, withdraw
+from .evloop.deferral import ChannelWait, blocking_through, withdraw
 from .evloop.hub import Event, hub, poll_batch
 
 __all__ = ["poll_response", "render_events"]
@@ -40,7 +40,7 @@ def render_events(events: list[Event], after: int, gap: bool = False) -> bytes:
     return f'{{"events":[{",".join(items)}],"last_id":{last_id}{more}}}'.encode()
 
 
-class PollResponse(StreamingHttpResponse):
+class PollResponse(HeldResponse):
     def __init__(self, channels: list[str], since: int | None, timeout: float):
         super().__init__(content_type="application/json")
         self["Cache-Control"] = "no-cache"
@@ -67,7 +67,6 @@ class PollResponse(StreamingHttpResponse):
 
     def _body(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         wait = self.comet_deferral
-        announce(environ, wait)  # (for a server that a middleware hid it from)
         # A first byte at once (JSON may start with whitespace): browsers tell a script
         # that the answer has begun (comet.js: "live") only once some body has come.
         yield b" "

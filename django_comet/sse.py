@@ -12,14 +12,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .deferred import head_request, request_environ
+from .deferred import HeldResponse, head_request, request_environ
 from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
-from .evloop.deferral import Stream, announce, blocking_through, withdraw
+from .evloop.deferral import Stream, blocking_through, withdraw
 from .evloop.frames import GAP_EVENT, gap_frame, heartbeat_frame, jittered_retry
 from .evloop.hub import hub
 
@@ -33,7 +33,7 @@ IDLE_COMMENT_SECONDS = 60.0
 # state it derives from the stream.
 
 
-class EventStreamResponse(StreamingHttpResponse):
+class EventStreamResponse(HeldResponse):
     """``text/event-stream`` of every event on ``channels``.
 
     ``channels``: channel names, or one name.  ``last_event_id``: replay what the client
@@ -93,7 +93,6 @@ class EventStreamResponse(StreamingHttpResponse):
         self.streaming_content = self._frames(request_environ())
 
     def _frames(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
-        announce(environ, self.comet_deferral)  # (for a server that a middleware hid it from)
         yield self._first
         withdraw(environ, self.comet_deferral)
         if self.comet_deferral.claimed or self._head:

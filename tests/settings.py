@@ -102,6 +102,9 @@ if os.environ.get("TEST_SITE_CACHE"):  # Django's per-site cache around everythi
     ]
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+if os.environ.get("TEST_REPLACING"):  # a middleware takes a response, answers another
+    MIDDLEWARE = ["tests.views.replacing_middleware", *MIDDLEWARE]
+
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]
 

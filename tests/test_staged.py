@@ -38,25 +38,34 @@ def test_demo_five_chunks_in_order(request, server_name):
 
 @pytest.mark.parametrize(
     "env",
-    [{"TEST_WRAPPED_WSGI": "application"}, {"TEST_PATCHED_HANDLER": "1"}],
-    ids=["wsgi-middleware", "patched-handler"],
+    [
+        {"TEST_WRAPPED_WSGI": "application"},
+        {"TEST_PATCHED_HANDLER": "1"},
+        {"TEST_PATCHED_HANDLER": "1", "TEST_GZIP": "1"},
+    ],
+    ids=["wsgi-middleware", "patched-handler", "patched-handler-gzip"],
 )
 def test_held_responses_work_behind_a_middlewares_own_iterable(demo_db, env):
     """A WSGI middleware that hands on an iterable of its own around the application's
     (timing, an APM: sentry-sdk replaces WSGIHandler.__call__ with one) hid the deferral
     from runcomet: every held response waited in a view thread, and with the patched
-    handler every stage failed (its iterable has no status_code)."""
+    handler every stage failed (its iterable has no status_code).  With GZipMiddleware
+    too, whose compressor yields its header before it takes the content."""
+    gzip = b"Accept-Encoding: gzip\r\n" if "TEST_GZIP" in env else b""
     server = runcomet(db=demo_db, env=env)
     try:
-        _, chunks = get_staged(server, "/t/quick-stages/")
+        _, chunks = get_staged(server, "/t/quick-stages/", gzip)
         assert chunks == [b"s0;", b"s1:-;", b"s2:-;", b"s3:-;", b"s4:-;"]
         staged = server.connect()
-        staged.sendall(b"GET /t/quick-stages/?delay=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        staged.sendall(
+            b"GET /t/quick-stages/?delay=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n%b\r\n" % gzip
+        )
         poll = server.connect()
         poll.sendall(
-            b"GET /t/fastpoll/?channel=wrapped&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /t/fastpoll/?channel=wrapped&timeout=60 HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n%b\r\n" % gzip
         )
-        with SSEClient(server, "/t/stream/?channels=wrapped") as stream:
+        with SSEClient(server, "/t/stream/?channels=wrapped", gzip) as stream:
             # Held by the loop, each: none waits in a view thread.
             server.wait_for_status(lambda s: s["held"] == 3 and s["channels"] == {"wrapped": 2})
             event_id = publish(server, "wrapped", "news")
@@ -67,6 +76,22 @@ def test_held_responses_work_behind_a_middlewares_own_iterable(demo_db, env):
         poll.close()
         server.wait_for_status(lambda s: s["held"] == 0)
         assert not any("waits in its view thread" in line for line in server.output)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
+def test_a_held_response_taken_then_dropped_for_another_is_not_held(demo_db):
+    """A middleware took the response's content (which announced its deferral), then
+    answered another response: behind an iterable of its own, that one must go out as
+    it is, not be held by the dropped one's deferral."""
+    env = {"TEST_PATCHED_HANDLER": "1", "TEST_REPLACING": "1"}
+    server = runcomet(db=demo_db, env=env)
+    try:
+        response = requests.get(server.url + "/t/quick-stages/?replace=1", timeout=10)
+        assert (response.status_code, response.content) == (200, b"replaced")
+        response = requests.get(server.url + "/t/stream/?channels=x&replace=1", timeout=10)
+        assert (response.status_code, response.content) == (200, b"replaced")
+        assert server.wait_for_status(lambda s: s["held"] == 0)["held"] == 0
     finally:
         assert server.stop() == 0, "".join(server.output)
 

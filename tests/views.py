@@ -295,6 +295,20 @@ def marking_middleware(get_response):
     return middleware
 
 
+def replacing_middleware(get_response):
+    """Takes the response's content, then answers another response in its place (when
+    the request asks: ``?replace=1``)."""
+
+    def middleware(request):
+        response = get_response(request)
+        if request.GET.get("replace") and response.streaming:
+            response.streaming_content  # noqa: B018  (taken, as a wrapping middleware does)
+            return HttpResponse(b"replaced")
+        return response
+
+    return middleware
+
+
 def marked_first(request):
     mark = b"marked" if getattr(request, "marked", False) else b"-"
     return defer_in_time(HttpResponse(b"first:" + mark + b";"), 0.01, "/t/marked/stage/")

@@ -14,12 +14,13 @@ A server that understands it (this one) sets ``claimed`` before iterating, so th
 iterable yields only the content of the current stage; the server sends that as a chunk
 and keeps the connection.  A WSGI middleware may return an iterable of its own around
 the application's (Sentry's and New Relic's do), which hides the attribute: so the
-iterable also ``announce``s its deferral in the request's environ when it starts, before
-its first item, and a server that found no attribute claims it from there once it has
-that item, before it asks for the next (the content checks ``claimed`` only then, and
-``withdraw``s it, claimed or not: a middleware that collects the body has taken more,
-and the environ must not keep it).  A response that a middleware replaced is never
-iterated, and announces nothing.
+response also ``announce``s its deferral in the request's environ whenever its content
+is taken (to be iterated, or wrapped by a middleware), and a server that found no
+attribute claims it from there once it has the first item, before it asks for the next
+(the content checks ``claimed`` only after its first part, and ``withdraw``s it then,
+claimed or not: a middleware that collects the body has taken more, and the environ
+must not keep it).  One never withdrawn when the iterable is done belongs to a response
+whose content never ran (taken, then dropped for another): the server lets it go.
 
 The iterable ``resume()`` returns is the next stage: its content is the next chunk and
 it may carry a deferral of its own.  A server that knows nothing of this just iterates,
@@ -201,9 +202,21 @@ def withdraw(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
 
 def claim_announced(environ: dict[str, Any]) -> AnyDeferral | None:
     """Server side, after the first item of an iterable that carried no deferral: take
-    the one its content announced, if any."""
-    deferral = environ.pop(ANNOUNCED, None)
+    the one its content announced, if any.  Left in the environ: once the iterable is
+    done, one still there was never withdrawn, and so its content never ran (its
+    response was taken, then dropped: ``unclaim`` it)."""
+    deferral = environ.get(ANNOUNCED)
     if isinstance(deferral, (Deferral, ChannelWait, Stream)) and not deferral.claimed:
         deferral.claimed = True
         return deferral
     return None
+
+
+def ran(environ: dict[str, Any], deferral: AnyDeferral) -> bool:
+    """Server side, once an iterable whose deferral was claimed from the environ is
+    done: whether its content ran (and withdrew it); if not, it is let go."""
+    if environ.get(ANNOUNCED) is not deferral:
+        return True
+    del environ[ANNOUNCED]
+    deferral.claimed = False
+    return False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .content_coding import without_content_coding
-from .deferral import ANNOUNCED, claim, claim_announced
+from .deferral import ANNOUNCED, claim, claim_announced, ran
 from .files import Descriptor, FileWrapper
 from .interrupt import StopNow
 from .start_response import AppError, StartResponse, carries_body
@@ -120,6 +120,7 @@ class Producer:
     ) -> None:
         """Iterate one stage's output and hand it to the loop; always close the result."""
         deferral = None
+        announced = None  # a deferral claimed from the environ (deferral.py)
         streaming = False
         pumped = False  # --threads 0: the loop thread goes on iterating it, then closes it
         try:
@@ -156,13 +157,16 @@ class Producer:
                         start.written.append(data)
                         size += len(data)
                     if deferral is None and first:
-                        # Hidden by a middleware's iterable, announced by its content.
-                        deferral = claim_announced(ex.environ) if ANNOUNCED in ex.environ else None
+                        # Hidden by a middleware's iterable, announced by the response.
+                        if ANNOUNCED in ex.environ:
+                            deferral = announced = claim_announced(ex.environ)
                         if deferral is None and size > limit:
                             streaming = True
                             break
             finally:
                 self._in_app = False
+            if announced is not None and not ran(ex.environ, announced):
+                deferral = None  # its response was dropped for another: not this one's
             if first and start.status is None:
                 raise AppError("the application returned without calling start_response()")
             if start.over:  # write() raised ClientGone, and the app went on: it is over
