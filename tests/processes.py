@@ -6,6 +6,7 @@ port from the startup banner, so tests never race for ports.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -19,6 +20,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(
@@ -207,6 +210,16 @@ def evloop(
         env=env,
         cwd=cwd,
     )
+
+
+def get_in_background(url: str, timeout: float = 30) -> concurrent.futures.Future:
+    """``requests.get(url)`` on a thread of its own (a request in flight while the test
+    stops the server): its Future, whose ``result()`` is the response."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(requests.get, url, timeout=timeout)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:

@@ -93,9 +93,9 @@ def test_requests_still_waiting_for_a_thread_when_a_stop_is_cut_run_no_view():
     assert ran == ["/busy"]
 
 
-def test_a_drain_cut_short_leaves_nothing_on_the_programs_own_loop():
-    """Server(app, loop=...): the program's loop goes on after the server; the drain's
-    next look, left on it, stopped the program's next run at once."""
+def on_the_programs_loop():
+    """A server on a loop of the program's, with one view thread, whose views wait for
+    ``release`` to be set: (loop, server, release)."""
     release = threading.Event()
 
     def app(environ, start_response):
@@ -105,6 +105,13 @@ def test_a_drain_cut_short_leaves_nothing_on_the_programs_own_loop():
 
     loop = Loop()
     server = Server(app, ServerConfig(port=0, threads=1, access_log=False), loop=loop)
+    return loop, server, release
+
+
+def test_a_drain_cut_short_leaves_nothing_on_the_programs_own_loop():
+    """Server(app, loop=...): the program's loop goes on after the server; the drain's
+    next look, left on it, stopped the program's next run at once."""
+    loop, server, release = on_the_programs_loop()
     with socket.create_connection(("127.0.0.1", server.address[1]), timeout=10) as client:
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # in flight: the drain waits
         loop.call_later(0.01, server.shutdown)  # (timers: run once the loop runs)
@@ -122,15 +129,7 @@ def test_a_drain_cut_short_leaves_nothing_on_the_programs_own_loop():
 def test_a_stop_during_a_backlog_pause_leaves_nothing_on_the_programs_own_loop():
     """The check that resumes accepting once the views caught up went on re-arming
     itself every 5 ms on the program's loop after the server had closed."""
-    release = threading.Event()
-
-    def app(environ, start_response):
-        release.wait(30)
-        start_response("200 OK", [("Content-Length", "2")])
-        return [b"ok"]
-
-    loop = Loop()
-    server = Server(app, ServerConfig(port=0, threads=1, access_log=False), loop=loop)
+    loop, server, release = on_the_programs_loop()
     clients = []
 
     def connect_many():

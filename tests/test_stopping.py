@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from io import StringIO
 
 import pytest
@@ -18,7 +17,15 @@ import requests
 
 from django_comet.management.commands.runcomet import Command
 
-from .processes import ROOT, evloop, read_body, read_chunked, runcomet, wait_until
+from .processes import (
+    ROOT,
+    evloop,
+    get_in_background,
+    read_body,
+    read_chunked,
+    runcomet,
+    wait_until,
+)
 from .publishing import ended_as_its_kind_does, publish, subscribed
 from .sse_client import SSEClient
 
@@ -29,21 +36,13 @@ from .sse_client import SSEClient
 def test_signal_drains_in_flight_requests_and_exits_0(demo_db, signum):
     server = runcomet(db=demo_db)
     try:
-        result = {}
-
-        def slow():
-            result["response"] = requests.get(server.url + "/t/sleep/?s=1.5")
-
-        thread = threading.Thread(target=slow)
-        thread.start()
+        slow = get_in_background(server.url + "/t/sleep/?s=1.5")
         server.wait_for_status(lambda s: s["in_flight"] >= 2)
         staged = server.connect()
         staged.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         server.wait_for_status(lambda s: s["held"] == 1)
         server.signal(signum)
-        thread.join()
-        assert result["response"].status_code == 200
-        assert result["response"].text == "slept"
+        assert (slow.result().status_code, slow.result().text) == (200, "slept")
         data = b""
         while more := staged.recv(4096):
             data += more
@@ -75,22 +74,14 @@ def test_a_second_sigterm_is_the_same_stop(demo_db, threads, tmp_path):
     second must not cut the drain the first began (with --threads 0, a view running)."""
     server = runcomet("--threads", threads, db=demo_db)
     try:
-        result = {}
         started = tmp_path / "started"
-
-        def slow():
-            url = f"{server.url}/t/sleep/?s=2&started={started}"
-            result["response"] = requests.get(url, timeout=30)
-
-        thread = threading.Thread(target=slow)
-        thread.start()
+        slow = get_in_background(f"{server.url}/t/sleep/?s=2&started={started}")
         wait_until(started.exists)
         server.signal(signal.SIGTERM)
         if threads != "0":  # (there the loop, which closes the port, runs the view)
             server.wait_until_refused()  # the first was handled
         server.signal(signal.SIGTERM)
-        thread.join()
-        assert result["response"].text == "slept"
+        assert slow.result().text == "slept"
         assert server.proc.wait(20) == 0
         assert not [line for line in server.output if "Second stop request" in line]
     finally:

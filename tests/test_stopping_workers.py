@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import psutil
 import pytest
 import requests
 
 from .brokers import RedisServer
-from .processes import ROOT, runcomet, wait_until
+from .processes import ROOT, get_in_background, runcomet, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +79,13 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(redis, dem
 
     server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
     try:
-        result = {}
-
-        def slow():
-            result["response"] = requests.get(server.url + "/t/sleep/?s=3", timeout=30)
-
-        thread = threading.Thread(target=slow)
-        thread.start()
+        slow = get_in_background(server.url + "/t/sleep/?s=3")
         # Some worker reports it (each status request reaches one worker or the other).
         server.wait_for_status(lambda s: s["in_flight"] >= 2)
         parent = psutil.Process(server.proc.pid)
         for process in [parent, *parent.children()]:
             process.send_signal(signum)
-        thread.join()
-        assert result["response"].status_code == 200
-        assert result["response"].text == "slept"
+        assert (slow.result().status_code, slow.result().text) == (200, "slept")
         assert server.proc.wait(20) == 0
     finally:
         server.stop()
@@ -106,19 +97,12 @@ def test_a_second_sigterm_drains_and_a_sigint_after_it_cuts(redis, demo_db):
     requests in flight.  A Ctrl-C after it still cuts."""
     server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
     try:
-        result = {}
-
-        def slow():
-            result["response"] = requests.get(server.url + "/t/sleep/?s=3", timeout=30)
-
-        thread = threading.Thread(target=slow)
-        thread.start()
+        slow = get_in_background(server.url + "/t/sleep/?s=3")
         server.wait_for_status(lambda s: s["in_flight"] >= 2)
         server.signal(signal.SIGTERM)
         server.wait_until_refused()  # the first was handled
         server.signal(signal.SIGTERM)
-        thread.join()
-        assert result["response"].text == "slept"
+        assert slow.result().text == "slept"
         assert server.proc.wait(20) == 0
         assert not [line for line in server.output if "Second stop request" in line]
     finally:
