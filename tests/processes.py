@@ -222,6 +222,18 @@ def get_in_background(url: str, timeout: float = 30) -> concurrent.futures.Futur
         pool.shutdown(wait=False)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not more:
+            return out
+        out += more
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
     """``condition()``'s first true value, polled until a deadline (what it waits for
     happens in another process, which tells nothing when it does)."""
