@@ -31,7 +31,7 @@ if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
         "root": {"handlers": ["file"], "level": "WARNING"},
     }
 
-if os.environ.get("TEST_CONSOLE_LOG"):  # the project's own console handler (Docker's usual)
+if os.environ.get("TEST_CONSOLE_LOG"):  # the project's console handler: "root" or a logger
     LOGGING = {
         "version": 1,
         "disable_existing_loggers": False,
@@ -39,7 +39,15 @@ if os.environ.get("TEST_CONSOLE_LOG"):  # the project's own console handler (Doc
         **(
             {"root": {"handlers": ["console"], "level": "INFO"}}
             if os.environ["TEST_CONSOLE_LOG"] == "root"
-            else {"loggers": {"django_comet": {"handlers": ["console"], "level": "INFO"}}}
+            else {
+                "loggers": {
+                    os.environ["TEST_CONSOLE_LOG"]: {
+                        "handlers": ["console"],
+                        "level": "INFO",
+                        "propagate": False,
+                    }
+                }
+            }
         ),
     }
 

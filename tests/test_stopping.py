@@ -183,7 +183,8 @@ def test_a_stop_exits_0_when_its_terminal_closed(demo_db):
 
 
 @pytest.mark.parametrize(
-    "threads, console_log", [("8", ""), ("0", ""), ("8", "root"), ("0", "named")]
+    "threads, console_log",
+    [("8", ""), ("0", ""), ("8", "root"), ("0", "django_comet"), ("8", "django_comet.access")],
 )
 def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads, console_log):
     """Docker's blocking log mode, a stalled journald, `| less`: the access log's lines
@@ -204,7 +205,8 @@ def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads,
 
 
 @pytest.mark.parametrize(
-    "launch, console_log", [("runcomet", "root"), ("evloop", "root"), ("evloop", "named")]
+    "launch, console_log",
+    [("runcomet", "root"), ("evloop", "root"), ("evloop", "django_comet")],
 )
 def test_a_stop_exits_while_the_projects_console_handler_is_stuck(demo_db, launch, console_log):
     """The project's console handler, stuck on a stderr nobody reads, holds its lock:

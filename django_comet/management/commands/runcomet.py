@@ -432,8 +432,10 @@ def _configure_logging(access_log: bool) -> None:
             each.disabled = False  # LOGGING did not mean these: it does not name them
     if not logger.handlers and logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO if access_log else logging.WARNING)
-    if logger.hasHandlers():  # LOGGING's, the logger's own or the root logger's: to them
-        forward_in_background(logger)
+    # LOGGING's handlers (the logger's own, its children's, the root logger's): to them.
+    to_its_handlers = logger.hasHandlers()
+    forward_in_background(logger)
+    if to_its_handlers:
         return
     log_to_stderr(logger, LOG_FORMAT, LOG_DATE_FORMAT)  # (never waits: logwriter.py)
     logger.propagate = False
