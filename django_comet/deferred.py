@@ -46,7 +46,14 @@ from django.utils import translation
 from django.utils.cache import add_never_cache_headers
 from django.utils.functional import Promise
 
-from .evloop.deferral import ChannelWait, Deferral, announce, blocking_through, withdraw
+from .evloop.deferral import (
+    ChannelWait,
+    Deferral,
+    announce,
+    begin,
+    blocking_through,
+    withdraw,
+)
 from .evloop.hub import hub
 from .stages import EVENT_KEY, RESPONSE_PREV_KEY, NextStage, StageError
 
@@ -316,6 +323,7 @@ class DeferredResponse(HeldResponse):
 
     def _stages(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         deferral = self.comet_deferral
+        begin(environ, deferral)
         yield from _content(self.response_prev)
         withdraw(environ, deferral)
         if deferral.claimed or self._head:

@@ -21,7 +21,7 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import HeldResponse, head_request, request_environ
 from .events import refusal, replay
-from .evloop.deferral import ChannelWait, blocking_through, withdraw
+from .evloop.deferral import ChannelWait, begin, blocking_through, withdraw
 from .evloop.hub import Event, hub, poll_batch
 
 __all__ = ["poll_response", "render_events"]
@@ -67,6 +67,7 @@ class PollResponse(HeldResponse):
 
     def _body(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
         wait = self.comet_deferral
+        begin(environ, wait)
         # A first byte at once (JSON may start with whitespace): browsers tell a script
         # that the answer has begun (comet.js: "live") only once some body has come.
         yield b" "

@@ -19,7 +19,7 @@ from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import HeldResponse, head_request, request_environ
 from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
-from .evloop.deferral import Stream, blocking_through, withdraw
+from .evloop.deferral import Stream, begin, blocking_through, withdraw
 from .evloop.frames import GAP_EVENT, gap_frame, heartbeat_frame, jittered_retry
 from .evloop.hub import hub
 
@@ -93,6 +93,7 @@ class EventStreamResponse(HeldResponse):
         self.streaming_content = self._frames(request_environ())
 
     def _frames(self, environ: dict[str, Any] | None) -> Iterator[bytes]:
+        begin(environ, self.comet_deferral)
         yield self._first
         withdraw(environ, self.comet_deferral)
         if self.comet_deferral.claimed or self._head:

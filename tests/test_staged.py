@@ -91,6 +91,12 @@ def test_a_held_response_taken_then_dropped_for_another_is_not_held(demo_db):
         assert (response.status_code, response.content) == (200, b"replaced")
         response = requests.get(server.url + "/t/stream/?channels=x&replace=1", timeout=10)
         assert (response.status_code, response.content) == (200, b"replaced")
+        # An endless stream in its place streams (it was taken whole, for ever, held by
+        # the dropped one's deferral).
+        with requests.get(
+            server.url + "/t/quick-stages/?replace=endless", stream=True, timeout=10
+        ) as endless:
+            assert endless.raw.read(14) == b"tick 0\ntick 1\n"
         assert server.wait_for_status(lambda s: s["held"] == 0)["held"] == 0
     finally:
         assert server.stop() == 0, "".join(server.output)

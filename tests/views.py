@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import stat
@@ -297,12 +298,21 @@ def marking_middleware(get_response):
 
 def replacing_middleware(get_response):
     """Takes the response's content, then answers another response in its place (when
-    the request asks: ``?replace=1``)."""
+    the request asks: ``?replace=1``, a plain one; ``?replace=endless``, an endless
+    stream of ticks)."""
+
+    def ticks():
+        for n in itertools.count():
+            yield b"tick %d\n" % n
+            time.sleep(0.05)  # (the pace of an endless stream)
 
     def middleware(request):
         response = get_response(request)
-        if request.GET.get("replace") and response.streaming:
+        replace = request.GET.get("replace")
+        if replace and response.streaming:
             response.streaming_content  # noqa: B018  (taken, as a wrapping middleware does)
+            if replace == "endless":
+                return StreamingHttpResponse(ticks(), content_type="text/plain")
             return HttpResponse(b"replaced")
         return response
 

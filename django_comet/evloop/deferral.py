@@ -19,8 +19,9 @@ is taken (to be iterated, or wrapped by a middleware), and a server that found n
 attribute claims it from there once it has the first item, before it asks for the next
 (the content checks ``claimed`` only after its first part, and ``withdraw``s it then,
 claimed or not: a middleware that collects the body has taken more, and the environ
-must not keep it).  One never withdrawn when the iterable is done belongs to a response
-whose content never ran (taken, then dropped for another): the server lets it go.
+must not keep it).  The content marks when it ``begin``s: one announced whose content
+has not begun by the iterable's second item, or its end, belongs to a response taken,
+then dropped for another (a middleware's own), and the server lets it go.
 
 The iterable ``resume()`` returns is the next stage: its content is the next chunk and
 it may carry a deferral of its own.  A server that knows nothing of this just iterates,
@@ -40,6 +41,7 @@ from .hub import hub
 
 ATTRIBUTE = "comet_deferral"
 ANNOUNCED = "comet.deferral"  # the environ key of a deferral announced (see above)
+STARTED = "comet.deferral.started"  # ... and of its content, once that started
 MAX_SECONDS = 1e7  # about 115 days: a longer delay or timeout is a mistake
 
 
@@ -193,11 +195,18 @@ def announce(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
         environ[ANNOUNCED] = deferral
 
 
+def begin(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
+    """Held-response side, as the content starts: the announcement is this content's."""
+    if environ is not None and environ.get(ANNOUNCED) is deferral:
+        environ[STARTED] = deferral
+
+
 def withdraw(environ: dict[str, Any] | None, deferral: AnyDeferral) -> None:
     """Held-response side, once the first item was taken and ``claimed`` read: too late
     for a server to claim it now."""
     if environ is not None and environ.get(ANNOUNCED) is deferral:
         del environ[ANNOUNCED]
+        environ.pop(STARTED, None)
 
 
 def claim_announced(environ: dict[str, Any]) -> AnyDeferral | None:
@@ -212,10 +221,11 @@ def claim_announced(environ: dict[str, Any]) -> AnyDeferral | None:
     return None
 
 
-def ran(environ: dict[str, Any], deferral: AnyDeferral) -> bool:
-    """Server side, once an iterable whose deferral was claimed from the environ is
-    done: whether its content ran (and withdrew it); if not, it is let go."""
-    if environ.get(ANNOUNCED) is not deferral:
+def began(environ: dict[str, Any], deferral: AnyDeferral) -> bool:
+    """Server side, at an iterable's second item or end, of a deferral claimed from the
+    environ: whether its content began (or ran, and withdrew it); if not, it belongs to
+    a response that was dropped, and is let go."""
+    if environ.get(ANNOUNCED) is not deferral or environ.get(STARTED) is deferral:
         return True
     del environ[ANNOUNCED]
     deferral.claimed = False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .content_coding import without_content_coding
-from .deferral import ANNOUNCED, claim, claim_announced, ran
+from .deferral import ANNOUNCED, began, claim, claim_announced
 from .files import Descriptor, FileWrapper
 from .interrupt import StopNow
 from .start_response import AppError, StartResponse, carries_body
@@ -163,9 +163,14 @@ class Producer:
                         if deferral is None and size > limit:
                             streaming = True
                             break
+                    elif announced is not None and not began(ex.environ, announced):
+                        deferral = announced = None  # a dropped response's: this one streams
+                        if size > limit:
+                            streaming = True
+                            break
             finally:
                 self._in_app = False
-            if announced is not None and not ran(ex.environ, announced):
+            if announced is not None and not began(ex.environ, announced):
                 deferral = None  # its response was dropped for another: not this one's
             if first and start.status is None:
                 raise AppError("the application returned without calling start_response()")
