@@ -1,6 +1,8 @@
-"""A logging handler of a project's, as Django's AdminEmailHandler: it reads exc_info."""
+"""Logging handlers of a project's: one that reads exc_info (as Django's AdminEmailHandler),
+one that is slow."""
 
 import logging
+import time
 
 
 class ExceptionTypes(logging.Handler):
@@ -14,3 +16,17 @@ class ExceptionTypes(logging.Handler):
         kind = type(record.exc_info[1]).__name__ if record.exc_info else "-"
         with open(self.filename, "a") as out:
             out.write(f"{record.name} {kind}\n")
+
+
+class Slow(logging.Handler):
+    """A handler that takes its time with each record (mailing it, shipping it), then
+    appends its message to a file."""
+
+    def __init__(self, filename, seconds):
+        super().__init__()
+        self.filename, self.seconds = filename, seconds
+
+    def emit(self, record):
+        time.sleep(self.seconds)
+        with open(self.filename, "a") as out:
+            out.write(record.getMessage() + "\n")

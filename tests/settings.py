@@ -65,6 +65,21 @@ if os.environ.get("TEST_EXCEPTION_LOG"):  # a handler that reads exc_info (Admin
         "root": {"handlers": ["types"], "level": "INFO"},
     }
 
+if os.environ.get("TEST_SLOW_LOG"):  # a handler that takes 3 s per record (mail, a shipper)
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {
+            "slow": {
+                "()": "tests.log_handlers.Slow",
+                "filename": os.environ["TEST_SLOW_LOG"],
+                "seconds": 3,
+                "level": "WARNING",
+            }
+        },
+        "root": {"handlers": ["slow"], "level": "INFO"},
+    }
+
 if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults
     LOGGING = {
         "version": 1,

@@ -244,6 +244,69 @@ def test_a_stop_exits_while_the_projects_console_handler_is_stuck(demo_db, launc
         proc.stderr.close()
 
 
+def test_a_stop_waits_for_the_projects_slow_log_handler(demo_db, tmp_path):
+    """A handler that is slow (mailing, shipping its records) is not stuck: the stop's
+    last lines reach it, where the process used to end after 2 s without them."""
+    log = tmp_path / "slow.log"
+    server = runcomet(db=demo_db, env={"TEST_SLOW_LOG": str(log)})
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert "Stopping: no new connections" in log.read_text()
+
+
+def test_a_reload_restarts_while_the_projects_console_handler_is_stuck(demo_db, tmp_path):
+    """Under the autoreloader, the process an edit restarts ended in logging.shutdown(),
+    waiting for ever for the stuck handler's lock: it never ended, and never restarted.
+    (The process started in its place then waits on that stderr too, in Django's own
+    logging: the project's console handler is the project's.)"""
+    import psutil
+
+    watched = tmp_path / "watched.py"
+    watched.write_text("# edited below\n")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "DEMO_DB": demo_db,
+        "TEST_CONSOLE_LOG": "root",
+        "TEST_WATCHED_FILE": str(watched),
+    }
+    argv = [sys.executable, str(ROOT / "demo_site" / "manage.py"), "runcomet", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # never read until the process is gone
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        while not (match := re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())):
+            assert proc.poll() is None, "the server ended before its banner"
+        url = match.group(0).rstrip("/")
+        serving = psutil.Process(proc.pid).children()[0]  # the autoreloader's child
+        target = "/t/echo/?" + "x" * 4000  # a 4 KiB access-log line each
+        with requests.Session() as session:
+            for _ in range(100):  # 400 KiB of log, where a pipe holds 64
+                assert session.get(url + target, timeout=10).status_code == 200
+
+        def restarted():
+            # Again until seen: an edit before the autoreloader's first look is not one.
+            stat = watched.stat()
+            os.utime(watched, (stat.st_atime, stat.st_mtime + 10))
+            try:
+                serving.wait(1)  # (it ends, for the autoreloader to start another)
+            except psutil.TimeoutExpired:
+                return False
+            return True
+
+        wait_until(restarted, 60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+
 def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
     """Nothing in flight but held responses: each still gets its proper end before the
     process exits (the loop used to stop before their last bytes had left)."""

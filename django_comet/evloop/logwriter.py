@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -174,6 +175,24 @@ class ForwardingHandler(BackgroundHandler):
         ``exc_info`` included (Django's AdminEmailHandler mails its traceback)."""
         return copy.copy(record)
 
+    def writes_to_a_full_stream(self) -> bool:
+        """Whether one of the handlers it hands records to (its own, or above it) writes
+        to a stream that takes nothing now (a pipe nobody reads)."""
+        handlers = list(self.handlers)
+        logger = self.parent
+        while logger is not None:
+            handlers += logger.handlers
+            logger = logger.parent if logger.propagate else None
+        for handler in handlers:
+            try:
+                fd = handler.stream.fileno()  # type: ignore[attr-defined]
+                _, writable, _ = select.select([], [fd], [], 0)
+            except Exception:  # (no stream, no descriptor: a file, a socket of its own)
+                continue
+            if not writable:
+                return True
+        return False
+
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         for record in records:
             for handler in self.handlers:
@@ -188,15 +207,16 @@ _forwarders: weakref.WeakSet[ForwardingHandler] = weakref.WeakSet()
 
 def exit_if_stuck(status: int) -> None:
     """At the end: end the process now (``os._exit``) when a thread handing records to
-    the project's handlers is stuck in one of them, after ``FLUSH_WAIT`` for it (a
-    console handler on a stderr nobody reads): ``logging.shutdown()`` would wait for
-    ever for that handler's lock, and the interpreter's exit for stderr's.  Else
-    return, for the exit to take its course."""
+    the project's handlers is stuck in one of them on a stream nobody reads (a console
+    handler on a full pipe), after ``FLUSH_WAIT`` for it: ``logging.shutdown()`` would
+    wait for ever for that handler's lock, and the interpreter's exit for stderr's.
+    Else return, for the exit to take its course (a handler that is only slow, mailing
+    or shipping its records, is waited for, and atexit's functions run)."""
     stuck = False
     for forwarder in list(_forwarders):
         if forwarder._pid == os.getpid():
             forwarder.flush()
-            stuck = stuck or forwarder._gave_up
+            stuck = stuck or (forwarder._gave_up and forwarder.writes_to_a_full_stream())
     if stuck:
         with contextlib.suppress(Exception):
             sys.stdout.flush()

@@ -363,6 +363,7 @@ class _Reload:
             # The grace, then the server's closing (its view threads), with room to spare:
             # a response cut then must still get its access-log line.
             self.stopped.wait(RELOAD_GRACE + POOL_SHUTDOWN_WAIT + 2)
+            exit_if_stuck(3)  # (3: the autoreloader's "restart me")
             restart(filename)
 
         autoreload.trigger_reload = drain_then_restart
