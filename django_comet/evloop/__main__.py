@@ -97,7 +97,7 @@ def keep_server_logs(stderr: StderrHandler) -> None:
     ``dictConfig`` disables the loggers it does not name, the server's among them, and
     closes every handler, ``stderr`` too, which would then write from the caller's
     thread (the loop's).  The server's loggers log again, from a thread of their own:
-    to the handlers the configuration gave the root logger, or else to stderr."""
+    to the handlers the configuration gave them or the root logger, or else to stderr."""
     for name, each in list(logging.root.manager.loggerDict.items()):
         if name.partition(".")[0] == "django_comet" and isinstance(each, logging.Logger):
             each.disabled = False
