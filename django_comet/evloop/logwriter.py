@@ -133,9 +133,11 @@ class BackgroundHandler(logging.Handler):
     def flush(self) -> None:
         """Wait (``FLUSH_WAIT`` at most: stderr may never be read again) until what
         was logged has been written; once it was found stuck, not again."""
+        self._flush_until(time.monotonic() + FLUSH_WAIT)
+
+    def _flush_until(self, deadline: float) -> None:
         if self._pid != os.getpid() or self._gave_up:
             return
-        deadline = time.monotonic() + FLUSH_WAIT
         with self._changed:
             while self._waiting or self._writing:
                 left = deadline - time.monotonic()
@@ -213,9 +215,10 @@ def exit_if_stuck(status: int) -> None:
     Else return, for the exit to take its course (a handler that is only slow, mailing
     or shipping its records, is waited for, and atexit's functions run)."""
     stuck = False
+    deadline = time.monotonic() + FLUSH_WAIT  # one wait for all of them, not one each
     for forwarder in list(_forwarders):
         if forwarder._pid == os.getpid():
-            forwarder.flush()
+            forwarder._flush_until(deadline)
             stuck = stuck or (forwarder._gave_up and forwarder.writes_to_a_full_stream())
     if stuck:
         with contextlib.suppress(Exception):
