@@ -429,23 +429,52 @@ def test_a_proxy_that_buffers_streams_makes_the_page_fall_back_to_long_poll(come
         proxy.close()
 
 
-POLL_REFUSED = """
+REFUSED = """
 window.states = [];
-Comet.subscribe({poll: '/nowhere/', forcePoll: true, shareTabs: false,
-                 onEvent: function () {},
-                 onState: function (state) { window.states.push(state); }});
+window.refusals = [];
+Comet.subscribe({sse: arguments[0], poll: arguments[1], forcePoll: arguments[2],
+                 shareTabs: false, onEvent: function () {},
+                 onState: function (state) { window.states.push(state); },
+                 onRefused: function (info) { window.refusals.push(info); }});
 """
 
 
-def test_a_long_poll_that_is_refused_says_it_is_reconnecting(comet, new_browser):
+@pytest.mark.parametrize(
+    "poll, status, url",
+    [
+        ("/nowhere/", 404, "/nowhere/?since=0"),
+        ("/t/fastpoll/?channel=secret", 403, "/t/fastpoll/?channel=secret&since=0"),
+        # Anonymous, to the login page: 200, an HTML page where the poll's JSON was due.
+        ("/admin/", 200, "/admin/login/?next=/admin/%3Fsince%3D0"),
+    ],
+)
+def test_a_long_poll_that_is_refused_says_so(comet, new_browser, poll, status, url):
+    """A refusal (COMET_AUTHORIZE, an expired session's redirect to a login page) was
+    "reconnecting…" for ever, and a login page even "live (long-poll)"."""
     page = new_browser("poll-refused")
     page.get(comet.url + "/t/echo/")
     assert page.execute_async_script(LOAD_COMET_JS)
-    page.execute_script(POLL_REFUSED)
+    page.execute_script(REFUSED, None, poll, True)
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.states.length"))
-    assert page.execute_script("return window.states")[0] == "reconnecting…"
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
+    assert page.execute_script("return [window.states, window.refusals]") == [
+        ["refused"],
+        [{"status": status, "url": comet.url + url}],
+    ]
+
+
+def test_a_refused_stream_falls_back_to_its_poll_which_says_so(comet, new_browser):
+    """EventSource does not tell a refusal from a server away: the poll it falls back
+    to after three failures does."""
+    page = new_browser("stream-refused")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(REFUSED, "/t/stream/?channels=secret", "/admin/", False)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 60).until(lambda d: d.execute_script("return window.refusals.length"))
+    assert page.execute_script("return window.states") == ["reconnecting…", "refused"]
 
 
 STREAM_ONLY = """

@@ -9,7 +9,13 @@
  *     onEvent: function (event) {},  // {id, data (parsed JSON), event (name)}; each id once
  *     onGap: function (info) {},     // history no longer reaches back: reload your state
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…',
- *                                    //   'failed' (no stream it can open, and no poll)
+ *                                    //   'refused' (see onRefused), 'failed' (no stream
+ *                                    //   it can open, and no poll)
+ *     onRefused: function (info) {}, // {status, url}: the poll endpoint answered with a
+ *                                    //   client error (403: COMET_AUTHORIZE said no;
+ *                                    //   404) or an HTML page (a login page redirected
+ *                                    //   to: status 200, url its address); asked again
+ *                                    //   each minute, till close()
  *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
@@ -43,6 +49,10 @@
  * then after twice as long each time (up to ten minutes).  A poll whose endpoint
  * answers with a first byte at once (poll_response does) and that gets none within
  * openTimeout is on a dead connection: it is retried at once.
+ *
+ * A refusal is told by the poll endpoint only: EventSource does not say why a stream
+ * failed, so a refused stream is retried with backoff like a server that is away, and,
+ * with a poll endpoint, falls back to it after three failures, where the refusal shows.
  */
 (function (global) {
   'use strict';
@@ -52,6 +62,7 @@
   var RECENT_FOR_TABS = 200;  // events the connected tab keeps for tabs that join
   var SSE_FAILURES_BEFORE_POLL = 3;
   var SSE_AGAIN_MAX = 600000;  // ms in long-poll before a stream is tried again, at most
+  var REFUSED_AGAIN = 60000;  // ms before a refused poll is asked again (a login elsewhere)
 
   function subscribe(options) {
     var lastId = Number(options.lastId) || 0;  // (one read back from storage is text)
@@ -152,6 +163,21 @@
 
     function backoff(failures) {  // 1 s doubling to 30 s, with jitter so clients spread
       return Math.min(30000, 1000 * Math.pow(2, failures - 1)) * (0.5 + Math.random() / 2);
+    }
+
+    // An answer that retrying soon will not change: a client error (a refusal, an
+    // endpoint that is not there), or an HTML page where JSON was due (a login page
+    // that a redirect led to).  408 and 429 ask to be retried.
+    function refusedBy(xhr) {
+      var status = xhr.status;
+      if (status >= 400 && status < 500) { return status !== 408 && status !== 429; }
+      return status === 200 && /html/i.test(xhr.getResponseHeader('Content-Type') || '');
+    }
+
+    function refused(info) {
+      onState('refused');
+      if (options.onRefused) { call(options.onRefused, info); }
+      if (leading && shared && !closed) { shared.postMessage({ kind: 'refused', info: info }); }
     }
 
     function parse(text) {
@@ -268,7 +294,8 @@
         // Answering (the server sends a first byte at once): live, though it may wait.
         xhr.onprogress = function () {
           if (opening) { clearTimeout(opening); opening = null; }
-          if (xhr.status === 200 && polling === loop) {
+          // (Only what may be a poll's answer: a login page is no sign of life.)
+          if (xhr.status === 200 && polling === loop && /^\s*(\{|$)/.test(xhr.responseText)) {
             // Whitespace before the JSON: this endpoint answers with a first byte at
             // once (poll_response does), so a poll that gives none is on a dead
             // connection (the browser reuses idle ones after a network blip).
@@ -311,6 +338,11 @@
             if (body.last_id > lastId) { lastId = body.last_id; }
             failures = 0;
             onState('live (long-poll)');
+          } else if (refusedBy(xhr)) {
+            failures = 0;
+            refused({ status: xhr.status, url: xhr.responseURL || pollUrl });
+            pollTimer = setTimeout(next, REFUSED_AGAIN);
+            return;
           } else {
             failures += 1;
             onState('reconnecting…');
@@ -402,6 +434,7 @@
       if (m.kind === 'event') { deliver(m.id, m.data, m.name); }
       else if (m.kind === 'gap') { gap(m.info); }
       else if (m.kind === 'state') { state = m.mode; call(userOnState, m.mode); }
+      else if (m.kind === 'refused' && options.onRefused) { call(options.onRefused, m.info); }
     }
 
     // The connected tab: welcome a tab that joins with what it has seen since its id.
