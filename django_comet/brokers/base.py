@@ -57,8 +57,12 @@ class Broker:
     def retry_message(self, exc: Exception, what: str, lost: str = "lost") -> tuple[int, str]:
         """The log level and text for a listener's failed connection, retried."""
         if self.refused(exc):
-            return logging.ERROR, f"{what} refused: {exc}; check COMET_BROKER"
-        return logging.WARNING, f"{what} {lost} ({exc})"
+            return logging.ERROR, f"{what} refused: {self.described(exc)}; check COMET_BROKER"
+        return logging.WARNING, f"{what} {lost} ({self.described(exc)})"
+
+    def described(self, exc: Exception) -> str:
+        """``exc`` in one line, for the log."""
+        return " ".join(str(exc).split()) or repr(exc)
 
     def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """As ``since``, from this process's own history, for when the broker cannot be

@@ -50,6 +50,7 @@ from .postgres_sql import (
     SELECT_EVENTS,
     SINCE,
     STALLED_PUBLISHER,
+    TABLES_MADE,
     installation_names,
 )
 from .watchdog import watchdog as command_watchdog
@@ -178,7 +179,8 @@ class PostgresBroker(ListeningBroker):
             # CREATE ... IF NOT EXISTS is not safe against itself: workers starting
             # together on a new database would fail on each other's table.
             with _locked(conn, self._lock_key):
-                conn.execute(SCHEMA)
+                if not conn.execute(TABLES_MADE).fetchone()[0]:
+                    conn.execute(SCHEMA)
                 # Tables made again (a database recreated or restored without them)
                 # start their ids at 1: those seen here would be taken for old ones.
                 if known := self._newest_known():
@@ -187,10 +189,17 @@ class PostgresBroker(ListeningBroker):
         return conn
 
     def refused(self, exc: Exception) -> bool:
+        if isinstance(exc, self.psycopg.errors.InsufficientPrivilege):
+            return True  # (the role may not make the tables, or not use them)
         # libpq says why in its message only (no SQLSTATE for a failed connection).
         return isinstance(exc, self.psycopg.OperationalError) and any(
             reason in str(exc) for reason in REFUSALS
         )
+
+    def described(self, exc: Exception) -> str:
+        # The server's own message: without the statement it quotes, over three lines.
+        primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+        return primary or super().described(exc)
 
     def _tables_gone(self) -> None:
         """The tables went away under a running process (a database recreated, or

@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS comet_channel (
 );
 """
 
+# Whether the tables are there (made by another role, maybe: one that may only use them
+# cannot run the CREATE ... IF NOT EXISTS, which asks for CREATE on the schema first).
+TABLES_MADE = """
+SELECT to_regclass('comet_event') IS NOT NULL
+    AND to_regclass('comet_event_channel_id') IS NOT NULL
+    AND to_regclass('comet_channel') IS NOT NULL
+"""
+
 NEWEST_ID = "SELECT coalesce(max(id), 0) FROM comet_event"
 
 # A transaction that holds the advisory lock every publisher needs: should its client
