@@ -324,6 +324,7 @@ def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkey
 
     monkeypatch.setattr(memory, "_served", False)
     monkeypatch.setattr(memory, "_warned", False)
+    monkeypatch.setattr(memory, "under_a_test_runner", lambda: False)  # (pytest-django's)
     # A thread of a server (a ticker an app's ready() started) may publish before the
     # server serves: not warned.
     ticker = threading.Thread(target=publish, args=("nowhere", 0))
@@ -335,6 +336,18 @@ def test_a_publish_that_can_reach_no_one_is_told_once_and_still_published(monkey
     told = [r for r in caplog.records if "served no request" in r.getMessage()]
     assert len(told) == 1 and told[0].levelname == "WARNING"
     assert "publish('nowhere')" in told[0].getMessage()
+
+
+def test_a_publish_under_the_test_runner_is_not_warned_about(monkeypatch, caplog):
+    """A project's tests (pytest-django's environment here, as manage.py test's) read
+    their events in their own process: the warning's advice would mislead them."""
+    from django_comet.brokers import memory
+
+    monkeypatch.setattr(memory, "_served", False)
+    monkeypatch.setattr(memory, "_warned", False)
+    assert memory.under_a_test_runner()
+    publish("tested", 1)
+    assert not [r for r in caplog.records if "served no request" in r.getMessage()]
 
 
 def test_a_publish_in_a_process_that_serves_is_not_warned_about(monkeypatch, caplog, client):
