@@ -79,6 +79,8 @@ def test_content_length_is_the_body_length_even_when_chunked():
     assert env["CONTENT_LENGTH"] == "5"
     assert env["CONTENT_TYPE"] == "text/plain"
     assert env["wsgi.input"].read() == b"hello"
+    # De-chunked: an app that saw the header (Bottle) decoded the body again.
+    assert "HTTP_TRANSFER_ENCODING" not in env
 
 
 def test_script_name_is_split_off():

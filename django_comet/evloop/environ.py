@@ -129,6 +129,9 @@ class EnvironBuilder:
                 environ[key] = value
         if body or "CONTENT_LENGTH" in environ or "HTTP_TRANSFER_ENCODING" in environ:
             environ["CONTENT_LENGTH"] = str(len(body))
+            # The body is de-chunked: an app that saw the header would decode it again
+            # (Bottle does), and a hop-by-hop header is the server's (PEP 3333).
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
         if target[0] != "/" and target != "*":
             # absolute-form: the target's authority, not the Host header, names the host
             # (RFC 9112 3.2.2); Django reads HTTP_HOST.
