@@ -89,6 +89,7 @@ def test_an_ipv6_server_name_is_bracketed():
     "args, message",
     [
         (["nosuchmodule:app", "0"], "error: cannot import 'nosuchmodule'"),
+        (["tests.nosuchpackage.apps:app", "0"], "error: cannot import 'tests.nosuchpackage.apps'"),
         (["tests.fixtureapps.apps:nope", "0"], "error: 'tests.fixtureapps.apps' has no 'nope'"),
         (["tests.fixtureapps.apps:app", "::1"], "an IPv6 address goes in brackets"),
         (["tests.fixtureapps.apps:app", "0", "--threads", "-1"], "'-1' is not from 0 to 1024"),
@@ -107,3 +108,34 @@ def test_bad_command_lines_are_one_line(args, message):
     assert result.returncode != 0
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_an_import_failing_inside_the_app_shows_where():
+    """A dependency the app's module imports and that is not installed: its traceback,
+    naming the file and line (it was one line, as for a typo in MODULE)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "django_comet.evloop", "tests.fixtureapps.broken_import:app", "0"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+    assert 'broken_import.py", line 3' in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "ModuleNotFoundError: No module named 'a_dependency_that_is_not_installed'"
+
+
+def test_an_apps_own_basic_config_is_its_logging():
+    """The app's logging.basicConfig() did nothing (this command had put its own
+    handler on the root logger first): its DEBUG lines were lost, and its format."""
+    server = evloop("tests.fixtureapps.basic_config:app")
+    try:
+        assert requests.get(server.url + "/", timeout=10).text == "ok"
+        assert server.logged("APP DEBUG basic_config: a debug line of the app's")
+        # The server's own records (the access log) go to the app's handler too.
+        assert server.logged("APP INFO django_comet.access: ")
+    finally:
+        assert server.stop() == 0

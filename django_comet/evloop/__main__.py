@@ -19,7 +19,6 @@ from .listen import unix_path
 from .logwriter import (
     LOG_DATE_FORMAT,
     LOG_FORMAT,
-    StderrHandler,
     exit_if_stuck,
     forward_in_background,
     log_to_stderr,
@@ -59,7 +58,11 @@ def load_app(spec: str) -> object:
         sys.path.insert(0, os.getcwd())
     try:
         app = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        # The module itself, or a package on its way to it (a typo): one line.  An
+        # import inside it that fails is the app's error: its traceback says where.
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise
         raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from None
     for part in attr.split("."):
         try:
@@ -92,23 +95,21 @@ def not_printed_on_the_way(record: logging.LogRecord) -> bool:
     return True
 
 
-def keep_server_logs(stderr: StderrHandler) -> None:
-    """The app's import may have configured logging (a Django project's LOGGING): its
-    ``dictConfig`` disables the loggers it does not name, the server's among them, and
-    closes every handler, ``stderr`` too, which would then write from the caller's
-    thread (the loop's).  The server's loggers log again, from a thread of their own:
-    to the handlers the configuration gave them or the root logger, or else to stderr."""
+def keep_server_logs() -> None:
+    """The app's import may have configured logging (a Django project's LOGGING, a
+    ``basicConfig``): a ``dictConfig`` disables the loggers it does not name, the
+    server's among them.  The server's loggers log again, from a thread of their own:
+    to the handlers the configuration gave them or the root logger, or else (with the
+    app's records, as runcomet does) to stderr."""
     for name, each in list(logging.root.manager.loggerDict.items()):
         if name.partition(".")[0] == "django_comet" and isinstance(each, logging.Logger):
             each.disabled = False
-    if stderr in logging.root.handlers and not stderr.closed:
-        ours = True  # (no configuration since)
-    else:
-        logging.root.removeHandler(stderr)
-        ours = not logging.root.handlers
-        if ours:  # (the configuration gave the root logger none)
-            stderr = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
-            stderr.addFilter(not_printed_on_the_way)
+    ours = not logging.root.handlers
+    if ours:  # (the app configured no root handler)
+        if logging.root.level == logging.WARNING:  # (as it was: the app did not set it)
+            logging.root.setLevel(logging.INFO)
+        stderr = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
+        stderr.addFilter(not_printed_on_the_way)
     server = logging.getLogger("django_comet")
     if not ours and server.level == logging.NOTSET:
         server.setLevel(logging.INFO)  # (the access log: --no-access-log turns it off)
@@ -163,11 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
-    logging.root.setLevel(logging.INFO)  # as runcomet's: from a thread of their own
-    handler = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
-    handler.addFilter(not_printed_on_the_way)
+    # The app first: its own logging.basicConfig() found this command's handler on the
+    # root logger, and did nothing.
     app = load_app(args.app)
-    keep_server_logs(handler)
+    keep_server_logs()
     config = project_config()
     config.access_log = not args.no_access_log
     if args.threads is not None:
