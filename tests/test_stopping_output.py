@@ -118,6 +118,33 @@ def test_a_server_whose_stderr_is_not_read_serves_on_and_stops(demo_db, threads,
         assert "Stopping: no new connections" in log
 
 
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_an_apps_wsgi_errors_on_a_stderr_not_read_stops_nothing(threads):
+    """What an app writes to wsgi.errors (Bottle's and Falcon's tracebacks) went to
+    stderr from the view's thread: a pipe nobody read stopped every view thread (and with
+    --threads 0 the loop, stop signals too).  It goes out in order once read."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "django_comet.evloop", "tests.fixtureapps.apps:app", "127.0.0.1:0"]
+        + ["--no-access-log", "--threads", threads],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # never read until the process is gone
+        text=True,
+    )
+    with stopped_at_the_end(proc):
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+        assert match, "no banner"
+        url = match.group(0) + "errors?4000"
+        with requests.Session() as session:
+            for _ in range(100):  # 400 KiB, where a pipe holds 64
+                assert session.get(url, timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        errors = proc.stderr.read()
+        assert proc.wait(30) == 0
+        assert errors.count("E" * 4000 + "\n") == 100
+
+
 @pytest.mark.parametrize(
     "launch, console_log",
     [("runcomet", "root"), ("evloop", "root"), ("evloop", "django_comet")],

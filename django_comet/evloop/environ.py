@@ -9,11 +9,11 @@ from __future__ import annotations
 import io
 import ipaddress
 import re
-import sys
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from .logwriter import error_stream
 from .request_checks import BadRequest
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")  # (RFC 3986 3.1)
@@ -67,7 +67,7 @@ class EnvironBuilder:
             "SERVER_PORT": str(server[1]),
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": url_scheme,
-            "wsgi.errors": sys.stderr,
+            "wsgi.errors": error_stream(),
             "wsgi.multithread": multithread,
             "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,

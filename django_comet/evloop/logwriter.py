@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 
 from .interrupt import start_without_signals
 
@@ -160,6 +161,51 @@ class StderrHandler(BackgroundHandler):
 
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         _write_text("".join(self.format(record) + "\n" for record in records))
+
+
+class ErrorStream:
+    """``wsgi.errors``: what the app writes goes to stderr as it was written, from a
+    thread of its own, with the log's bound: a stderr nobody reads stopped every view
+    thread that wrote a traceback there (Bottle does, Falcon too), and with
+    ``--threads 0`` the loop."""
+
+    def __init__(self) -> None:
+        self._writer = _RawStderrHandler()
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # (a text stream, PEP 3333 says)
+            raise TypeError(f"wsgi.errors takes str, not {type(text).__name__}")
+        if text:
+            self._writer.handle(logging.makeLogRecord({"name": _RAW, "msg": text}))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Nothing to wait for: waiting here on a stderr nobody reads is what this
+        stream is for not doing (the writer's thread writes what it has at once)."""
+
+
+_RAW = "wsgi.errors"
+
+
+_error_stream: ErrorStream | None = None
+
+
+def error_stream() -> ErrorStream:
+    """The process's ``wsgi.errors`` (one, as stderr is)."""
+    global _error_stream
+    if _error_stream is None:
+        _error_stream = ErrorStream()
+    return _error_stream
+
+
+class _RawStderrHandler(BackgroundHandler):
+    def _deliver(self, records: list[logging.LogRecord]) -> None:
+        # (What is not the app's text is this handler's count of dropped records.)
+        _write_text("".join(r.msg if r.name == _RAW else f"{r.msg}\n" for r in records))
 
 
 class ForwardingHandler(BackgroundHandler):

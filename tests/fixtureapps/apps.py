@@ -35,6 +35,11 @@ class _Body:
 def app(environ, start_response):
     """Routes on PATH_INFO to exercise the WSGI contract."""
     path = environ["PATH_INFO"]
+    if path == "/errors":  # ?n characters to wsgi.errors, in one line (as a traceback)
+        n = int(environ["QUERY_STRING"] or "10")
+        environ["wsgi.errors"].write("E" * n + "\n")
+        environ["wsgi.errors"].flush()
+        return hello(environ, start_response)
     if path == "/hello":
         return hello(environ, start_response)
     if path.startswith("/environ"):
