@@ -123,9 +123,9 @@ def test_an_apps_wsgi_errors_on_a_stderr_not_read_stops_nothing(threads):
     """What an app writes to wsgi.errors (Bottle's and Falcon's tracebacks) went to
     stderr from the view's thread: a pipe nobody read stopped every view thread (and with
     --threads 0 the loop, stop signals too).  It goes out in order once read."""
+    argv = [sys.executable, "-m", "django_comet.evloop", "tests.fixtureapps.apps:app"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "django_comet.evloop", "tests.fixtureapps.apps:app", "127.0.0.1:0"]
-        + ["--no-access-log", "--threads", threads],
+        [*argv, "127.0.0.1:0", "--no-access-log", "--threads", threads],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
