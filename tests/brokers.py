@@ -72,7 +72,14 @@ class PostgresServer:
         self._run(
             "initdb", "-D", self.datadir, "-A", "trust", "-U", "comet", "-E", "UTF8", "--no-sync"
         )
-        self.start()
+        for attempt in range(5):  # free_port() can race another process for the port
+            try:
+                self.start()
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 4:
+                    raise
+                self.port = free_port()
         self.url = f"postgresql://comet@127.0.0.1:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:

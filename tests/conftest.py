@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 
@@ -5,6 +6,18 @@ import pytest
 
 from .brokers import PostgresServer, RedisServer
 from .processes import ROOT, evloop, runcomet
+
+
+def pytest_configure(config):
+    """The servers the tests start inherit the signals this process ignores (a shell
+    ignores SIGINT in a background job, nohup SIGHUP), and a server leaves an ignored
+    stop signal ignored, as it should: the tests of those signals would fail there."""
+    for signum, default in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGHUP, signal.SIG_DFL),
+    ):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, default)
 
 
 @pytest.fixture(scope="session")

@@ -59,18 +59,26 @@ def test_timers_are_finer_than_the_kernel_tick(loop):
     """libevent's default clock for timeouts is the coarse one, which moves once per
     kernel tick (4 ms at HZ=250), so a chain of 1 ms timers would take 4 ms a link; the
     loop asks for the precise clock.  Twenty 1 ms links must all run before one 50 ms
-    timer (a tick-bound chain needs 80 ms)."""
-    order = []
+    timer (a tick-bound chain needs 80 ms).  Three tries: a busy machine may delay one
+    chain's wake-ups past the 30 ms to spare, where a tick-bound clock never passes."""
 
-    def link(n):
-        order.append(n)
-        if n < 20:
-            loop.call_later(0.001, lambda: link(n + 1))
+    def chained():
+        order = []  # (its own each try: a late chain of a try before appends to its own)
 
-    loop.call_later(0.001, lambda: link(1))
-    loop.call_later(0.05, lambda: (order.append("50 ms"), loop.stop()))
-    loop.run()
-    assert order == [*range(1, 21), "50 ms"]
+        def link(n):
+            order.append(n)
+            if n < 20:
+                loop.call_later(0.001, lambda: link(n + 1))
+
+        loop.call_later(0.001, lambda: link(1))
+        loop.call_later(0.05, lambda: (order.append("50 ms"), loop.stop()))
+        loop.run()
+        return order
+
+    tries = [chained()]
+    while tries[-1] != [*range(1, 21), "50 ms"] and len(tries) < 3:
+        tries.append(chained())
+    assert tries[-1] == [*range(1, 21), "50 ms"], tries
 
 
 def test_call_soon_threadsafe_from_many_threads(loop):

@@ -200,7 +200,6 @@ class Command(RunserverCommand):
         # which applies LOGGING again and, by default, disables every logger it does not
         # name, ours included (the access log, the server's errors).
         _configure_logging(config.access_log)
-        raise_open_files_limit(config.max_connections)
         try:
             libevent_ctypes.load()
             sock = listen_socket(config)
@@ -213,6 +212,8 @@ class Command(RunserverCommand):
                 self._fail(f"Cannot listen on unix:{config.unix_socket}: {exc.strerror or exc}")
             self._fail(_ERRORS.get(exc.errno or 0, str(exc)))
         self._socket_id = unix_socket_id(config.unix_socket) if config.unix_socket else None
+        # Once listening: a start that fails says so in one line, and that line only.
+        raise_open_files_limit(config.max_connections)
         workers = options.get("workers", 1)
         if workers > 1:
             self._run_workers(workers, sock, handler, config)
@@ -299,6 +300,10 @@ class Command(RunserverCommand):
         exit_if_stuck(0)  # (the project's log handlers stuck on a stderr nobody reads)
 
     def _fail(self, message: str) -> None:
+        # What was logged before (a worker's own error, "Worker 0 could not start")
+        # comes before the error: the log is written by a thread of its own.
+        for handler in logging.getLogger("django_comet").handlers:
+            handler.flush()
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
