@@ -759,11 +759,12 @@ def test_a_waiting_poll_shows_as_live(comet, new_browser):
 BACK_ONLINE = """
 var channel = arguments[0], mode = arguments[1];
 window.got = []; window.states = []; window.backoffs = [];
-// The network is down for the first connection only.
+// The network is down for the first connection only (a port nobody listens on: a
+// network error; a 404 would be a refusal).
 var realOpen = XMLHttpRequest.prototype.open, polls = 0;
 XMLHttpRequest.prototype.open = function (method, url) {
     polls += 1;
-    return realOpen.call(this, method, polls === 1 ? '/nowhere/' : url);
+    return realOpen.call(this, method, polls === 1 ? 'http://127.0.0.1:1/' : url);
 };
 var RealEventSource = window.EventSource, streams = 0;
 window.EventSource = function (url) {
