@@ -139,3 +139,13 @@ def test_an_apps_own_basic_config_is_its_logging():
         assert server.logged("APP INFO django_comet.access: ")
     finally:
         assert server.stop() == 0
+
+
+def test_what_an_app_logs_at_import_is_printed_as_the_servers_log():
+    """(Not lost to logging's last resort, which prints WARNING and up, bare, while the
+    command leaves the root logger without a handler for the app's basicConfig().)"""
+    server = evloop("tests.fixtureapps.logs_at_import:app")
+    try:
+        assert server.logged("] configuration read at import")
+    finally:
+        assert server.stop() == 0

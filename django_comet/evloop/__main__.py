@@ -19,6 +19,7 @@ from .listen import unix_path
 from .logwriter import (
     LOG_DATE_FORMAT,
     LOG_FORMAT,
+    StderrHandler,
     exit_if_stuck,
     forward_in_background,
     log_to_stderr,
@@ -74,6 +75,21 @@ def load_app(spec: str) -> object:
     return app
 
 
+def load_app_printing_its_log(spec: str) -> object:
+    """``load_app``, with what is logged meanwhile printed as the server's log is (INFO
+    and up), but from no handler on the root logger: an app's own
+    ``logging.basicConfig()`` found one there, and did nothing."""
+    logging.root.setLevel(logging.INFO)  # (the app's configuration may set another)
+    printer = StderrHandler()  # (for records that find no handler: none configured yet)
+    printer.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    printer.addFilter(not_printed_on_the_way)
+    last_resort, logging.lastResort = logging.lastResort, printer
+    try:
+        return load_app(spec)
+    finally:
+        logging.lastResort = last_resort
+
+
 def not_printed_on_the_way(record: logging.LogRecord) -> bool:
     """Whether no console handler printed a record on its way up to the root logger,
     where this command prints the app's logging too: Django's `django` logger has one of
@@ -106,8 +122,6 @@ def keep_server_logs() -> None:
             each.disabled = False
     ours = not logging.root.handlers
     if ours:  # (the app configured no root handler)
-        if logging.root.level == logging.WARNING:  # (as it was: the app did not set it)
-            logging.root.setLevel(logging.INFO)
         stderr = log_to_stderr(logging.root, LOG_FORMAT, LOG_DATE_FORMAT)
         stderr.addFilter(not_printed_on_the_way)
     server = logging.getLogger("django_comet")
@@ -164,9 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
-    # The app first: its own logging.basicConfig() found this command's handler on the
-    # root logger, and did nothing.
-    app = load_app(args.app)
+    app = load_app_printing_its_log(args.app)
     keep_server_logs()
     config = project_config()
     config.access_log = not args.no_access_log
