@@ -433,7 +433,7 @@ REFUSED = """
 window.states = [];
 window.refusals = [];
 Comet.subscribe({sse: arguments[0], poll: arguments[1], forcePoll: arguments[2],
-                 shareTabs: false, onEvent: function () {},
+                 shareTabs: !!arguments[3], onEvent: function () {},
                  onState: function (state) { window.states.push(state); },
                  onRefused: function (info) { window.refusals.push(info); }});
 """
@@ -462,6 +462,61 @@ def test_a_long_poll_that_is_refused_says_so(comet, new_browser, poll, status, u
         ["refused"],
         [{"status": status, "url": comet.url + url}],
     ]
+
+
+REFUSED_AGAIN_AND_AGAIN = """
+window.states = [];
+window.refusals = [];
+window.polls = 0;
+var realOpen = XMLHttpRequest.prototype.open;
+XMLHttpRequest.prototype.open = function () {
+    window.polls += 1;
+    return realOpen.apply(this, arguments);
+};
+var realSetTimeout = window.setTimeout;
+window.setTimeout = function (callback, ms) {  // a minute's wait is 10 ms here
+    return realSetTimeout(callback, ms === 60000 ? 10 : ms);
+};
+Comet.subscribe({poll: '/t/fastpoll/?channel=secret', forcePoll: true, shareTabs: arguments[0],
+                 onEvent: function () {},
+                 onState: function (state) { window.states.push(state); },
+                 onRefused: function (info) { window.refusals.push(info.status); }});
+"""
+
+
+def test_a_refusal_is_told_once_while_it_lasts(comet, new_browser):
+    """The poll asks again each minute: a page that shows a banner in onRefused was
+    told again each time."""
+    page = new_browser("refused-again")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(REFUSED_AGAIN_AND_AGAIN, False)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.polls >= 4"))
+    assert page.execute_script("return [window.states, window.refusals]") == [["refused"], [403]]
+
+
+def test_a_tab_joining_a_refused_subscription_is_told_of_the_refusal(comet, new_browser):
+    """A tab that joins the connected tab's subscription got the state 'refused', but
+    its onRefused only at the connected tab's next poll, a minute later."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = new_browser("refused-tabs")
+
+    def subscribed(_):
+        page.get(comet.url + "/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(REFUSED, None, "/t/fastpoll/?channel=secret", True, True)
+        WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
+
+    tabs = in_tabs(page, range(2), subscribed)
+    for handle in tabs:
+        page.switch_to.window(handle)
+        assert page.execute_script("return [window.states, window.refusals]") == [
+            ["refused"],
+            [{"status": 403, "url": comet.url + "/t/fastpoll/?channel=secret&since=0"}],
+        ]
 
 
 def test_a_refused_stream_falls_back_to_its_poll_which_says_so(comet, new_browser):

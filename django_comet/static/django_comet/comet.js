@@ -15,7 +15,8 @@
  *                                    //   client error (403: COMET_AUTHORIZE said no;
  *                                    //   404) or an HTML page (a login page redirected
  *                                    //   to: status 200, url its address); asked again
- *                                    //   each minute, till close()
+ *                                    //   each minute, till close(); told once (and to
+ *                                    //   each tab that joins) until an answer is not
  *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
@@ -86,6 +87,7 @@
     var watchdog = null;  // reopens a stream that fell silent
     var userOnState = options.onState || function () {};
     var state = '';
+    var refusal = null;  // the last refusal's {status, url}, for tabs that join
     var names = options.events || ['message'];
     // Sharing between tabs (see above).
     var shared = null;  // the BroadcastChannel, when sharing
@@ -174,7 +176,10 @@
       return status === 200 && /html/i.test(xhr.getResponseHeader('Content-Type') || '');
     }
 
+    // Told once a refusal (each minute's poll asks again, refused or not).
     function refused(info) {
+      if (state === 'refused') { return; }
+      refusal = info;
       onState('refused');
       if (options.onRefused) { call(options.onRefused, info); }
       if (leading && shared && !closed) { shared.postMessage({ kind: 'refused', info: info }); }
@@ -419,6 +424,9 @@
         if (m.gap) { gap(m.gap); }
         m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
         if (m.state) { state = m.state; call(userOnState, m.state); }
+        if (m.state === 'refused' && m.refusal && options.onRefused) {
+          call(options.onRefused, m.refusal);
+        }
       } else if (m.kind === 'leader') {
         // A tab took over; one that said hello before (to no one, or to the tab that
         // was about to lead) says it again.
@@ -446,7 +454,7 @@
       // what there is, as a new connection would).
       var missed = m.lastId > 0 && coveredFrom !== null && m.lastId < coveredFrom;
       shared.postMessage({
-        kind: 'welcome', tab: m.tab, events: events, state: state,
+        kind: 'welcome', tab: m.tab, events: events, state: state, refusal: refusal,
         gap: missed ? { last_event_id: m.lastId } : null
       });
     }
