@@ -80,6 +80,7 @@ def test_a_flush_that_found_stderr_stuck_does_not_wait_again(monkeypatch):
     """logging.shutdown() flushes each handler, then closes it, which flushes too: the
     exit waited twice for a stderr nobody read."""
     monkeypatch.setattr(logwriter, "FLUSH_WAIT", 0.05)
+    monkeypatch.setattr(logwriter, "_stderr_stuck_in", None)  # (put back afterwards)
     read_end, write_end = os.pipe()
     stderr = os.fdopen(write_end, "w")
     monkeypatch.setattr("sys.stderr", stderr)
@@ -95,6 +96,30 @@ def test_a_flush_that_found_stderr_stuck_does_not_wait_again(monkeypatch):
         assert waits == []
     finally:
         os.close(read_end)  # (the writer's write fails, and it goes)
+        stderr.close()
+
+
+def test_the_writers_to_a_stuck_stderr_wait_for_it_once_in_all(monkeypatch):
+    """The log's writer and wsgi.errors' write to the same stderr: at exit, each waited
+    its 2 s for it."""
+    monkeypatch.setattr(logwriter, "FLUSH_WAIT", 0.05)
+    monkeypatch.setattr(logwriter, "_stderr_stuck_in", None)  # (put back afterwards)
+    read_end, write_end = os.pipe()
+    stderr = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stderr", stderr)
+    log = StderrHandler()
+    errors = logwriter.ErrorStream()
+    try:
+        log.emit(logging.makeLogRecord({"msg": "x" * 200_000}))  # more than a pipe holds
+        errors.write("y" * 200_000)
+        wait_until(lambda: log._writing and errors._writer._writing)
+        log.flush()  # gives up
+        waits = []
+        monkeypatch.setattr(errors._writer._changed, "wait", lambda *a: waits.append(a))
+        errors._writer.flush()
+        assert waits == []
+    finally:
+        os.close(read_end)  # (the writers' writes fail, and they go)
         stderr.close()
 
 

@@ -37,6 +37,8 @@ _exceptions = logging.Formatter()
 class BackgroundHandler(logging.Handler):
     """Hands each record to a thread of its own, which ``_deliver``s what waits."""
 
+    writes_to_stderr = False  # (stuck when another writer to stderr found it stuck)
+
     def __init__(self, max_waiting: int = MAX_WAITING):
         super().__init__()
         self.max_waiting = max_waiting
@@ -137,13 +139,19 @@ class BackgroundHandler(logging.Handler):
         self._flush_until(time.monotonic() + FLUSH_WAIT)
 
     def _flush_until(self, deadline: float) -> None:
+        global _stderr_stuck_in
         if self._pid != os.getpid() or self._gave_up:
+            return
+        if self.writes_to_stderr and _stderr_stuck_in == self._pid:
+            self._gave_up = True  # (the log's writer and wsgi.errors': one wait, not two)
             return
         with self._changed:
             while self._waiting or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._gave_up = True
+                    if self.writes_to_stderr:
+                        _stderr_stuck_in = self._pid
                     break
                 self._changed.wait(left)
 
@@ -158,6 +166,8 @@ class BackgroundHandler(logging.Handler):
 
 class StderrHandler(BackgroundHandler):
     """Hands each record to a thread that writes it to stderr."""
+
+    writes_to_stderr = True
 
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         _write_text("".join(self.format(record) + "\n" for record in records))
@@ -203,6 +213,8 @@ def error_stream() -> ErrorStream:
 
 
 class _RawStderrHandler(BackgroundHandler):
+    writes_to_stderr = True
+
     def _deliver(self, records: list[logging.LogRecord]) -> None:
         # (What is not the app's text is this handler's count of dropped records.)
         _write_text("".join(r.msg if r.name == _RAW else f"{r.msg}\n" for r in records))
@@ -249,6 +261,10 @@ class ForwardingHandler(BackgroundHandler):
             if self.parent is not None:
                 self.parent.callHandlers(record)
 
+
+# The process (its pid) in which a flush found stderr stuck: the other writers to it
+# do not wait for it again.
+_stderr_stuck_in: int | None = None
 
 _forwarders: weakref.WeakSet[ForwardingHandler] = weakref.WeakSet()
 
