@@ -96,6 +96,7 @@ def test_a_flush_that_found_stderr_stuck_does_not_wait_again(monkeypatch):
         assert waits == []
     finally:
         os.close(read_end)  # (the writer's write fails, and it goes)
+        wait_until(lambda: not handler._writing)  # (before its descriptor is reused)
         stderr.close()
 
 
@@ -120,6 +121,35 @@ def test_the_writers_to_a_stuck_stderr_wait_for_it_once_in_all(monkeypatch):
         assert waits == []
     finally:
         os.close(read_end)  # (the writers' writes fail, and they go)
+        # (Gone before the descriptor is reused: a writer that waited for the other
+        # would write into the next test's pipe.)
+        wait_until(lambda: not (log._writing or errors._writer._writing))
+        stderr.close()
+
+
+def test_the_log_and_wsgi_errors_never_write_into_each_others_text(monkeypatch):
+    """Each writes its text to a full pipe in parts, as the pipe takes it: the log's
+    lines came between two parts of an app's traceback."""
+    read_end, write_end = os.pipe()
+    stderr = os.fdopen(write_end, "w")
+    monkeypatch.setattr("sys.stderr", stderr)
+    log = StderrHandler()
+    log.setFormatter(logging.Formatter("%(message)s"))
+    errors = logwriter.ErrorStream()
+    try:
+        errors.write("E" * 300_000 + "\n")  # more than a pipe holds: written in parts
+        wait_until(lambda: errors._writer._writing)
+        log.emit(logging.makeLogRecord({"msg": "a line of the log's"}))
+        wait_until(lambda: log._writing)  # (waiting to write, too)
+        read = b""
+        while read.count(b"\n") < 2:
+            read += os.read(read_end, 4096)  # (the pipe takes more in small steps)
+        lines = read.decode().splitlines()
+        assert sorted(lines) == ["E" * 300_000, "a line of the log's"], [
+            (line[:20], len(line)) for line in lines
+        ]
+    finally:
+        os.close(read_end)
         stderr.close()
 
 

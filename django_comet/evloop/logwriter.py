@@ -173,6 +173,19 @@ class StderrHandler(BackgroundHandler):
         _write_text("".join(self.format(record) + "\n" for record in records))
 
 
+_RAW = "wsgi.errors"  # the name of the records that carry what an app wrote there
+
+
+class _RawStderrHandler(BackgroundHandler):
+    """Hands the text of each record to a thread that writes it to stderr as it is."""
+
+    writes_to_stderr = True
+
+    def _deliver(self, records: list[logging.LogRecord]) -> None:
+        # (What is not the app's text is this handler's count of dropped records.)
+        _write_text("".join(r.msg if r.name == _RAW else f"{r.msg}\n" for r in records))
+
+
 class ErrorStream:
     """``wsgi.errors``: what the app writes goes to stderr as it was written, from a
     thread of its own, with the log's bound: a stderr nobody reads stopped every view
@@ -198,9 +211,6 @@ class ErrorStream:
         stream is for not doing (the writer's thread writes what it has at once)."""
 
 
-_RAW = "wsgi.errors"
-
-
 _error_stream: ErrorStream | None = None
 
 
@@ -210,14 +220,6 @@ def error_stream() -> ErrorStream:
     if _error_stream is None:
         _error_stream = ErrorStream()
     return _error_stream
-
-
-class _RawStderrHandler(BackgroundHandler):
-    writes_to_stderr = True
-
-    def _deliver(self, records: list[logging.LogRecord]) -> None:
-        # (What is not the app's text is this handler's count of dropped records.)
-        _write_text("".join(r.msg if r.name == _RAW else f"{r.msg}\n" for r in records))
 
 
 class ForwardingHandler(BackgroundHandler):
@@ -315,20 +317,35 @@ def forward_in_background(top: logging.Logger) -> None:
         handle_in_background(top)
 
 
+# Held by the writer threads only, while they write: the log's and wsgi.errors' writes
+# to a full pipe go out in parts, and the other's lines came between two parts.
+_writing_to_stderr = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # (a writer of the parent's may have held it at the fork)
+    global _writing_to_stderr
+    _writing_to_stderr = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _write_text(text: str) -> None:
-    """To stderr's descriptor, with no lock of Python's held while it waits: the
-    interpreter takes stderr's own to flush it at exit, and logging.shutdown() each
-    handler's (a writer stuck in a write holding one hung the exit)."""
-    stream = sys.stderr
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):  # (not a file: a test's capture)
-        stream.write(text)
-        stream.flush()
-        return
-    data = text.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
-    while data:
-        data = data[os.write(fd, data) :]
+    """To stderr's descriptor, with no lock of Python's held while it waits (but this
+    module's own): the interpreter takes stderr's own to flush it at exit, and
+    logging.shutdown() each handler's (a writer stuck in a write holding one hung the
+    exit)."""
+    with _writing_to_stderr:
+        stream = sys.stderr
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # (not a file: a test's capture)
+            stream.write(text)
+            stream.flush()
+            return
+        data = text.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 def _dropped_record(count: int) -> logging.LogRecord:
