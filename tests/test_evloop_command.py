@@ -85,6 +85,18 @@ def test_an_ipv6_server_name_is_bracketed():
         server.stop()
 
 
+def evloop_command(*args):
+    """``python -m django_comet.evloop ARGS`` run to its end (one that fails to start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "django_comet.evloop", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -97,14 +109,7 @@ def test_an_ipv6_server_name_is_bracketed():
     ],
 )
 def test_bad_command_lines_are_one_line(args, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "django_comet.evloop", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = evloop_command(*args)
     assert result.returncode != 0
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
@@ -113,14 +118,7 @@ def test_bad_command_lines_are_one_line(args, message):
 def test_an_import_failing_inside_the_app_shows_where():
     """A dependency the app's module imports and that is not installed: its traceback,
     naming the file and line (it was one line, as for a typo in MODULE)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "django_comet.evloop", "tests.fixtureapps.broken_import:app", "0"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = evloop_command("tests.fixtureapps.broken_import:app", "0")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
     assert 'broken_import.py", line 3' in result.stderr
