@@ -15,8 +15,8 @@
  *                                    //   client error (403: COMET_AUTHORIZE said no;
  *                                    //   404) or an HTML page (a login page redirected
  *                                    //   to: status 200, url its address); asked again
- *                                    //   each minute, till close(); told once (and to
- *                                    //   each tab that joins) until an answer is not
+ *                                    //   each minute, till close(); told once while
+ *                                    //   it lasts (and to each tab that joins)
  *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
@@ -176,7 +176,7 @@
       return status === 200 && /html/i.test(xhr.getResponseHeader('Content-Type') || '');
     }
 
-    // Told once a refusal (each minute's poll asks again, refused or not).
+    // A refusal is told once while it lasts (each minute's poll asks again).
     function refused(info) {
       if (state === 'refused') { return; }
       refusal = info;
