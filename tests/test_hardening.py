@@ -214,10 +214,13 @@ def test_trickling_readers_past_the_spare_threads_do_not_stall_every_view(demo_d
 
 
 def test_storm_of_vanishing_stream_clients(comet):
-    """5,000 streams reset at once, twice.  What the first storm leaves in RSS is the
-    heap's fragmentation (about 3 KiB a connection, in use by libevent's per-descriptor
-    entries among freed pages): bounded, and reused by the second, which must leave no
-    more (a leak of even 1 KiB a connection would add 5 MiB)."""
+    """5,000 streams reset at once, then again.  What the first storm leaves in RSS is
+    the heap's fragmentation (about 3 KiB a connection, in use by libevent's
+    per-descriptor entries among freed pages): bounded, and reused by the next, which
+    must leave no more (a leak of even 1 KiB a connection would add 5 MiB).  The heap's
+    layout may still shift once on a server that has served the suite before (CI saw
+    one second storm add 4 MiB); a leak adds as much at every storm, so one of three
+    may not add 4 MiB."""
     pid = comet.proc.pid
     fds, rss = fd_count(pid), rss_kib(pid)
 
@@ -236,9 +239,16 @@ def test_storm_of_vanishing_stream_clients(comet):
     # What they took goes back to the system at the next sweep (once a second).
     storm()
     wait_until(lambda: rss_kib(pid) < rss + 24 * 1024)
-    first = rss_kib(pid)
-    storm()
-    wait_until(lambda: rss_kib(pid) < first + 4 * 1024)
+    grew = []
+    while len(grew) < 3:
+        before = rss_kib(pid)
+        storm()
+        try:  # the sweeps of the next few seconds
+            wait_until(lambda before=before: rss_kib(pid) < before + 4 * 1024, timeout=5)
+            return
+        except AssertionError:
+            grew.append(rss_kib(pid) - before)
+    pytest.fail(f"each storm kept more RSS: {grew} KiB")
 
 
 def test_graceful_drain_under_load(demo_db):
