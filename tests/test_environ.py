@@ -131,6 +131,16 @@ def test_a_head_with_a_body_of_any_length_is_refused_and_one_of_zeros_is_not(met
         check_request(method, b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", length)])
 
 
+@pytest.mark.parametrize("target", [b"/caf\xc3\xa9", b"/?q=\xff", b"/\x7f"])
+def test_a_target_that_is_not_ascii_is_refused(target):
+    """Raw UTF-8 reached Django decoded as UTF-8, where gunicorn and waitress answer 400
+    and a proxy in front may have read the bytes otherwise (RFC 9112 3.2: a URI)."""
+    with pytest.raises(BadRequest, match="percent-encode") as info:
+        check_request("GET", target, (1, 1), [(b"Host", b"a")])
+    assert info.value.status == 400
+    check_request("GET", b"/caf%C3%A9", (1, 1), [(b"Host", b"a")])
+
+
 def test_check_request_refuses_connect():
     """CONNECT asks for a tunnel: this is no proxy (501, as for methods it does not know)."""
     with pytest.raises(BadRequest) as info:

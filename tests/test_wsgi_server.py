@@ -249,12 +249,14 @@ def test_a_target_with_no_scheme_before_its_slashes_is_a_400(wsgi_server):
 
 def test_the_access_log_escapes_what_would_forge_its_fields(wsgi_server):
     """A quote in the request-target (nginx passes one on) ended the quoted field early,
-    so that a client could write the rest of its own log line."""
-    raw(
-        wsgi_server,
-        b'GET /hello?a"b\\c%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' % b"\x85",
-    )
-    assert wsgi_server.logged('"GET /hello?a\\"b\\\\c\\x85 HTTP/1.1" 200')
+    so that a client could write the rest of its own log line.  A byte over 0x7f is
+    refused (raw UTF-8 reached the app), and told escaped."""
+    raw(wsgi_server, b'GET /hello?a"b\\c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    assert wsgi_server.logged('"GET /hello?a\\"b\\\\c HTTP/1.1" 200')
+    out = raw(wsgi_server, "GET /hello?q=café HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert b"percent-encode" in out, out
+    assert wsgi_server.logged('"GET /hello?q=caf\\xc3\\xa9" 400 - (refused)')
 
 
 def test_close_is_always_called(wsgi_server):

@@ -6,7 +6,7 @@ app saw it gets ``"METHOD target" status - (refused)``.  The target is between q
 a quote or a backslash in it is escaped (as Apache does), and so are C1 controls (it is
 decoded as latin-1), so that a client cannot forge the fields of its own line; a
 refused target may hold what a served one cannot (control characters: a terminal's
-escapes), escaped too, and is cut to ``LOGGED_TARGET`` characters.
+escapes; bytes over 0x7f), escaped too, and is cut to ``LOGGED_TARGET`` characters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ logger = logging.getLogger("django_comet.access")
 
 LOGGED_TARGET = 200  # characters of a refused request's target in its log line
 _LOGGED_AS = {ord('"'): '\\"', ord("\\"): "\\\\"} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
-_REFUSED_AS = _LOGGED_AS | {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+_REFUSED_AS = _LOGGED_AS | {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0x100)]}
 
 
 def enabled() -> bool:

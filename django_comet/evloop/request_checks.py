@@ -14,8 +14,10 @@ from .config import ServerConfig
 # RFC 9110 5.6.2 token characters; a field name must be a token.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Not in a request-target (RFC 9112 3.2, RFC 3986): a space, a tab (evhttp splits the
-# request line at its first and last space only), any other control character.
-_NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# request line at its first and last space only), any other control character, and any
+# byte over 0x7f (a URI is ASCII: browsers percent-encode the rest; taken raw, Django
+# decodes it as UTF-8 where a proxy may have read it otherwise).
+_NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
 # Host = uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal in brackets,
 # or a reg-name (an IPv4 address is one) of unreserved, percent-encoded and sub-delims.
 _HOST = re.compile(
@@ -84,7 +86,10 @@ def check_request(
     if len(target) > limits.target:
         raise BadRequest("URI Too Long", 414)
     if _NOT_IN_TARGET.search(target):
-        raise BadRequest("Invalid request target (a space or a control character)")
+        raise BadRequest(
+            "Invalid request target (a space, a control character or a byte that is not"
+            " ASCII: percent-encode it)"
+        )
     if len(headers) > limits.header_count:
         raise BadRequest("Request Header Fields Too Large (too many)", 431)
     if target == b"*" and method != "OPTIONS":
