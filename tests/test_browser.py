@@ -133,7 +133,10 @@ function FakeXHR() { xhrs.push(this); }
 FakeXHR.prototype.open = function (m, u) { this.url = u; };
 FakeXHR.prototype.send = function () {};
 FakeXHR.prototype.abort = function () {};
+FakeXHR.prototype.setRequestHeader = function () {};
+FakeXHR.prototype.getResponseHeader = function () { return null; };
 window.XMLHttpRequest = FakeXHR;
+function polls() { return xhrs.filter(function (x) { return x.url.indexOf('/p/') === 0; }); }
 // The first timer set to at most ``within`` ms, run.
 function runTimer(within) {
   var t = timers.filter(function (t) { return t.d <= within; })[0];
@@ -152,16 +155,18 @@ for (var i = 0; i < 3; i++) {  // the SSE endpoint answers an HTTP error, three 
   var s = sources[sources.length - 1];
   s.readyState = 2;
   s.onerror();
+  var asked = xhrs[xhrs.length - 1];  // why: a server error (no refusal)
+  asked.readyState = 2; asked.status = 503; asked.onreadystatechange();
   if (i < 2) { waits.push(timers[0].d); runTimer(30000); }  // the only timer: a backoff
 }
-var x = xhrs[0];
+var x = polls()[0];
 x.status = 200;
 x.responseText = JSON.stringify({last_id: 3, events: [
   {id: 1, data: 'a'}, {id: 2, data: 'b'}, {id: 3, data: 'c', event: 'private'}]});
 x.onload();
 while (runTimer(0)) {}
 var later = timers.map(function (t) { return t.d; });  // a stream is tried again, later
-return {sources: sources.length, polls: xhrs.length, got: got, lastId: sub.lastId, waits: waits,
+return {sources: sources.length, asked: xhrs.length - polls().length, polls: polls().length, got: got, lastId: sub.lastId, waits: waits,
         later: later};
 """
 
@@ -171,6 +176,7 @@ def test_comet_js_falls_back_backs_off_and_survives_a_page_bug(chromium):
     chromium.get("about:blank")
     result = chromium.execute_script(FAKES + source + SCENARIO)
     assert result["sources"] == 3  # the first and two retries, then long-poll
+    assert result["asked"] == 3  # why each stream was given up
     assert result["polls"] == 2  # the first poll, and the next despite the throw
     assert result["got"] == [1, 2]  # the throw on 1 lost nothing; "private" not asked for
     assert result["lastId"] == 3

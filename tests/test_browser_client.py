@@ -519,17 +519,75 @@ def test_a_tab_joining_a_refused_subscription_is_told_of_the_refusal(comet, new_
         ]
 
 
-def test_a_refused_stream_falls_back_to_its_poll_which_says_so(comet, new_browser):
-    """EventSource does not tell a refusal from a server away: the poll it falls back
-    to after three failures does."""
+@pytest.mark.parametrize(
+    "sse, poll, status, url",
+    [
+        ("/t/stream/?channels=secret", None, 403, "/t/stream/?channels=secret&lastEventId=0"),
+        ("/t/stream/?channels=secret", "/admin/", 403, "/t/stream/?channels=secret&lastEventId=0"),
+        ("/nowhere/", None, 404, "/nowhere/?lastEventId=0"),
+        # Anonymous, to the login page: an HTML page where the stream was due.
+        ("/admin/", None, 200, "/admin/login/?next=/admin/%3FlastEventId%3D0"),
+    ],
+)
+def test_a_refused_stream_says_so(comet, new_browser, sse, poll, status, url):
+    """EventSource does not tell a refusal from a server away: a stream-only
+    subscription said "reconnecting…" for ever, and one with a poll said so until the
+    poll it fell back to after three failures told the refusal."""
     page = new_browser("stream-refused")
     page.get(comet.url + "/t/echo/")
     assert page.execute_async_script(LOAD_COMET_JS)
-    page.execute_script(REFUSED, "/t/stream/?channels=secret", "/admin/", False)
+    page.execute_script(REFUSED, sse, poll, False)
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(page, 60).until(lambda d: d.execute_script("return window.refusals.length"))
-    assert page.execute_script("return window.states") == ["reconnecting…", "refused"]
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
+    assert page.execute_script("return [window.states, window.refusals]") == [
+        ["refused"],
+        [{"status": status, "url": comet.url + url}],
+    ]
+
+
+STREAM_ASKED_AGAIN = """
+window.states = [];
+window.refusals = [];
+window.streams = 0;
+window.asked = 0;
+var RealEventSource = window.EventSource;
+window.EventSource = function (url) { window.streams += 1; return new RealEventSource(url); };
+window.EventSource.CLOSED = RealEventSource.CLOSED;
+var realOpen = XMLHttpRequest.prototype.open;
+XMLHttpRequest.prototype.open = function () {
+    window.asked += 1;
+    return realOpen.apply(this, arguments);
+};
+var realSetTimeout = window.setTimeout;
+window.setTimeout = function (callback, ms) {  // a minute's wait, and backoffs, are 10 ms
+    return realSetTimeout(callback, ms >= 500 && ms !== 10000 ? 10 : ms);
+};
+Comet.subscribe({sse: arguments[0], shareTabs: false, onEvent: function () {},
+                 onState: function (state) { window.states.push(state); },
+                 onRefused: function (info) { window.refusals.push(info.status); }});
+"""
+
+
+@pytest.mark.parametrize(
+    "sse, states, refusals",
+    [
+        ("/t/stream/?channels=secret", ["refused"], [403]),
+        ("/t/boom/", ["reconnecting…"], []),  # a 500: the server's fault, retried
+    ],
+)
+def test_a_stream_given_up_is_asked_why_each_time(comet, new_browser, sse, states, refusals):
+    """A refusal is told once while it lasts (the stream is asked again each minute);
+    a server error is no refusal."""
+    page = new_browser("stream-asked-again")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(STREAM_ASKED_AGAIN, sse)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.asked >= 4"))
+    assert page.execute_script("return window.streams") >= 4
+    assert page.execute_script("return [window.states, window.refusals]") == [states, refusals]
 
 
 STREAM_ONLY = """

@@ -11,12 +11,13 @@
  *     onState: function (mode) {},   // 'live (sse)', 'live (long-poll)', 'reconnecting…',
  *                                    //   'refused' (see onRefused), 'failed' (no stream
  *                                    //   it can open, and no poll)
- *     onRefused: function (info) {}, // {status, url}: the poll endpoint answered with a
- *                                    //   client error (403: COMET_AUTHORIZE said no;
- *                                    //   404) or an HTML page (a login page redirected
- *                                    //   to: status 200, url its address); asked again
- *                                    //   each minute, till close(); told once while
- *                                    //   it lasts (and to each tab that joins)
+ *     onRefused: function (info) {}, // {status, url}: the stream or poll endpoint
+ *                                    //   answered with a client error (403:
+ *                                    //   COMET_AUTHORIZE said no; 404) or an HTML page
+ *                                    //   (a login page redirected to: status 200, url
+ *                                    //   its address); asked again each minute, till
+ *                                    //   close(); told once while it lasts (and to
+ *                                    //   each tab that joins)
  *     events: ['message'],           // the event names to deliver (streams and polls)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
@@ -51,9 +52,11 @@
  * answers with a first byte at once (poll_response does) and that gets none within
  * openTimeout is on a dead connection: it is retried at once.
  *
- * A refusal is told by the poll endpoint only: EventSource does not say why a stream
- * failed, so a refused stream is retried with backoff like a server that is away, and,
- * with a poll endpoint, falls back to it after three failures, where the refusal shows.
+ * EventSource does not say why a stream failed.  When the browser gives a stream up
+ * before its first frame (an HTTP error, or a page where the stream was due: it does
+ * not retry those itself), the same URL is asked once more with XHR, which sees the
+ * status: a refusal is told as a poll's is, and asked again each minute; anything
+ * else (a 5xx, a network error) is retried with backoff, as a server that is away.
  */
 (function (global) {
   'use strict';
@@ -83,6 +86,7 @@
     var againTimer = null;  // long-polling after a fallback: the next stream trial
     var pollTimer = null;  // the next poll
     var pollRequest = null;
+    var probe = null;  // the XHR asking why the browser gave a stream up
     var beat = 0;  // the server's heartbeat interval (s), once a heartbeat told it
     var watchdog = null;  // reopens a stream that fell silent
     var userOnState = options.onState || function () {};
@@ -265,22 +269,54 @@
       });
       own.onerror = function () {
         if (closed || own !== source) { return; }
+        var hadFrame = gotFrame;
         gotFrame = false;
         alive();  // the browser's own reconnect must give a frame in time too
         sseFailures += 1;
-        if (!polling) { onState('reconnecting…'); }
         // The browser reconnects by itself (sending Last-Event-ID) while readyState is
         // CONNECTING, at the stream's retry: interval however often that fails: after a
-        // second failure in a row, and when it gives up (CLOSED: an HTTP error, a
-        // proxy's page), retry ourselves with backoff.  After repeated failures without
-        // a frame ever, fall back to long-poll.
-        if (source.readyState === global.EventSource.CLOSED || sseFailures >= 2) {
+        // second failure in a row, retry ourselves with backoff.  When it gives up at
+        // the answer (CLOSED: an HTTP error, a login page), ask why first: a refusal is
+        // not an outage (while polling, a stream trial's refusal shows in the polls).
+        // After repeated failures without a frame ever, fall back to long-poll.
+        var givenUp = source.readyState === global.EventSource.CLOSED;
+        var asking = givenUp && !hadFrame && !polling;
+        if (!polling && !asking) { onState('reconnecting…'); }
+        if (givenUp || sseFailures >= 2) {
           source.close();
           source = null;
           if (watchdog) { clearTimeout(watchdog); watchdog = null; }
-          retrySSE(backoff(sseFailures));
+          if (asking) { askWhy(url); } else { retrySSE(backoff(sseFailures)); }
         }
       };
+    }
+
+    // The browser gave a stream up at its answer: ask the URL again, with XHR, to see
+    // the status (and leave before the body, should it be a stream this time).
+    function askWhy(url) {
+      var xhr = probe = new XMLHttpRequest();
+      function answered() {
+        if (probe !== xhr || closed) { return; }  // (stopped, or the network came back)
+        probe = null;
+        // (Read before abort(), which makes the status 0.)
+        var why = xhr.readyState >= 2 && refusedBy(xhr) &&
+          { status: xhr.status, url: xhr.responseURL || url };
+        xhr.abort();
+        if (why) {
+          sseFailures = 0;
+          refused(why);
+          timer = setTimeout(function () { timer = null; if (!closed) { startSSE(); } }, REFUSED_AGAIN);
+        } else {
+          onState('reconnecting…');
+          retrySSE(backoff(sseFailures));
+        }
+      }
+      xhr.open('GET', url);
+      xhr.setRequestHeader('Accept', 'text/event-stream');
+      xhr.timeout = openTimeout;
+      xhr.onreadystatechange = function () { if (xhr.readyState >= 2) { answered(); } };
+      xhr.onerror = xhr.ontimeout = answered;
+      xhr.send();
     }
 
     function startPoll() {
@@ -401,6 +437,7 @@
       }
       if (timer) { clearTimeout(timer); timer = null; }
       if (source) { source.close(); source = null; }
+      dropProbe();
       startSSE();
     }
 
@@ -507,6 +544,13 @@
       if (againTimer) { clearTimeout(againTimer); againTimer = null; }
       if (pollTimer) { clearTimeout(pollTimer); pollTimer = null; }
       if (pollRequest) { pollRequest.abort(); pollRequest = null; }
+      dropProbe();
+    }
+
+    function dropProbe() {  // (its handlers, which abort() calls, see it is not the probe)
+      var xhr = probe;
+      probe = null;
+      if (xhr) { xhr.abort(); }
     }
 
     // A page put in the back/forward cache (the user followed a link) would keep the
