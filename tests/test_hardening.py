@@ -291,7 +291,7 @@ def test_a_failing_publish_is_a_500_and_the_server_goes_on(comet):
     assert bad.status_code == 500
     good = requests.post(comet.url + "/t/publish/", data={"channel": "fine", "data": "1"})
     assert good.status_code == 200
-    assert comet.status()["held"] == 0
+    comet.wait_for_status(lambda s: s["held"] == 0)
 
 
 def test_a_stalled_stream_from_the_loop_thread_is_produced_only_as_it_drains(comet_inline):

@@ -122,7 +122,9 @@ def test_a_timed_stage_after_a_wait_gets_no_event(comet):
 def test_long_poll_timeout_gives_none(comet):
     response = requests.get(comet.url + "/t/poll/?channel=lp-timeout&timeout=0.2")
     assert response.json() == {"event": None}
-    assert comet.status()["timers"] == 0
+    # (Waited for, not read once: the shared server may still be letting go of an
+    # earlier test's clients.)
+    comet.wait_for_status(lambda s: s["timers"] == 0)
 
 
 def test_held_long_polls_share_one_timer_and_each_times_out(comet):
@@ -135,7 +137,7 @@ def test_held_long_polls_share_one_timer_and_each_times_out(comet):
             b"GET /t/fastpoll/?channel=lp-shared&timeout=600 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         )
     subscribed(comet, "lp-shared", 20)
-    assert comet.status()["timers"] == 1
+    comet.wait_for_status(lambda s: s["timers"] == 1)
     with comet.connect() as short, comet.connect() as shorter:
         short.sendall(
             b"GET /t/fastpoll/?channel=lp-shared&timeout=0.4 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -174,9 +176,10 @@ def test_a_long_poll_answer_that_fails_to_render_cuts_only_its_own_client(comet)
         assert cut_before_the_end(broken)
         assert json.loads(read_body(good))["last_id"] == event_id
     with comet.connect() as broken, comet.connect() as good:
-        broken.sendall(poll_request("/t/brokenpoll/?channel=lp-broken-t&timeout=0.1"))
-        subscribed(comet, "lp-broken-t", 1)
-        good.sendall(poll_request("/t/fastpoll/?channel=lp-broken-t&timeout=0.3"))
+        # (The broken one's timeout comes first; nothing waits for it to begin, which a
+        # status poll could miss on a busy machine.)
+        broken.sendall(poll_request("/t/brokenpoll/?channel=lp-broken-t&timeout=0.5"))
+        good.sendall(poll_request("/t/fastpoll/?channel=lp-broken-t&timeout=1.5"))
         assert cut_before_the_end(broken)
         assert json.loads(read_body(good))["events"] == []  # its timeout still came
     status = comet.wait_for_status(lambda s: s["held"] == 0)
@@ -246,7 +249,7 @@ def test_a_poll_cursor_that_is_not_an_event_id_is_a_400(comet, since):
         response = requests.get(url.replace("&&", "&"), timeout=30)
         assert response.status_code == 400, (path, response.status_code)
         assert response.text == "since must be an event id (a whole number)."
-    assert comet.status()["held"] == 0
+    comet.wait_for_status(lambda s: s["held"] == 0)
 
 
 def test_a_poll_cursor_of_thousands_of_digits_is_read_as_the_number_it_is(comet):

@@ -18,6 +18,21 @@ from .brokers import RedisServer
 from .processes import ROOT, get_in_background, runcomet, wait_until
 
 
+def sleep_request(seconds: int, started) -> bytes:
+    """A request for a view that sleeps, which creates ``started`` as it begins."""
+    return b"GET /t/sleep/?s=%d&started=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (
+        seconds,
+        str(started).encode(),
+    )
+
+
+def began(tmp_path, name: str = "started") -> None:
+    """Wait for the view to be running.  (Not for the status' in_flight: each worker
+    counts the status request it serves, so two workers' figures add up to 2 with
+    nothing else in flight.)"""
+    wait_until((tmp_path / name).exists)
+
+
 @pytest.fixture(scope="module")
 def redis():
     """--workers need a shared broker: one Redis server for the module."""
@@ -71,7 +86,9 @@ def test_a_stop_during_a_restart_pause_stops_the_parent_at_once():
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "systemd", "hangup"]
 )
-def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(redis, demo_db, signum):
+def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(
+    redis, demo_db, signum, tmp_path
+):
     """Ctrl-C reaches the whole process group: the parent and every worker; so does
     systemd's SIGTERM (KillMode=control-group), or `kill -- -PGID`, or the SIGHUP of a
     terminal that closes.  Each worker must drain once, not take the parent's SIGTERM
@@ -79,9 +96,8 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(redis, dem
 
     server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
     try:
-        slow = get_in_background(server.url + "/t/sleep/?s=3")
-        # Some worker reports it (each status request reaches one worker or the other).
-        server.wait_for_status(lambda s: s["in_flight"] >= 2)
+        slow = get_in_background(server.url + f"/t/sleep/?s=3&started={tmp_path / 'started'}")
+        began(tmp_path)
         parent = psutil.Process(server.proc.pid)
         for process in [parent, *parent.children()]:
             process.send_signal(signum)
@@ -91,14 +107,14 @@ def test_a_stop_signal_to_the_process_group_drains_in_flight_requests(redis, dem
         server.stop()
 
 
-def test_a_second_sigterm_drains_and_a_sigint_after_it_cuts(redis, demo_db):
+def test_a_second_sigterm_drains_and_a_sigint_after_it_cuts(redis, demo_db, tmp_path):
     """GNU timeout sends its SIGTERM to the parent, then to the process group: the same
     stop twice, whose second the parent took for "kill the workers", cutting the
     requests in flight.  A Ctrl-C after it still cuts."""
     server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
     try:
-        slow = get_in_background(server.url + "/t/sleep/?s=3")
-        server.wait_for_status(lambda s: s["in_flight"] >= 2)
+        slow = get_in_background(server.url + f"/t/sleep/?s=3&started={tmp_path / 'started'}")
+        began(tmp_path)
         server.signal(signal.SIGTERM)
         server.wait_until_refused()  # the first was handled
         server.signal(signal.SIGTERM)
@@ -110,8 +126,8 @@ def test_a_second_sigterm_drains_and_a_sigint_after_it_cuts(redis, demo_db):
     server = runcomet("--workers", "2", db=demo_db, env={"COMET_BROKER": redis.url})
     try:
         with server.connect() as sock:
-            sock.sendall(b"GET /t/sleep/?s=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            server.wait_for_status(lambda s: s["in_flight"] >= 2)
+            sock.sendall(sleep_request(30, tmp_path / "again"))
+            began(tmp_path, "again")
             server.signal(signal.SIGTERM)
             server.wait_until_refused()
             server.signal(signal.SIGINT)  # a new request: now
@@ -217,15 +233,15 @@ def test_a_stop_as_the_workers_start_stops_each_at_once(redis, demo_db, tmp_path
     assert os.listdir(tmp_path) == []  # and the figures directory is gone
 
 
-def test_a_successor_can_bind_while_workers_drain(redis, demo_db):
+def test_a_successor_can_bind_while_workers_drain(redis, demo_db, tmp_path):
     """A restart: while the old workers finish a slow request, a new server binds the
     same port (the parent let go of its copy of the listening socket)."""
     env = {"COMET_BROKER": redis.url}
     old = runcomet("--workers", "2", db=demo_db, env=env)
     try:
         slow = old.connect()
-        slow.sendall(b"GET /t/sleep/?s=6 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        old.wait_for_status(lambda s: s["in_flight"] >= 2)
+        slow.sendall(sleep_request(6, tmp_path / "started"))
+        began(tmp_path)
         old.signal(signal.SIGTERM)
         old.wait_until_refused()
         slow.setblocking(False)
