@@ -259,6 +259,21 @@ def test_the_access_log_escapes_what_would_forge_its_fields(wsgi_server):
     assert wsgi_server.logged('"GET /hello?q=caf\\xc3\\xa9" 400 - (refused)')
 
 
+def test_a_requests_access_line_comes_after_what_it_wrote_to_wsgi_errors(wsgi_server):
+    """wsgi.errors had a writer thread of its own: the access line of a request could
+    come before the end of the traceback the app wrote there."""
+    tags = [uuid.uuid4().hex for _ in range(50)]
+    for tag in tags:
+        assert requests.get(f"{wsgi_server.url}/traceback?{tag}", timeout=10).status_code == 200
+    for tag in tags:
+        assert wsgi_server.logged(f"/traceback?{tag} HTTP/1.1")
+    output = list(wsgi_server.output)
+    for tag in tags:
+        text = output.index(f"ValueError: {tag}\n")
+        access = next(i for i, line in enumerate(output) if f"/traceback?{tag} " in line)
+        assert text < access, output[text - 1 : access + 2]
+
+
 def test_close_is_always_called(wsgi_server):
     tag = uuid.uuid4().hex
     requests.get(wsgi_server.url + "/close-counter", headers={"X-Tag": tag})

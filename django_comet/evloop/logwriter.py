@@ -164,16 +164,17 @@ class BackgroundHandler(logging.Handler):
         super().close()
 
 
+_RAW = "wsgi.errors"  # the name of the records that carry what an app wrote there
+
+
 class StderrHandler(BackgroundHandler):
-    """Hands each record to a thread that writes it to stderr."""
+    """Hands each record to a thread that writes it to stderr (and what an app wrote to
+    ``wsgi.errors``, given to it by ``ErrorStream``, as it was written)."""
 
     writes_to_stderr = True
 
     def _deliver(self, records: list[logging.LogRecord]) -> None:
-        _write_text("".join(self.format(record) + "\n" for record in records))
-
-
-_RAW = "wsgi.errors"  # the name of the records that carry what an app wrote there
+        _write_text("".join(r.msg if r.name == _RAW else self.format(r) + "\n" for r in records))
 
 
 class _RawStderrHandler(BackgroundHandler):
@@ -190,16 +191,18 @@ class ErrorStream:
     """``wsgi.errors``: what the app writes goes to stderr as it was written, from a
     thread of its own, with the log's bound: a stderr nobody reads stopped every view
     thread that wrote a traceback there (Bottle does, Falcon too), and with
-    ``--threads 0`` the loop."""
+    ``--threads 0`` the loop.  Where the server's log goes to stderr (``log``), its
+    writer writes this too, in the same queue: a request's access line comes after the
+    traceback it wrote here, not between two parts of it."""
 
-    def __init__(self) -> None:
-        self._writer = _RawStderrHandler()
+    def __init__(self, log: StderrHandler | None = None) -> None:
+        self._writer: BackgroundHandler = log or _RawStderrHandler()
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):  # (a text stream, PEP 3333 says)
             raise TypeError(f"wsgi.errors takes str, not {type(text).__name__}")
-        if text:
-            self._writer.handle(logging.makeLogRecord({"name": _RAW, "msg": text}))
+        if text:  # (emit: not through the log's filters, which are for its records)
+            self._writer.emit(logging.makeLogRecord({"name": _RAW, "msg": text}))
         return len(text)
 
     def writelines(self, lines: Iterable[str]) -> None:
@@ -215,11 +218,15 @@ _error_stream: ErrorStream | None = None
 
 
 def error_stream() -> ErrorStream:
-    """The process's ``wsgi.errors`` (one, as stderr is)."""
+    """The process's ``wsgi.errors`` (one, as stderr is), written by the log's writer
+    where the log goes to stderr (its first request comes after the log is set up)."""
     global _error_stream
     if _error_stream is None:
-        _error_stream = ErrorStream()
+        _error_stream = ErrorStream(_stderr_log)
     return _error_stream
+
+
+_stderr_log: StderrHandler | None = None  # the server's log, where it goes to stderr
 
 
 class ForwardingHandler(BackgroundHandler):
@@ -362,7 +369,8 @@ def _dropped_record(count: int) -> logging.LogRecord:
 
 def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> StderrHandler:
     """``logger``'s records to stderr, written by a thread of their own."""
-    handler = StderrHandler()
+    global _stderr_log
+    handler = _stderr_log = StderrHandler()
     handler.setFormatter(logging.Formatter(fmt, datefmt))
     logger.addHandler(handler)
     return handler

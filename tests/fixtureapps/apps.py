@@ -40,6 +40,11 @@ def app(environ, start_response):
         environ["wsgi.errors"].write("E" * n + "\n")
         environ["wsgi.errors"].flush()
         return hello(environ, start_response)
+    if path == "/traceback":  # a traceback of ?tag, written in parts (as Bottle does)
+        for line in ("Traceback (most recent call last):\n", *["  a frame\n"] * 20):
+            environ["wsgi.errors"].write(line)
+        environ["wsgi.errors"].write(f"ValueError: {environ['QUERY_STRING']}\n")
+        return hello(environ, start_response)
     if path == "/hello":
         return hello(environ, start_response)
     if path.startswith("/environ"):
