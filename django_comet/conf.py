@@ -10,7 +10,7 @@ from django.utils.module_loading import import_string
 
 from .evloop.config import MAX_BYTES, MAX_THREADS, MIN_PERIOD, ServerConfig
 from .evloop.deferral import MAX_SECONDS
-from .evloop.environ import is_ip_address
+from .evloop.proxies import TrustedProxies, proxy_network
 
 _DEFAULTS: dict[str, Any] = {
     # Worker threads for views; None means ServerConfig's measured default.
@@ -156,9 +156,9 @@ class Settings:
         proxies = getattr(settings, "COMET_TRUSTED_PROXIES", [])
         if isinstance(proxies, (list, tuple)):
             bad.extend(
-                f"COMET_TRUSTED_PROXIES holds {p!r}, which is no IP address"
+                f"COMET_TRUSTED_PROXIES holds {p!r}, which is no IP address or network"
                 for p in proxies
-                if not (isinstance(p, str) and is_ip_address(p))
+                if not (isinstance(p, str) and proxy_network(p))
             )
         bad.extend(_authorize_errors(getattr(settings, "COMET_AUTHORIZE", None)))
         broker = getattr(settings, "COMET_BROKER", _DEFAULTS["COMET_BROKER"])
@@ -178,7 +178,7 @@ class Settings:
             heartbeat=float(self.SSE_HEARTBEAT),
             max_pending_output=self.MAX_PENDING_OUTPUT,
             max_hold=float(self.MAX_HOLD),
-            trusted_proxies=frozenset(self.TRUSTED_PROXIES),
+            trusted_proxies=TrustedProxies(self.TRUSTED_PROXIES),
             max_request_line=self.MAX_REQUEST_LINE,
             max_header_count=self.MAX_HEADER_COUNT,
             header_timeout=float(self.HEADER_TIMEOUT),

@@ -3,6 +3,7 @@
 import pytest
 
 from django_comet.evloop.environ import EnvironBuilder, split_target
+from django_comet.evloop.proxies import TrustedProxies
 from django_comet.evloop.request_checks import BadRequest, check_request
 from django_comet.evloop.start_response import AppError, StartResponse
 
@@ -234,7 +235,7 @@ def test_forwarded_headers_from_a_trusted_proxy():
     env = environ(
         headers=[(b"X-Forwarded-For", b"198.51.100.1, 10.0.0.2"), (b"X-Forwarded-Proto", b"HTTPS")]
     )
-    apply_forwarded(env, frozenset({"10.0.0.1", "10.0.0.2"}))
+    apply_forwarded(env, TrustedProxies(["10.0.0.0/24"]))
     assert env["REMOTE_ADDR"] == "198.51.100.1"
     assert env["wsgi.url_scheme"] == "https"
 
@@ -244,19 +245,44 @@ def test_a_forwarded_hop_that_is_no_address_leaves_the_peers():
 
     env = environ(headers=[(b"X-Forwarded-For", b"unknown, <script>")])
     before = env["REMOTE_ADDR"]
-    apply_forwarded(env, frozenset({"10.0.0.1"}))
+    apply_forwarded(env, TrustedProxies(["10.0.0.1"]))
     assert env["REMOTE_ADDR"] == before
 
 
-def test_trusted_proxies_must_be_ip_addresses():
+def test_trusted_proxies_must_be_ip_addresses_or_networks():
     from django.test import override_settings
 
     from django_comet.conf import comet_settings
 
-    with override_settings(COMET_TRUSTED_PROXIES=["10.0.0.1", "::1", "proxy.local"]):
+    good = ["10.0.0.1", "::1", "10.0.0.0/8", "fd00::/8", "0:0:0:0:0:0:0:1"]
+    with override_settings(COMET_TRUSTED_PROXIES=[*good, "proxy.local", "10.0.0.1/8", 7]):
         assert comet_settings.errors() == [
-            "COMET_TRUSTED_PROXIES holds 'proxy.local', which is no IP address"
+            "COMET_TRUSTED_PROXIES holds 'proxy.local', which is no IP address or network",
+            # (host bits set: a typo for 10.0.0.0/8, or for 10.0.0.1?)
+            "COMET_TRUSTED_PROXIES holds '10.0.0.1/8', which is no IP address or network",
+            "COMET_TRUSTED_PROXIES holds 7, which is no IP address or network",
         ]
+
+
+def test_trusted_proxies_are_compared_as_addresses_and_networks():
+    """Load balancers sit in a subnet, not at fixed addresses; and a proxy written in
+    IPv6's long form matched nothing, silently (found by a review behind nginx)."""
+    proxies = TrustedProxies(["10.1.0.0/16", "0:0:0:0:0:0:0:1", "192.0.2.7", "::ffff:192.0.2.8"])
+    for trusted in (
+        "10.1.2.3",
+        "::1",
+        "192.0.2.7",
+        "::ffff:192.0.2.7",
+        "::ffff:10.1.0.9",
+        "192.0.2.8",
+    ):
+        assert trusted in proxies, trusted
+    for not_trusted in ("10.2.0.1", "::2", "192.0.2.9", "unknown", "10.1.2.3:80", ""):
+        assert not_trusted not in proxies, not_trusted
+    assert not TrustedProxies() and TrustedProxies(["::1"])
+    assert TrustedProxies(["::1"]) == TrustedProxies(["0::1"])
+    with pytest.raises(ValueError, match=r"'proxy\.local' is no IP address or network"):
+        TrustedProxies(["proxy.local"])
 
 
 def test_the_scheme_is_the_one_the_nearest_proxy_set():
@@ -264,7 +290,7 @@ def test_the_scheme_is_the_one_the_nearest_proxy_set():
     from django_comet.evloop.environ import apply_forwarded
 
     env = environ(headers=[(b"X-Forwarded-Proto", b"https, http")])
-    apply_forwarded(env, frozenset({"10.0.0.1"}))
+    apply_forwarded(env, TrustedProxies(["10.0.0.1"]))
     assert env["wsgi.url_scheme"] == "http"
 
 

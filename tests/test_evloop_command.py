@@ -85,6 +85,22 @@ def test_an_ipv6_server_name_is_bracketed():
         server.stop()
 
 
+def test_trusted_proxies_of_any_wsgi_app():
+    """--trusted-proxies, as gunicorn's --forwarded-allow-ips: an app that is not a
+    Django project had no way to believe its proxy."""
+    headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    for args, remote_addr, scheme in [
+        ((), "127.0.0.1", "http"),
+        (("--trusted-proxies", "10.0.0.1, 127.0.0.0/8"), "203.0.113.7", "https"),
+    ]:
+        server = evloop("tests.fixtureapps.apps:dispatch", *args)
+        try:
+            environ = requests.get(server.url + "/environ", headers=headers, timeout=10).json()
+            assert (environ["REMOTE_ADDR"], environ["wsgi.url_scheme"]) == (remote_addr, scheme)
+        finally:
+            server.stop()
+
+
 def evloop_command(*args):
     """``python -m django_comet.evloop ARGS`` run to its end (one that fails to start)."""
     return subprocess.run(
@@ -106,6 +122,10 @@ def evloop_command(*args):
         (["tests.fixtureapps.apps:app", "::1"], "an IPv6 address goes in brackets"),
         (["tests.fixtureapps.apps:app", "0", "--threads", "-1"], "'-1' is not from 0 to 1024"),
         (["tests.fixtureapps.apps:app", "0", "--threads", "2000"], "'2000' is not from 0 to 1024"),
+        (
+            ["tests.fixtureapps.apps:app", "0", "--trusted-proxies", "nginx"],
+            "'nginx' is no IP address or network",
+        ),
     ],
 )
 def test_bad_command_lines_are_one_line(args, message):

@@ -163,7 +163,8 @@ def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
     assert (
         requests.get(comet.url + "/t/echo/", headers=headers).json()["remote_addr"] == "127.0.0.1"
     )
-    trusting = runcomet(db=demo_db, env={"TEST_TRUSTED_PROXIES": "127.0.0.1"})
+    # (A network: load balancers sit in a subnet.)
+    trusting = runcomet(db=demo_db, env={"TEST_TRUSTED_PROXIES": "127.0.0.0/8"})
     try:
         data = requests.get(trusting.url + "/t/echo/", headers=headers).json()
         assert data["remote_addr"] == "203.0.113.7"

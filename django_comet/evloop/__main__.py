@@ -24,6 +24,7 @@ from .logwriter import (
     forward_in_background,
     log_to_stderr,
 )
+from .proxies import TrustedProxies
 from .server import Server
 
 
@@ -49,6 +50,13 @@ def threads_count(value: str) -> int:
     if not value.isdigit() or int(value) > MAX_THREADS:
         raise argparse.ArgumentTypeError(f"{value!r} is not from 0 to {MAX_THREADS}")
     return int(value)
+
+
+def trusted_proxies(value: str) -> TrustedProxies:
+    try:
+        return TrustedProxies(entry for entry in value.split(",") if entry.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def load_app(spec: str) -> object:
@@ -176,6 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"worker threads for the application (0: run it in the loop thread; default "
         f"{ServerConfig.threads}, or a Django project's COMET_THREADS)",
     )
+    parser.add_argument(
+        "--trusted-proxies",
+        type=trusted_proxies,
+        metavar="LIST",
+        help="comma-separated addresses or networks (10.0.0.0/8) of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto are believed (default: none, or a Django "
+        "project's COMET_TRUSTED_PROXIES)",
+    )
     parser.add_argument("--no-access-log", action="store_true", help="do not log each request")
     args = parser.parse_intermixed_args(argv)  # options may come before or after addrport
     app = load_app_printing_its_log(args.app)
@@ -184,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     config.access_log = not args.no_access_log
     if args.threads is not None:
         config.threads = args.threads
+    if args.trusted_proxies is not None:
+        config.trusted_proxies = args.trusted_proxies
     raise_open_files_limit(config.max_connections)
     if isinstance(args.addrport, str):
         config.unix_socket = args.addrport

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .proxies import TrustedProxies
+
 # The most view threads: more would each take a stack and a share of the GIL for
 # nothing a second worker process would not do better (--workers).
 MAX_THREADS = 1024
@@ -58,8 +60,9 @@ class ServerConfig:
     # Seconds a response may stay held (stream, chain of stages); then it is ended
     # cleanly (SSE clients reconnect with Last-Event-ID).  0: no limit.
     max_hold: float = 3600.0
-    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (a reverse proxy).
-    trusted_proxies: frozenset[str] = frozenset()
+    # Peers (addresses, networks) whose X-Forwarded-For / X-Forwarded-Proto are
+    # believed: a reverse proxy, a load balancer's subnet.
+    trusted_proxies: TrustedProxies = dataclasses.field(default_factory=TrustedProxies)
     # Seconds to let in-flight responses finish on SIGTERM/Ctrl-C before cutting them.
     grace: float = 10.0
     backlog: int = 1024

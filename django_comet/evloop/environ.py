@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from .logwriter import error_stream
+from .proxies import TrustedProxies
 from .request_checks import BadRequest
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")  # (RFC 3986 3.1)
@@ -150,7 +151,7 @@ def is_ip_address(text: str) -> bool:
     return True
 
 
-def apply_forwarded(environ: dict[str, Any], trusted: frozenset[str]) -> None:
+def apply_forwarded(environ: dict[str, Any], trusted: TrustedProxies) -> None:
     """The peer is a trusted proxy: take the client's address from X-Forwarded-For (the
     rightmost hop that is not itself a trusted proxy) and the scheme from
     X-Forwarded-Proto.  Never called for untrusted peers, whose headers are left as sent."""

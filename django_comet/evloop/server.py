@@ -498,8 +498,7 @@ class Server(Producer, Responder):
             remote = UNIX_PEER  # evhttp's name for it is glibc's "localhost"
         environ = self._environ.build(method, target, protocol, headers, body, remote)
         trusted = self.config.trusted_proxies
-        # Bound to "::", an IPv4 proxy shows up as ::ffff:a.b.c.d.
-        if trusted and (remote[0] in trusted or remote[0].removeprefix("::ffff:") in trusted):
+        if trusted and remote[0] in trusted:
             apply_forwarded(environ, trusted)
         return environ
 
