@@ -80,6 +80,17 @@ if os.environ.get("TEST_SLOW_LOG"):  # a handler that takes 3 s per record (mail
         "root": {"handlers": ["slow"], "level": "INFO"},
     }
 
+if os.environ.get("TEST_ACCESS_LOG_ADDRESSES"):  # the access log with the client's address
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"with_address": {"format": "%(remote_addr)s %(message)s"}},
+        "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "with_address"}},
+        "loggers": {
+            "django_comet.access": {"handlers": ["access"], "level": "INFO", "propagate": False}
+        },
+    }
+
 if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults
     LOGGING = {
         "version": 1,

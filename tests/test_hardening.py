@@ -180,6 +180,23 @@ def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
         assert dual.stop() == 0
 
 
+def test_the_access_log_record_has_the_clients_address(demo_db):
+    """For a LOGGING format's %(remote_addr)s: the line (runserver's) has none, and
+    behind a proxy the peer is the proxy (found by a review behind nginx)."""
+    env = {"TEST_ACCESS_LOG_ADDRESSES": "1", "TEST_TRUSTED_PROXIES": "127.0.0.1"}
+    server = runcomet(db=demo_db, env=env)
+    try:
+        headers = {"X-Forwarded-For": "203.0.113.9"}
+        assert requests.get(server.url + "/t/echo/", headers=headers, timeout=10).ok
+        assert server.logged('203.0.113.9 "GET /t/echo/ HTTP/1.1" 200')
+        with server.connect() as sock:  # refused: no header of it is believed
+            sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+        assert server.logged('127.0.0.1 "GET /t/echo/" 400 - (refused)')
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_trickling_readers_past_the_spare_threads_do_not_stall_every_view(demo_db):
     """A streamed body paused for its client waits in its view thread, and a spare runs
     views in its place (4 per thread).  Past the spares, a body whose client keeps it

@@ -25,9 +25,18 @@ def enabled() -> bool:
 
 
 def served(
-    method: str, path: str, protocol: str, code: int, sent: int, ms: float, how: str
+    method: str,
+    path: str,
+    protocol: str,
+    code: int,
+    sent: int,
+    ms: float,
+    how: str,
+    remote_addr: str = "-",
 ) -> None:
-    """``how``: "" for a clean end, else what ended it ("cut by the server", ...)."""
+    """``how``: "" for a clean end, else what ended it ("cut by the server", ...).
+    ``remote_addr`` (the client's address, past trusted proxies) is not in the line, as
+    in runserver's, but in the record, for a ``LOGGING`` format's ``%(remote_addr)s``."""
     logger.info(
         '"%s %s %s" %s %d %.1fms%s',
         method,
@@ -37,10 +46,18 @@ def served(
         sent,
         ms,
         f" ({how})" if how else "",
+        extra={"remote_addr": remote_addr},
     )
 
 
-def refused(method: str, target: str, status: int) -> None:
+def refused(method: str, target: str, status: int, remote_addr: str = "-") -> None:
+    """``remote_addr``: the peer's (no header of a refused request is believed)."""
     if len(target) > LOGGED_TARGET:
         target = target[:LOGGED_TARGET] + "..."
-    logger.info('"%s %s" %d - (refused)', method, target.translate(_REFUSED_AS), status)
+    logger.info(
+        '"%s %s" %d - (refused)',
+        method,
+        target.translate(_REFUSED_AS),
+        status,
+        extra={"remote_addr": remote_addr},
+    )

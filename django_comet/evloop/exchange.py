@@ -42,6 +42,7 @@ class Exchange:
         "pending",
         "protocol",
         "pump",
+        "remote",
         "req",
         "sent",
         "stage_due",
@@ -56,6 +57,7 @@ class Exchange:
         self.method: str = environ["REQUEST_METHOD"]
         self.path: str = environ["RAW_URI"]
         self.protocol: str = environ["SERVER_PROTOCOL"]
+        self.remote: str = environ["REMOTE_ADDR"]  # (the client's, past trusted proxies)
         self.started = time.monotonic()
         self.code = 0
         self.sent = 0  # body bytes, as the access log counts them

@@ -460,7 +460,8 @@ class Server(Producer, Responder):
             return
         uri = r.uri
         method = ev.EVHTTP_METHODS.get(r.type, "-") if uri is not None else "-"
-        accesslog.refused(method, uri.decode("latin-1") if uri is not None else "-", status)
+        target = uri.decode("latin-1") if uri is not None else "-"
+        accesslog.refused(method, target, status, (r.remote_host or b"-").decode("latin-1"))
 
     def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
         """Refuse a request with an error page and close its connection."""
@@ -617,7 +618,7 @@ class Server(Producer, Responder):
         if self.config.access_log and accesslog.enabled():
             how = ("cut by the server" if cut else "client gone") if aborted else ""
             ms = (time.monotonic() - ex.started) * 1000
-            accesslog.served(ex.method, ex.path, ex.protocol, ex.code, ex.sent, ms, how)
+            accesslog.served(ex.method, ex.path, ex.protocol, ex.code, ex.sent, ms, how, ex.remote)
 
 
 # Memory let go by closed connections (their unsent output, and their own structures)
