@@ -523,7 +523,13 @@ def test_a_tab_joining_a_refused_subscription_is_told_of_the_refusal(comet, new_
     "sse, poll, status, url",
     [
         ("/t/stream/?channels=secret", None, 403, "/t/stream/?channels=secret&lastEventId=0"),
-        ("/t/stream/?channels=secret", "/admin/", 403, "/t/stream/?channels=secret&lastEventId=0"),
+        # With a poll endpoint, the poll tells (a proxy may refuse streams alone).
+        (
+            "/t/stream/?channels=secret",
+            "/t/fastpoll/?channel=secret",
+            403,
+            "/t/fastpoll/?channel=secret&since=0",
+        ),
         ("/nowhere/", None, 404, "/nowhere/?lastEventId=0"),
         # Anonymous, to the login page: an HTML page where the stream was due.
         ("/admin/", None, 200, "/admin/login/?next=/admin/%3FlastEventId%3D0"),
@@ -532,7 +538,7 @@ def test_a_tab_joining_a_refused_subscription_is_told_of_the_refusal(comet, new_
 def test_a_refused_stream_says_so(comet, new_browser, sse, poll, status, url):
     """EventSource does not tell a refusal from a server away: a stream-only
     subscription said "reconnecting…" for ever, and one with a poll said so until the
-    poll it fell back to after three failures told the refusal."""
+    poll it fell back to after three failures told the refusal; now at once."""
     page = new_browser("stream-refused")
     page.get(comet.url + "/t/echo/")
     assert page.execute_async_script(LOAD_COMET_JS)
@@ -543,6 +549,50 @@ def test_a_refused_stream_says_so(comet, new_browser, sse, poll, status, url):
     assert page.execute_script("return [window.states, window.refusals]") == [
         ["refused"],
         [{"status": status, "url": comet.url + url}],
+    ]
+
+
+def test_a_stream_refused_where_the_poll_is_not_goes_on_in_long_poll(comet, new_browser):
+    """A proxy that refuses streams alone (a 403, or its HTML page): the poll works, and
+    the subscription must use it, not say the site refused it (found by a review)."""
+    page = new_browser("stream-refused-poll-ok")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(REFUSED, "/nowhere/", "/t/fastpoll/?channel=poll-ok&timeout=30", False)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(
+        lambda d: "live (long-poll)" in d.execute_script("return window.states")
+    )
+    assert page.execute_script("return [window.states, window.refusals]") == [
+        ["live (long-poll)"],
+        [],
+    ]
+
+
+def test_a_tab_joining_after_the_connected_tab_changed_is_told_of_the_refusal(comet, new_browser):
+    """A tab that joined a refused subscription kept its state but not the refusal
+    itself: once it led, the tabs that joined it got 'refused' and no onRefused (found
+    by a review)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = new_browser("refused-third-tab")
+
+    def subscribed(_):
+        page.get(comet.url + "/t/echo/")
+        assert page.execute_async_script(LOAD_COMET_JS)
+        page.execute_script(REFUSED, "/t/stream/?channels=secret", None, False, True)
+        WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
+
+    first, second = in_tabs(page, range(2), subscribed)
+    page.switch_to.window(first)
+    page.close()  # the second tab leads
+    page.switch_to.window(second)
+    page.switch_to.new_window("tab")
+    subscribed(None)
+    assert page.execute_script("return [window.states, window.refusals]") == [
+        ["refused"],
+        [{"status": 403, "url": comet.url + "/t/stream/?channels=secret&lastEventId=0"}],
     ]
 
 

@@ -257,6 +257,12 @@ def test_the_access_log_escapes_what_would_forge_its_fields(wsgi_server):
     assert out.startswith(b"HTTP/1.1 400 "), out
     assert b"percent-encode" in out, out
     assert wsgi_server.logged('"GET /hello?q=caf\\xc3\\xa9" 400 - (refused)')
+    # Cut once escaped: 300 such bytes were 800 characters before the "...".
+    tag = uuid.uuid4().hex
+    raw(wsgi_server, b"GET /%s%s HTTP/1.1\r\nHost: x\r\n\r\n" % (tag.encode(), b"\xff" * 300))
+    assert wsgi_server.logged(f'"GET /{tag}\\xff')
+    line = next(line for line in wsgi_server.output if f"/{tag}" in line)
+    assert len(line.partition('"GET ')[2].partition('" 400')[0]) == 200 + len("...")
 
 
 def test_a_requests_access_line_comes_after_what_it_wrote_to_wsgi_errors(wsgi_server):

@@ -52,12 +52,13 @@ def served(
 
 def refused(method: str, target: str, status: int, remote_addr: str = "-") -> None:
     """``remote_addr``: the peer's (no header of a refused request is believed)."""
+    target = target.translate(_REFUSED_AS)  # (then cut: an escape is 4 characters)
     if len(target) > LOGGED_TARGET:
         target = target[:LOGGED_TARGET] + "..."
     logger.info(
         '"%s %s" %d - (refused)',
         method,
-        target.translate(_REFUSED_AS),
+        target,
         status,
         extra={"remote_addr": remote_addr},
     )

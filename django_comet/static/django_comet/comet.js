@@ -55,8 +55,10 @@
  * EventSource does not say why a stream failed.  When the browser gives a stream up
  * before its first frame (an HTTP error, or a page where the stream was due: it does
  * not retry those itself), the same URL is asked once more with XHR, which sees the
- * status: a refusal is told as a poll's is, and asked again each minute; anything
- * else (a 5xx, a network error) is retried with backoff, as a server that is away.
+ * status.  A refusal goes on in long-poll, where there is a poll endpoint (a proxy may
+ * refuse streams alone; a site that refuses the poll too says so there); without one
+ * it is told as a poll's is, and asked again each minute.  Anything else (a 5xx, a
+ * network error) is retried with backoff, as a server that is away.
  */
 (function (global) {
   'use strict';
@@ -302,7 +304,10 @@
         var why = xhr.readyState >= 2 && refusedBy(xhr) &&
           { status: xhr.status, url: xhr.responseURL || url };
         xhr.abort();
-        if (why) {
+        if (why && pollUrl) {
+          // A proxy may refuse streams alone: the poll says whether the site refuses.
+          startPoll();
+        } else if (why) {
           sseFailures = 0;
           refused(why);
           timer = setTimeout(function () { timer = null; if (!closed) { startSSE(); } }, REFUSED_AGAIN);
@@ -460,6 +465,7 @@
         joined = true;
         if (m.gap) { gap(m.gap); }
         m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
+        refusal = m.refusal || null;  // (to pass on, should this tab lead later)
         if (m.state) { state = m.state; call(userOnState, m.state); }
         if (m.state === 'refused' && m.refusal && options.onRefused) {
           call(options.onRefused, m.refusal);
@@ -479,7 +485,10 @@
       if (m.kind === 'event') { deliver(m.id, m.data, m.name); }
       else if (m.kind === 'gap') { gap(m.info); }
       else if (m.kind === 'state') { state = m.mode; call(userOnState, m.mode); }
-      else if (m.kind === 'refused' && options.onRefused) { call(options.onRefused, m.info); }
+      else if (m.kind === 'refused') {
+        refusal = m.info;
+        if (options.onRefused) { call(options.onRefused, m.info); }
+      }
     }
 
     // The connected tab: welcome a tab that joins with what it has seen since its id.
