@@ -461,7 +461,8 @@ class Server(Producer, Responder):
         uri = r.uri
         method = ev.EVHTTP_METHODS.get(r.type, "-") if uri is not None else "-"
         target = uri.decode("latin-1") if uri is not None else "-"
-        accesslog.refused(method, target, status, (r.remote_host or b"-").decode("latin-1"))
+        peer = UNIX_PEER[0] if self.unix else (r.remote_host or b"-").decode("latin-1")
+        accesslog.refused(method, target, status, peer)
 
     def _send_error(self, r: RequestStruct, req: int, status: int, reason: bytes | None) -> None:
         """Refuse a request with an error page and close its connection."""
