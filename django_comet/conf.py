@@ -10,7 +10,7 @@ from django.utils.module_loading import import_string
 
 from .evloop.config import MAX_BYTES, MAX_THREADS, MIN_PERIOD, ServerConfig
 from .evloop.deferral import MAX_SECONDS
-from .evloop.proxies import TrustedProxies, proxy_network
+from .evloop.proxies import TrustedProxies, proxy_entry_error
 
 _DEFAULTS: dict[str, Any] = {
     # Worker threads for views; None means ServerConfig's measured default.
@@ -156,9 +156,9 @@ class Settings:
         proxies = getattr(settings, "COMET_TRUSTED_PROXIES", [])
         if isinstance(proxies, (list, tuple)):
             bad.extend(
-                f"COMET_TRUSTED_PROXIES holds {p!r}, which is no IP address or network"
+                f"COMET_TRUSTED_PROXIES holds {p!r}, {error}"
                 for p in proxies
-                if not (isinstance(p, str) and proxy_network(p))
+                if (error := proxy_entry_error(p))
             )
         bad.extend(_authorize_errors(getattr(settings, "COMET_AUTHORIZE", None)))
         broker = getattr(settings, "COMET_BROKER", _DEFAULTS["COMET_BROKER"])

@@ -258,8 +258,7 @@ def test_trusted_proxies_must_be_ip_addresses_or_networks():
     with override_settings(COMET_TRUSTED_PROXIES=[*good, "proxy.local", "10.0.0.1/8", 7]):
         assert comet_settings.errors() == [
             "COMET_TRUSTED_PROXIES holds 'proxy.local', which is no IP address or network",
-            # (host bits set: a typo for 10.0.0.0/8, or for 10.0.0.1?)
-            "COMET_TRUSTED_PROXIES holds '10.0.0.1/8', which is no IP address or network",
+            "COMET_TRUSTED_PROXIES holds '10.0.0.1/8', which has host bits set (10.0.0.0/8?)",
             "COMET_TRUSTED_PROXIES holds 7, which is no IP address or network",
         ]
 
@@ -267,21 +266,21 @@ def test_trusted_proxies_must_be_ip_addresses_or_networks():
 def test_trusted_proxies_are_compared_as_addresses_and_networks():
     """Load balancers sit in a subnet, not at fixed addresses; and a proxy written in
     IPv6's long form matched nothing, silently (found by a review behind nginx)."""
-    proxies = TrustedProxies(["10.1.0.0/16", "0:0:0:0:0:0:0:1", "192.0.2.7", "::ffff:192.0.2.8"])
+    proxies = TrustedProxies(
+        ["10.1.0.0/16", "0:0:0:0:0:0:0:1", "192.0.2.7", "::ffff:192.0.2.8", "::ffff:172.16.0.0/108"]
+    )
     for trusted in (
-        "10.1.2.3",
-        "::1",
-        "192.0.2.7",
-        "::ffff:192.0.2.7",
-        "::ffff:10.1.0.9",
-        "192.0.2.8",
+        *("10.1.2.3", "::1", "192.0.2.7", "::ffff:192.0.2.7", "::ffff:10.1.0.9", "192.0.2.8"),
+        *("172.16.3.4", "::ffff:172.16.3.4"),  # (an IPv4-mapped network is the IPv4 one)
     ):
         assert trusted in proxies, trusted
-    for not_trusted in ("10.2.0.1", "::2", "192.0.2.9", "unknown", "10.1.2.3:80", ""):
+    for not_trusted in ("10.2.0.1", "::2", "192.0.2.9", "unknown", "10.1.2.3:80", "", "172.32.0.1"):
         assert not_trusted not in proxies, not_trusted
+    everyone = TrustedProxies(["::/0"])  # (a mapped peer is in it, as an IPv6 address)
+    assert "::ffff:10.0.0.5" in everyone and "10.0.0.5" not in everyone
     assert not TrustedProxies() and TrustedProxies(["::1"])
     assert TrustedProxies(["::1"]) == TrustedProxies(["0::1"])
-    with pytest.raises(ValueError, match=r"'proxy\.local' is no IP address or network"):
+    with pytest.raises(ValueError, match=r"'proxy\.local', which is no IP address or network"):
         TrustedProxies(["proxy.local"])
 
 

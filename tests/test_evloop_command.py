@@ -124,7 +124,7 @@ def evloop_command(*args):
         (["tests.fixtureapps.apps:app", "0", "--threads", "2000"], "'2000' is not from 0 to 1024"),
         (
             ["tests.fixtureapps.apps:app", "0", "--trusted-proxies", "nginx"],
-            "'nginx' is no IP address or network",
+            "'nginx', which is no IP address or network",
         ),
     ],
 )

@@ -3,7 +3,7 @@
 
 Pure: tested in memory.  Addresses are compared as addresses, not as text: a proxy
 written ``0:0:0:0:0:0:0:1`` is ``::1``, and an IPv4 proxy reaching a server bound to
-``::`` (``::ffff:10.0.0.1``) is its IPv4 address.
+``::`` (``::ffff:10.0.0.1``) is its IPv4 address as well.
 """
 
 from __future__ import annotations
@@ -13,34 +13,41 @@ from collections.abc import Iterable
 
 # Peers looked up and remembered (a server sees few: its proxies, its clients).
 _REMEMBERED = 1000
+# IPv4 addresses as an IPv6 socket sees them (::ffff:a.b.c.d).
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-def proxy_network(entry: str) -> _Network | None:
-    """``entry`` (an address, or a network such as ``10.0.0.0/8``) as a network; None
-    when it is neither."""
+def proxy_entry_error(entry: object) -> str | None:
+    """What is wrong with a trusted-proxy entry (an address, or a network such as
+    ``10.0.0.0/8``), as the end of a sentence naming it; None when it is fine."""
+    if not isinstance(entry, str):
+        return "which is no IP address or network"
     try:
-        network = ipaddress.ip_network(entry.strip())
-    except (ValueError, TypeError):
-        return None
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen == 128:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.ip_network(mapped)
-    return network
+        ipaddress.ip_network(entry.strip())
+    except ValueError:
+        try:
+            wide = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            return "which is no IP address or network"
+        return f"which has host bits set ({wide}?)"
+    return None
 
 
 class TrustedProxies:
-    """``address in proxies``: whether a peer's (or a hop's) address is trusted."""
+    """``address in proxies``: whether a peer's (or a hop's) address is trusted.  A
+    scope (``fe80::1%eth0``) is not compared."""
 
     def __init__(self, entries: Iterable[str] = ()):
-        networks = []
+        entries = list(entries)
         for entry in entries:
-            network = proxy_network(entry)
-            if network is None:
-                raise ValueError(f"{entry!r} is no IP address or network")
-            networks.append(network)
+            error = proxy_entry_error(entry)
+            if error:
+                raise ValueError(f"{entry!r}, {error}")
+        networks = [ipaddress.ip_network(entry.strip()) for entry in entries]
+        for network in list(networks):  # (and the IPv4 one an IPv4-mapped one stands for)
+            if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+                low = int(network.network_address) & 0xFFFFFFFF
+                networks.append(ipaddress.IPv4Network((low, network.prefixlen - 96)))
         self.networks = tuple(networks)
         self._seen: dict[str, bool] = {}
 
@@ -72,6 +79,9 @@ class TrustedProxies:
             ip = ipaddress.ip_address(address)
         except ValueError:  # ("unknown", a hop with a port: never a trusted proxy)
             return False
+        # An IPv4 peer of a server bound to "::" (::ffff:a.b.c.d) is in an IPv4 network
+        # and in an IPv6 one (::ffff:0:0/96) alike.
+        forms = [ip]
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+            forms.append(ip.ipv4_mapped)
+        return any(form in network for form in forms for network in self.networks)
