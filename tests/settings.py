@@ -86,9 +86,7 @@ if os.environ.get("TEST_ACCESS_LOG_ADDRESSES"):  # the access log with the clien
         "disable_existing_loggers": False,
         "formatters": {"with_address": {"format": "%(remote_addr)s %(message)s"}},
         "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "with_address"}},
-        "loggers": {
-            "django_comet.access": {"handlers": ["access"], "level": "INFO", "propagate": False}
-        },
+        "loggers": {"django_comet": {"handlers": ["access"], "level": "INFO", "propagate": False}},
     }
 
 if os.environ.get("TEST_APP_LOGGING"):  # a typical LOGGING: an app's logger, the defaults

@@ -182,7 +182,9 @@ def test_forwarded_headers_only_from_trusted_proxies(demo_db, comet):
 
 def test_the_access_log_record_has_the_clients_address(demo_db):
     """For a LOGGING format's %(remote_addr)s: the line (runserver's) has none, and
-    behind a proxy the peer is the proxy (found by a review behind nginx)."""
+    behind a proxy the peer is the proxy (found by a review behind nginx).  The
+    server's other records have one too ("-" for the stop's), or the format failed on
+    them ("--- Logging error ---")."""
     env = {"TEST_ACCESS_LOG_ADDRESSES": "1", "TEST_TRUSTED_PROXIES": "127.0.0.1"}
     server = runcomet(db=demo_db, env=env)
     try:
@@ -193,8 +195,12 @@ def test_the_access_log_record_has_the_clients_address(demo_db):
             sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
         assert server.logged('127.0.0.1 "GET /t/echo/" 400 - (refused)')
+        assert requests.get(server.url + "/t/boom/", headers=headers, timeout=10).status_code == 500
+        assert server.logged('203.0.113.9 "GET /t/boom/ HTTP/1.1" 500')
     finally:
         assert server.stop() == 0, "".join(server.output)
+    assert "- Stopping: no new connections" in "".join(server.output)
+    assert "Logging error" not in "".join(server.output)
 
 
 def test_trickling_readers_past_the_spare_threads_do_not_stall_every_view(demo_db):

@@ -54,6 +54,10 @@ class BackgroundHandler(logging.Handler):
         self._writing = False
         self._idle = False  # the writer waits for records (to be woken)
         self._dropped = 0
+        # What an app wrote to wsgi.errors, when this writer writes it too (ErrorStream):
+        # bounded on its own, so that an app's tracebacks never crowd out the log.
+        self._waiting_raw = 0
+        self._dropped_raw = 0
         self._closed = False
         self._gave_up = False  # a flush found stderr stuck: the next ones do not wait
         # Started with the first record: a process that forks its workers before it
@@ -71,11 +75,16 @@ class BackgroundHandler(logging.Handler):
         if self._closed:  # (at exit, after logging.shutdown(): no writer any more)
             self._write_now(record)
             return
+        raw = record.name == _RAW
         with self._changed:
-            if len(self._waiting) >= self.max_waiting:
+            if raw and self._waiting_raw >= self.max_waiting:
+                self._dropped_raw += 1
+                return
+            if not raw and len(self._waiting) - self._waiting_raw >= self.max_waiting:
                 self._dropped += 1
                 return
             self._waiting.append(record)
+            self._waiting_raw += raw
             if not self._started:
                 self._started = True
                 writer = threading.Thread(target=self._write, name="comet-log", daemon=True)
@@ -95,9 +104,13 @@ class BackgroundHandler(logging.Handler):
                     return
                 records = list(self._waiting)
                 self._waiting.clear()
+                self._waiting_raw = 0
                 dropped, self._dropped = self._dropped, 0
+                dropped_raw, self._dropped_raw = self._dropped_raw, 0
                 self._writing = True
             try:
+                if dropped_raw:
+                    records.insert(0, _dropped_record(dropped_raw, "wsgi.errors write(s)"))
                 if dropped:
                     records.insert(0, _dropped_record(dropped))
                 self._deliver(records)
@@ -241,8 +254,13 @@ class ForwardingHandler(BackgroundHandler):
 
     def _kept(self, record: logging.LogRecord) -> logging.LogRecord:
         """The record as it came (a copy): the project's handlers may want all of it,
-        ``exc_info`` included (Django's AdminEmailHandler mails its traceback)."""
-        return copy.copy(record)
+        ``exc_info`` included (Django's AdminEmailHandler mails its traceback).  Every
+        server record has a ``remote_addr`` ("-" where no request is concerned), so
+        that a format that shows the access log's does not fail on the others."""
+        record = copy.copy(record)
+        if not hasattr(record, "remote_addr"):
+            record.remote_addr = "-"
+        return record
 
     def writes_to_a_full_stream(self) -> bool:
         """Whether one of the handlers it hands records to (its own, or above it) writes
@@ -355,16 +373,18 @@ def _write_text(text: str) -> None:
             data = data[os.write(fd, data) :]
 
 
-def _dropped_record(count: int) -> logging.LogRecord:
-    return logging.LogRecord(
+def _dropped_record(count: int, what: str = "log line(s)") -> logging.LogRecord:
+    record = logging.LogRecord(
         "django_comet",
         logging.WARNING,
         __file__,
         0,
-        "%d log line(s) dropped: stderr was not read meanwhile" % count,
+        f"{count} {what} dropped: stderr was not read meanwhile",
         None,
         None,
     )
+    record.remote_addr = "-"  # (as on every server record: ForwardingHandler._kept)
+    return record
 
 
 def log_to_stderr(logger: logging.Logger, fmt: str, datefmt: str | None = None) -> StderrHandler:

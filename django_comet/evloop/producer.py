@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_comet.server")
 
+
+def _client(ex: Exchange) -> dict[str, str]:
+    """A request's error record names its client, as its access record does."""
+    return {"remote_addr": ex.remote}
+
+
 _END = object()  # a body's end, from next()
 
 # Seconds between a paused body's worker's looks at whether its exchange is still on.
@@ -80,7 +86,9 @@ class Producer:
             return
         except BaseException:  # SystemExit from a view too: an app error
             self._in_app = False
-            logger.exception("Error running WSGI application for %s %s", ex.method, ex.path)
+            logger.exception(
+                "Error running WSGI application for %s %s", ex.method, ex.path, extra=_client(ex)
+            )
             # (Once write() has sent the head, the client must see the response cut.)
             self._to_loop(self._abort if start.headers_sent else self._reply_error, ex)
             return
@@ -198,7 +206,9 @@ class Producer:
         except ClientGone:  # from write(), inside the body: the response is over already
             self._to_loop(self._abort, ex)
         except BaseException:
-            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
+            logger.exception(
+                "Error in WSGI response for %s %s", ex.method, ex.path, extra=_client(ex)
+            )
             if start.headers_sent or not first:
                 self._to_loop(self._abort, ex)
             else:
@@ -333,7 +343,9 @@ class Producer:
         except ClientGone:  # from write(), inside the body: the response is over already
             self._abort(ex)
         except BaseException:  # even SystemExit from the app: the client must not wait
-            logger.exception("Error in WSGI response for %s %s", ex.method, ex.path)
+            logger.exception(
+                "Error in WSGI response for %s %s", ex.method, ex.path, extra=_client(ex)
+            )
             self._abort(ex)
         finally:
             if not paused:
@@ -361,7 +373,9 @@ class Producer:
         except StopNow:
             raise
         except BaseException:
-            logger.exception("Error closing WSGI response for %s %s", ex.method, ex.path)
+            logger.exception(
+                "Error closing WSGI response for %s %s", ex.method, ex.path, extra=_client(ex)
+            )
 
     def _run_stage(
         self, ex: Exchange, resume: Callable[..., Iterable[bytes]], args: tuple[Any, ...]
@@ -376,7 +390,9 @@ class Producer:
             raise
         except BaseException:
             self._in_app = False
-            logger.exception("Error in deferred stage of %s %s", ex.method, ex.path)
+            logger.exception(
+                "Error in deferred stage of %s %s", ex.method, ex.path, extra=_client(ex)
+            )
             self._to_loop(self._abort, ex)
             return
         finally:
