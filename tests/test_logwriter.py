@@ -10,7 +10,11 @@ from django_comet.evloop.logwriter import StderrHandler
 from .processes import wait_until
 
 
-def test_lines_past_the_bound_while_stderr_is_not_read_are_counted_and_said(monkeypatch):
+def written_past_a_stall(monkeypatch, then) -> list[str]:
+    """stderr is a pipe nobody reads: a record larger than it holds stalls the writer
+    of a StderrHandler with room for two records (of each kind); ``then(handler,
+    logger)`` logs more meanwhile.  The lines written once the pipe is read (after the
+    large one, whose length stands for it)."""
     read_end, write_end = os.pipe()
     stderr = os.fdopen(write_end, "w")
     monkeypatch.setattr("sys.stderr", stderr)
@@ -21,8 +25,7 @@ def test_lines_past_the_bound_while_stderr_is_not_read_are_counted_and_said(monk
     try:
         logger.warning("%s", "x" * 200_000)  # more than a pipe holds: the writer waits
         wait_until(lambda: handler._writing)
-        for n in range(5):  # two wait, three are dropped
-            logger.warning("line %d", n)
+        then(handler, logger)
         read = []
         reader = threading.Thread(target=lambda: read.append(_read_all(read_end)))
         reader.start()
@@ -30,50 +33,42 @@ def test_lines_past_the_bound_while_stderr_is_not_read_are_counted_and_said(monk
         stderr.close()
         reader.join(10)
         lines = read[0].decode().splitlines()
-        assert [len(lines[0]), *lines[1:]] == [
-            200_000,
-            "3 log line(s) dropped: stderr was not read meanwhile",
-            "line 0",
-            "line 1",
-        ]
+        return [len(lines[0]), *lines[1:]]
     finally:
         os.close(read_end)
+
+
+def test_lines_past_the_bound_while_stderr_is_not_read_are_counted_and_said(monkeypatch):
+    def five_lines(handler, logger):  # two wait, three are dropped
+        for n in range(5):
+            logger.warning("line %d", n)
+
+    assert written_past_a_stall(monkeypatch, five_lines) == [
+        200_000,
+        "3 log line(s) dropped: stderr was not read meanwhile",
+        "line 0",
+        "line 1",
+    ]
 
 
 def test_wsgi_errors_through_the_logs_writer_have_a_bound_of_their_own(monkeypatch):
     """With one queue for both, an app writing tracebacks to wsgi.errors while stderr
     was not read crowded the server's own records out, and was counted as log lines
     (found by a diff review)."""
-    read_end, write_end = os.pipe()
-    stderr = os.fdopen(write_end, "w")
-    monkeypatch.setattr("sys.stderr", stderr)
-    handler = StderrHandler(max_waiting=2)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    errors = logwriter.ErrorStream(handler)
-    logger = logging.Logger("logwriter-test")
-    logger.addHandler(handler)
-    try:
-        logger.warning("%s", "x" * 200_000)  # more than a pipe holds: the writer waits
-        wait_until(lambda: handler._writing)
+
+    def five_writes_and_a_line(handler, logger):
+        errors = logwriter.ErrorStream(handler)
         for n in range(5):  # two wait, three are dropped
             errors.write(f"app {n}\n")
         logger.warning("the server's")
-        read = []
-        reader = threading.Thread(target=lambda: read.append(_read_all(read_end)))
-        reader.start()
-        handler.close()  # (what waits is written first)
-        stderr.close()
-        reader.join(10)
-        lines = read[0].decode().splitlines()
-        assert [len(lines[0]), *lines[1:]] == [
-            200_000,
-            "3 wsgi.errors write(s) dropped: stderr was not read meanwhile",
-            "app 0",
-            "app 1",
-            "the server's",
-        ]
-    finally:
-        os.close(read_end)
+
+    assert written_past_a_stall(monkeypatch, five_writes_and_a_line) == [
+        200_000,
+        "3 wsgi.errors write(s) dropped: stderr was not read meanwhile",
+        "app 0",
+        "app 1",
+        "the server's",
+    ]
 
 
 def test_a_records_arguments_are_taken_as_text_when_it_is_logged(monkeypatch, capfd):
