@@ -202,7 +202,7 @@ class _RawStderrHandler(BackgroundHandler):
 
 class ErrorStream:
     """``wsgi.errors``: what the app writes goes to stderr as it was written, from a
-    thread of its own, with the log's bound: a stderr nobody reads stopped every view
+    writer thread, with a bound like the log's: a stderr nobody reads stopped every view
     thread that wrote a traceback there (Bottle does, Falcon too), and with
     ``--threads 0`` the loop.  Where the server's log goes to stderr (``log``), its
     writer writes this too, in the same queue: a request's access line comes after the
