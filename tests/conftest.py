@@ -74,3 +74,11 @@ def broker(request):
     server = PostgresServer() if request.param == "postgres" else RedisServer()
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="module")
+def beating(demo_db):
+    """A server with a 0.3 s heartbeat: comet.js takes 0.9 s of silence for a stall."""
+    server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.3"})
+    yield server
+    assert server.stop() == 0
