@@ -103,6 +103,11 @@ def test_script_name_is_split_off():
         ((1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")], 501),
         (
             (1, 1),
+            [(b"Host", b"a"), (b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")],
+            400,
+        ),
+        (
+            (1, 1),
             [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")],
             501,
         ),

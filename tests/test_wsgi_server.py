@@ -712,6 +712,27 @@ def test_a_body_evhttp_would_not_read_is_refused_not_taken_for_a_request(
     assert out.count(b"HTTP/1.1 ") == 1, out
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Transfer-Encoding:\tchunked\r\n",  # a tab is whitespace too (RFC 9110 5.6.3)
+        b"Transfer-Encoding:\r\n chunked\r\n",  # a folded line is one line (RFC 9112 5.2)
+        b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % (len(SMUGGLED) + 9),
+    ],
+    ids=["tab", "folded", "and-a-length"],
+)
+def test_a_chunked_body_evhttp_would_not_dechunk_is_refused_not_taken_for_a_request(
+    wsgi_server, framing
+):
+    """evhttp dechunks only a first Transfer-Encoding that is "chunked" after spaces:
+    with a tab or a fold it read no body, and the body was answered as a request of its
+    own.  Beside a Content-Length, a front proxy may frame the body otherwise (CL.TE)."""
+    body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
+    out = raw(wsgi_server, b"POST /hello HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n" + body)
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert out.count(b"HTTP/1.1 ") == 1, out
+
+
 @pytest.mark.parametrize("method", [b"GET", b"DELETE", b"OPTIONS", b"POST", b"PUT", b"PATCH"])
 def test_a_body_of_any_other_method_is_read_as_its_body(wsgi_server, method):
     request = method + b" /hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (

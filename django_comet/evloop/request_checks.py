@@ -79,8 +79,9 @@ def check_request(
     version: tuple[int, int],
     headers: list[tuple[bytes, bytes]],
     limits: Limits = DEFAULT_LIMITS,
-) -> None:
-    """Refuse what RFC 9112 says to refuse and evhttp lets through (BadRequest)."""
+) -> bool:
+    """Refuse what RFC 9112 says to refuse and evhttp lets through (BadRequest); whether
+    the body is chunked (the caller checks that evhttp read it so)."""
     if version not in ((1, 1), (1, 0)):
         raise BadRequest("HTTP Version Not Supported", 505)
     if len(target) > limits.target:
@@ -136,6 +137,8 @@ def check_request(
         # reads none for these: it would take the body's bytes for the next request.
         raise BadRequest(f"A {method} request cannot carry a body here")
     if codings:
+        if length is not None:  # which one frames the body is a front proxy's guess
+            raise BadRequest("Both Content-Length and Transfer-Encoding (RFC 9112 6.1)")
         if version == (1, 0):
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
         # evhttp dechunks a body only when the header is exactly "chunked"; with any other
@@ -144,3 +147,5 @@ def check_request(
             raise BadRequest("Transfer-Encoding must end in chunked, once (RFC 9112 6.3)")
         if len(codings) > 1:
             raise BadRequest("Only the chunked transfer coding is implemented", 501)
+        return True
+    return False
