@@ -183,6 +183,7 @@ class Settings:
             max_header_count=self.MAX_HEADER_COUNT,
             header_timeout=float(self.HEADER_TIMEOUT),
             max_connections=self.MAX_CONNECTIONS,
+            on_thread_exit=_close_database_connections,
         )
         if self.THREADS is not None:
             config.threads = self.THREADS
@@ -190,6 +191,14 @@ class Settings:
             if value is not None:
                 setattr(config, name, value)
         return config
+
+
+def _close_database_connections() -> None:
+    """A view thread leaving the pool: its connections (Django keeps one per thread and
+    database) would stay open, with ``CONN_MAX_AGE``, until a collection found them."""
+    from django.db import connections
+
+    connections.close_all()
 
 
 def _authorize_errors(authorize: Any) -> list[str]:

@@ -19,6 +19,9 @@ COMET_TIMEOUT = float(os.environ.get("TEST_TIMEOUT", "30"))
 COMET_MAX_CONNECTIONS = int(os.environ.get("TEST_MAX_CONNECTIONS", "20000"))
 COMET_GRACE_PERIOD = float(os.environ.get("TEST_GRACE_PERIOD", "10"))
 
+if os.environ.get("TEST_CONN_MAX_AGE"):  # persistent database connections
+    DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["TEST_CONN_MAX_AGE"])  # noqa: F405
+
 if os.environ.get("TEST_BAD_TIMEOUT"):  # a setting of the wrong kind
     COMET_TIMEOUT = os.environ["TEST_BAD_TIMEOUT"]
 if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file

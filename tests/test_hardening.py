@@ -237,6 +237,28 @@ def test_trickling_readers_past_the_spare_threads_do_not_stall_every_view(demo_d
         assert server.stop() == 0
 
 
+def test_a_view_thread_leaving_the_pool_closes_its_database_connections(demo_db):
+    """A body paused for its client waits in its view thread while a spare serves in
+    its place, and that thread leaves the pool once the body is over.  Its persistent
+    connection (CONN_MAX_AGE) stayed open until a garbage collection found it: a few
+    slow readers at a time ran PostgreSQL out of connections (found by a review)."""
+    server = runcomet("--threads", "1", db=demo_db, env={"TEST_CONN_MAX_AGE": "60"})
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET /t/big-from-the-database/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            server.wait_for_status(lambda s: s["threads"] == 2)  # a spare stands in
+            opened = requests.get(server.url + "/t/open-connections/", timeout=30).json()
+            assert opened == {"open": 2}  # the paused body's thread's, and the spare's
+            tail = b""
+            while not tail.endswith(b"\r\n0\r\n\r\n"):  # the body goes on, and ends
+                tail = (tail + sock.recv(1 << 20))[-16:]
+        server.wait_for_status(lambda s: s["threads"] == 1 and s["in_flight"] == 1)
+        opened = requests.get(server.url + "/t/open-connections/", timeout=30).json()
+        assert opened == {"open": 1}  # the spare's, which stays in the pool
+    finally:
+        assert server.stop() == 0
+
+
 def test_storm_of_vanishing_stream_clients(comet):
     """5,000 streams reset at once, then again.  What the first storm leaves in RSS is
     the heap's fragmentation (about 3 KiB a connection, in use by libevent's

@@ -303,13 +303,17 @@ def test_a_thread_pool_calls_its_hook_before_each_call():
 
 def test_a_thread_pool_stands_in_spares_then_retires_them():
     """A call about to wait on a client gets a spare thread in its place, while spares
-    are left; its thread leaves once the call is over, and the spare goes back."""
-    pool = ThreadPool(1, spares=1)
+    are left; its thread leaves once the call is over, and the spare goes back.  A
+    thread leaving the pool calls on_exit (runcomet closes its database connections)."""
+    left = []
+    pool = ThreadPool(1, spares=1, on_exit=lambda: left.append(threading.current_thread()))
     release, answers = threading.Event(), []
+    first = []
 
     asked = threading.Event()
 
     def waits_on_a_client():
+        first.append(threading.current_thread())
         answers.append(pool.stand_in())
         answers.append(pool.stand_in())  # (again in the same call: the same spare)
         asked.set()
@@ -328,9 +332,12 @@ def test_a_thread_pool_stands_in_spares_then_retires_them():
         assert answers[-1] is False  # no spare left: it would wait holding its place
         release.set()
         wait_until(lambda: pool.size == 1)  # the first thread retired
+        wait_until(lambda: left == first)  # (it calls on_exit once out of the pool)
+        spare = pool._threads[0]
     finally:
         release.set()
         pool.shutdown(10)
+    assert left == [*first, spare]  # and at shutdown, each thread
 
 
 def test_a_spare_that_cannot_start_leaves_the_pool_as_it_was(monkeypatch):

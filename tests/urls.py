@@ -35,6 +35,8 @@ urlpatterns = [
     path("t/cookie-first/", views.cookie_first, name="cookie_first"),
     path("t/cookie-stage/", views.cookie_stage, name="cookie_stage"),
     path("t/big/", views.big, name="big"),
+    path("t/big-from-the-database/", views.big_from_the_database),
+    path("t/open-connections/", views.open_connections),
     path("t/paced-big/", views.paced_big, name="paced_big"),
     path("t/db-rows/", views.db_rows),
     path("t/file/", views.file_view, name="file"),

@@ -10,9 +10,11 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from decimal import Decimal
 
 from django.db import connection
+from django.db.backends.signals import connection_created
 from django.http import (
     FileResponse,
     Http404,
@@ -336,6 +338,23 @@ def big(request):
     size = int(request.GET.get("mb", "4")) * 1024 * 1024
     item = int(request.GET.get("kib", "1024")) * 1024
     return StreamingHttpResponse(b"x" * item for _ in range(size // item))
+
+
+def big_from_the_database(request):
+    """``big``, after a query: the view's thread has its database connection."""
+    connection.ensure_connection()
+    return big(request)
+
+
+# Every database connection Django opened in this process, open or closed since.
+_connections = weakref.WeakSet()
+connection_created.connect(lambda sender, connection, **kwargs: _connections.add(connection))
+
+
+def open_connections(request):
+    """How many of them are open, in any thread (read, not used, from this one)."""
+    connection.ensure_connection()  # this thread's, so that it counts too
+    return JsonResponse({"open": sum(c.connection is not None for c in list(_connections))})
 
 
 def pattern(size):

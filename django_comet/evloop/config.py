@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from .proxies import TrustedProxies
 
@@ -73,3 +74,8 @@ class ServerConfig:
     access_log: bool = True
     # Set for pre-forked workers: the environ's wsgi.multiprocess (PEP 3333).
     multiprocess: bool = False
+    # Called in a view thread as it leaves the pool (a thread that stood aside for a slow
+    # reader, and every thread at a stop): runcomet closes its Django database
+    # connections there, which a persistent connection (CONN_MAX_AGE) would otherwise
+    # keep open until a garbage collection found the thread's leftovers.
+    on_thread_exit: Callable[[], None] | None = None

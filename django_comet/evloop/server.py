@@ -111,6 +111,7 @@ class Server(Producer, Responder):
                 threads,
                 before_each=self.loop.let_catch_up,
                 spares=SPARE_THREADS_PER_THREAD * threads,
+                on_exit=self.config.on_thread_exit,
             )
             if threads > 0
             else None

@@ -27,11 +27,13 @@ class ThreadPool:
         name: str = "comet-worker",
         before_each: Callable[[], None] | None = None,
         spares: int = 0,
+        on_exit: Callable[[], None] | None = None,
     ):
         if size < 1:
             raise ValueError("a thread pool needs at least one thread")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._before_each = before_each  # called by a thread before it takes a call
+        self._on_exit = on_exit  # called by a thread as it leaves the pool
         self._name = name
         self._started = 0
         self._lock = threading.Lock()
@@ -98,6 +100,7 @@ class ThreadPool:
                 before_each()
             item = get()
             if item is _STOP:
+                self._exiting()
                 return
             fn, args = item
             try:
@@ -109,7 +112,15 @@ class ThreadPool:
                     if not self._closed:
                         self._spares_left += 1
                     self._threads.remove(threading.current_thread())
+                self._exiting()
                 return
+
+    def _exiting(self) -> None:
+        if self._on_exit is not None:
+            try:
+                self._on_exit()
+            except Exception:
+                logger.exception("Error in %r as a view thread left the pool", self._on_exit)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Let queued work finish, then stop the threads (waiting up to ``timeout``)."""
