@@ -291,6 +291,7 @@ class Command(RunserverCommand):
         whose reader is gone: a log shipper that died, ``| head``; a terminal that
         closed, which sent the SIGHUP that stopped it: EIO), which is no failure of the
         server's: it still exits 0."""
+        _flush_log()  # ("Stopping: ..." comes first: the log is written by a thread)
         try:
             self.stdout.write("Stopped.")
             self.stdout.flush()
@@ -300,10 +301,7 @@ class Command(RunserverCommand):
         exit_if_stuck(0)  # (the project's log handlers stuck on a stderr nobody reads)
 
     def _fail(self, message: str) -> None:
-        # What was logged before (a worker's own error, "Worker 0 could not start")
-        # comes before the error: the log is written by a thread of its own.
-        for handler in logging.getLogger("django_comet").handlers:
-            handler.flush()
+        _flush_log()  # (a worker's own error, "Worker 0 could not start", comes first)
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
@@ -445,3 +443,10 @@ def _configure_logging(access_log: bool) -> None:
         return
     log_to_stderr(logger, LOG_FORMAT, LOG_DATE_FORMAT)  # (never waits: logwriter.py)
     logger.propagate = False
+
+
+def _flush_log() -> None:
+    """What the server logged is written out (a bounded wait: stderr may not be read
+    any more) before runcomet's last word: its log is written by a thread of its own."""
+    for handler in logging.getLogger("django_comet").handlers:
+        handler.flush()
