@@ -9,7 +9,7 @@ import time
 import pytest
 
 from django_comet.evloop.files import Descriptor
-from django_comet.evloop.loop import Loop
+from django_comet.evloop.loop import AFTER_PASS_BATCH, Loop
 from django_comet.evloop.workers import ThreadPool
 
 from .processes import wait_until
@@ -356,3 +356,24 @@ def test_a_spare_that_cannot_start_leaves_the_pool_as_it_was(monkeypatch):
         assert answers == [False] and pool.size == 1
     finally:
         pool.shutdown(10)  # (it raised: a thread never started was joined)
+
+
+def test_what_runs_after_a_pass_runs_a_batch_at_a_time():
+    """--threads 0 runs the views of the requests a pass read after it: a wave of them
+    ran back to back, and no timer (a stop's drain) nor socket had a turn meanwhile."""
+    loop = Loop()
+    order = []
+
+    def a_wave():
+        for n in range(AFTER_PASS_BATCH * 2 + 1):
+            loop.call_after_pass(order.append, n)
+        loop.call_soon(order.append, "between")  # the next pass's
+        loop.call_soon(loop.call_after_pass, loop.stop)  # after the wave
+
+    try:
+        loop.call_soon(a_wave)
+        loop.run()
+    finally:
+        loop.close()
+    assert order[AFTER_PASS_BATCH] == "between"
+    assert [n for n in order if n != "between"] == list(range(AFTER_PASS_BATCH * 2 + 1))

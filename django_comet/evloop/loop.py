@@ -34,6 +34,11 @@ MAX_DELAY = 1e8
 # loop stuck in one long callback makes it wait that long.
 CATCH_UP_WAIT = 0.05
 
+# The most callables run after one pass (``call_after_pass``: ``--threads 0``'s views);
+# the rest run after the next, which does not sleep, so that timers (a stop's drain, the
+# stages due) and sockets get a pass between each such batch and the next.
+AFTER_PASS_BATCH = 64
+
 
 def timeval_of(seconds: float) -> ev.timeval:
     seconds = min(seconds, MAX_DELAY)
@@ -251,8 +256,17 @@ class Loop:
         because the view's code stays warm in the CPU's caches."""
         self._after_pass.append((callback, args))
 
+    @property
+    def after_pass_waiting(self) -> int:
+        """Callables queued to run after the current pass."""
+        return len(self._after_pass)
+
     def _run_after_pass(self) -> None:
-        batch, self._after_pass = self._after_pass, []
+        batch = self._after_pass
+        if len(batch) > AFTER_PASS_BATCH:  # the rest after a pass that does not sleep
+            batch, self._after_pass = batch[:AFTER_PASS_BATCH], batch[AFTER_PASS_BATCH:]
+        else:
+            self._after_pass = []
         for callback, args in batch:
             self._run(callback, args)
             if self._fatal is not None:
@@ -346,6 +360,7 @@ class Loop:
                 sleeping = not sleeping
                 if self._after_pass:
                     self._run_after_pass()
+                    sleeping = sleeping and not self._after_pass  # (more: a pass, then them)
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal

@@ -48,10 +48,11 @@ logger = logging.getLogger("django_comet.server")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# Requests waiting for a view thread beyond which new connections wait in the kernel's
-# listen backlog, and below which they are accepted again (checked every few ms): a wave
-# of connections is taken as fast as the views get through it, not all at once, so the
-# heap is not grown for thousands of requests in flight (and left with holes after).
+# Requests waiting for a view thread (with --threads 0, for the loop thread) beyond which
+# new connections wait in the kernel's listen backlog, and below which they are accepted
+# again (checked every few ms): a wave of connections is taken as fast as the views get
+# through it, not all at once, so the heap is not grown for thousands of requests in
+# flight (and left with holes after), nor views run for clients long gone.
 VIEW_BACKLOG_HIGH = 64
 VIEW_BACKLOG_LOW = 16
 VIEW_BACKLOG_CHECK = 0.005
@@ -444,14 +445,14 @@ class Server(Producer, Responder):
         if self._pool is not None:
             self._lift_read_timeout(ex)  # a slow view must not look like an idle client
             self._pool.submit(self._run_app, ex)
-            if self._pool.backlog > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
-                self.backlog_pauses += 1
-                self._accepting(False, "views")
-                self._own_timers["views"] = self.loop.call_later(
-                    VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
-                )
         else:
             self.loop.call_after_pass(self._run_app, ex)
+        if self._views_waiting() > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
+            self.backlog_pauses += 1
+            self._accepting(False, "views")
+            self._own_timers["views"] = self.loop.call_later(
+                VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
+            )
 
     def _log_refused(self, r: RequestStruct, status: int) -> None:
         """An access-log line for a request refused before any app saw it (a probe, a
@@ -476,12 +477,16 @@ class Server(Producer, Responder):
         r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         self._lib.evhttp_send_error(req, status, reason)
 
+    def _views_waiting(self) -> int:
+        """Requests whose views have yet to start: queued for a view thread, or with
+        ``--threads 0`` for the loop thread, after its pass (a batch at a time)."""
+        return self._pool.backlog if self._pool is not None else self.loop.after_pass_waiting
+
     def _accept_when_views_caught_up(self) -> None:
-        assert self._pool is not None
         del self._own_timers["views"]
         if self._draining:  # accepting is over: nothing to resume
             return
-        if self._pool.backlog <= VIEW_BACKLOG_LOW:
+        if self._views_waiting() <= VIEW_BACKLOG_LOW:
             self._accepting(True, "views")
         else:
             self._own_timers["views"] = self.loop.call_later(
