@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from http.cookies import Morsel, SimpleCookie
@@ -248,13 +249,20 @@ def stage_environ(stage: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 _handler_instance: WSGIHandler | None = None
+_handler_lock = threading.Lock()
 
 
 def _handler() -> WSGIHandler:
+    """The stages' own handler, made once: two view threads running their first stages
+    at once loaded the middleware twice."""
     global _handler_instance
-    if _handler_instance is None:
-        _handler_instance = WSGIHandler()
-    return _handler_instance
+    handler = _handler_instance
+    if handler is None:
+        with _handler_lock:
+            if _handler_instance is None:
+                _handler_instance = WSGIHandler()
+            handler = _handler_instance
+    return handler
 
 
 def _forget_handler(sender: Any, setting: str, **kwargs: Any) -> None:

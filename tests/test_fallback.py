@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import requests
@@ -181,3 +183,32 @@ def test_head_under_runserver_answers_without_waiting(demo_db):
     finally:
         runserver.terminate()
         runserver.wait(30)
+
+
+def test_the_stages_handler_is_made_once_by_threads_that_race_for_it(monkeypatch):
+    """Two view threads running their first stages at once each made a handler, loading
+    the project's middleware twice (found by a review)."""
+    from django_comet import stages
+
+    made = []
+    both_in = threading.Barrier(2)
+
+    class SlowToMake:
+        def __init__(self):
+            made.append(self)
+            time.sleep(0.2)  # (the window the race needs, held open; not a wait)
+
+    monkeypatch.setattr(stages, "WSGIHandler", SlowToMake)
+    monkeypatch.setattr(stages, "_handler_instance", None)
+    got = []
+
+    def first_stage():
+        both_in.wait(10)
+        got.append(stages._handler())
+
+    threads = [threading.Thread(target=first_stage) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(made) == 1 and got == [made[0], made[0]]
