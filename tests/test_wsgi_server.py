@@ -721,16 +721,21 @@ def test_a_body_evhttp_would_not_read_is_refused_not_taken_for_a_request(
     ],
     ids=["tab", "folded", "and-a-length"],
 )
-def test_a_chunked_body_evhttp_would_not_dechunk_is_refused_not_taken_for_a_request(
-    wsgi_server, framing
-):
-    """evhttp dechunks only a first Transfer-Encoding that is "chunked" after spaces:
-    with a tab or a fold it read no body, and the body was answered as a request of its
-    own.  Beside a Content-Length, a front proxy may frame the body otherwise (CL.TE)."""
+def test_a_chunked_body_is_never_taken_for_a_request(wsgi_server, framing):
+    """libevent 2.1.12 as released dechunks only a first Transfer-Encoding that is
+    "chunked" after spaces: with a tab or a fold it read no body, and the body was
+    answered as a request of its own.  Such a request is refused (400, closed), unless
+    the libevent in use reads it as chunked (Debian's security update does).  Beside a
+    Content-Length it is refused, whatever libevent reads: a front proxy may frame the
+    body by its length (CL.TE)."""
     body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
-    out = raw(wsgi_server, b"POST /hello HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n" + body)
-    assert out.startswith(b"HTTP/1.1 400 "), out
-    assert out.count(b"HTTP/1.1 ") == 1, out
+    head = b"POST /body-length HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n"
+    out = raw(wsgi_server, head + body + FOLLOWING)
+    if b"Content-Length" in framing or out.startswith(b"HTTP/1.1 400 "):
+        assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1 ") == 1, out
+    else:  # read as chunked: the body reached the app as a body
+        assert out.count(b"HTTP/1.1 ") == 2, out  # its answer and the next request's
+        assert b"\r\n\r\n%d" % len(SMUGGLED) in out, out
 
 
 @pytest.mark.parametrize("method", [b"GET", b"DELETE", b"OPTIONS", b"POST", b"PUT", b"PATCH"])
