@@ -209,6 +209,39 @@ def test_a_gap_from_before_a_restart_is_told_once_before_anything_is_published(d
         assert new.stop() == 0
 
 
+def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
+    """A restarted process that had published nothing moved a client past the gap to
+    cursor 0, which asks for the history and is never told of a gap: what the next
+    process published while the client was away, lost at the next restart, went
+    untold (found by a review).  So did a new client's cursor there."""
+    first = runcomet(db=demo_db)
+    try:
+        before = publish(first, "twice", "old")
+    finally:
+        assert first.stop() == 0
+    second = runcomet(db=demo_db)
+    try:
+        url = second.url + "/t/fastpoll/?channel=twice&timeout=0.1&since="
+        polled = requests.get(url + str(before), timeout=30).json()
+        assert polled["gap"] is True and polled["events"] == [], polled
+        headers = b"Last-Event-ID: %d\r\n" % before
+        with SSEClient(second, "/t/stream/?channels=twice", headers=headers) as client:
+            gap = client.next_event()
+        assert gap["event"] == "comet-history-gap", gap
+        new_client = requests.get(second.url + "/t/fastpoll/?channel=twice&timeout=0.1").json()
+        publish(second, "twice", "missed")  # while the clients are away
+    finally:
+        assert second.stop() == 0
+    third = runcomet(db=demo_db)
+    try:
+        url = third.url + "/t/fastpoll/?channel=twice&timeout=0.1&since="
+        for cursor in (polled["last_id"], gap["id"], new_client["last_id"]):
+            answer = requests.get(url + str(cursor), timeout=30).json()
+            assert answer["gap"] is True, (cursor, answer)
+    finally:
+        assert third.stop() == 0
+
+
 def test_heartbeat_events_tell_their_interval(tight):
     """An event, not a comment, so that a browser's script can watch for it."""
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:

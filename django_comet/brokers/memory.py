@@ -54,6 +54,19 @@ class MemoryBroker(Broker):
         events, gap = hub.since(channels, after)
         return events, gap or 0 < after < self._started_at
 
+    def newest_id(self) -> int:
+        """Where this process's ids began, before it published: a cursor above it is
+        from another epoch, one below it from before the restart (a gap)."""
+        return self._last_id
+
+    def fresh_cursor(self, channels: list[str]) -> int:
+        """Never 0 (which asks for the history, never a gap): a client that came before
+        any publish hears of what the next restart loses."""
+        return self._last_id
+
+    def hub_has_all_after(self) -> int:
+        return self._started_at  # (every event since this broker began is in the hub)
+
     def publish(self, channel: str, data: str, name: str | None = None) -> int:
         # The main thread only: a server's own threads (a ticker started by an app's
         # ready(), under runcomet, runserver or gunicorn) may publish before it serves.
