@@ -59,7 +59,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# `make demo DEMO_ADDR=0.0.0.0:8080` to serve it elsewhere.
+# `make demo DEMO_ADDR=0.0.0.0:8080 DEMO_ALLOWED_HOSTS=myhost.example` to serve it elsewhere.
 DEMO_ADDR ?= 127.0.0.1:8000
 demo: deps
 	@$(MAKE) -s system-deps APT_PACKAGES=libevent-2.1-7

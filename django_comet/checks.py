@@ -1,10 +1,11 @@
-"""System checks: libevent loadable (E001), COMET_* settings well typed (E002)."""
+"""System checks: libevent loadable (E001), COMET_* settings well typed (E002), and with
+``check --deploy``, channels open to anyone (W001)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.checks import CheckMessage, Error
+from django.core.checks import CheckMessage, Error, Warning
 
 
 def check_libevent(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -31,4 +32,21 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             message, hint="See the settings table in django-comet's README.", id="django_comet.E002"
         )
         for message in comet_settings.errors()
+    ]
+
+
+def check_authorize_deploy(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy``: without COMET_AUTHORIZE every stream and poll is granted, so
+    anyone who guesses a channel's name hears its events (fine for a public feed)."""
+    from django.conf import settings
+
+    if getattr(settings, "COMET_AUTHORIZE", None) is not None:
+        return []
+    return [
+        Warning(
+            "COMET_AUTHORIZE is not set: every channel is open to anyone who names it.",
+            hint="Set COMET_AUTHORIZE to a callable (request, channel) -> bool, or silence "
+            "django_comet.W001 if all your channels are public.",
+            id="django_comet.W001",
+        )
     ]

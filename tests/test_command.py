@@ -176,6 +176,19 @@ def test_missing_libevent_is_a_system_check_error():
     assert "/nonexistent/libevent.so" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "settings, warned", [("demo_site.settings", True), ("tests.settings", False)]
+)
+def test_channels_open_to_anyone_are_a_deploy_check_warning(settings, warned):
+    """Unset, COMET_AUTHORIZE grants every channel: check --deploy says so (the demo's
+    chat is public; the tests' settings name a callable)."""
+    result = manage("check", "--deploy", env={"DJANGO_SETTINGS_MODULE": settings})
+    assert ("django_comet.W001" in result.stderr) is warned, result.stderr
+    assert (
+        "django_comet.W001" not in manage("check", env={"DJANGO_SETTINGS_MODULE": settings}).stderr
+    )
+
+
 @pytest.mark.parametrize("grace", ["inf", "nan", "1e12"])
 def test_a_period_no_timer_can_hold_is_a_system_check_error(grace):
     result = manage("check", env={"TEST_GRACE_PERIOD": grace})
@@ -234,7 +247,7 @@ def test_a_broker_whose_library_is_missing_says_which_extra_to_install(
     env = {"COMET_BROKER": url, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
     check = manage("check", env=env)
     assert check.returncode == 1
-    said = f"pip install 'django-comet[{extra}]'"
+    said = f"(django-comet's [{extra}] extra)"
     assert "django_comet.E002" in check.stderr and said in check.stderr, check.stderr
     refused_in_one_line(env, said)
 

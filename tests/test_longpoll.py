@@ -281,6 +281,8 @@ def test_the_readmes_2007_style_long_poll(comet):
     reset = requests.get(comet.url + "/t/readme-wait/?since=99999999999999999", timeout=30)
     assert [e["id"] for e in reset.json()["events"]][-2:] == [first, second]
     assert reset.json()["last_id"] == second  # the next poll waits again
+    # Its stage's own URL, requested directly (a crawler), is a 400, not a 500.
+    assert requests.get(comet.url + "/t/readme-deliver/", timeout=30).status_code == 400
 
 
 def test_poll_response_waits_then_answers_without_a_view(comet):

@@ -571,6 +571,8 @@ def wait_for_chat(request):
 
 @deferred_view()
 def readme_deliver(request, response_prev=None, event=None):
+    if response_prev is None:  # requested directly (a crawler), not as a stage
+        return HttpResponseBadRequest("a stage of chat/wait/")
     since = response_prev.since
     events = history("readme", after=since)
     if event is not None and not events:  # a cursor from before a reset: start over

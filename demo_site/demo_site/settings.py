@@ -1,6 +1,8 @@
 """Settings of the demo project.  Not for production: the secret key is public.
 
-Environment: DJANGO_DEBUG=0 turns DEBUG off; DEMO_DB names the SQLite file.
+Environment: DJANGO_DEBUG=0 turns DEBUG off; DEMO_DB names the SQLite file;
+DEMO_ALLOWED_HOSTS adds host names (comma-separated) to the loopback ones, for a demo
+served on another address.
 """
 
 import os
@@ -10,7 +12,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-comet-demo-not-secret")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1").lower() not in ("0", "false", "no", "off")
-ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"] + [
+    host for host in os.environ.get("DEMO_ALLOWED_HOSTS", "").split(",") if host
+]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

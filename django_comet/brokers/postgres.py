@@ -124,7 +124,8 @@ def _psycopg() -> Any:
         # (Installed but broken, as without libpq: its own reason says what to fix.)
         why = "" if exc.name == "psycopg" else f" (psycopg failed to load: {exc})"
         raise ImportError(
-            f"COMET_BROKER postgres:// needs psycopg 3: pip install 'django-comet[postgres]'{why}"
+            f"COMET_BROKER postgres:// needs psycopg 3: pip install 'psycopg[binary]>=3.2'"
+            f" (django-comet's [postgres] extra){why}"
         ) from exc
     return psycopg
 

@@ -130,7 +130,8 @@ def _redis() -> Any:
     except ImportError as exc:
         why = "" if exc.name == "redis" else f" (redis-py failed to load: {exc})"
         raise ImportError(
-            f"COMET_BROKER redis:// needs redis-py: pip install 'django-comet[redis]'{why}"
+            f"COMET_BROKER redis:// needs redis-py: pip install 'redis>=5' (django-comet's"
+            f" [redis] extra){why}"
         ) from exc
     return redis
 
