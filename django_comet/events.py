@@ -68,9 +68,11 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     follow from; for a new client (None), nothing but its cursor.  A cursor newer than
     any id the broker handed out comes from another epoch (a memory broker that
     restarted, a reset database): then everything there is, as a gap, from cursor 0, or,
-    with nothing there, the cursor of a new client (0 would take the next epoch's losses
-    for history, never told).  This process's hub may lag a shared broker, so the broker
-    has the last word (asked only when the hub has not seen the cursor)."""
+    with nothing there, the newest id (read before the history was).  Cursor 0 with no
+    history moves on too, where the broker says how far its hub is complete: a cursor
+    left at 0 takes the next epoch's losses for history, never told.  This process's hub
+    may lag a shared broker, so the broker has the last word (asked only when the hub has
+    not seen the cursor)."""
     if after is None:
         return [], False, broker.fresh_cursor(channels)
     after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
@@ -80,21 +82,18 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     else:
         # Read before the broker is: every id up to it was handed out before the read.
         complete_after = broker.hub_has_all_after()
-        foreign = False
         try:
             with broker.early_client():
                 events, gap = broker.since(channels, after)
-                if not events and after > hub.last_id and after > broker.newest_id():
+                if not events and after > hub.last_id and after > (newest := broker.newest_id()):
                     events, _ = broker.since(channels, 0)
-                    if events:
-                        return events, True, 0
-                    foreign = True
+                    return events, True, 0 if events else newest
         except broker.unreachable as exc:
             _unreachable(_first_line(exc))
             events, gap = broker.local_since(channels, after)
         else:
-            if foreign:
-                return [], True, broker.fresh_cursor(channels)
+            if not events and after == 0 and complete_after:
+                return events, False, complete_after
             if gap and not events and after > 0 and complete_after is not None:
                 # Nothing of these channels is left up to it, and all after it reaches
                 # the hub: past the gap (else a process that has received nothing

@@ -213,7 +213,8 @@ def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
     """A restarted process that had published nothing moved a client past the gap to
     cursor 0, which asks for the history and is never told of a gap: what the next
     process published while the client was away, lost at the next restart, went
-    untold (found by a review).  So did a new client's cursor there."""
+    untold (found by a review).  So did a new client's cursor there, and comet.js's
+    first poll's (since=0) on a channel with no history."""
     first = runcomet(db=demo_db)
     try:
         before = publish(first, "twice", "old")
@@ -229,13 +230,15 @@ def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
             gap = client.next_event()
         assert gap["event"] == "comet-history-gap", gap
         new_client = requests.get(second.url + "/t/fastpoll/?channel=twice&timeout=0.1").json()
+        from_0 = requests.get(url + "0", timeout=30).json()  # (comet.js's first poll)
+        assert from_0["events"] == [] and "gap" not in from_0, from_0
         publish(second, "twice", "missed")  # while the clients are away
     finally:
         assert second.stop() == 0
     third = runcomet(db=demo_db)
     try:
         url = third.url + "/t/fastpoll/?channel=twice&timeout=0.1&since="
-        for cursor in (polled["last_id"], gap["id"], new_client["last_id"]):
+        for cursor in (polled["last_id"], gap["id"], new_client["last_id"], from_0["last_id"]):
             answer = requests.get(url + str(cursor), timeout=30).json()
             assert answer["gap"] is True, (cursor, answer)
     finally:
