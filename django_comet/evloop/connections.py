@@ -111,6 +111,7 @@ class ConnectionGuard:
         self.timed_out = 0
         self.paused = False
         self.pauses = 0  # times accepting paused at max_connections
+        self.on_accept: Callable[[], None] | None = None  # called as each is accepted
         self._conns: dict[int, float] = {}  # bufferevent -> deadline for a request, or 0
         self._releasing: list[int] = []  # disabled: our reference goes in two passes
         # Batches disabled a pass ago or more, each dropped at a later pass.
@@ -151,6 +152,8 @@ class ConnectionGuard:
         self._conns[bev] = deadline
         if self.max_connections and len(self._conns) >= self.max_connections:
             self._pause()
+        if self.on_accept is not None:
+            self.on_accept()
         return int(bev)
 
     def request_arrived(self, evcon: int) -> int:

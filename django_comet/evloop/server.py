@@ -173,6 +173,9 @@ class Server(Producer, Responder):
         # that lifts it, and "closing", the listener's closing at a stop.
         self._own_timers: dict[str, Any] = {}
         self.guard = ConnectionGuard(self, http)
+        self._accepted_this_pass = 0  # (--threads 0: _accepted_for_the_loop)
+        if self.config.threads == 0:
+            self.guard.on_accept = self._accepted_for_the_loop
         return int(http)
 
     # -- running -----------------------------------------------------------------------
@@ -448,11 +451,7 @@ class Server(Producer, Responder):
         else:
             self.loop.call_after_pass(self._run_app, ex)
         if self._views_waiting() > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
-            self.backlog_pauses += 1
-            self._accepting(False, "views")
-            self._own_timers["views"] = self.loop.call_later(
-                VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
-            )
+            self._pause_for_views()
 
     def _log_refused(self, r: RequestStruct, status: int) -> None:
         """An access-log line for a request refused before any app saw it (a probe, a
@@ -476,6 +475,29 @@ class Server(Producer, Responder):
         # whose answer says Proxy-Connection in place of "Connection: close".
         r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         self._lib.evhttp_send_error(req, status, reason)
+
+    def _accepted_for_the_loop(self) -> None:
+        """``--threads 0``, a connection accepted.  While the loop runs views, a wave of
+        connections builds up in the listen backlog, and libevent's listener takes all
+        of it in one go (it accepts until none is left): the requests they bring count
+        as views waiting before they are read."""
+        if not self._accepted_this_pass:
+            self.loop.call_after_pass(self._forget_accepted)
+        self._accepted_this_pass += 1
+        if self._accepted_this_pass + self.loop.after_pass_waiting > VIEW_BACKLOG_HIGH:
+            self._pause_for_views()
+
+    def _forget_accepted(self) -> None:
+        self._accepted_this_pass = 0  # (their requests are read, or on their way)
+
+    def _pause_for_views(self) -> None:
+        if "views" in self._pauses:
+            return
+        self.backlog_pauses += 1
+        self._accepting(False, "views")
+        self._own_timers["views"] = self.loop.call_later(
+            VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
+        )
 
     def _views_waiting(self) -> int:
         """Requests whose views have yet to start: queued for a view thread, or with
