@@ -526,11 +526,15 @@ def test_memory_goes_back_to_the_system_under_steady_traffic_on_short_connection
         rss = rss_kib(pid)
         traffic.start()
         downloads.extend(slow_reader(server, "/t/big/?mb=25&kib=64") for _ in range(150))
-        wait_until(lambda: rss_kib(pid) > rss + 100 * 1024, timeout=60)  # KiB
+        # (About 80 MiB: since --threads 0 runs views 64 at a time, the kernel takes
+        # some of the first ones' bytes before the next are made, and glibc gives most
+        # of it back at the top of the heap by itself: 130 MiB up when all 150 ran in
+        # one go, mostly held in holes.  The hand-back's own test is the one above.)
+        wait_until(lambda: rss_kib(pid) > rss + 64 * 1024, timeout=60)  # KiB
         for sock in downloads:
             sock.close()
         server.wait_for_status(lambda s: s["in_flight"] <= 1, timeout=30)
-        wait_until(lambda: rss_kib(pid) < rss + 48 * 1024)  # the traffic goes on
+        wait_until(lambda: rss_kib(pid) < rss + 32 * 1024)  # the traffic goes on
         assert traffic.is_alive()
     finally:
         traffic_over.set()
