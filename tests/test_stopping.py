@@ -51,10 +51,13 @@ def test_signal_drains_in_flight_requests_and_exits_0(demo_db, signum):
 
 
 @pytest.mark.parametrize("threads", ["8", "0"])
-def test_the_last_word_of_a_stop_comes_after_what_was_logged(demo_db, threads):
+@pytest.mark.parametrize("console", ["", "django_comet.server"], ids=["own-log", "LOGGING"])
+def test_the_last_word_of_a_stop_comes_after_what_was_logged(demo_db, threads, console):
     """ "Stopped." went to stdout while the log's own thread had yet to write
-    "Stopping: ..." to stderr: with --threads 0, in 5 stops of 6 (found by a review)."""
-    server = runcomet("--threads", threads, db=demo_db)
+    "Stopping: ..." to stderr: with --threads 0, in 5 stops of 6; and where LOGGING gave
+    a logger under django_comet a handler, which has a thread of its own (found by
+    reviews)."""
+    server = runcomet("--threads", threads, db=demo_db, env={"TEST_CONSOLE_LOG": console})
     assert server.stop() == 0
     out = "".join(server.output)  # (stdout and stderr, in the order they were written)
     assert out.index("Stopping: no new connections") < out.index("Stopped.")

@@ -296,6 +296,16 @@ _stderr_stuck_in: int | None = None
 _forwarders: weakref.WeakSet[ForwardingHandler] = weakref.WeakSet()
 
 
+def flush_all() -> None:
+    """Wait (``FLUSH_WAIT`` in all) until what this process logged is written: by the
+    log's writer to stderr, and by each thread handing records to the project's
+    handlers (a logger under ``django_comet`` that LOGGING gave handlers has its own)."""
+    deadline = time.monotonic() + FLUSH_WAIT
+    for writer in [_stderr_log, *list(_forwarders)]:
+        if writer is not None:
+            writer._flush_until(deadline)
+
+
 def exit_if_stuck(status: int) -> None:
     """At the end: end the process now (``os._exit``) when a thread handing records to
     the project's handlers is stuck in one of them on a stream nobody reads (a console

@@ -36,6 +36,7 @@ from ...evloop.logwriter import (
     LOG_DATE_FORMAT,
     LOG_FORMAT,
     exit_if_stuck,
+    flush_all,
     forward_in_background,
     log_to_stderr,
 )
@@ -447,6 +448,5 @@ def _configure_logging(access_log: bool) -> None:
 
 def _flush_log() -> None:
     """What the server logged is written out (a bounded wait: stderr may not be read
-    any more) before runcomet's last word: its log is written by a thread of its own."""
-    for handler in logging.getLogger("django_comet").handlers:
-        handler.flush()
+    any more) before runcomet's last word: its log is written by threads of its own."""
+    flush_all()
