@@ -82,6 +82,7 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
     else:
         # Read before the broker is: every id up to it was handed out before the read.
         complete_after = broker.hub_has_all_after()
+        lost = hub.lost_mark(channels)  # (before it too: a cursor from 0 moves past these)
         try:
             with broker.early_client():
                 events, gap = broker.since(channels, after)
@@ -93,7 +94,8 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
             events, gap = broker.local_since(channels, after)
         else:
             if not events and after == 0 and complete_after:
-                return events, False, complete_after
+                # Not back before what is known lost: a gap its next poll would be told.
+                return events, False, max(complete_after, lost)
             if gap and not events and after > 0 and complete_after is not None:
                 # Nothing of these channels is left up to it, and all after it reaches
                 # the hub: past the gap (else a process that has received nothing

@@ -245,6 +245,27 @@ def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
         assert third.stop() == 0
 
 
+@pytest.mark.parametrize(
+    "env",
+    [{"TEST_HISTORY_CHANNELS": "1"}, {"TEST_HISTORY_SIZE": "0"}],
+    ids=["channel-let-go", "no-history"],
+)
+def test_a_poll_from_0_is_never_told_of_losses_from_before_it_came(demo_db, env):
+    """A poll from 0 that found no history moved its cursor to where the hub was
+    complete, behind events this process knew lost: its next poll was told of a gap
+    (found by a review)."""
+    server = runcomet(db=demo_db, env=env)
+    try:
+        publish(server, "room-a", "old")
+        publish(server, "room-b", "other")  # (one channel's history kept: room-a's goes)
+        url = server.url + "/t/fastpoll/?channel=room-a&timeout=0.1&since="
+        first = requests.get(url + "0", timeout=30).json()
+        second = requests.get(url + str(first["last_id"]), timeout=30).json()
+        assert "gap" not in first and "gap" not in second, (first, second)
+    finally:
+        assert server.stop() == 0
+
+
 def test_heartbeat_events_tell_their_interval(tight):
     """An event, not a comment, so that a browser's script can watch for it."""
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:

@@ -301,7 +301,9 @@ def flush_all() -> None:
     log's writer to stderr, and by each thread handing records to the project's
     handlers (a logger under ``django_comet`` that LOGGING gave handlers has its own)."""
     deadline = time.monotonic() + FLUSH_WAIT
-    for writer in [_stderr_log, *list(_forwarders)]:
+    # The forwarders first: what they hand on may go to the log's writer to stderr (a
+    # logger that LOGGING configured and that propagates).
+    for writer in [*list(_forwarders), _stderr_log]:
         if writer is not None:
             writer._flush_until(deadline)
 
