@@ -26,6 +26,21 @@ Comet.subscribe({sse: arguments[0], poll: arguments[1], forcePoll: arguments[2],
 """
 
 
+def assert_told_refused(page, comet, subscription, status, url):
+    """A page subscribes with REFUSED's (sse, poll, forcePoll): it is told the refusal,
+    once, with the status and the URL that said it."""
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(REFUSED, *subscription)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
+    assert page.execute_script("return [window.states, window.refusals]") == [
+        ["refused"],
+        [{"status": status, "url": comet.url + url}],
+    ]
+
+
 @pytest.mark.parametrize(
     "poll, status, url",
     [
@@ -38,17 +53,7 @@ Comet.subscribe({sse: arguments[0], poll: arguments[1], forcePoll: arguments[2],
 def test_a_long_poll_that_is_refused_says_so(comet, new_browser, poll, status, url):
     """A refusal (COMET_AUTHORIZE, an expired session's redirect to a login page) was
     "reconnecting…" for ever, and a login page even "live (long-poll)"."""
-    page = new_browser("poll-refused")
-    page.get(comet.url + "/t/echo/")
-    assert page.execute_async_script(LOAD_COMET_JS)
-    page.execute_script(REFUSED, None, poll, True)
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
-    assert page.execute_script("return [window.states, window.refusals]") == [
-        ["refused"],
-        [{"status": status, "url": comet.url + url}],
-    ]
+    assert_told_refused(new_browser("poll-refused"), comet, (None, poll, True), status, url)
 
 
 REFUSED_AGAIN_AND_AGAIN = """
@@ -126,17 +131,7 @@ def test_a_refused_stream_says_so(comet, new_browser, sse, poll, status, url):
     """EventSource does not tell a refusal from a server away: a stream-only
     subscription said "reconnecting…" for ever, and one with a poll said so until the
     poll it fell back to after three failures told the refusal; now at once."""
-    page = new_browser("stream-refused")
-    page.get(comet.url + "/t/echo/")
-    assert page.execute_async_script(LOAD_COMET_JS)
-    page.execute_script(REFUSED, sse, poll, False)
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.refusals.length"))
-    assert page.execute_script("return [window.states, window.refusals]") == [
-        ["refused"],
-        [{"status": status, "url": comet.url + url}],
-    ]
+    assert_told_refused(new_browser("stream-refused"), comet, (sse, poll, False), status, url)
 
 
 def test_a_stream_refused_where_the_poll_is_not_goes_on_in_long_poll(comet, new_browser):

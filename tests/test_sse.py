@@ -182,8 +182,8 @@ def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
 
 def test_a_gap_from_before_a_restart_is_told_once_before_anything_is_published(demo_db):
     """The new process has published nothing, so no event carries the client's cursor
-    past the old process's: the gap's own id does (a cursor newer than any id is from
-    another epoch: 0, all there is), or the client would hear of it at every reconnect."""
+    past the old process's: the gap's own id does (where the new process's ids begin),
+    or the client would hear of it at every reconnect."""
     old = runcomet(db=demo_db)
     try:
         before = publish(old, "restarted", "old")
