@@ -157,15 +157,21 @@ def test_a_gap_with_no_event_after_it_is_told_once(demo_db):
         assert server.stop() == 0
 
 
+def published_by_a_process_gone(demo_db, channel, count):
+    """The ids of ``count`` events a runcomet published on ``channel`` before it
+    stopped (the memory broker's history goes with it: a restart)."""
+    server = runcomet(db=demo_db)
+    try:
+        return [publish(server, channel, n) for n in range(count)]
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_cursor_from_before_a_restart_hears_of_the_gap(demo_db):
     """The memory broker's ids follow the clock across restarts; a client back with a
     cursor from the old process missed that process's later events, whatever the new one
     has published since."""
-    old = runcomet(db=demo_db)
-    try:
-        ids = [publish(old, "epoch", n) for n in range(3)]
-    finally:
-        assert old.stop() == 0
+    ids = published_by_a_process_gone(demo_db, "epoch", 3)
     new = runcomet(db=demo_db)
     try:
         fresh = publish(new, "epoch", "new")
@@ -184,11 +190,7 @@ def test_a_gap_from_before_a_restart_is_told_once_before_anything_is_published(d
     """The new process has published nothing, so no event carries the client's cursor
     past the old process's: the gap's own id does (where the new process's ids begin),
     or the client would hear of it at every reconnect."""
-    old = runcomet(db=demo_db)
-    try:
-        before = publish(old, "restarted", "old")
-    finally:
-        assert old.stop() == 0
+    (before,) = published_by_a_process_gone(demo_db, "restarted", 1)
     new = runcomet(db=demo_db)
     try:
         headers = b"Last-Event-ID: %d\r\n" % before
@@ -215,11 +217,7 @@ def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
     process published while the client was away, lost at the next restart, went
     untold (found by a review).  So did a new client's cursor there, and comet.js's
     first poll's (since=0) on a channel with no history."""
-    first = runcomet(db=demo_db)
-    try:
-        before = publish(first, "twice", "old")
-    finally:
-        assert first.stop() == 0
+    (before,) = published_by_a_process_gone(demo_db, "twice", 1)
     second = runcomet(db=demo_db)
     try:
         url = second.url + "/t/fastpoll/?channel=twice&timeout=0.1&since="
