@@ -4,9 +4,10 @@ import os
 import socket
 import threading
 
+from django_comet.evloop.admission import VIEW_BACKLOG_HIGH
 from django_comet.evloop.config import ServerConfig
 from django_comet.evloop.loop import Loop
-from django_comet.evloop.server import VIEW_BACKLOG_HIGH, Server
+from django_comet.evloop.server import Server
 
 from .processes import wait_until
 

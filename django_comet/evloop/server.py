@@ -5,26 +5,23 @@ once per request (building the environ), once per response and once per chunk.  
 on a bounded thread pool (``producer.py``); results come back to the loop thread through
 ``Loop.call_soon_threadsafe``, which writes them (``responder.py``).  Only the loop
 thread calls libevent.  This module owns the rest: the evhttp object and its lifecycle,
-taking requests in, losing connections, and each exchange's bookkeeping (``exchange.py``).
+taking requests in, losing connections, and each exchange's bookkeeping (``exchange.py``);
+when connections are taken is ``admission.py``'s, and stopping ``stopping.py``'s.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
-import functools
 import gc
 import logging
-import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from types import FrameType
 from typing import Any
 
 from . import accesslog, forking
 from . import libevent_ctypes as ev
+from .admission import VIEW_BACKLOG_HIGH, Admission
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
 from .deferral import claiming
@@ -33,8 +30,8 @@ from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
-from .interrupt import StopNow, StopRequests, stop_signals
-from .libc import c_errno, return_free_memory
+from .interrupt import StopNow, StopRequests
+from .libc import return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
 from .producer import Producer
@@ -42,25 +39,18 @@ from .request import RequestStruct, evhttp_closes, read_request
 from .request_checks import BadRequest, Limits
 from .responder import Responder
 from .start_response import asks_to_close
+from .stopping import Stopping
 from .workers import ThreadPool
 
 logger = logging.getLogger("django_comet.server")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# Requests waiting for a view thread (with --threads 0, for the loop thread) beyond which
-# new connections wait in the kernel's listen backlog, and below which they are accepted
-# again (checked every few ms): a wave of connections is taken as fast as the views get
-# through it, not all at once, so the heap is not grown for thousands of requests in
-# flight (and left with holes after), nor views run for clients long gone.
-VIEW_BACKLOG_HIGH = 64
-VIEW_BACKLOG_LOW = 16
-VIEW_BACKLOG_CHECK = 0.005
 # Seconds a closing server waits for its view threads (those still in a view are left).
 POOL_SHUTDOWN_WAIT = 1.0
 
 
-class Server(Producer, Responder):
+class Server(Producer, Responder, Admission, Stopping):
     """Serve ``app`` on ``config.host:config.port``, or ``config.unix_socket``, or an
     already listening ``sock`` (TCP or Unix)."""
 
@@ -180,49 +170,6 @@ class Server(Producer, Responder):
 
     # -- running -----------------------------------------------------------------------
 
-    def handle_signals(self, *, worker: bool = False) -> None:
-        """Main thread: stop on SIGINT, SIGTERM or SIGHUP from now on.  Call it before
-        announcing the server (a banner, a readiness probe): a signal sent between the
-        two would find the default action, and kill the process before it removed its
-        socket file.  A pre-forked ``worker`` ignores SIGINT and SIGHUP, and SIGTERMs
-        after the first: Ctrl-C reaches the whole process group, and the parent turns
-        it into one SIGTERM per worker (two signals would cut)."""
-        if self._handling_signals:
-            return
-        self._handling_signals = True
-        if worker:
-            self.loop.add_signal_handler(signal.SIGTERM, self._drain_once)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the parent's, as SIGINT's)
-        elif self._pool is None:  # views run in the loop thread: see interrupt.py
-            for signum in stop_signals():
-                signal.signal(signum, self._on_stop_signal)
-            signal.signal(signal.SIGALRM, self._on_grace_over)
-        else:
-            for signum in stop_signals():
-                self.loop.add_signal_handler(signum, functools.partial(self._on_stop, signum))
-
-    def _on_stop(self, signum: int) -> None:
-        if self._stop_requests.new(signum):  # (not the same again: interrupt.py)
-            self.shutdown()
-
-    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
-        """Main thread, ``--threads 0``: stop as with a thread pool; a view that holds the
-        loop thread is cut short (``StopNow``) at a second signal, or once the grace
-        period is over (and half a second: by then a loop that runs has stopped).  No
-        lock is taken here: a second signal may run this inside the first."""
-        if not self._stop_requests.new(signum):  # the same request again (interrupt.py)
-            return
-        self.loop.call_soon(self.shutdown)
-        if self._stop_requests.count == 1:
-            signal.setitimer(signal.ITIMER_REAL, self.config.grace + 0.5)
-        elif self._in_app:
-            raise StopNow("a second stop signal came while a view ran in the loop thread")
-
-    def _on_grace_over(self, _signum: int, _frame: FrameType | None) -> None:
-        if self._in_app:
-            raise StopNow("the grace period is over, and a view held the loop thread")
-
     def serve_forever(self, *, handle_signals: bool = True, worker: bool = False) -> None:
         """Serve until a stop signal (or ``shutdown()``); a second signal cuts the drain.
         See ``handle_signals`` for ``worker``."""
@@ -239,67 +186,6 @@ class Server(Producer, Responder):
             logger.warning("Stopped at once: %s.", stop)
         finally:
             self.close()
-
-    def _drain_once(self) -> None:
-        """A worker's SIGTERM.  One sent to the whole process group (systemd's default,
-        ``kill -- -PGID``) reaches it twice, directly and forwarded by the parent: only
-        the first counts.  The parent cuts a drain that takes too long (SIGKILL)."""
-        if not self._draining:
-            self.shutdown()
-
-    def shutdown(self, grace: float | None = None, what: str = "Stopping") -> None:
-        """Loop thread: stop accepting, end held responses, let in-flight ones finish
-        within ``grace`` seconds (``config.grace`` by default; each response from now on
-        closes its keep-alive connection), then stop the loop."""
-        if self._draining:
-            logger.warning("Second stop request: closing now.")
-            self.loop.stop()
-            return
-        self._draining = True
-        grace = self.config.grace if grace is None else grace
-        logger.warning("%s: no new connections; responses in flight have up to %g s.", what, grace)
-        self._lib.evconnlistener_disable(self._listener)
-        bound, self._bound = self._bound, None
-        self.sock.detach()
-
-        def close_listener() -> None:  # pre-forked siblings share the socket: see Loop
-            if self._http:  # else evhttp_free did
-                self._lib.evhttp_del_accept_socket(self._http, bound)  # closes the fd too
-                self._listen_fd = -1
-
-        self._own_timers["closing"] = self.loop.close_unwatched(close_listener)
-        if self._own_path:
-            remove_unix_socket(self._own_path, self._own_id)
-        self.holder.end_all()
-        deadline = time.monotonic() + grace
-        flushing = [float("inf"), time.monotonic()]  # unsent bytes, when they last fell
-
-        def flushed(now: float) -> bool:
-            """Held responses end at once, but their last bytes may still be in libevent's
-            buffers: wait while they keep leaving, not for clients that stopped reading."""
-            unsent = self.guard.unsent()
-            if unsent < flushing[0]:  # fewer than at the last look: some have left
-                flushing[1] = now
-            flushing[0] = unsent
-            if unsent and now - flushing[1] > FLUSH_PATIENCE:
-                logger.warning("Not waiting for %d bytes to clients that stopped reading.", unsent)
-                return True
-            return not unsent
-
-        def check() -> None:
-            now = time.monotonic()
-            if now >= deadline:
-                if self._exchanges:
-                    logger.warning(
-                        "Grace period over: cutting %d response(s).", len(self._exchanges)
-                    )
-                self.loop.stop()
-            elif not self._exchanges and flushed(now):
-                self.loop.stop()
-            else:
-                self._drain_check = self.loop.call_later(0.05, check, background=True)
-
-        check()
 
     def _descriptors(self) -> list[int]:
         """The sockets a child forked from a view must not keep (forking.py): the
@@ -370,39 +256,6 @@ class Server(Producer, Responder):
         if self.shared_figures is None:
             return {"workers": 1, **self.stats()}
         return self.shared_figures.combined(self.stats())
-
-    def _on_accept_error(self, listener: int, _arg: Any) -> None:
-        """accept() failed (EMFILE: out of file descriptors, ENFILE, ENOBUFS): pause
-        accepting for a moment instead of spinning on a listening socket that stays
-        readable; connections already open go on being served."""
-        err = c_errno()
-        self.accept_pauses += 1
-        logger.warning(
-            "accept() failed (%s); pausing new connections for 0.5 s",
-            f"{errno.errorcode.get(err, err)}: {os.strerror(err)}" if err else "errno ?",
-        )
-        self._accepting(False, "accept-error")
-        if "accept-error" not in self._own_timers:
-            self._own_timers["accept-error"] = self.loop.call_later(
-                0.5, self._resume_after_accept_error, background=True
-            )
-
-    def _resume_after_accept_error(self) -> None:
-        del self._own_timers["accept-error"]
-        self._accepting(True, "accept-error")
-
-    def _accepting(self, on: bool, reason: str = "connections") -> None:
-        """Pause or resume accepting; accepting resumes when no reason to pause is left."""
-        if on:
-            self._pauses.discard(reason)
-        else:
-            self._pauses.add(reason)
-        if self._draining or self._bound is None:
-            return
-        if self._pauses:
-            self._lib.evconnlistener_disable(self._listener)
-        else:
-            self._lib.evconnlistener_enable(self._listener)
 
     # -- request intake (loop thread) --------------------------------------------------
 
@@ -475,45 +328,6 @@ class Server(Producer, Responder):
         # whose answer says Proxy-Connection in place of "Connection: close".
         r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         self._lib.evhttp_send_error(req, status, reason)
-
-    def _accepted_for_the_loop(self) -> None:
-        """``--threads 0``, a connection accepted.  While the loop runs views, a wave of
-        connections builds up in the listen backlog, and libevent's listener takes all
-        of it in one go (it accepts until none is left): the requests they bring count
-        as views waiting before they are read."""
-        if not self._accepted_this_pass:
-            self.loop.call_after_pass(self._forget_accepted)
-        self._accepted_this_pass += 1
-        if self._accepted_this_pass + self.loop.after_pass_waiting > VIEW_BACKLOG_HIGH:
-            self._pause_for_views()
-
-    def _forget_accepted(self) -> None:
-        self._accepted_this_pass = 0  # (their requests are read, or on their way)
-
-    def _pause_for_views(self) -> None:
-        if "views" in self._pauses:
-            return
-        self.backlog_pauses += 1
-        self._accepting(False, "views")
-        self._own_timers["views"] = self.loop.call_later(
-            VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
-        )
-
-    def _views_waiting(self) -> int:
-        """Requests whose views have yet to start: queued for a view thread, or with
-        ``--threads 0`` for the loop thread, after its pass (a batch at a time)."""
-        return self._pool.backlog if self._pool is not None else self.loop.after_pass_waiting
-
-    def _accept_when_views_caught_up(self) -> None:
-        del self._own_timers["views"]
-        if self._draining:  # accepting is over: nothing to resume
-            return
-        if self._views_waiting() <= VIEW_BACKLOG_LOW:
-            self._accepting(True, "views")
-        else:
-            self._own_timers["views"] = self.loop.call_later(
-                VIEW_BACKLOG_CHECK, self._accept_when_views_caught_up, background=True
-            )
 
     def _build_environ(
         self,
@@ -670,9 +484,6 @@ QUIET_REQUESTS = 50  # arrived in the last second
 # them, such a body waits holding its view thread, the write timeout in all at most
 # (Responder._give_up).
 SPARE_THREADS_PER_THREAD = 4
-
-# Seconds the stop waits for unsent output that does not shrink (a client not reading).
-FLUSH_PATIENCE = 1.0
 
 
 def _server_name(host: str) -> str:
