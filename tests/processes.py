@@ -234,6 +234,21 @@ def read_until_closed(sock: socket.socket) -> bytes:
         out += more
 
 
+def raw(server: Any, data: bytes, *, until_close: bool = True) -> bytes:
+    """Send ``data`` on a new connection to ``server``; what came back, until the server
+    closed (or, with ``until_close`` False, through the first head)."""
+    with server.connect() as sock:
+        sock.sendall(data)
+        out = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                return out
+            out += more
+            if not until_close and b"\r\n\r\n" in out:
+                return out
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
     """``condition()``'s first true value, polled until a deadline (what it waits for
     happens in another process, which tells nothing when it does)."""
