@@ -11,7 +11,7 @@ COMET_HISTORY_SIZE = int(os.environ.get("TEST_HISTORY_SIZE", "100"))
 COMET_HISTORY_CHANNELS = int(os.environ.get("TEST_HISTORY_CHANNELS", "10000"))
 COMET_SSE_HEARTBEAT = float(os.environ.get("TEST_SSE_HEARTBEAT", "15"))
 COMET_MAX_PENDING_OUTPUT = int(os.environ.get("TEST_MAX_PENDING_OUTPUT", str(1024 * 1024)))
-COMET_AUTHORIZE = "tests.views.authorize"
+COMET_AUTHORIZE = "tests.event_views.authorize"
 COMET_MAX_HOLD = float(os.environ.get("TEST_MAX_HOLD", "3600"))
 COMET_TRUSTED_PROXIES = [p for p in os.environ.get("TEST_TRUSTED_PROXIES", "").split(",") if p]
 COMET_HEADER_TIMEOUT = float(os.environ.get("TEST_HEADER_TIMEOUT", "20"))
@@ -138,7 +138,7 @@ if os.environ.get("TEST_SITE_CACHE"):  # Django's per-site cache around everythi
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 if os.environ.get("TEST_REPLACING"):  # a middleware takes a response, answers another
-    MIDDLEWARE = ["tests.views.replacing_middleware", *MIDDLEWARE]
+    MIDDLEWARE = ["tests.stage_views.replacing_middleware", *MIDDLEWARE]
 
 if os.environ.get("TEST_GZIP"):  # a compressing middleware in front of everything
     MIDDLEWARE = ["django.middleware.gzip.GZipMiddleware", *MIDDLEWARE]

@@ -58,7 +58,7 @@ def test_override_settings_middleware_reaches_stages_run_before():
     """The stages' handler (kept from the first stage on) is made again when a test
     overrides MIDDLEWARE: it kept the middleware of whatever test ran a stage first."""
     assert b"".join(Client().get("/t/marked/").streaming_content) == b"first:-;stage:-;"
-    marking = [*settings.MIDDLEWARE, "tests.views.marking_middleware"]
+    marking = [*settings.MIDDLEWARE, "tests.stage_views.marking_middleware"]
     with override_settings(MIDDLEWARE=marking):
         body = b"".join(Client().get("/t/marked/").streaming_content)
     assert body == b"first:marked;stage:marked;"
@@ -99,14 +99,14 @@ def test_defer_in_time_outside_a_request():
 @pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume asynchronous")
 @pytest.mark.parametrize("kind", ["template", "async", "file", "lazy", "decimal"])
 def test_any_first_response_under_test_client(kind):
-    from . import views
+    from . import stage_views
 
     response = Client().get(f"/t/first-kinds/?kind={kind}&delay=0")
     body = b"".join(response.streaming_content)
     assert body.startswith(b"first") or kind == "file"
     assert body.endswith(b"end;")
     if kind == "file":  # what the first response held is let go with the stream
-        assert views.first_files[-1].closed
+        assert stage_views.first_files[-1].closed
 
 
 @override_settings(

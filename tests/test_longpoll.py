@@ -265,7 +265,7 @@ def test_a_poll_cursor_of_thousands_of_digits_is_read_as_the_number_it_is(comet)
 
 
 def test_the_readmes_2007_style_long_poll(comet):
-    """The README's defer_until example (tests/views.py has it as printed): history at
+    """The README's defer_until example (tests/event_views.py has it as printed): history at
     once, a wait for the next event, and a cursor from before a reset starting over
     instead of answering nothing at once, again and again."""
     first = publish(comet, "readme", "one")
