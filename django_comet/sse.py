@@ -68,7 +68,6 @@ class EventStreamResponse(HeldResponse):
         # that passes the head but buffers the body shows as no frame (a comment would
         # reach no script).
         first = [b"retry: %d\n\n" % retry] if retry is not None else []
-        first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT))
         # Taken before the replay: a loss after it, past what the replay sends, is news.
         lost_mark = hub.lost_mark(self.channels)
         events, gap, cursor = replay(broker, self.channels, after)
@@ -83,6 +82,11 @@ class EventStreamResponse(HeldResponse):
             events, newest = hub.since_or_newest(self.channels, cursor)
             if not events:  # (else published since the replay: they follow the gap)
                 cursor = moved_on = newest
+        # The heartbeat carries the cursor when nothing else of the first content does
+        # (a new client, or one from 0, with nothing to replay): a browser's reconnect
+        # sends it back, so that what a restart lost meanwhile is told, as to a poll.
+        told = not events and not gap and cursor and cursor != after
+        first.append(heartbeat_frame(comet_settings.SSE_HEARTBEAT, cursor if told else None))
         if gap:  # (a new client, with no cursor, is never told one)
             first.append(gap_frame(after or 0, self.channels, moved_on))
         first.extend(e.frame for e in events)

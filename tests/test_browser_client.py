@@ -184,6 +184,29 @@ def test_a_gap_with_a_cursor_moves_the_next_streams_cursor(comet, new_browser):
     }
 
 
+def test_a_stream_with_nothing_to_replay_gives_the_page_its_cursor(comet, new_browser):
+    """A page on a quiet channel kept cursor 0 until its first event, and so asked
+    afresh after a restart, never told what the old process published meanwhile: the
+    first heartbeat's id is its cursor now (test_sse's restart test has the rest)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    channel = unique("quiet-").replace(" ", "")
+    page = new_browser("quiet-cursor")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(
+        "window.sub = Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],"
+        " onEvent: function () {}, shareTabs: false});",
+        channel,
+    )
+    comet.wait_for_status(lambda s: s["channels"].get(channel) == 1)
+    cursor = WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.sub.lastId"))
+    published = requests.post(
+        comet.url + "/t/publish/", data={"channel": "elsewhere", "data": '"x"'}, timeout=30
+    ).json()["id"]
+    assert 0 < cursor < published
+
+
 STALE_GAP = """
 window.EventSource = window.FakeEventSource;
 window.FakeEventSource.prototype.addEventListener = function (name, listener) {

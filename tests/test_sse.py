@@ -3,6 +3,7 @@ fan-out to 1,000 clients, authorization, slow readers, disconnects (long-polls:
 test_longpoll.py)."""
 
 import json
+import re
 import socket
 
 import pytest
@@ -243,6 +244,46 @@ def test_the_cursor_a_restarts_gap_gave_hears_of_the_next_restarts_gap(demo_db):
         assert third.stop() == 0
 
 
+def test_a_stream_that_never_got_an_event_hears_of_what_a_restart_lost(demo_db):
+    """A new stream, or one from 0 with no history, had no id for the browser to send
+    back: its reconnect to the next process asked afresh, and was never told of what
+    the old process published while it was away (documented as a limit). Its first
+    heartbeat carries its cursor now, as a poll's ``last_id`` does."""
+    first = runcomet(db=demo_db)
+    try:
+        cursors = []
+        for query in ("", "&lastEventId=0"):
+            with SSEClient(first, "/t/stream/?channels=unseen" + query) as client:
+                heartbeat = client.next_event(skip_comments=False)
+            assert heartbeat["event"] == "comet-heartbeat" and heartbeat.get("id"), heartbeat
+            cursors.append(heartbeat["id"].encode())
+        publish(first, "unseen", "missed")  # while the page is away
+    finally:
+        assert first.stop() == 0
+    second = runcomet(db=demo_db)
+    try:
+        for cursor in cursors:
+            headers = b"Last-Event-ID: %s\r\n" % cursor
+            with SSEClient(second, "/t/stream/?channels=unseen", headers=headers) as client:
+                told = client.next_event()
+            assert told["event"] == "comet-history-gap", (cursor, told)
+    finally:
+        assert second.stop() == 0
+
+
+def test_a_stream_with_its_cursor_is_not_given_it_again(comet):
+    """The heartbeat carries a cursor only where the first content has none: not to a
+    client back where it was, nor after events, whose ids say it."""
+    newest = publish(comet, "given", "x")
+    for query, headers in (
+        ("", b"Last-Event-ID: %d\r\n" % newest),
+        ("&lastEventId=0", b""),  # the history replayed: its event has the id
+    ):
+        with SSEClient(comet, "/t/stream/?channels=given" + query, headers=headers) as client:
+            heartbeat = client.next_event(skip_comments=False)
+        assert heartbeat["event"] == "comet-heartbeat" and "id" not in heartbeat, heartbeat
+
+
 @pytest.mark.parametrize(
     "env",
     [{"TEST_HISTORY_CHANNELS": "1"}, {"TEST_HISTORY_SIZE": "0"}],
@@ -268,7 +309,8 @@ def test_heartbeat_events_tell_their_interval(tight):
     """An event, not a comment, so that a browser's script can watch for it."""
     with SSEClient(tight, "/t/stream/?channels=quiet") as client:
         frames = client.frames()
-        assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"  # at once: the interval
+        first = next(frames)  # at once: the interval, and the new client's cursor
+        assert re.fullmatch(rb"id: \d+\nevent: comet-heartbeat\ndata: 0.2", first), first
         assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"
         assert next(frames) == b"event: comet-heartbeat\ndata: 0.2"
 

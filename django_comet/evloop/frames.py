@@ -39,8 +39,8 @@ GAP_EVENT = "comet-history-gap"
 HEARTBEAT_EVENT = "comet-heartbeat"
 
 
-def heartbeat_frame(interval: float) -> bytes:
-    return sse_frame(None, HEARTBEAT_EVENT, f"{interval:g}")
+def heartbeat_frame(interval: float, event_id: int | None = None) -> bytes:
+    return sse_frame(event_id, HEARTBEAT_EVENT, f"{interval:g}")
 
 
 def gap_frame(after: int, channels: list[str], cursor: int | None = None) -> bytes:

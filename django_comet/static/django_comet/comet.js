@@ -263,6 +263,11 @@
       own.addEventListener(HEARTBEAT_EVENT, function (e) {
         beat = Number(e.data) || 0;
         frame();
+        // A stream with nothing to replay gives its cursor on the first heartbeat (and
+        // events of names not listened to move it on): go on from there, as from a
+        // poll's last_id, so that what a restart loses meanwhile is told.
+        var id = Number(e.lastEventId);
+        if (id > lastId && !afterGap) { lastId = id; }
       });
       alive();  // the first frame must come within openTimeout
       own.addEventListener(GAP_EVENT, function (e) {
