@@ -249,3 +249,21 @@ async def async_staged(request):
     response = HttpResponse(b"s0;")
     response.stage = 0
     return defer_in_time(response, 0.01, "quick_stage")
+
+
+def _endless():
+    while True:
+        yield b"x" * 65536
+
+
+def endless_part(request):
+    """An endless generator where a held response's part goes: the first response
+    (?where=first) or a stage's."""
+    if request.GET["where"] == "first":
+        return defer_in_time(StreamingHttpResponse(_endless()), 0.01, final_stage)
+    return defer_in_time(HttpResponse(b"first;"), 0.01, endless_part_stage)
+
+
+@deferred_view()
+def endless_part_stage(request, response_prev=None):
+    return StreamingHttpResponse(_endless())

@@ -8,7 +8,7 @@ import threading
 import pytest
 import requests
 
-from .processes import read_chunked, runcomet, wait_until
+from .processes import read_chunked, read_until_closed, runcomet, wait_until
 from .publishing import publish
 from .sse_client import SSEClient
 
@@ -153,6 +153,23 @@ def test_stage_error_cuts_the_stream(comet):
         sock.sendall(b"GET /t/stage-404/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         with pytest.raises((AssertionError, ValueError)):
             read_chunked(sock)  # the stream never ends with a clean last chunk
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
+@pytest.mark.parametrize("where", ["first", "stage"])
+def test_an_endless_held_part_is_cut_not_read_for_ever(comet, where):
+    """A held response's part is read whole before it goes out: an endless generator
+    there (a StreamingHttpResponse as a stage, which runserver streams) held its view
+    thread and grew memory without bound, with nothing logged (found by a review)."""
+    with comet.connect() as sock:
+        request = b"GET /t/endless-part/?where=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % where.encode()
+        sock.sendall(request + b"Connection: close\r\n\r\n")
+        if where == "first":  # nothing was sent yet: an error page
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 500 "), where
+        else:  # the stream is cut after its first part
+            with pytest.raises((AssertionError, ValueError)):
+                read_chunked(sock)
+    assert comet.logged("passed 16 MiB: return a finite response")
     comet.wait_for_status(lambda s: s["held"] == 0)
 
 

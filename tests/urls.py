@@ -11,6 +11,8 @@ urlpatterns = [
     path("t/quick-stages/", stage_views.quick_stages, name="quick_stages"),
     path("t/endless-stages/", stage_views.endless_stages),
     path("t/endless-stage/", stage_views.endless_stage),
+    path("t/endless-part/", stage_views.endless_part),
+    path("t/endless-part/stage/", stage_views.endless_part_stage),
     path("t/quick-stage/", stage_views.quick_stage, name="quick_stage"),
     path("t/counted/", stage_views.counted_first, name="counted_first"),
     path("t/counted-stage/", stage_views.counted_stage, name="counted_stage"),

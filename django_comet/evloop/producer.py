@@ -38,6 +38,11 @@ _END = object()  # a body's end, from next()
 # Seconds between a paused body's worker's looks at whether its exchange is still on.
 GATE_SLICE = 0.25
 
+# A held response's part (the first response of a deferral, each stage's content) is
+# read whole before it goes out, as one chunk: past this, it is cut as an app error (an
+# endless generator returned as a stage grew memory without bound, holding its thread).
+HELD_PART_LIMIT = 16 * 1024 * 1024
+
 # What a streamed item adds to the connection's buffer beside its bytes (a chunk's size
 # line and CRLF), counted in its unsent bytes: a body of tiny items holds its bound too.
 CHUNK_FRAMING = 8
@@ -176,6 +181,15 @@ class Producer:
                         if size > limit:
                             streaming = True
                             break
+                    if deferral is not None or not first:  # a held response's part
+                        if ex.dead:
+                            break  # its client left: the rest would go nowhere
+                        if size > HELD_PART_LIMIT:
+                            raise AppError(
+                                f"a held response's part (a deferred first response, or a "
+                                f"stage's) is read whole before it goes out, and this one "
+                                f"passed {HELD_PART_LIMIT >> 20} MiB: return a finite response"
+                            )
             finally:
                 self._in_app = False
             if announced is not None and not began(ex.environ, announced):
