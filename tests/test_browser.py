@@ -182,3 +182,27 @@ def test_comet_js_falls_back_backs_off_and_survives_a_page_bug(chromium):
     assert result["lastId"] == 3
     assert all(500 <= wait <= 30000 for wait in result["waits"])  # backoff, not a tight loop
     assert result["later"] == [60000]
+
+
+def test_events_given_as_one_name_is_refused_at_once(chromium):
+    """``events: 'chat'`` was taken letter by letter: with tabs shared (the default) the
+    leading tab's listeners failed inside the lock's callback, where the error was
+    swallowed, and the page heard nothing at all (found by a review)."""
+    source = (ROOT / "django_comet" / "static" / "django_comet" / "comet.js").read_text()
+    chromium.get("about:blank")
+    said = chromium.execute_script(
+        source
+        + """
+        var said = [];
+        [ 'chat', [], [''], ['chat', 3] ].forEach(function (events) {
+            try { Comet.subscribe({sse: '/s/', events: events}); said.push('taken'); }
+            catch (e) { said.push(e.name + ': ' + e.message); }
+        });
+        return said;
+        """
+    )
+    assert (
+        said[0]
+        == "TypeError: Comet.subscribe: events is a list of event names, like ['chat'], not \"chat\""
+    )
+    assert all(s.startswith("TypeError: ") for s in said[1:]), said

@@ -18,7 +18,7 @@
  *                                    //   its address); asked again each minute, till
  *                                    //   close(); told once while it lasts (and to
  *                                    //   each tab that joins)
- *     events: ['message'],           // the event names to deliver (streams and polls)
+ *     events: ['message'],           // the event names to deliver (a list of names)
  *     forcePoll: false,
  *     pollTimeout: 60000,            // ms without an answer before a poll is retried
  *     openTimeout: 10000,            // ms for a stream's first frame to arrive
@@ -71,6 +71,14 @@
   var REFUSED_AGAIN = 60000;  // ms before a refused poll is asked again (a login elsewhere)
 
   function subscribe(options) {
+    // A mistake the page would otherwise never hear of (a string matched as a list of
+    // letters, a listener never added in the tab that leads).
+    var events = options.events;
+    if (events !== undefined && !(Array.isArray(events) && events.length &&
+        events.every(function (name) { return typeof name === 'string' && name; }))) {
+      throw new TypeError('Comet.subscribe: events is a list of event names, like ' +
+                          "['chat'], not " + JSON.stringify(events));
+    }
     var lastId = Number(options.lastId) || 0;  // (one read back from storage is text)
     var closed = false;
     var sseFailures = 0;  // across EventSources: errors since the last successful open
@@ -537,9 +545,10 @@
       // Aborted by stop(): a request left queued behind another tab's would keep this
       // subscription (and what it holds) until that tab let go.
       queued = global.AbortController ? new global.AbortController() : null;
-      locks.request(key, queued ? { signal: queued.signal } : {}, lead).catch(function () {
+      locks.request(key, queued ? { signal: queued.signal } : {}, lead).catch(function (e) {
+        if (leading) { setTimeout(function () { throw e; }, 0); return; }  // lead()'s: shown
         // Refused (a sandboxed or opaque origin): connect on our own, unshared.
-        if (!leading && !closed && visit === visits) { lead(); }
+        if (!closed && visit === visits) { lead(); }
       });
     }
 
