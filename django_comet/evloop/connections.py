@@ -124,7 +124,8 @@ class ConnectionGuard:
         self._lingered: set[int] = set()  # done lingering: on their way to be let go
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
-        self._count_arrivals = ev.evbuffer_cb_func(self._arrived)  # referenced while C may call
+        # Referenced while C may call them.
+        self._count_arrivals = ev.evbuffer_cb_func(server.loop.guarded(self._arrived))
         self._offset = find_eventcb_offset(self._lib, server.loop.base)
         self._sweeper: Handle | None = None
         if self._offset is None:
@@ -133,7 +134,7 @@ class ConnectionGuard:
                 "and no connection limit."
             )
             return
-        self._bevcb = ev.evhttp_bevcb(self._new_connection)  # referenced while C may call
+        self._bevcb = ev.evhttp_bevcb(self._new_connection)
         self._lib.evhttp_set_bevcb(http, self._bevcb, None)
         self._sweeper = server.loop.call_later(SWEEP_SECONDS, self._sweep, background=True)
 
@@ -146,14 +147,23 @@ class ConnectionGuard:
         return self._offset is not None
 
     def _new_connection(self, base: int, _arg: Any) -> int:
-        bev = self._lib.bufferevent_socket_new(base, -1, ev.BEV_OPT_CLOSE_ON_FREE)
-        self._lib.bufferevent_incref(bev)
-        deadline = time.monotonic() + self.header_timeout if self.header_timeout else 0.0
-        self._conns[bev] = deadline
-        if self.max_connections and len(self._conns) >= self.max_connections:
-            self._pause()
-        if self.on_accept is not None:
-            self.on_accept()
+        """evhttp's new connection's bufferevent, one we keep a reference to.  It returns
+        a pointer, so it is not guarded as the other callbacks are: an error raised into
+        C left evhttp an uninitialised pointer (a crash).  Without a bufferevent (NULL),
+        evhttp makes its own, untracked."""
+        bev = 0
+        try:
+            bev = self._lib.bufferevent_socket_new(base, -1, ev.BEV_OPT_CLOSE_ON_FREE) or 0
+            if bev:
+                self._lib.bufferevent_incref(bev)
+                deadline = time.monotonic() + self.header_timeout if self.header_timeout else 0.0
+                self._conns[bev] = deadline
+                if self.max_connections and len(self._conns) >= self.max_connections:
+                    self._pause()
+                if self.on_accept is not None:
+                    self.on_accept()
+        except BaseException as exc:  # (what is tracked by then stays tracked)
+            self.server.loop.failed(exc, self._new_connection)
         return int(bev)
 
     def request_arrived(self, evcon: int) -> int:

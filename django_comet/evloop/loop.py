@@ -205,13 +205,18 @@ class Loop:
         self._run(handle.callback, handle.args)
 
     def _run(self, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        # An exception raised into C would be printed and lost: log it and keep serving,
-        # but let KeyboardInterrupt/SystemExit stop the loop and re-raise from run().
         try:
             callback(*args)
-        except Exception:
-            logger.exception("Unhandled error in event loop callback %r", callback)
         except BaseException as exc:
+            self.failed(exc, callback)
+
+    def failed(self, exc: BaseException, callback: Callable[..., Any]) -> None:
+        """A callback from C raised: raised into C it would be printed and lost.  Log it
+        and keep serving, but let KeyboardInterrupt/SystemExit stop the loop and re-raise
+        from run()."""
+        if isinstance(exc, Exception):
+            logger.error("Unhandled error in event loop callback %r", callback, exc_info=exc)
+        else:
             self._fatal = exc
             self._lib.event_base_loopbreak(self._base)
 
@@ -346,6 +351,13 @@ class Loop:
         self.thread_id = threading.get_ident()
         in_main = self.thread_id == threading.main_thread().ident
         previous_wakeup = signal.set_wakeup_fd(self._wake_w) if in_main else None
+        # Python's own Ctrl-C (no handler of the server's: an embedding program) raises
+        # KeyboardInterrupt where the next bytecode runs, which in the loop thread is the
+        # first line of a callback from C, outside any try: ctypes prints it and the loop
+        # goes on.  Stop the loop instead, and raise it from here.
+        default_sigint = in_main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if default_sigint:
+            signal.signal(signal.SIGINT, self._on_sigint)
         base, keeping_gil, releasing_gil = self._base, self._lib, self._blocking
         sleeping = True
         self._running = True
@@ -371,6 +383,11 @@ class Loop:
             self._stopping = False
             if in_main:
                 signal.set_wakeup_fd(previous_wakeup if previous_wakeup is not None else -1)
+            if default_sigint:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        self.failed(KeyboardInterrupt(), self._on_sigint)
 
     def stop(self) -> None:
         """Loop thread: return from ``run()`` after the current callback."""

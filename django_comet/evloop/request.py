@@ -105,7 +105,7 @@ def read_request(
     if r.body_size:  # evhttp counts body bytes as it reads them: most requests skip C here
         buf = r.input_buffer
         length = lib.evbuffer_get_length(buf)
-        body = ctypes.string_at(lib.evbuffer_pullup(buf, -1), length)
+        body = copy_out(lib.evbuffer_pullup(buf, -1), length)
         # libevent's copy is not needed again: a request waiting for a thread then
         # holds its body once, not twice.
         lib.evbuffer_drain(buf, length)
@@ -118,3 +118,15 @@ def _read_failure(r: RequestStruct) -> BadRequest:
     if r.body_size and r.ntoread > 0:
         return BadRequest("Request Entity Too Large", 413)
     return BadRequest("Bad Request", 400)
+
+
+STRING_AT_LIMIT = 2**31
+
+
+def copy_out(address: int, length: int) -> bytes:
+    """``length`` bytes at ``address``.  ``ctypes.string_at`` takes its length as a C
+    int: past 2 GiB it failed, and past 4 GiB it wrapped (a body of 4 GiB and 5 bytes
+    reached the app as 5 bytes)."""
+    if length < STRING_AT_LIMIT:
+        return ctypes.string_at(address, length)
+    return (ctypes.c_char * length).from_address(address).raw

@@ -120,13 +120,14 @@ class Server(Producer, Responder, Admission, Stopping):
             extra={"evloop.server": self, "wsgi.file_wrapper": FileWrapper},
         )
         # C callbacks, referenced for as long as the evhttp object lives.
-        self._request_cb = ev.evhttp_request_cb(self._on_request)
+        # (Each guarded: an error raised into C would be printed and lost, half done.)
+        self._request_cb = ev.evhttp_request_cb(self.loop.guarded(self._on_request))
         # These two may run the application's code (a body's next items, its close()):
         # a StopNow raised there goes to the loop, not to ctypes (interrupt.py).
         self._close_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_close))
         self._drained_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_drained))
-        self._file_sent_cb = ev.evhttp_connection_cb(self._on_file_sent)
-        self._complete_cb = ev.evhttp_request_cb(self._on_complete)
+        self._file_sent_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_file_sent))
+        self._complete_cb = ev.evhttp_request_cb(self.loop.guarded(self._on_complete))
         self._limits = Limits.of(self.config)
         self._http = self._make_evhttp()
         self.holder = Holder(self)
@@ -154,7 +155,7 @@ class Server(Producer, Responder, Admission, Stopping):
         if not self._bound:
             raise OSError("evhttp_accept_socket_with_handle() failed")
         self._listener = lib.evhttp_bound_socket_get_listener(self._bound)
-        self._accept_error_cb = ev.evconnlistener_errorcb(self._on_accept_error)
+        self._accept_error_cb = ev.evconnlistener_errorcb(self.loop.guarded(self._on_accept_error))
         lib.evconnlistener_set_error_cb(self._listener, self._accept_error_cb)
         self.accept_pauses = 0
         self.backlog_pauses = 0
@@ -266,6 +267,7 @@ class Server(Producer, Responder, Admission, Stopping):
                 r, self._lib, self._limits
             )
             environ = self._build_environ(method, target, protocol, headers, body, remote)
+            ex = self._exchange(req, r, environ, headers)
         except BadRequest as exc:
             if exc.status == 505:  # evhttp answers in the request's version: in ours
                 r.major, r.minor = 1, 1
@@ -277,6 +279,23 @@ class Server(Producer, Responder, Admission, Stopping):
             self._log_refused(r, 500)
             self._send_error(r, req, 500, None)
             return
+        self._exchanges[ex.key] = ex
+        if self._pool is not None:
+            self._lift_read_timeout(ex)  # a slow view must not look like an idle client
+            self._pool.submit(self._run_app, ex)
+        else:
+            self.loop.call_after_pass(self._run_app, ex)
+        if self._views_waiting() > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
+            self._pause_for_views()
+
+    def _exchange(
+        self,
+        req: int,
+        r: RequestStruct,
+        environ: dict[str, Any],
+        headers: list[tuple[bytes, bytes]],
+    ) -> Exchange:
+        """The exchange of a request read, not yet tracked."""
         if r.flags & ev.EVHTTP_PROXY_REQUEST:
             # evhttp takes an absolute-form target naming a host it does not know for a
             # proxy's request, and then closes the connection unless the response says
@@ -297,14 +316,7 @@ class Server(Producer, Responder, Admission, Stopping):
         ex.keep_alive = not closing and r.minor == 1 and r.major == 1
         if self.guard.tracking:
             ex.conn = self.guard.request_arrived(r.evcon)
-        self._exchanges[key] = ex
-        if self._pool is not None:
-            self._lift_read_timeout(ex)  # a slow view must not look like an idle client
-            self._pool.submit(self._run_app, ex)
-        else:
-            self.loop.call_after_pass(self._run_app, ex)
-        if self._views_waiting() > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
-            self._pause_for_views()
+        return ex
 
     def _log_refused(self, r: RequestStruct, status: int) -> None:
         """An access-log line for a request refused before any app saw it (a probe, a
