@@ -182,11 +182,20 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     return [as_dict(e) for e in events]
 
 
-def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase | None:
+def refusal(
+    request: HttpRequest, channels: tuple[str, ...], caller: str
+) -> HttpResponseBase | None:
     """The answer for a request to listen to ``channels`` when it may not: 400 for no
     channel or a malformed name (channel names may come from the query string), 403 when
     COMET_AUTHORIZE refuses one.  None when it may.  Plain text: nothing the client sent
-    is reflected but a validated channel name."""
+    is reflected but a validated channel name.  A channel that is not a str is the
+    view's mistake, not the client's: a TypeError (a 500 that says what to fix)."""
+    for channel in channels:
+        if not isinstance(channel, str):
+            raise TypeError(
+                f"{caller}() takes each channel name as an argument of its own, a str, not "
+                f"{type(channel).__name__}: {caller}(request, *names) for a list of them"
+            )
     if not channels:  # (from an empty query string, say): nothing to wait for
         return HttpResponseBadRequest(
             "No channel to listen to.", content_type="text/plain; charset=utf-8"
@@ -197,7 +206,7 @@ def refusal(request: HttpRequest, channels: tuple[str, ...]) -> HttpResponseBase
             content_type="text/plain; charset=utf-8",
         )
     for channel in channels:
-        if not isinstance(channel, str) or not _CHANNEL.match(channel):
+        if not _CHANNEL.match(channel):
             return HttpResponseBadRequest(
                 "Invalid channel name: use 1-200 letters, digits and _ . : -",
                 content_type="text/plain; charset=utf-8",

@@ -94,7 +94,7 @@ def poll_response(
     channel (403 if refused; 400 for a malformed name) and wait for events newer than
     ``since`` (an event id; None: from now on).  ``since`` may be the query string's
     text as it came: anything but a whole number, 0 or more, is a 400."""
-    refused = refusal(request, channels)
+    refused = refusal(request, channels, "poll_response")
     if refused is not None:
         return refused
     if isinstance(since, str):

@@ -145,7 +145,7 @@ def event_stream(
     """A view's whole job for an SSE endpoint: check COMET_AUTHORIZE for every channel
     (403 if any is refused; 400 for a malformed name), read Last-Event-ID (header, or
     ``?lastEventId=`` for clients that cannot set it) and return the stream."""
-    refused = refusal(request, channels)
+    refused = refusal(request, channels, "event_stream")
     if refused is not None:
         return refused
     # The header, which browsers send on their own reconnects, unless it is not one of

@@ -476,3 +476,13 @@ def test_a_foreign_cursors_replay_misses_no_event_published_while_it_reads():
     events, gap, cursor = replay(broker, ["race-room"], broker.newest_id() + 10**9)
     assert (events, gap) == ([], True)
     assert [e.id for e in hub.since(["race-room"], cursor)[0]] == published
+
+
+@pytest.mark.parametrize("view", [event_stream, poll_response])
+@pytest.mark.parametrize("channels", [["room", "lobby"], ("room",), b"room"])
+def test_channels_given_as_one_list_are_the_views_mistake_not_the_clients(view, channels):
+    """A list was a bare "unhashable type" 500, a tuple a 400 "Invalid channel name"
+    that blamed the client (and comet.js took for a refusal, asked again each minute)."""
+    message = rf"{view.__name__}\(request, \*names\) for a list of them"
+    with pytest.raises(TypeError, match=message):
+        view(RequestFactory().get("/"), channels)
