@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import numbers
 import time
@@ -58,6 +59,8 @@ from .evloop.hub import hub
 from .stages import EVENT_KEY, RESPONSE_PREV_KEY, NextStage, StageError
 
 __all__ = ["StageError", "defer_in_time", "defer_until", "deferred_view"]
+
+logger = logging.getLogger("django_comet.deferred")
 
 # The environ of the request being handled, so that defer_in_time(), which is not given
 # the request, can build the next stage from the first request's headers.  A context
@@ -118,9 +121,10 @@ def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> De
 
     ``target`` is a path ("/stage/"), a URL name ("django_comet:stage") or a view.
     """
+    _check_response(response, "defer_in_time")
     environ = _request_environ("defer_in_time")
     delay = _seconds(seconds, "defer_in_time", "seconds")
-    next_stage = NextStage(response, _target_path(target, environ), environ)
+    next_stage = NextStage(response, _stage_path(target, environ, "defer_in_time"), environ)
     return DeferredResponse(response, Deferral(next_stage, delay=delay))
 
 
@@ -143,6 +147,12 @@ def defer_until(
     from .brokers import get_broker
     from .events import check_channels, replay
 
+    _check_response(response, "defer_until")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise TypeError(
+            f"defer_until(): since must be an event id (an int, 0 or more) or None, not "
+            f"{since!r}: parse the client's text first (poll_response() takes it as it is)"
+        )
     environ = _request_environ("defer_until")
     timeout = _seconds(timeout, "defer_until", "timeout")
     if not timeout:
@@ -152,8 +162,8 @@ def defer_until(
     broker = get_broker()
     broker.start_listening()
     # The shared history answers for events this process has not seen.
-    ready, _, after = replay(broker, channels, None if since is None else int(since))
-    next_stage = NextStage(response, _target_path(target, environ), environ)
+    ready, _, after = replay(broker, channels, since)
+    next_stage = NextStage(response, _stage_path(target, environ, "defer_until"), environ)
     wait = ChannelWait(next_stage, channels=channels, after=after, timeout=timeout, ready=ready)
     return DeferredResponse(response, wait)
 
@@ -174,6 +184,7 @@ def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 response = await view(request, *args, **_stage_kwargs(request, kwargs))
                 return _never_cached(response)
 
+            async_wrapper.comet_stage = True  # type: ignore[attr-defined]
             return async_wrapper
 
         @functools.wraps(view)
@@ -181,6 +192,8 @@ def deferred_view() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             response = view(request, *args, **_stage_kwargs(request, kwargs))
             return _never_cached(response)
 
+        # (What decorates it with functools.wraps keeps the mark: _check_stage_view.)
+        wrapper.comet_stage = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorator
@@ -199,18 +212,69 @@ def _stage_kwargs(request: HttpRequest, kwargs: dict[str, Any]) -> dict[str, Any
     return kwargs
 
 
-def _target_path(target: Any, environ: dict[str, Any]) -> str:
+def _check_response(response: Any, caller: str) -> None:
+    if not isinstance(response, HttpResponseBase):
+        raise TypeError(
+            f"{caller}(): response is the first part to send, an HttpResponse, not "
+            f"{type(response).__name__}"
+        )
+
+
+def _stage_path(target: Any, environ: dict[str, Any], caller: str) -> str:
+    path = _target_path(target, environ, caller)
+    if path not in _stage_views_checked:
+        if len(_stage_views_checked) < STAGE_VIEWS_CHECKED:
+            _stage_views_checked.add(path)
+        _check_stage_view(target, path, environ, caller)
+    return path
+
+
+# Stage targets whose view was checked for @deferred_view() (a bound: paths with
+# parameters in them are as many as the objects they name).
+STAGE_VIEWS_CHECKED = 1000
+_stage_views_checked: set[str] = set()
+
+
+def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: str) -> None:
+    """Warn when the stage's view is not decorated with ``@deferred_view()``: it would get
+    no ``response_prev``, and fail on it, or quietly ignore it."""
+    if callable(target):
+        view = target
+    else:
+        path = unquote(path.partition("?")[0])
+        script_name = environ.get("SCRIPT_NAME", "")
+        if script_name and path.startswith(script_name + "/"):
+            path = path[len(script_name) :]
+        try:
+            view = resolve(path).func
+        except Resolver404:
+            return  # (resolved in another language: _resolves)
+    view_class = getattr(view, "view_class", None)  # a class-based view's as_view()
+    if getattr(view, "comet_stage", False) or getattr(
+        getattr(view_class, "dispatch", None), "comet_stage", False
+    ):
+        return
+    logger.warning(
+        "%s(): the stage's view %s.%s is not decorated with @deferred_view(): it gets no "
+        "response_prev (nor event)",
+        caller,
+        getattr(view, "__module__", "?"),
+        getattr(view, "__qualname__", view),
+    )
+
+
+def _target_path(target: Any, environ: dict[str, Any], caller: str) -> str:
     """Resolve now, in the view, so that a bad target fails loudly where it was written."""
     if isinstance(target, Promise):  # reverse_lazy(), as redirect() takes
         target = str(target)
     if callable(target):
         return _reverse_view(target)
     if not isinstance(target, str) or not target:
-        raise TypeError(f"defer_in_time(): target must be a path, URL name or view, not {target!r}")
+        raise TypeError(f"{caller}(): target must be a path, URL name or view, not {target!r}")
     if not target.startswith("/"):
         if "/" in target:  # a relative path, a URL: not a name
             raise ValueError(
-                f"defer_in_time(): a target path starts with / (an absolute path on this "
+                f"{caller}(): a target path starts with / (an absolute path on this "
                 f"site, no scheme or host): {target!r}"
             )
         return reverse(target)

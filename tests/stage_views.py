@@ -267,3 +267,11 @@ def endless_part(request):
 @deferred_view()
 def endless_part_stage(request, response_prev=None):
     return StreamingHttpResponse(_endless())
+
+
+def to_plain_stage(request):
+    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/plain-stage/")
+
+
+def plain_stage(request, response_prev=None):  # (no @deferred_view(): the mistake)
+    return HttpResponse(b"plain;")

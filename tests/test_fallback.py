@@ -9,9 +9,10 @@ import time
 import pytest
 import requests
 from django.conf import settings
+from django.http import HttpResponse
 from django.test import Client, modify_settings, override_settings
 
-from django_comet import StageError, defer_in_time
+from django_comet import StageError, defer_in_time, defer_until
 
 from .brokers import PortTaken, free_port, wait_for_port
 from .processes import ROOT
@@ -212,3 +213,13 @@ def test_the_stages_handler_is_made_once_by_threads_that_race_for_it(monkeypatch
     for thread in threads:
         thread.join(10)
     assert len(made) == 1 and got == [made[0], made[0]]
+
+
+def test_defer_arguments_that_are_no_such_thing_are_named():
+    """``defer_in_time("text", ...)`` was an AttributeError on ``cookies``, and a
+    ``since`` of "abc" a bare int() error (True, 2.7 and -1 were taken)."""
+    with pytest.raises(TypeError, match=r"defer_in_time\(\): response is the first part"):
+        defer_in_time("text", 1, "/t/count/")
+    for since in ("abc", "12", True, 2.7, -1):
+        with pytest.raises(TypeError, match=r"defer_until\(\): since must be an event id"):
+            defer_until(HttpResponse(), "room", "/t/count/", since=since)

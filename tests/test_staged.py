@@ -173,6 +173,18 @@ def test_an_endless_held_part_is_cut_not_read_for_ever(comet, where):
     comet.wait_for_status(lambda s: s["held"] == 0)
 
 
+def test_a_stage_view_without_deferred_view_is_named_once(comet):
+    """It got response_prev=None, quietly (found by a review of API misuse)."""
+    for _ in range(2):
+        _, chunks = get_staged(comet, "/t/to-plain-stage/")
+        assert b"".join(chunks) == b"first;plain;"
+    warning = "defer_in_time(): the stage's view tests.stage_views.plain_stage is not decorated"
+    assert comet.logged(warning)
+    assert sum(warning in line for line in comet.output) == 1
+    said = [line for line in comet.output if "is not decorated with @deferred_view()" in line]
+    assert all("plain_stage" in line for line in said), said  # the decorated ones are not
+
+
 def test_a_target_no_url_matches_fails_in_the_view_that_wrote_it(comet):
     for target in ("/t/nothing/", "/t/cookie-stage"):  # nor one APPEND_SLASH redirects
         answer = requests.get(comet.url + "/t/stage-unmatched/", params={"to": target})

@@ -12,6 +12,8 @@ urlpatterns = [
     path("t/endless-stages/", stage_views.endless_stages),
     path("t/endless-stage/", stage_views.endless_stage),
     path("t/endless-part/", stage_views.endless_part),
+    path("t/to-plain-stage/", stage_views.to_plain_stage),
+    path("t/plain-stage/", stage_views.plain_stage),
     path("t/endless-part/stage/", stage_views.endless_part_stage),
     path("t/quick-stage/", stage_views.quick_stage, name="quick_stage"),
     path("t/counted/", stage_views.counted_first, name="counted_first"),
