@@ -21,4 +21,5 @@ class CometConfig(AppConfig):
         memory.watch_for_requests()  # a publish that would reach no one is told
         checks.register(comet_checks.check_libevent)
         checks.register(comet_checks.check_settings)
+        checks.register(comet_checks.check_unknown_settings)
         checks.register(comet_checks.check_authorize_deploy, checks.Tags.security, deploy=True)

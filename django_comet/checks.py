@@ -1,5 +1,5 @@
-"""System checks: libevent loadable (E001), COMET_* settings well typed (E002), and with
-``check --deploy``, channels open to anyone (W001)."""
+"""System checks: libevent loadable (E001), COMET_* settings well typed (E002) and known
+(W002), and with ``check --deploy``, channels open to anyone (W001)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,31 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
         for message in comet_settings.errors()
     ]
+
+
+def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A COMET_* setting that django-comet does not know: a typo, which would leave the
+    default in force without a word."""
+    import difflib
+
+    from django.conf import settings
+
+    from .conf import known_settings
+
+    known = known_settings()
+    warnings: list[CheckMessage] = []
+    for name in sorted(dir(settings)):
+        if not name.startswith("COMET_") or name in known:
+            continue
+        if name == "COMET_LIBEVENT":
+            hint = "COMET_LIBEVENT is read from the environment, not from the settings."
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"Did you mean {close[0]}?" if close else "See the settings table in the README."
+        warnings.append(
+            Warning(f"{name} is not a django-comet setting.", hint=hint, id="django_comet.W002")
+        )
+    return warnings
 
 
 def check_authorize_deploy(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:

@@ -114,6 +114,10 @@ _PERIODS = frozenset(
 )
 
 
+def known_settings() -> list[str]:
+    return list(_DEFAULTS)
+
+
 class Settings:
     """``comet_settings.THREADS`` reads ``settings.COMET_THREADS`` or its default."""
 

@@ -24,6 +24,9 @@ if os.environ.get("TEST_CONN_MAX_AGE"):  # persistent database connections
 
 if os.environ.get("TEST_BAD_TIMEOUT"):  # a setting of the wrong kind
     COMET_TIMEOUT = os.environ["TEST_BAD_TIMEOUT"]
+if os.environ.get("TEST_MISNAMED_SETTINGS"):  # a typo, and an environment variable's name
+    COMET_HISTORY_SIZ = 5
+    COMET_LIBEVENT = "/usr/lib/libevent-2.1.so.7"
 if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
     LOGGING = {
         "version": 1,

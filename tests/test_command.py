@@ -189,6 +189,17 @@ def test_channels_open_to_anyone_are_a_deploy_check_warning(settings, warned):
     )
 
 
+def test_a_comet_setting_django_comet_does_not_know_is_a_check_warning():
+    """A typo left the default in force without a word (found by a review)."""
+    result = manage("check", env={"TEST_MISNAMED_SETTINGS": "1"})
+    assert result.returncode == 0, result.stderr
+    said = result.stderr
+    assert "COMET_HISTORY_SIZ is not a django-comet setting." in said, said
+    assert "HINT: Did you mean COMET_HISTORY_SIZE?" in said, said
+    assert "COMET_LIBEVENT is read from the environment, not from the settings." in said, said
+    assert "django_comet.W002" not in manage("check").stderr
+
+
 @pytest.mark.parametrize("grace", ["inf", "nan", "1e12"])
 def test_a_period_no_timer_can_hold_is_a_system_check_error(grace):
     result = manage("check", env={"TEST_GRACE_PERIOD": grace})
