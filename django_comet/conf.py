@@ -28,6 +28,8 @@ _DEFAULTS: dict[str, Any] = {
     "COMET_HISTORY_SIZE": 100,
     # Channels whose history a process keeps (the least recently published let go).
     "COMET_HISTORY_CHANNELS": 10_000,
+    # Bytes of an event's JSON at most: each is kept in every history (and as a frame).
+    "COMET_MAX_EVENT_SIZE": 1024 * 1024,
     # Channels one stream or wait may name: each is a subscription held, and a replay
     # reads each one's history.
     "COMET_MAX_CHANNELS": 32,
@@ -61,6 +63,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMET_BROKER": (str,),
     "COMET_HISTORY_SIZE": (int,),
     "COMET_HISTORY_CHANNELS": (int,),
+    "COMET_MAX_EVENT_SIZE": (int,),
     "COMET_MAX_CHANNELS": (int,),
     "COMET_SSE_HEARTBEAT": (int, float),
     "COMET_MAX_PENDING_OUTPUT": (int,),
@@ -91,6 +94,7 @@ _AT_LEAST_ONE = frozenset(
         "COMET_MAX_REQUEST_LINE",
         "COMET_MAX_HEADER_COUNT",
         "COMET_HISTORY_CHANNELS",
+        "COMET_MAX_EVENT_SIZE",
         "COMET_MAX_CHANNELS",
         "COMET_MAX_PENDING_OUTPUT",
         "COMET_MAX_BODY_SIZE",  # (every POST refused: no form would work)
