@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import numbers
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.functional import Promise
 
 from .evloop.deferral import (
+    MAX_SECONDS,
     ChannelWait,
     Deferral,
     announce,
@@ -105,14 +105,14 @@ def head_request() -> bool:
     return environ is not None and environ.get("REQUEST_METHOD") == "HEAD"
 
 
-def _seconds(value: Any, caller: str, name: str) -> float:
+def seconds_of(value: Any, caller: str, name: str) -> float:
     """A number of seconds as a float (a Decimal or a Fraction too: the loop's deadlines
     add floats), refused with the caller's name when it is not a finite one >= 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
         raise TypeError(f"{caller}(): {name} must be a number of seconds, not {value!r}")
     seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{caller}(): {name} must be a finite number >= 0, not {value!r}")
+    if not 0 <= seconds <= MAX_SECONDS:  # (NaN too)
+        raise ValueError(f"{caller}(): {name} must be 0 to {MAX_SECONDS:g} s, not {value!r}")
     return seconds
 
 
@@ -123,7 +123,7 @@ def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> De
     """
     _check_response(response, "defer_in_time")
     environ = _request_environ("defer_in_time")
-    delay = _seconds(seconds, "defer_in_time", "seconds")
+    delay = seconds_of(seconds, "defer_in_time", "seconds")
     next_stage = NextStage(response, _stage_path(target, environ, "defer_in_time"), environ)
     return DeferredResponse(response, Deferral(next_stage, delay=delay))
 
@@ -154,7 +154,7 @@ def defer_until(
             f"{since!r}: parse the client's text first (poll_response() takes it as it is)"
         )
     environ = _request_environ("defer_until")
-    timeout = _seconds(timeout, "defer_until", "timeout")
+    timeout = seconds_of(timeout, "defer_until", "timeout")
     if not timeout:
         raise ValueError("defer_until(): timeout must be over 0 (defer_in_time() waits 0 s)")
     names = [channel] if isinstance(channel, str) else channel

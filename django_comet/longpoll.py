@@ -19,7 +19,7 @@ from django.http.response import HttpResponseBase
 
 from .brokers import get_broker
 from .conf import comet_settings
-from .deferred import HeldResponse, head_request, request_environ
+from .deferred import HeldResponse, head_request, request_environ, seconds_of
 from .events import refusal, replay
 from .evloop.deferral import ChannelWait, begin, blocking_through, withdraw
 from .evloop.hub import Event, hub, poll_batch
@@ -94,6 +94,9 @@ def poll_response(
     channel (403 if refused; 400 for a malformed name) and wait for events newer than
     ``since`` (an event id; None: from now on).  ``since`` may be the query string's
     text as it came: anything but a whole number, 0 or more, is a 400."""
+    timeout = seconds_of(timeout, "poll_response", "timeout")
+    if not timeout:
+        raise ValueError("poll_response(): timeout must be over 0")
     refused = refusal(request, channels, "poll_response")
     if refused is not None:
         return refused

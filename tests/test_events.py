@@ -497,3 +497,10 @@ def test_an_event_over_the_size_bound_is_refused():
     for data in ("x" * 99, "é" * 17):  # 101 and 104 bytes ("\u00e9" each)
         with pytest.raises(ValueError, match=r"over COMET_MAX_EVENT_SIZE \(100\)"):
             publish("sized", data)
+
+
+@pytest.mark.parametrize("timeout", [True, "5", float("nan"), 0, 1e8])
+def test_a_poll_timeout_that_is_no_number_of_seconds_is_refused_by_name(timeout):
+    """``True`` was taken for 1 s, and the others' errors named "a channel wait"."""
+    with pytest.raises((TypeError, ValueError), match=r"poll_response\(\): timeout must be"):
+        poll_response(RequestFactory().get("/"), "room", timeout=timeout)
