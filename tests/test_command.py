@@ -1,7 +1,9 @@
 """runcomet and comet_publish: argument parsing, startup errors, system checks."""
 
 import contextlib
+import os
 import socket
+import subprocess
 import sys
 from io import StringIO
 
@@ -167,6 +169,25 @@ def test_port_in_use_is_one_line(max_connections):
         )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["CommandError: That port is already in use."]
+
+
+def test_libevent_loads_by_its_soname_without_find_library():
+    """On Linux, without libevent in ldconfig's cache, ``find_library`` runs a C compiler
+    on a temporary file: in a read-only container nothing started, ``manage.py check``
+    included (found by a review).  The sonames come first now."""
+    code = (
+        "import ctypes.util\n"
+        "def refuse(name): raise FileNotFoundError('No usable temporary directory found')\n"
+        "ctypes.util.find_library = refuse\n"
+        "from django_comet.evloop import libevent_ctypes\n"
+        "print(libevent_ctypes.load()._name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COMET_LIBEVENT"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("libevent"), result.stdout
 
 
 def test_missing_libevent_is_a_system_check_error():

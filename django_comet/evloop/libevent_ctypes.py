@@ -5,7 +5,7 @@ in a comment, its ``argtypes`` and its ``restype``; opaque C structs are ``c_voi
 aliases.  Callers keep every ``CFUNCTYPE`` object referenced for as long as C may call it.
 
 The library is found, in order, through the ``COMET_LIBEVENT`` environment variable (a
-file name or path), ``ctypes.util.find_library`` and the well-known sonames.
+file name or path), the well-known sonames and ``ctypes.util.find_library``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ctypes.util
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -337,12 +338,22 @@ _lib: ctypes.CDLL | None = None
 _blocking: ctypes.CDLL | None = None
 
 
-def _candidates() -> list[str]:
+def _candidates() -> Iterator[str]:
     explicit = os.environ.get("COMET_LIBEVENT")
     if explicit:
-        return [explicit]  # an explicit choice is never silently replaced by another
-    found = [ctypes.util.find_library(name) for name in ("event", "event-2.1")]
-    return [name for name in found if name] + _SONAMES
+        yield explicit  # an explicit choice is never silently replaced by another
+        return
+    yield from _SONAMES
+    # Last, and only when those failed: on Linux, without the library in ldconfig's
+    # cache, find_library runs a C compiler on a temporary file, and with no writable
+    # temporary directory (a read-only container) it raised, and nothing started.
+    for name in ("event", "event-2.1"):
+        try:
+            found = ctypes.util.find_library(name)
+        except OSError:
+            continue
+        if found and found not in _SONAMES:
+            yield found
 
 
 def declare(cdll: ctypes.CDLL) -> ctypes.CDLL:
