@@ -22,7 +22,8 @@ import signal
 import threading
 
 # A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
-# which removes what the server made (its Unix socket file, the workers' figures).
+# which removes what the server made (its Unix socket file, the workers' figures), but
+# under the autoreloader, whose parent kills the serving process at once (README).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
