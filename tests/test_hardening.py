@@ -504,6 +504,35 @@ def test_output_let_go_by_dropped_slow_readers_goes_back_to_the_system(demo_db):
         assert server.stop() == 0
 
 
+def test_uploads_given_up_on_go_back_to_the_system(demo_db):
+    """16 uploads of 10 MiB of a 16 MiB body, then their clients leave: libevent frees
+    what they had read, but only connections a request came from were counted for the
+    hand-back, so glibc kept it (RSS stayed 160 MiB up until a thousand more requests
+    came; found by a review)."""
+    server = runcomet(db=demo_db)
+    try:
+        pid = server.proc.pid
+        requests.get(server.url + "/t/echo/")
+        rss = rss_kib(pid)
+        head = b"POST /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        uploads = []
+        for _ in range(16):
+            sock = server.connect()
+            sock.sendall(head % (16 * 1024 * 1024))
+            uploads.append(sock)
+        chunk = b"u" * (1024 * 1024)
+        for _ in range(10):
+            for sock in uploads:
+                sock.sendall(chunk)
+        wait_until(lambda: rss_kib(pid) > rss + 120 * 1024)  # read by the server: KiB
+        for sock in uploads:
+            sock.close()
+        server.wait_for_status(lambda s: s["connections"] <= 1)
+        wait_until(lambda: rss_kib(pid) < rss + 48 * 1024)  # handed back at a sweep
+    finally:
+        assert server.stop() == 0
+
+
 def test_memory_goes_back_to_the_system_under_steady_traffic_on_short_connections(demo_db):
     """150 downloads left with about 1 MiB unsent each, while a client makes ten
     requests a second, each on a connection of its own: the memory is handed back. The

@@ -308,6 +308,7 @@ class ConnectionGuard:
             if not ctypes.c_void_p.from_address(bev + offset).value:
                 del self._conns[bev]  # evhttp let it go: ours is the last reference
                 self._arriving.pop(bev, None)
+                self.server.let_go_unread()
                 self._release(bev)
             elif deadline and now > deadline:
                 self._past_deadline(bev, now)

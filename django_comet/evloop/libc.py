@@ -1,5 +1,5 @@
 """The few C library calls the server makes itself, outside libevent: errno inside a
-callback from C, and handing free heap memory back to the system."""
+callback from C, and the C heap's free memory: how much, and handing it back."""
 
 from __future__ import annotations
 
@@ -41,3 +41,37 @@ def return_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def free_heap_bytes() -> int:
+    """Bytes the C heap holds free (glibc 2.33's ``mallinfo2``; 0 elsewhere)."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        try:
+            _mallinfo2 = ctypes.CDLL(None).mallinfo2
+            _mallinfo2.argtypes = []
+            _mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            _mallinfo2 = False
+    return int(_mallinfo2().fordblks) if _mallinfo2 else 0
+
+
+_mallinfo2: Any = None

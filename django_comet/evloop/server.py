@@ -31,7 +31,7 @@ from .figures import WorkerFigures
 from .files import FileWrapper
 from .holding import NO_ENVIRON, Holder
 from .interrupt import StopNow, StopRequests
-from .libc import return_free_memory
+from .libc import free_heap_bytes, return_free_memory
 from .listen import UNIX_PEER, UNIX_SERVER, listen_socket, remove_unix_socket, unix_socket_id
 from .loop import Loop, timeval_of
 from .producer import Producer
@@ -86,6 +86,7 @@ class Server(Producer, Responder, Admission, Stopping):
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._trim_due = False  # a trim waits for closed connections' release
+        self._unread_let_go = 0  # connections released with no request, since the sweep
         self._buf = self._lib.evbuffer_new()
         # The read and write timeout of every connection, made once: held responses
         # lift and restore it, and a publish ends thousands of them at a time.
@@ -406,21 +407,35 @@ class Server(Producer, Responder, Admission, Stopping):
 
     def release_let_go(self) -> None:
         """Once a second (the connection guard's sweep): when closed connections have let
-        go of much unsent output, or a burst of requests is over, hand the heap's free
-        memory back to the system."""
+        go of much unsent output, or a burst of requests is over, or connections no
+        request came from have left the heap with much free memory (uploads their clients
+        gave up on, freed by libevent), hand the heap's free memory back to the system."""
         arrived = self._next_key
         burst_over = (
             arrived - self._arrived_at_release >= BURST_REQUESTS
             and arrived - self._arrived_at_sweep < QUIET_REQUESTS
         )
         self._arrived_at_sweep = arrived
-        if (self._let_go > RELEASE_AFTER_BYTES or burst_over) and not self._trim_due:
+        unread, self._unread_let_go = self._unread_let_go, 0
+        if self._trim_due:
+            return
+        if (
+            self._let_go > RELEASE_AFTER_BYTES
+            or burst_over
+            or (unread and free_heap_bytes() > RELEASE_AFTER_BYTES)  # uploads given up on
+        ):
             self._let_go = 0
             self._arrived_at_release = arrived
             # Once the connections closed by now are released (a pass or two): their
             # memory is not free before, and trimming then would leave it to glibc.
             self._trim_due = True
             self.guard.after_released(self._trim)
+
+    def let_go_unread(self) -> None:
+        """A connection no request reached the server from is released: what it read of
+        a body (an upload its client gave up on) libevent freed, unseen by the server."""
+        self._let_go += CONNECTION_BYTES
+        self._unread_let_go += 1
 
     def _trim(self) -> None:
         self._trim_due = False
