@@ -43,6 +43,10 @@ GATE_SLICE = 0.25
 # endless generator returned as a stage grew memory without bound, holding its thread).
 HELD_PART_LIMIT = 16 * 1024 * 1024
 
+# Seconds a paused body holding a view thread (no spare left) waits for its client while
+# requests wait for a thread, before it is cut.
+CROWDED_WAIT = 1.0
+
 # What a streamed item adds to the connection's buffer beside its bytes (a chunk's size
 # line and CRLF), counted in its unsent bytes: a body of tiny items holds its bound too.
 CHUNK_FRAMING = 8
@@ -312,12 +316,23 @@ class Producer:
         its gate) lets its worker go to close the body.  Past ``until``, the loop is
         asked to cut the response, unless the bytes left meanwhile (``_give_up``)."""
         gave_up = False
+        began = time.monotonic()
         while not gate.wait(GATE_SLICE):
             if ex.dead:
                 return False
-            if until is not None and not gave_up and time.monotonic() > until:
+            if until is None or gave_up:
+                continue
+            assert self._pool is not None
+            if self._pool.stand_in():  # a spare came free: it takes this thread's place
+                until = ex.holding_until = None
+                continue
+            now = time.monotonic()
+            crowded = now - began > CROWDED_WAIT and self._pool.backlog > 0
+            if now > until or crowded:
+                # Its view thread is wanted: requests wait for it (each new slow reader
+                # past the spares stalled every view for COMET_TIMEOUT).
                 gave_up = True
-                self._to_loop(self._give_up, ex, gate)
+                self._to_loop(self._give_up, ex, gate, "requests wait" if crowded else "")
         return gate.go_on
 
     def _pump(self, ex: Exchange) -> None:

@@ -366,19 +366,28 @@ class Responder:
         if not sent:
             self._stop_pump(ex)
 
-    def _give_up(self, ex: Exchange, gate: DrainGate) -> None:
+    def _give_up(self, ex: Exchange, gate: DrainGate, crowded: str = "") -> None:
         """A paused body holding a view thread (no spare was left) has waited for its
-        client ``COMET_TIMEOUT`` in all: cut it, unless its bytes have left meanwhile
-        (decided here, where the drain is: its worker goes on then)."""
+        client ``COMET_TIMEOUT`` in all, or a while with requests waiting for a thread
+        (``crowded``): cut it, unless its bytes have left meanwhile (decided here, where
+        the drain is: its worker goes on then)."""
         if ex.pump is not gate:
             return
-        logger.warning(
-            "%s %s: its client was %g s behind in all, with no view thread to spare; "
-            "cutting the response",
-            ex.method,
-            ex.path,
-            self.config.timeout,
-        )
+        if crowded:
+            logger.warning(
+                "%s %s: its client fell behind while requests waited for a thread, with no "
+                "view thread to spare; cutting the response",
+                ex.method,
+                ex.path,
+            )
+        else:
+            logger.warning(
+                "%s %s: its client was %g s behind in all, with no view thread to spare; "
+                "cutting the response",
+                ex.method,
+                ex.path,
+                self.config.timeout,
+            )
         self._stop_pump(ex)
         self._abort(ex)
 
