@@ -44,7 +44,7 @@ GATE_SLICE = 0.25
 HELD_PART_LIMIT = 16 * 1024 * 1024
 
 # Seconds a paused body holding a view thread (no spare left) waits for its client while
-# requests wait for a thread, before it is cut.
+# requests wait and no thread takes one, before it is cut.
 CROWDED_WAIT = 1.0
 
 # What a streamed item adds to the connection's buffer beside its bytes (a chunk's size
@@ -316,7 +316,6 @@ class Producer:
         its gate) lets its worker go to close the body.  Past ``until``, the loop is
         asked to cut the response, unless the bytes left meanwhile (``_give_up``)."""
         gave_up = False
-        began = time.monotonic()
         while not gate.wait(GATE_SLICE):
             if ex.dead:
                 return False
@@ -326,11 +325,12 @@ class Producer:
             if self._pool.stand_in():  # a spare came free: it takes this thread's place
                 until = ex.holding_until = None
                 continue
-            now = time.monotonic()
-            crowded = now - began > CROWDED_WAIT and self._pool.backlog > 0
-            if now > until or crowded:
-                # Its view thread is wanted: requests wait for it (each new slow reader
-                # past the spares stalled every view for COMET_TIMEOUT).
+            crowded = self._pool.stalled(CROWDED_WAIT)
+            if crowded or time.monotonic() > until:
+                # Its view thread is wanted: requests wait, and no thread has taken one
+                # for a while (each new slow reader past the spares stalled every view
+                # for COMET_TIMEOUT).  Not while other threads get through them: a
+                # client downloading at its pace is not cut for a request queued.
                 gave_up = True
                 self._to_loop(self._give_up, ex, gate, "requests wait" if crowded else "")
         return gate.go_on

@@ -87,6 +87,7 @@ class Server(Producer, Responder, Admission, Stopping):
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._trim_due = False  # a trim waits for closed connections' release
         self._unread_let_go = 0  # connections released with no request, since the sweep
+        self._free_low = 0  # the heap's free bytes at their lowest since the last trim
         self._buf = self._lib.evbuffer_new()
         # The read and write timeout of every connection, made once: held responses
         # lift and restore it, and a publish ends thousands of them at a time.
@@ -422,7 +423,7 @@ class Server(Producer, Responder, Admission, Stopping):
         if (
             self._let_go > RELEASE_AFTER_BYTES
             or burst_over
-            or (unread and free_heap_bytes() > RELEASE_AFTER_BYTES)  # uploads given up on
+            or (unread and self._free_heap_grew())  # uploads given up on
         ):
             self._let_go = 0
             self._arrived_at_release = arrived
@@ -437,9 +438,18 @@ class Server(Producer, Responder, Admission, Stopping):
         self._let_go += CONNECTION_BYTES
         self._unread_let_go += 1
 
+    def _free_heap_grew(self) -> bool:
+        """Whether the heap's free memory grew by RELEASE_AFTER_BYTES from its lowest
+        since the last trim (a trim hands pages back but leaves them counted free: the
+        same holes would be trimmed again at every look)."""
+        free = free_heap_bytes()
+        self._free_low = min(self._free_low, free)
+        return free - self._free_low > RELEASE_AFTER_BYTES
+
     def _trim(self) -> None:
         self._trim_due = False
         return_free_memory()
+        self._free_low = free_heap_bytes()
 
     def _lift_read_timeout(self, ex: Exchange) -> None:
         assert ex.req is not None

@@ -38,6 +38,7 @@ class ThreadPool:
         self._started = 0
         self._lock = threading.Lock()
         self._spares_left = spares  # see stand_in
+        self.last_take = time.monotonic()  # when a thread last took a call (stalled)
         self._closed = False
         self._start_failed = False  # (logged once)
         self._stepping_aside = threading.local()
@@ -90,6 +91,11 @@ class ThreadPool:
         """Calls waiting for a thread."""
         return self._queue.qsize()
 
+    def stalled(self, seconds: float) -> bool:
+        """Calls have waited while no thread took one for ``seconds``: every thread is
+        held (by slow views, or by bodies paused for slow clients)."""
+        return self._queue.qsize() > 0 and time.monotonic() - self.last_take > seconds
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._queue.put((fn, args))
 
@@ -99,6 +105,7 @@ class ThreadPool:
             if before_each is not None:
                 before_each()
             item = get()
+            self.last_take = time.monotonic()
             if item is _STOP:
                 self._exiting()
                 return
