@@ -36,24 +36,27 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
 
 def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """A COMET_* setting that django-comet does not know: a typo, which would leave the
-    default in force without a word."""
+    """A COMET_* setting close to one of django-comet's: a typo, which would leave the
+    default in force without a word.  Names close to none are left alone: other
+    libraries use the prefix too (Comet ML's COMET_API_KEY)."""
     import difflib
 
     from django.conf import settings
 
     from .conf import known_settings
 
-    known = known_settings()
+    known = {name.removeprefix("COMET_"): name for name in known_settings()}
     warnings: list[CheckMessage] = []
     for name in sorted(dir(settings)):
-        if not name.startswith("COMET_") or name in known:
+        if not name.startswith("COMET_") or name.removeprefix("COMET_") in known:
             continue
         if name == "COMET_LIBEVENT":
             hint = "COMET_LIBEVENT is read from the environment, not from the settings."
         else:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"Did you mean {close[0]}?" if close else "See the settings table in the README."
+            close = difflib.get_close_matches(name.removeprefix("COMET_"), known, 1, 0.8)
+            if not close:
+                continue
+            hint = f"Did you mean {known[close[0]]}?"
         warnings.append(
             Warning(f"{name} is not a django-comet setting.", hint=hint, id="django_comet.W002")
         )

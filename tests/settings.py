@@ -27,6 +27,7 @@ if os.environ.get("TEST_BAD_TIMEOUT"):  # a setting of the wrong kind
 if os.environ.get("TEST_MISNAMED_SETTINGS"):  # a typo, and an environment variable's name
     COMET_HISTORY_SIZ = 5
     COMET_LIBEVENT = "/usr/lib/libevent-2.1.so.7"
+    COMET_API_KEY = "another library's (Comet ML)"
 if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
     LOGGING = {
         "version": 1,
