@@ -222,22 +222,23 @@ def _check_response(response: Any, caller: str) -> None:
 
 def _stage_path(target: Any, environ: dict[str, Any], caller: str) -> str:
     path = _target_path(target, environ, caller)
-    if path not in _stage_views_checked:
-        if len(_stage_views_checked) < STAGE_VIEWS_CHECKED:
-            _stage_views_checked.add(path)
+    if path not in _stage_paths_checked and len(_stage_paths_checked) < STAGE_PATHS_CHECKED:
+        _stage_paths_checked.add(path)  # (past the bound, no more looks: a resolve each)
         _check_stage_view(target, path, environ, caller)
     return path
 
 
-# Stage targets whose view was checked for @deferred_view() (a bound: paths with
-# parameters in them are as many as the objects they name).
-STAGE_VIEWS_CHECKED = 1000
-_stage_views_checked: set[str] = set()
+# Stage paths whose view was checked for @deferred_view(), at most this many (paths with
+# parameters in them are as many as the objects they name), and the views warned of.
+STAGE_PATHS_CHECKED = 1000
+_stage_paths_checked: set[str] = set()
+_stage_views_warned: set[Any] = set()
 
 
 def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: str) -> None:
-    """Warn when the stage's view is not decorated with ``@deferred_view()``: it would get
-    no ``response_prev``, and fail on it, or quietly ignore it."""
+    """Warn, once per view, when the stage's view is not decorated with
+    ``@deferred_view()``: it would get no ``response_prev``, and fail on it, or quietly
+    ignore it."""
     if callable(target):
         view = target
     else:
@@ -249,11 +250,17 @@ def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: s
             view = resolve(path).func
         except Resolver404:
             return  # (resolved in another language: _resolves)
-    view_class = getattr(view, "view_class", None)  # a class-based view's as_view()
-    if getattr(view, "comet_stage", False) or getattr(
-        getattr(view_class, "dispatch", None), "comet_stage", False
-    ):
+    # A class-based view's as_view(): its dispatch or its get decorated
+    # (a stage is a GET), through method_decorator.
+    view_class = getattr(view, "view_class", None)
+    handlers = [view, getattr(view_class, "dispatch", None), getattr(view_class, "get", None)]
+    if any(getattr(handler, "comet_stage", False) for handler in handlers):
         return
+    if view_class is not None:
+        view = view_class  # (as_view() makes a new function each call)
+    if view in _stage_views_warned:
+        return
+    _stage_views_warned.add(view)
     logger.warning(
         "%s(): the stage's view %s.%s is not decorated with @deferred_view(): it gets no "
         "response_prev (nor event)",

@@ -11,6 +11,8 @@ from django.http import FileResponse, Http404, HttpResponse, JsonResponse, Strea
 from django.template import engines
 from django.template.response import SimpleTemplateResponse
 from django.urls import reverse_lazy
+from django.utils.decorators import method_decorator
+from django.views import View
 
 from django_comet import defer_in_time, deferred_view
 
@@ -270,8 +272,18 @@ def endless_part_stage(request, response_prev=None):
 
 
 def to_plain_stage(request):
-    return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/plain-stage/")
+    """To an undecorated stage view at ?n= (one path per object), or a class-based one
+    decorated with method_decorator (?to=class)."""
+    if request.GET.get("to") == "class":
+        return defer_in_time(HttpResponse(b"first;"), 0.01, "/t/class-stage/")
+    return defer_in_time(HttpResponse(b"first;"), 0.01, f"/t/plain-stage/{request.GET['n']}/")
 
 
-def plain_stage(request, response_prev=None):  # (no @deferred_view(): the mistake)
+def plain_stage(request, n, response_prev=None):  # (no @deferred_view(): the mistake)
     return HttpResponse(b"plain;")
+
+
+class ClassStage(View):
+    @method_decorator(deferred_view())
+    def get(self, request, response_prev=None):
+        return HttpResponse(b"class:%s;" % str(response_prev is not None).encode())

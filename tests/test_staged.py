@@ -175,9 +175,11 @@ def test_an_endless_held_part_is_cut_not_read_for_ever(comet, where):
 
 def test_a_stage_view_without_deferred_view_is_named_once(comet):
     """It got response_prev=None, quietly (found by a review of API misuse)."""
-    for _ in range(2):
-        _, chunks = get_staged(comet, "/t/to-plain-stage/")
+    for n in (1, 2, 2):  # (two paths to the one view)
+        _, chunks = get_staged(comet, f"/t/to-plain-stage/?n={n}")
         assert b"".join(chunks) == b"first;plain;"
+    _, chunks = get_staged(comet, "/t/to-plain-stage/?to=class")  # method_decorator'd
+    assert b"".join(chunks) == b"first;class:True;"
     warning = "defer_in_time(): the stage's view tests.stage_views.plain_stage is not decorated"
     assert comet.logged(warning)
     assert sum(warning in line for line in comet.output) == 1
