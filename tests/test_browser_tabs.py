@@ -377,3 +377,43 @@ def test_a_joining_tab_hears_of_a_gap_only_when_it_missed_events(
     )
     events = (ids[3:] if expected["events"] == "history" else []) + later
     assert page.execute_script("return window.joiner") == {**expected, "events": events}
+
+
+TAKE_OVER = """
+window.urls = [];
+var Real = window.EventSource;
+window.EventSource = function (url) { window.urls.push(url); return new Real(url); };
+window.EventSource.CLOSED = Real.CLOSED;
+window.sub = Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],
+                             onEvent: function () {}});
+"""
+
+
+def test_a_tab_that_takes_over_connects_from_the_cursor_the_stream_gave(comet, new_browser):
+    """A stream with nothing to replay gives its cursor on its first heartbeat: only the
+    connected tab took it, and a tab that took over after it closed asked afresh
+    (lastEventId=0), never told of what a restart lost (found by a diff review)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    channel = unique("take-over-").replace(" ", "")
+    page = new_browser("take-over")
+    page.get(comet.url + "/t/echo/")
+    leader = page.current_window_handle
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(TAKE_OVER, channel)
+    cursor = WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.sub.lastId"))
+    page.switch_to.new_window("tab")
+    follower = page.current_window_handle
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(TAKE_OVER, channel)
+    # Joined (the welcome carries the cursor): it has the leader's.
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.sub.lastId"))
+    assert page.execute_script("return window.sub.lastId") == cursor
+    assert page.execute_script("return window.urls") == []  # following, not connected
+    page.switch_to.window(leader)
+    page.close()  # the connected tab goes: the follower takes the lock and connects
+    page.switch_to.window(follower)
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.urls.length"))
+    (url,) = page.execute_script("return window.urls")
+    assert url.endswith(f"&lastEventId={cursor}"), (url, cursor)

@@ -148,6 +148,15 @@
       call(options.onEvent, { id: id, data: data, event: name || 'message' });
     }
 
+    // The cursor moves past what the server skipped (a poll's last_id, a heartbeat's
+    // id, events of names not listened to), and the other tabs' with it: one that
+    // takes over connects from there.
+    function moveCursor(id) {
+      if (!(id > lastId)) { return; }
+      lastId = id;
+      if (leading && shared && !closed) { shared.postMessage({ kind: 'cursor', id: id }); }
+    }
+
     function copy(data) {  // (parsed JSON, or the text that was not JSON)
       return typeof data === 'object' && data !== null ? JSON.parse(JSON.stringify(data)) : data;
     }
@@ -274,8 +283,7 @@
         // A stream with nothing to replay gives its cursor on the first heartbeat (and
         // events of names not listened to move it on): go on from there, as from a
         // poll's last_id, so that what a restart loses meanwhile is told.
-        var id = Number(e.lastEventId);
-        if (id > lastId && !afterGap) { lastId = id; }
+        if (!afterGap) { moveCursor(Number(e.lastEventId)); }
       });
       alive();  // the first frame must come within openTimeout
       own.addEventListener(GAP_EVENT, function (e) {
@@ -392,9 +400,9 @@
             body.events.forEach(function (e) {
               var name = e.event || 'message';
               if (names.indexOf(name) !== -1) { deliver(e.id, e.data, name); }
-              else if (e.id > lastId) { lastId = e.id; }  // not listened to: skip it
+              else { moveCursor(e.id); }  // not listened to: skip it
             });
-            if (body.last_id > lastId) { lastId = body.last_id; }
+            moveCursor(body.last_id);
             failures = 0;
             onState('live (long-poll)');
           } else if (refusedBy(xhr)) {
@@ -478,6 +486,7 @@
         joined = true;
         if (m.gap) { gap(m.gap); }
         m.events.forEach(function (e) { deliver(e.id, e.data, e.name); });
+        moveCursor(m.cursor);  // (what the connected tab went past)
         refusal = m.refusal || null;  // (to pass on, should this tab lead later)
         if (m.state) { state = m.state; call(userOnState, m.state); }
         if (m.state === 'refused' && m.refusal && options.onRefused) {
@@ -496,6 +505,7 @@
 
     function follow(m) {
       if (m.kind === 'event') { deliver(m.id, m.data, m.name); }
+      else if (m.kind === 'cursor') { moveCursor(m.id); }
       else if (m.kind === 'gap') { gap(m.info); }
       else if (m.kind === 'state') { state = m.mode; call(userOnState, m.mode); }
       else if (m.kind === 'refused') {
@@ -514,7 +524,7 @@
       var missed = m.lastId > 0 && coveredFrom !== null && m.lastId < coveredFrom;
       shared.postMessage({
         kind: 'welcome', tab: m.tab, events: events, state: state, refusal: refusal,
-        gap: missed ? { last_event_id: m.lastId } : null
+        gap: missed ? { last_event_id: m.lastId } : null, cursor: lastId
       });
     }
 
