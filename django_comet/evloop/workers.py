@@ -38,7 +38,8 @@ class ThreadPool:
         self._started = 0
         self._lock = threading.Lock()
         self._spares_left = spares  # see stand_in
-        self.last_take = time.monotonic()  # when a thread last took a call (stalled)
+        # When a thread last took a call, and when calls began to wait (see stalled).
+        self.last_take = self._waiting_since = time.monotonic()
         self._closed = False
         self._start_failed = False  # (logged once)
         self._stepping_aside = threading.local()
@@ -92,11 +93,15 @@ class ThreadPool:
         return self._queue.qsize()
 
     def stalled(self, seconds: float) -> bool:
-        """Calls have waited while no thread took one for ``seconds``: every thread is
+        """Calls have waited ``seconds`` and no thread took one meanwhile: every thread is
         held (by slow views, or by bodies paused for slow clients)."""
-        return self._queue.qsize() > 0 and time.monotonic() - self.last_take > seconds
+        if not self._queue.qsize():
+            return False
+        return time.monotonic() - max(self.last_take, self._waiting_since) > seconds
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if not self._queue.qsize():  # (approximate: a thread may be taking the last one)
+            self._waiting_since = time.monotonic()
         self._queue.put((fn, args))
 
     def _work(self) -> None:
