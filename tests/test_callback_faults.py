@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import requests
 
-from .processes import ROOT, evloop
+from .processes import ROOT, evloop, read_until_closed
 
 CALLBACK_ERROR = "Unhandled error in event loop callback"
 
@@ -86,3 +86,19 @@ def test_ctrl_c_stops_a_server_embedded_in_the_main_thread():
             proc.kill()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_an_error_logging_a_refusal_still_answers_it():
+    """A refused request's access line comes before its answer: an error there (a
+    LOGGING filter that raises) left the client with no answer at all, and went to
+    ctypes rather than the server's log (found by a diff review)."""
+    server = evloop("tests.fixtureapps.faults:app", env={"TEST_FAULTS": "Server._log_refused"})
+    try:
+        with server.connect() as sock:  # two Host headers: a 400
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 400 "), "no answer"
+        assert server.logged(CALLBACK_ERROR)
+        assert "Exception ignored" not in "".join(server.output)
+        assert requests.get(server.url + "/", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0, "".join(server.output)

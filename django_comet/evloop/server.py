@@ -264,47 +264,50 @@ class Server(Producer, Responder, Admission, Stopping):
     # -- request intake (loop thread) --------------------------------------------------
 
     def _on_request(self, req: int, _arg: Any) -> None:
-        r = RequestStruct.from_address(req)
+        # Guarded here, not through Loop.guarded (the hottest path: no wrapper call):
+        # raised into C, an error would be printed and lost, half done.
         try:
-            method, target, protocol, headers, body, remote = read_request(
-                r, self._lib, self._limits
-            )
-            environ = self._build_environ(method, target, protocol, headers, body, remote)
-            if r.flags & ev.EVHTTP_PROXY_REQUEST:
-                # evhttp takes an absolute-form target naming a host it does not know for a
-                # proxy's request, and then closes the connection unless the response says
-                # "Proxy-Connection: keep-alive".  A server must accept that form (RFC 9112
-                # 3.2.2): answered as any request.
-                r.flags &= ~ev.EVHTTP_PROXY_REQUEST
-            connection = environ.get("HTTP_CONNECTION")
-            closing = connection is not None and asks_to_close(connection)
-            if closing and not evhttp_closes(headers):
-                # evhttp closes only on a first Connection header that is exactly "close"
-                # (past the spaces it strips: not a tab): say it that way.
-                while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
-                    pass
-                self._lib.evhttp_add_header(r.input_headers, b"Connection", b"close")
-            key = self._next_key
-            self._next_key += 1
-            ex = Exchange(key, req, environ)
-            ex.keep_alive = not closing and r.minor == 1 and r.major == 1
-            if self.guard.tracking:
-                ex.conn = self.guard.request_arrived(r.evcon)
-        except BadRequest as exc:
-            if exc.status == 505:  # evhttp answers in the request's version: in ours
-                r.major, r.minor = 1, 1
-            self._log_refused(r, exc.status)
-            self._send_error(r, req, exc.status, str(exc).encode("latin-1"))
-            return
-        except Exception:  # a bug of ours: the client still gets an answer
-            logger.exception("Error reading a request")
-            self._log_refused(r, 500)
-            self._send_error(r, req, 500, None)
-            return
-        except BaseException as exc:  # (raised into C, it would be printed and lost)
-            self.loop.failed(exc, self._on_request)
-            return
-        try:
+            r = RequestStruct.from_address(req)
+            try:
+                method, target, protocol, headers, body, remote = read_request(
+                    r, self._lib, self._limits
+                )
+                environ = self._build_environ(method, target, protocol, headers, body, remote)
+                if r.flags & ev.EVHTTP_PROXY_REQUEST:
+                    # evhttp takes an absolute-form target naming a host it does not know for a
+                    # proxy's request, and then closes the connection unless the response says
+                    # "Proxy-Connection: keep-alive".  A server must accept that form (RFC 9112
+                    # 3.2.2): answered as any request.
+                    r.flags &= ~ev.EVHTTP_PROXY_REQUEST
+                connection = environ.get("HTTP_CONNECTION")
+                closing = connection is not None and asks_to_close(connection)
+                if closing and not evhttp_closes(headers):
+                    # evhttp closes only on a first Connection header that is exactly "close"
+                    # (past the spaces it strips: not a tab): say it that way.
+                    while self._lib.evhttp_remove_header(r.input_headers, b"Connection") == 0:
+                        pass
+                    self._lib.evhttp_add_header(r.input_headers, b"Connection", b"close")
+                key = self._next_key
+                self._next_key += 1
+                ex = Exchange(key, req, environ)
+                ex.keep_alive = not closing and r.minor == 1 and r.major == 1
+                if self.guard.tracking:
+                    ex.conn = self.guard.request_arrived(r.evcon)
+            except BadRequest as exc:
+                if exc.status == 505:  # evhttp answers in the request's version: in ours
+                    r.major, r.minor = 1, 1
+                try:
+                    self._log_refused(r, exc.status)
+                finally:  # (the client gets its answer whatever the log does)
+                    self._send_error(r, req, exc.status, str(exc).encode("latin-1"))
+                return
+            except Exception:  # a bug of ours: the client still gets an answer
+                try:
+                    logger.exception("Error reading a request")
+                    self._log_refused(r, 500)
+                finally:
+                    self._send_error(r, req, 500, None)
+                return
             self._exchanges[ex.key] = ex
             if self._pool is not None:
                 self._lift_read_timeout(ex)  # a slow view must not look like an idle client
