@@ -39,8 +39,6 @@ def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
     """A COMET_* setting close to one of django-comet's: a typo, which would leave the
     default in force without a word.  Names close to none are left alone: other
     libraries use the prefix too (Comet ML's COMET_API_KEY)."""
-    import difflib
-
     from django.conf import settings
 
     from .conf import known_settings
@@ -53,14 +51,26 @@ def check_unknown_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
         if name == "COMET_LIBEVENT":
             hint = "COMET_LIBEVENT is read from the environment, not from the settings."
         else:
-            close = difflib.get_close_matches(name.removeprefix("COMET_"), known, 1, 0.8)
-            if not close:
+            close = _close_to(name.removeprefix("COMET_"), list(known))
+            if close is None:
                 continue
-            hint = f"Did you mean {known[close[0]]}?"
+            hint = f"Did you mean {known[close]}?"
         warnings.append(
             Warning(f"{name} is not a django-comet setting.", hint=hint, id="django_comet.W002")
         )
     return warnings
+
+
+def _close_to(name: str, known: list[str]) -> str | None:
+    """The one of ``known`` that ``name`` looks like a slip for: spelt nearly the same
+    (AUTHORISE, HISTORY_SIZ), or one with words added or left out (HISTORY, BROKER_URL);
+    None for names of other libraries that share the prefix (Comet ML's API_KEY)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, 1, 0.7)
+    if close:
+        return close[0]
+    return next((k for k in known if k.startswith(name + "_") or name.startswith(k + "_")), None)
 
 
 def check_authorize_deploy(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:

@@ -28,6 +28,7 @@ if os.environ.get("TEST_MISNAMED_SETTINGS"):  # a typo, and an environment varia
     COMET_HISTORY_SIZ = 5
     COMET_LIBEVENT = "/usr/lib/libevent-2.1.so.7"
     COMET_API_KEY = "another library's (Comet ML)"
+    COMET_BROKER_URL = "redis://"  # a word too many
 if os.environ.get("TEST_ROOT_LOG"):  # the project logs everything to a file
     LOGGING = {
         "version": 1,

@@ -219,6 +219,8 @@ def test_a_comet_setting_django_comet_does_not_know_is_a_check_warning():
     assert "HINT: Did you mean COMET_HISTORY_SIZE?" in said, said
     assert "COMET_LIBEVENT is read from the environment, not from the settings." in said, said
     assert "COMET_API_KEY" not in said, said  # close to no name of ours: another library's
+    assert "COMET_BROKER_URL is not a django-comet setting." in said, said
+    assert "HINT: Did you mean COMET_BROKER?" in said, said
     assert "django_comet.W002" not in manage("check").stderr
 
 
