@@ -232,7 +232,7 @@ def _stage_path(target: Any, environ: dict[str, Any], caller: str) -> str:
 # parameters in them are as many as the objects they name), and the views warned of.
 STAGE_PATHS_CHECKED = 1000
 _stage_paths_checked: set[str] = set()
-_stage_views_warned: set[Any] = set()
+_stage_views_warned: set[int] = set()
 
 
 def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: str) -> None:
@@ -258,9 +258,9 @@ def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: s
         return
     if view_class is not None:
         view = view_class  # (as_view() makes a new function each call)
-    if view in _stage_views_warned:
+    if id(view) in _stage_views_warned:  # (by id: a callable object may not hash)
         return
-    _stage_views_warned.add(view)
+    _stage_views_warned.add(id(view))
     logger.warning(
         "%s(): the stage's view %s.%s is not decorated with @deferred_view(): it gets no "
         "response_prev (nor event)",
