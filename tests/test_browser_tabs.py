@@ -417,3 +417,89 @@ def test_a_tab_that_takes_over_connects_from_the_cursor_the_stream_gave(comet, n
     WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.urls.length"))
     (url,) = page.execute_script("return window.urls")
     assert url.endswith(f"&lastEventId={cursor}"), (url, cursor)
+
+
+LEAD = """
+var channel = arguments[0], done = arguments[arguments.length - 1];
+window.a = {events: []};
+window.subA = Comet.subscribe({sse: '/t/stream/?channels=' + channel,
+    onEvent: function (e) { window.a.events.push(e.id); },
+    onState: function (m) { if (m === 'live (sse)') { done(true); } }});
+"""
+
+JOIN_AHEAD = """
+window.b = {events: [], gaps: 0};
+window.subB = Comet.subscribe({sse: '/t/stream/?channels=' + arguments[0],
+    lastId: arguments[1],
+    onEvent: function (e) { window.b.events.push(e.id); },
+    onGap: function () { window.b.gaps += 1; }});
+"""
+
+
+def test_a_tab_joining_with_a_cursor_from_before_the_ids_went_back_hears_of_it(comet, new_browser):
+    """A cursor ahead of the connected tab's is from before the ids went back (a reset
+    database; a cursor kept in storage): on its own connection the server tells it a gap
+    and sends what there is; joining a shared one, it got nothing and dropped every event
+    until the ids passed it (found by a review)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    channel = unique("ahead-").replace(" ", "")
+    ids = [publish(comet, channel, {"n": n}) for n in range(3)]
+    page = new_browser("ahead")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    assert page.execute_async_script(LEAD, channel)
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.a.events") == ids)
+    page.execute_script(JOIN_AHEAD, channel, ids[-1] + 10**6)
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.b.gaps"))
+    later = publish(comet, channel, {"n": 3})
+    WebDriverWait(page, 30).until(lambda d: later in d.execute_script("return window.b.events"))
+    assert page.execute_script("return window.b") == {"events": [*ids, later], "gaps": 1}
+
+
+FAKE_POLLS = """
+window.polls = [];
+function FakeXHR() { this.readyState = 0; this.status = 0; this.responseText = ''; }
+FakeXHR.prototype.open = function (method, url) { this.url = url; };
+FakeXHR.prototype.setRequestHeader = function () {};
+FakeXHR.prototype.getResponseHeader = function () { return 'application/json'; };
+FakeXHR.prototype.abort = function () { this.aborted = true; };
+FakeXHR.prototype.send = function () { window.polls.push(this); };
+window.XMLHttpRequest = FakeXHR;
+window.answer = function (i, body) {  // the i-th poll is answered with ``body``
+  var xhr = window.polls[i];
+  xhr.readyState = 4; xhr.status = 200; xhr.responseText = JSON.stringify(body);
+  if (xhr.onload) { xhr.onload(); }
+  if (xhr.onloadend) { xhr.onloadend(); }
+};
+window.sub = function () {
+  return Comet.subscribe({poll: '/fake/poll/', forcePoll: true, onEvent: function () {}});
+};
+window.A = window.sub();
+"""
+
+
+def test_long_poll_ids_that_go_back_reach_the_other_tabs(comet, new_browser):
+    """The connected tab's poll answer says the ids went back (last_id 3 after 10): it
+    took the new cursor, the other tabs kept 10, and one that took over polled from 10
+    and was told of the same gap again (found by a review)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = new_browser("poll-back")
+    page.get(comet.url + "/t/echo/")
+    assert page.execute_async_script(LOAD_COMET_JS)
+    page.execute_script(FAKE_POLLS)
+
+    def polls():
+        return page.execute_script("return window.polls.map(function (x) { return x.url; })")
+
+    WebDriverWait(page, 30).until(lambda d: len(polls()) == 1)
+    page.execute_script("window.answer(0, {events: [{id: 10, data: 1}], last_id: 10});")
+    WebDriverWait(page, 30).until(lambda d: len(polls()) == 2)
+    page.execute_script("window.B = window.sub();")
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.B.lastId") == 10)
+    page.execute_script("window.answer(1, {events: [], last_id: 3, gap: true});")
+    WebDriverWait(page, 30).until(lambda d: d.execute_script("return window.B.lastId") == 3)
+    page.execute_script("window.A.close();")  # the other tab takes over
+    WebDriverWait(page, 30).until(lambda d: len(polls()) >= 4)
+    assert polls()[-1].endswith("since=3"), polls()

@@ -186,6 +186,15 @@
       if (leading && shared && !closed) { shared.postMessage({ kind: 'gap', info: info }); }
     }
 
+    function withCursor(info, cursor) {  // (a copy: no Object.assign in old browsers)
+      var copied = {};
+      for (var key in info) {
+        if (Object.prototype.hasOwnProperty.call(info, key)) { copied[key] = info[key]; }
+      }
+      copied.cursor = cursor;
+      return copied;
+    }
+
     function backoff(failures) {  // 1 s doubling to 30 s, with jitter so clients spread
       return Math.min(30000, 1000 * Math.pow(2, failures - 1)) * (0.5 + Math.random() / 2);
     }
@@ -394,8 +403,9 @@
             // having delivered newer events, says nothing of gaps or restarts.)
             if (since === lastId) {
               var restarted = body.last_id < lastId;  // the ids restarted: take what there is
-              if (restarted) { lastId = body.last_id; }
-              if (restarted || body.gap) { gap(body); }
+              // (The cursor in the gap's info: the other tabs take it too.)
+              if (restarted) { gap(withCursor(body, body.last_id)); }
+              else if (body.gap) { gap(body); }
             }
             body.events.forEach(function (e) {
               var name = e.event || 'message';
@@ -518,10 +528,14 @@
     function welcome(message) {
       var m = message.data;
       if (closed || !leading || m.kind !== 'hello') { return; }
-      var events = recent.filter(function (e) { return e.id > m.lastId; });
+      // A cursor ahead of this tab's is from before the ids went back (a reset
+      // database; a cursor kept in storage): everything there is, after a gap, as the
+      // server answers such a cursor.
+      var ahead = lastId > 0 && m.lastId > lastId;
+      var events = recent.filter(function (e) { return ahead || e.id > m.lastId; });
       // From before what this tab has seen all of: gone (a tab new to it, at 0, takes
       // what there is, as a new connection would).
-      var missed = m.lastId > 0 && coveredFrom !== null && m.lastId < coveredFrom;
+      var missed = ahead || (m.lastId > 0 && coveredFrom !== null && m.lastId < coveredFrom);
       shared.postMessage({
         kind: 'welcome', tab: m.tab, events: events, state: state, refusal: refusal,
         gap: missed ? { last_event_id: m.lastId } : null, cursor: lastId
