@@ -325,3 +325,4 @@ def test_a_body_past_what_string_at_takes_is_copied_whole(monkeypatch):
     monkeypatch.setattr(ctypes, "string_at", string_at_as_if_its_int_were_small)
     assert request.copy_out(ctypes.addressof(buffer), len(data)) == data
     assert request.copy_out(ctypes.addressof(buffer), 99) == data[:99]
+    assert request.copy_out(ctypes.addressof(buffer), 100) == data[:100]  # (the limit)
