@@ -258,7 +258,7 @@ def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: s
         return
     if view_class is not None:
         view = view_class  # (as_view() makes a new function each call)
-    if id(view) in _stage_views_warned:  # (by id: a callable object may not hash)
+    if id(view) in _stage_views_warned:  # (by id: resolve() takes views that do not hash)
         return
     _stage_views_warned.add(id(view))
     logger.warning(

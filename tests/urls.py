@@ -15,7 +15,6 @@ urlpatterns = [
     path("t/to-plain-stage/", stage_views.to_plain_stage),
     path("t/plain-stage/<int:n>/", stage_views.plain_stage),
     path("t/class-stage/", stage_views.ClassStage.as_view()),
-    path("t/unhashable-stage/", stage_views.unhashable_stage),
     path("t/endless-part/stage/", stage_views.endless_part_stage),
     path("t/quick-stage/", stage_views.quick_stage, name="quick_stage"),
     path("t/counted/", stage_views.counted_first, name="counted_first"),
