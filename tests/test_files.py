@@ -15,8 +15,7 @@ from django.core.files import File
 
 from django_comet.evloop.files import FileWrapper
 
-from .processes import runcomet, wait_until
-from .test_hardening import fd_count
+from .processes import fd_count, runcomet, wait_until
 from .views import pattern
 
 MIB = 1024 * 1024

@@ -11,7 +11,7 @@ import requests
 
 from django_comet.evloop.frames import sse_frame
 
-from .processes import runcomet
+from .processes import peak_rss_kib, runcomet
 from .publishing import publish, subscribed
 from .sse_client import SSEClient
 
@@ -467,11 +467,6 @@ def test_slow_readers_of_small_events_hold_about_their_bound(demo_db):
         for sock in socks:
             sock.close()
         assert server.stop() == 0, "".join(server.output)
-
-
-def peak_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
 def test_disconnects_release_subscriptions(comet):
