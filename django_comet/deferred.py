@@ -145,10 +145,10 @@ def defer_until(
     lost between two polls; without it, only events published from now on count.
     """
     from .brokers import get_broker
-    from .events import check_channels, replay
+    from .events import check_channels, is_event_id, replay
 
     _check_response(response, "defer_until")
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+    if since is not None and not is_event_id(since):
         raise TypeError(
             f"defer_until(): since must be an event id (an int, 0 or more) or None, not "
             f"{since!r}: parse the client's text first (poll_response() takes it as it is)"
@@ -242,12 +242,8 @@ def _check_stage_view(target: Any, path: str, environ: dict[str, Any], caller: s
     if callable(target):
         view = target
     else:
-        path = unquote(path.partition("?")[0])
-        script_name = environ.get("SCRIPT_NAME", "")
-        if script_name and path.startswith(script_name + "/"):
-            path = path[len(script_name) :]
         try:
-            view = resolve(path).func
+            view = resolve(_urlconf_path(path, environ)).func
         except Resolver404:
             return  # (resolved in another language: _resolves)
     # A class-based view's as_view(): its dispatch or its get decorated
@@ -285,16 +281,23 @@ def _target_path(target: Any, environ: dict[str, Any], caller: str) -> str:
                 f"site, no scheme or host): {target!r}"
             )
         return reverse(target)
-    path = unquote(target.partition("?")[0])
-    script_name = environ.get("SCRIPT_NAME", "")
-    if script_name and path.startswith(script_name + "/"):
-        path = path[len(script_name) :]
+    path = _urlconf_path(target, environ)
     if not _resolves(path):
         raise ValueError(
             f"no URL pattern matches the deferred target {target!r} (a stage is not "
             f"redirected: give the path its URL pattern has, slash included)"
         )
     return target
+
+
+def _urlconf_path(target: str, environ: dict[str, Any]) -> str:
+    """A target path as the URLconf sees it: unquoted, without its query string and the
+    script name it may start with."""
+    path = unquote(target.partition("?")[0])
+    script_name = environ.get("SCRIPT_NAME", "")
+    if script_name and path.startswith(script_name + "/"):
+        path = path[len(script_name) :]
+    return path
 
 
 def _resolves(path: str) -> bool:

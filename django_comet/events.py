@@ -164,13 +164,18 @@ def as_dict(event: Event) -> dict[str, Any]:
     }
 
 
+def is_event_id(value: Any) -> bool:
+    """An event id as code passes it: an int, 0 or more (a query string's text is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
     """Recent events of ``channel`` newer than ``after``, oldest first (at most
     COMET_HISTORY_SIZE of them), from the broker's shared history; while the broker is
     unreachable, in a process that listens to it (a server's), from its own, as replays
     do (a view that reads the history keeps answering through an outage); elsewhere the
     broker's error is raised."""
-    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+    if not is_event_id(after):
         raise TypeError(
             f"history(): after must be an event id (an int, 0 or more), not {after!r}; "
             f"poll_response() takes the query string's text"
