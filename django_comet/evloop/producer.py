@@ -332,7 +332,7 @@ class Producer:
                 # for COMET_TIMEOUT).  Not while other threads get through them: a
                 # client downloading at its pace is not cut for a request queued.
                 gave_up = True
-                self._to_loop(self._give_up, ex, gate, "requests wait" if crowded else "")
+                self._to_loop(self._give_up, ex, gate, crowded)
         return gate.go_on
 
     def _pump(self, ex: Exchange) -> None:

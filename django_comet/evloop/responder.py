@@ -366,28 +366,24 @@ class Responder:
         if not sent:
             self._stop_pump(ex)
 
-    def _give_up(self, ex: Exchange, gate: DrainGate, crowded: str = "") -> None:
+    def _give_up(self, ex: Exchange, gate: DrainGate, crowded: bool = False) -> None:
         """A paused body holding a view thread (no spare was left) has waited for its
-        client ``COMET_TIMEOUT`` in all, or a while with requests waiting for a thread
-        (``crowded``): cut it, unless its bytes have left meanwhile (decided here, where
-        the drain is: its worker goes on then)."""
+        client ``COMET_TIMEOUT`` in all, or ``crowded``: while requests waited for a
+        thread and none took one.  Cut it, unless its bytes have left meanwhile (decided
+        here, where the drain is: its worker goes on then)."""
         if ex.pump is not gate:
             return
-        if crowded:
-            logger.warning(
-                "%s %s: its client fell behind while requests waited for a thread, with no "
-                "view thread to spare; cutting the response",
-                ex.method,
-                ex.path,
-            )
-        else:
-            logger.warning(
-                "%s %s: its client was %g s behind in all, with no view thread to spare; "
-                "cutting the response",
-                ex.method,
-                ex.path,
-                self.config.timeout,
-            )
+        why = (
+            "fell behind while requests waited for a thread"
+            if crowded
+            else f"was {self.config.timeout:g} s behind in all"
+        )
+        logger.warning(
+            "%s %s: its client %s, with no view thread to spare; cutting the response",
+            ex.method,
+            ex.path,
+            why,
+        )
         self._stop_pump(ex)
         self._abort(ex)
 
