@@ -377,3 +377,29 @@ def test_what_runs_after_a_pass_runs_a_batch_at_a_time():
         loop.close()
     assert order[AFTER_PASS_BATCH] == "between"
     assert [n for n in order if n != "between"] == list(range(AFTER_PASS_BATCH * 2 + 1))
+
+
+def test_what_runs_after_a_pass_runs_before_the_next_pass_of_any_kind(loop):
+    """It runs inside the pass that queued it, before that pass's changes of what is
+    watched reach epoll: a request's view writing its answer then turns the socket from
+    reading to writing in one change.  Here the pass is one of those that follow a
+    wake-up without sleeping, which used to run another pass first."""
+    order = []
+    readable_r, readable_w = os.pipe()
+
+    def read_it():
+        os.read(readable_r, 1)
+        watcher.cancel()
+        loop.call_later(0, order.append, "the next pass")
+        loop.call_after_pass(order.append, "after its pass")
+        loop.call_later(0, loop.stop)
+
+    watcher = loop.add_reader(readable_r, read_it)
+    try:
+        # The wake-up's pass makes the pipe readable: a pass that does not sleep finds it.
+        loop.call_soon(os.write, readable_w, b"x")
+        loop.run()
+    finally:
+        os.close(readable_r)
+        os.close(readable_w)
+    assert order == ["after its pass", "the next pass"]

@@ -159,6 +159,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "event_add": (c_int, [event_p, POINTER(timeval)]),
     # int event_del(struct event *);
     "event_del": (c_int, [event_p]),
+    # void event_active(struct event *ev, int res, short ncalls);
+    "event_active": (None, [event_p, c_int, c_short]),
     # struct evhttp *evhttp_new(struct event_base *base);
     "evhttp_new": (evhttp_p, [event_base_p]),
     # void evhttp_free(struct evhttp* http);
