@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(
     r"(?:Starting comet server .* at|Serving .* on) (?:http://([^/]+):(\d+)/|unix:(\S+))"
 )
+# What the banner says of the views' threads: "(epoll, 0 threads)", "(no threads)".
+BANNER_THREADS = re.compile(r"\b(\d+|no) threads\)")
 
 
 class ServerProcess:
@@ -52,11 +54,18 @@ class ServerProcess:
         self._ready = threading.Event()
         self.port = 0
         self.unix = ""  # the socket's path when it listens on unix:PATH
+        self._banner = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(startup_timeout) or not (self.port or self.unix):
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.output))
+        if "--threads" in argv:  # a test of the loop thread must get the loop thread
+            asked = argv[argv.index("--threads") + 1]
+            said = BANNER_THREADS.search(self._banner)
+            if said is None or said.group(1).replace("no", "0") != asked:
+                self.stop()
+                raise RuntimeError(f"asked for {asked} threads, the banner says: {self._banner}")
         banner_host = getattr(self, "_banner_host", "")
         self.host = banner_host.strip("[]") if banner_host.startswith("[") else "127.0.0.1"
         self.url = f"http://{banner_host if self.host != '127.0.0.1' else self.host}:{self.port}"
@@ -77,6 +86,7 @@ class ServerProcess:
                 self._more_output.notify_all()
             match = BANNER.search(line)
             if match and not self._ready.is_set():
+                self._banner = line
                 if match.group(3):
                     self.unix = match.group(3)
                 else:

@@ -11,6 +11,7 @@ import pytest
 import requests
 from django.core.management import call_command
 
+from django_comet.evloop.config import ServerConfig
 from django_comet.management.commands.runcomet import Command
 
 from .brokers import free_port
@@ -19,7 +20,7 @@ from .processes import ROOT, manage, runcomet, wait_until
 
 def parsed(*args):
     cmd = Command(stdout=StringIO(), stderr=StringIO())
-    cmd.run = lambda **options: None  # test shim: parse only
+    cmd.run = lambda **options: setattr(cmd, "options", options)  # parse only
     call_command(cmd, *args)
     return cmd
 
@@ -39,10 +40,14 @@ def test_addrport_forms(args, addr, port, ipv6):
     assert (cmd.addr, cmd.port, cmd.use_ipv6) == (addr, port, ipv6)
 
 
-def test_threads_option():
-    cmd = parsed("--threads", "3")
-    assert cmd.server_config(threads=3, use_threading=True).threads == 3
-    assert cmd.server_config(threads=None, use_threading=False).threads == 0
+@pytest.mark.parametrize(
+    "args, threads",
+    [(("--threads", "3"), 3), (("--threads", "0"), 0), (("--nothreading",), 0), ((), None)],
+)
+def test_threads_option(args, threads):
+    cmd = parsed(*args)
+    expected = ServerConfig.threads if threads is None else threads  # (no COMET_THREADS)
+    assert cmd.server_config(**cmd.options).threads == expected
 
 
 def test_bad_address_is_one_line():
