@@ -310,6 +310,35 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def closed_but_watched(pid: int) -> list[tuple[int, int]]:
+    """Descriptors process ``pid`` has closed that its epoll instances still watch:
+    (number, inode) of each entry whose number is not that file now.  Kept open in
+    another process (a forked child), such an entry goes on being reported, and a loop
+    that cannot remove it any more spins."""
+    stale = []
+    instances = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                entries = [line.split() for line in info if line.startswith("tfd:")]
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        instances += 1
+        for fields in entries:  # "tfd: 7 events: 19 data: 7 pos:0 ino:1a2b sdev:8"
+            number = int(fields[1])
+            inode = int(next(f for f in fields if f.startswith("ino:"))[4:], 16)
+            try:
+                if os.stat(f"/proc/{pid}/fd/{number}").st_ino == inode:
+                    continue
+            except FileNotFoundError:
+                pass
+            stale.append((number, inode))
+    assert instances, f"process {pid} has no epoll instance: it is ending"
+    return stale
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
