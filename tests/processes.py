@@ -280,6 +280,31 @@ def read_chunked(sock: socket.socket | BinaryIO) -> tuple[bytes, list[bytes]]:
     return head, chunks
 
 
+def read_cut_stream(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read a streamed response that its server cuts, until the connection closes (a
+    reset counts as the close): (head, the body's data as far as it came).  Asserts
+    the cut: a 200 with chunked framing, and no last chunk."""
+    out = b""
+    try:
+        while more := sock.recv(65536):
+            out += more
+    except ConnectionResetError:
+        pass
+    head, blank_line, rest = out.partition(b"\r\n\r\n")
+    assert blank_line and head.startswith(b"HTTP/1.1 200 "), out[:300]
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    data = b""
+    while rest:
+        size_line, crlf, rest = rest.partition(b"\r\n")
+        if not crlf:
+            break  # cut inside a size line
+        size = int(size_line, 16)
+        assert size, "a clean last chunk: the stream was not cut"
+        data += rest[:size]
+        rest = rest[size + 2 :]
+    return head, data
+
+
 def read_head(f: BinaryIO) -> bytes:
     head = b""
     while not head.endswith(b"\r\n\r\n"):

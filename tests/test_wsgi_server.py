@@ -8,7 +8,7 @@ import uuid
 import pytest
 import requests
 
-from .processes import evloop, raw, read_chunked, wait_until
+from .processes import evloop, raw, read_chunked, read_cut_stream, wait_until
 
 
 def closes(server, tag: str, expected: int) -> int:
@@ -248,12 +248,8 @@ def test_exception_before_start_response_is_500_and_server_lives(wsgi_server):
 def test_exception_after_headers_cuts_the_stream(wsgi_server):
     with wsgi_server.connect() as sock:
         sock.sendall(b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
-        try:
-            read_chunked(sock)
-        except (AssertionError, ValueError, ConnectionError):
-            pass  # cut: no clean terminating chunk
-        else:
-            raise AssertionError("a failed stream ended cleanly")
+        _, data = read_cut_stream(sock)
+        assert data and data == b"x" * len(data)  # what it could of the first part
     assert requests.get(wsgi_server.url + "/hello").status_code == 200
 
 
@@ -310,8 +306,8 @@ def test_system_exit_in_an_app_is_an_app_error_and_the_server_lives(threads):
             assert requests.get(server.url + "/exit-before", timeout=10).status_code == 500
             with server.connect() as sock:
                 sock.sendall(b"GET /exit-after HTTP/1.1\r\nHost: x\r\n\r\n")
-                with pytest.raises((AssertionError, ValueError, ConnectionError)):
-                    read_chunked(sock)  # cut: no clean last chunk
+                _, data = read_cut_stream(sock)
+                assert data and data == b"x" * len(data)
         assert requests.get(server.url + "/hello", timeout=10).status_code == 200
         assert server.logged("a view called sys.exit()")
     finally:
@@ -404,8 +400,8 @@ def test_a_stream_failing_after_its_bytes_left_is_cut_and_released(wsgi_server):
     with wsgi_server.connect() as sock:
         sock.settimeout(10)
         sock.sendall(b"GET /raise-later HTTP/1.1\r\nHost: x\r\n\r\n")
-        with pytest.raises((AssertionError, ValueError, ConnectionError)):
-            read_chunked(sock)  # cut: no clean last chunk
+        _, data = read_cut_stream(sock)
+        assert len(data) == 300_000
     assert wsgi_server.logged('"GET /raise-later HTTP/1.1" 200 300000')
 
 
@@ -540,9 +536,10 @@ def test_an_http10_keep_alive_request_told_to_close_hears_it_once(wsgi_server, p
 def test_a_stream_cut_by_its_app_still_sends_what_was_queued(wsgi_server):
     """The app fails right after its first part: the client gets the head and what it
     can of that part, then the cut, not an empty reply (which reads as "try again")."""
-    out = raw(wsgi_server, b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 200 OK")
-    assert not out.endswith(b"0\r\n\r\n")  # cut: no last chunk
+    with wsgi_server.connect() as sock:
+        sock.sendall(b"GET /raise-after HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, data = read_cut_stream(sock)
+    assert len(data) > 0
 
 
 def test_a_generators_item_goes_out_before_the_generator_is_asked_for_the_next(wsgi_server):
