@@ -288,6 +288,10 @@ def app(environ, start_response):
     if path == "/first-then-wait":  # a first item, then nothing until /release
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _first_then_wait(_released(environ))
+    if path == "/wait-for-release":  # an answer once /release is asked with its X-Tag
+        _released(environ).wait(60)
+        start_response("200 OK", [("Content-Length", "6")])
+        return [b"waited"]
     if path == "/release":
         _released(environ).set()
         start_response("200 OK", [("Content-Type", "text/plain")])
