@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 
 def hello(environ, start_response):
@@ -257,8 +258,9 @@ def app(environ, start_response):
     if path == "/head-empty":  # as werkzeug: no length, and no body for a HEAD
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [] if environ["REQUEST_METHOD"] == "HEAD" else [b"content"]
-    if path == "/app-close":  # the app asks to close
-        start_response("200 OK", [("Content-Length", "5"), ("Connection", "close")])
+    if path == "/app-close":  # the app asks to close (?its Connection header's value)
+        connection = urllib.parse.unquote(environ["QUERY_STRING"]) or "close"
+        start_response("200 OK", [("Content-Length", "5"), ("Connection", connection)])
         return [b"hello"]
     if path == "/child-terminated":  # how a process this view starts ends at SIGTERM
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
