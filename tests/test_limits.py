@@ -272,15 +272,17 @@ def test_a_wave_of_requests_waits_in_the_listen_backlog_not_in_the_server(
     the requests read in a pass were counted, not the connections accepted in one)."""
     server = runcomet("--threads", threads, db=demo_db)
     try:
-        started = tmp_path / "started"
+        started, release = tmp_path / "started", tmp_path / "release"
         slow = server.connect()
         slow.sendall(
-            f"GET /t/sleep/?s=1&started={started} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            f"GET /t/sleep/?until={release}&started={started} HTTP/1.1\r\n"
+            "Host: 127.0.0.1\r\n\r\n".encode()
         )
         wait_until(started.exists)  # the one view thread is busy
         wave = [server.connect() for _ in range(300 if threads == "0" else 120)]
         for sock in wave:
             sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        release.touch()  # the whole wave is sent: the slow view may end
         answers = []
         for sock in wave:
             sock.settimeout(20)

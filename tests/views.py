@@ -42,7 +42,12 @@ def echo(request):
 def sleep(request):
     if "started" in request.GET:  # a file the test waits for: the view is running
         open(request.GET["started"], "w").close()
-    time.sleep(float(request.GET.get("s", "1")))
+    if "until" in request.GET:  # a file the test makes when the view may end
+        deadline = time.monotonic() + 60
+        while not os.path.exists(request.GET["until"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        time.sleep(float(request.GET.get("s", "1")))
     return HttpResponse("slept")
 
 
