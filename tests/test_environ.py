@@ -4,8 +4,8 @@ import pytest
 
 from django_comet.evloop.environ import EnvironBuilder, split_target
 from django_comet.evloop.proxies import TrustedProxies
-from django_comet.evloop.request_checks import BadRequest, check_request
-from django_comet.evloop.start_response import AppError, StartResponse
+from django_comet.evloop.request_checks import BadRequest, Limits, check_request
+from django_comet.evloop.start_response import AppError, StartResponse, asks_to_close
 
 
 def environ(target="/", headers=(), body=b"", method="GET", **kw):
@@ -84,9 +84,21 @@ def test_content_length_is_the_body_length_even_when_chunked():
     assert "HTTP_TRANSFER_ENCODING" not in env
 
 
-def test_script_name_is_split_off():
-    env = environ("/app/x", script_name="/app")
-    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/app", "/x")
+@pytest.mark.parametrize(
+    "target, script_name, path_info",
+    [
+        ("/app/x", "/app", "/x"),
+        ("/app", "/app", ""),  # the mount point itself
+        ("/application", "", "/application"),  # not under /app: a whole segment or nothing
+    ],
+)
+def test_script_name_is_split_off(target, script_name, path_info):
+    env = environ(target, script_name="/app")
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == (script_name or "/app", path_info)
+
+
+def test_header_values_lose_their_surrounding_tabs_and_spaces():
+    assert environ(headers=[(b"X-A", b"\t v \t")])["HTTP_X_A"] == "v"
 
 
 @pytest.mark.parametrize(
@@ -154,6 +166,24 @@ def test_check_request_refuses_connect():
     assert info.value.status == 501
 
 
+def test_check_request_limits_hold_at_their_edge():
+    """Each limit lets through a request right at it and refuses one over it; a header
+    line counts its name, its value and four bytes (": " and the line's end)."""
+    limits = Limits(target=10, header_bytes=20, header_count=3)
+    host = [(b"Host", b"a")]
+    check_request("GET", b"/" + b"a" * 9, (1, 1), host, limits)
+    check_request("GET", b"/", (1, 1), [(b"Host", b"a" * 12)], limits)  # 4 + 12 + 4
+    check_request("GET", b"/", (1, 1), [*host, (b"A", b"1"), (b"B", b"1")], Limits(10, 99, 3))
+    for target, headers, limit, status in [
+        (b"/" + b"a" * 10, host, limits, 414),
+        (b"/", [(b"Host", b"a" * 13)], limits, 431),
+        (b"/", [*host, (b"A", b"1"), (b"B", b"1"), (b"C", b"1")], Limits(10, 99, 3), 431),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            check_request("GET", target, (1, 1), headers, limit)
+        assert info.value.status == status
+
+
 def test_check_request_accepts():
     check_request(
         "GET", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"3"), (b"content-length", b"3")]
@@ -161,10 +191,13 @@ def test_check_request_accepts():
     check_request("GET", b"/", (1, 0), [])
     check_request("POST", b"/", (1, 1), [(b"Host", b"a"), (b"Transfer-Encoding", b" Chunked ")])
     check_request("OPTIONS", b"*", (1, 1), [(b"Host", b"a")])
+    check_request("POST", b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", b"\t5")])
     for host in (b"", b"example.com:8080", b"127.0.0.1", b"[::1]:80", b"my_host.local.", b"x:"):
         check_request("GET", b"/", (1, 1), [(b"Host", host)])
     with pytest.raises(BadRequest):
         check_request("GET", b"*", (1, 1), [(b"Host", b"a")])
+    with pytest.raises(BadRequest):  # an absolute form with no host, however spelt
+        check_request("GET", b"HTTP://:80/", (1, 1), [(b"Host", b"a")])
 
 
 def test_start_response_validates():
@@ -191,9 +224,30 @@ def test_start_response_validates():
         ("200 OK", [("X-V", "a\x0bb")]),  # no control character but the tab
         ("200 O\x1bK", []),
         ("999 Weird", []),  # codes are 100-599
+        ("600 Nope", []),
     ]:
         with pytest.raises(AppError):
             StartResponse()(status, headers)
+
+
+def test_start_response_checks_a_header_list_seen_before_as_well():
+    """Header lists are cached as they were encoded: one put together from values each
+    seen before must be checked whole all the same, and an app's own Date seen each
+    time (else a second Date would go out)."""
+    StartResponse()("200 OK", [("Content-Length", "5")])
+    StartResponse()("200 OK", [("Content-Length", "3")])
+    with pytest.raises(AppError):
+        StartResponse()("200 OK", [("Content-Length", "5"), ("Content-Length", "3")])
+    for _ in range(2):
+        start = StartResponse()
+        start("200 OK", [("Date", "Tue, 01 Jan 2030 00:00:00 GMT")])
+        assert start.dated
+
+
+def test_write_takes_bytes_only():
+    write = StartResponse()("200 OK", [])
+    with pytest.raises(AppError):
+        write("text")
 
 
 def test_start_response_takes_tabs_and_latin1_in_values():
@@ -204,7 +258,7 @@ def test_start_response_takes_tabs_and_latin1_in_values():
 
 def test_start_response_exc_info():
     start = StartResponse()
-    start("200 OK", [])
+    start("200 OK", [])(b"partial")  # (buffered: nothing is sent yet)
     try:
         raise ValueError("x")
     except ValueError:
@@ -212,9 +266,18 @@ def test_start_response_exc_info():
 
         start("500 Internal Server Error", [], sys.exc_info())  # headers not sent: replaces
         assert start.code == 500
+        assert start.written == []  # the error page, not the end of another answer
         start.headers_sent = True
         with pytest.raises(ValueError):
             start("500 Internal Server Error", [], sys.exc_info())
+
+
+@pytest.mark.parametrize(
+    "value, closes",
+    [("close", True), ("Close", True), ("TE,\tclose", True), ("keep-alive, closed", False)],
+)
+def test_asks_to_close(value, closes):
+    assert asks_to_close(value) is closes
 
 
 def test_start_response_keeps_framing_to_itself():
@@ -243,6 +306,16 @@ def test_forwarded_headers_from_a_trusted_proxy():
     apply_forwarded(env, TrustedProxies(["10.0.0.0/24"]))
     assert env["REMOTE_ADDR"] == "198.51.100.1"
     assert env["wsgi.url_scheme"] == "https"
+
+
+def test_the_client_is_the_nearest_hop_no_trusted_proxy_vouches_for():
+    """A client may send its own X-Forwarded-For, which a proxy appends to: the hops to
+    its left are the client's say.  The port is the proxy's, so none is given."""
+    from django_comet.evloop.environ import apply_forwarded
+
+    env = environ(headers=[(b"X-Forwarded-For", b"6.6.6.6, 203.0.113.7")])
+    apply_forwarded(env, TrustedProxies(["10.0.0.1"]))
+    assert (env["REMOTE_ADDR"], env["REMOTE_PORT"]) == ("203.0.113.7", "")
 
 
 def test_a_forwarded_hop_that_is_no_address_leaves_the_peers():

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from django_comet.evloop.frames import sse_frame
+from django_comet.sse import EventStreamResponse, _parse_event_id
 
 from .processes import peak_rss_kib, runcomet
 from .publishing import publish, subscribed
@@ -39,6 +40,30 @@ def test_sse_frame_encoding():
         == b"id: 7\nevent: note\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
     )
     assert sse_frame(1, "bad\nname", "") == b"id: 1\nevent: badname\ndata: \n\n"
+
+
+@pytest.mark.parametrize(
+    "value, cursor",
+    [
+        (0, 0),
+        ("0", 0),
+        ("007", 7),
+        ("1" * 30, 10**20),  # past every id: nothing to replay, and no gap
+        (-1, None),
+        (True, None),
+        ("", None),
+        ("7x", None),
+        ("\u0667", None),  # a digit, but not an ASCII one
+    ],
+)
+def test_a_last_event_id_is_read_as_the_server_writes_them(value, cursor):
+    assert _parse_event_id(value) == cursor
+
+
+def test_a_retry_of_0_is_a_retry_and_one_below_is_refused():
+    assert EventStreamResponse(["retries"], retry=0)._first.startswith(b"retry: 0\n\n")
+    with pytest.raises(ValueError, match="whole number of milliseconds"):
+        EventStreamResponse(["retries"], retry=-1)
 
 
 def test_stream_headers_framing_and_multiline_data(comet):
