@@ -620,6 +620,22 @@ def test_a_streamed_answer_without_a_body_keeps_an_http10_connection_alive(
             assert b"Connection: close" not in head, head
 
 
+def test_a_head_takes_no_more_of_a_body_than_its_headers_need(wsgi_server):
+    """An endless body of small rows: a HEAD asks it for its first item (start_response
+    may come with it), then closes it, rather than reading on for bytes it drops."""
+    tag = uuid.uuid4().hex
+    out = raw(
+        wsgi_server,
+        f"HEAD /rows HTTP/1.1\r\nHost: x\r\nX-Tag: {tag}\r\n\r\n".encode(),
+        until_close=False,
+    )
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\n")
+    assert closes(wsgi_server, tag, 1) == 1
+    assert (
+        requests.get(wsgi_server.url + "/yielded", headers={"X-Tag": tag}, timeout=10).text == "1"
+    )
+
+
 def test_a_request_refused_before_the_app_has_its_access_log_line(wsgi_server):
     """Refusals of the server's own (a second Host, a control character in the target)
     left no trace in the log: probes and smuggling attempts went unseen (found by a
