@@ -24,6 +24,9 @@ def quick_stages(request):
     response = HttpResponse(b"s0;")
     response.stage = 0
     response["X-First"] = "yes"
+    response["Content-Length"] = "3"  # the first part's: not the whole stream's
+    if "buffered" in request.GET:  # the view's say over a proxy's buffering
+        response["X-Accel-Buffering"] = "yes"
     return defer_in_time(response, float(request.GET.get("delay", "0.02")), "quick_stage")
 
 

@@ -23,7 +23,15 @@ def test_staged_view_under_test_client():
     assert response.status_code == 200
     assert response.streaming
     assert response["X-First"] == "yes"
+    assert "Content-Length" not in response  # the first part's length, not the stream's
+    assert response["X-Accel-Buffering"] == "no"  # a buffering proxy would hold every stage
     assert b"".join(response.streaming_content) == b"s0;s1:lime;s2:lime;s3:lime;s4:lime;"
+
+
+def test_a_views_own_say_over_proxy_buffering_is_kept():
+    response = Client().get("/t/quick-stages/?delay=0&buffered")
+    assert response["X-Accel-Buffering"] == "yes"
+    assert b"".join(response.streaming_content).startswith(b"s0;")
 
 
 @pytest.mark.django_db
