@@ -346,6 +346,20 @@ def test_a_poll_gets_only_events_of_its_own_channels(comet_inline):
     assert [e["id"] for e in one["events"]] == [last - 1]  # never own-b's
 
 
+def test_a_channel_named_twice_is_listened_to_once(comet):
+    """Both when the poll is answered from the history and when it is woken."""
+    first = publish(comet, "twice", "a")
+    url = comet.url + f"/t/fastpoll/?channel=twice,twice&since={first - 1}"
+    assert [e["id"] for e in requests.get(url, timeout=10).json()["events"]] == [first]
+    with comet.connect() as sock:
+        request = f"GET /t/fastpoll/?channel=twice,twice&since={first}&timeout=30 HTTP/1.1\r\n"
+        sock.sendall(request.encode() + b"Host: 127.0.0.1\r\n\r\n")
+        subscribed(comet, "twice", 1)
+        second = publish(comet, "twice", "b")
+        assert [e["id"] for e in json.loads(read_body(sock))["events"]] == [second]
+    comet.wait_for_status(lambda s: s["held"] == 0)
+
+
 @pytest.fixture(scope="module")
 def bounded(demo_db):
     """A server with a 5-event history and a 64 KiB output bound."""
