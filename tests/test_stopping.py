@@ -362,11 +362,15 @@ def test_a_response_that_would_wait_during_the_stop_ends_at_once(demo_db):
         first.sendall(poll)
         server.wait_for_status(lambda s: s["held"] == 1 and s["in_flight"] >= 3)
         server.signal(signal.SIGTERM)
-        _, chunks = read_chunked(first)
+        first_file = first.makefile("rb")
+        _, chunks = read_chunked(first_file)
         assert json.loads(b"".join(chunks))["events"] == []
+        assert first_file.read() == b""  # and no next request on it: closed
         second.sendall(poll)  # polling again, during the stop
-        _, chunks = read_chunked(second)
+        second_file = second.makefile("rb")
+        head, chunks = read_chunked(second_file)
         assert json.loads(b"".join(chunks))["events"] == []
+        assert b"\r\nConnection: close\r\n" in head and second_file.read() == b""
         assert b"".join(iter(lambda: slow.recv(65536), b"")).endswith(b"slept")
         assert server.proc.wait(30) == 0
         for sock in (first, second, slow):
