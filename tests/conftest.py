@@ -82,3 +82,20 @@ def beating(demo_db):
     server = runcomet(db=demo_db, env={"TEST_SSE_HEARTBEAT": "0.3"})
     yield server
     assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def tight(demo_db):
+    """A server with a 5-event history, a 0.2 s heartbeat and a 64 KiB output bound."""
+    import os
+
+    os.environ.update(
+        TEST_HISTORY_SIZE="5", TEST_SSE_HEARTBEAT="0.2", TEST_MAX_PENDING_OUTPUT=str(64 * 1024)
+    )
+    try:
+        server = runcomet(db=demo_db)
+    finally:
+        for name in ("TEST_HISTORY_SIZE", "TEST_SSE_HEARTBEAT", "TEST_MAX_PENDING_OUTPUT"):
+            del os.environ[name]
+    yield server
+    assert server.stop() == 0
