@@ -375,3 +375,43 @@ def rss_kib(pid: int) -> int:
 def peak_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+# -- the fixture WSGI app's answers (tests/fixtureapps/apps.py) --------------------------
+
+
+def closes(server, tag: str, expected: int) -> int:
+    """How many bodies of requests sent with ``X-Tag: tag`` were closed: once that is
+    ``expected``, or after a deadline (a body may be closed just after its response is
+    out, from the thread that ran it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        count = int(requests.get(server.url + "/closed", headers={"X-Tag": tag}).content)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
+
+
+def assert_clean_hellos(sock, f):
+    """Two hellos on ``sock``: each exactly itself, no stray byte of an earlier body."""
+    for _ in range(2):
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert f.readline() == b"HTTP/1.1 200 OK\r\n"
+        while f.readline() != b"\r\n":
+            pass
+        assert f.read(13) == b"Hello, world!"
+
+
+def body_of(response: bytes) -> bytes:
+    """The body of one response read until the connection closed, de-chunked if need be."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return rest
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", "no clean end"
+            return body
+        body, rest = body + rest[:size], rest[size + 2 :]
