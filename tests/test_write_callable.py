@@ -7,8 +7,7 @@ import uuid
 import pytest
 import requests
 
-from .processes import evloop, raw, read_chunk, read_head, wait_until
-from .test_wsgi_server import closes
+from .processes import closes, evloop, raw, read_chunk, read_head, wait_until
 
 
 def test_write_callable_and_generator(wsgi_server):
