@@ -401,3 +401,31 @@ def test_what_runs_after_a_pass_runs_before_the_next_pass_of_any_kind(loop):
         os.close(readable_r)
         os.close(readable_w)
     assert order == ["after its pass", "the next pass"]
+
+
+def test_what_a_batch_queues_after_its_pass_waits_for_the_next_pass(loop):
+    """Else a callable queuing itself again would run for ever, before any timer or
+    socket."""
+    order, runs = [], []
+
+    def again():
+        runs.append(1)
+        if len(runs) < 1000:
+            loop.call_after_pass(again)
+
+    def start():
+        loop.call_later(0, lambda: order.append(len(runs)))  # due at once
+        loop.call_after_pass(again)
+        loop.call_later(0.05, loop.stop)
+
+    loop.call_soon(start)
+    loop.run()
+    assert order and order[0] <= 2  # this pass's run, perhaps the next's: not a thousand
+
+
+def test_a_closed_loop_drops_what_is_queued_after_its_pass_and_closes_once():
+    loop = Loop()
+    loop.close()
+    loop.call_after_pass(print, "never")  # dropped (it freed the event that runs them)
+    loop.close()
+    assert loop.after_pass_waiting == 0

@@ -271,7 +271,11 @@ class Loop:
         They run in libevent's pass, from an event made active behind every other that
         the pass has: before the pass hands its changes of what is watched to epoll.  A
         request read, its view run and its answer written then make one change to its
-        socket (stop reading, start writing), not two."""
+        socket (stop reading, start writing), not two.  One queued by them runs at the
+        end of the next pass; after a ``stop()``, when the loop runs again (never, once
+        closed)."""
+        if self._closed:
+            return  # (as call_soon after close: dropped)
         self._after_pass.append((callback, args))
         if not self._end_of_pass_due:
             self._end_of_pass_due = True
@@ -283,17 +287,18 @@ class Loop:
         return len(self._after_pass)
 
     def _at_end_of_pass(self, _fd: int, _what: int, _arg: Any) -> None:
-        self._end_of_pass_due = False
+        # Still due while the batch runs: what it queues waits for the next pass.
         try:
             self._run_after_pass()
-            if self._after_pass:
-                # More than a batch: the rest at the end of the next pass.  A timer due at
-                # once does it: libevent makes timers active after the sockets that a pass
-                # found ready.
-                self._end_of_pass_due = True
-                self._lib.event_add(self._end_of_pass, ctypes.byref(self._at_once))
         except BaseException as exc:
             self.failed(exc, self._at_end_of_pass)
+        if self._after_pass and not self._closed:
+            # More than a batch, or queued by it: at the end of the next pass.  A timer
+            # due at once does it: libevent makes timers active after the sockets that
+            # a pass found ready.
+            self._lib.event_add(self._end_of_pass, ctypes.byref(self._at_once))
+        else:
+            self._end_of_pass_due = False
 
     def _run_after_pass(self) -> None:
         batch = self._after_pass
@@ -398,7 +403,7 @@ class Loop:
                     keeping_gil.event_base_loop(
                         base, ev.EVLOOP_NONBLOCK | ev.EVLOOP_NO_EXIT_ON_EMPTY
                     )
-                sleeping = not sleeping and not self._after_pass  # (more than a batch)
+                sleeping = not sleeping
                 if self._fatal is not None:
                     fatal, self._fatal = self._fatal, None
                     raise fatal
@@ -425,6 +430,8 @@ class Loop:
         queued never run: dropping them releases what they hold (a file on its way out
         closes its descriptor)."""
         with self._wake_lock:  # a thread calling in late writes to no descriptor from now
+            if self._closed:
+                return
             self._closed = self._woken = True
         self._ready.clear()
         self._after_pass.clear()
