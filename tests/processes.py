@@ -293,16 +293,23 @@ def read_cut_stream(sock: socket.socket) -> tuple[bytes, bytes]:
     head, blank_line, rest = out.partition(b"\r\n\r\n")
     assert blank_line and head.startswith(b"HTTP/1.1 200 "), out[:300]
     assert b"transfer-encoding: chunked" in head.lower(), head
+    data, ended = dechunked(rest)
+    assert not ended, "a clean last chunk: the stream was not cut"
+    return head, data
+
+
+def dechunked(rest: bytes) -> tuple[bytes, bool]:
+    """A chunked body's data as far as it came, and whether its last chunk ended it."""
     data = b""
     while rest:
         size_line, crlf, rest = rest.partition(b"\r\n")
         if not crlf:
             break  # cut inside a size line
         size = int(size_line, 16)
-        assert size, "a clean last chunk: the stream was not cut"
-        data += rest[:size]
-        rest = rest[size + 2 :]
-    return head, data
+        if not size:
+            return data, rest == b"\r\n"
+        data, rest = data + rest[:size], rest[size + 2 :]
+    return data, False
 
 
 def read_head(f: BinaryIO) -> bytes:
@@ -407,11 +414,6 @@ def body_of(response: bytes) -> bytes:
     head, _, rest = response.partition(b"\r\n\r\n")
     if b"transfer-encoding: chunked" not in head.lower():
         return rest
-    body = b""
-    while True:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            assert rest == b"\r\n", "no clean end"
-            return body
-        body, rest = body + rest[:size], rest[size + 2 :]
+    body, ended = dechunked(rest)
+    assert ended, "no clean end"
+    return body
