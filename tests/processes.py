@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -336,6 +337,11 @@ def read_body(sock: socket.socket) -> bytes:
     """The body of one chunked response, its framing checked."""
     _, chunks = read_chunked(sock)
     return b"".join(chunks)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make ``sock.close()`` send a reset, as a client that vanishes does (not a FIN)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def fd_count(pid: int) -> int:

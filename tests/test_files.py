@@ -5,7 +5,6 @@ import gzip
 import io
 import os
 import socket
-import struct
 import tempfile
 import time
 
@@ -15,7 +14,7 @@ from django.core.files import File
 
 from django_comet.evloop.files import FileWrapper
 
-from .processes import fd_count, runcomet, wait_until
+from .processes import fd_count, reset_on_close, runcomet, wait_until
 from .views import pattern
 
 MIB = 1024 * 1024
@@ -117,7 +116,7 @@ def test_slow_downloads_do_not_hold_the_worker_threads(demo_db):
         assert response.status_code == 200
         assert server.status()["in_flight"] == 3  # both files still on their way, and this
         for sock in stalled:  # the clients vanish mid-file: nothing is left behind
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset_on_close(sock)
             sock.close()
         server.wait_for_status(lambda s: s["in_flight"] == 1)
         wait_until(lambda: fd_count(server.proc.pid) <= fds)
@@ -241,7 +240,7 @@ def test_the_access_log_counts_what_left_of_a_file_cut_short(comet):
         received = 0
         while received < MIB:
             received += len(sock.recv(65536))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        reset_on_close(sock)  # reset
     assert comet.logged(f'{target} HTTP/1.1" 200 ')
     line = next(line for line in comet.output if f"{target} HTTP/1.1" in line)
     logged_bytes = int(line.split('" 200 ')[1].split()[0])

@@ -9,12 +9,11 @@ copy lived)."""
 import contextlib
 import os
 import signal
-import socket
 
 import pytest
 import requests
 
-from .processes import closed_but_watched, runcomet, wait_until
+from .processes import closed_but_watched, reset_on_close, runcomet, wait_until
 from .sse_client import SSEClient
 
 
@@ -48,7 +47,7 @@ def assert_nothing_closed_is_watched(server) -> None:
 
 def reset(stream: SSEClient) -> None:
     """Close with a reset, as a client that vanishes does."""
-    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(stream.sock)
     stream.close()
 
 

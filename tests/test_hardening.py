@@ -17,6 +17,7 @@ from .processes import (
     fd_count,
     read_chunked,
     read_until_closed,
+    reset_on_close,
     rss_kib,
     runcomet,
     wait_until,
@@ -281,9 +282,7 @@ def test_storm_of_vanishing_stream_clients(comet):
         clients = [SSEClient(comet, "/t/stream/?channels=storm") for _ in range(5000)]
         comet.wait_for_status(lambda s: s["channels"].get("storm") == 5000)
         for client in clients:  # all reset at once
-            client.sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
+            reset_on_close(client.sock)
             client.close()
         status = comet.wait_for_status(lambda s: "storm" not in s["channels"] and s["held"] == 0)
         assert status["timers"] == 0
@@ -364,7 +363,7 @@ def test_a_stalled_stream_from_the_loop_thread_is_produced_only_as_it_drains(com
     with comet_inline.connect() as sock:
         sock.sendall(b"GET /t/big/?mb=64 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        reset_on_close(sock)
     comet_inline.wait_for_status(lambda s: s["in_flight"] == 1)  # only this status request
 
 

@@ -8,7 +8,14 @@ import threading
 import pytest
 import requests
 
-from .processes import read_chunked, read_cut_stream, read_until_closed, runcomet, wait_until
+from .processes import (
+    read_chunked,
+    read_cut_stream,
+    read_until_closed,
+    reset_on_close,
+    runcomet,
+    wait_until,
+)
 from .publishing import publish
 from .sse_client import SSEClient
 
@@ -277,7 +284,7 @@ def test_reset_mid_stage_cancels_it(comet):
     data = b""
     while b"first;" not in data:
         data += sock.recv(4096)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    reset_on_close(sock)
     sock.close()  # RST instead of FIN
     status = comet.wait_for_status(lambda s: s["held"] == 0)
     assert status["timers"] == 0

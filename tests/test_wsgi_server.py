@@ -2,8 +2,6 @@
 the exchange, errors, keep-alive and closing (bodies streamed: test_wsgi_streaming.py)."""
 
 import signal
-import socket
-import struct
 import uuid
 
 import pytest
@@ -15,6 +13,7 @@ from .processes import (
     evloop,
     fd_count,
     raw,
+    reset_on_close,
     wait_until,
 )
 
@@ -170,7 +169,7 @@ def test_client_vanishing_before_the_answer_costs_nothing(leaving):
             sock = server.connect()
             sock.sendall(b"GET /wait-for-release HTTP/1.1\r\nHost: x\r\nX-Tag: %b\r\n\r\n" % tag)
             if leaving == "reset":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(sock)
             sock.close()
         released = requests.get(server.url + "/release", headers={"X-Tag": tag}, timeout=10)
         assert released.status_code == 200
