@@ -295,6 +295,34 @@ def test_a_generators_item_goes_out_before_the_generator_is_asked_for_the_next(w
     assert b"second" in out
 
 
+def test_with_threads_0_an_item_goes_out_before_the_generator_is_asked_for_the_next(
+    wsgi_inline,
+):
+    """As above, in the loop thread: the app asks for its second item only once the
+    client has its first (it then waits for the client's go, on a socket of the test's:
+    the loop thread serves nothing else meanwhile)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, wsgi_inline.connect() as sock:
+        listener.settimeout(30)
+        sock.settimeout(30)  # (the app would give up waiting after 60 s)
+        port = listener.getsockname()[1]
+        sock.sendall(b"GET /first-then-signal?%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+        out = b""
+        try:
+            while b"first;" not in out:
+                more = sock.recv(65536)
+                assert more, out
+                out += more
+        finally:  # (the app is let go whatever happened: the server serves other tests)
+            app, _ = listener.accept()
+            with app:
+                app.sendall(b"g")
+        while not out.endswith(b"\r\n0\r\n\r\n"):
+            more = sock.recv(65536)
+            assert more, out
+            out += more
+    assert b"second" in out
+
+
 def test_a_generator_whose_client_left_is_closed_even_if_it_never_ends(wsgi_server):
     """An endless slow body (a heartbeat every 20 ms) whose client leaves is closed at
     its next item: no view thread stays with it."""

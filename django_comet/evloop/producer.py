@@ -22,6 +22,7 @@ from .start_response import AppError, StartResponse, carries_body
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .exchange import Exchange
+    from .loop import Loop
     from .server import WSGIApp
     from .workers import ThreadPool
 
@@ -61,6 +62,7 @@ class Producer:
 
     app: WSGIApp
     config: ServerConfig
+    loop: Loop
     _pool: ThreadPool | None
     _to_loop: Callable[..., None]
     _in_app: bool  # see interrupt.py
@@ -235,7 +237,7 @@ class Producer:
             if not pumped and type(result) is not list:  # (a list has no close())
                 self._close_body(ex, result)
         if pumped and self._pool is None:
-            self._pump(ex)
+            self._pump_after_pass(ex)  # once what this part gave has been written
 
     @staticmethod
     def _file_range(
@@ -338,9 +340,13 @@ class Producer:
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
         ``write_high_water`` bytes are unsent; ``Server._on_drained`` calls again once
-        they have left.  The body is closed when it ends, fails or its client leaves."""
+        they have left.  A lazy body (any but a list's or a tuple's) gives one item a
+        pass of the loop, which writes it before the app is asked for the next (PEP
+        3333: a generator may wait between items, and what it gave must not wait with
+        it).  The body is closed when it ends, fails or its client leaves."""
         assert isinstance(ex.pump, tuple)
         iterator = ex.pump[0]
+        lazy = type(iterator) not in _ALL_THERE
         high = self.config.write_high_water
         paused = False
         try:
@@ -367,6 +373,10 @@ class Producer:
                 if ex.pending > high:
                     paused = True  # the rest waits in the iterator, not in memory
                     return
+                if lazy:
+                    paused = True
+                    self._pump_after_pass(ex)
+                    return
         except StopNow:
             raise
         except ClientGone:  # from write(), inside the body: the response is over already
@@ -379,6 +389,13 @@ class Producer:
         finally:
             if not paused:
                 self._stop_pump(ex)
+
+    def _pump_after_pass(self, ex: Exchange) -> None:
+        self.loop.call_after_pass(self._pump_on, ex, ex.pump)
+
+    def _pump_on(self, ex: Exchange, pump: Any) -> None:
+        if ex.pump is pump:  # (not ended meanwhile: its client left, the server stopped)
+            self._pump(ex)
 
     def _stop_pump(self, ex: Exchange) -> None:
         """Loop thread: a paused body is not to go on: closed here (``--threads 0``),

@@ -4,6 +4,7 @@ import collections
 import gc
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -290,6 +291,10 @@ def app(environ, start_response):
     if path == "/first-then-wait":  # a first item, then nothing until /release
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _first_then_wait(_released(environ))
+    if path == "/first-then-signal":  # as /first-then-wait, released by the client's
+        # listener on ?PORT (with --threads 0 no other request is served meanwhile)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _first_then_signal(int(environ["QUERY_STRING"]))
     if path == "/wait-for-release":  # an answer once /release is asked with its X-Tag
         _released(environ).wait(60)
         start_response("200 OK", [("Content-Length", "6")])
@@ -352,6 +357,13 @@ def _released(environ) -> threading.Event:
 def _first_then_wait(released):
     yield b"first;"
     released.wait(60)
+    yield b"second"
+
+
+def _first_then_signal(port):
+    yield b"first;"
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.recv(1)  # the client's go (or its close)
     yield b"second"
 
 
