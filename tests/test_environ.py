@@ -149,6 +149,17 @@ def test_a_head_with_a_body_of_any_length_is_refused_and_one_of_zeros_is_not(met
         check_request(method, b"/", (1, 1), [(b"Host", b"a"), (b"Content-Length", length)])
 
 
+@pytest.mark.parametrize("value", [b"abc\x1b[2Jdef", b"\x01", b"a\x0bb", b"a\x7f", b"a\rb"])
+def test_a_header_value_with_a_control_character_is_refused(value):
+    """start_response refuses them in a response header: an app echoing a request's
+    value failed, a 500 logged as the app's error, for the client's mistake (found by a
+    PEP 3333 differential review; gunicorn and waitress answer 400)."""
+    with pytest.raises(BadRequest, match="control character") as info:
+        check_request("GET", b"/", (1, 1), [(b"Host", b"a"), (b"X-Request-Id", value)])
+    assert info.value.status == 400
+    check_request("GET", b"/", (1, 1), [(b"Host", b"a"), (b"X-Request-Id", b"a\tb \xe9")])
+
+
 @pytest.mark.parametrize("target", [b"/caf\xc3\xa9", b"/?q=\xff", b"/\x7f"])
 def test_a_target_that_is_not_ascii_is_refused(target):
     """Raw UTF-8 reached Django decoded as UTF-8, where gunicorn and waitress answer 400

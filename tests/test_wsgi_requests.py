@@ -221,3 +221,14 @@ def test_an_absolute_form_target_keeps_the_connection_alive(wsgi_server):
 def test_an_absolute_form_target_without_a_valid_host_is_a_400(wsgi_server, target):
     out = raw(wsgi_server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400 "), out
+
+
+def test_a_header_value_with_a_control_character_gets_a_400_and_the_next_request_an_answer(
+    wsgi_server,
+):
+    out = raw(
+        wsgi_server,
+        b"GET /environ HTTP/1.1\r\nHost: x\r\nX-Request-Id: abc\x1b[2Jdef\x01\r\n\r\n",
+    )
+    assert out.startswith(b"HTTP/1.1 400 Invalid header value (a control character)")
+    assert requests.get(wsgi_server.url + "/hello", timeout=10).status_code == 200

@@ -18,6 +18,11 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # byte over 0x7f (a URI is ASCII: browsers percent-encode the rest; taken raw, Django
 # decodes it as UTF-8 where a proxy may have read it otherwise).
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+# Not in a field value (RFC 9110 5.5): a control character other than a tab.  CR and LF
+# must be refused; the others may be kept, but an app that echoes such a value (a
+# request id into a response header) would then fail in start_response, which refuses
+# them, and the client's mistake would be logged as the app's error.
+_NOT_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Host = uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal in brackets,
 # or a reg-name (an IPv4 address is one) of unreserved, percent-encoded and sub-delims.
 _HOST = re.compile(
@@ -110,6 +115,8 @@ def check_request(
             lname = name.lower()
             if len(_LOWER_NAMES) < 1000:
                 _LOWER_NAMES[name] = lname
+        if _NOT_IN_VALUE.search(value):
+            raise BadRequest("Invalid header value (a control character)")
         if lname == b"host":
             hosts += 1
             if value not in _GOOD_HOSTS:
