@@ -338,6 +338,38 @@ def test_a_thread_pool_stands_in_spares_then_retires_them():
     assert left == [*first, spare]  # and at shutdown, each thread
 
 
+def test_a_thread_pool_relieves_threads_streaming_bodies_while_calls_wait():
+    """A thread streaming a body (a generator that may wait between items) gets a spare
+    in its place once a call waits with no thread free, and leaves once its body is
+    over; with no thread streaming, or one free, no spare starts."""
+    pool = ThreadPool(1, spares=2)
+    release, streaming = threading.Event(), threading.Event()
+
+    def streams():
+        with pool.in_body():
+            streaming.set()
+            release.wait(10)
+
+    try:
+        done = threading.Event()
+        pool.submit(done.set)
+        assert done.wait(10) and pool.size == 1  # a thread was free: no spare
+        pool.submit(streams)
+        assert streaming.wait(10)
+        done = threading.Event()
+        pool.submit(done.set)
+        assert done.wait(10)  # served by the spare while the body goes on
+        assert pool.size == 2
+        release.set()
+        wait_until(lambda: pool.size == 1)  # the streaming thread left
+        done = threading.Event()
+        pool.submit(done.set)
+        assert done.wait(10) and pool.size == 1
+    finally:
+        release.set()
+        pool.shutdown(10)
+
+
 def test_a_spare_that_cannot_start_leaves_the_pool_as_it_was(monkeypatch):
     pool = ThreadPool(1, spares=2)
     answers = []

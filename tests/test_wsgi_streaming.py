@@ -323,6 +323,40 @@ def test_with_threads_0_an_item_goes_out_before_the_generator_is_asked_for_the_n
     assert b"second" in out
 
 
+def test_bodies_that_wait_between_items_do_not_hold_every_view_thread():
+    """A generator that waits between its items (an event stream of its own, 20 ms a
+    tick here) holds the thread that iterates it: with as many as there are threads,
+    no other request was answered.  Spares take their places while requests wait (4
+    per thread), and past them the log says why requests wait (found by a review
+    against runserver, which starts a thread per request)."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "1")
+    tag = uuid.uuid4().hex.encode()
+    socks = []
+    try:
+        for n in range(5):  # the thread and its 4 spares, each streaming
+            sock = server.connect()
+            sock.sendall(b"GET /ticks HTTP/1.1\r\nHost: x\r\nX-Tag: %b\r\n\r\n" % tag)
+            socks.append(sock)
+            out = b""
+            while b"tick" not in out:
+                more = sock.recv(65536)
+                assert more, out
+                out += more
+            if n < 4:  # a spare is left
+                assert requests.get(server.url + "/hello", timeout=10).status_code == 200
+        with server.connect() as sock:  # no spare left: it waits, and the log says why
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert server.logged("every view thread and spare is busy, 5 of them streaming")
+            for stream in socks:
+                stream.close()
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert closes(server, tag.decode(), 5) == 5
+    finally:
+        for sock in socks:
+            sock.close()
+        assert server.stop() == 0
+
+
 def test_a_generator_whose_client_left_is_closed_even_if_it_never_ends(wsgi_server):
     """An endless slow body (a heartbeat every 20 ms) whose client leaves is closed at
     its next item: no view thread stays with it."""

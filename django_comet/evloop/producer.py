@@ -281,12 +281,16 @@ class Producer:
         left, it holds a view thread, and is cut once its client has kept it waiting
         the write timeout in all (bytes that keep leaving, however slowly, keep
         libevent's own write timeout from firing: a few such clients would hold every
-        view thread)."""
-        for data in iterator:
-            if not isinstance(data, bytes):
-                raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
-            if not self._pass_on(ex, data):
-                return
+        view thread).  A spare also takes its place while views wait with no thread
+        free, as a generator may wait between items as long as it likes
+        (``ThreadPool.in_body``)."""
+        assert self._pool is not None
+        with self._pool.in_body():
+            for data in iterator:
+                if not isinstance(data, bytes):
+                    raise AppError(f"response iterable yielded {type(data).__name__}, not bytes")
+                if not self._pass_on(ex, data):
+                    return
         self._to_loop(self._end, ex)
 
     def _pass_on(self, ex: Exchange, data: bytes) -> bool:

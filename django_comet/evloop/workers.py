@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _STOP = object()
+STUCK_LOG_EVERY = 60.0  # seconds between two warnings that bodies hold every thread
 
 logger = logging.getLogger("django_comet.server")
 
@@ -42,7 +44,10 @@ class ThreadPool:
         self.last_take = self._waiting_since = time.monotonic()
         self._closed = False
         self._start_failed = False  # (logged once)
-        self._stepping_aside = threading.local()
+        self._aside: set[int] = set()  # threads that leave once their call is over
+        self._in_bodies: set[int] = set()  # threads streaming a body (see in_body)
+        self._idle = 0  # threads waiting for a call
+        self._stuck_said = 0.0  # when the pool last logged that bodies hold it all
         self._threads: list[threading.Thread] = []
         for _ in range(size):
             self._start_thread()
@@ -58,21 +63,66 @@ class ThreadPool:
         thread takes calls in its place meanwhile, while there are spares left, and this
         thread leaves the pool once its call is over.  True: a spare stands in (asked
         again in the same call, still True); False: the call waits holding its place."""
-        if getattr(self._stepping_aside, "yes", False):
+        me = threading.get_ident()
+        if me in self._aside:
             return True
         with self._lock:
-            if self._spares_left <= 0 or self._closed:
-                return False
-            try:
-                self._start_thread()
-            except RuntimeError as exc:  # "can't start new thread": memory, a pids limit
-                if not self._start_failed:
-                    self._start_failed = True
-                    logger.warning("Could not start a spare view thread (%s)", exc)
-                return False
-            self._spares_left -= 1
-        self._stepping_aside.yes = True
+            return self._start_spare_for(me)
+
+    def _start_spare_for(self, thread: int) -> bool:  # (under the lock)
+        if self._spares_left <= 0 or self._closed:
+            return False
+        try:
+            self._start_thread()
+        except RuntimeError as exc:  # "can't start new thread": memory, a pids limit
+            if not self._start_failed:
+                self._start_failed = True
+                logger.warning("Could not start a spare view thread (%s)", exc)
+            return False
+        self._spares_left -= 1
+        self._aside.add(thread)
         return True
+
+    @contextlib.contextmanager
+    def in_body(self) -> Iterator[None]:
+        """Worker thread: its call goes on iterating a response's body, whose first
+        bytes have gone out.  A generator may wait between items as long as it likes (a
+        stream of its own, a slow query's rows), so while calls wait with no thread
+        free, a spare takes calls in the place of such a thread (``relieve``), as for a
+        call waiting on its client (``stand_in``): a few bodies that wait no longer hold
+        every view thread."""
+        me = threading.get_ident()
+        self._in_bodies.add(me)
+        try:
+            if self._queue.qsize() and not self._idle:
+                self._relieve()
+            yield
+        finally:
+            self._in_bodies.discard(me)
+
+    def _relieve(self) -> None:
+        """Calls wait and no thread is free: a spare takes the place of a thread that is
+        streaming a body, if there is one not relieved yet and a spare is left."""
+        with self._lock:
+            if self._idle:
+                return
+            streaming = self._in_bodies - self._aside
+            if not streaming:
+                return
+            if self._start_spare_for(next(iter(streaming))):
+                return
+            now = time.monotonic()
+            if self._closed or now - self._stuck_said < STUCK_LOG_EVERY:
+                return
+            self._stuck_said = now
+            streaming = set(self._in_bodies)
+        logger.warning(
+            "Requests wait: every view thread and spare is busy, %d of them streaming a "
+            "response body. A body that waits between items (a stream of its own) holds a "
+            "thread for as long as it runs: see --threads, and EventStreamResponse, which "
+            "holds none",
+            len(streaming),
+        )
 
     def _start_thread(self) -> None:  # (under the lock, or before the pool is shared)
         thread = threading.Thread(
@@ -103,13 +153,20 @@ class ThreadPool:
         if not self._queue.qsize():  # (approximate: a thread may be taking the last one)
             self._waiting_since = time.monotonic()
         self._queue.put((fn, args))
+        if self._in_bodies and not self._idle:
+            self._relieve()
 
     def _work(self) -> None:
         get, before_each = self._queue.get, self._before_each
+        lock, me = self._lock, threading.get_ident()
         while True:
             if before_each is not None:
                 before_each()
+            with lock:
+                self._idle += 1
             item = get()
+            with lock:
+                self._idle -= 1
             self.last_take = time.monotonic()
             if item is _STOP:
                 self._exiting()
@@ -119,8 +176,9 @@ class ThreadPool:
                 fn(*args)
             except BaseException:  # a thread that died would shrink the pool for good
                 logger.exception("Uncaught error in worker thread running %r", fn)
-            if getattr(self._stepping_aside, "yes", False):  # a spare took its place
-                with self._lock:
+            if me in self._aside:  # a spare took its place
+                with lock:
+                    self._aside.discard(me)
                     if not self._closed:
                         self._spares_left += 1
                     self._threads.remove(threading.current_thread())
