@@ -113,7 +113,12 @@ class Stopping:
             return
         self._draining = True
         grace = self.config.grace if grace is None else grace
-        logger.warning("%s: no new connections; responses in flight have up to %g s.", what, grace)
+        logger.warning(
+            "%s: no new connections; responses in flight have up to %g s "
+            "(a second Ctrl-C stops at once).",
+            what,
+            grace,
+        )
         self._lib.evconnlistener_disable(self._listener)
         bound, self._bound = self._bound, None
         self.sock.detach()
