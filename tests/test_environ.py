@@ -2,6 +2,7 @@
 
 import pytest
 
+from django_comet.evloop import start_response
 from django_comet.evloop.environ import EnvironBuilder, split_target
 from django_comet.evloop.proxies import TrustedProxies
 from django_comet.evloop.request_checks import BadRequest, Limits, check_request
@@ -291,7 +292,11 @@ def test_asks_to_close(value, closes):
     assert asks_to_close(value) is closes
 
 
-def test_start_response_keeps_framing_to_itself():
+def test_start_response_keeps_framing_to_itself(caplog, monkeypatch):
+    """An app's hop-by-hop headers are dropped, and said once each: a Transfer-Encoding
+    of a body the app chunked itself went out silently as part of the content (found
+    by a PEP 3333 differential review)."""
+    monkeypatch.setattr(start_response, "_dropped_said", set())
     start = StartResponse()
     start(
         "200 OK",
@@ -306,6 +311,11 @@ def test_start_response_keeps_framing_to_itself():
     assert start.encoded == [(b"X-Mine", b"v")]
     assert start.length == 5
     assert start.close is True
+    said = [r.getMessage() for r in caplog.records if "was dropped" in r.getMessage()]
+    assert len(said) == 2
+    assert "'transfer-encoding' header ('chunked') was dropped" in said[1]
+    StartResponse()("200 OK", [("Transfer-Encoding", "chunked")])
+    assert len([r for r in caplog.records if "was dropped" in r.getMessage()]) == 2
 
 
 def test_forwarded_headers_from_a_trusted_proxy():

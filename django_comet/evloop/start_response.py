@@ -6,6 +6,7 @@ Pure: nothing here touches a socket or libevent, so all of it is tested in memor
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,23 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+
+
+logger = logging.getLogger("django_comet.server")
+_dropped_said: set[str] = set()  # hop-by-hop header names dropped and logged
+
+
+def _say_dropped(lname: str, value: str) -> None:
+    """Once per header name: an app's Transfer-Encoding (a body it chunked itself, a
+    proxy view passing an upstream's on) would otherwise vanish without a word."""
+    if lname not in _dropped_said and len(_dropped_said) < len(HOP_BY_HOP):
+        _dropped_said.add(lname)
+        logger.warning(
+            "The application's %r header (%r) was dropped: hop-by-hop headers are the "
+            "server's (PEP 3333), which frames the body itself (logged once)",
+            lname,
+            value,
+        )
 
 
 # Responses that never carry a body (RFC 9110 6.4.1), whatever the app iterates.
@@ -187,7 +205,10 @@ class StartResponse:
                 length = int(digits)
                 known = (_LENGTH, length, b"")
             elif lname in HOP_BY_HOP:
-                close = close or (lname == "connection" and asks_to_close(value))
+                if lname == "connection":
+                    close = close or asks_to_close(value)
+                else:
+                    _say_dropped(lname, value)
                 continue  # (not kept: rare, and one that closes must be seen each time)
             else:
                 pair = (bname, _latin1(value, name))
