@@ -295,22 +295,33 @@ def test_a_generators_item_goes_out_before_the_generator_is_asked_for_the_next(w
     assert b"second" in out
 
 
+@pytest.mark.parametrize(
+    ("path", "before"),
+    [
+        (b"/first-then-signal?%d", b"first;"),
+        (b"/big-item-then-signal?%d,102400", b"B;"),  # (more than libevent writes at once)
+        (b"/big-item-then-signal?%d,2097152", b"B;"),  # (past the high-water mark)
+    ],
+    ids=["small", "100KiB", "2MiB"],
+)
 def test_with_threads_0_an_item_goes_out_before_the_generator_is_asked_for_the_next(
-    wsgi_inline,
+    wsgi_inline, path, before
 ):
-    """As above, in the loop thread: the app asks for its second item only once the
-    client has its first (it then waits for the client's go, on a socket of the test's:
-    the loop thread serves nothing else meanwhile)."""
+    """As above, in the loop thread: the app asks for its next item only once the
+    client has all of the one before (it then waits for the client's go, on a socket of
+    the test's: the loop thread serves nothing else meanwhile).  The loop used to ask
+    for items until 1 MiB was unsent before it wrote any, and then, one item a pass,
+    wrote no more than 16 KiB of one before asking (found by reviews)."""
     with socket.create_server(("127.0.0.1", 0)) as listener, wsgi_inline.connect() as sock:
         listener.settimeout(30)
         sock.settimeout(30)  # (the app would give up waiting after 60 s)
         port = listener.getsockname()[1]
-        sock.sendall(b"GET /first-then-signal?%d HTTP/1.1\r\nHost: x\r\n\r\n" % port)
+        sock.sendall(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % (path % port))
         out = b""
         try:
-            while b"first;" not in out:
-                more = sock.recv(65536)
-                assert more, out
+            while before not in out:
+                more = sock.recv(1 << 20)
+                assert more, out[-100:]
                 out += more
         finally:  # (the app is let go whatever happened: the server serves other tests)
             app, _ = listener.accept()
@@ -321,6 +332,34 @@ def test_with_threads_0_an_item_goes_out_before_the_generator_is_asked_for_the_n
             assert more, out
             out += more
     assert b"second" in out
+
+
+def test_with_threads_0_bodies_streaming_at_full_speed_leave_the_loop_to_the_others():
+    """70 endless bodies of small items, each written as it comes: the loop thread
+    pumping them still accepts and answers other requests (it pumped each a while, then
+    waited for its bytes to leave, serving the others meanwhile).  An earlier version
+    queued a pump for each drain too, and stopped accepting until the bodies ended
+    (found by a review)."""
+    server = evloop("tests.fixtureapps.apps:dispatch", "--threads", "0")
+    tag = uuid.uuid4().hex
+    socks = []
+    try:
+        for _ in range(70):
+            sock = server.connect()
+            sock.sendall(f"GET /rows HTTP/1.1\r\nHost: x\r\nX-Tag: {tag}\r\n\r\n".encode())
+            socks.append(sock)
+        for sock in socks:  # each is streaming
+            sock.settimeout(30)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        for _ in range(3):  # (new connections: accepting goes on)
+            assert requests.get(server.url + "/hello", timeout=30).text == "Hello, world!"
+        for sock in socks:
+            sock.close()
+        assert closes(server, tag, 70) == 70
+    finally:
+        for sock in socks:
+            sock.close()
+        assert server.stop() == 0
 
 
 def test_bodies_that_wait_between_items_do_not_hold_every_view_thread():
@@ -346,7 +385,7 @@ def test_bodies_that_wait_between_items_do_not_hold_every_view_thread():
                 assert requests.get(server.url + "/hello", timeout=10).status_code == 200
         with server.connect() as sock:  # no spare left: it waits, and the log says why
             sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert server.logged("every view thread and spare is busy, 5 of them streaming")
+            assert server.logged("Requests wait for a view thread: 5 threads are streaming")
             for stream in socks:
                 stream.close()
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")

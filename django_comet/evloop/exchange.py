@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class Exchange:
     __slots__ = (
+        "awaiting_drain",
         "bev",
         "close_at_end",
         "code",
@@ -67,6 +68,9 @@ class Exchange:
         self.stage_due: Due | None = None  # held for a time: the tick of its next stage
         self.bev: int | None = None  # set while held: its read timeout is lifted
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
+        # streaming: a chunk went to evhttp with Responder._on_drained to call once the
+        # connection's output is empty (evhttp keeps that callback set afterwards)
+        self.awaiting_drain = False
         # A streamed body paused while its unsent bytes leave: its rest, for the loop
         # thread to pump (--threads 0), or where its worker waits to go on.
         self.pump: tuple[Iterator[bytes], Iterable[bytes]] | DrainGate | None = None

@@ -52,6 +52,10 @@ CROWDED_WAIT = 1.0
 # line and CRLF), counted in its unsent bytes: a body of tiny items holds its bound too.
 CHUNK_FRAMING = 8
 
+# --threads 0: bytes of a lazy body pumped in a row, each item written to its socket at
+# once, before the loop thread waits for them to leave and serves the others meanwhile.
+PUMP_BUDGET = 64 * 1024
+
 # Iterators of bodies whose every item is there already: iterating them never waits.
 _ALL_THERE: tuple[type, ...] = (type(iter([])), type(iter(())))
 
@@ -236,8 +240,8 @@ class Producer:
         finally:
             if not pumped and type(result) is not list:  # (a list has no close())
                 self._close_body(ex, result)
-        if pumped and self._pool is None:
-            self._pump_after_pass(ex)  # once what this part gave has been written
+        if pumped and self._pool is None and not ex.awaiting_drain:
+            self._pump(ex)  # (else once the first part has left: Responder._on_drained)
 
     @staticmethod
     def _file_range(
@@ -343,15 +347,20 @@ class Producer:
 
     def _pump(self, ex: Exchange) -> None:
         """Loop thread (``--threads 0``): iterate a streamed body until more than
-        ``write_high_water`` bytes are unsent; ``Server._on_drained`` calls again once
-        they have left.  A lazy body (any but a list's or a tuple's) gives one item a
-        pass of the loop, which writes it before the app is asked for the next (PEP
-        3333: a generator may wait between items, and what it gave must not wait with
-        it).  The body is closed when it ends, fails or its client leaves."""
+        ``write_high_water`` bytes are unsent; ``Responder._on_drained`` calls again once
+        they have left.
+
+        A lazy body (any but a list's or a tuple's) may wait between items, and what it
+        gave must not wait with it (PEP 3333, "Buffering and Streaming"): each item is
+        written to the socket before the next is asked for, or, when the socket takes
+        less than all of it (a slow client, or more than ``PUMP_BUDGET`` bytes pumped
+        in a row, where the loop's other connections get their turn), the next is asked
+        for once the rest has left.  The body is closed when it ends, fails or its
+        client leaves."""
         assert isinstance(ex.pump, tuple)
         iterator = ex.pump[0]
         lazy = type(iterator) not in _ALL_THERE
-        high = self.config.write_high_water
+        budget = PUMP_BUDGET
         paused = False
         try:
             while True:
@@ -370,16 +379,17 @@ class Producer:
                 if not data:
                     continue
                 ex.pending += len(data) + CHUNK_FRAMING
-                if not self._send_chunk(ex, data):  # gone, or past its Content-Length
+                budget -= len(data)
+                if lazy:
+                    sent = self._send_chunk(ex, data, then_drain=True, flush=budget > 0)
+                else:
+                    sent = self._send_chunk(ex, data)
+                if not sent:  # gone, or past its Content-Length
                     if not ex.dead:
                         self._end(ex)
                     break
-                if ex.pending > high:
+                if ex.awaiting_drain:
                     paused = True  # the rest waits in the iterator, not in memory
-                    return
-                if lazy:
-                    paused = True
-                    self._pump_after_pass(ex)
                     return
         except StopNow:
             raise
@@ -393,13 +403,6 @@ class Producer:
         finally:
             if not paused:
                 self._stop_pump(ex)
-
-    def _pump_after_pass(self, ex: Exchange) -> None:
-        self.loop.call_after_pass(self._pump_on, ex, ex.pump)
-
-    def _pump_on(self, ex: Exchange, pump: Any) -> None:
-        if ex.pump is pump:  # (not ended meanwhile: its client left, the server stopped)
-            self._pump(ex)
 
     def _stop_pump(self, ex: Exchange) -> None:
         """Loop thread: a paused body is not to go on: closed here (``--threads 0``),

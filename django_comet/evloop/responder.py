@@ -9,6 +9,7 @@ hand-over; what it would not send (a HEAD's, a 304's) must never be put there.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from email.utils import formatdate
@@ -257,7 +258,13 @@ class Responder:
             self._end(ex)
 
     def _begin_chunked(
-        self, ex: Exchange, start: StartResponse, chunks: list[bytes], *, keep_length: bool
+        self,
+        ex: Exchange,
+        start: StartResponse,
+        chunks: list[bytes],
+        *,
+        keep_length: bool,
+        then_drain: bool = False,
     ) -> bool:
         """Send the head and first chunk; False (and released) if the client is gone."""
         assert ex.req is not None
@@ -285,14 +292,17 @@ class Responder:
         if not ex.deferred:
             self._stop_reading(ex)
         if chunks:
-            self._send_chunk(ex, b"".join(chunks))
+            self._send_chunk(ex, b"".join(chunks), then_drain=then_drain, flush=then_drain)
         return True
 
     def _start_stream(self, ex: Exchange, start: StartResponse, chunks: list[bytes]) -> None:
         if ex.dead:
             return self._drop(ex)
         ex.state = "streaming"
-        self._begin_chunked(ex, start, chunks, keep_length=True)
+        # With --threads 0 the loop thread asks the body for more once this has left
+        # (Producer._pump): written at once, or awaited.
+        inline = self._pool is None
+        self._begin_chunked(ex, start, chunks, keep_length=True, then_drain=inline)
 
     def _start_deferred(
         self, ex: Exchange, start: StartResponse, chunks: list[bytes], deferral: AnyDeferral
@@ -387,8 +397,12 @@ class Responder:
         self._stop_pump(ex)
         self._abort(ex)
 
-    def _send_chunk(self, ex: Exchange, data: bytes) -> bool:
-        """Hand ``data`` to evhttp as the next chunk; False if none of it can go."""
+    def _send_chunk(
+        self, ex: Exchange, data: bytes, *, then_drain: bool = False, flush: bool = False
+    ) -> bool:
+        """Hand ``data`` to evhttp as the next chunk; False if none of it can go.
+        ``then_drain``: ``_on_drained`` is to be called once it has left (``--threads 0``
+        pumping a body), unless ``flush`` writes all of it to the socket at once."""
         # The buffer is shared by every response, and evhttp leaves in it what it would
         # not send (a HEAD's or a 304's body, a gone client's): never hand such bytes over.
         if ex.dead or ex.req is None or not carries_body(ex.method, ex.code):
@@ -409,7 +423,11 @@ class Responder:
         lib = self._lib
         size = len(data)
         chunking = ex.limit is None and ex.protocol == "HTTP/1.1"
-        drained_cb = ex.pump is not None and ex.pending > self.config.write_high_water
+        drained_cb = then_drain or (
+            ex.pump is not None and ex.pending > self.config.write_high_water
+        )
+        if size <= SMALL_CHUNK and flush and self._write_at_once(ex, data, chunking):
+            return True
         if size <= SMALL_CHUNK and not drained_cb:
             # Straight into the connection's output buffer, framed here, as held
             # responses' parts are: small items share its blocks.  Handed to evhttp,
@@ -437,8 +455,72 @@ class Responder:
             lib.evhttp_send_reply_chunk(ex.req, self._buf)
         if not ex.deferred:
             self._stop_reading(ex)
-        self._check_handed_over(ex)
+        refused = self._check_handed_over(ex)
+        ex.awaiting_drain = drained_cb and not refused
+        if flush and ex.awaiting_drain and self._flush(ex):
+            ex.awaiting_drain = False  # (then evhttp has nothing to write, nor to call)
+            ex.pending = 0
         return True
+
+    def _write_at_once(self, ex: Exchange, data: bytes, chunking: bool) -> bool:
+        """A small item of a body pumped with ``--threads 0``, written to the socket by
+        this thread, with no call into libevent but a look at the output, when nothing
+        is queued before it: one system call.  What the socket does not take goes to
+        evhttp, with ``_on_drained`` to call once it has left (then the pump goes on).
+        False: something is queued (the item goes after it, the usual way)."""
+        lib = self._lib
+        bev = ex.conn
+        if not bev:
+            assert ex.req is not None
+            evcon = RequestStruct.from_address(ex.req).evcon
+            if not evcon:
+                return False
+            bev = lib.evhttp_connection_get_bufferevent(evcon)
+        if lib.evbuffer_get_length(lib.bufferevent_get_output(bev)):
+            return False
+        framed = chunked(data) if chunking else data
+        try:
+            written = os.write(lib.bufferevent_getfd(bev), framed)
+        except OSError:  # (full, or the client gone: libevent finds out and says so)
+            written = 0
+        ex.sent += len(data)
+        ex.framing += len(framed) - len(data)
+        if written == len(framed):
+            ex.awaiting_drain = False
+            ex.pending = 0
+            return True
+        # The rest, already framed, through evhttp (which frames what the request says
+        # is chunked: not this), to be told once it has left.
+        assert ex.req is not None
+        r = RequestStruct.from_address(ex.req)
+        bits = r.bits
+        rest = framed[written:]
+        lib.evbuffer_add(self._buf, rest, len(rest))
+        r.bits = bits & ~REQUEST_CHUNKED
+        try:
+            lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+        finally:
+            r.bits = bits
+        if not ex.deferred:
+            self._stop_reading(ex)
+        ex.awaiting_drain = not self._check_handed_over(ex)
+        return True
+
+    def _flush(self, ex: Exchange) -> bool:
+        """Write what the connection's output holds to its socket now; whether all of it
+        went.  What the socket does not take (its buffer is full) libevent writes once
+        it can, as always."""
+        lib = self._lib
+        bev = ex.conn
+        if not bev:
+            assert ex.req is not None
+            evcon = RequestStruct.from_address(ex.req).evcon
+            if not evcon:
+                return False
+            bev = lib.evhttp_connection_get_bufferevent(evcon)
+        out = lib.bufferevent_get_output(bev)
+        lib.evbuffer_write(out, lib.bufferevent_getfd(bev))
+        return not lib.evbuffer_get_length(out)
 
     def _send_part(self, ex: Exchange, data: bytes) -> None:
         """A held response's next part (a stage's content, a stream's frame, a long-poll's
@@ -465,18 +547,25 @@ class Responder:
         if ex.conn:
             self._lib.bufferevent_disable(ex.conn, ev.EV_READ)
 
-    def _check_handed_over(self, ex: Exchange) -> None:
+    def _check_handed_over(self, ex: Exchange) -> bool:
         """The shared buffer must be empty after each hand-over: bytes evhttp refused
-        would otherwise go out in the next response, to whichever client that is."""
+        would otherwise go out in the next response, to whichever client that is.
+        Whether it refused some."""
         left = self._lib.evbuffer_get_length(self._buf)
         if left:
             self._lib.evbuffer_drain(self._buf, left)
             logger.error("%s %s: evhttp refused %d bytes; dropped", ex.method, ex.path, left)
+        return bool(left)
 
     def _on_drained(self, _evcon: int, key: int) -> None:
         ex = self._exchanges.get(key)
-        if ex is None or ex.pump is None:
-            return  # (small chunks written since leave evhttp's callback set: not paused)
+        if ex is None or not ex.awaiting_drain:
+            # evhttp leaves its callback set: it is called again whenever the output
+            # empties after other writes (small chunks, items written at once).
+            return
+        ex.awaiting_drain = False
+        if ex.pump is None:
+            return  # (the first part of a body that write() began: the app goes on)
         ex.pending = 0
         if isinstance(ex.pump, tuple):  # (--threads 0)
             self._pump(ex)

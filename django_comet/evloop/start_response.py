@@ -48,7 +48,7 @@ def _say_dropped(lname: str, value: str) -> None:
         _dropped_said.add(lname)
         logger.warning(
             "The application's %r header (%r) was dropped: hop-by-hop headers are the "
-            "server's (PEP 3333), which frames the body itself (logged once)",
+            "server's to send (PEP 3333; logged once)",
             lname,
             value,
         )

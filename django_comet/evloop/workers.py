@@ -117,10 +117,10 @@ class ThreadPool:
             self._stuck_said = now
             streaming = set(self._in_bodies)
         logger.warning(
-            "Requests wait: every view thread and spare is busy, %d of them streaming a "
-            "response body. A body that waits between items (a stream of its own) holds a "
-            "thread for as long as it runs: see --threads, and EventStreamResponse, which "
-            "holds none",
+            "Requests wait for a view thread: %d threads are streaming response bodies, "
+            "and no spare thread can take their places. A body that waits between items "
+            "(a stream of its own) holds a thread for as long as it runs: see --threads, "
+            "and EventStreamResponse, which holds none",
             len(streaming),
         )
 
@@ -160,14 +160,18 @@ class ThreadPool:
         get, before_each = self._queue.get, self._before_each
         lock, me = self._lock, threading.get_ident()
         while True:
+            with lock:
+                self._idle += 1  # (from here on: about to take a call)
             if before_each is not None:
                 before_each()
-            with lock:
-                self._idle += 1
             item = get()
             with lock:
                 self._idle -= 1
             self.last_take = time.monotonic()
+            if self._in_bodies and self._queue.qsize() and not self._idle:
+                # More calls wait, and this thread took the one a free thread was
+                # counted for when they came: no submit will look again.
+                self._relieve()
             if item is _STOP:
                 self._exiting()
                 return

@@ -295,6 +295,10 @@ def app(environ, start_response):
         # listener on ?PORT (with --threads 0 no other request is served meanwhile)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _first_then_signal(int(environ["QUERY_STRING"]))
+    if path == "/big-item-then-signal":  # ?PORT,SIZE: a first item, then SIZE bytes, then
+        port, size = map(int, environ["QUERY_STRING"].split(","))  # as above
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _first_then_signal(port, b"B" * size + b";")
     if path == "/wait-for-release":  # an answer once /release is asked with its X-Tag
         _released(environ).wait(60)
         start_response("200 OK", [("Content-Length", "6")])
@@ -360,8 +364,10 @@ def _first_then_wait(released):
     yield b"second"
 
 
-def _first_then_signal(port):
+def _first_then_signal(port, then=b""):
     yield b"first;"
+    if then:
+        yield then
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.recv(1)  # the client's go (or its close)
     yield b"second"
