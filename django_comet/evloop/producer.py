@@ -53,8 +53,11 @@ CROWDED_WAIT = 1.0
 CHUNK_FRAMING = 8
 
 # --threads 0: bytes of a lazy body pumped in a row, each item written to its socket at
-# once, before the loop thread waits for them to leave and serves the others meanwhile.
+# once, before the loop thread waits for them to leave and serves the others meanwhile;
+# an item counts at least PUMP_ITEM_COST (its system call and its Python: 65,536 items
+# of a byte each held the loop for a second).
 PUMP_BUDGET = 64 * 1024
+PUMP_ITEM_COST = 256
 
 # Iterators of bodies whose every item is there already: iterating them never waits.
 _ALL_THERE: tuple[type, ...] = (type(iter([])), type(iter(())))
@@ -379,7 +382,7 @@ class Producer:
                 if not data:
                     continue
                 ex.pending += len(data) + CHUNK_FRAMING
-                budget -= len(data)
+                budget -= max(len(data), PUMP_ITEM_COST)
                 if lazy:
                     sent = self._send_chunk(ex, data, then_drain=True, flush=budget > 0)
                 else:

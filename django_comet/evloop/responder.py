@@ -519,7 +519,13 @@ class Responder:
                 return False
             bev = lib.evhttp_connection_get_bufferevent(evcon)
         out = lib.bufferevent_get_output(bev)
-        lib.evbuffer_write(out, lib.bufferevent_getfd(bev))
+        # (Its front is frozen to any writer but the bufferevent's own: thawed for this
+        # one, as in _abort.  Frozen, evbuffer_write wrote nothing once libevent had.)
+        lib.evbuffer_unfreeze(out, 1)
+        try:
+            lib.evbuffer_write(out, lib.bufferevent_getfd(bev))
+        finally:
+            lib.evbuffer_freeze(out, 1)
         return not lib.evbuffer_get_length(out)
 
     def _send_part(self, ex: Exchange, data: bytes) -> None:
