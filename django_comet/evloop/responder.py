@@ -433,12 +433,9 @@ class Responder:
             # responses' parts are: small items share its blocks.  Handed to evhttp,
             # each took a block of its own, 1 KiB or more: a body of small items to a
             # client that reads slowly held a thousand times its unsent bytes.
-            bev = ex.conn
+            bev = self._bufferevent_of(ex)
             if not bev:
-                evcon = RequestStruct.from_address(ex.req).evcon
-                if not evcon:
-                    return False
-                bev = lib.evhttp_connection_get_bufferevent(evcon)
+                return False
             ex.sent += size
             if chunking:
                 data = chunked(data)
@@ -462,6 +459,14 @@ class Responder:
             ex.pending = 0
         return True
 
+    def _bufferevent_of(self, ex: Exchange) -> int:
+        """The bufferevent of the exchange's connection; 0 once the connection is gone."""
+        if ex.conn:
+            return ex.conn
+        assert ex.req is not None
+        evcon = RequestStruct.from_address(ex.req).evcon
+        return self._lib.evhttp_connection_get_bufferevent(evcon) if evcon else 0
+
     def _write_at_once(self, ex: Exchange, data: bytes, chunking: bool) -> bool:
         """A small item of a body pumped with ``--threads 0``, written to the socket by
         this thread, with no call into libevent but a look at the output, when nothing
@@ -469,13 +474,9 @@ class Responder:
         evhttp, with ``_on_drained`` to call once it has left (then the pump goes on).
         False: something is queued (the item goes after it, the usual way)."""
         lib = self._lib
-        bev = ex.conn
+        bev = self._bufferevent_of(ex)
         if not bev:
-            assert ex.req is not None
-            evcon = RequestStruct.from_address(ex.req).evcon
-            if not evcon:
-                return False
-            bev = lib.evhttp_connection_get_bufferevent(evcon)
+            return False
         if lib.evbuffer_get_length(lib.bufferevent_get_output(bev)):
             return False
         framed = chunked(data) if chunking else data
@@ -511,13 +512,9 @@ class Responder:
         went.  What the socket does not take (its buffer is full) libevent writes once
         it can, as always."""
         lib = self._lib
-        bev = ex.conn
+        bev = self._bufferevent_of(ex)
         if not bev:
-            assert ex.req is not None
-            evcon = RequestStruct.from_address(ex.req).evcon
-            if not evcon:
-                return False
-            bev = lib.evhttp_connection_get_bufferevent(evcon)
+            return False
         out = lib.bufferevent_get_output(bev)
         # (Its front is frozen to any writer but the bufferevent's own: thawed for this
         # one, as in _abort.  Frozen, evbuffer_write wrote nothing once libevent had.)
