@@ -22,7 +22,6 @@ from .start_response import AppError, StartResponse, carries_body
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .exchange import Exchange
-    from .loop import Loop
     from .server import WSGIApp
     from .workers import ThreadPool
 
@@ -69,7 +68,6 @@ class Producer:
 
     app: WSGIApp
     config: ServerConfig
-    loop: Loop
     _pool: ThreadPool | None
     _to_loop: Callable[..., None]
     _in_app: bool  # see interrupt.py

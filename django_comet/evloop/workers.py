@@ -88,7 +88,7 @@ class ThreadPool:
         """Worker thread: its call goes on iterating a response's body, whose first
         bytes have gone out.  A generator may wait between items as long as it likes (a
         stream of its own, a slow query's rows), so while calls wait with no thread
-        free, a spare takes calls in the place of such a thread (``relieve``), as for a
+        free, a spare takes calls in the place of such a thread (``_relieve``), as for a
         call waiting on its client (``stand_in``): a few bodies that wait no longer hold
         every view thread."""
         me = threading.get_ident()
