@@ -445,15 +445,7 @@ class Responder:
         ex.sent += size
         if chunking:
             ex.framing += len(b"%x" % size) + 4  # evhttp's: the size line, the CRLF after
-        lib.evbuffer_add(self._buf, data, size)
-        if drained_cb:  # the stream pauses on this one: told when its bytes have left
-            lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
-        else:
-            lib.evhttp_send_reply_chunk(ex.req, self._buf)
-        if not ex.deferred:
-            self._stop_reading(ex)
-        refused = self._check_handed_over(ex)
-        ex.awaiting_drain = drained_cb and not refused
+        self._hand_over(ex, data, drained_cb)
         if flush and ex.awaiting_drain and self._flush(ex):
             ex.awaiting_drain = False  # (then evhttp has nothing to write, nor to call)
             ex.pending = 0
@@ -495,17 +487,27 @@ class Responder:
         assert ex.req is not None
         r = RequestStruct.from_address(ex.req)
         bits = r.bits
-        rest = framed[written:]
-        lib.evbuffer_add(self._buf, rest, len(rest))
         r.bits = bits & ~REQUEST_CHUNKED
         try:
-            lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+            self._hand_over(ex, framed[written:], True)
         finally:
             r.bits = bits
+        return True
+
+    def _hand_over(self, ex: Exchange, data: bytes, drained_cb: bool) -> None:
+        """``data`` to evhttp as the response's next piece (framed by evhttp when the
+        response is chunked); with ``drained_cb``, ``_on_drained`` is called once the
+        connection's output has emptied: the stream pauses on it."""
+        lib = self._lib
+        lib.evbuffer_add(self._buf, data, len(data))
+        if drained_cb:
+            lib.evhttp_send_reply_chunk_with_cb(ex.req, self._buf, self._drained_cb, ex.key)
+        else:
+            lib.evhttp_send_reply_chunk(ex.req, self._buf)
         if not ex.deferred:
             self._stop_reading(ex)
-        ex.awaiting_drain = not self._check_handed_over(ex)
-        return True
+        refused = self._check_handed_over(ex)
+        ex.awaiting_drain = drained_cb and not refused
 
     def _flush(self, ex: Exchange) -> bool:
         """Write what the connection's output holds to its socket now; whether all of it

@@ -44,7 +44,7 @@ _dropped_said: set[str] = set()  # hop-by-hop header names dropped and logged
 def _say_dropped(lname: str, value: str) -> None:
     """Once per header name: an app's Transfer-Encoding (a body it chunked itself, a
     proxy view passing an upstream's on) would otherwise vanish without a word."""
-    if lname not in _dropped_said and len(_dropped_said) < len(HOP_BY_HOP):
+    if lname not in _dropped_said:  # (bounded: names in HOP_BY_HOP only)
         _dropped_said.add(lname)
         logger.warning(
             "The application's %r header (%r) was dropped: hop-by-hop headers are the "
