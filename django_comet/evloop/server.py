@@ -3,10 +3,11 @@
 evhttp (C) parses requests, keeps connections alive and frames responses.  Python runs
 once per request (building the environ), once per response and once per chunk.  Views run
 on a bounded thread pool (``producer.py``); results come back to the loop thread through
-``Loop.call_soon_threadsafe``, which writes them (``responder.py``).  Only the loop
-thread calls libevent.  This module owns the rest: the evhttp object and its lifecycle,
-taking requests in, losing connections, and each exchange's bookkeeping (``exchange.py``);
-when connections are taken is ``admission.py``'s, and stopping ``stopping.py``'s.
+``Loop.call_soon_threadsafe``, which writes them (``whole_replies.py``,
+``responder.py``).  Only the loop thread calls libevent.  This module owns the rest: the
+evhttp object and its lifecycle, taking requests in, losing connections, and each
+exchange's bookkeeping (``exchange.py``); when connections are taken is
+``admission.py``'s, and stopping ``stopping.py``'s.
 """
 
 from __future__ import annotations
