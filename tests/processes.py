@@ -71,12 +71,13 @@ class ServerProcess:
         self.host = banner_host.strip("[]") if banner_host.startswith("[") else "127.0.0.1"
         self.url = f"http://{banner_host if self.host != '127.0.0.1' else self.host}:{self.port}"
 
-    def logged(self, text: str, timeout: float = 20.0) -> bool:
-        """Whether the server logs a line containing ``text`` within ``timeout`` seconds
-        (its output is read on a thread: a line just written may not be here yet)."""
+    def logged(self, text: str, timeout: float = 20.0, times: int = 1) -> bool:
+        """Whether the server logs a line containing ``text`` (``times`` such lines)
+        within ``timeout`` seconds (its output is read on a thread: a line just written
+        may not be here yet)."""
         with self._more_output:
             return self._more_output.wait_for(
-                lambda: any(text in line for line in self.output), timeout
+                lambda: sum(text in line for line in self.output) >= times, timeout
             )
 
     def _read(self) -> None:

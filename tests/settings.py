@@ -1,6 +1,7 @@
 """demo_site's settings plus a few views that only the tests need (tests/urls.py)."""
 
 import os
+import sys
 
 from demo_site.settings import *  # noqa: F403
 
@@ -113,6 +114,19 @@ if os.environ.get("TEST_WATCHED_FILE"):  # the autoreloader restarts on edits to
         sender.extra_files.add(Path(os.environ["TEST_WATCHED_FILE"]))
 
     autoreload_started.connect(_watch)
+
+if os.environ.get("TEST_EXTRA_APPS_FILE"):  # a module naming more apps, for a test to
+    # edit while the autoreloader runs (an app that does not load: Django's setup fails)
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "comet_extra_apps", os.environ["TEST_EXTRA_APPS_FILE"]
+    )
+    assert _spec is not None and _spec.loader is not None
+    _extra = importlib.util.module_from_spec(_spec)
+    sys.modules["comet_extra_apps"] = _extra  # (a module: the autoreloader watches it)
+    _spec.loader.exec_module(_extra)
+    INSTALLED_APPS = [*INSTALLED_APPS, *_extra.EXTRA_APPS]  # noqa: F405
 
 if os.environ.get("TEST_TEMPLATE_DIR"):  # one more template directory, and what the
     # autoreloader sees of it (DEBUG: "first seen", "notified as changed")

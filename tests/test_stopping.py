@@ -21,7 +21,7 @@ from .processes import (
     runcomet,
     wait_until,
 )
-from .publishing import ended_as_its_kind_does, publish, subscribed
+from .publishing import ended_as_its_kind_does, publish
 from .sse_client import SSEClient
 
 
@@ -139,71 +139,6 @@ def test_a_stop_with_only_held_responses_ends_each_properly(demo_db):
             assert sock.recv(1) == b""  # and each connection closes once its end has left
             sock.close()
         assert server.proc.wait(20) == 0
-    finally:
-        server.stop()
-
-
-def test_an_edit_under_the_autoreloader_ends_held_responses_properly(demo_db, tmp_path):
-    """The restart after an edit ends held responses as a stop does, before the process
-    goes (they were cut: no retry:, no last chunk, and no access log line).  A request
-    still running when the reload's grace is over is cut, and logged as cut (the
-    process went before the line was written)."""
-    watched = tmp_path / "watched.py"
-    watched.write_text("# edited below\n")
-    server = runcomet(db=demo_db, reload=True, env={"TEST_WATCHED_FILE": str(watched)})
-    try:
-        stream = SSEClient(server, "/t/stream/?channels=reloading")
-        poll = server.connect()
-        poll.sendall(
-            b"GET /t/fastpoll/?channel=reloading&timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        )
-        slow = server.connect()
-        slow.sendall(b"GET /t/sleep/?s=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        server.wait_for_status(lambda s: s["held"] == 2 and s["in_flight"] == 4)  # (+ itself)
-
-        def edited():
-            # Again until seen: an edit before the autoreloader's first look is not one.
-            stat = watched.stat()
-            os.utime(watched, (stat.st_atime, stat.st_mtime + 10))
-            return server.logged("watched.py changed, reloading", timeout=1)
-
-        wait_until(edited, 30)
-        frames = list(stream.frames())
-        assert frames[-1].startswith(b"retry: "), frames
-        assert stream.ended  # a last chunk, not a cut
-        _, chunks = read_chunked(poll)
-        assert json.loads(b"".join(chunks))["events"] == []  # as on a timeout: poll again
-        stream.close()
-        poll.close()
-        # The access log has them: they ended, rather than died with the process.
-        assert server.logged("GET /t/stream/?channels=reloading")
-        assert server.logged("GET /t/fastpoll/?channel=reloading")
-        assert server.logged("Reloading: no new connections")  # (not "Stopping")
-        slow.settimeout(30)
-        assert slow.recv(4096) == b""  # cut
-        slow.close()
-        assert server.logged("(cut by the server)")
-        cut = [line for line in server.output if "(cut by the server)" in line]
-        assert len(cut) == 1 and '"GET /t/sleep/?s=30 HTTP/1.1"' in cut[0], cut
-        wait_until(lambda: "".join(server.output).count("Starting comet server") == 2, 60)
-    finally:
-        server.stop()
-
-
-def test_a_template_edit_under_the_autoreloader_leaves_the_server_serving(demo_db, tmp_path):
-    """Django's autoreloader does not restart for a template (it resets the template
-    loaders): the server goes on (it drained on any edit, and stayed down)."""
-    (tmp_path / "edited.html").write_text("edited below")
-    server = runcomet(db=demo_db, reload=True, env={"TEST_TEMPLATE_DIR": str(tmp_path)})
-    try:
-        with SSEClient(server, "/t/stream/?channels=templates") as stream:
-            subscribed(server, "templates")
-            assert server.logged("edited.html first seen", timeout=30)
-            stat = (tmp_path / "edited.html").stat()
-            os.utime(tmp_path / "edited.html", (stat.st_atime, stat.st_mtime + 10))
-            assert server.logged("edited.html notified as changed")
-            event_id = publish(server, "templates", "still here")
-            assert stream.next_event() == {"id": str(event_id), "data": '"still here"'}
     finally:
         server.stop()
 

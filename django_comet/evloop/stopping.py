@@ -114,10 +114,10 @@ class Stopping:
         self._draining = True
         grace = self.config.grace if grace is None else grace
         logger.warning(
-            "%s: no new connections; responses in flight have up to %g s "
-            "(a second Ctrl-C stops at once).",
+            "%s: no new connections; responses in flight have up to %g s%s.",
             what,
             grace,
+            " (a second Ctrl-C stops at once)" if what == "Stopping" else "",
         )
         self._lib.evconnlistener_disable(self._listener)
         bound, self._bound = self._bound, None

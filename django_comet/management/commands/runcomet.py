@@ -41,7 +41,7 @@ from ...evloop.logwriter import (
     log_to_stderr,
 )
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
-from ...evloop.server import POOL_SHUTDOWN_WAIT
+from ..autoreloading import DrainBeforeRestart, start_again_after_failed_edits
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -51,9 +51,6 @@ else:  # pragma: no cover - demo_site and tests have staticfiles
     from django.core.management.commands.runserver import (  # type: ignore[assignment]
         Command as RunserverCommand,
     )
-
-# Seconds an edit under the autoreloader gives requests in flight before the restart.
-RELOAD_GRACE = 2.0
 
 _ERRORS = {
     errno.EACCES: "You don't have permission to access that port.",
@@ -164,6 +161,7 @@ class Command(RunserverCommand):
         # here ended it, though the edit that caused it was to a file it watches).
         self._settings_error: CommandError | None = None
         self._socket_id = None
+        restarted = os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true"
         try:
             errors = comet_settings.errors()  # (all of them, whatever --skip-checks says)
             if errors:
@@ -174,9 +172,10 @@ class Command(RunserverCommand):
             self._settings_error = CommandError(
                 f"A COMET_* setting is invalid ({exc}); `manage.py check` names it."
             )
-            restarted = os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true"
             if not (options["use_reloader"] and restarted):
                 raise self._settings_error from None
+        if options["use_reloader"] and not restarted:
+            start_again_after_failed_edits()
         try:
             super().run(**options)
         finally:
@@ -228,11 +227,11 @@ class Command(RunserverCommand):
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
         # banner on.
-        reload = _Reload(server)
+        reload = DrainBeforeRestart(server)
         if in_main_thread:
             server.handle_signals()
         else:
-            reload.before_each_restart()
+            reload.install()
         self.on_bind(server.address[1], server)
         try:
             server.serve_forever(handle_signals=in_main_thread)
@@ -342,35 +341,6 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
-
-
-class _Reload:
-    """Under the autoreloader, an edit ends held responses as a stop does (a stream's
-    ``retry:``, a poll's answer) and lets requests in flight finish, briefly, before the
-    process restarts: they were all cut."""
-
-    def __init__(self, server: Server):
-        self.server = server
-        self.asked = False
-        self.stopped = threading.Event()
-
-    def before_each_restart(self) -> None:
-        """Drain in the autoreloader's thread when it restarts the process: in its
-        trigger_reload, called once the edit is known to restart it (file_changed comes
-        before that: Django's own receivers cancel the restart for a template or a
-        translation, and the server must then go on)."""
-        restart = autoreload.trigger_reload
-
-        def drain_then_restart(filename: str) -> None:
-            self.asked = True
-            self.server.loop.call_soon_threadsafe(self.server.shutdown, RELOAD_GRACE, "Reloading")
-            # The grace, then the server's closing (its view threads), with room to spare:
-            # a response cut then must still get its access-log line.
-            self.stopped.wait(RELOAD_GRACE + POOL_SHUTDOWN_WAIT + 2)
-            exit_if_stuck(3)  # (3: the autoreloader's "restart me")
-            restart(filename)
-
-        autoreload.trigger_reload = drain_then_restart
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:

@@ -1,0 +1,134 @@
+"""What runcomet adds to Django's autoreloader (``django.utils.autoreload``).
+
+- In the serving process: an edit that restarts it first ends its held responses as a
+  stop does (a stream's ``retry:``, a poll's answer) and gives requests in flight a
+  moment; they were all cut.
+- In the reloader's process: a server that fails to start again after an edit is
+  started again at the next change.  runserver waits for the fix in the failing process;
+  for any other command Django sets the apps up before the command's code runs, so an
+  app that no longer loads (a typo in ``INSTALLED_APPS``, an error in ``ready()``, in a
+  ``models.py``, in ``LOGGING``) ended the reloader with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import site
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from django.apps import apps
+from django.utils import autoreload
+
+from ..evloop.logwriter import exit_if_stuck
+from ..evloop.server import POOL_SHUTDOWN_WAIT
+
+if TYPE_CHECKING:
+    from ..evloop import Server
+
+logger = logging.getLogger("django_comet.server")
+
+# Seconds an edit under the autoreloader gives requests in flight before the restart.
+RELOAD_GRACE = 2.0
+
+
+class DrainBeforeRestart:
+    """In the serving process, under the autoreloader: the restart an edit asks for
+    drains the server first, in the autoreloader's thread (Django's ``trigger_reload``,
+    called once the edit is known to restart the process: its own receivers of
+    ``file_changed`` cancel the restart for a template or a translation, and the server
+    must then go on)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.asked = False
+        self.stopped = threading.Event()
+        self._draining = threading.Event()
+
+    def install(self) -> None:
+        restart = autoreload.trigger_reload
+
+        def drain_then_restart(filename: str) -> None:
+            self.asked = True
+            # The grace, then the server's closing (its view threads), with room to spare:
+            # a response cut then must still get its access-log line.
+            deadline = time.monotonic() + RELOAD_GRACE + POOL_SHUTDOWN_WAIT + 2
+            self.server.loop.call_soon_threadsafe(self._drain, Path(filename).name)
+            if not self._draining.wait(RELOAD_GRACE):
+                # (--threads 0: a view running in the loop thread, which nothing here can
+                # interrupt; the process goes at the wait's end, cutting what it holds.)
+                logger.warning(
+                    "Reloading waits for a view running in the loop thread (--threads 0); "
+                    "held responses will be cut if it does not end within %g s.",
+                    POOL_SHUTDOWN_WAIT + 2,
+                )
+            self.stopped.wait(max(0.0, deadline - time.monotonic()))
+            exit_if_stuck(3)  # (3: the autoreloader's "restart me")
+            restart(filename)
+
+        autoreload.trigger_reload = drain_then_restart
+
+    def _drain(self, name: str) -> None:
+        self._draining.set()
+        self.server.shutdown(RELOAD_GRACE, f"Reloading ({name} changed)")
+
+
+def start_again_after_failed_edits() -> None:
+    """In the reloader's process: when the serving process exits with an error after
+    files changed (a restart that failed), wait for the next change and start it again.
+    An error with nothing edited (a port in use) still ends the reloader."""
+    restart_with_reloader: Callable[[], int] = autoreload.restart_with_reloader
+    first = _mtimes()
+
+    def restart_until_it_ends_well() -> int:
+        while True:
+            code = restart_with_reloader()
+            if code <= 0 or _mtimes() == first:  # (negative: ended by a signal)
+                return code
+            sys.stderr.write(
+                "The server exited with an error after an edit (above). It starts again "
+                "when a file it loaded changes; Ctrl-C to quit.\n"
+            )
+            sys.stderr.flush()
+            _wait_for_a_change()
+
+    autoreload.restart_with_reloader = restart_until_it_ends_well
+
+
+def _mtimes() -> dict[Path, float]:
+    found = {}
+    for path in autoreload.iter_all_python_module_files():
+        try:
+            found[path] = path.stat().st_mtime
+        except OSError:
+            found[path] = 0.0
+    return found
+
+
+def _wait_for_a_change() -> None:
+    """Until Django's reloader sees a change to a module this process loaded (the
+    settings, the apps' modules) or to a Python file in the project's own apps (a
+    module the failed start would have imported first); its ``trigger_reload`` ends the
+    wait with ``SystemExit(3)``."""
+    reloader = autoreload.get_reloader()
+    for directory in _project_app_directories():
+        reloader.watch_dir(directory, "**/*.py")
+    autoreload.autoreload_started.send(sender=reloader)
+    try:
+        reloader.run_loop()
+    except SystemExit as exc:
+        if exc.code != 3:
+            raise
+
+
+def _project_app_directories() -> Iterator[Path]:
+    """The installed apps' directories outside the interpreter's and site-packages'."""
+    libraries = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())]
+    for config in apps.get_app_configs():
+        path = Path(config.path).resolve()
+        if not any(path.is_relative_to(library) for library in libraries):
+            yield path
