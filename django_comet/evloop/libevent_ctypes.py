@@ -234,6 +234,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "bufferevent_get_input": (evbuffer_p, [bufferevent_p]),
     # struct evbuffer *bufferevent_get_output(struct bufferevent *bufev);
     "bufferevent_get_output": (evbuffer_p, [bufferevent_p]),
+    # int bufferevent_write(struct bufferevent *bufev, const void *data, size_t size);
+    "bufferevent_write": (c_int, [bufferevent_p, c_char_p, c_size_t]),
     # int bufferevent_enable(struct bufferevent *bufev, short event);
     "bufferevent_enable": (c_int, [bufferevent_p, c_short]),
     # int bufferevent_disable(struct bufferevent *bufev, short event);

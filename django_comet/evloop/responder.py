@@ -276,7 +276,7 @@ class Responder(WholeReplies):
             if chunking:
                 data = chunked(data)
                 ex.framing += len(data) - size
-            lib.evbuffer_add(lib.bufferevent_get_output(bev), data, len(data))
+            lib.bufferevent_write(bev, data, len(data))
             return True
         ex.sent += size
         if chunking:

@@ -164,14 +164,14 @@ class WholeReplies:
         size = len(body)
         if length is not None and code != 204:
             lines = [*lines, b"Content-Length: %d\r\n" % length]
-        out = lib.bufferevent_get_output(ex.conn)
+        # (bufferevent_write: evbuffer_add to the connection's output, in one call)
         if size <= SMALL_CHUNK:
             data = b"".join((start.line, *lines, end, body))
-            lib.evbuffer_add(out, data, len(data))
+            lib.bufferevent_write(ex.conn, data, len(data))
         else:  # not copied once more here
             data = b"".join((start.line, *lines, end))
-            lib.evbuffer_add(out, data, len(data))
-            lib.evbuffer_add(out, body, size)
+            lib.bufferevent_write(ex.conn, data, len(data))
+            lib.bufferevent_write(ex.conn, body, size)
         ex.code, ex.sent = code, size
         if ex.bev is not None:
             self._restore_read_timeout(ex)
