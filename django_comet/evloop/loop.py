@@ -261,7 +261,7 @@ class Loop:
 
     call_soon = call_soon_threadsafe
 
-    def call_after_pass(self, callback: Callable[..., Any], *args: Any) -> None:
+    def call_after_pass(self, callback: Callable[..., Any], *args: Any) -> int:
         """Loop thread: run ``callback(*args)`` once libevent's current pass is over,
         with the others queued in it, in call order.  ``--threads 0`` runs its views so:
         all the requests a pass read, then all their views, made Django about 15% faster
@@ -273,13 +273,15 @@ class Loop:
         request read, its view run and its answer written then make one change to its
         socket (stop reading, start writing), not two.  One queued by them runs at the
         end of the next pass; after a ``stop()``, when the loop runs again (never, once
-        closed)."""
+        closed).  Returns how many wait now (``after_pass_waiting``)."""
         if self._closed:
-            return  # (as call_soon after close: dropped)
-        self._after_pass.append((callback, args))
+            return 0  # (as call_soon after close: dropped)
+        waiting = self._after_pass
+        waiting.append((callback, args))
         if not self._end_of_pass_due:
             self._end_of_pass_due = True
             self._lib.event_active(self._end_of_pass, 0, 0)
+        return len(waiting)
 
     @property
     def after_pass_waiting(self) -> int:

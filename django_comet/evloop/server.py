@@ -133,6 +133,8 @@ class Server(Producer, Responder, Admission, Stopping):
         self._file_sent_cb = ev.evhttp_connection_cb(self.loop.guarded(self._on_file_sent))
         self._complete_cb = ev.evhttp_request_cb(self.loop.guarded(self._on_complete))
         self._limits = Limits.of(self.config)
+        # Proxies whose X-Forwarded-* are believed, or None (read for each request).
+        self._trusted = self.config.trusted_proxies or None
         self._http = self._make_evhttp()
         self.holder = Holder(self)
         self.shared_figures: WorkerFigures | None = None  # under --workers
@@ -168,6 +170,7 @@ class Server(Producer, Responder, Admission, Stopping):
         # that lifts it, and "closing", the listener's closing at a stop.
         self._own_timers: dict[str, Any] = {}
         self.guard = ConnectionGuard(self, http)
+        self._tracking = self.guard.tracking  # (read for each request: fixed by now)
         self._accepted_this_pass = 0  # (--threads 0: _accepted_for_the_loop)
         if self.config.threads == 0:
             self.guard.on_accept = self._accepted_for_the_loop
@@ -273,7 +276,12 @@ class Server(Producer, Responder, Admission, Stopping):
                 method, target, protocol, headers, body, remote = read_request(
                     r, self._lib, self._limits
                 )
-                environ = self._build_environ(method, target, protocol, headers, body, remote)
+                if self.unix:
+                    remote = UNIX_PEER  # evhttp's name for it is glibc's "localhost"
+                environ = self._environ.build(method, target, protocol, headers, body, remote)
+                trusted = self._trusted
+                if trusted is not None and remote[0] in trusted:
+                    apply_forwarded(environ, trusted)
                 if r.flags & ev.EVHTTP_PROXY_REQUEST:
                     # evhttp takes an absolute-form target naming a host it does not know for a
                     # proxy's request, and then closes the connection unless the response says
@@ -291,8 +299,8 @@ class Server(Producer, Responder, Admission, Stopping):
                 key = self._next_key
                 self._next_key += 1
                 ex = Exchange(key, req, environ)
-                ex.keep_alive = not closing and r.minor == 1 and r.major == 1
-                if self.guard.tracking:
+                ex.keep_alive = not closing and protocol == "HTTP/1.1"
+                if self._tracking:
                     ex.conn = self.guard.request_arrived(r.evcon)
             except BadRequest as exc:
                 if exc.status == 505:  # evhttp answers in the request's version: in ours
@@ -313,9 +321,10 @@ class Server(Producer, Responder, Admission, Stopping):
             if self._pool is not None:
                 self._lift_read_timeout(ex)  # a slow view must not look like an idle client
                 self._pool.submit(self._run_app, ex)
+                waiting = self._pool.backlog  # (_views_waiting)
             else:
-                self.loop.call_after_pass(self._run_app, ex)
-            if self._views_waiting() > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
+                waiting = self.loop.call_after_pass(self._run_app, ex)
+            if waiting > VIEW_BACKLOG_HIGH and "views" not in self._pauses:
                 self._pause_for_views()
         except BaseException as exc:
             self.loop.failed(exc, self._on_request)
@@ -342,23 +351,6 @@ class Server(Producer, Responder, Admission, Stopping):
         # whose answer says Proxy-Connection in place of "Connection: close".
         r.flags &= ~ev.EVHTTP_PROXY_REQUEST
         self._lib.evhttp_send_error(req, status, reason)
-
-    def _build_environ(
-        self,
-        method: str,
-        target: str,
-        protocol: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        remote: tuple[str, int],
-    ) -> dict[str, Any]:
-        if self.unix:
-            remote = UNIX_PEER  # evhttp's name for it is glibc's "localhost"
-        environ = self._environ.build(method, target, protocol, headers, body, remote)
-        trusted = self.config.trusted_proxies
-        if trusted and remote[0] in trusted:
-            apply_forwarded(environ, trusted)
-        return environ
 
     # -- connection loss ---------------------------------------------------------------
 
