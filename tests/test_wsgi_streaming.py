@@ -7,6 +7,8 @@ import uuid
 import pytest
 import requests
 
+from django_comet.evloop.producer import PUMP_BUDGET, PUMP_ITEM_COST
+
 from .processes import (
     assert_clean_hellos,
     body_of,
@@ -77,19 +79,42 @@ def test_a_stream_of_known_length_keeps_an_http10_connection_alive(wsgi_server):
             assert f.read(64 * 65536) == b"L" * 64 * 65536
 
 
-def test_a_stream_longer_than_its_length_is_cut_there_and_closed(wsgi_server):
-    with wsgi_server.connect() as sock:
+@pytest.mark.parametrize("server_name", ["wsgi_server", "wsgi_inline"])
+@pytest.mark.parametrize(
+    "path, expected", [(b"/overlong", b"o" * 10), (b"/overlong-items", b"0234512345")]
+)
+def test_a_stream_longer_than_its_length_is_cut_there_and_closed(
+    request, server_name, path, expected
+):
+    """One item of 300 kB, or small items of a generator (with --threads 0 written to
+    the socket one by one, and each counted: uncounted, the third went out too)."""
+    server = request.getfixturevalue(server_name)
+    with server.connect() as sock:
         sock.settimeout(10)
         sock.sendall(
-            b"GET /overlong HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET %b HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n" % path
         )
         out = b""
         while more := sock.recv(65536):
             out += more
     head, _, body = out.partition(b"\r\n\r\n")
     assert b"Content-Length: 10" in head
-    assert body == b"o" * 10  # and then the connection closed: no stray bytes, no hello
-    assert wsgi_server.logged("runs past its Content-Length")
+    assert body == expected  # and then the connection closed: no stray bytes, no hello
+    assert server.logged("runs past its Content-Length")
+
+
+@pytest.mark.parametrize("server_name", ["wsgi_server", "wsgi_inline"])
+def test_a_generators_empty_items_are_skipped_and_the_connection_goes_on(request, server_name):
+    """An empty item is no chunk (PEP 3333 lets an app yield one): chunked, an empty
+    chunk is the body's end, and the rest would be read as the next response."""
+    server = request.getfixturevalue(server_name)
+    with server.connect() as sock:
+        sock.settimeout(10)
+        for _ in range(2):  # the second on the same connection: nothing stray before it
+            sock.sendall(b"GET /with-empties HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, chunks = read_chunked(sock)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert b"".join(chunks) == b"abc"
 
 
 def test_a_stream_shorter_than_its_length_is_cut_not_ended(wsgi_server):
@@ -301,8 +326,9 @@ def test_a_generators_item_goes_out_before_the_generator_is_asked_for_the_next(w
         (b"/first-then-signal?%d", b"first;"),
         (b"/big-item-then-signal?%d,102400", b"B;"),  # (more than libevent writes at once)
         (b"/big-item-then-signal?%d,2097152", b"B;"),  # (past the high-water mark)
-    ],
-    ids=["small", "100KiB", "2MiB"],
+        (b"/big-first-then-signal?%d,16777216", b"B;"),  # (the first, more than the
+    ],  # socket takes: the pump starts once it has left, not with the head)
+    ids=["small", "100KiB", "2MiB", "16MiB-first"],
 )
 def test_with_threads_0_an_item_goes_out_before_the_generator_is_asked_for_the_next(
     wsgi_inline, path, before
@@ -360,6 +386,30 @@ def test_with_threads_0_bodies_streaming_at_full_speed_leave_the_loop_to_the_oth
         for sock in socks:
             sock.close()
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("count, size", [(3000, 1), (64, 8192), (48, 20000)])
+def test_with_threads_0_a_body_pumped_at_full_speed_gives_way_after_its_turn(
+    wsgi_inline, count, size
+):
+    """The loop thread pumps a body for a turn of PUMP_BUDGET bytes (an item counting at
+    least PUMP_ITEM_COST), then serves the others: the body's generator asks the server
+    for /mark as it begins, and tells at which item it saw that answered.  Not before
+    the turn is over (giving way at each item, or at each 16 KiB, is a pass per item),
+    and long before the body's end (a pump that never gives way while the socket takes
+    it all holds every other connection).  A turn's items all fit in the sockets'
+    buffers, so the socket never makes the pump give way sooner."""
+    tag = uuid.uuid4().hex.encode()
+    with wsgi_inline.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(
+            b"GET /items-then-count?%d,%d HTTP/1.1\r\nHost: x\r\nX-Tag: %b\r\n\r\n"
+            % (count, size, tag)
+        )
+        _, chunks = read_chunked(sock)
+    seen = int(b"".join(chunks).rpartition(b";seen=")[2].rstrip(b";"))
+    turn = PUMP_BUDGET // max(size, PUMP_ITEM_COST)
+    assert turn <= seen < count, (turn, seen)
 
 
 def test_bodies_that_wait_between_items_do_not_hold_every_view_thread():

@@ -190,6 +190,12 @@ def app(environ, start_response):
         length = 10 if path == "/overlong" else 400_000
         start_response("200 OK", [("Content-Length", str(length))])
         return _Body([b"o" * 300_000])  # past the streaming threshold
+    if path == "/overlong-items":  # small items of a generator, past Content-Length 10
+        start_response("200 OK", [("Content-Length", "10")])
+        return (b"%d2345" % i for i in range(3))
+    if path == "/with-empties":  # a generator with empty items between its bytes
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (part for part in (b"a", b"", b"b", b"", b"c"))
     if path == "/slow-end":  # a streamed body with a length, whose end comes late
 
         def gen():
@@ -299,6 +305,18 @@ def app(environ, start_response):
         port, size = map(int, environ["QUERY_STRING"].split(","))  # as above
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _first_then_signal(port, b"B" * size + b";")
+    if path == "/big-first-then-signal":  # ?PORT,SIZE: a first item of SIZE bytes, then
+        port, size = map(int, environ["QUERY_STRING"].split(","))  # as above
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _first_then_signal(port, first=b"B" * size + b";")
+    if path == "/items-then-count":  # ?COUNT,SIZE, under an X-Tag: see _items_then_count
+        count, size = map(int, environ["QUERY_STRING"].split(","))
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return _items_then_count(environ, count, size)
+    if path == "/mark":  # counted under its X-Tag
+        marked[environ.get("HTTP_X_TAG", "")] += 1
+        start_response("200 OK", [("Content-Length", "6")])
+        return [b"marked"]
     if path == "/wait-for-release":  # an answer once /release is asked with its X-Tag
         _released(environ).wait(60)
         start_response("200 OK", [("Content-Length", "6")])
@@ -344,6 +362,7 @@ def _thread_names(n, tag):
 
 closed_in: dict[str, str] = {}  # X-Tag -> the thread that closed a /thread-names body
 yielded: collections.Counter[str] = collections.Counter()
+marked: collections.Counter[str] = collections.Counter()  # X-Tag -> /mark requests
 write_ended: dict[str, str] = {}  # X-Tag -> the exception /write-forever's write() raised
 _releases: dict[str, threading.Event] = {}
 
@@ -364,13 +383,31 @@ def _first_then_wait(released):
     yield b"second"
 
 
-def _first_then_signal(port, then=b""):
-    yield b"first;"
+def _first_then_signal(port, then=b"", first=b"first;"):
+    yield first
     if then:
         yield then
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.recv(1)  # the client's go (or its close)
     yield b"second"
+
+
+def _items_then_count(environ, count, size):
+    """A first item; then, having sent a request of its own to this server (/mark),
+    ``count`` items of ``size`` bytes; then the index of the item at which it first saw
+    that request answered (-1: never).  With --threads 0 the loop thread runs both: it
+    answers /mark only when it stops pumping this body to serve the others."""
+    tag = environ.get("HTTP_X_TAG", "")
+    yield b"first;"
+    port = int(environ["SERVER_PORT"])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+        other.sendall(b"GET /mark HTTP/1.1\r\nHost: x\r\nX-Tag: %s\r\n\r\n" % tag.encode())
+        seen = -1
+        for i in range(count):
+            if seen < 0 and marked[tag]:
+                seen = i
+            yield b"x" * size
+        yield b";seen=%d;" % seen
 
 
 def _big_then_wait():
