@@ -3,6 +3,7 @@ killed worker, and one status for the whole server."""
 
 import contextlib
 import glob
+import http.client
 import json
 import os
 import signal
@@ -156,4 +157,56 @@ def test_the_servers_counters_survive_a_worker_dying(broker, demo_db):
         )
         assert after["requests"] >= 200
     finally:
+        assert server.stop() == 0
+
+
+def test_a_counter_never_goes_down_from_one_workers_answer_to_anothers(broker, demo_db):
+    """A worker answers the status with its own live figures and the others' as last
+    written: another worker answering next read the first one's file, up to a second
+    older than that answer, and said fewer requests (Prometheus reads a reset).  Each
+    worker now writes what it answers with first (found by a review)."""
+    server = start(broker, demo_db, "--workers", "2")
+    connections = {}
+    try:
+        parent = psutil.Process(server.proc.pid)
+        wait_until(lambda: len(parent.children()) == 2)
+        workers = parent.children()
+
+        def holder(conn):
+            port = conn.sock.getsockname()[1]
+            for worker in workers:
+                if any(
+                    c.laddr and c.raddr and c.raddr.port == port
+                    for c in worker.net_connections("tcp")
+                ):
+                    return worker.pid
+            return None
+
+        def get(conn, path):
+            conn.request("GET", path, headers={"Host": "127.0.0.1"})
+            answer = conn.getresponse()
+            assert answer.status == 200
+            return answer.read()
+
+        for _ in range(100):  # the kernel picks the worker: until both have one
+            if len(connections) == 2:
+                break
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            get(conn, "/t/echo/")
+            pid = holder(conn)
+            if pid is not None and pid not in connections:
+                connections[pid] = conn
+            else:
+                conn.close()
+        assert len(connections) == 2, "one worker accepted every connection"
+        first, second = connections.values()
+        for _ in range(3):
+            for _ in range(50):
+                get(first, "/t/echo/")
+            said_first = json.loads(get(first, "/comet/status/"))["requests"]
+            said_next = json.loads(get(second, "/comet/status/"))["requests"]
+            assert said_next >= said_first
+    finally:
+        for conn in connections.values():
+            conn.close()
         assert server.stop() == 0

@@ -4,9 +4,10 @@ Each request reaches whichever worker accepts it, so one worker's figures say li
 about the server.  Every worker writes its own to a file in a directory the parent made,
 once a second when they changed (atomically: a new file renamed over the old one); the
 status view, in whichever worker answers, adds up the others' files and its own live
-figures.  Files rather than shared memory: the figures include a per-channel count of
-any size, and a worker that dies holds no lock.  Another worker's figures are therefore
-up to a second old.  Of a worker that is gone (its process id no longer exists) only
+figures, having written those first (so that no answer shows less than one before it,
+whichever worker gives it).  Files rather than shared memory: the figures include a
+per-channel count of any size, and a worker that dies holds no lock.  Another worker's
+figures are therefore up to a second old.  Of a worker that is gone (its process id no longer exists) only
 the counters stay, and its replacement carries them on, so that a counter of the server
 never goes down (Prometheus would read that as a reset).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,10 +64,13 @@ class WorkerFigures:
         """Loop thread, once a second."""
         self._timer = self.server.loop.call_later(WRITE_SECONDS, self._write, background=True)
         figures = self.own(self.server.stats())
-        if figures == self._written:
-            return
+        if figures != self._written:
+            self._save(figures)
+
+    def _save(self, figures: dict[str, Any]) -> None:
         record = {"worker": self.number, "pid": os.getpid(), "figures": figures}
-        partial = f"{self._path}.{os.getpid()}.tmp"
+        # (The loop thread's, or a status view's: a file each.)
+        partial = f"{self._path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(partial, "w") as file:
                 json.dump(record, file, separators=(",", ":"))
@@ -81,8 +86,14 @@ class WorkerFigures:
         return stats
 
     def combined(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """``stats`` (this worker's live figures) with every other worker's added."""
-        records = [{"worker": self.number, "pid": os.getpid(), "figures": self.own(stats)}]
+        """``stats`` (this worker's live figures) with every other worker's added.
+        Written first: what a worker answered with is on disk for the others (and its
+        replacement) before anyone sees it, so a total never goes down from one answer
+        to the next, whichever workers give them (one that had answered with more than
+        its last write showed fewer requests in the next answer by another)."""
+        figures = self.own(stats)
+        self._save(figures)
+        records = [{"worker": self.number, "pid": os.getpid(), "figures": figures}]
         with contextlib.suppress(OSError):
             for name in sorted(os.listdir(self.directory)):
                 if name.endswith(".json") and name != f"{self.number}.json":
