@@ -7,9 +7,9 @@ status view, in whichever worker answers, adds up the others' files and its own 
 figures, having written those first (so that no answer shows less than one before it,
 whichever worker gives it).  Files rather than shared memory: the figures include a
 per-channel count of any size, and a worker that dies holds no lock.  Another worker's
-figures are therefore up to a second old.  Of a worker that is gone (its process id no longer exists) only
-the counters stay, and its replacement carries them on, so that a counter of the server
-never goes down (Prometheus would read that as a reset).
+figures are therefore up to a second old.  Of a worker that is gone (its process id no
+longer exists) only the counters stay, and its replacement carries them on, so that a
+counter of the server never goes down (Prometheus would read that as a reset).
 """
 
 from __future__ import annotations
