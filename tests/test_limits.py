@@ -8,7 +8,15 @@ import socket
 import pytest
 import requests
 
-from .processes import evloop, read_body, read_chunked, read_until_closed, runcomet, wait_until
+from .processes import (
+    evloop,
+    raw,
+    read_body,
+    read_chunked,
+    read_until_closed,
+    runcomet,
+    wait_until,
+)
 from .publishing import ended_as_its_kind_does
 from .sse_client import SSEClient
 
@@ -258,6 +266,24 @@ def test_connection_limit_pauses_accepting_then_recovers(demo_db):
     finally:
         for sock in idle:
             sock.close()
+        assert server.stop() == 0
+
+
+def test_short_connections_closed_by_now_do_not_count_against_the_limit(demo_db):
+    """A whole reply's connection closes with no call to Python: the guard saw it gone
+    at its once-a-second sweep only, so a client opening one short connection after
+    another, never more than one open, made accepting pause at the limit (found by a
+    review).  At the limit the guard now looks for those first."""
+    server = runcomet(db=demo_db, env={"TEST_MAX_CONNECTIONS": "20"})
+    try:
+        for _ in range(60):
+            answer = raw(
+                server, b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        assert server.status()["connection_pauses"] == 0
+        assert not server.logged("not accepting more", timeout=0)
+    finally:
         assert server.stop() == 0
 
 

@@ -140,6 +140,9 @@ class ConnectionGuard:
 
     @property
     def open(self) -> int:
+        """Connections open, and those evhttp let go since the last sweep (a whole
+        reply's connection closes with no call to Python).  (Read by status views, in
+        their threads: nothing here may call libevent.)"""
         return len(self._conns)
 
     @property
@@ -157,8 +160,13 @@ class ConnectionGuard:
             if bev:
                 self._lib.bufferevent_incref(bev)
                 deadline = time.monotonic() + self.header_timeout if self.header_timeout else 0.0
+                limit = self.max_connections
+                if limit and len(self._conns) + 1 >= limit:
+                    # Short connections closed since the sweep count no more.  (Before
+                    # this one is counted: evhttp sets its callbacks once it has it.)
+                    self._reap()
                 self._conns[bev] = deadline
-                if self.max_connections and len(self._conns) >= self.max_connections:
+                if limit and len(self._conns) >= limit:
                     self._pause()
                 if self.on_accept is not None:
                     self.on_accept()
@@ -301,21 +309,30 @@ class ConnectionGuard:
 
     def _sweep(self) -> None:
         self._sweeper = self.server.loop.call_later(SWEEP_SECONDS, self._sweep, background=True)
+        self._reap()
         now = time.monotonic()
-        offset = self._offset
-        assert offset is not None
         for bev, deadline in list(self._conns.items()):
-            if not ctypes.c_void_p.from_address(bev + offset).value:
-                del self._conns[bev]  # evhttp let it go: ours is the last reference
-                self._arriving.pop(bev, None)
-                self.server.let_go_unread()
-                self._release(bev)
-            elif deadline and now > deadline:
+            if deadline and now > deadline:
                 self._past_deadline(bev, now)
         if self.paused and len(self._conns) < self.max_connections:
             self.paused = False
             self.server._accepting(True)
         self.server.release_let_go()
+
+    def _reap(self) -> None:
+        """Stop counting the connections evhttp has let go (it cleared their event
+        callback; ours is the last reference)."""
+        offset = self._offset
+        if offset is None:
+            return
+        let_go = [
+            bev for bev in self._conns if not ctypes.c_void_p.from_address(bev + offset).value
+        ]
+        for bev in let_go:
+            del self._conns[bev]
+            self._arriving.pop(bev, None)
+            self.server.let_go_unread()
+            self._release(bev)
 
     def _past_deadline(self, bev: int, now: float) -> None:
         lib = self._lib
