@@ -76,7 +76,7 @@ _METRICS = [
     ("comet_workers", "gauge", "Worker processes these figures add up.", "workers"),
     ("comet_held_connections", "gauge", "Responses held open (deferrals, polls, streams).", "held"),
     ("comet_sse_streams", "gauge", "Server-Sent Events streams open.", "streams"),
-    ("comet_requests_total", "counter", "Requests answered since start.", "requests"),
+    ("comet_requests_total", "counter", "Requests the application served since start.", "requests"),
     (
         "comet_events_published_total",
         "counter",
