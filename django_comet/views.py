@@ -133,6 +133,12 @@ _METRICS = [
 ]
 
 
+def _label(value: str) -> str:
+    """A label value as the text format escapes it (channel names allow none of these
+    characters today: escaped all the same, so that a looser rule cannot break it)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def metrics(request: HttpRequest) -> HttpResponse:
     """The status figures in Prometheus' text exposition format (0.0.4)."""
     if not _may_see_figures(request):
@@ -150,7 +156,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         "# TYPE comet_channel_subscribers gauge",
     ]
     for channel, count in figures.get("channels", {}).items():
-        lines.append(f'comet_channel_subscribers{{channel="{channel}"}} {count}')
+        lines.append(f'comet_channel_subscribers{{channel="{_label(channel)}"}} {count}')
     return HttpResponse(
         "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"
     )

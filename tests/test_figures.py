@@ -1,6 +1,7 @@
 """Adding up the status figures of pre-forked workers (the pure part)."""
 
 from django_comet.evloop.figures import combine
+from django_comet.views import _label
 
 
 def record(worker, pid, **figures):
@@ -70,3 +71,9 @@ def test_the_status_urls_leave_the_projects_url_names_alone():
         assert reverse("status") == "/health/"
         assert reverse("comet-status") == "/comet/status/"
         assert reverse("comet-metrics") == "/comet/metrics"
+
+
+def test_a_channel_label_is_escaped_as_the_text_format_says():
+    """Channel names allow none of these characters today; a looser rule must not break
+    the exposition (a quote ended the label, a newline the sample)."""
+    assert _label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
