@@ -1,4 +1,4 @@
-"""Adding up the status figures of pre-forked workers (the pure part)."""
+"""The status figures' pure parts: adding up pre-forked workers', escaping metrics labels."""
 
 from django_comet.evloop.figures import combine
 from django_comet.views import _label
