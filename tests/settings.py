@@ -119,6 +119,7 @@ if os.environ.get("TEST_EXTRA_APPS_FILE"):  # a module naming more apps, for a t
     # edit while the autoreloader runs (an app that does not load: Django's setup fails)
     import importlib.util
 
+    sys.path.insert(0, os.path.dirname(os.environ["TEST_EXTRA_APPS_FILE"]))  # (its apps)
     _spec = importlib.util.spec_from_file_location(
         "comet_extra_apps", os.environ["TEST_EXTRA_APPS_FILE"]
     )

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import site
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,12 @@ logger = logging.getLogger("django_comet.server")
 
 # Seconds an edit under the autoreloader gives requests in flight before the restart.
 RELOAD_GRACE = 2.0
+# The serving process's exit status when runcomet gave up starting it (a port in use):
+# the reloader then ends, with 1.  Any other error ends it before runcomet's code runs.
+START_FAILED = 4
+# Python files of the project watched while the reloader waits for a fix (and
+# directories looked through for them).
+PROJECT_FILES = 10_000
 
 
 class DrainBeforeRestart:
@@ -78,20 +85,22 @@ class DrainBeforeRestart:
 
 
 def start_again_after_failed_edits() -> None:
-    """In the reloader's process: when the serving process exits with an error after
-    files changed (a restart that failed), wait for the next change and start it again.
-    An error with nothing edited (a port in use) still ends the reloader."""
+    """In the reloader's process: when the serving process exits with an error before
+    runcomet's code could run (Django's setup failed: the project no longer loads), wait
+    for the next change and start it again.  A start runcomet itself gives up on (a port
+    in use) still ends the reloader, as it ends runserver's."""
     restart_with_reloader: Callable[[], int] = autoreload.restart_with_reloader
-    first = _mtimes()
 
     def restart_until_it_ends_well() -> int:
         while True:
             code = restart_with_reloader()
-            if code <= 0 or _mtimes() == first:  # (negative: ended by a signal)
+            if code == START_FAILED:
+                return 1
+            if code <= 0:  # (negative: ended by a signal)
                 return code
             sys.stderr.write(
-                "The server exited with an error after an edit (above). It starts again "
-                "when a file it loaded changes; Ctrl-C to quit.\n"
+                "The server could not load the project (above). It starts again when a "
+                "Python file of the project changes; Ctrl-C to quit.\n"
             )
             sys.stderr.flush()
             _wait_for_a_change()
@@ -99,24 +108,13 @@ def start_again_after_failed_edits() -> None:
     autoreload.restart_with_reloader = restart_until_it_ends_well
 
 
-def _mtimes() -> dict[Path, float]:
-    found = {}
-    for path in autoreload.iter_all_python_module_files():
-        try:
-            found[path] = path.stat().st_mtime
-        except OSError:
-            found[path] = 0.0
-    return found
-
-
 def _wait_for_a_change() -> None:
     """Until Django's reloader sees a change to a module this process loaded (the
-    settings, the apps' modules) or to a Python file in the project's own apps (a
-    module the failed start would have imported first); its ``trigger_reload`` ends the
-    wait with ``SystemExit(3)``."""
+    settings, the apps' modules) or to a Python file of the project (one the failed
+    start imported first, perhaps of an app new since this process started); its
+    ``trigger_reload`` ends the wait with ``SystemExit(3)``."""
     reloader = autoreload.get_reloader()
-    for directory in _project_app_directories():
-        reloader.watch_dir(directory, "**/*.py")
+    reloader.extra_files.update(_project_files())
     autoreload.autoreload_started.send(sender=reloader)
     try:
         reloader.run_loop()
@@ -125,10 +123,28 @@ def _wait_for_a_change() -> None:
             raise
 
 
-def _project_app_directories() -> Iterator[Path]:
-    """The installed apps' directories outside the interpreter's and site-packages'."""
+def _project_files() -> list[Path]:
+    """The Python files under the project's directories as they are now: its apps' and
+    the import path's (manage.py's first), not under the interpreter, a virtual
+    environment, site-packages, a hidden directory or ``node_modules``; at most
+    ``PROJECT_FILES`` of them (looked at once a second), in as many directories."""
     libraries = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())]
-    for config in apps.get_app_configs():
-        path = Path(config.path).resolve()
-        if not any(path.is_relative_to(library) for library in libraries):
-            yield path
+    roots = {Path(config.path).resolve() for config in apps.get_app_configs()}
+    roots.update(Path(entry or ".").resolve() for entry in sys.path)  # (manage.py's first)
+    found: list[Path] = []
+    walked = 0
+    for root in sorted(roots):
+        if not root.is_dir() or any(root.is_relative_to(library) for library in libraries):
+            continue
+        for directory, subdirectories, files in os.walk(root):
+            walked += 1
+            subdirectories[:] = [
+                name
+                for name in subdirectories
+                if not (name.startswith(".") or name in ("node_modules", "__pycache__"))
+                and not os.path.exists(os.path.join(directory, name, "pyvenv.cfg"))
+            ]
+            found.extend(Path(directory, name) for name in files if name.endswith(".py"))
+            if len(found) >= PROJECT_FILES or walked >= PROJECT_FILES:
+                return found[:PROJECT_FILES]
+    return found

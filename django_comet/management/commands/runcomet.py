@@ -41,7 +41,7 @@ from ...evloop.logwriter import (
     log_to_stderr,
 )
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
-from ..autoreloading import DrainBeforeRestart, start_again_after_failed_edits
+from ..autoreloading import START_FAILED, DrainBeforeRestart, start_again_after_failed_edits
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -305,9 +305,11 @@ class Command(RunserverCommand):
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
-        exit_if_stuck(1)
+        # (Under the autoreloader: its process ends too, with 1, rather than wait for an
+        # edit as after a project that does not load.)
+        exit_if_stuck(START_FAILED)
         logging.shutdown()
-        os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
+        os._exit(START_FAILED)  # sys.exit cannot end the process from the autoreloader's thread
 
     def on_bind(  # type: ignore[override]
         self, server_port: int, server: Any = None, workers: int = 1, threads: int = 0
