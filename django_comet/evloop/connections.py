@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_comet.server")
 
 SWEEP_SECONDS = 1.0
+# Connections whose response ended lately, looked at first at the connection limit.
+DONE_LATELY = 1000
 # Bytes per second under which a request still arriving after its deadline is cut: the
 # floor Apache's mod_reqtimeout applies to request bodies by default.
 MIN_UPLOAD_RATE = 500
@@ -128,6 +130,9 @@ class ConnectionGuard:
         self._count_arrivals = ev.evbuffer_cb_func(server.loop.guarded(self._arrived))
         self._offset = find_eventcb_offset(self._lib, server.loop.base)
         self._sweeper: Handle | None = None
+        # Connections whose response ended lately (bufferevent -> None, oldest first):
+        # where those evhttp let go unseen are looked for first.
+        self._done_lately: dict[int, None] = {}
         if self._offset is None:
             logger.warning(
                 "Cannot track connections with this libevent: no header deadline "
@@ -164,7 +169,7 @@ class ConnectionGuard:
                 if limit and len(self._conns) + 1 >= limit:
                     # Short connections closed since the sweep count no more.  (Before
                     # this one is counted: evhttp sets its callbacks once it has it.)
-                    self._reap()
+                    self._reap_done_lately()
                 self._conns[bev] = deadline
                 if limit and len(self._conns) >= limit:
                     self._pause()
@@ -178,6 +183,7 @@ class ConnectionGuard:
         """A request came in time: no deadline while it is answered.  Returns the
         connection's key for ``response_done``."""
         bev: int = self._lib.evhttp_connection_get_bufferevent(evcon)
+        self._done_lately.pop(bev, None)
         if self._conns.get(bev):
             self._conns[bev] = 0.0
             if bev in self._arriving:
@@ -187,6 +193,10 @@ class ConnectionGuard:
     def response_done(self, bev: int) -> None:
         """The connection's response is complete (or its last bytes are on their way):
         the next request is due."""
+        done_lately = self._done_lately
+        done_lately[bev] = None
+        if len(done_lately) > DONE_LATELY:
+            del done_lately[next(iter(done_lately))]
         if self.next_request_timeout and bev in self._conns:
             self._conns[bev] = time.monotonic() + self.next_request_timeout
 
@@ -197,6 +207,7 @@ class ConnectionGuard:
         of it)."""
         bev = self._lib.evhttp_connection_get_bufferevent(evcon)
         if self._conns.pop(bev, None) is not None:
+            self._done_lately.pop(bev, None)
             self._arriving.pop(bev, None)  # its input buffer, callback and all, goes with it
             self._release(bev)
 
@@ -319,6 +330,19 @@ class ConnectionGuard:
             self.server._accepting(True)
         self.server.release_let_go()
 
+    def _reap_done_lately(self) -> None:
+        """``_reap``, of the connections whose response ended lately only: those that
+        close with no call to Python (after a whole reply, or a client's close between
+        two requests), found at once at the limit, not by looking at every connection
+        at each accept there."""
+        offset = self._offset
+        assert offset is not None
+        for bev in list(self._done_lately):
+            if bev not in self._conns:
+                del self._done_lately[bev]
+            elif not ctypes.c_void_p.from_address(bev + offset).value:
+                self._let_go(bev)
+
     def _reap(self) -> None:
         """Stop counting the connections evhttp has let go (it cleared their event
         callback; ours is the last reference)."""
@@ -329,10 +353,14 @@ class ConnectionGuard:
             bev for bev in self._conns if not ctypes.c_void_p.from_address(bev + offset).value
         ]
         for bev in let_go:
-            del self._conns[bev]
-            self._arriving.pop(bev, None)
-            self.server.let_go_unread()
-            self._release(bev)
+            self._let_go(bev)
+
+    def _let_go(self, bev: int) -> None:
+        del self._conns[bev]
+        self._done_lately.pop(bev, None)
+        self._arriving.pop(bev, None)
+        self.server.let_go_unread()
+        self._release(bev)
 
     def _past_deadline(self, bev: int, now: float) -> None:
         lib = self._lib
@@ -393,6 +421,7 @@ class ConnectionGuard:
         self._dropping.clear()
         self._after_release.clear()
         self._arriving.clear()
+        self._done_lately.clear()
         self._lingering.clear()
         self._lingered.clear()
 

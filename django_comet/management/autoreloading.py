@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import site
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +37,8 @@ logger = logging.getLogger("django_comet.server")
 
 # Seconds an edit under the autoreloader gives requests in flight before the restart.
 RELOAD_GRACE = 2.0
-# The serving process's exit status when runcomet gave up starting it (a port in use):
-# the reloader then ends, with 1.  Any other error ends it before runcomet's code runs.
-START_FAILED = 4
+# Names the file the serving process touches once runcomet's code runs in it.
+LOADED_ENV = "DJANGO_COMET_LOADED_MARK"
 # Python files of the project watched while the reloader waits for a fix (and
 # directories looked through for them).
 PROJECT_FILES = 10_000
@@ -86,26 +87,57 @@ class DrainBeforeRestart:
 
 def start_again_after_failed_edits() -> None:
     """In the reloader's process: when the serving process exits with an error before
-    runcomet's code could run (Django's setup failed: the project no longer loads), wait
-    for the next change and start it again.  A start runcomet itself gives up on (a port
-    in use) still ends the reloader, as it ends runserver's."""
-    restart_with_reloader: Callable[[], int] = autoreload.restart_with_reloader
+    runcomet's code ran (Django's setup failed: the project no longer loads), wait for
+    the next change and start it again.  One that got as far (a port in use, a crash
+    later) ends the reloader, as it ends runserver's.  Django's loop, restarting the
+    serving process for as long as it asks with status 3, is this one's (Django's own
+    cannot say which of its processes got how far)."""
 
     def restart_until_it_ends_well() -> int:
-        while True:
-            code = restart_with_reloader()
-            if code == START_FAILED:
-                return 1
-            if code <= 0:  # (negative: ended by a signal)
-                return code
-            sys.stderr.write(
-                "The server could not load the project (above). It starts again when a "
-                "Python file of the project changes; Ctrl-C to quit.\n"
-            )
-            sys.stderr.flush()
-            _wait_for_a_change()
+        args = autoreload.get_child_arguments()
+        handle, name = tempfile.mkstemp(prefix="django-comet-loaded-")
+        os.close(handle)
+        loaded = Path(name)
+        environ = {**_child_environ(), LOADED_ENV: name}
+        try:
+            while True:
+                loaded.unlink(missing_ok=True)
+                code = subprocess.run(args, env=environ, close_fds=False).returncode
+                if code == 3:  # (an edit: "restart me")
+                    continue
+                if code <= 0 or loaded.exists():  # (negative: ended by a signal)
+                    return code
+                sys.stderr.write(
+                    "The server could not load the project (above). It starts again when "
+                    "a Python file of the project changes; Ctrl-C to quit.\n"
+                )
+                sys.stderr.flush()
+                _wait_for_a_change()
+        finally:
+            loaded.unlink(missing_ok=True)
 
     autoreload.restart_with_reloader = restart_until_it_ends_well
+
+
+def say_loaded() -> None:
+    """In the serving process, once runcomet's code runs: the project loaded."""
+    name = os.environ.get(LOADED_ENV)
+    if name:
+        with contextlib.suppress(OSError):
+            Path(name).touch()
+
+
+def _child_environ() -> dict[str, str]:
+    """The serving process's environment, as Django's reloader makes it (an interpreter
+    started with -u starts it unbuffered too)."""
+    environ = {**os.environ, autoreload.DJANGO_AUTORELOAD_ENV: "true"}
+    for option in getattr(sys, "orig_argv", [])[1:]:
+        if not option.startswith("-"):
+            break  # (the script: the interpreter's options come before it)
+        flags = option[1:]
+        if not option.startswith(("--", "-X", "-W")) and flags.isalpha() and "u" in flags:
+            environ.setdefault("PYTHONUNBUFFERED", "1")
+    return environ
 
 
 def _wait_for_a_change() -> None:
@@ -124,17 +156,28 @@ def _wait_for_a_change() -> None:
 
 
 def _project_files() -> list[Path]:
-    """The Python files under the project's directories as they are now: its apps' and
-    the import path's (manage.py's first), not under the interpreter, a virtual
-    environment, site-packages, a hidden directory or ``node_modules``; at most
+    """The Python files under the project's directories as they are now: the import
+    path's first one (manage.py's), its apps', the rest of the import path's; not under
+    the interpreter, a virtual environment, site-packages, a hidden directory or
+    ``node_modules``, nor under a directory holding the interpreter (``/``); at most
     ``PROJECT_FILES`` of them (looked at once a second), in as many directories."""
-    libraries = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())]
-    roots = {Path(config.path).resolve() for config in apps.get_app_configs()}
-    roots.update(Path(entry or ".").resolve() for entry in sys.path)  # (manage.py's first)
+    libraries = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())}
+    interpreter = Path(sys.base_prefix).resolve()
+    roots = dict.fromkeys(  # (in this order, once each)
+        [
+            *(Path(entry or ".").resolve() for entry in sys.path[:1]),
+            *(Path(config.path).resolve() for config in apps.get_app_configs()),
+            *(Path(entry or ".").resolve() for entry in sys.path[1:]),
+        ]
+    )
     found: list[Path] = []
     walked = 0
-    for root in sorted(roots):
-        if not root.is_dir() or any(root.is_relative_to(library) for library in libraries):
+    for root in roots:
+        if (
+            not root.is_dir()
+            or interpreter.is_relative_to(root)
+            or any(root.is_relative_to(library) for library in libraries)
+        ):
             continue
         for directory, subdirectories, files in os.walk(root):
             walked += 1
@@ -142,9 +185,13 @@ def _project_files() -> list[Path]:
                 name
                 for name in subdirectories
                 if not (name.startswith(".") or name in ("node_modules", "__pycache__"))
+                and Path(directory, name) not in libraries
                 and not os.path.exists(os.path.join(directory, name, "pyvenv.cfg"))
             ]
             found.extend(Path(directory, name) for name in files if name.endswith(".py"))
             if len(found) >= PROJECT_FILES or walked >= PROJECT_FILES:
+                logger.warning(
+                    "Watching the first %d Python files of the project only.", len(found)
+                )
                 return found[:PROJECT_FILES]
     return found

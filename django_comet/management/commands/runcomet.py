@@ -41,7 +41,7 @@ from ...evloop.logwriter import (
     log_to_stderr,
 )
 from ...evloop.prefork import BOOT_FAILED, Supervisor, parent_gone
-from ..autoreloading import START_FAILED, DrainBeforeRestart, start_again_after_failed_edits
+from ..autoreloading import DrainBeforeRestart, say_loaded, start_again_after_failed_edits
 
 if apps.is_installed("django.contrib.staticfiles"):
     from django.contrib.staticfiles.management.commands.runserver import (
@@ -149,6 +149,9 @@ class Command(RunserverCommand):
         """Check what can be wrong with the address and the settings here, in the main
         thread: under the autoreloader, inner_run's errors come from a thread (a
         traceback, and a process left serving nothing)."""
+        restarted = os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true"
+        if restarted:
+            say_loaded()  # (to the reloader's process: the project loaded)
         if not self.unix_socket and not 0 <= int(self.port) <= 65535:
             raise CommandError(f'"{self.port}" is not a valid port number.')
         try:  # (an edit cannot fix it: the autoreloader need not wait for one)
@@ -161,7 +164,6 @@ class Command(RunserverCommand):
         # here ended it, though the edit that caused it was to a file it watches).
         self._settings_error: CommandError | None = None
         self._socket_id = None
-        restarted = os.environ.get(autoreload.DJANGO_AUTORELOAD_ENV) == "true"
         try:
             errors = comet_settings.errors()  # (all of them, whatever --skip-checks says)
             if errors:
@@ -305,11 +307,9 @@ class Command(RunserverCommand):
         if threading.current_thread() is threading.main_thread():
             raise CommandError(message)
         self.stderr.write(f"Error: {message}")
-        # (Under the autoreloader: its process ends too, with 1, rather than wait for an
-        # edit as after a project that does not load.)
-        exit_if_stuck(START_FAILED)
+        exit_if_stuck(1)
         logging.shutdown()
-        os._exit(START_FAILED)  # sys.exit cannot end the process from the autoreloader's thread
+        os._exit(1)  # sys.exit cannot end the process from the autoreloader's thread
 
     def on_bind(  # type: ignore[override]
         self, server_port: int, server: Any = None, workers: int = 1, threads: int = 0
