@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class WorkerFigures:
         self.number = number
         self._path = os.path.join(directory, f"{number}.json")
         self._written: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # the loop thread's writes, and status views'
         # The counters of the worker this one replaces, if it died.
         self._carried = _counters(_read(self._path))
         # Written at once, then every second: until its file exists, the other workers
@@ -63,14 +65,14 @@ class WorkerFigures:
     def _write(self) -> None:
         """Loop thread, once a second."""
         self._timer = self.server.loop.call_later(WRITE_SECONDS, self._write, background=True)
-        figures = self.own(self.server.stats())
-        if figures != self._written:
-            self._save(figures)
+        with self._lock:
+            figures = self.own(self.server.stats())
+            if figures != self._written:
+                self._save(figures)
 
     def _save(self, figures: dict[str, Any]) -> None:
         record = {"worker": self.number, "pid": os.getpid(), "figures": figures}
-        # (The loop thread's, or a status view's: a file each.)
-        partial = f"{self._path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        partial = f"{self._path}.{os.getpid()}.tmp"  # (under the lock: one at a time)
         try:
             with open(partial, "w") as file:
                 json.dump(record, file, separators=(",", ":"))
@@ -85,14 +87,15 @@ class WorkerFigures:
             stats[key] = stats.get(key, 0) + value
         return stats
 
-    def combined(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """``stats`` (this worker's live figures) with every other worker's added.
+    def combined(self, stats: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``stats()`` (this worker's live figures) with every other worker's added.
         Written first: what a worker answered with is on disk for the others (and its
         replacement) before anyone sees it, so a total never goes down from one answer
         to the next, whichever workers give them (one that had answered with more than
         its last write showed fewer requests in the next answer by another)."""
-        figures = self.own(stats)
-        self._save(figures)
+        with self._lock:  # (taken and written in turn: never an older one over a newer)
+            figures = self.own(stats())
+            self._save(figures)
         records = [{"worker": self.number, "pid": os.getpid(), "figures": figures}]
         with contextlib.suppress(OSError):
             for name in sorted(os.listdir(self.directory)):

@@ -264,7 +264,7 @@ class Server(Producer, Responder, Admission, Stopping):
         worker's added up (the others' as of their last write, at most a second ago)."""
         if self.shared_figures is None:
             return {"workers": 1, **self.stats()}
-        return self.shared_figures.combined(self.stats())
+        return self.shared_figures.combined(self.stats)
 
     # -- request intake (loop thread) --------------------------------------------------
 
