@@ -1,6 +1,7 @@
 """runcomet under Django's autoreloader: an edit drains the server before the restart,
 a template edit restarts nothing, and a restart that fails waits for the fix."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -150,5 +151,20 @@ def test_an_edit_while_a_view_holds_the_loop_thread_says_why_the_restart_waits(d
         slow.settimeout(30)
         assert slow.recv(4096) == b""  # cut with the process
         slow.close()
+    finally:
+        server.stop()
+
+
+def test_a_server_that_fails_after_it_started_ends_the_reloader(demo_db):
+    """Only a process that never got as far as runcomet's code (the project did not
+    load) is waited for: one that ends with an error later (a crash, here) ends the
+    reloader as runserver's does, rather than leave it waiting for an edit (found by a
+    review: the reloader went by the exit status alone)."""
+    server = runcomet(db=demo_db, reload=True)
+    try:
+        with contextlib.suppress(requests.ConnectionError):
+            requests.get(server.url + "/t/crash/", timeout=10)
+        assert server.proc.wait(30) == 1
+        assert not server.logged("could not load the project", timeout=0)
     finally:
         server.stop()

@@ -5,6 +5,7 @@ from . import event_views, stage_views, views
 urlpatterns = [
     path("t/echo/", views.echo, name="echo"),
     path("t/sleep/", views.sleep, name="sleep"),
+    path("t/crash/", views.crash),
     path("t/fork-holder/", views.fork_holder),
     path("t/fork-child/", views.fork_child),
     path("t/boom/", views.boom, name="boom"),

@@ -39,6 +39,11 @@ def echo(request):
     )
 
 
+def crash(request):
+    """The serving process ends at once, with status 1 (a crash, after it started)."""
+    os._exit(1)
+
+
 def sleep(request):
     if "started" in request.GET:  # a file the test waits for: the view is running
         open(request.GET["started"], "w").close()
