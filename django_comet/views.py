@@ -78,6 +78,12 @@ _METRICS = [
     ("comet_sse_streams", "gauge", "Server-Sent Events streams open.", "streams"),
     ("comet_requests_total", "counter", "Requests the application served since start.", "requests"),
     (
+        "comet_refused_total",
+        "counter",
+        "Requests answered with an error before any application saw them.",
+        "refused",
+    ),
+    (
         "comet_events_published_total",
         "counter",
         "Events received (by the worker that received most, under --workers).",

@@ -106,6 +106,18 @@ def test_status_counts_requests(comet):
     assert second["broker_listening"] is True  # the memory broker: always
 
 
+def test_requests_the_server_refuses_are_counted_apart(comet):
+    """Answered with an error before any app saw them: not among the app's requests,
+    and counted all the same (the metrics' help said "answered": found by a review)."""
+    first = comet.status()
+    with comet.connect() as sock:
+        sock.sendall(b"GET /t/echo/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+    second = comet.status()
+    assert second["refused"] == first["refused"] + 1
+    assert second["requests"] == first["requests"] + 1  # (the first status request)
+
+
 def test_metrics_carry_every_figure_of_the_status(comet):
     """/comet/metrics is the status's figures in Prometheus' text format: each number of
     the JSON (booleans as 0 or 1) as one sample."""

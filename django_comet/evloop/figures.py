@@ -32,6 +32,7 @@ HIGHEST = frozenset({"events_published"})
 # count of now.
 COUNTERS = (
     "requests",
+    "refused",
     "dropped_slow",
     "stages_delayed",
     "header_timeouts",

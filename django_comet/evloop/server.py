@@ -79,6 +79,7 @@ class Server(Producer, Responder, Admission, Stopping):
         self._exchanges: dict[int, Exchange] = {}
         self._next_key = 1
         self.requests = 0  # exchanges finished since start
+        self.refused = 0  # requests answered with an error before any app saw them
         self.held = 0  # exchanges held open right now by deferrals
         self._draining = False
         self._drain_check: Any = None  # the drain's next look (shutdown)
@@ -247,6 +248,7 @@ class Server(Producer, Responder, Admission, Stopping):
         return {
             "held": self.held,
             "requests": self.requests,
+            "refused": self.refused,
             "in_flight": len(self._exchanges),
             # Timers and watchers of requests: less the server's own.
             "timers": self.loop.foreground_handles,
@@ -331,9 +333,10 @@ class Server(Producer, Responder, Admission, Stopping):
             self.loop.failed(exc, self._on_request)
 
     def _log_refused(self, r: RequestStruct, status: int) -> None:
-        """An access-log line for a request refused before any app saw it (a probe, a
-        smuggling attempt leaves a trace): its method and target as far as they were
-        read (accesslog.py)."""
+        """A request refused before any app saw it: counted, and an access-log line (a
+        probe, a smuggling attempt leaves a trace), its method and target as far as they
+        were read (accesslog.py)."""
+        self.refused += 1
         if not (self.config.access_log and accesslog.enabled()):
             return
         uri = r.uri
