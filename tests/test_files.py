@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 from django.core.files import File
+from django.http import FileResponse
 
 from django_comet.evloop.files import FileWrapper
 
@@ -182,6 +183,68 @@ def test_proxies_of_a_plain_file_are_looked_through(tmp_path):
         file, offset, count = FileWrapper(temporary).file_range(None)
         file.close()
         assert (offset, count) == (1, 2)
+
+
+def test_a_file_type_whose_read_changes_the_bytes_is_read(tmp_path):
+    """A subclass of a file type, or a Django File whose ``read`` is its own, may give
+    other bytes than the descriptor holds (a storage that decrypts): what goes out must
+    be what reading gives, so it is read, not sent by descriptor."""
+
+    class Upper(io.BufferedReader):
+        def read(self, size=-1):
+            return super().read(size).upper()
+
+    class UpperFile(File):
+        def read(self, *args):
+            return self.file.read(*args).upper()
+
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdef")
+    with Upper(io.FileIO(path)) as f:
+        wrapper = FileWrapper(f)
+        assert wrapper.file_range(None) is None
+        assert b"".join(wrapper) == b"ABCDEF"
+    with UpperFile(open(path, "rb")) as f:
+        assert FileWrapper(f).file_range(None) is None
+
+
+def test_a_file_holding_less_than_its_size_says_is_read(tmp_path):
+    """sysfs gives every file a size of 4096, whatever it holds: sent by descriptor, a
+    made-up length would go out, and the bytes end short of it."""
+    path = "/sys/class/net/lo/mtu"
+    if not os.path.exists(path):
+        pytest.skip("no sysfs here")
+    with open(path, "rb") as f:
+        assert os.fstat(f.fileno()).st_size > len(f.read())
+        f.seek(0)
+        assert FileWrapper(f).file_range(None) is None
+
+
+def test_a_file_whose_fileno_fails_is_read(tmp_path):
+    class Failing(io.BufferedReader):
+        def fileno(self):
+            raise RuntimeError("no descriptor for you")
+
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdef")
+    with Failing(io.FileIO(path)) as f:
+        wrapper = FileWrapper(f)
+        assert wrapper.file_range(None) is None
+        assert b"".join(wrapper) == b"abcdef"
+
+
+@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
+def test_a_django_file_that_changes_its_bytes_sends_what_it_reads(request, server_name):
+    server = request.getfixturevalue(server_name)
+    size, skip = 100_000, 10  # (under glibc's mmap threshold: see pattern_file)
+    response = requests.get(
+        server.url + f"/t/file/?size={size}&skip={skip}&reversing=1", timeout=30
+    )
+    assert response.status_code == 200
+    data, block = pattern(size)[skip:], FileResponse.block_size
+    assert response.content == b"".join(
+        data[at : at + block][::-1] for at in range(0, len(data), block)
+    )
 
 
 def test_a_pipe_has_no_range():

@@ -10,6 +10,7 @@ import tempfile
 import time
 import weakref
 
+from django.core.files import File
 from django.db import connection
 from django.db.backends.signals import connection_created
 from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -135,15 +136,25 @@ def pattern_file(size):
     return path
 
 
+class ReversingFile(File):
+    """A storage's file whose ``read`` changes the bytes (as one that decrypts would)."""
+
+    def read(self, *args):
+        return self.file.read(*args)[::-1]
+
+
 def file_view(request):
     """A FileResponse of the ``size``-byte pattern file from byte ``skip`` on; with
-    ``memory=1``, of the same bytes in a BytesIO (no descriptor to send)."""
+    ``memory=1``, of the same bytes in a BytesIO (no descriptor to send); with
+    ``reversing=1``, through a ReversingFile."""
     size, skip = int(request.GET["size"]), int(request.GET.get("skip", "0"))
     if request.GET.get("memory"):
         f = io.BytesIO(pattern(size))
     else:
         f = open(pattern_file(size), "rb")  # noqa: SIM115 (FileResponse closes it)
     f.seek(skip)
+    if request.GET.get("reversing"):
+        return FileResponse(ReversingFile(f), content_type="application/octet-stream")
     return FileResponse(f, content_type="application/octet-stream")
 
 

@@ -51,18 +51,19 @@ class FileWrapper:
             fd = real.fileno()
             offset = real.tell()  # the buffered position, not the descriptor's
             info = os.fstat(fd)
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
-            return None
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        available = info.st_size - offset
-        count = available if length is None else length
-        if count <= 0 or count > available:
-            return None  # nothing to send, or short of its Content-Length: let iteration tell
-        try:
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            available = info.st_size - offset
+            count = available if length is None else length
+            if count <= 0 or count > available:
+                return None  # nothing to send, or short of its Content-Length: iteration tells
+            # A file's size may say more than it holds (sysfs gives 4096 for a few bytes):
+            # its range's last byte must be there, or a made-up length would go out.
+            if not os.pread(fd, 1, offset + count - 1):
+                return None
             return Descriptor(os.dup(fd)), offset, count
-        except OSError:  # out of descriptors: reading it still works
-            return None
+        except Exception:  # (io.UnsupportedOperation, out of descriptors, a file object's
+            return None  # own error): reading it still works, or tells what is wrong
 
 
 class Descriptor:
@@ -89,17 +90,28 @@ class Descriptor:
 def _plain_file(filelike: Any) -> io.FileIO | io.BufferedReader | io.BufferedRandom | None:
     """The open file whose bytes reading ``filelike`` gives, or None.  Only a plain file
     qualifies: a gzip, bz2 or lzma file also has a descriptor and a position, but of its
-    compressed bytes.  Proxies that read their ``file`` as is are looked through:
-    Django's ``File`` (what ``FieldFile.open()`` gives) and tempfile's wrappers."""
+    compressed bytes, and a subclass of a file type may change what ``read`` gives.
+    Proxies that read their ``file`` as is are looked through: Django's ``File`` (what
+    ``FieldFile.open()`` gives) and tempfile's wrappers."""
     for _ in range(3):
-        if isinstance(filelike, io.FileIO):
+        # Exact types: a subclass may override read() (decrypting, decompressing), and
+        # what goes out must be what reading gives.
+        if type(filelike) is io.FileIO:
             return filelike
-        if isinstance(filelike, (io.BufferedReader, io.BufferedRandom)):
-            return filelike if isinstance(filelike.raw, io.FileIO) else None
-        is_proxy = hasattr(filelike, "multiple_chunks") or isinstance(
-            filelike, tempfile._TemporaryFileWrapper
-        )
-        if not is_proxy:
+        if type(filelike) in (io.BufferedReader, io.BufferedRandom):
+            return filelike if type(filelike.raw) is io.FileIO else None
+        if isinstance(filelike, tempfile._TemporaryFileWrapper):
+            filelike = filelike.file
+            continue
+        if not hasattr(filelike, "multiple_chunks"):
             return None
-        filelike = getattr(filelike, "file", None)
+        inner = getattr(filelike, "file", None)
+        try:
+            # Django's File reads its file as is (its read is the file's); a subclass
+            # that overrides read transforms the bytes.
+            if inner is None or filelike.read != inner.read:
+                return None
+        except Exception:
+            return None
+        filelike = inner
     return None
