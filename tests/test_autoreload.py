@@ -155,6 +155,31 @@ def test_an_edit_while_a_view_holds_the_loop_thread_says_why_the_restart_waits(d
         server.stop()
 
 
+def test_an_edit_while_an_async_view_awaits_restarts_the_server(demo_db, tmp_path):
+    """asgiref runs an async view's coroutine in a thread the interpreter's exit joins:
+    the process that was to restart stayed up, serving nothing, until the view
+    returned."""
+    watched = tmp_path / "watched.py"
+    watched.write_text("# edited below\n")
+    server = runcomet(db=demo_db, reload=True, env={"TEST_WATCHED_FILE": str(watched)})
+    try:
+        started = tmp_path / "started"
+        waiting = server.connect()
+        waiting.sendall(
+            b"GET /t/async-sleep/?s=600&started=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            % bytes(started)
+        )
+        wait_until(started.exists, 30)
+        edit_until_logged(server, watched, "# edited\n", "watched.py changed, reloading", 1)
+        assert server.logged("Starting comet server", timeout=60, times=2)
+        assert server.logged("Exiting without waiting for 1 thread(s) still running")
+        waiting.settimeout(30)
+        assert waiting.recv(4096) == b""  # cut with the process
+        waiting.close()
+    finally:
+        server.stop()
+
+
 def test_a_server_that_fails_after_it_started_ends_the_reloader(demo_db):
     """Only a process that never got as far as runcomet's code (the project did not
     load) is waited for: one that ends with an error later (a crash, here) ends the

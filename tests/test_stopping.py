@@ -96,6 +96,28 @@ def test_a_second_sigterm_is_the_same_stop(demo_db, threads, tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_a_stop_ends_the_process_while_an_async_view_still_awaits(demo_db, threads, tmp_path):
+    """asgiref runs an async view's coroutine in a non-daemon thread, which the
+    interpreter's exit joins: past the grace period the process stayed up until the
+    view returned, and a second signal found no handler to stop it."""
+    server = runcomet("--threads", threads, db=demo_db, env={"TEST_GRACE_PERIOD": "0.5"})
+    try:
+        started = tmp_path / "started"
+        waiting = server.connect()
+        waiting.sendall(
+            b"GET /t/async-sleep/?s=600&started=%b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            % str(started).encode()
+        )
+        wait_until(started.exists)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert server.logged("Exiting without waiting for 1 thread(s) still running")
+        waiting.close()
+    finally:
+        server.stop()
+
+
 def test_a_stop_signal_repeated_is_the_same_request_unless_it_is_ctrl_c():
     from django_comet.evloop.interrupt import StopRequests
 

@@ -47,6 +47,7 @@ urlpatterns = [
     path("t/db-rows/", views.db_rows),
     path("t/file/", views.file_view, name="file"),
     path("t/async/", views.async_view, name="async"),
+    path("t/async-sleep/", views.async_sleep, name="async-sleep"),
     path("t/async-staged/", stage_views.async_staged, name="async_staged"),
     path("t/publish/", event_views.publish_view, name="publish"),
     path("t/publish-many/", event_views.publish_many, name="publish_many"),

@@ -164,6 +164,15 @@ async def async_view(request):
     return JsonResponse({"async": True, "path": request.path})
 
 
+async def async_sleep(request):
+    """An async view that awaits ``s`` seconds, touching the file ``started`` first: its
+    coroutine runs in a thread of asgiref's, which the interpreter's exit joins."""
+    if "started" in request.GET:
+        open(request.GET["started"], "w").close()
+    await asyncio.sleep(float(request.GET.get("s", "1")))
+    return HttpResponse("slept")
+
+
 def paced_big(request):
     """2 MiB items, one every 0.3 s, for a minute; the file ?closed= is written when the
     body is closed."""

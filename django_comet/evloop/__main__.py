@@ -14,6 +14,7 @@ import sys
 
 from .config import MAX_THREADS, ServerConfig
 from .fdlimit import raise_open_files_limit
+from .interrupt import exit_in_time
 from .libevent_ctypes import LibeventMissing
 from .listen import unix_path
 from .logwriter import (
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
     exit_if_stuck(0)
+    exit_in_time(0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ print it and drop it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
 
 # A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
@@ -77,3 +80,53 @@ def start_without_signals(thread: threading.Thread) -> None:
 
 class StopNow(BaseException):
     """Raised into a view running in the loop thread: the server stops at once."""
+
+
+# Seconds the interpreter's exit may spend joining threads once the server has stopped.
+EXIT_WAIT = 2.0
+
+
+def exit_in_time(status: int) -> None:
+    """Main thread, once the server has stopped: the process ends within ``EXIT_WAIT``
+    even if a view still runs in a thread the interpreter's exit joins (asgiref runs an
+    async view's coroutine in a non-daemon thread, which the grace period does not end:
+    the process stayed up until the view returned).  A watchdog ends it then, naming
+    those threads; if none is left running, the exit takes its course (atexit's
+    functions run).  From now on a stop signal ends the process at once: the server
+    that handled them is gone."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in stop_signals():
+            signal.signal(signum, signal.SIG_DFL)
+    if _joined_at_exit():
+        watchdog = threading.Thread(
+            target=_end_if_still_running, args=(status,), name="comet-exit", daemon=True
+        )
+        watchdog.start()
+
+
+def _joined_at_exit() -> list[threading.Thread]:
+    """The threads the interpreter's exit waits for: those not daemon, and every
+    ``concurrent.futures`` worker, daemon or not (a thread takes its daemon flag from the
+    one that starts it: asgiref's, started from a view thread, are daemon threads)."""
+    current, main = threading.current_thread(), threading.main_thread()
+    joined = [t for t in threading.enumerate() if not t.daemon]
+    futures = sys.modules.get("concurrent.futures.thread")
+    joined += getattr(futures, "_threads_queues", {}).keys()
+    return [t for t in dict.fromkeys(joined) if t.is_alive() and t not in (current, main)]
+
+
+def _end_if_still_running(status: int) -> None:
+    threading.Event().wait(EXIT_WAIT)
+    left = _joined_at_exit()
+    if not left:
+        return
+    names = ", ".join(t.name for t in left)
+    message = (
+        f"Exiting without waiting for {len(left)} thread(s) still running "
+        f"({names}: an async view, or a thread the project started)\n"
+    )
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, message.encode())
+    os._exit(status)

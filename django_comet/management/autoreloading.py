@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from django.apps import apps
 from django.utils import autoreload
 
+from ..evloop.interrupt import exit_in_time
 from ..evloop.logwriter import exit_if_stuck
 from ..evloop.server import POOL_SHUTDOWN_WAIT
 
@@ -76,6 +77,7 @@ class DrainBeforeRestart:
                 )
             self.stopped.wait(max(0.0, deadline - time.monotonic()))
             exit_if_stuck(3)  # (3: the autoreloader's "restart me")
+            exit_in_time(3)  # (an async view still awaiting: its thread is joined at exit)
             restart(filename)
 
         autoreload.trigger_reload = drain_then_restart

@@ -31,6 +31,7 @@ from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.fdlimit import raise_open_files_limit
+from ...evloop.interrupt import exit_in_time
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import (
     LOG_DATE_FORMAT,
@@ -248,6 +249,7 @@ class Command(RunserverCommand):
         if not in_main_thread:
             logging.shutdown()  # (what waits to be logged: no atexit after os._exit)
             os._exit(0)
+        exit_in_time(0)  # (an async view still awaiting: its thread is joined at exit)
 
     def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
         port = 0 if config.unix_socket else sock.getsockname()[1]
