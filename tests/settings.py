@@ -129,6 +129,9 @@ if os.environ.get("TEST_EXTRA_APPS_FILE"):  # a module naming more apps, for a t
     _spec.loader.exec_module(_extra)
     INSTALLED_APPS = [*INSTALLED_APPS, *_extra.EXTRA_APPS]  # noqa: F405
 
+if os.environ.get("TEST_NOSTATIC_RUNSERVER"):  # runserver overridden to serve no static
+    INSTALLED_APPS = ["tests.nostatic_runserver", *INSTALLED_APPS]
+
 if os.environ.get("TEST_TEMPLATE_DIR"):  # one more template directory, and what the
     # autoreloader sees of it (DEBUG: "first seen", "notified as changed")
     TEMPLATES = [

@@ -73,6 +73,18 @@ def test_static_files_served_when_debug(comet):
     assert "text/css" in response.headers["Content-Type"]
 
 
+def test_static_files_are_left_to_the_project_when_its_runserver_says_so(demo_db):
+    """WhiteNoise's runserver_nostatic overrides runserver to serve no static files, so
+    that its middleware does (hashed names, ranges): runcomet follows the project's
+    runserver (test_static_files_served_when_debug: the same project without it)."""
+    server = runcomet(db=demo_db, env={"TEST_NOSTATIC_RUNSERVER": "1"})
+    try:
+        assert requests.get(server.url + "/static/admin/css/base.css").status_code == 404
+        assert requests.get(server.url + "/t/echo/").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_static_path_leaving_the_static_root_is_a_400(comet):
     """As Django answers a SuspiciousOperation in a view (its static handler let it out:
     a 500)."""

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from django.apps import apps
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import get_commands, load_command_class
 from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 from django.utils import autoreload
@@ -83,6 +84,9 @@ class Command(RunserverCommand):
                 )
             elif action.dest == "use_threading":
                 action.help = "Run views in the event loop thread: the same as --threads 0."
+        if parser.get_default("use_static_handler") and not _project_serves_static():
+            # (whitenoise.runserver_nostatic: static files are the project's middleware's)
+            parser.set_defaults(use_static_handler=False)
         parser.add_argument(
             "--threads",
             type=int,
@@ -345,6 +349,21 @@ class Command(RunserverCommand):
             )
         )
         self.stdout.flush()
+
+
+def _project_serves_static() -> bool:
+    """Whether the project's own ``runserver`` serves static files by default.  An app
+    listed before staticfiles may override runserver to say no (WhiteNoise's
+    ``runserver_nostatic``, so that its middleware serves them, hashed names, ranges and
+    compressed variants included): runcomet follows it."""
+    app = get_commands().get("runserver")
+    if app in (None, "django.core", "django.contrib.staticfiles"):
+        return True
+    try:
+        parser = load_command_class(app, "runserver").create_parser("manage.py", "runserver")
+    except Exception:  # (its own problem, which its runserver would show)
+        return True
+    return parser.get_default("use_static_handler") is not False
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:
