@@ -85,14 +85,14 @@ def replay(broker: Broker, channels: list[str], after: int | None) -> tuple[list
         return [], False, broker.fresh_cursor(channels)
     after = min(after, MAX_EVENT_ID)  # any larger cursor is as foreign, and fits a bigint
     if broker.cut_off():
-        _unreachable("its listener lost it")
+        _unreachable("lost by its listener, or a read from it failed lately")
         events, gap = broker.local_since(channels, after)
     else:
         # Read before the broker is: every id up to it was handed out before the read.
         complete_after = broker.hub_has_all_after()
         lost = hub.lost_mark(channels)  # (before it too: a cursor from 0 moves past these)
         try:
-            with broker.early_client():
+            with broker.replaying(), broker.early_client():
                 events, gap = broker.since(channels, after)
                 if not events and after > hub.last_id and after > (newest := broker.newest_id()):
                     events, _ = broker.since(channels, 0)
@@ -182,11 +182,12 @@ def history(channel: str, after: int = 0) -> list[dict[str, Any]]:
         )
     channels, broker = [check_channel(channel)], get_broker()
     if broker.cut_off():
-        _unreachable("its listener lost it")
+        _unreachable("lost by its listener, or a read from it failed lately")
         events, _ = broker.local_since(channels, after)
     else:
         try:
-            events, _ = broker.since(channels, after)
+            with broker.replaying():
+                events, _ = broker.since(channels, after)
         except broker.unreachable as exc:
             if broker.hub_has_all_after() is None:
                 raise  # (a shell, a task: no history of its own to answer from)

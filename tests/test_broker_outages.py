@@ -1,6 +1,7 @@
 """Brokers that go away, come back, start late or lose their data: the server keeps
 serving, and nothing old is taken for new nor anything new dropped."""
 
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -186,7 +187,44 @@ def test_replays_while_the_broker_is_away_read_this_process_history_at_once(demo
         finally:
             assert server.stop() == 0, "".join(server.output)
         said = [line for line in server.output if "Broker unreachable" in line]  # (all of it)
-        assert len(said) == 1 and "its listener lost it" in said[0], said
+        assert len(said) == 1 and "lost by its listener" in said[0], said
+    finally:
+        redis.destroy()
+
+
+def test_replays_after_one_found_the_broker_frozen_read_this_process_history(demo_db):
+    """A broker frozen (SIGSTOP), not gone: its listener finds out only after its own
+    wait for a word (up to 40 s), and until then each replay waited for the broker's
+    timeout on a view thread, so that a few pollers held every one (found by a review).
+    Once a replay's read has failed, the next ones read this process's history at once:
+    they are all answered while a publish, which must wait for the broker, still does."""
+    redis = RedisServer()
+    try:
+        server = start(redis, demo_db)
+        try:
+            kept = publish(server, "frozen", "kept")
+            url = server.url + f"/t/fastpoll/?channel=frozen&since={kept - 1}&timeout=0.1"
+            assert redis.proc is not None
+            redis.proc.send_signal(signal.SIGSTOP)
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            try:
+                first = requests.get(url, timeout=60)  # (after the broker's timeout)
+                assert [e["id"] for e in first.json()["events"]] == [kept]
+                waiting = pool.submit(
+                    requests.post,
+                    server.url + "/t/publish/",
+                    data={"channel": "frozen", "data": "1"},
+                    timeout=60,
+                )
+                for _ in range(8):  # (each would wait for the broker's timeout in turn)
+                    answer = requests.get(url, timeout=60)
+                    assert [e["id"] for e in answer.json()["events"]] == [kept]
+                assert not waiting.done()
+            finally:
+                redis.proc.send_signal(signal.SIGCONT)
+                pool.shutdown()
+        finally:
+            assert server.stop() == 0, "".join(server.output)
     finally:
         redis.destroy()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -71,10 +72,15 @@ class Broker:
 
     def cut_off(self) -> bool:
         """Whether this process knows the broker to be out of reach right now (its
-        listener lost it): replays then read this process's own history at once, rather
-        than each wait for the broker's timeouts (a frozen one: seconds per request, on
-        a view thread)."""
+        listener lost it, or a replay's read failed lately): replays then read this
+        process's own history at once, rather than each wait for the broker's timeouts
+        (a frozen one: seconds per request, on a view thread)."""
         return False
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Around a replay's reads from the broker: whether they failed (``cut_off``)."""
+        yield
 
     def start_listening(self, loop: Any = None) -> None:
         """Begin receiving other processes' events into the hub (idempotent).  A running
@@ -82,6 +88,11 @@ class Broker:
 
     def close(self) -> None:
         """Release connections and threads."""
+
+
+# Seconds replays read this process's own history after one of them could not read the
+# broker's while its listener looked connected, before one asks the broker again.
+DOUBTED_FOR = 10.0
 
 
 def catch_up_bound(history_size: int) -> int:
@@ -121,6 +132,9 @@ class ListeningBroker(Broker):
         self._early_clients = 0  # getting their cursors from the broker right now
         self._early_floor: int | None = None
         self._caught_up = False  # the hub has everything from the early floor on
+        self._doubt = threading.Lock()  # (replaying: after a replay's read failed)
+        self._doubted_until = 0.0
+        self._asking_again = False
 
     def local_since(self, channels: Iterable[str], after: int) -> tuple[list[Event], bool]:
         """This process's hub has every event since it began listening (a reconnect
@@ -133,7 +147,41 @@ class ListeningBroker(Broker):
     def cut_off(self) -> bool:
         # (Once caught up: until its first listen a process has no history of its own.
         # What is published before its listener is back reaches the hub by its catch-up.)
-        return self._caught_up and not self.connected.is_set()
+        if not self._caught_up:
+            return False
+        if not self.connected.is_set():
+            return True
+        with self._doubt:
+            if not self._doubted_until:
+                return False
+            if self._asking_again or time.monotonic() < self._doubted_until:
+                return True
+            self._asking_again = True  # this caller's replay asks the broker again
+            return False
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """A replay's read that fails while the listener still looks connected (a broker
+        frozen rather than gone: the listener finds out only once its own wait for a
+        word from it is over, up to 40 s) has the replays of the next ``DOUBTED_FOR``
+        read this process's history at once: each would have held a view thread for
+        the broker's timeout, and a few pollers held every one.  Then one replay asks
+        the broker again (the others still read the history meanwhile)."""
+        try:
+            yield
+        except self.unreachable:
+            with self._doubt:
+                self._doubted_until = time.monotonic() + DOUBTED_FOR
+                self._asking_again = False
+            raise
+        except BaseException:
+            with self._doubt:
+                self._asking_again = False
+            raise
+        else:
+            with self._doubt:
+                self._doubted_until = 0.0
+                self._asking_again = False
 
     def hub_has_all_after(self) -> int | None:
         return self._listening_from if self._caught_up else None
@@ -225,12 +273,17 @@ class ListeningBroker(Broker):
             try:
                 self._listen(self._deliver)
             except Exception as exc:  # the broker went away: retry
-                if self.connected.is_set():
+                was_up = self.connected.is_set()
+                if was_up:
                     backoff = 0.1  # it was up: a new outage starts from the short wait
                 self.connected.clear()
                 if self._closed.is_set():
                     return
-                level, said = self.retry_message(exc, f"{type(self).__name__} connection")
+                level, said = self.retry_message(
+                    exc,
+                    f"{type(self).__name__} connection",
+                    lost="lost" if was_up else "unreachable",  # (never made, this time)
+                )
                 logger.log(level, "%s; retrying in %.1fs", said, backoff)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max)

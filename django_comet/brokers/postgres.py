@@ -334,7 +334,7 @@ class PostgresBroker(LargeEventReads, ListeningBroker):
                 elif notify.payload == str(self._pings):
                     self._answered()
         except Exception as exc:  # the server went away: watch a new connection
-            self._reconnect(f"PostgreSQL connection lost ({exc})")
+            self._reconnect(f"PostgreSQL connection lost ({self.described(exc)})")
 
     def _check_health(self) -> None:
         """Loop thread: after LISTEN_PING_AFTER without a word from the server, a ping

@@ -121,7 +121,8 @@ class LargeEventReads:
             if error is not None:
                 # Never skipped: the events after it wait, and a new connection's
                 # catch-up reads them all again, these first.
-                return self._reconnect(f"Could not read event {slot.event_id} ({error})")
+                said = " ".join(str(error).split()) or repr(error)  # (psycopg's: lines)
+                return self._reconnect(f"Could not read event {slot.event_id} ({said})")
             slot.read, slot.event = True, events.get(slot.event_id)
             answered = True
         waiting = self._in_order
