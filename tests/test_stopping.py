@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from io import StringIO
 
 import pytest
@@ -14,6 +15,8 @@ import requests
 from django_comet.management.commands.runcomet import Command
 
 from .processes import (
+    ROOT,
+    ServerProcess,
     evloop,
     get_in_background,
     read_body,
@@ -116,6 +119,36 @@ def test_a_stop_ends_the_process_while_an_async_view_still_awaits(demo_db, threa
         waiting.close()
     finally:
         server.stop()
+
+
+EMBEDDING_PROGRAM = """
+import sys, threading
+from django_comet.evloop.__main__ import main
+done = threading.Event()
+threading.Thread(target=done.wait, args=(30,), name="program-worker").start()
+main(["tests.fixtureapps.apps:app", "127.0.0.1:0", "--no-access-log"])
+print("server over", flush=True)
+done.wait(4)  # (the program goes on past the exit guard's wait)
+print("program went on", flush=True)
+done.set()
+"""
+
+
+def test_a_program_that_goes_on_after_its_server_keeps_its_threads():
+    """The exit guard ends the process only as it exits, and only for threads started
+    while the server ran: a program that runs the server in-process and then goes on,
+    with a thread of its own, is neither ended nor cut (a first version was, 2 s after
+    the stop)."""
+    program = ServerProcess(
+        [sys.executable, "-c", EMBEDDING_PROGRAM], env={"PYTHONPATH": str(ROOT)}, cwd=ROOT
+    )
+    try:
+        program.signal(signal.SIGTERM)
+        assert program.logged("program went on", timeout=30)
+        assert program.proc.wait(30) == 0
+        assert not program.logged("Exiting without waiting", timeout=0)
+    finally:
+        program.stop()
 
 
 def test_a_stop_signal_repeated_is_the_same_request_unless_it_is_ctrl_c():

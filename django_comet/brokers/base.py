@@ -279,10 +279,10 @@ class ListeningBroker(Broker):
                 self.connected.clear()
                 if self._closed.is_set():
                     return
-                level, said = self.retry_message(
-                    exc,
-                    f"{type(self).__name__} connection",
-                    lost="lost" if was_up else "unreachable",  # (never made, this time)
+                level, said = (  # ("unreachable": no connection made, this time)
+                    self.retry_message(exc, f"{type(self).__name__} connection")
+                    if was_up
+                    else self.retry_message(exc, type(self).__name__, lost="unreachable")
                 )
                 logger.log(level, "%s; retrying in %.1fs", said, backoff)
                 self._closed.wait(backoff)

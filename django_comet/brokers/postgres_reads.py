@@ -46,6 +46,7 @@ class LargeEventReads:
     _deliver: Callable[[Event], None]
     _start_reader: Callable[[], None]
     _reconnect: Callable[[str], None]
+    described: Callable[[Exception], str]
 
     def _notified(self, payload: str) -> None:
         """Loop thread: deliver a notified event, in id order.  One too large for NOTIFY
@@ -121,7 +122,7 @@ class LargeEventReads:
             if error is not None:
                 # Never skipped: the events after it wait, and a new connection's
                 # catch-up reads them all again, these first.
-                said = " ".join(str(error).split()) or repr(error)  # (psycopg's: lines)
+                said = self.described(error)
                 return self._reconnect(f"Could not read event {slot.event_id} ({said})")
             slot.read, slot.event = True, events.get(slot.event_id)
             answered = True

@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 
+from .. import __version__
 from .config import MAX_THREADS, ServerConfig
 from .fdlimit import raise_open_files_limit
-from .interrupt import exit_in_time
+from .interrupt import ExitGuard
 from .libevent_ctypes import LibeventMissing
 from .listen import unix_path
 from .logwriter import (
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Serve any WSGI callable on libevent (the current directory is "
         "importable, as with gunicorn).",
     )
+    parser.add_argument("--version", action="version", version=f"django-comet {__version__}")
     parser.add_argument("app", help="MODULE:CALLABLE of a WSGI application")
     parser.add_argument(
         "addrport",
@@ -220,11 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     if not server.unix:
         host = f"[{config.host}]" if ":" in config.host else config.host
         where = f"http://{host}:{server.address[1]}/"
+    exit_guard = ExitGuard()  # (before the server's signal handlers)
     server.handle_signals()  # before the banner: a stop signal from then on drains
     print(f"Serving {args.app} on {where} ({config.threads or 'no'} threads)", flush=True)
     server.serve_forever()
     exit_if_stuck(0)
-    exit_in_time(0)
+    exit_guard.arm(0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ print it and drop it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -86,47 +87,78 @@ class StopNow(BaseException):
 EXIT_WAIT = 2.0
 
 
-def exit_in_time(status: int) -> None:
-    """Main thread, once the server has stopped: the process ends within ``EXIT_WAIT``
-    even if a view still runs in a thread the interpreter's exit joins (asgiref runs an
-    async view's coroutine in a non-daemon thread, which the grace period does not end:
-    the process stayed up until the view returned).  A watchdog ends it then, naming
-    those threads; if none is left running, the exit takes its course (atexit's
-    functions run).  From now on a stop signal ends the process at once: the server
-    that handled them is gone."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in stop_signals():
-            signal.signal(signum, signal.SIG_DFL)
-    if _joined_at_exit():
-        watchdog = threading.Thread(
-            target=_end_if_still_running, args=(status,), name="comet-exit", daemon=True
-        )
+class ExitGuard:
+    """Made before a server starts serving (before it handles signals), armed once it
+    has stopped: then the process's exit, whenever the program makes it, ends within
+    ``EXIT_WAIT`` even if a thread started while the server ran still runs a view there
+    and is one the exit joins (asgiref runs an async view's coroutine in such a thread,
+    which a grace period cannot end: the process stayed up until the view returned).
+    A watchdog, started as the exit begins, ends the process then, naming those
+    threads; threads that were there before the server, the program's own, are not
+    its business, and a program that goes on after the server is not touched."""
+
+    def __init__(self) -> None:
+        self._before = {t.ident for t in threading.enumerate()}
+        main = threading.current_thread() is threading.main_thread()
+        self._handlers = {s: signal.getsignal(s) for s in stop_signals()} if main else {}
+        self._status = 0
+
+    def arm(self, status: int) -> None:
+        """The server has stopped: its stop signals' handlers are the program's again
+        (a second Ctrl-C ends a stuck exit), and ``status`` is the watchdog's."""
+        for signum, handler in self._handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._status = status
+        try:
+            # Run as the exit begins, before the interpreter joins threads (where
+            # concurrent.futures waits for its workers).
+            threading._register_atexit(self._start_watchdog)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # (exiting already: start it now)
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        watchdog = threading.Thread(target=self._end_if_still_running, name="comet-exit")
+        watchdog.daemon = True
         watchdog.start()
 
+    def _joined_at_exit(self) -> list[threading.Thread]:
+        """Threads started since the server started that the exit waits for: those not
+        daemon, and every ``concurrent.futures`` worker, daemon or not (a thread takes
+        its daemon flag from the one that starts it: asgiref's, started from a view
+        thread, are daemon threads)."""
+        joined = [t for t in threading.enumerate() if not t.daemon]
+        futures = sys.modules.get("concurrent.futures.thread")
+        joined += getattr(futures, "_threads_queues", {}).keys()
+        current, main = threading.current_thread(), threading.main_thread()
+        return [
+            t
+            for t in dict.fromkeys(joined)
+            if t.is_alive() and t not in (current, main) and t.ident not in self._before
+        ]
 
-def _joined_at_exit() -> list[threading.Thread]:
-    """The threads the interpreter's exit waits for: those not daemon, and every
-    ``concurrent.futures`` worker, daemon or not (a thread takes its daemon flag from the
-    one that starts it: asgiref's, started from a view thread, are daemon threads)."""
-    current, main = threading.current_thread(), threading.main_thread()
-    joined = [t for t in threading.enumerate() if not t.daemon]
-    futures = sys.modules.get("concurrent.futures.thread")
-    joined += getattr(futures, "_threads_queues", {}).keys()
-    return [t for t in dict.fromkeys(joined) if t.is_alive() and t not in (current, main)]
+    def _end_if_still_running(self) -> None:
+        threading.Event().wait(EXIT_WAIT)
+        left = self._joined_at_exit()
+        if not left:
+            return
+        names = ", ".join(t.name for t in left)
+        message = (
+            f"Exiting without waiting for {len(left)} thread(s) still running "
+            f"({names}: an async view, or a thread a view started)\n"
+        )
+        with contextlib.suppress(OSError):
+            os.write(2, message.encode())
+        # What the project's log handlers buffer (a MemoryHandler) is written out, for a
+        # bounded time: one stuck on a stream nobody reads must not keep the process.
+        flushing = threading.Thread(target=_shut_logging_down, daemon=True)
+        flushing.start()
+        flushing.join(EXIT_WAIT)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(self._status)
 
 
-def _end_if_still_running(status: int) -> None:
-    threading.Event().wait(EXIT_WAIT)
-    left = _joined_at_exit()
-    if not left:
-        return
-    names = ", ".join(t.name for t in left)
-    message = (
-        f"Exiting without waiting for {len(left)} thread(s) still running "
-        f"({names}: an async view, or a thread the project started)\n"
-    )
+def _shut_logging_down() -> None:
     with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    with contextlib.suppress(OSError):
-        os.write(2, message.encode())
-    os._exit(status)
+        logging.shutdown()

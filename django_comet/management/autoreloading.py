@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from django.apps import apps
 from django.utils import autoreload
 
-from ..evloop.interrupt import exit_in_time
+from ..evloop.interrupt import ExitGuard
 from ..evloop.logwriter import exit_if_stuck
 from ..evloop.server import POOL_SHUTDOWN_WAIT
 
@@ -60,6 +60,7 @@ class DrainBeforeRestart:
 
     def install(self) -> None:
         restart = autoreload.trigger_reload
+        exit_guard = ExitGuard()
 
         def drain_then_restart(filename: str) -> None:
             self.asked = True
@@ -77,7 +78,7 @@ class DrainBeforeRestart:
                 )
             self.stopped.wait(max(0.0, deadline - time.monotonic()))
             exit_if_stuck(3)  # (3: the autoreloader's "restart me")
-            exit_in_time(3)  # (an async view still awaiting: its thread is joined at exit)
+            exit_guard.arm(3)  # (an async view still awaiting: its thread is joined at exit)
             restart(filename)
 
         autoreload.trigger_reload = drain_then_restart

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import django
 from django.apps import apps
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -27,12 +28,13 @@ from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 from django.utils import autoreload
 
+from ... import __version__
 from ...brokers import get_broker
 from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.fdlimit import raise_open_files_limit
-from ...evloop.interrupt import exit_in_time
+from ...evloop.interrupt import ExitGuard
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import (
     LOG_DATE_FORMAT,
@@ -107,6 +109,9 @@ class Command(RunserverCommand):
             dest="no_access_log",
             help="Do not log one line per request.",
         )
+
+    def get_version(self) -> str:
+        return f"django-comet {__version__} (Django {django.get_version()})"
 
     def run_from_argv(self, argv: list[str]) -> None:
         super().run_from_argv(_negative_values_attached(argv))
@@ -235,6 +240,7 @@ class Command(RunserverCommand):
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
         # banner on.
         reload = DrainBeforeRestart(server)
+        exit_guard = ExitGuard()  # (before the server's signal handlers)
         if in_main_thread:
             server.handle_signals()
         else:
@@ -253,7 +259,7 @@ class Command(RunserverCommand):
         if not in_main_thread:
             logging.shutdown()  # (what waits to be logged: no atexit after os._exit)
             os._exit(0)
-        exit_in_time(0)  # (an async view still awaiting: its thread is joined at exit)
+        exit_guard.arm(0)  # (an async view still awaiting: its thread is joined at exit)
 
     def _run_workers(self, workers: int, sock: Any, handler: Any, config: Any) -> None:
         port = 0 if config.unix_socket else sock.getsockname()[1]
@@ -360,8 +366,11 @@ def _project_serves_static() -> bool:
     if app in (None, "django.core", "django.contrib.staticfiles"):
         return True
     try:
-        parser = load_command_class(app, "runserver").create_parser("manage.py", "runserver")
-    except Exception:  # (its own problem, which its runserver would show)
+        command = load_command_class(app, "runserver")
+        if isinstance(command, Command):  # (runcomet as the project's runserver)
+            return True
+        parser = command.create_parser("manage.py", "runserver")
+    except (Exception, SystemExit):  # (its own problem, which its runserver would show)
         return True
     return parser.get_default("use_static_handler") is not False
 
