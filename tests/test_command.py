@@ -426,3 +426,24 @@ def test_a_host_that_does_not_resolve_is_named_in_one_line():
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("CommandError: Cannot resolve 'no-such-host.invalid': "), line
+
+
+def test_both_commands_say_django_comets_version():
+    """runserver's --version says Django's; runcomet's says its own, and Django's."""
+    import django
+
+    import django_comet
+
+    said = manage("runcomet", "--version")
+    assert (
+        said.stdout.strip()
+        == f"django-comet {django_comet.__version__} (Django {django.get_version()})"
+    )
+    evloop = subprocess.run(
+        [sys.executable, "-m", "django_comet.evloop", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert evloop.stdout.strip() == f"django-comet {django_comet.__version__}"

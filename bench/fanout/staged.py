@@ -120,8 +120,9 @@ def stage_floor_ms(env: dict[str, str], path: str, stages: int, gap_ms: float = 
     return float(out.stdout.split()[-1])
 
 
-def runs() -> list[tuple[str, str, list[bytes], tuple[float, float], float]]:
-    """(name, path, markers, (first delay, later delays), arrivals spread over s)."""
+def runs() -> list[tuple[str, str, list[bytes], tuple[float, float], float, tuple[str, ...]]]:
+    """(name, path, markers, (first delay, later delays), arrivals spread over s, runcomet's
+    extra options)."""
     quick = [b"s0;", b"s1:", b"s2:", b"s3:", b"s4:"]
     demo = [b"First content", b"stage1", b"stage2", b"stage3", b"last_stage4"]
     return [
@@ -131,9 +132,20 @@ def runs() -> list[tuple[str, str, list[bytes], tuple[float, float], float]]:
             quick,
             (0.5, 0.02),
             0.0,
+            (),
         ),
-        ("demo `/`, 1 s stages, all at once", "/", demo, (1.0, 1.0), 0.0),
-        ("demo `/`, 1 s stages, arrivals spread over 1 s", "/", demo, (1.0, 1.0), 1.0),
+        ("demo `/`, 1 s stages, all at once", "/", demo, (1.0, 1.0), 0.0, ()),
+        # The same with the stage views run in the loop thread: no view thread sharing
+        # the GIL with it, so each stage goes out as soon as its view returns.
+        (
+            "demo `/`, 1 s stages, all at once, `--threads 0`",
+            "/",
+            demo,
+            (1.0, 1.0),
+            0.0,
+            ("--threads", "0"),
+        ),
+        ("demo `/`, 1 s stages, arrivals spread over 1 s", "/", demo, (1.0, 1.0), 1.0, ()),
     ]
 
 
@@ -146,12 +158,12 @@ async def run_all(
 ) -> list[Staged]:
     """Every run of ``runs()``, ``args.staged_rounds`` times each, ``args.staged`` clients."""
     stages: list[Staged] = []
-    for name, path, markers, delays, spread in runs():
+    for name, path, markers, delays, spread, options in runs():
         rounds = []
         for _ in range(args.staged_rounds):  # a fresh server each round
             port = free_port()
             log = logs / f"runcomet-staged-{delays[0]}.log"
-            with server(argv(port), env, port, ready, log) as proc:
+            with server([*argv(port), *options], env, port, ready, log) as proc:
                 await one_round(port, proc.pid, "warm-up", path, markers, delays, WARM_UP_CLIENTS)
                 rounds.append(
                     await one_round(

@@ -6,6 +6,11 @@ deferrals), ``request``/``wsgi`` (request reading, environ, start_response), ``l
 imports Django.
 """
 
+import os
+
+if os.name != "posix":  # (fork, fcntl, POSIX signals; said before an import fails on them)
+    raise ImportError("django-comet's server needs a POSIX system (Linux, macOS, a BSD)")
+
 from .config import ServerConfig
 from .deferral import Deferral
 from .server import Server

@@ -332,7 +332,8 @@ _SONAMES = {
 }.get(sys.platform, ["libevent-2.1.so.7", "libevent.so"])
 
 _INSTALL_HINT = (
-    "Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7; "
+    "Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7, or "
+    "libevent-2.1-7t64 from Debian 13 and Ubuntu 24.04; "
     "Fedora: dnf install libevent; macOS: brew install libevent) or set COMET_LIBEVENT "
     "to the path of libevent's shared library."
 )
