@@ -82,8 +82,8 @@ def test_bad_address_is_one_line():
             {"COMET_LIBEVENT": "/nonexistent/libevent.so"},
             "CommandError: libevent 2.1 could not be loaded; tried: /nonexistent/libevent.so "
             "(/nonexistent/libevent.so: cannot open shared object file: No such file or "
-            "directory). Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7; "
-            "Fedora: dnf install libevent; macOS: brew install libevent) or set COMET_LIBEVENT "
+            "directory). Install libevent 2.1 (Debian/Ubuntu: apt-get install libevent-2.1-7, "
+            "or libevent-2.1-7t64 from Debian 13 and Ubuntu 24.04; Fedora: dnf install libevent; macOS: brew install libevent) or set COMET_LIBEVENT "
             "to the path of libevent's shared library.",
         ),
     ],

@@ -88,31 +88,39 @@ EXIT_WAIT = 2.0
 
 
 class ExitGuard:
-    """Made before a server starts serving (before it handles signals), armed once it
-    has stopped: then the process's exit, whenever the program makes it, ends within
+    """Made before a server starts (before it handles signals), armed once it has
+    stopped: then the process's exit, whenever the program makes it, ends within
     ``EXIT_WAIT`` even if a thread started while the server ran still runs a view there
     and is one the exit joins (asgiref runs an async view's coroutine in such a thread,
     which a grace period cannot end: the process stayed up until the view returned).
     A watchdog, started as the exit begins, ends the process then, naming those
-    threads; threads that were there before the server, the program's own, are not
-    its business, and a program that goes on after the server is not touched."""
+    threads.  Threads there before the server (the program's own) or started after it
+    stopped are not its business, and a program that goes on after the server is not
+    touched until it exits."""
 
     def __init__(self) -> None:
-        self._before = {t.ident for t in threading.enumerate()}
+        # (Thread objects, not idents: the system gives a new thread an ended one's.)
+        self._before = set(threading.enumerate())
         main = threading.current_thread() is threading.main_thread()
         self._handlers = {s: signal.getsignal(s) for s in stop_signals()} if main else {}
+        self._watched: list[threading.Thread] = []
         self._status = 0
 
     def arm(self, status: int) -> None:
         """The server has stopped: its stop signals' handlers are the program's again
-        (a second Ctrl-C ends a stuck exit), and ``status`` is the watchdog's."""
+        (a second Ctrl-C ends a stuck exit), and the threads it started that the exit
+        would join are watched, with ``status`` for the watchdog's exit."""
         for signum, handler in self._handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
+        self._watched = [t for t in _joined_at_exit() if t not in self._before]
+        if not self._watched:
+            return
         self._status = status
         try:
             # Run as the exit begins, before the interpreter joins threads (where
-            # concurrent.futures waits for its workers).
+            # concurrent.futures waits for its workers): threading runs these in the
+            # reverse order of their registration, and concurrent.futures' came first.
             threading._register_atexit(self._start_watchdog)  # type: ignore[attr-defined]
         except (AttributeError, RuntimeError):  # (exiting already: start it now)
             self._start_watchdog()
@@ -122,24 +130,9 @@ class ExitGuard:
         watchdog.daemon = True
         watchdog.start()
 
-    def _joined_at_exit(self) -> list[threading.Thread]:
-        """Threads started since the server started that the exit waits for: those not
-        daemon, and every ``concurrent.futures`` worker, daemon or not (a thread takes
-        its daemon flag from the one that starts it: asgiref's, started from a view
-        thread, are daemon threads)."""
-        joined = [t for t in threading.enumerate() if not t.daemon]
-        futures = sys.modules.get("concurrent.futures.thread")
-        joined += getattr(futures, "_threads_queues", {}).keys()
-        current, main = threading.current_thread(), threading.main_thread()
-        return [
-            t
-            for t in dict.fromkeys(joined)
-            if t.is_alive() and t not in (current, main) and t.ident not in self._before
-        ]
-
     def _end_if_still_running(self) -> None:
         threading.Event().wait(EXIT_WAIT)
-        left = self._joined_at_exit()
+        left = [t for t in self._watched if t.is_alive()]
         if not left:
             return
         names = ", ".join(t.name for t in left)
@@ -157,6 +150,18 @@ class ExitGuard:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os._exit(self._status)
+
+
+def _joined_at_exit() -> list[threading.Thread]:
+    """The live threads the interpreter's exit waits for, but this one and the main
+    thread: those not daemon, and every ``concurrent.futures`` worker, daemon or not (a
+    thread takes its daemon flag from the one that starts it: asgiref's, started from
+    a view thread, are daemon threads)."""
+    joined = [t for t in threading.enumerate() if not t.daemon]
+    futures = sys.modules.get("concurrent.futures.thread")
+    joined += getattr(futures, "_threads_queues", {}).keys()
+    current, main = threading.current_thread(), threading.main_thread()
+    return [t for t in dict.fromkeys(joined) if t.is_alive() and t not in (current, main)]
 
 
 def _shut_logging_down() -> None:

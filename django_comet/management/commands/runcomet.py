@@ -343,8 +343,8 @@ class Command(RunserverCommand):
             shape = f"{workers} workers of {threads} threads"
         self.stdout.write(
             f"{datetime.now().strftime('%B %d, %Y - %X')}\n"
-            f"Django version {self.get_version()}, using settings {settings.SETTINGS_MODULE!r}\n"
-            f"Starting comet server (libevent {libevent}, {shape}) "
+            f"Django version {django.get_version()}, using settings {settings.SETTINGS_MODULE!r}\n"
+            f"Starting comet server (django-comet {__version__}, libevent {libevent}, {shape}) "
             f"at {where}\n"
             f"Quit the server with {quit_command}."
         )
