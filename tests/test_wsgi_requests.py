@@ -2,6 +2,8 @@
 limits, and what it refuses (``python -m django_comet.evloop``, any WSGI app)."""
 
 import json
+import socket
+import time
 
 import pytest
 import requests
@@ -79,6 +81,30 @@ def test_body_over_the_limit_is_413(wsgi_server):
         wsgi_server, b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\nabc"
     )
     assert out.startswith(b"HTTP/1.1 413 ")
+
+
+def test_the_rest_of_a_refused_upload_is_read_and_dropped_not_reset(wsgi_server):
+    """A client that goes on sending the body the 413 refused (as most do, reading the
+    answer only once they have sent it all) is read from until it has: the connection
+    looked quiet when released (libevent had read all that had come, into memory), was
+    closed at once, and the client's next bytes got a reset (found by a review)."""
+    body = 8 * 1024 * 1024
+    with wsgi_server.connect() as sock:
+        sock.settimeout(30)
+        sock.sendall(b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % 40_000_000)
+        piece = b"x" * 65536
+        started = time.monotonic()
+        sent = 0
+        while sent < body:  # a modest upload: 8 MiB over about 3 s, past the guard's sweep
+            sock.sendall(piece)
+            sent += len(piece)
+            time.sleep(max(0.0, started + 3.0 * sent / body - time.monotonic()))
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while more := sock.recv(65536):
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    assert requests.get(wsgi_server.url + "/hello").status_code == 200
 
 
 def test_expect_100_continue(wsgi_server):

@@ -19,8 +19,8 @@ A connection closed while its client's bytes wait unread in the kernel (a reques
 pipelined behind one that closes, the rest of a refused upload), or while the kernel
 still has the end of the response to deliver, is closed in stages, as RFC 9112 9.6
 advises: libevent has shut its sending side already; the guard reads and drops what
-comes until the client closes too, or for ``LINGER_SECONDS``, and only then lets the
-socket go.  Closed at once, the kernel would answer unread bytes, or any that come
+comes until the client closes too (``LINGER_SECONDS`` between two reads at most,
+``LINGER_TOTAL_SECONDS`` in all), and only then lets the socket go.  Closed at once, the kernel would answer unread bytes, or any that come
 later, with a reset, which throws away the end of the response still on its way (and a
 client may read a cut body as a whole one).
 
@@ -64,9 +64,13 @@ DONE_LATELY = 1000
 MIN_UPLOAD_RATE = 500
 # How long a connection past its deadline is watched before its rate is first judged.
 PROBATION_SECONDS = 2.0
-# The longest a closed connection waits for its client to close too (nginx's default
-# lingering_timeout), reading and dropping what it sends meanwhile.
+# A closed connection waits for its client to close too, reading and dropping what it
+# sends meanwhile, as nginx does: up to this long between two reads (its
+# lingering_timeout)...
 LINGER_SECONDS = 5.0
+# ... and this long in all (its lingering_time): the rest of a refused upload, sent at a
+# modest rate, is read to its end rather than cut by a reset.
+LINGER_TOTAL_SECONDS = 30.0
 _NONE = bytes(4)  # a count of 0, as the ioctls take and give it
 
 
@@ -121,8 +125,8 @@ class ConnectionGuard:
         self._next_batch = 0
         # after_released: (the last batch to wait for, what to call once it is dropped).
         self._after_release: list[tuple[int, Callable[[], None]]] = []
-        # Closing in stages: bufferevent -> (its reader, its deadline).
-        self._lingering: dict[int, tuple[Handle, Handle]] = {}
+        # Closing in stages: bufferevent -> [its reader, its idle deadline, its deadline].
+        self._lingering: dict[int, list[Handle]] = {}
         self._lingered: set[int] = set()  # done lingering: on their way to be let go
         # Connections past their deadline: [bytes arrived, since when] (monotonic time).
         self._arriving: dict[int, list[Any]] = {}
@@ -263,6 +267,14 @@ class ConnectionGuard:
         fd = self._lib.bufferevent_getfd(bev)
         if fd < 0:
             return False
+        input_buffer = self._lib.bufferevent_get_input(bev)
+        if self._lib.evbuffer_get_length(input_buffer):
+            # Read by libevent after evhttp let go, for no one: the rest of an upload
+            # refused with a 413 (which evhttp answers itself), as it came in until now
+            # (the kernel's queue then looks empty, and more is on its way).  Its memory
+            # goes now; what follows is read and dropped.
+            self._lib.evbuffer_drain(input_buffer, self._lib.evbuffer_get_length(input_buffer))
+            return True
         try:
             return (
                 fcntl.ioctl(fd, termios.FIONREAD, _NONE) != _NONE
@@ -272,20 +284,28 @@ class ConnectionGuard:
             return False
 
     def _linger(self, bev: int) -> None:
-        """Read and drop what the client sends until it closes, or LINGER_SECONDS."""
+        """Read and drop what the client sends until it closes, or LINGER_SECONDS pass
+        with nothing from it, or LINGER_TOTAL_SECONDS in all."""
         fd = self._lib.bufferevent_getfd(bev)
         os.set_blocking(fd, False)  # (as libevent made it: a read here must never wait)
         loop = self.server.loop
         reader = loop.add_reader(fd, functools.partial(self._drain, bev, fd), background=True)
-        deadline = loop.call_later(LINGER_SECONDS, self._done_lingering, bev, background=True)
-        self._lingering[bev] = (reader, deadline)
+        idle = loop.call_later(LINGER_SECONDS, self._done_lingering, bev, background=True)
+        total = loop.call_later(LINGER_TOTAL_SECONDS, self._done_lingering, bev, background=True)
+        self._lingering[bev] = [reader, idle, total]
 
     def _drain(self, bev: int, fd: int) -> None:
         try:
             while os.read(fd, 65536):
                 pass
-        except BlockingIOError:
-            return  # all read for now
+        except BlockingIOError:  # all read for now: LINGER_SECONDS for more from now on
+            handles = self._lingering.get(bev)
+            if handles is not None:
+                handles[1].cancel()
+                handles[1] = self.server.loop.call_later(
+                    LINGER_SECONDS, self._done_lingering, bev, background=True
+                )
+            return
         except OSError:
             pass  # a reset: the client is gone
         self._done_lingering(bev)  # the client closed its side (or is gone)
