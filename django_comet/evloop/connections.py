@@ -20,9 +20,10 @@ pipelined behind one that closes, the rest of a refused upload), or while the ke
 still has the end of the response to deliver, is closed in stages, as RFC 9112 9.6
 advises: libevent has shut its sending side already; the guard reads and drops what
 comes until the client closes too (``LINGER_SECONDS`` between two reads at most,
-``LINGER_TOTAL_SECONDS`` in all), and only then lets the socket go.  Closed at once, the kernel would answer unread bytes, or any that come
-later, with a reset, which throws away the end of the response still on its way (and a
-client may read a cut body as a whole one).
+``LINGER_TOTAL_SECONDS`` in all), and only then lets the socket go.  Closed at once, the
+kernel would answer unread bytes, or any that come later, with a reset, which throws
+away the end of the response still on its way (and a client may read a cut body as a
+whole one).
 
 A deadline runs while a connection owes us a request: from its opening, and again from
 the end of each response.  A request in progress (a view running, a response held) has
