@@ -183,14 +183,3 @@ def test_a_database_cursor_streamed_to_a_slow_reader_reaches_its_last_row(demo_d
         assert body.splitlines() == [b"%08d%s" % (i, b"." * 1015) for i in range(1, 16385)]
     finally:
         assert server.stop() == 0, "".join(server.output)
-
-
-@pytest.mark.parametrize("server_name", ["comet", "comet_inline"])
-def test_a_requests_body_is_freed_once_its_exchange_is_over(request, server_name):
-    """Django's request sits in a reference cycle (its authentication and messages
-    middleware make one) with the environ, whose wsgi.input held the whole body until a
-    full collection: on an idle server, for ever (found by a review of uploads)."""
-    server = request.getfixturevalue(server_name)
-    answer = requests.post(server.url + "/t/keep-input/", data=b"x" * 100_000, timeout=30)
-    assert answer.text == "kept"
-    assert requests.get(server.url + "/t/kept-input-closed/", timeout=30).json() == {"closed": True}

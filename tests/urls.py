@@ -48,8 +48,6 @@ urlpatterns = [
     path("t/file/", views.file_view, name="file"),
     path("t/async/", views.async_view, name="async"),
     path("t/async-sleep/", views.async_sleep, name="async-sleep"),
-    path("t/keep-input/", views.keep_input),
-    path("t/kept-input-closed/", views.kept_input_closed),
     path("t/async-staged/", stage_views.async_staged, name="async_staged"),
     path("t/publish/", event_views.publish_view, name="publish"),
     path("t/publish-many/", event_views.publish_many, name="publish_many"),

@@ -40,21 +40,6 @@ def echo(request):
     )
 
 
-_kept_inputs: list = []
-
-
-@csrf_exempt
-def keep_input(request):
-    """Keeps the request's wsgi.input (a strong reference, as a reference cycle would)
-    for kept_input_closed to tell whether the server closed it once the exchange ended."""
-    _kept_inputs[:] = [request.environ["wsgi.input"]]
-    return HttpResponse("kept")
-
-
-def kept_input_closed(request):
-    return JsonResponse({"closed": bool(_kept_inputs) and _kept_inputs[0].closed})
-
-
 def crash(request):
     """The serving process ends at once, with status 1 (a crash, after it started)."""
     os._exit(1)

@@ -168,14 +168,3 @@ def apply_forwarded(environ: dict[str, Any], trusted: TrustedProxies) -> None:
     proto = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
     if proto in ("http", "https"):
         environ["wsgi.url_scheme"] = proto
-
-
-def close_body(environ: dict[str, Any]) -> None:
-    """Free a request's body once its exchange is over (or held): Django's request,
-    which keeps the environ, sits in a reference cycle (its authentication and messages
-    middleware make one), so the body stayed in memory until a full collection, on an
-    idle server for ever (8 uploads of 30 MB kept 150-230 MiB).  Only the server's own
-    object: an app may have put another in its place."""
-    body = environ.get("wsgi.input")
-    if type(body) is io.BytesIO:
-        body.close()

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
-from .environ import close_body
 from .frames import chunked
 from .hub import Event, hub, poll_batch
 from .libevent_ctypes import EV_READ
@@ -104,7 +103,6 @@ class Holder:
                 self._end_now(ex, deferral)
             return
         ex.state = "held"
-        close_body(ex.environ)  # (its request is held with the response: a cycle, often)
         ex.environ = NO_ENVIRON  # the response object keeps what the next stage needs
         if ex.bev is None:
             server._lift_read_timeout(ex)

@@ -27,7 +27,7 @@ from .admission import VIEW_BACKLOG_HIGH, Admission
 from .config import ServerConfig
 from .connections import ConnectionGuard, can_track_connections
 from .deferral import claiming
-from .environ import EnvironBuilder, apply_forwarded, close_body
+from .environ import EnvironBuilder, apply_forwarded
 from .exchange import Exchange
 from .figures import WorkerFigures
 from .files import FileWrapper
@@ -486,8 +486,6 @@ class Server(Producer, Responder, Admission, Stopping):
     def _done(self, ex: Exchange, aborted: bool) -> None:
         # An aborted exchange was cut by the server (an app error), or its client left.
         cut = ex.state == "aborting"
-        if not (aborted and ex.state == "streaming"):  # (a body still iterated may read it)
-            close_body(ex.environ)
         ex.state = "done"
         ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
