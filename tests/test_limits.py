@@ -287,6 +287,36 @@ def test_short_connections_closed_by_now_do_not_count_against_the_limit(demo_db)
         assert server.stop() == 0
 
 
+def test_connections_closing_in_stages_count_against_the_limit(demo_db):
+    """A connection closed while its client's bytes wait unread is read from until the
+    client closes (up to 30 s): it holds its descriptor all that while, so it counts
+    against the limit (a client sending a byte past each request held descriptors past
+    any limit: found by a review)."""
+    server = runcomet(db=demo_db, env={"TEST_MAX_CONNECTIONS": "20"})
+    lingering = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection((server.host, server.port), timeout=20)
+            sock.sendall(b"GET /t/echo/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\nX")  # (and a byte)
+            assert sock.recv(100).startswith(b"HTTP/1.0 200 ")
+            lingering.append(sock)
+        # Once they are all closing in stages, none is open for evhttp any more: the
+        # status requests' own connections then reach the limit.
+        server.wait_for_status(lambda s: s["connections"] <= 1)
+        assert server.logged("not accepting more")
+        assert server.status()["connection_pauses"] >= 1
+        for sock in lingering:
+            sock.close()  # (their closing ends: accepting resumes)
+        answer = raw(
+            server, b"GET /t/echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in lingering:
+            sock.close()
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize("threads", ["1", "0"])
 def test_a_wave_of_requests_waits_in_the_listen_backlog_not_in_the_server(
     demo_db, tmp_path, threads

@@ -171,12 +171,13 @@ class ConnectionGuard:
                 self._lib.bufferevent_incref(bev)
                 deadline = time.monotonic() + self.header_timeout if self.header_timeout else 0.0
                 limit = self.max_connections
-                if limit and len(self._conns) + 1 >= limit:
+                # (Connections closing in stages hold their descriptors: they count.)
+                if limit and len(self._conns) + len(self._lingering) + 1 >= limit:
                     # Short connections closed since the sweep count no more.  (Before
                     # this one is counted: evhttp sets its callbacks once it has it.)
                     self._reap_done_lately()
                 self._conns[bev] = deadline
-                if limit and len(self._conns) >= limit:
+                if limit and len(self._conns) + len(self._lingering) >= limit:
                     self._pause()
                 if self.on_accept is not None:
                     self.on_accept()
@@ -346,7 +347,7 @@ class ConnectionGuard:
         for bev, deadline in list(self._conns.items()):
             if deadline and now > deadline:
                 self._past_deadline(bev, now)
-        if self.paused and len(self._conns) < self.max_connections:
+        if self.paused and len(self._conns) + len(self._lingering) < self.max_connections:
             self.paused = False
             self.server._accepting(True)
         self.server.release_let_go()
@@ -421,7 +422,10 @@ class ConnectionGuard:
         if not self.paused:
             self.paused = True
             self.pauses += 1
-            logger.warning("%d connections open: not accepting more for now.", len(self._conns))
+            logger.warning(
+                "%d connections open: not accepting more for now.",
+                len(self._conns) + len(self._lingering),
+            )
             self.server._accepting(False)
 
     def close(self) -> None:
