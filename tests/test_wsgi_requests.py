@@ -95,10 +95,12 @@ def test_the_rest_of_a_refused_upload_is_read_and_dropped_not_reset(wsgi_server)
         piece = b"x" * 65536
         started = time.monotonic()
         sent = 0
-        while sent < body:  # a modest upload: 8 MiB over about 3 s, past the guard's sweep
+        # A modest upload: 8 MiB over about 7 s, past the guard's sweep and past the 5 s
+        # a connection closing in stages once had in all (now 5 s between two reads).
+        while sent < body:
             sock.sendall(piece)
             sent += len(piece)
-            time.sleep(max(0.0, started + 3.0 * sent / body - time.monotonic()))
+            time.sleep(max(0.0, started + 7.0 * sent / body - time.monotonic()))
         sock.shutdown(socket.SHUT_WR)
         answer = b""
         while more := sock.recv(65536):
