@@ -181,12 +181,14 @@ class ThreadPool:
             except BaseException:  # a thread that died would shrink the pool for good
                 logger.exception("Uncaught error in worker thread running %r", fn)
             if me in self._aside:  # a spare took its place
+                # (What it leaves, its database connections, is closed before it stops
+                # counting among the threads: once it is not counted, it has none.)
+                self._exiting()
                 with lock:
                     self._aside.discard(me)
                     if not self._closed:
                         self._spares_left += 1
                     self._threads.remove(threading.current_thread())
-                self._exiting()
                 return
 
     def _exiting(self) -> None:
