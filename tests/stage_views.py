@@ -14,7 +14,7 @@ from django.urls import reverse_lazy
 from django.utils.decorators import method_decorator
 from django.views import View
 
-from django_comet import defer_in_time, deferred_view
+from django_comet import defer_in_time, defer_until, deferred_view
 
 from .views import pattern_file
 
@@ -67,8 +67,18 @@ def counted_first(request):
     )
 
 
+def counted_poll(request):
+    """A long-poll on ?channel= whose stage, on an event or at its ?timeout=, counts."""
+    return defer_until(
+        HttpResponse(b"first;"),
+        request.GET["channel"],
+        counted_stage,
+        timeout=float(request.GET["timeout"]),
+    )
+
+
 @deferred_view()
-def counted_stage(request, response_prev=None):
+def counted_stage(request, response_prev=None, event=None):
     with _counter_lock:
         _counter["stages"] += 1
     return HttpResponse(b"stage;")

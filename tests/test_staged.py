@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -288,6 +290,40 @@ def test_reset_mid_stage_cancels_it(comet):
     sock.close()  # RST instead of FIN
     status = comet.wait_for_status(lambda s: s["held"] == 0)
     assert status["timers"] == 0
+
+
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_stages_whose_clients_left_while_the_server_was_stopped_are_not_run(demo_db, threads):
+    """Clients leave while the server is stopped (Ctrl-Z, a debugger) and their stages
+    fall due (staged responses, long-polls timing out): once it goes on, none runs.
+    Woken by SIGCONT, libevent runs a pass's due timers before reading any socket, so
+    every such stage ran (found by a review)."""
+    server = runcomet("--threads", threads, db=demo_db)
+    socks = []
+    try:
+        for target in ["/t/counted/?delay=3", "/t/counted-poll/?channel=c&timeout=3"] * 10:
+            sock = server.connect()
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target.encode())
+            socks.append(sock)
+        for sock in socks:
+            data = b""
+            while b"first;" not in data:
+                data += sock.recv(4096)
+        server.wait_for_status(lambda s: s["held"] == 20)
+        server.signal(signal.SIGSTOP)
+        try:
+            for sock in socks:
+                sock.close()
+            time.sleep(3.5)  # (stopped, the server tells nothing: its stages fall due)
+        finally:
+            server.signal(signal.SIGCONT)
+        status = server.wait_for_status(lambda s: s["held"] == 0)
+        assert status["timers"] == 0
+        assert requests.get(server.url + "/t/count/").json()["stages"] == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        assert server.stop() == 0
 
 
 def test_slow_view_does_not_delay_staged_response(comet):

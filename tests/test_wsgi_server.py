@@ -128,6 +128,17 @@ def test_exception_before_start_response_is_500_and_server_lives(wsgi_server):
     assert wsgi_server.logged("before start_response")
 
 
+def test_an_app_changing_the_environ_does_not_trouble_the_server(wsgi_server):
+    """The server reads CONTENT_LENGTH back at the exchange's end (to count bodies for
+    a collection): whatever the app put there. (A ValueError there left the client
+    without its answer.)"""
+    url = wsgi_server.url + "/rewrite-content-length?"
+    for query in ("junk", "", "-5"):
+        answer = requests.post(url + query, data=b"body", timeout=10)
+        assert answer.status_code == 200
+    assert requests.get(wsgi_server.url + "/hello").status_code == 200
+
+
 def test_app_contract_violations_become_500(wsgi_server):
     for path in ("/bad-header", "/bad-status", "/no-start"):
         out = raw(

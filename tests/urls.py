@@ -4,6 +4,7 @@ from . import event_views, stage_views, views
 
 urlpatterns = [
     path("t/echo/", views.echo, name="echo"),
+    path("t/uploaded/", views.uploaded),
     path("t/sleep/", views.sleep, name="sleep"),
     path("t/crash/", views.crash),
     path("t/fork-holder/", views.fork_holder),
@@ -19,6 +20,7 @@ urlpatterns = [
     path("t/endless-part/stage/", stage_views.endless_part_stage),
     path("t/quick-stage/", stage_views.quick_stage, name="quick_stage"),
     path("t/counted/", stage_views.counted_first, name="counted_first"),
+    path("t/counted-poll/", stage_views.counted_poll),
     path("t/counted-stage/", stage_views.counted_stage, name="counted_stage"),
     path("t/count/", stage_views.count, name="count"),
     path("t/stage-404/", stage_views.stage_to_missing, name="stage_to_missing"),

@@ -40,6 +40,12 @@ def echo(request):
     )
 
 
+@csrf_exempt
+def uploaded(request):
+    """The sizes of the uploaded files (Django keeps those over 2.5 MB on disk)."""
+    return JsonResponse({name: f.size for name, f in request.FILES.items()})
+
+
 def crash(request):
     """The serving process ends at once, with status 1 (a crash, after it started)."""
     os._exit(1)

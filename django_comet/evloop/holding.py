@@ -23,6 +23,7 @@ from .deadlines import Deadlines
 from .deferral import AnyDeferral, ChannelWait, Deferral, Stream
 from .frames import chunked
 from .hub import Event, hub, poll_batch
+from .libc import peer_left
 from .libevent_ctypes import EV_READ
 from .request import RequestStruct
 from .start_response import asks_to_close
@@ -157,7 +158,24 @@ class Holder:
             again = max(delay, STAGE_RECHECK_MIN)
             ex.stage_due = self._stages.add(ex, again, resume, delay)
             return
+        if self._client_left(ex):
+            ex.stage_due = None
+            return
         self._resume(ex, resume)
+
+    def _client_left(self, ex: Exchange) -> bool:
+        """Whether the client of held ``ex`` closed its connection, unseen by libevent
+        yet: woken by a signal (SIGCONT, after a stop), libevent runs a pass's due timers
+        before reading any socket, and every stage whose client left while the process
+        was stopped ran.  Its close callback, a pass later, then releases it (one look
+        at the socket per stage: the stage itself is a whole request)."""
+        fd = self._lib.bufferevent_getfd(ex.bev)
+        if fd < 0 or not peer_left(fd):
+            return False
+        # libevent sees the close by reading: lift the cap on a held one's input (hold).
+        self._lib.bufferevent_setwatermark(ex.bev, EV_READ, 0, 0)
+        self._lib.bufferevent_enable(ex.bev, EV_READ)
+        return True
 
     def _shed_headers(self, ex: Exchange) -> None:
         """While a response is held, let libevent free the request's and the response's
@@ -240,6 +258,8 @@ class Holder:
         ``rendered`` by the waiters of one pass with the same rendering, channels and
         cursor (never one listening to other channels)."""
         if wait.resume is not None:
+            if self._client_left(ex):
+                return
             if events is None:
                 events = hub.since(wait.channels, after)[0]
             self.server._resume(ex, wait.resume, events[0] if events else None)

@@ -1,9 +1,12 @@
 """The few C library calls the server makes itself, outside libevent: errno inside a
-callback from C, and the C heap's free memory: how much, and handing it back."""
+callback from C, a look at whether a socket's peer left, and the C heap's free memory:
+how much, and handing it back."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import socket
 from typing import Any
 
 
@@ -75,3 +78,25 @@ def free_heap_bytes() -> int:
 
 
 _mallinfo2: Any = None
+
+
+def peer_left(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` closed it (an end of file or a reset) with
+    nothing unread before that: a look (``MSG_PEEK``) that takes nothing, and does not
+    wait.  (Python's socket objects cannot borrow a descriptor without system calls of
+    their own to learn its kind.)"""
+    global _recv
+    if _recv is None:
+        _recv = ctypes.CDLL(None, use_errno=True).recv
+        _recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _recv.restype = ctypes.c_ssize_t
+    got = _recv(fd, _peeked, 1, _PEEK)
+    if got == 0:
+        return True
+    return got < 0 and ctypes.get_errno() in _GONE
+
+
+_recv: Any = None
+_peeked = ctypes.create_string_buffer(1)  # (what the look saw: not used)
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT)

@@ -91,6 +91,7 @@ class Server(Producer, Responder, Admission, Stopping):
         self._trim_due = False  # a trim waits for closed connections' release
         self._unread_let_go = 0  # connections released with no request, since the sweep
         self._free_low = 0  # the heap's free bytes at their lowest since the last trim
+        self._bodies_done = 0  # request body bytes of the exchanges over since a collection
         self._buf = self._lib.evbuffer_new()
         # The read and write timeout of every connection, made once: held responses
         # lift and restore it, and a publish ends thousands of them at a time.
@@ -407,6 +408,13 @@ class Server(Producer, Responder, Admission, Stopping):
         go of much unsent output, or a burst of requests is over, or connections no
         request came from have left the heap with much free memory (uploads their clients
         gave up on, freed by libevent), hand the heap's free memory back to the system."""
+        if self._bodies_done > RELEASE_AFTER_BYTES:
+            # Their requests may sit in reference cycles (Django's does: the closure
+            # behind request.user), which only a full collection frees, and an idle
+            # server makes none: bodies freed now, then handed back below.
+            self._let_go += self._bodies_done
+            self._bodies_done = 0
+            gc.collect()
         arrived = self._next_key
         burst_over = (
             arrived - self._arrived_at_release >= BURST_REQUESTS
@@ -487,6 +495,10 @@ class Server(Producer, Responder, Admission, Stopping):
         # An aborted exchange was cut by the server (an app error), or its client left.
         cut = ex.state == "aborting"
         ex.state = "done"
+        try:  # (the environ is the app's to change: whatever it holds now)
+            self._bodies_done += int(ex.environ.get("CONTENT_LENGTH") or 0)
+        except (TypeError, ValueError):
+            pass
         ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
         if ex.deferred:

@@ -49,6 +49,9 @@ def app(environ, start_response):
         return hello(environ, start_response)
     if path == "/hello":
         return hello(environ, start_response)
+    if path == "/rewrite-content-length":  # the environ is the app's to change (PEP 3333)
+        environ["CONTENT_LENGTH"] = environ["QUERY_STRING"] or 1234
+        return hello(environ, start_response)
     if path.startswith("/environ"):
         body = json.dumps({k: v for k, v in environ.items() if isinstance(v, str)}).encode()
         start_response("200 OK", [("Content-Type", "application/json")])
