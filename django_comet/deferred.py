@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import numbers
 import time
 from collections.abc import Callable, Iterator
@@ -110,7 +111,10 @@ def seconds_of(value: Any, caller: str, name: str) -> float:
     add floats), refused with the caller's name when it is not a finite one >= 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
         raise TypeError(f"{caller}(): {name} must be a number of seconds, not {value!r}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past any float
+        seconds = math.inf
     if not 0 <= seconds <= MAX_SECONDS:  # (NaN too)
         raise ValueError(f"{caller}(): {name} must be 0 to {MAX_SECONDS:g} s, not {value!r}")
     return seconds

@@ -499,7 +499,9 @@ def test_an_event_over_the_size_bound_is_refused():
             publish("sized", data)
 
 
-@pytest.mark.parametrize("timeout", [True, "5", float("nan"), 0, 1e8])
+@pytest.mark.parametrize(
+    "timeout", [True, "5", float("nan"), 0, 1e8, pytest.param(10**400, id="an-int-past-floats")]
+)
 def test_a_poll_timeout_that_is_no_number_of_seconds_is_refused_by_name(timeout):
     """``True`` was taken for 1 s, and the others' errors named "a channel wait"."""
     with pytest.raises((TypeError, ValueError), match=r"poll_response\(\): timeout must be"):

@@ -134,7 +134,10 @@ def test_a_target_in_another_language_than_the_views_is_found():
     assert b"".join(response.streaming_content) == b"first(fr);stage(de)"
 
 
-@pytest.mark.parametrize("seconds", ["1", True, float("nan"), float("inf"), -1])
+@pytest.mark.parametrize(
+    "seconds",
+    ["1", True, float("nan"), float("inf"), -1, pytest.param(10**400, id="an-int-past-floats")],
+)
 def test_defer_in_time_refuses_what_is_not_a_delay(rf, seconds):
     from django.http import HttpResponse
 
