@@ -136,9 +136,14 @@ def own(signum, frame):
     print("own handler", flush=True)
 
 signal.signal(signal.SIGHUP, own)
+signal.signal(signal.SIGALRM, own)  # and a timer of its own
+signal.setitimer(signal.ITIMER_REAL, 100, 100)
 threading.Thread(target=done.wait, args=(30,), name="program-worker").start()
-main(["__main__:app", "127.0.0.1:0", "--no-access-log"])
-print("handler back:", signal.getsignal(signal.SIGHUP) is own, flush=True)
+main(["__main__:app", "127.0.0.1:0", "--no-access-log", *sys.argv[1:]])
+# (one write per line: the server's log writer may still be writing to the same pipe)
+print(f"handler back: {signal.getsignal(signal.SIGHUP) is own}", flush=True)
+print(f"alarm back: {signal.getsignal(signal.SIGALRM) is own}", flush=True)
+print(f"timer back: {signal.getitimer(signal.ITIMER_REAL)[1] == 100}", flush=True)
 done.wait(3)  # (the program goes on longer than the exit guard waits)
 print("program went on", flush=True)
 done.set()
@@ -148,19 +153,25 @@ sys.exit(5)
 """
 
 
-def test_a_program_that_goes_on_after_its_server_keeps_its_threads():
+@pytest.mark.parametrize("threads", ["8", "0"])
+def test_a_program_that_goes_on_after_its_server_keeps_its_threads(threads):
     """The exit guard acts only as the process exits, and only on threads started while
     the server ran: a program that runs the server in-process and then goes on, with
     threads of its own, is neither ended nor cut, and gets its signal handlers back (a
     first version ended it 2 s after the stop, and took threads started later, or that
-    had an ended thread's ident, for the server's: found by diff reviews)."""
+    had an ended thread's ident, for the server's: found by diff reviews), SIGALRM and
+    its timer too (``--threads 0`` kept them: found by a review of timers)."""
     program = ServerProcess(
-        [sys.executable, "-c", EMBEDDING_PROGRAM], env={"PYTHONPATH": str(ROOT)}, cwd=ROOT
+        [sys.executable, "-c", EMBEDDING_PROGRAM, "--threads", threads],
+        env={"PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
     )
     try:
         assert requests.get(program.url + "/", timeout=10).text == "started"
         program.signal(signal.SIGTERM)
         assert program.logged("handler back: True", timeout=30)
+        assert program.logged("alarm back: True", timeout=10)
+        assert program.logged("timer back: True", timeout=10)
         assert program.logged("program went on", timeout=30)
         assert program.proc.wait(30) == 5
         assert not program.logged("Exiting without waiting", timeout=0)

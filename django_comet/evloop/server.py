@@ -196,7 +196,10 @@ class Server(Producer, Responder, Admission, Stopping):
         except StopNow as stop:
             logger.warning("Stopped at once: %s.", stop)
         finally:
-            self.close()
+            try:
+                self.close()
+            finally:
+                self.give_back_alarm()
 
     def _descriptors(self) -> list[int]:
         """The sockets a child forked from a view must not keep (forking.py): the

@@ -28,6 +28,8 @@ logger = logging.getLogger("django_comet.server")
 # Seconds the stop waits for unsent output that does not shrink (a client not reading).
 FLUSH_PATIENCE = 1.0
 
+_NOT_TAKEN: Any = object()  # (SIGALRM's handler before ours: None when not Python's)
+
 
 class Stopping:
     """Mixed into ``Server``: loop thread, but for the ``--threads 0`` signal handlers."""
@@ -52,6 +54,8 @@ class Stopping:
     _handling_signals: bool
     _stop_requests: StopRequests
     _in_app: bool
+    _alarm_before: Any = _NOT_TAKEN
+    _timer_before: tuple[float, float, float] | None = None
 
     def handle_signals(self, *, worker: bool = False) -> None:
         """Main thread: stop on SIGINT, SIGTERM or SIGHUP from now on.  Call it before
@@ -70,7 +74,7 @@ class Stopping:
         elif self._pool is None:  # views run in the loop thread: see interrupt.py
             for signum in stop_signals():
                 signal.signal(signum, self._on_stop_signal)
-            signal.signal(signal.SIGALRM, self._on_grace_over)
+            self._alarm_before = signal.signal(signal.SIGALRM, self._on_grace_over)
         else:
             for signum in stop_signals():
                 self.loop.add_signal_handler(signum, functools.partial(self._on_stop, signum))
@@ -88,13 +92,31 @@ class Stopping:
             return
         self.loop.call_soon(self.shutdown)
         if self._stop_requests.count == 1:
-            signal.setitimer(signal.ITIMER_REAL, self.config.grace + 0.5)
+            before = signal.setitimer(signal.ITIMER_REAL, self.config.grace + 0.5)
+            self._timer_before = (*before, time.monotonic())
         elif self._in_app:
             raise StopNow("a second stop signal came while a view ran in the loop thread")
 
     def _on_grace_over(self, _signum: int, _frame: FrameType | None) -> None:
         if self._in_app:
             raise StopNow("the grace period is over, and a view held the loop thread")
+
+    def give_back_alarm(self) -> None:
+        """Main thread, ``--threads 0``, once stopped: SIGALRM's handler and the real
+        timer back as they were (a program that ran the server in-process goes on with
+        its own; ours kept the server alive, and a program's repeating timer was left
+        firing once)."""
+        if self._alarm_before is _NOT_TAKEN:
+            return
+        before, self._alarm_before = self._alarm_before, _NOT_TAKEN
+        timer, self._timer_before = self._timer_before, None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if before is None else before)
+        if timer is not None:
+            delay, interval, set_at = timer
+            if delay or interval:  # what it had left (come already: as soon as may be)
+                left = max(delay - (time.monotonic() - set_at), 1e-6) if delay else 0.0
+                signal.setitimer(signal.ITIMER_REAL, left, interval)
 
     def _drain_once(self) -> None:
         """A worker's SIGTERM.  One sent to the whole process group (systemd's default,
