@@ -542,6 +542,28 @@ def test_ids_that_go_back_go_on_past_what_was_seen(broker, demo_db, seen):
         assert server.stop() == 0, "".join(server.output)
 
 
+def test_ids_that_go_back_under_a_publish_before_the_listener_knows_go_on_past(broker, demo_db):
+    """The ids go back (a crash that lost commits under ``synchronous_commit = off``, a
+    failover) and a view publishes before the listener's reconnection tells: its event
+    takes an id past those its process has seen. It took one of them again, and every
+    stream that had had the first dropped it as old, with no word logged (found by a
+    review of events across workers)."""
+    channel = "went-back-under-a-publish"
+    server = start(broker, demo_db)
+    try:
+        with SSEClient(server, f"/t/stream/?channels={channel}") as client:
+            subscribed(server, channel)
+            ids = [publish(server, channel, n) for n in range(5)]
+            assert [client.next_event()["id"] for _ in ids] == [str(i) for i in ids]
+            take_ids_back_to(broker, ids[1])  # (the listener stays connected)
+            again = publish(server, channel, "again")
+            assert again > ids[-1]
+            assert client.next_event() == {"id": str(again), "data": '"again"'}
+            assert server.logged("newest event id went back")
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+
+
 def test_tables_dropped_under_running_processes_are_made_again(broker, demo_db):
     """A database recreated, or restored without the broker's tables: the processes
     make them again, as on first use (every publish was a 500, and the listener retried

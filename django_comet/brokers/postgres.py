@@ -44,6 +44,7 @@ from .postgres_reads import LargeEventReads, ReadQueue, _notice, _Notified
 from .postgres_sql import (
     LOCK_KEY,
     MOVE_IDS_PAST,
+    MOVE_ROW_PAST_IDS,
     NEWEST_ID,
     NOTIFY_CHANNEL,
     PRUNE,
@@ -224,6 +225,15 @@ class PostgresBroker(LargeEventReads, ListeningBroker):
                 (channel, name, data),
             ).fetchone()
             event_id = int(row[0])
+            known = self._newest_known()
+            if event_id <= known:
+                # The ids went back (a crash that lost commits, a failover to a standby
+                # that lagged) and this publish came before the listener's reconnection
+                # could tell (_catch_up): past what this process has seen, or every
+                # process that saw the first would take it for an old one, and drop it.
+                self._move_ids_past(conn, event_id - 1, known)
+                row = conn.execute(MOVE_ROW_PAST_IDS, {"id": event_id}).fetchone()
+                event_id = int(row[0])
             payload = json.dumps([event_id, channel, name, data], separators=(",", ":"))
             if len(payload.encode("utf-8")) > MAX_PAYLOAD:
                 # Listeners read it from the table; the channel tells them whom it

@@ -57,6 +57,12 @@ FROM (SELECT pg_get_serial_sequence('comet_event', 'id')::regclass AS seq) AS s
 WHERE coalesce(pg_sequence_last_value(s.seq), 0) < %(seen)s
 """
 
+# The event just inserted as ``%(id)s``, given the sequence's next id (MOVE_IDS_PAST first).
+MOVE_ROW_PAST_IDS = """
+UPDATE comet_event SET id = nextval(pg_get_serial_sequence('comet_event', 'id'))
+WHERE id = %(id)s RETURNING id
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comet_event (
     id bigserial PRIMARY KEY,

@@ -35,13 +35,21 @@ PUBSUB_CHANNEL = PREFIX + "events"
 _PUBLISH = """
 local done = redis.call('GET', KEYS[7])
 if done then
-    return tonumber(done)  -- a retry of a publish that went through
+    return {tonumber(done), 0}  -- a retry of a publish that went through
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('SET', KEYS[1], ARGV[7])
     redis.call('SET', KEYS[6], ARGV[7])
 end
 local id = redis.call('INCR', KEYS[1])
+-- Not above the newest id the publishing process has seen (ARGV[8]): the counter went
+-- back (a failover to a replica that lagged), and the id would be taken for an old one.
+local back = 0
+if id <= tonumber(ARGV[8]) then
+    back = id - 1
+    id = tonumber(ARGV[8]) + 1
+    redis.call('SET', KEYS[1], string.format('%d', id))
+end
 -- Ids have 16 digits: Lua's own number formatting (and cjson's) keeps only 14.
 local payload = '[' .. string.format('%d', id) .. ',' .. cjson.encode(ARGV[1]) .. ','
     .. cjson.encode(ARGV[2]) .. ',' .. cjson.encode(ARGV[3]) .. ']'
@@ -60,7 +68,7 @@ for _ = 1, excess do
 end
 redis.call('PUBLISH', ARGV[6], payload)
 redis.call('SET', KEYS[7], string.format('%d', id), 'EX', 30)
-return id
+return {id, back}
 """
 
 # The counter and the epoch started from the clock (ARGV[1]) unless there already; the
@@ -177,12 +185,22 @@ class RedisBroker(ListeningBroker):
             catch_up_bound(self.history_size),
             self.pubsub_channel,
             _clock(),  # where the counter starts, in a Redis that lost its data
+            self._newest_known(),
         ]
         try:
-            return int(self._script(keys=keys, args=args))
+            event_id, back = self._script(keys=keys, args=args)
         except (self.redis.ConnectionError, self.redis.TimeoutError):
             # A restart, a slow Redis: once more, with the same token (never twice).
-            return int(self._script(keys=keys, args=args))
+            event_id, back = self._script(keys=keys, args=args)
+        if back:
+            logger.error(
+                "Redis's newest event id went back from %d to %d (a failover?); "
+                "events above it are gone: the ids go on from %d",
+                args[-1],
+                back,
+                args[-1],
+            )
+        return int(event_id)
 
     @staticmethod
     def _decode(payload: bytes | str) -> Event:
