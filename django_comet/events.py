@@ -136,7 +136,7 @@ def _unreachable(why: str) -> None:
         )
 
 
-def oldest_that_fit(events: list[Event]) -> tuple[list[Event], bool]:
+def replay_head(events: list[Event]) -> tuple[list[Event], bool]:
     """The oldest of a replay's ``events`` that fit in COMET_MAX_PENDING_OUTPUT (the
     oldest always), and whether they are all of them.  A replay is taken a bound at a
     time, in order: a poll's next answer is the next batch (its ``last_id`` is the
@@ -146,7 +146,7 @@ def oldest_that_fit(events: list[Event]) -> tuple[list[Event], bool]:
     return hub_module.oldest_that_fit(events, comet_settings.MAX_PENDING_OUTPUT)
 
 
-def newest_that_fit(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
+def replay_tail(events: list[Event], gap: bool, after: int | None) -> tuple[list[Event], bool]:
     """A replay cut from the other end, for a client that reloads (a gap), or a stream
     whose process cannot take the rest from its own history: the newest events that fit
     in COMET_MAX_PENDING_OUTPUT (the newest always), and a gap for those left out too

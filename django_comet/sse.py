@@ -18,7 +18,7 @@ from django.http.response import HttpResponseBase
 from .brokers import get_broker
 from .conf import comet_settings
 from .deferred import HeldResponse, head_request, request_environ
-from .events import check_channels, newest_that_fit, oldest_that_fit, refusal, replay
+from .events import check_channels, refusal, replay, replay_head, replay_tail
 from .evloop.deferral import Stream, begin, blocking_through, withdraw
 from .evloop.frames import GAP_EVENT, gap_frame, heartbeat_frame, jittered_retry
 from .evloop.hub import hub
@@ -71,11 +71,11 @@ class EventStreamResponse(HeldResponse):
         # Taken before the replay: a loss after it, past what the replay sends, is news.
         lost_mark = hub.lost_mark(self.channels)
         events, gap, cursor = replay(broker, self.channels, after)
-        batch, whole = oldest_that_fit(events)
+        batch, whole = replay_head(events)
         if not whole and broker.local_since(self.channels, batch[-1].id)[1]:
             # The rest is not all in this process's history (it started listening
             # since, or let the channel go), where the held stream would take it from.
-            batch, gap = newest_that_fit(events, gap, after)
+            batch, gap = replay_tail(events, gap, after)
         events = batch
         moved_on = None  # told with a gap that has no event after it (hub.py)
         if gap and not events:

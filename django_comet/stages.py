@@ -58,11 +58,12 @@ got_request_exception.connect(_note_stage_exception, dispatch_uid="django_comet.
 
 
 class NextStage:
-    """A deferral's resume(): the next stage as a Django GET request, run on a worker
-    thread.  It holds what that request needs and nothing of the response that is being
-    sent (no reference back to it: a held response must not sit in a reference cycle,
-    which outlives it into the oldest GC generation, whose full collections stop the
-    loop for every held response at once)."""
+    """A deferral's resume(): the next stage as a Django GET request, run on a view
+    thread (the loop thread with ``--threads 0``: it must not block).  It holds what
+    that request needs and nothing of the response that is being sent (no reference
+    back to it: a held response must not sit in a reference cycle, which outlives it
+    into the oldest GC generation, whose full collections stop the loop for every held
+    response at once)."""
 
     __slots__ = ("_environ", "cookies", "path", "response_prev")
 

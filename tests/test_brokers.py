@@ -801,3 +801,13 @@ def test_a_postgres_broker_holds_a_few_connections_and_closes_them(broker):
         assert backends() == len(pids)
         publisher.close()
         wait_until(lambda: backends() == 0)
+
+
+def test_every_broker_module_logs_under_the_logger_the_readme_names():
+    """A LOGGING entry for ``django_comet.brokers`` reached the memory broker only: the
+    others logged as ``django_comet.broker`` (found by a review of the code)."""
+    import importlib
+
+    for name in ("base", "memory", "postgres", "postgres_reads", "redis", "watchdog"):
+        module = importlib.import_module(f"django_comet.brokers.{name}")
+        assert module.logger.name == "django_comet.brokers", name

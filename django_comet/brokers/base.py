@@ -10,7 +10,7 @@ from typing import Any
 from ..evloop.hub import Event, hub
 from ..evloop.interrupt import start_without_signals
 
-logger = logging.getLogger("django_comet.broker")
+logger = logging.getLogger("django_comet.brokers")
 
 
 class Broker:

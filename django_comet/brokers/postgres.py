@@ -58,7 +58,7 @@ from .watchdog import watchdog as command_watchdog
 
 T = TypeVar("T")
 
-logger = logging.getLogger("django_comet.broker")
+logger = logging.getLogger("django_comet.brokers")
 
 # What a connection refused by the server's configuration says (rather than a server down,
 # starting or full): retried all the same, but logged as errors.

@@ -17,7 +17,7 @@ from ..evloop.hub import Event, hub
 from .pool import ConnectionPool
 from .postgres_sql import SELECT_EVENTS
 
-logger = logging.getLogger("django_comet.broker")
+logger = logging.getLogger("django_comet.brokers")
 
 READ_TIMEOUT = 10.0  # seconds for reading large events under runcomet; then reconnect
 # Large events notified while the reader thread was busy are read together, this many

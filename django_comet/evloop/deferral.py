@@ -2,8 +2,8 @@
 
 A WSGI application's result may carry a ``comet_deferral`` attribute holding one of:
 
-- ``Deferral``: after ``delay`` seconds, call ``resume()`` (on a worker thread) for the
-  next stage (the 2007 staged response);
+- ``Deferral``: after ``delay`` seconds, call ``resume()`` (on a view thread, not always the
+  view's; the loop thread's with ``--threads 0``) for the next stage (the 2007 staged response);
 - ``ChannelWait``: when an event newer than ``after`` exists on one of ``channels`` (at
   once if the hub's history has one), or after ``timeout`` seconds, call
   ``resume(event_or_None)`` for the next stage (long-poll);
@@ -213,7 +213,7 @@ def claim_announced(environ: dict[str, Any]) -> AnyDeferral | None:
     """Server side, after the first item of an iterable that carried no deferral: take
     the one its content announced, if any.  Left in the environ: once the iterable is
     done, one still there was never withdrawn, and so its content never ran (its
-    response was taken, then dropped: ``unclaim`` it)."""
+    response was taken, then dropped: ``began`` lets it go)."""
     deferral = environ.get(ANNOUNCED)
     if isinstance(deferral, (Deferral, ChannelWait, Stream)) and not deferral.claimed:
         deferral.claimed = True

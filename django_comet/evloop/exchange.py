@@ -66,7 +66,9 @@ class Exchange:
         self.state = "app"
         self.dead = False
         self.stage_due: Due | None = None  # held for a time: the tick of its next stage
-        self.bev: int | None = None  # set while held: its read timeout is lifted
+        # Set while its read timeout is lifted: from its arrival with a thread pool, once
+        # held with --threads 0 (see Server._restore_read_timeout).
+        self.bev: int | None = None
         self.pending = 0  # streaming: bytes handed to the loop and not yet flushed
         # streaming: a chunk went to evhttp with Responder._on_drained to call once the
         # connection's output is empty (evhttp keeps that callback set afterwards)
@@ -90,5 +92,5 @@ class Exchange:
         self.limit: int | None = None  # a streamed body's Content-Length: not a byte more
         self.conn = 0  # its connection's key in the ConnectionGuard (0: not tracked)
         # An HTTP/1.1 request that did not ask to close: its connection stays open after
-        # a whole reply unless the reply closes it (Responder._write_whole).
+        # a whole reply unless the reply closes it (WholeReplies._write_whole).
         self.keep_alive = False

@@ -85,7 +85,9 @@ class Server(Producer, Responder, Admission, Stopping):
         self._drain_check: Any = None  # the drain's next look (shutdown)
         self._handling_signals = False
         self._stop_requests = StopRequests()
-        self._in_app = False  # the application's code runs in the loop thread (interrupt.py)
+        # The application's code runs in the loop thread now (--threads 0, interrupt.py);
+        # view threads write it too, but only --threads 0's signal handlers read it.
+        self._in_app = False
         self._let_go = 0  # bytes closed connections let go of, since the last release
         self._arrived_at_release = self._arrived_at_sweep = 0  # request counts (_next_key)
         self._trim_due = False  # a trim waits for closed connections' release
