@@ -271,6 +271,25 @@ def test_a_205_goes_out_without_content(wsgi_server, how):
     assert rest.endswith(b"Hello, world!")
 
 
+@pytest.mark.parametrize("path", ["/stream", "/generator"])
+def test_a_head_of_a_chunked_answer_says_so_and_keeps_the_connection(wsgi_server, path):
+    """RFC 9110 9.3.2: a HEAD gets the header fields a GET would, its framing too (RFC
+    9112 6.1 allows Transfer-Encoding there): with none, Node's http client closed its
+    keep-alive connection after the answer (found by a review of HTTP clients)."""
+    out = raw(
+        wsgi_server,
+        b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+        + b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\nTransfer-Encoding: chunked" in head
+    assert b"Content-Length" not in head
+    assert rest.startswith(b"HTTP/1.1 200")  # no body in between
+    assert rest.endswith(b"Hello, world!")
+    http10 = raw(wsgi_server, b"HEAD %s HTTP/1.0\r\nHost: x\r\n\r\n" % path.encode())
+    assert b"Transfer-Encoding" not in http10  # (HTTP/1.0 knows no chunked coding)
+
+
 def test_a_head_whose_app_gives_no_body_gets_no_invented_length(wsgi_server):
     """RFC 9110 8.6: a HEAD's Content-Length, if any, is what the GET would send; an app
     that gives neither a length nor the body (werkzeug's way) gets none, not a 0."""

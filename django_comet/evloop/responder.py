@@ -112,6 +112,15 @@ class Responder(WholeReplies):
         self._lib.evhttp_connection_set_closecb(r.evcon, self._close_cb, ex.key)
         self._add_headers(r, start, start.length if keep_length else None)
         if (
+            ex.method == "HEAD"
+            and (r.major, r.minor) >= (1, 1)
+            and not (keep_length and start.length is not None)
+            and carries_body("GET", start.code)
+        ):
+            # The framing a GET would get (RFC 9112 6.1 allows it; evhttp adds none to a
+            # HEAD's): seeing none, Node's http client closed its keep-alive connection.
+            self._lib.evhttp_add_header(r.output_headers, b"Transfer-Encoding", b"chunked")
+        if (
             (r.major, r.minor) < (1, 1)
             and not (keep_length and start.length is not None)
             and not (start.close or self._draining)  # (said so already)
