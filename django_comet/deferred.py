@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import numbers
+import reprlib
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -110,14 +111,21 @@ def seconds_of(value: Any, caller: str, name: str) -> float:
     """A number of seconds as a float (a Decimal or a Fraction too: the loop's deadlines
     add floats), refused with the caller's name when it is not a finite one >= 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
-        raise TypeError(f"{caller}(): {name} must be a number of seconds, not {value!r}")
+        raise TypeError(f"{caller}(): {name} must be a number of seconds, not {_shown(value)}")
     try:
         seconds = float(value)
-    except OverflowError:  # an int past any float
-        seconds = math.inf
+    except (OverflowError, ValueError):  # an int past any float, a signaling NaN
+        seconds = math.nan
     if not 0 <= seconds <= MAX_SECONDS:  # (NaN too)
-        raise ValueError(f"{caller}(): {name} must be 0 to {MAX_SECONDS:g} s, not {value!r}")
+        raise ValueError(f"{caller}(): {name} must be 0 to {MAX_SECONDS:g} s, not {_shown(value)}")
     return seconds
+
+
+def _shown(value: Any) -> str:
+    """``value``'s repr, cut short (an int's past 4,300 digits cannot even be made)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an int of {value.bit_length()} bits"
+    return reprlib.repr(value)
 
 
 def defer_in_time(response: HttpResponseBase, seconds: float, target: Any) -> DeferredResponse:

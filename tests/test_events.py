@@ -4,6 +4,7 @@ the blocking fallback of streams and polls (no runcomet: Django's test client)."
 import re
 import threading
 import tracemalloc
+from decimal import Decimal
 
 import pytest
 from django.http import HttpResponseForbidden
@@ -500,7 +501,17 @@ def test_an_event_over_the_size_bound_is_refused():
 
 
 @pytest.mark.parametrize(
-    "timeout", [True, "5", float("nan"), 0, 1e8, pytest.param(10**400, id="an-int-past-floats")]
+    "timeout",
+    [
+        True,
+        "5",
+        float("nan"),
+        0,
+        1e8,
+        pytest.param(10**400, id="an-int-past-floats"),
+        pytest.param(10**5000, id="an-int-past-reprs"),
+        Decimal("sNaN"),
+    ],
 )
 def test_a_poll_timeout_that_is_no_number_of_seconds_is_refused_by_name(timeout):
     """``True`` was taken for 1 s, and the others' errors named "a channel wait"."""

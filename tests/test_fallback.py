@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 import requests
@@ -136,7 +137,16 @@ def test_a_target_in_another_language_than_the_views_is_found():
 
 @pytest.mark.parametrize(
     "seconds",
-    ["1", True, float("nan"), float("inf"), -1, pytest.param(10**400, id="an-int-past-floats")],
+    [
+        "1",
+        True,
+        float("nan"),
+        float("inf"),
+        -1,
+        pytest.param(10**400, id="an-int-past-floats"),
+        pytest.param(10**5000, id="an-int-past-reprs"),
+        Decimal("sNaN"),
+    ],
 )
 def test_defer_in_time_refuses_what_is_not_a_delay(rf, seconds):
     from django.http import HttpResponse

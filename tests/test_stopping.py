@@ -179,6 +179,39 @@ def test_a_program_that_goes_on_after_its_server_keeps_its_threads(threads):
         program.stop()
 
 
+TICKING_PROGRAM = """
+import signal, sys, time
+from django_comet.evloop.__main__ import main
+
+def app(environ, start_response):  # a view that holds the loop thread past a tick
+    time.sleep(0.6)
+    start_response("200 OK", [("Content-Length", "6")])
+    return [b"slept;"]
+
+signal.signal(signal.SIGALRM, lambda signum, frame: None)
+signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+main(["__main__:app", "127.0.0.1:0", "--no-access-log", "--threads", "0"])
+print(f"timer back: {signal.getitimer(signal.ITIMER_REAL)[1] == 0.2}", flush=True)
+"""
+
+
+def test_a_programs_own_timer_never_stops_the_server():
+    """With --threads 0, SIGALRM is the stop's grace timer; a program's own timer going
+    off while a view runs stopped the server at once ("the grace period is over") though
+    no stop was asked for (found by the diff review)."""
+    program = ServerProcess(
+        [sys.executable, "-c", TICKING_PROGRAM], env={"PYTHONPATH": str(ROOT)}, cwd=ROOT
+    )
+    try:
+        assert requests.get(program.url + "/", timeout=10).text == "slept;"
+        assert requests.get(program.url + "/", timeout=10).text == "slept;"
+        program.signal(signal.SIGTERM)
+        assert program.logged("timer back: True", timeout=30)
+        assert program.proc.wait(30) == 0
+    finally:
+        program.stop()
+
+
 def test_a_stop_signal_repeated_is_the_same_request_unless_it_is_ctrl_c():
     from django_comet.evloop.interrupt import StopRequests
 

@@ -129,9 +129,9 @@ def test_exception_before_start_response_is_500_and_server_lives(wsgi_server):
 
 
 def test_an_app_changing_the_environ_does_not_trouble_the_server(wsgi_server):
-    """The server reads CONTENT_LENGTH back at the exchange's end (to count bodies for
-    a collection): whatever the app put there. (A ValueError there left the client
-    without its answer.)"""
+    """PEP 3333 leaves the environ to the app: the server reads nothing back from it at
+    the exchange's end (a first version read CONTENT_LENGTH back, and a ValueError
+    there left the client without its answer)."""
     url = wsgi_server.url + "/rewrite-content-length?"
     for query in ("junk", "", "-5"):
         answer = requests.post(url + query, data=b"body", timeout=10)

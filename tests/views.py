@@ -16,6 +16,8 @@ from django.db.backends.signals import connection_created
 from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from django_comet import defer_in_time
+
 
 @csrf_exempt
 def echo(request):
@@ -42,8 +44,12 @@ def echo(request):
 
 @csrf_exempt
 def uploaded(request):
-    """The sizes of the uploaded files (Django keeps those over 2.5 MB on disk)."""
-    return JsonResponse({name: f.size for name, f in request.FILES.items()})
+    """The sizes of the uploaded files (Django keeps those over 2.5 MB on disk); with
+    ?stage, as the first part of a staged response."""
+    response = JsonResponse({name: f.size for name, f in request.FILES.items()})
+    if "stage" in request.GET:
+        return defer_in_time(response, 0.01, "/t/counted-stage/")
+    return response
 
 
 def crash(request):

@@ -34,8 +34,9 @@ PUBSUB_CHANNEL = PREFIX + "events"
 
 _PUBLISH = """
 local done = redis.call('GET', KEYS[7])
-if done then
-    return {tonumber(done), 0}  -- a retry of a publish that went through
+if done then  -- a retry of a publish that went through: its id, and where ids went back
+    local space = string.find(done, ' ')
+    return {tonumber(string.sub(done, 1, space - 1)), tonumber(string.sub(done, space + 1))}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('SET', KEYS[1], ARGV[7])
@@ -67,7 +68,7 @@ for _ = 1, excess do
     redis.call('SET', KEYS[5], string.format('%d', dropped[1]))
 end
 redis.call('PUBLISH', ARGV[6], payload)
-redis.call('SET', KEYS[7], string.format('%d', id), 'EX', 30)
+redis.call('SET', KEYS[7], string.format('%d %d', id, back), 'EX', 30)
 return {id, back}
 """
 

@@ -23,6 +23,7 @@ class Exchange:
     __slots__ = (
         "awaiting_drain",
         "bev",
+        "body_size",
         "close_at_end",
         "code",
         "conn",
@@ -62,6 +63,7 @@ class Exchange:
         self.started = time.monotonic()
         self.code = 0
         self.sent = 0  # body bytes, as the access log counts them
+        self.body_size = 0  # its request's body, for Server.release_let_go
         self.framing = 0  # the chunked framing written around them (see Server._on_close)
         self.state = "app"
         self.dead = False

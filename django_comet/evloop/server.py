@@ -308,6 +308,7 @@ class Server(Producer, Responder, Admission, Stopping):
                 key = self._next_key
                 self._next_key += 1
                 ex = Exchange(key, req, environ)
+                ex.body_size = len(body)
                 ex.keep_alive = not closing and protocol == "HTTP/1.1"
                 if self._tracking:
                     ex.conn = self.guard.request_arrived(r.evcon)
@@ -500,10 +501,7 @@ class Server(Producer, Responder, Admission, Stopping):
         # An aborted exchange was cut by the server (an app error), or its client left.
         cut = ex.state == "aborting"
         ex.state = "done"
-        try:  # (the environ is the app's to change: whatever it holds now)
-            self._bodies_done += int(ex.environ.get("CONTENT_LENGTH") or 0)
-        except (TypeError, ValueError):
-            pass
+        self._bodies_done += ex.body_size
         ex.environ = NO_ENVIRON  # drop the request's references now, not at the next GC
         self.requests += 1
         if ex.deferred:

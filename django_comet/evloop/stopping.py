@@ -98,7 +98,8 @@ class Stopping:
             raise StopNow("a second stop signal came while a view ran in the loop thread")
 
     def _on_grace_over(self, _signum: int, _frame: FrameType | None) -> None:
-        if self._in_app:
+        # (Only the timer a stop signal set: not one of a program running the server.)
+        if self._in_app and self._timer_before is not None:
             raise StopNow("the grace period is over, and a view held the loop thread")
 
     def give_back_alarm(self) -> None:
@@ -110,7 +111,8 @@ class Stopping:
             return
         before, self._alarm_before = self._alarm_before, _NOT_TAKEN
         timer, self._timer_before = self._timer_before, None
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        if timer is not None:  # ours is set (a stop signal came): cancel it first
+            signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL if before is None else before)
         if timer is not None:
             delay, interval, set_at = timer
