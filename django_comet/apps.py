@@ -11,12 +11,9 @@ class CometConfig(AppConfig):
     def ready(self) -> None:
         from . import checks as comet_checks
         from . import deferred  # noqa: F401  (connects the request_started receiver)
-        from .brokers import memory
-        from .conf import comet_settings
-        from .evloop.hub import hub
+        from .brokers import memory, size_the_history
 
-        hub.size = comet_settings.HISTORY_SIZE
-        hub.channels = max(comet_settings.HISTORY_CHANNELS, 1)
+        size_the_history()
 
         memory.watch_for_requests()  # a publish that would reach no one is told
         checks.register(comet_checks.check_libevent)

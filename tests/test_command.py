@@ -267,6 +267,38 @@ def test_an_unknown_broker_scheme_is_a_check_error_and_a_one_line_error():
     refused_in_one_line(bogus, "unknown scheme")
 
 
+@pytest.mark.parametrize("url", ["postgres://u:secret@[::1/db", "redis://[zz]/0"])
+def test_a_broker_url_that_cannot_be_split_is_a_check_error_and_a_one_line_error(url):
+    """urlsplit() refuses these (an unclosed or bad IPv6 bracket): a traceback from
+    every command that runs the checks (found by a review of settings)."""
+    env = {"COMET_BROKER": url}
+    check = manage("check", env=env)
+    assert check.returncode == 1
+    assert "django_comet.E002" in check.stderr and "COMET_BROKER is not a valid URL" in check.stderr
+    assert "Traceback" not in check.stderr and "secret" not in check.stderr
+    refused_in_one_line(env, "COMET_BROKER is not a valid URL")
+
+
+def test_comet_publish_refuses_the_settings_publish_reads():
+    """publish() reads COMET_HISTORY_SIZE and COMET_MAX_EVENT_SIZE too: a wrong one got
+    a traceback or Redis's own words (found by a review of settings)."""
+    env = {"COMET_BROKER": "redis://127.0.0.1:1/0", "TEST_HISTORY_SIZE": "-1"}
+    result = manage("comet_publish", "chat", '"hi"', env=env)
+    assert result.returncode == 1
+    assert "COMET_HISTORY_SIZE cannot be negative" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_password_is_masked_only_where_the_message_quotes_it():
+    from django_comet.brokers import _masked
+
+    url = "postgres://u:p@host/db?bogus=1"
+    assert _masked('invalid URI query parameter: "bogus"', url) == (
+        'invalid URI query parameter: "bogus"'
+    )
+    assert _masked("cannot read postgres://u:p@host", url) == "cannot read postgres://u:***@host"
+
+
 def refused_in_one_line(env, said):
     """runcomet and comet_publish refuse the broker setting in ``env`` in one line."""
     for command in (

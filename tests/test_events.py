@@ -500,6 +500,22 @@ def test_an_event_over_the_size_bound_is_refused():
             publish("sized", data)
 
 
+def test_the_history_settings_follow_override_settings():
+    """They were read once, at startup (found by a review of settings)."""
+    from django_comet import history
+
+    with override_settings(COMET_BROKER="memory://", COMET_HISTORY_SIZE=2):
+        ids = [publish("sized-history", n) for n in range(5)]
+        assert [e["id"] for e in history("sized-history")] == ids[-2:]
+    with override_settings(COMET_BROKER="memory://", COMET_HISTORY_CHANNELS=1):
+        publish("kept-first", 1)
+        publish("kept-second", 2)
+        assert history("kept-first") == []
+        assert [e["data"] for e in history("kept-second")] == [2]
+    publish("sized-again", 0)
+    assert [e["data"] for e in history("sized-again")] == [0]
+
+
 @pytest.mark.parametrize(
     "timeout",
     [

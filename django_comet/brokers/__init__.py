@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +31,10 @@ SCHEMES = ("memory", "postgres", "postgresql", "redis", "rediss", "unix")
 def url_error(url: str) -> str | None:
     """What is wrong with a COMET_BROKER URL that can be told without connecting (the URL
     itself is not repeated: it may hold a password)."""
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # an unclosed IPv6 bracket: the URL cannot even be split
+        return f"COMET_BROKER is not a valid URL ({exc})"
     if scheme not in SCHEMES:
         return (
             f"COMET_BROKER has an unknown scheme {scheme!r}: use memory://, postgres:// or redis://"
@@ -81,10 +85,7 @@ def _postgres_url_error(url: str) -> str | None:
     try:
         given = conninfo_to_dict(url)
     except ProgrammingError as exc:
-        message = str(exc).strip()
-        password = urlsplit(url).password
-        if password:
-            message = message.replace(password, "***")
+        message = _masked(str(exc).strip(), url)
         return f"COMET_BROKER is not a PostgreSQL URL libpq can read ({message})"
     for port in str(given.get("port") or "").split(","):  # libpq takes one per host
         if port and not (port.isdigit() and 0 < int(port) < 65536):
@@ -100,10 +101,7 @@ def _redis_url_error(url: str) -> str | None:
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as exc:
-        message, password = str(exc), urlsplit(url).password
-        if password:
-            message = message.replace(password, "***")
-        return f"COMET_BROKER is not a Redis URL redis-py can read ({message})"
+        return f"COMET_BROKER is not a Redis URL redis-py can read ({_masked(str(exc), url)})"
     split = urlsplit(url)
     database = split.path.strip("/") if split.scheme != "unix" else ""
     if database and not database.isdigit():
@@ -112,6 +110,15 @@ def _redis_url_error(url: str) -> str | None:
             f"not {database!r}"
         )
     return None
+
+
+def _masked(message: str, url: str) -> str:
+    """``message`` without ``url``'s password where it quotes it (not inside words: a
+    password "p" made "***arameter" of "parameter")."""
+    password = urlsplit(url).password
+    if not password:
+        return message
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(password)}(?![A-Za-z0-9])", "***", message)
 
 
 def broker_from_url(url: str, history_size: int = 100) -> Broker:
@@ -141,12 +148,23 @@ def get_broker() -> Broker:
         return _broker
 
 
+def size_the_history() -> None:
+    """The hub's history, as COMET_HISTORY_SIZE and COMET_HISTORY_CHANNELS say."""
+    from ..conf import comet_settings
+
+    hub.size = comet_settings.HISTORY_SIZE
+    hub.channels = max(comet_settings.HISTORY_CHANNELS, 1)
+
+
 def _reset(*, setting: str, **kwargs: Any) -> None:
     """A test's override_settings(COMET_BROKER=...): a new broker, and, in a process
     that serves nothing (the test client's), an empty history: events of one test must
-    not reach another's polls and streams."""
+    not reach another's polls and streams.  The history's settings too (a broker is
+    made with its size)."""
     global _broker
-    if setting == "COMET_BROKER":
+    if setting in ("COMET_HISTORY_SIZE", "COMET_HISTORY_CHANNELS"):
+        size_the_history()
+    if setting in ("COMET_BROKER", "COMET_HISTORY_SIZE"):
         with _lock:
             if _broker is not None:
                 _broker.close()

@@ -35,9 +35,9 @@ class Command(BaseCommand):
         parser.add_argument("--event", default=None, help="SSE event name")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        broker_setting = comet_settings.BROKER
-        if not isinstance(broker_setting, str):
-            raise CommandError(f"COMET_BROKER must be a URL, not {broker_setting!r}")
+        errors = comet_settings.errors()  # (publish() reads more than the broker's)
+        if errors:
+            raise CommandError(f"A COMET_* setting is invalid: {'; '.join(errors)}")
         try:
             broker = get_broker()
         except ImproperlyConfigured as exc:
