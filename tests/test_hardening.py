@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from .processes import (
     evloop,
     fd_count,
+    read_chunk,
     read_chunked,
     read_until_closed,
     reset_on_close,
@@ -436,6 +437,37 @@ def test_a_large_request_pipelined_behind_a_long_poll_is_answered_after_it(comet
         status, answer = read_response(f)
         assert status.startswith(b"HTTP/1.1 200")
         assert len(json.loads(answer)["POST"]["a"]) == 2**20
+
+
+@pytest.mark.parametrize("threads", ["8", "0"])
+@pytest.mark.parametrize("held", ["/t/fastpoll/", "/t/poll/"])  # poll_response, defer_until
+def test_a_request_pipelined_while_a_response_is_held_does_not_cut_it(demo_db, threads, held):
+    """Bytes a client sends while its response is held (the next request, pipelined)
+    left the response to be cut COMET_TIMEOUT later with threads: the read timeout,
+    lifted as the request arrived, came back with them (found by a review of
+    pipelining)."""
+    server = runcomet("--threads", threads, db=demo_db, env={"TEST_TIMEOUT": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(
+                b"GET %s?channel=pipelined&timeout=2.5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                % held.encode()
+            )
+            f = sock.makefile("rb")
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            server.wait_for_status(lambda s: s["held"] == 1)
+            sock.sendall(b"GET /t/count/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            while f.readline() != b"\r\n":  # (the rest of the head)
+                pass
+            chunks = []
+            while (chunk := read_chunk(f)) is not None:  # (None: the last chunk)
+                chunks.append(chunk)
+            answer = json.loads(b"".join(chunks))  # (a poll's timeout: no event)
+            assert answer.get("event", answer.get("events")) in (None, [])
+            status, answer = read_response(f)
+            assert status.startswith(b"HTTP/1.1 200") and b"stages" in answer
+    finally:
+        assert server.stop() == 0, "".join(server.output)
 
 
 def read_to_the_end(sock):
