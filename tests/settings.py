@@ -177,3 +177,14 @@ if os.environ.get("TEST_WORKERS_CANNOT_START"):  # each pre-forked worker fails 
         _init(self, *args, **kwargs)
 
     _server.Server.__init__ = _init_unless_a_worker
+
+if os.environ.get("TEST_SLOW_CHECK"):  # a system check that takes that many seconds
+    import time as _time
+
+    from django.core import checks as _checks
+
+    @_checks.register
+    def _slow_check(app_configs, **kwargs):
+        print("slow check running", flush=True)
+        _time.sleep(float(os.environ["TEST_SLOW_CHECK"]))
+        return []

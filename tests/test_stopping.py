@@ -4,8 +4,10 @@ test_stopping_workers.py)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from io import StringIO
 
@@ -210,6 +212,55 @@ def test_a_programs_own_timer_never_stops_the_server():
         assert program.proc.wait(30) == 0
     finally:
         program.stop()
+
+
+def can_be_pid_1() -> bool:
+    """Whether a command can be run as PID 1 of a PID namespace of its own (as a
+    container's main process): ``unshare`` needs root, or user namespaces."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    tried = subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], check=False)
+    return tried.returncode == 0
+
+
+def test_as_a_containers_pid_1_a_stop_while_starting_ends_the_start(demo_db):
+    """PID 1 ignores a signal left to its default action: a SIGTERM (``docker stop``)
+    while Django's checks ran, or while a database did not answer, was lost, and the
+    server started anyway, until SIGKILL (found by a review of runcomet in containers)."""
+    if not can_be_pid_1():
+        pytest.skip("cannot run a process as PID 1 of its own namespace here")
+    import psutil
+
+    manage_py = str(ROOT / "demo_site" / "manage.py")
+    command = [sys.executable, manage_py, "runcomet", "--noreload", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *command],
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "DEMO_DB": demo_db,
+            "TEST_SLOW_CHECK": "60",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # (the check says so, then takes a minute)
+            if "slow check running" in line:
+                break
+        (pid_1,) = psutil.Process(proc.pid).children()
+        os.kill(pid_1.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "Starting comet server" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_stop_signal_repeated_is_the_same_request_unless_it_is_ctrl_c():

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 # A terminal that closes (an ssh session lost) sends SIGHUP: a stop like the others,
 # which removes what the server made (its Unix socket file, the workers' figures), but
@@ -85,6 +86,30 @@ class StopNow(BaseException):
 
 # Seconds the interpreter's exit may spend joining threads once the server has stopped.
 EXIT_WAIT = 2.0
+
+
+class StopWhileStarting:
+    """Main thread.  As PID 1 (a container's main process), a signal left to its
+    default action is ignored: a stop sent before the server handles signals itself
+    (while Django's checks run, while a database does not answer) waited for SIGKILL.
+    From now until ``done()``, a stop signal ends the start, with exit status 0."""
+
+    def __init__(self) -> None:
+        self._taken: list[int] = []
+        if os.getpid() == 1 and threading.current_thread() is threading.main_thread():
+            self._taken = [s for s in stop_signals() if signal.getsignal(s) is signal.SIG_DFL]
+        for signum in self._taken:
+            signal.signal(signum, self._stop)
+
+    @staticmethod
+    def _stop(_signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    def done(self) -> None:
+        """The server's own handlers come next: the defaults back until then."""
+        for signum in self._taken:
+            signal.signal(signum, signal.SIG_DFL)
+        self._taken = []
 
 
 class ExitGuard:

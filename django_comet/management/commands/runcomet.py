@@ -34,7 +34,7 @@ from ...conf import comet_settings
 from ...evloop import Server, libevent_ctypes
 from ...evloop.config import MAX_THREADS, ServerConfig
 from ...evloop.fdlimit import raise_open_files_limit
-from ...evloop.interrupt import ExitGuard
+from ...evloop.interrupt import ExitGuard, StopWhileStarting
 from ...evloop.listen import listen_socket, remove_unix_socket, unix_path, unix_socket_id
 from ...evloop.logwriter import (
     LOG_DATE_FORMAT,
@@ -134,6 +134,7 @@ class Command(RunserverCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        self._starting = StopWhileStarting()  # (a container's PID 1: stops until served)
         workers = options.get("workers", 1)
         if workers < 1:
             raise CommandError("--workers must be 1 or more.")
@@ -240,6 +241,7 @@ class Command(RunserverCommand):
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
         # banner on.
         reload = DrainBeforeRestart(server)
+        self._starting.done()
         exit_guard = ExitGuard()  # (before the server's signal handlers)
         if in_main_thread:
             server.handle_signals()
@@ -286,8 +288,15 @@ class Command(RunserverCommand):
         supervisor = Supervisor(workers, child, config.grace, on_stop=sock.close)
         # A stop signal from the banner on (or while the directory exists) stops the
         # server gracefully: it no longer kills the parent before it handles signals.
+        self._starting.done()
         supervisor.handle_signals()
-        figures = tempfile.mkdtemp(prefix="django-comet-figures-")
+        try:
+            figures = tempfile.mkdtemp(prefix="django-comet-figures-")
+        except OSError as exc:  # (a container's read-only root, with no tmpfs on /tmp)
+            self._fail(
+                f"--workers needs a writable temporary directory for the workers' figures "
+                f"(TMPDIR, else /tmp: in a container, --tmpfs /tmp): {exc.strerror or exc}"
+            )
         try:
             self.on_bind(port, None, workers=workers, threads=config.threads)
             supervisor.run()
