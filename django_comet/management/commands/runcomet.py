@@ -235,6 +235,8 @@ class Command(RunserverCommand):
             server = self.comet_server_cls(handler, config, sock=sock)
         except (TypeError, ValueError) as exc:  # a setting --skip-checks let through
             self._fail(f"Cannot start the server ({exc}); `manage.py check` names the setting.")
+        except (RuntimeError, MemoryError, OSError) as exc:  # no thread, memory, descriptor
+            self._fail(f"Cannot start the server: {exc or type(exc).__name__}")
         get_broker().start_listening(server.loop)
         in_main_thread = threading.current_thread() is threading.main_thread()
         # Under the autoreloader this runs in a thread: Ctrl-C then ends the process as
