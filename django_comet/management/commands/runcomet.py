@@ -110,6 +110,8 @@ class Command(RunserverCommand):
             help="Do not log one line per request.",
         )
 
+    _starting: StopWhileStarting | None = None  # (set by handle())
+
     def get_version(self) -> str:
         return f"django-comet {__version__} (Django {django.get_version()})"
 
@@ -243,7 +245,8 @@ class Command(RunserverCommand):
         # it does runserver; with --noreload, SIGINT/SIGTERM drain gracefully, from the
         # banner on.
         reload = DrainBeforeRestart(server)
-        self._starting.done()
+        if self._starting is not None:
+            self._starting.done()
         exit_guard = ExitGuard()  # (before the server's signal handlers)
         if in_main_thread:
             server.handle_signals()
@@ -290,7 +293,8 @@ class Command(RunserverCommand):
         supervisor = Supervisor(workers, child, config.grace, on_stop=sock.close)
         # A stop signal from the banner on (or while the directory exists) stops the
         # server gracefully: it no longer kills the parent before it handles signals.
-        self._starting.done()
+        if self._starting is not None:
+            self._starting.done()
         supervisor.handle_signals()
         try:
             figures = tempfile.mkdtemp(prefix="django-comet-figures-")
