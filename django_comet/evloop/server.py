@@ -519,7 +519,7 @@ class Server(Producer, Responder, Admission, Stopping):
 # as a request arrives, when evhttp reads nothing, it came back with the first byte a
 # held response's client sent (a pipelined request), and cut the response that much
 # later (found by a review of pipelining).
-LIFTED_READ_TIMEOUT = 10_000_000.0  # seconds: 115 days
+LIFTED_READ_TIMEOUT = 1e9  # seconds: 31 years (COMET_MAX_HOLD is 115 days at most)
 
 # Memory let go by closed connections (their unsent output, and their own structures)
 # after which free heap memory goes back to the system: glibc keeps it for reuse

@@ -136,7 +136,8 @@ class Command(RunserverCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        self._starting = StopWhileStarting()  # (a container's PID 1: stops until served)
+        if not options["use_reloader"]:  # (the reloader's parent keeps Django's ways)
+            self._starting = StopWhileStarting()  # a container's PID 1: stops until served
         workers = options.get("workers", 1)
         if workers < 1:
             raise CommandError("--workers must be 1 or more.")
