@@ -184,6 +184,24 @@ def test_the_log_and_wsgi_errors_never_write_into_each_others_text(monkeypatch):
         stderr.close()
 
 
+def test_a_record_is_written_at_once_when_no_writer_thread_can_start(monkeypatch, capfd):
+    """Under a memory limit the writer's thread may not start: the record is written
+    in the logging thread instead. The error went to the code that logged, and a stop
+    signal's handler, logging "Stopping", failed: the server never stopped (found by a
+    diff review, under ulimit -v)."""
+
+    def no_thread(thread):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(logwriter, "start_without_signals", no_thread)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.handle(logging.makeLogRecord({"msg": "Stopping"}))
+    handler.handle(logging.makeLogRecord({"msg": "Stopped"}))
+    assert capfd.readouterr().err == "Stopping\nStopped\n"
+    handler.close()
+
+
 def test_a_record_logged_after_the_handler_closed_is_written_at_once(capfd):
     """At exit, after logging.shutdown(): no writer thread waits any more."""
     handler = StderrHandler()

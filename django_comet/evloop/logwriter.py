@@ -86,9 +86,15 @@ class BackgroundHandler(logging.Handler):
             self._waiting.append(record)
             self._waiting_raw += raw
             if not self._started:
-                self._started = True
                 writer = threading.Thread(target=self._write, name="comet-log", daemon=True)
-                start_without_signals(writer)
+                try:
+                    start_without_signals(writer)
+                except RuntimeError:  # no thread to be had (a memory limit): written here
+                    self._waiting.pop()
+                    self._waiting_raw -= raw
+                    self._write_now(record)
+                    return
+                self._started = True
             elif self._idle:  # (else it takes this one with the others: no wake-up each)
                 self._changed.notify_all()
 
