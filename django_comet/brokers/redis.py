@@ -186,7 +186,7 @@ class RedisBroker(ListeningBroker):
             catch_up_bound(self.history_size),
             self.pubsub_channel,
             _clock(),  # where the counter starts, in a Redis that lost its data
-            self._newest_known(),
+            known := self._newest_known(),
         ]
         try:
             event_id, back = self._script(keys=keys, args=args)
@@ -194,13 +194,7 @@ class RedisBroker(ListeningBroker):
             # A restart, a slow Redis: once more, with the same token (never twice).
             event_id, back = self._script(keys=keys, args=args)
         if back:
-            logger.error(
-                "Redis's newest event id went back from %d to %d (a failover?); "
-                "events above it are gone: the ids go on from %d",
-                args[-1],
-                back,
-                args[-1],
-            )
+            _say_ids_went_back(known, back)
         return int(event_id)
 
     @staticmethod
@@ -273,13 +267,7 @@ class RedisBroker(ListeningBroker):
                 # A failover to a replica that lagged: ids handed out again would be
                 # taken for old ones, and dropped, by every process that saw the first.
                 client.eval(_MOVE_IDS_PAST, 1, PREFIX + "id", known)
-                logger.error(
-                    "Redis's newest event id went back from %d to %d (a failover?); "
-                    "events above it are gone: the ids go on from %d",
-                    known,
-                    newest,
-                    known,
-                )
+                _say_ids_went_back(known, newest)
             # A first connection catches up only for the clients that came before it
             # (what came before them is read from the histories when a client asks,
             # never fed to streams as if it were new); a reconnection, from the newest
@@ -326,3 +314,13 @@ class RedisBroker(ListeningBroker):
     def close(self) -> None:
         super().close()
         self.client.close()
+
+
+def _say_ids_went_back(seen: int, newest: int) -> None:
+    logger.error(
+        "Redis's newest event id went back from %d to %d (a failover?); "
+        "events above it are gone: the ids go on from %d",
+        seen,
+        newest,
+        seen,
+    )
